@@ -1,0 +1,256 @@
+"""What every LMM family adapter provides: the one place that knows module paths.
+
+An adapter wraps a loaded Hugging Face model (and its processor, when there is one) and
+answers the questions the rest of sinkscope asks: where are the decoder layers and their
+attention modules, the final norm and unembedding, how many heads, which tokens of a batch
+are BOS / prompt text / image / generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+# Token kinds, as codes in TokenKinds.kind and names in tables.
+PAD, BOS, TEXT, VISUAL, GENERATED = -1, 0, 1, 2, 3
+KIND_NAMES = {PAD: "pad", BOS: "bos", TEXT: "text", VISUAL: "visual", GENERATED: "generated"}
+
+
+class SinkscopeError(ValueError):
+    """A problem with the user's input, with a message that says how to fix it."""
+
+
+class UnsupportedModelError(SinkscopeError):
+    pass
+
+
+@dataclass
+class TokenKinds:
+    """Per-token roles of a batch.
+
+    kind: [batch, token] long, codes PAD/BOS/TEXT/VISUAL/GENERATED (see KIND_NAMES).
+      BOS is the first non-padding token of each row: the canonical text sink, whether the
+      tokenizer calls it <s>, <bos> or (Qwen2, which has none) <|im_start|>.
+    image_index: [batch, token] long, which image of the row (0, 1, ...) a visual token
+      belongs to, -1 for every other token.
+    """
+
+    kind: torch.Tensor
+    image_index: torch.Tensor
+
+    @property
+    def bos_mask(self) -> torch.Tensor:
+        return self.kind == BOS
+
+    @property
+    def visual_mask(self) -> torch.Tensor:
+        return self.kind == VISUAL
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        """Prompt text, BOS excluded."""
+        return self.kind == TEXT
+
+    @property
+    def generated_mask(self) -> torch.Tensor:
+        return self.kind == GENERATED
+
+    @property
+    def real_mask(self) -> torch.Tensor:
+        return self.kind != PAD
+
+    def names(self, row: int = 0) -> list[str]:
+        return [KIND_NAMES[int(k)] for k in self.kind[row]]
+
+    def to(self, device) -> "TokenKinds":
+        return TokenKinds(self.kind.to(device), self.image_index.to(device))
+
+
+def token_kinds_from_ids(input_ids: torch.Tensor, image_token_ids: set[int] | tuple[int, ...],
+                         attention_mask: torch.Tensor | None = None,
+                         prompt_length: int | None = None) -> TokenKinds:
+    """Token roles from ids alone (any family whose image tokens are placeholder ids).
+
+    input_ids: [batch, token]. attention_mask: [batch, token] (0 = padding, left or right).
+    prompt_length: tokens from this index on are generated (as after `generate`).
+    Consecutive runs of image tokens count as one image each.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask.bool()
+    kind = torch.full_like(input_ids, TEXT)
+    kind[~real] = PAD
+    is_image = torch.zeros_like(real)
+    for tid in image_token_ids:
+        is_image |= input_ids == tid
+    is_image &= real
+    kind[is_image] = VISUAL
+    first_real = real.float().argmax(dim=1)  # first non-padding position per row
+    rows = torch.arange(input_ids.shape[0])
+    kind[rows, first_real] = torch.where(real[rows, first_real], torch.tensor(BOS), torch.tensor(PAD))
+    if prompt_length is not None:
+        gen = torch.zeros_like(real)
+        gen[:, prompt_length:] = True
+        kind[gen & real] = GENERATED
+    # image index: a new image starts where an image token follows a non-image token
+    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+    image_index = torch.cumsum(starts.long(), dim=1) - 1
+    image_index[~is_image] = -1
+    return TokenKinds(kind, image_index)
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set the class attributes and override what differs."""
+
+    family: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()  # HF class names, e.g. "LlavaForConditionalGeneration"
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values
+    published_sink_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
+
+    def __init__(self, model, processor: Any = None, name: str = ""):
+        self.model = model
+        self.processor = processor
+        self.name = name or getattr(model.config, "_name_or_path", "") or self.family
+
+    # -- structure ---------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self):
+        """The decoder stack (e.g. LlamaModel) that holds `.layers` and `.norm`."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def attention(self, layer: int):
+        return self.layers[layer].self_attn
+
+    @property
+    def final_norm(self):
+        return self.language_model.norm
+
+    @property
+    def unembed(self):
+        return self.model.lm_head
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return float(getattr(self.text_config, "rms_norm_eps", 1e-6))
+
+    @property
+    def image_token_ids(self) -> tuple[int, ...]:
+        cfg = self.model.config
+        tid = getattr(cfg, "image_token_id", None)
+        if tid is None:
+            tid = getattr(cfg, "image_token_index", None)
+        return (int(tid),) if tid is not None else ()
+
+    @property
+    def bos_token_id(self) -> int | None:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(self.text_config, "bos_token_id", None)
+        return bos
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- attention implementation ------------------------------------------------------
+    def set_text_attention(self, implementation: str) -> None:
+        """Switch the language model's attention only; the vision tower keeps its own."""
+        sub = {"text_config": implementation}
+        self.model.set_attn_implementation(sub)
+
+    @property
+    def text_attention(self) -> str:
+        return self.text_config._attn_implementation
+
+    # -- tokens ------------------------------------------------------------------------
+    def token_kinds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    prompt_length: int | None = None) -> TokenKinds:
+        return token_kinds_from_ids(input_ids, self.image_token_ids, attention_mask, prompt_length)
+
+    # -- inputs ------------------------------------------------------------------------
+    def chat_prompt(self, question: str, n_images: int = 1) -> str:
+        """The question wrapped in the model's chat template with `n_images` image slots."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if self.processor is None or getattr(self.processor, "chat_template", None) is None:
+            raise SinkscopeError(
+                f"{self.name}: no processor with a chat template was found; pass prompts that already "
+                "contain the image placeholder tokens, or save the processor beside the weights"
+            )
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, prompts: list[str] | str, images: list | None = None, chat: bool = True):
+        """Processor outputs (input_ids, attention_mask, pixel_values, ...) for a batch.
+
+        prompts: questions (wrapped in the chat template when `chat`) or raw prompts.
+        images: one PIL image per prompt, or a list of images per prompt, or None (text only).
+        """
+        if self.processor is None:
+            raise SinkscopeError(f"{self.name}: no processor was loaded; load one with the model")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        per_prompt = None
+        if images is not None:
+            per_prompt = [im if isinstance(im, (list, tuple)) else [im] for im in images]
+            if len(per_prompt) != len(prompts):
+                raise SinkscopeError(f"got {len(prompts)} prompts but {len(per_prompt)} image lists")
+        if chat:
+            prompts = [self.chat_prompt(p, len(per_prompt[i]) if per_prompt else 0) for i, p in enumerate(prompts)]
+            bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
+            if bos:  # the template writes BOS and the tokenizer adds one: keep exactly one
+                prompts = [p[len(bos):] if p.startswith(bos) else p for p in prompts]
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if per_prompt is not None:
+            kwargs["images"] = per_prompt
+        return self.processor(**kwargs)
+
+    def forward_inputs(self, batch) -> dict:
+        """The keys of a processor batch that the model's forward takes."""
+        keep = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
+                "mm_token_type_ids", "token_type_ids", "pixel_attention_mask")
+        return {k: v for k, v in dict(batch).items() if k in keep}
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family, "name": self.name, "architecture": type(self.model).__name__,
+            "layers": self.num_layers, "hidden_size": self.hidden_size, "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "image_token_ids": list(self.image_token_ids), "text_attention": self.text_attention,
+        }

@@ -1,0 +1,18 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration): CLIP ViT + MLP projector + LLaMA/Vicuna."""
+
+from __future__ import annotations
+
+from sinkscope.models.base import ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
+    published_sink_dims = {"llava-1.5-7b": (1415, 2533), "llava-1.5-13b": (2100, 4743)}
+
+    @staticmethod
+    def model_class():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration

@@ -1,0 +1,150 @@
+"""Family registry and `load(spec)`: "demo" | "organism" | local directory | hub id."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from sinkscope.models.base import ModelAdapter, SinkscopeError, UnsupportedModelError
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+
+EMBEDDED = ("demo", "organism")
+
+
+def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    if adapter not in _ADAPTERS:
+        _ADAPTERS.append(adapter)
+    return adapter
+
+
+def _ensure_registered() -> None:
+    if _ADAPTERS:
+        return
+    from sinkscope.models import gemma3, llava, llava_next, qwen2_vl  # noqa: F401  (side effect: register)
+
+    for module in (llava, llava_next, qwen2_vl, gemma3):
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, ModelAdapter) and obj is not ModelAdapter and obj.family:
+                register(obj)
+
+
+def supported() -> dict[str, tuple[str, ...]]:
+    """family -> the transformers architectures it covers."""
+    _ensure_registered()
+    return {a.family: a.architectures for a in _ADAPTERS}
+
+
+def _supported_message() -> str:
+    return "; ".join(f"{fam} ({', '.join(arch)})" for fam, arch in supported().items())
+
+
+def adapter_for_config(config) -> type[ModelAdapter]:
+    _ensure_registered()
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", "")
+    for adapter in _ADAPTERS:
+        if any(a in adapter.architectures for a in archs) or model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedModelError(
+        f"unsupported architecture {archs or model_type!r}. sinkscope supports: {_supported_message()}. "
+        "To add a family, write an adapter in sinkscope/models/ (see base.ModelAdapter)."
+    )
+
+
+def adapter_for_model(model, processor=None, name: str = "") -> ModelAdapter:
+    """Wrap an already-loaded Hugging Face model (e.g. one you built or quantised yourself)."""
+    _ensure_registered()
+    cls_name = type(model).__name__
+    for adapter in _ADAPTERS:
+        if cls_name in adapter.architectures:
+            return adapter(model, processor, name)
+    return adapter_for_config(model.config)(model, processor, name)
+
+
+def embedded_path(name: str) -> Path:
+    """Directory of an embedded model shipped inside the package ('demo' or 'organism')."""
+    path = Path(__file__).resolve().parent.parent / "demo" / "assets" / name
+    if not (path / "config.json").exists():
+        raise SinkscopeError(
+            f"the embedded model {name!r} is not in this installation ({path} has no config.json). "
+            f"Rebuild it with `python -m sinkscope.demo.{'train' if name == 'demo' else 'organism'}`."
+        )
+    return path
+
+
+def _read_local_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise SinkscopeError(f"{path} is a directory but has no config.json: is it a saved Hugging Face model?")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SinkscopeError(f"cannot read {cfg}: {err}. The model directory looks damaged; re-save it.") from err
+
+
+def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bool = False,
+         device_map=None, load_processor: bool = True) -> ModelAdapter:
+    """Load an LMM and wrap it in its family's adapter.
+
+    spec: "demo", "organism", a local directory, or a hub id. Weights are read from
+    safetensors only; remote code runs only with trust_remote_code=True. The language model
+    gets eager attention (sinkscope needs the probabilities); the vision tower is untouched.
+    """
+    from transformers import AutoConfig
+
+    if not isinstance(spec, (str, Path)) or not str(spec):
+        raise SinkscopeError("--model must be 'demo', 'organism', a local directory or a hub id")
+    spec = str(spec)
+    name = spec
+    if spec in EMBEDDED:
+        path = str(embedded_path(spec))
+    elif Path(spec).expanduser().exists():
+        p = Path(spec).expanduser()
+        if not p.is_dir():
+            raise SinkscopeError(f"{spec} is a file; --model needs a model directory (with config.json) or a hub id")
+        _read_local_config(p)
+        path = str(p)
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SinkscopeError(f"model directory {spec!r} does not exist; check the path")
+    else:
+        path = spec  # hub id
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - turned into a message the user can act on
+        raise SinkscopeError(
+            f"could not read the configuration of {spec!r}: {err.__class__.__name__}: {err}. "
+            "Give a local directory with config.json, or a hub id reachable from this machine "
+            "(offline machines: download the checkpoint elsewhere and pass its directory)."
+        ) from err
+    adapter_cls = adapter_for_config(config)
+    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+              "attn_implementation": {"text_config": "eager"}}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = adapter_cls.model_class().from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise SinkscopeError(
+            f"could not load weights of {spec!r}: {err}. sinkscope loads safetensors only; convert "
+            ".bin/.pt checkpoints with `transformers` (save_pretrained(safe_serialization=True))."
+        ) from err
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    processor = None
+    if load_processor:
+        from transformers import AutoProcessor
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"no processor could be loaded for {spec!r} ({err}); pass token ids yourself")
+    adapter = adapter_cls(model, processor, name)
+    adapter.set_text_attention("eager")
+    return adapter
