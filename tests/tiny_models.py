@@ -25,7 +25,7 @@ FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 # language model sizes shared by all families
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 32, 2, 4, 2, 64, 320
-WORDS = ("what", "is", "in", "the", "image", "describe", "both", "images", "a", "red", "square",
+WORDS = ("\n", "what", "is", "in", "the", "image", "describe", "both", "images", "a", "red", "square",
          "compare", "them", "yes", "no", "hello", "USER:", "ASSISTANT:", "user", "model", "assistant",
          "system", "picture", "and", "of", "left", "right", "?", ".")
 
@@ -42,7 +42,10 @@ def word_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str, 
     vocab = {w: i for i, w in enumerate(list(dict.fromkeys(specials)) + list(WORDS))}
     assert len(vocab) <= VOCAB
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # words split on spaces; every "\n" is a token of its own, as in real LMM tokenizers (the
+    # "\n" that chat templates write after each <image> keeps two images apart)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n", behavior="isolated")])
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
@@ -81,7 +84,7 @@ def _clip_image_processor(size: int):
 
 LLAVA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
     "{% else %}{{ part['text'] }} {% endif %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -124,7 +127,7 @@ class Tiny:
         return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
     def prompt(self, question: str, n_images: int) -> str:
-        return " ".join([self.placeholder] * n_images + [question])
+        return "".join([self.placeholder] * n_images) + question
 
     def inputs(self, questions: list[str], images: list[list] | None = None):
         """Processor batch for raw prompts (the placeholders written before each question)."""
@@ -154,7 +157,7 @@ def _build_llava() -> Tiny:
     proc = LlavaProcessor(image_processor=_clip_image_processor(16), tokenizer=tok, patch_size=8,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=LLAVA_TEMPLATE, image_token="<image>")
-    return Tiny("llava", model, proc, ((20, 16), (16, 24)), "<image>")
+    return Tiny("llava", model, proc, ((20, 16), (16, 24)), "<image>\n")
 
 
 def _build_llava_next() -> Tiny:
@@ -174,11 +177,29 @@ def _build_llava_next() -> Tiny:
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               chat_template=LLAVA_TEMPLATE, image_token="<image>")
     # landscape vs portrait: different best resolutions, unpadding and newline counts
-    return Tiny("llava_next", model, proc, ((40, 20), (18, 30)), "<image>")
+    return Tiny("llava_next", model, proc, ((40, 20), (18, 30)), "<image>\n")
 
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>", "<unk>"]
+
+
+@lru_cache(maxsize=None)
+def _without_video(processor_cls):
+    """`processor_cls` minus its video processor.
+
+    Qwen2VLProcessor / Qwen2_5_VLProcessor take a video processor, and ProcessorMixin checks
+    it against `VideoProcessorMixin`, which transformers 5 only defines with torchvision
+    installed (without it the constructor dies with an AttributeError on
+    VIDEO_PROCESSOR_MAPPING). The sub-processors a ProcessorMixin manages are read from its
+    `__init__` signature, so a subclass whose `__init__` has no `video_processor` is the
+    real processor (same image-token expansion, same `mm_token_type_ids`) for images only.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
 
 
 def _build_qwen(family: str) -> Tiny:
@@ -209,15 +230,9 @@ def _build_qwen(family: str) -> Tiny:
     model = _eager_text(Model(cfg))
     improc = tf.Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
                                          min_pixels=28 * 28, max_pixels=28 * 28 * 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            proc = Processor(image_processor=improc, tokenizer=tok, video_processor=None,
-                             chat_template=QWEN_TEMPLATE)
-        except (TypeError, ValueError):
-            proc = Processor(image_processor=improc, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    proc = _without_video(Processor)(image_processor=improc, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     # 56x56 -> grid (1, 4, 4) -> 4 tokens; 84x56 -> grid (1, 4, 6) -> 6 tokens
-    return Tiny(family, model, proc, ((56, 56), (84, 56)), "<|vision_start|><|image_pad|><|vision_end|>")
+    return Tiny(family, model, proc, ((56, 56), (84, 56)), "<|vision_start|><|image_pad|><|vision_end|>\n")
 
 
 def _build_gemma3() -> Tiny:
@@ -245,7 +260,7 @@ def _build_gemma3() -> Tiny:
     improc = Gemma3ImageProcessorPil(size={"height": 16, "width": 16}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=improc, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
                            image_seq_length=4)
-    return Tiny("gemma3", model, proc, ((20, 16), (16, 24)), "<start_of_image>",
+    return Tiny("gemma3", model, proc, ((20, 16), (16, 24)), "<start_of_image> ",
                 extra={"boi": ids("<start_of_image>"), "eoi": ids("<end_of_image>")})
 
 

@@ -23,7 +23,7 @@ class Qwen2VLAdapter(ModelAdapter):
 
     # the forward keys the processor may return; M-RoPE needs `mm_token_type_ids` and the
     # grids whenever pixels are passed (transformers 5.23 raises without them)
-    _forward_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
+    _forward_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
                      "pixel_values_videos", "video_grid_thw")
 
     @staticmethod

@@ -1,0 +1,370 @@
+"""`sinkscope scan`: massive activations, sink dimensions, sink tokens, head scores.
+
+Three passes, all streaming (nothing grows with the number of samples but the tables):
+  1. calibration, residual only, on the first `calibration` samples: the BOS token's state
+     per layer -> sink dimensions (discovered, or pinned by the user);
+  2. calibration again: phi of every token -> the sink threshold tau (given, the paper's 20
+     when the model is wide enough, or the gap rule for small models);
+  3. every sample: per layer, top activations, phi, sink tokens, attention each token receives
+     from the text queries after the image, and per-head visual attention ratios.
+
+Writes: run.json, massive_activations.csv, layer_magnitudes.csv, sink_dims.json,
+sink_tokens.csv, token_stats.csv, head_scores.csv, dim_profile.csv, figures, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+import torch
+
+from sinkscope.eval.tasks import Sample, batches, load_samples
+from sinkscope.measures import heads as head_measures
+from sinkscope.measures import massive, sinks
+from sinkscope.models.base import KIND_NAMES, VISUAL, ModelAdapter, SinkscopeError
+from sinkscope.runfolder import RunFolder
+from sinkscope.trace import BatchInfo, Tracer
+
+
+@dataclass
+class ScanConfig:
+    model: str = "demo"
+    data: str = "demo"
+    limit: int | None = 32
+    batch_size: int = 4
+    tau: float | None = None
+    sink_dims: list[int] | None = None  # pin instead of discovering
+    calibration: int = 16
+    top_k: int = 5
+    rho: float = 0.5
+    summ: float = 0.2
+    start_layer: int = 2
+    question: str = "describe the image ."
+    image_root: str | None = None
+    device: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.tau is not None and not self.tau > 0:
+            raise SinkscopeError(f"--tau must be > 0 (the paper uses 20 for hidden size >= 4096); got {self.tau}")
+        if not 0 <= self.rho <= 1:
+            raise SinkscopeError(f"--rho must be in [0, 1]; got {self.rho}")
+        if not 0 <= self.summ <= 1:
+            raise SinkscopeError(f"--summ must be in [0, 1]; got {self.summ}")
+        if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
+            raise SinkscopeError("--batch-size, --calibration and --top-k must be >= 1")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):
+    """Processor batch for samples (chat template, images); text-only when a sample has none."""
+    images = [s.image() for s in samples]
+    if any(im is None for im in images):
+        if not all(im is None for im in images):
+            raise SinkscopeError("a batch mixes samples with and without images; use --batch-size 1")
+        return adapter.prepare([s.question for s in samples], None)
+    return adapter.prepare([s.question for s in samples], images)
+
+
+def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
+    """[batch, token] bool: prompt text (and generated) tokens after the last image token.
+
+    Rows without image tokens: all text tokens (text-only measures still run).
+    """
+    kinds = info.token_kinds
+    is_text = kinds.text_mask | kinds.generated_mask
+    pos = torch.arange(kinds.kind.shape[1])[None].expand_as(kinds.kind)
+    last_image = torch.where(kinds.visual_mask, pos, torch.full_like(pos, -1)).max(dim=1).values
+    return is_text & (pos > last_image[:, None])
+
+
+class _BosReducer:
+    """Keeps the BOS token's residual state per layer: [sample, layer, dim]."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self._current: list[torch.Tensor] = []
+        self._bos_pos = None
+
+    def begin(self, info):
+        self._bos_pos = info.token_kinds.bos_mask.float().argmax(dim=1)
+        self._current = []
+
+    def residual(self, layer, states):
+        self._current.append(states[torch.arange(states.shape[0]), self._bos_pos].float().cpu())
+
+    def attention(self, layer, probs):
+        pass
+
+    def end(self):
+        self.rows.append(torch.stack(self._current, dim=1))
+
+    def states(self) -> torch.Tensor:
+        return torch.cat(self.rows, dim=0)
+
+
+class _PhiReducer:
+    """phi of every token per layer, for choosing tau: list of ([batch, layer, token], kinds)."""
+
+    def __init__(self, dims, eps):
+        self.dims, self.eps = dims, eps
+        self.values, self.kinds, self._cur = [], [], []
+
+    def begin(self, info):
+        self._cur = []
+        self._kinds = info.token_kinds.kind
+
+    def residual(self, layer, states):
+        self._cur.append(sinks.phi(states, self.dims, self.eps).cpu())
+
+    def attention(self, layer, probs):
+        pass
+
+    def end(self):
+        self.values.append(torch.stack(self._cur, dim=1))
+        self.kinds.append(self._kinds)
+
+
+class ScanReducer:
+    """Per-layer measures of one batch, streamed; `frames()` gives per-sample tables."""
+
+    def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
+                 samples: list[Sample], want_profile: bool):
+        self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
+        self.samples = samples
+        self.want_profile = want_profile
+        self.massive_rows: list[pd.DataFrame] = []
+        self.magnitude_rows: list[dict] = []
+        self.token_rows: list[pd.DataFrame] = []
+        self.head_rows: list[pd.DataFrame] = []
+        self.profile: dict[int, dict] = {}
+        self._phi: dict[int, torch.Tensor] = {}
+
+    def begin(self, info: BatchInfo):
+        self.info = info
+        self.kinds = info.token_kinds
+        self.real = self.kinds.real_mask
+        self.queries = text_queries_after_image(info)
+        self.sample_ids = info.sample_ids
+
+    def residual(self, layer: int, states: torch.Tensor):
+        states = states.detach()
+        self.massive_rows.append(massive.top_activations(states, self.kinds.kind, k=self.top_k,
+                                                         sample_ids=self.sample_ids, layer=layer))
+        mags = states.float().abs()
+        for b, sid in enumerate(self.sample_ids):
+            real = mags[b][self.real[b]]
+            flat = real.flatten()
+            top = flat.topk(min(3, flat.numel())).values
+            self.magnitude_rows.append({"sample": sid, "layer": layer, "top1": float(top[0]), "top2": float(top[1]),
+                                        "top3": float(top[2]), "median": float(flat.median())})
+        phi = sinks.phi(states, self.dims, self.eps) if self.dims else torch.zeros(states.shape[:2])
+        phi = phi.float().cpu()
+        self._phi[layer] = phi
+        if self.want_profile:
+            rms = massive.rms_normalize(states[0:1].float(), self.eps)[0].cpu()
+            visual = self.kinds.visual_mask[0]
+            entry = {"bos": rms[self.kinds.bos_mask[0]][0]}
+            if visual.any():
+                vphi = torch.where(visual, phi[0], torch.full_like(phi[0], -1.0))
+                pos = int(vphi.argmax())
+                entry.update(visual=rms[pos], visual_position=pos, visual_phi=float(phi[0, pos]))
+            text = self.kinds.text_mask[0]
+            if text.any():
+                entry["text_median"] = rms[text].median(dim=0).values
+            self.profile[layer] = entry
+
+    def attention(self, layer: int, probs: torch.Tensor):
+        probs = probs.detach().float()
+        phi = self._phi[layer]
+        sink = (phi >= self.tau) & self.real
+        visual_sink = sink & self.kinds.visual_mask
+        queries = self.queries
+        n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
+        # attention each key receives, mean over heads and the text queries after the image
+        received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
+        for b, sid in enumerate(self.sample_ids):
+            real = self.real[b]
+            pos = torch.nonzero(real).flatten()
+            self.token_rows.append(pd.DataFrame({
+                "sample": sid, "layer": layer, "position": pos.numpy(),
+                "token_kind": [KIND_NAMES[int(k)] for k in self.kinds.kind[b, pos]],
+                "image_index": self.kinds.image_index[b, pos].numpy(),
+                "phi": phi[b, pos].numpy(), "is_sink": sink[b, pos].numpy(),
+                "attention_received": received[b, pos].numpy(),
+            }))
+        stats = head_measures.visual_attention_stats(probs, self.kinds.visual_mask, visual_sink, queries)
+        centric = head_measures.image_centric_mask(probs, self.kinds.visual_mask, visual_sink, self.rho, self.summ)
+        qf = queries[:, None, :].float()  # [batch, 1, query]
+        denom = qf.sum(dim=-1).clamp_min(1)
+        for b, sid in enumerate(self.sample_ids):
+            frame = pd.DataFrame({
+                "sample": sid, "layer": layer, "head": range(probs.shape[1]),
+                "image_attention": ((stats.image_attention * qf).sum(-1) / denom)[b].numpy(),
+                "visual_sink_attention": ((stats.visual_sink_attention * qf).sum(-1) / denom)[b].numpy(),
+                "visual_nonsink_ratio": ((stats.visual_nonsink_ratio * qf).sum(-1) / denom)[b].numpy(),
+                "image_centric": ((centric.float() * qf).sum(-1) / denom)[b].numpy(),
+                "n_queries": int(queries[b].sum()),
+            })
+            self.head_rows.append(frame)
+
+    def end(self):
+        pass
+
+
+# ----------------------------------------------------------------------------- scan
+
+
+def _background_column(tokens: pd.DataFrame, samples: list[Sample]) -> pd.DataFrame:
+    """Mark visual tokens on background patches (demo world ground truth) where known."""
+    masks = {s.sample_id: s.meta.get("background_patches") for s in samples}
+    values = []
+    for sid, pos_in_image, kind in zip(tokens["sample"], tokens["visual_rank"], tokens["token_kind"]):
+        mask = masks.get(sid)
+        if kind != "visual" or mask is None or pos_in_image >= len(mask):
+            values.append(None)
+        else:
+            values.append(bool(mask[pos_in_image]))
+    tokens["on_background"] = values
+    return tokens
+
+
+def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg: ScanConfig, log=print):
+    """Sink dims (discovered or pinned) and tau from the calibration samples."""
+    eps = adapter.rms_norm_eps
+    calib = samples[: cfg.calibration]
+    if cfg.sink_dims:
+        dims = massive.pinned_sink_dims(cfg.sink_dims, hidden_size=adapter.hidden_size)
+    else:
+        bos = _BosReducer()
+        for chunk in batches(calib, cfg.batch_size):
+            tracer.run(prepare_batch(adapter, chunk), [bos], attention=False)
+        dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
+    log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
+    phi_red = _PhiReducer(dims.dims, eps)
+    if dims.dims:
+        for chunk in batches(calib, cfg.batch_size):
+            tracer.run(prepare_batch(adapter, chunk), [phi_red], attention=False)
+        width = max(v.shape[-1] for v in phi_red.values)
+        phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
+        kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
+        phis = phis[:, cfg.start_layer:] if phis.shape[1] > cfg.start_layer else phis
+        tau = sinks.choose_tau(phis, adapter.hidden_size, cfg.tau, token_kinds=kinds)
+    else:
+        tau = sinks.choose_tau(None, adapter.hidden_size, cfg.tau if cfg.tau is not None else 20.0)
+        tau = sinks.SinkThreshold(tau.value, tau.method, tau.reason + " (no sink dims: no token can be a sink)")
+    log(f"tau = {tau.value:.3g} ({tau.method}): {tau.reason}")
+    return dims, tau
+
+
+def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, resume: bool = True,
+             log=print, figures: bool = True) -> RunFolder:
+    """Run the scan and write its run folder; resumes an interrupted run in `out`."""
+    from sinkscope.models import load
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    params = asdict(cfg)
+    folder = RunFolder(out, "scan", params, resume=resume)
+    adapter = adapter or load(cfg.model, device=cfg.device)
+    samples = load_samples(cfg.data, cfg.limit, cfg.question, cfg.image_root)
+    folder.update_meta(model=adapter.describe(), n_samples=len(samples),
+                       planted=("organism" in str(cfg.model)))
+    tracer = Tracer(adapter)
+    if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
+        dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
+        tau = sinks.SinkThreshold(**folder.meta["tau"])
+        log(f"resuming with sink dims {dims.dims} and tau {tau.value:.3g}")
+    else:
+        dims, tau = calibrate(tracer, adapter, samples, cfg, log)
+        folder.write_json("sink_dims.json", dims.to_dict())
+        folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
+    done = folder.done_samples()
+    todo = [s for s in samples if s.sample_id not in done]
+    log(f"{len(samples) - len(todo)} samples already done, {len(todo)} to go")
+    t0 = time.time()
+    for n, chunk in enumerate(batches(todo, cfg.batch_size)):
+        reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
+                              want_profile=(not done and n == 0))
+        tracer.run(prepare_batch(adapter, chunk), [reducer], sample_ids=[s.sample_id for s in chunk])
+        tokens = pd.concat(reducer.token_rows, ignore_index=True)
+        tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
+        tokens.loc[tokens["token_kind"] != "visual", "visual_rank"] = -1
+        tokens = _background_column(tokens, chunk)
+        folder.append_rows("massive_activations", pd.concat(reducer.massive_rows, ignore_index=True))
+        folder.append_rows("layer_magnitudes_per_sample", pd.DataFrame(reducer.magnitude_rows))
+        folder.append_rows("token_stats", tokens)
+        folder.append_rows("sink_tokens", tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "phi"]])
+        folder.append_rows("head_scores_per_sample", pd.concat(reducer.head_rows, ignore_index=True))
+        if reducer.profile:
+            folder.write_table("dim_profile", _profile_frame(reducer.profile, chunk[0].sample_id))
+        folder.mark_done([s.sample_id for s in chunk])
+        log(f"  {min((n + 1) * cfg.batch_size, len(todo))}/{len(todo)} samples, {time.time() - t0:.1f}s")
+    summarize(folder, dims, tau, adapter, figures=figures)
+    folder.finish()
+    return folder
+
+
+def _profile_frame(profile: dict[int, dict], sample_id) -> pd.DataFrame:
+    rows = []
+    for layer, entry in profile.items():
+        dim = entry["bos"].shape[0]
+        for d in range(dim):
+            rows.append({
+                "sample": sample_id, "layer": layer, "dim": d, "bos": float(entry["bos"][d]),
+                "visual": float(entry["visual"][d]) if "visual" in entry else math.nan,
+                "text_median": float(entry["text_median"][d]) if "text_median" in entry else math.nan,
+                "visual_position": entry.get("visual_position", -1), "visual_phi": entry.get("visual_phi", math.nan),
+            })
+    return pd.DataFrame(rows)
+
+
+def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool = True) -> dict:
+    """Aggregate per-sample tables into summaries, figures and index.md."""
+    from sinkscope import plots, report
+
+    mags = folder.read("layer_magnitudes_per_sample")
+    magnitudes = mags.groupby("layer")[["top1", "top2", "top3", "median"]].mean().reset_index()
+    magnitudes["top1_over_median"] = magnitudes["top1"] / magnitudes["median"]
+    folder.write_table("layer_magnitudes", magnitudes)
+    heads = folder.read("head_scores_per_sample")
+    head_scores = heads[heads["n_queries"] > 0].groupby(["layer", "head"])[
+        ["image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"]].mean().reset_index()
+    folder.write_table("head_scores", head_scores)
+    tokens = folder.read("token_stats")
+    summary = sink_summary(tokens)
+    folder.write_table("sink_summary", summary)
+    figs = {}
+    if figures:
+        figs = plots.scan_figures(folder.path, magnitudes, folder.read("dim_profile"), tokens, head_scores, dims.dims,
+                                 tau.value)
+    report.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs)
+    return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}
+
+
+def sink_summary(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Per layer and token kind: tokens, sinks, sinks per sample, mean phi, attention received."""
+    if tokens.empty:
+        return pd.DataFrame()
+    n_samples = tokens["sample"].nunique()
+    g = tokens.groupby(["layer", "token_kind"])
+    out = g.agg(n_tokens=("phi", "size"), n_sinks=("is_sink", "sum"), mean_phi=("phi", "mean"),
+                max_phi=("phi", "max"), mean_attention_received=("attention_received", "mean")).reset_index()
+    out["sinks_per_sample"] = out["n_sinks"] / n_samples
+    sinks_only = tokens[tokens["is_sink"]]
+    att = sinks_only.groupby(["layer", "token_kind"])["attention_received"].mean().rename("sink_attention_received")
+    out = out.merge(att.reset_index(), on=["layer", "token_kind"], how="left")
+    if "on_background" in tokens:
+        vis = tokens[(tokens["token_kind"] == "visual") & tokens["on_background"].notna()]
+        if len(vis):
+            bg_sinks = vis[vis["is_sink"]].groupby("layer")["on_background"].apply(lambda s: s.astype(bool).mean())
+            base = vis.groupby("layer")["on_background"].apply(lambda s: s.astype(bool).mean())
+            out = out.merge(bg_sinks.rename("sink_background_share").reset_index(), on="layer", how="left")
+            out = out.merge(base.rename("background_base_rate").reset_index(), on="layer", how="left")
+            out.loc[out["token_kind"] != "visual", ["sink_background_share", "background_base_rate"]] = math.nan
+    return out

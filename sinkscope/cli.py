@@ -1,0 +1,70 @@
+"""`sinkscope` command line: a thin front over sinkscope.analyses."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from sinkscope.models.base import SinkscopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Visual attention sinks in large multimodal models: scan, ablate, redistribute.")
+
+
+@app.callback()
+def _root() -> None:
+    """sinkscope: visual attention sinks in LMMs (see `sinkscope COMMAND --help`)."""
+
+
+def _dims(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as err:
+        raise SinkscopeError(f"--sink-dims must be comma-separated integers like 1415,2533; got {text!r}") from err
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def scan(
+    model: str = typer.Option("demo", help="'demo', 'organism', a local model directory, or a hub id"),
+    out: str = typer.Option("runs/scan", help="run folder to write (resumed if it exists)"),
+    data: str = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl file, or a folder of images"),
+    limit: Optional[int] = typer.Option(32, help="number of samples"),
+    batch_size: int = typer.Option(4),
+    tau: Optional[float] = typer.Option(None, help="sink threshold on phi (default: 20 for wide models, else gap rule)"),
+    sink_dims: Optional[str] = typer.Option(None, help="pin sink dims, e.g. 1415,2533 (default: discover)"),
+    calibration: int = typer.Option(16, help="samples used to discover sink dims and choose tau"),
+    rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
+    summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
+    question: str = typer.Option("describe the image .", help="question for a folder of images"),
+    image_root: Optional[str] = typer.Option(None, help="root for relative image paths in a .jsonl file"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+    resume: bool = typer.Option(True, help="resume an interrupted run in --out"),
+):
+    """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    try:
+        cfg = ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
+                         sink_dims=_dims(sink_dims), calibration=calibration, rho=rho, summ=summ,
+                         question=question, image_root=image_root, device=device)
+        folder = run_scan(out, cfg, resume=resume, log=lambda m: typer.echo(m))
+    except SinkscopeError as err:
+        _fail(err)
+    typer.echo(f"wrote {folder.path}/index.md")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

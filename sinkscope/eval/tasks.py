@@ -1,0 +1,142 @@
+"""Evaluation samples from the demo world, POPE-format JSONL files, or image folders.
+
+A data spec is one of
+  - ``demo`` or ``demo:<task>`` with task in mixed | pope-random | pope-popular |
+    pope-adversarial | color | count | position | caption (held-out test split);
+  - a ``.jsonl`` file, one object per line with ``image`` and ``text`` (or ``question``)
+    and optionally ``label`` / ``answer`` and ``question_id`` (POPE's format);
+  - a directory of images (every image gets the same ``question``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from sinkscope.models.base import SinkscopeError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEMO_TASKS = ("mixed", "pope-random", "pope-popular", "pope-adversarial", "color", "count", "position", "caption")
+
+
+@dataclass
+class Sample:
+    """One question about one image. `answer` is the reference (None when unknown)."""
+
+    sample_id: str
+    question: str
+    image_path: str | None = None
+    answer: str | None = None
+    task: str = ""
+    meta: dict = field(default_factory=dict)
+    _image: object = None
+
+    def image(self):
+        """The image as RGB PIL, loaded lazily; a clear error if it cannot be read."""
+        if self._image is not None:
+            return self._image
+        if self.image_path is None:
+            return None
+        return load_image(self.image_path)
+
+
+def load_image(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise SinkscopeError(f"image {p} does not exist; check the path or --image-root")
+    if p.stat().st_size == 0:
+        raise SinkscopeError(f"image {p} is empty (0 bytes); re-download or remove it from the data file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise SinkscopeError(f"image {p} cannot be read as an image ({err}); re-save it as PNG or JPEG") from err
+
+
+def _demo_samples(task: str, n: int, start: int = 0) -> list[Sample]:
+    from sinkscope.demo import world
+
+    if task not in DEMO_TASKS:
+        raise SinkscopeError(f"unknown demo task {task!r}; choose one of {', '.join(DEMO_TASKS)}")
+    if task.startswith("pope-"):
+        qs = world.pope_questions("test", task[5:], n_scenes=(n + 1) // 2, start=start)
+    elif task == "mixed":
+        qs = []
+        kinds = ["pope-adversarial", "color", "position", "count"]
+        i = start
+        while len(qs) < n:
+            kind = kinds[len(qs) % len(kinds)]
+            if kind.startswith("pope-"):
+                qs += world.pope_questions("test", kind[5:], 1, start=i)[: 1 + (i % 2)][-1:]
+            else:
+                qs += world.task_questions("test", kind, 1, start=i)
+            i += 1
+    else:
+        qs = world.task_questions("test", task, n_scenes=n, start=start)
+    out = []
+    for k, q in enumerate(qs[:n]):
+        s = world.scene("test", q.scene_index)
+        out.append(Sample(
+            sample_id=f"test-{q.scene_index}-{q.task}-{q.strategy or 'x'}-{q.label or k}",
+            question=q.question, answer=q.answer, task=q.task + (f"-{q.strategy}" if q.strategy else ""),
+            meta={"scene": q.scene_index, "label": q.label, "category": q.category,
+                  "background_patches": s.background_patch_mask.tolist()},
+            _image=s.pil(),
+        ))
+    return out
+
+
+def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
+    out = []
+    root = image_root or path.parent
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SinkscopeError(f"{path}:{n} is not valid JSON ({err})") from err
+        question = row.get("text", row.get("question"))
+        if question is None or "image" not in row:
+            raise SinkscopeError(f"{path}:{n} needs fields 'image' and 'text' (or 'question'), got {sorted(row)}")
+        image = Path(row["image"])
+        image = image if image.is_absolute() else root / image
+        answer = row.get("label", row.get("answer"))
+        out.append(Sample(str(row.get("question_id", n)), question, str(image), answer,
+                          task=row.get("category", "pope"), meta={"label": answer}))
+    if not out:
+        raise SinkscopeError(f"{path} holds no samples")
+    return out
+
+
+def load_samples(spec: str = "demo", limit: int | None = None, question: str = "describe the image .",
+                 image_root: str | None = None) -> list[Sample]:
+    """Samples for a data spec (see module docstring); `limit` keeps the first N."""
+    n = limit if limit is not None else 64
+    if limit is not None and limit <= 0:
+        raise SinkscopeError(f"--limit must be positive, got {limit}")
+    if spec == "demo" or spec.startswith("demo:"):
+        task = spec.split(":", 1)[1] if ":" in spec else "mixed"
+        return _demo_samples(task, n)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SinkscopeError(
+            f"data {spec!r} not found: give 'demo[:task]', a POPE-style .jsonl file or a folder of images"
+        )
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise SinkscopeError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        samples = [Sample(p.stem, question, str(p), task="images") for p in images]
+    else:
+        samples = _jsonl_samples(path, Path(image_root) if image_root else None)
+    return samples[:limit] if limit is not None else samples
+
+
+def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    for i in range(0, len(samples), size):
+        yield samples[i : i + size]

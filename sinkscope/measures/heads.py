@@ -1,0 +1,192 @@
+"""Visual attention of heads: the visual non-sink ratio and image-centric heads (Kang et al.
+2025, section 4).
+
+For a query i of head (l, h), with a = post-softmax attention and I_vis the image tokens:
+  image_attention        = sum_{j in I_vis} a_ij
+  visual_sink_attention  = sum_{j in I_vis, sink} a_ij
+  visual_nonsink_ratio r = sum_{j in I_vis, not sink} a_ij / image_attention   (0 if no image attention)
+Head (l, h) is image-centric for query i if image_attention >= summ (0.2) and r >= rho (0.5).
+Attention values are probabilities (unitless, each row sums to 1). Layout: attention
+`[batch, head, query, key]`, masks `[batch, key]` / `[batch, query]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+HEAD_COLUMNS = ["layer", "head", "image_attention", "visual_sink_attention", "visual_nonsink_ratio",
+                "image_centric", "visual_nonsink_ratio_pooled", "n_queries"]
+
+
+def _check_rho_summ(rho: float, summ: float) -> None:
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho (minimum visual non-sink ratio) must be in [0, 1], got {rho}")
+    if not 0.0 <= summ <= 1.0:
+        raise ValueError(f"summ (minimum attention to the image, a probability) must be in [0, 1], got {summ}")
+
+
+@dataclass
+class VisualAttentionStats:
+    """Per (batch, head, query) float32 tensors [batch, head, query], plus the query mask
+    [batch, query] they were computed with (stats are given for every query; the mask only
+    restricts selection and averages)."""
+
+    image_attention: torch.Tensor
+    visual_sink_attention: torch.Tensor
+    visual_nonsink_attention: torch.Tensor
+    visual_nonsink_ratio: torch.Tensor
+    query_mask: torch.Tensor
+
+
+def visual_attention_stats(attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: torch.Tensor,
+                           query_mask: torch.Tensor | None = None) -> VisualAttentionStats:
+    """Image, visual-sink and visual-non-sink attention of every query of every head.
+
+    attn: [batch, head, query, key] post-softmax attention of one layer.
+    image_mask: [batch, key] bool, image tokens. sink_mask: [batch, key] bool, sink tokens of
+      this layer (any kind; only those that are image tokens count as visual sinks).
+    query_mask: [batch, query] bool (default all).
+    Returns VisualAttentionStats; visual_nonsink_ratio is 0 where image_attention is 0.
+    """
+    if attn.dim() != 4:
+        raise ValueError(f"attn must be [batch, head, query, key], got {tuple(attn.shape)}")
+    batch, _, n_q, n_k = attn.shape
+    for name, m in (("image_mask", image_mask), ("sink_mask", sink_mask)):
+        if tuple(m.shape) != (batch, n_k):
+            raise ValueError(f"{name} must be [batch, key] = {(batch, n_k)}, got {tuple(m.shape)}")
+    if query_mask is None:
+        query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=attn.device)
+    elif tuple(query_mask.shape) != (batch, n_q):
+        raise ValueError(f"query_mask must be [batch, query] = {(batch, n_q)}, got {tuple(query_mask.shape)}")
+    a = attn.float()
+    image = image_mask.to(a.device).bool()
+    sink = sink_mask.to(a.device).bool()
+    image_att = torch.einsum("bhqk,bk->bhq", a, image.float())
+    vsink_att = torch.einsum("bhqk,bk->bhq", a, (image & sink).float())
+    nonsink_att = torch.einsum("bhqk,bk->bhq", a, (image & ~sink).float())
+    ratio = torch.where(image_att > 0, nonsink_att / image_att.clamp_min(1e-30), torch.zeros_like(image_att))
+    return VisualAttentionStats(image_att, vsink_att, nonsink_att, ratio.clamp(0.0, 1.0),
+                                query_mask.to(a.device).bool())
+
+
+def _image_centric_from_stats(stats: VisualAttentionStats, rho: float, summ: float) -> torch.Tensor:
+    return ((stats.image_attention >= summ) & (stats.image_attention > 0) & (stats.visual_nonsink_ratio >= rho)
+            & stats.query_mask[:, None, :])
+
+
+def image_centric_mask(attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: torch.Tensor, rho: float = 0.5,
+                       summ: float = 0.2, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which (batch, head, query) are image-centric: image_attention >= summ and r >= rho.
+
+    Shapes as in `visual_attention_stats`; returns bool [batch, head, query]. Queries outside
+    query_mask and queries with no image attention at all are never selected (so with no image
+    tokens nothing is). With rho = 0 a query whose image attention is all on sinks can be
+    selected (r = 0 >= 0): an intervention that redistributes to non-sinks must guard that.
+    Raises ValueError unless 0 <= rho <= 1 and 0 <= summ <= 1.
+    """
+    _check_rho_summ(rho, summ)
+    return _image_centric_from_stats(visual_attention_stats(attn, image_mask, sink_mask, query_mask), rho, summ)
+
+
+class HeadScoreAccumulator:
+    """Streaming per-(layer, head) sums of the head measures, over queries in query_mask and batches.
+
+    Memory is O(layers x heads) whatever the data size. `frame()` gives the means (see
+    `head_scores`); `merge` adds another accumulator (e.g. another shard).
+    """
+
+    def __init__(self, rho: float = 0.5, summ: float = 0.2):
+        _check_rho_summ(rho, summ)
+        self.rho, self.summ = rho, summ
+        self._sums: dict[int, torch.Tensor] = {}  # layer -> [5, head] float64
+        self._counts: dict[int, int] = {}  # layer -> number of (batch, query) pairs
+
+    def update(self, layer: int, attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: torch.Tensor,
+               query_mask: torch.Tensor | None = None) -> None:
+        """Add one layer's batch. attn [batch, head, query, key]; masks as in visual_attention_stats."""
+        stats = visual_attention_stats(attn, image_mask, sink_mask, query_mask)
+        w = stats.query_mask[:, None, :].double()  # [batch, 1, query]
+        centric = _image_centric_from_stats(stats, self.rho, self.summ)
+        sums = torch.stack([
+            (stats.image_attention.double() * w).sum(dim=(0, 2)),
+            (stats.visual_sink_attention.double() * w).sum(dim=(0, 2)),
+            (stats.visual_nonsink_ratio.double() * w).sum(dim=(0, 2)),
+            centric.double().sum(dim=(0, 2)),
+            (stats.visual_nonsink_attention.double() * w).sum(dim=(0, 2)),
+        ]).cpu()
+        layer = int(layer)
+        if layer in self._sums:
+            if self._sums[layer].shape != sums.shape:
+                raise ValueError(f"layer {layer}: {sums.shape[1]} heads, earlier batches had {self._sums[layer].shape[1]}")
+            self._sums[layer] += sums
+        else:
+            self._sums[layer] = sums
+        self._counts[layer] = self._counts.get(layer, 0) + int(stats.query_mask.sum())
+
+    def merge(self, other: "HeadScoreAccumulator") -> "HeadScoreAccumulator":
+        if (other.rho, other.summ) != (self.rho, self.summ):
+            raise ValueError(f"cannot merge accumulators with different rho/summ: {(self.rho, self.summ)} vs "
+                             f"{(other.rho, other.summ)}")
+        for layer, s in other._sums.items():
+            if layer in self._sums:
+                self._sums[layer] = self._sums[layer] + s
+            else:
+                self._sums[layer] = s.clone()
+            self._counts[layer] = self._counts.get(layer, 0) + other._counts[layer]
+        return self
+
+    def frame(self) -> pd.DataFrame:
+        """Columns: layer, head, image_attention, visual_sink_attention, visual_nonsink_ratio (means
+        over queries), image_centric (share of queries selected), visual_nonsink_ratio_pooled
+        (sum of non-sink over sum of image attention), n_queries."""
+        rows = []
+        for layer in sorted(self._sums):
+            s, n = self._sums[layer], self._counts[layer]
+            d = max(n, 1)
+            for h in range(s.shape[1]):
+                image = float(s[0, h])
+                rows.append({
+                    "layer": layer, "head": h, "image_attention": image / d,
+                    "visual_sink_attention": float(s[1, h]) / d, "visual_nonsink_ratio": float(s[2, h]) / d,
+                    "image_centric": float(s[3, h]) / d,
+                    "visual_nonsink_ratio_pooled": float(s[4, h]) / image if image > 0 else 0.0,
+                    "n_queries": n,
+                })
+        return pd.DataFrame(rows, columns=HEAD_COLUMNS)
+
+
+def head_scores(attn, image_mask: torch.Tensor, sink_mask, query_mask: torch.Tensor | None = None,
+                rho: float = 0.5, summ: float = 0.2, layer_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """Head measures averaged over queries in query_mask and batch, one row per (layer, head).
+
+    attn: [layer, batch, head, query, key], or one layer [batch, head, query, key], or a list
+      of per-layer [batch, head, query, key] tensors.
+    image_mask: [batch, key] bool. sink_mask: [batch, key] (same sinks in every layer) or
+      [batch, layer, key] (per layer, the layout of phi) or a list of per-layer [batch, key].
+    query_mask: [batch, query] bool, typically text tokens after the image (default all).
+    layer_ids: model layer of each entry (default 0..). Columns as HeadScoreAccumulator.frame().
+    """
+    if isinstance(attn, torch.Tensor):
+        if attn.dim() == 4:
+            attn = attn[None]
+        if attn.dim() != 5:
+            raise ValueError(f"attn must be [layer, batch, head, query, key] or [batch, head, query, key], "
+                             f"got {tuple(attn.shape)}")
+    layers = list(attn)
+    layer_ids = list(range(len(layers))) if layer_ids is None else list(layer_ids)
+    if len(layer_ids) != len(layers):
+        raise ValueError(f"{len(layer_ids)} layer_ids for {len(layers)} layers of attention")
+    acc = HeadScoreAccumulator(rho, summ)
+    for i, (layer, a) in enumerate(zip(layer_ids, layers)):
+        if isinstance(sink_mask, torch.Tensor) and sink_mask.dim() == 2:
+            sm = sink_mask
+        elif isinstance(sink_mask, torch.Tensor):
+            sm = sink_mask[:, i]
+        else:
+            sm = sink_mask[i]
+        acc.update(layer, a, image_mask, sm, query_mask)
+    return acc.frame()

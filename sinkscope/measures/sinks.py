@@ -1,0 +1,198 @@
+"""Sink tokens: phi (Kang et al. 2025, section 2) and the threshold tau.
+
+phi(x) = max_{d in D_sink} |x_d / RMS(x)|, RMS(x) = sqrt(mean_k x_k^2 + eps), float32, no
+learned gain, on the residual state entering a layer. A token is a sink at layer l if
+phi(x_j^l) >= tau (paper: tau = 20). phi is scale-free and bounded: phi <= sqrt(dim), reached
+only when all of a token's energy sits in one sink dim.
+
+Layout: phi values are `[batch, layer, token]` (or any `[...]` matching the states' leading
+dims); token kinds are `[batch, token]` codes from `sinkscope.models.base`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from sinkscope.measures.massive import SinkDims, _kind_codes
+from sinkscope.models.base import BOS, KIND_NAMES, PAD, VISUAL
+
+PAPER_TAU = 20.0
+
+
+def _dims_list(sink_dims) -> list[int]:
+    dims = sink_dims.dims if isinstance(sink_dims, SinkDims) else sink_dims
+    return [int(d) for d in dims]
+
+
+def phi(states: torch.Tensor, sink_dims, eps: float = 1e-6) -> torch.Tensor:
+    """Sink score of each token: max over d in sink_dims of |x_d / RMS(x)|.
+
+    states: [..., dim] raw residual states (e.g. [batch, layer, token, dim]).
+    sink_dims: list of dims or a SinkDims. Empty -> all zeros (no token can be a sink).
+    Returns float32 [...]; units: multiples of the token RMS, in [0, sqrt(dim)].
+    """
+    dims = _dims_list(sink_dims)
+    dim = states.shape[-1]
+    if not dims:
+        return torch.zeros(states.shape[:-1], dtype=torch.float32, device=states.device)
+    bad = [d for d in dims if not 0 <= d < dim]
+    if bad:
+        raise ValueError(f"sink dims {bad} are outside [0, {dim}): do they belong to another model?")
+    x = states.float()
+    rms = torch.sqrt(x.pow(2).mean(dim=-1) + eps)
+    return x[..., dims].abs().amax(dim=-1) / rms
+
+
+@dataclass
+class SinkThreshold:
+    """tau and how it was chosen. method: "given", "paper" or "gap"; reason: one sentence
+    (it carries the warning when a given tau is unreachable)."""
+
+    value: float
+    method: str
+    reason: str
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def _tau_value(tau) -> float:
+    return float(tau.value if isinstance(tau, SinkThreshold) else tau)
+
+
+def choose_tau(phi_values: torch.Tensor | None, hidden_size: int, tau: float | None = None,
+               token_kinds=None, min_gap: float = 1.5) -> SinkThreshold:
+    """Pick the sink threshold tau.
+
+    phi_values: [batch, layer, token] or [batch, token] phi of a calibration set (may be None
+      when tau is given or hidden_size >= 1600).
+    token_kinds: [batch, token] codes (or TokenKinds); BOS and pad are left out of the gap rule.
+      Without it every value counts.
+    - tau given: must be > 0 (ValueError otherwise); if tau > sqrt(hidden_size) the reason says
+      no token can reach it (and a UserWarning is issued).
+    - tau None and sqrt(hidden_size) >= 40: the paper's tau = 20.
+    - tau None, smaller models: 20 would be out of reach (or nearly), so a scale-free choice:
+      the largest multiplicative gap in the sorted phi of non-BOS tokens, with values below the
+      floor 0.25 * sqrt(hidden_size) lifted to the floor (so the gap must lie above it); tau is
+      the geometric middle of the gap. If that gap is smaller than `min_gap` there is no
+      separated group: tau = min(sqrt(hidden), max(floor, min_gap x the largest non-BOS phi)),
+      i.e. no text or visual token is a sink.
+    """
+    if hidden_size is None or hidden_size <= 0:
+        raise ValueError(f"hidden_size must be a positive int, got {hidden_size}")
+    ceiling = math.sqrt(hidden_size)
+    if tau is not None:
+        tau = float(tau)
+        if not tau > 0 or not math.isfinite(tau):
+            raise ValueError(f"tau must be > 0 and finite (phi is in multiples of the token RMS), got {tau}")
+        if tau > ceiling:
+            reason = (f"warning: tau={tau:g} exceeds sqrt(hidden_size)={ceiling:.3g}, the largest phi any token can "
+                      "have: no token can reach it, so nothing will be a sink")
+            warnings.warn(reason, UserWarning, stacklevel=2)
+            return SinkThreshold(tau, "given", reason)
+        return SinkThreshold(tau, "given", f"tau={tau:g} given (sqrt(hidden_size)={ceiling:.3g})")
+    if ceiling >= 2 * PAPER_TAU:
+        return SinkThreshold(PAPER_TAU, "paper",
+                             f"paper default tau={PAPER_TAU:g} (sqrt(hidden_size)={ceiling:.3g} >= {2 * PAPER_TAU:g})")
+    floor = 0.25 * ceiling
+    if phi_values is None:
+        raise ValueError(f"hidden_size={hidden_size} is too small for the paper's tau={PAPER_TAU:g}: pass phi_values "
+                         "(a calibration set) to choose tau from the data, or pass tau explicitly")
+    values = phi_values.float()
+    if token_kinds is not None:
+        kinds = _kind_codes(token_kinds).to(values.device)
+        keep = (kinds != BOS) & (kinds != PAD)
+        if values.dim() == 3:
+            keep = keep[:, None, :].expand_as(values)
+        values = values[keep]
+        who = "non-BOS tokens"
+    else:
+        who = "all tokens (no token kinds given, BOS included)"
+    values = values.reshape(-1)
+    values = values[torch.isfinite(values)]
+    above = values[values > floor]
+    if above.numel() == 0:
+        return SinkThreshold(floor, "gap", f"no phi of {who} exceeds the floor 0.25*sqrt(hidden_size)={floor:.3g}; "
+                                           f"tau set to the floor")
+    v = torch.sort(torch.cat([above, above.new_tensor([floor])])).values.double()  # floor = lowest point
+    logs = v.log()
+    gaps = logs[1:] - logs[:-1]
+    i = int(gaps.argmax())
+    gap = math.exp(float(gaps[i]))
+    if gap < min_gap:
+        value = min(ceiling, max(floor, min_gap * float(v[-1])))
+        return SinkThreshold(value, "gap", f"no gap of x{min_gap:g} in the phi of {who} above the floor {floor:.3g} "
+                                           f"(largest x{gap:.2f}); tau={value:.3g} puts every such token below it")
+    value = math.exp(float(logs[i] + logs[i + 1]) / 2)
+    n_sinks = int((above >= value).sum())
+    return SinkThreshold(value, "gap", f"largest gap (x{gap:.2f}) in the sorted phi of {who} between {float(v[i]):.3g} "
+                                       f"and {float(v[i + 1]):.3g}, above the floor 0.25*sqrt(hidden_size)={floor:.3g}; "
+                                       f"{n_sinks} of {values.numel()} values reach tau={value:.3g}")
+
+
+def sink_mask(phi_values: torch.Tensor, tau) -> torch.Tensor:
+    """phi >= tau. phi_values: any shape; tau: float or SinkThreshold. Returns bool, same shape."""
+    return phi_values >= _tau_value(tau)
+
+
+def _kinds_like(phi_values: torch.Tensor, token_kinds) -> torch.Tensor:
+    kinds = _kind_codes(token_kinds).to(phi_values.device)
+    if phi_values.dim() == 3:
+        if kinds.shape != (phi_values.shape[0], phi_values.shape[2]):
+            raise ValueError(f"token_kinds {tuple(kinds.shape)} does not match phi [batch, layer, token] "
+                             f"{tuple(phi_values.shape)}")
+        return kinds[:, None, :].expand_as(phi_values)
+    if kinds.shape != phi_values.shape:
+        raise ValueError(f"token_kinds {tuple(kinds.shape)} does not match phi {tuple(phi_values.shape)}")
+    return kinds
+
+
+def visual_sink_mask(phi_values: torch.Tensor, token_kinds, tau) -> torch.Tensor:
+    """Visual sinks: image tokens with phi >= tau.
+
+    phi_values: [batch, layer, token] (or [batch, token]); token_kinds: [batch, token].
+    Returns bool of phi_values' shape.
+    """
+    return sink_mask(phi_values, tau) & (_kinds_like(phi_values, token_kinds) == VISUAL)
+
+
+def sink_mask_all(phi_values: torch.Tensor, token_kinds, tau) -> torch.Tensor:
+    """Sinks of any kind (BOS, text, visual, generated; pad never): the set S that VAR drains.
+
+    phi_values: [batch, layer, token] (or [batch, token]); token_kinds: [batch, token].
+    """
+    return sink_mask(phi_values, tau) & (_kinds_like(phi_values, token_kinds) != PAD)
+
+
+def sink_tokens_table(phi_values: torch.Tensor, token_kinds, tau, layer_ids: Sequence[int] | None = None,
+                      sample_ids: Sequence | None = None) -> pd.DataFrame:
+    """One row per sink token: sample, layer, position, token_kind (bos|text|visual|generated), phi.
+
+    phi_values: [batch, layer, token]; token_kinds: [batch, token] codes (or TokenKinds).
+    layer_ids: the model layer of each phi layer (default 0..); sample_ids: names of batch rows.
+    """
+    if phi_values.dim() != 3:
+        raise ValueError(f"phi_values must be [batch, layer, token], got {tuple(phi_values.shape)}")
+    batch, n_layers, _ = phi_values.shape
+    layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+    sample_ids = list(range(batch)) if sample_ids is None else list(sample_ids)
+    if len(layer_ids) != n_layers or len(sample_ids) != batch:
+        raise ValueError(f"got {len(sample_ids)} sample_ids / {len(layer_ids)} layer_ids for phi {tuple(phi_values.shape)}")
+    mask = sink_mask_all(phi_values, token_kinds, tau)
+    kinds = _kind_codes(token_kinds).cpu()
+    idx = torch.nonzero(mask.cpu())
+    vals = phi_values.detach().float().cpu()[mask.cpu()]
+    rows = {
+        "sample": [sample_ids[int(b)] for b in idx[:, 0]],
+        "layer": [layer_ids[int(l)] for l in idx[:, 1]],
+        "position": idx[:, 2].tolist(),
+        "token_kind": [KIND_NAMES[int(kinds[b, t])] for b, t in zip(idx[:, 0].tolist(), idx[:, 2].tolist())],
+        "phi": vals.tolist(),
+    }
+    return pd.DataFrame(rows, columns=["sample", "layer", "position", "token_kind", "phi"])

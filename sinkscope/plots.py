@@ -1,0 +1,135 @@
+"""Every figure sinkscope draws. Functions take tidy frames and a path; they return file names.
+
+PNG always, PDF beside it where cheap. matplotlib's Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+KIND_COLORS = {"bos": "#d62728", "text": "#1f77b4", "visual": "#2ca02c", "generated": "#9467bd"}
+
+
+def _save(fig, path: Path, pdf: bool = True) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    if pdf:
+        fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
+    return path.name
+
+
+def massive_activation_layers(magnitudes: pd.DataFrame, path: Path, title: str = "") -> str:
+    """Sun et al.'s plot: top-1/2/3 |activation| and the median, per layer (log scale)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for col, style in (("top1", "-o"), ("top2", "-s"), ("top3", "-^"), ("median", "--")):
+        ax.plot(magnitudes["layer"], magnitudes[col], style, label=col, ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (residual stream entering it)")
+    ax.set_ylabel("|activation|")
+    ax.set_title(title or "largest activations per layer")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def dim_profile(profile: pd.DataFrame, sink_dims: list[int], path: Path, layer: int | None = None) -> str:
+    """|RMS-normalised value| per hidden dim: BOS against the most sink-like image token."""
+    if layer is None:
+        per_layer = profile.groupby("layer")["visual_phi"].max()
+        layer = int(per_layer.idxmax()) if per_layer.notna().any() else int(profile["layer"].median())
+    p = profile[profile["layer"] == layer].sort_values("dim")
+    rows = [("bos", "BOS token")]
+    if p["visual"].notna().any():
+        pos = int(p["visual_position"].iloc[0])
+        rows.append(("visual", f"most sink-like image token (position {pos}, phi {p['visual_phi'].iloc[0]:.1f})"))
+    if p["text_median"].notna().any():
+        rows.append(("text_median", "median text token"))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.9 * len(rows)), sharex=True, squeeze=False)
+    for ax, (col, label) in zip(axes[:, 0], rows):
+        ax.bar(p["dim"], p[col].abs(), width=1.0, color=KIND_COLORS.get(col.split("_")[0], "grey"))
+        for d in sink_dims:
+            ax.axvline(d, color="k", lw=0.6, ls=":")
+        ax.set_ylabel("|x/RMS(x)|")
+        ax.set_title(label, fontsize=9)
+    axes[-1, 0].set_xlabel(f"hidden dimension (layer {layer}; dotted: sink dims {sink_dims})")
+    return _save(fig, path)
+
+
+def phi_vs_attention(tokens: pd.DataFrame, tau: float, path: Path, min_layer: int = 2) -> str:
+    """Each image token's phi against the attention it receives from text queries."""
+    vis = tokens[(tokens["token_kind"] == "visual") & (tokens["layer"] >= min_layer)]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if len(vis):
+        ax.scatter(vis["phi"], vis["attention_received"], s=4, alpha=0.3, c=np.where(vis["is_sink"], "#d62728", "#2ca02c"))
+        ax.axvline(tau, color="k", ls=":", lw=0.8, label=f"tau = {tau:.3g}")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no image tokens", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("phi (max |x_d / RMS(x)| over sink dims)")
+    ax.set_ylabel("attention received (mean over heads, text queries)")
+    ax.set_title(f"image tokens, layers >= {min_layer}", fontsize=9)
+    return _save(fig, path)
+
+
+def head_heatmap(head_scores: pd.DataFrame, column: str, path: Path, title: str = "") -> str:
+    """Layer x head heatmap of one head-score column."""
+    grid = head_scores.pivot(index="layer", columns="head", values=column)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * grid.shape[1], 1.0 + 0.3 * grid.shape[0]))
+    im = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_title(title or column, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def training_curves(log_csv: str | Path, path: str | Path) -> str:
+    """Loss and sink metrics over training steps (demo model)."""
+    log = pd.read_csv(log_csv)
+    layers = sorted(int(c.rsplit("L", 1)[1]) for c in log.columns if c.startswith("bos_attention_L"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot(log["global_step"], log["loss"], color="k")
+    axes[0].set_yscale("log")
+    axes[0].set_title("training loss")
+    for layer in layers:
+        axes[1].plot(log["global_step"], log[f"bos_attention_L{layer}"], label=f"L{layer}")
+        axes[2].plot(log["global_step"], log[f"bos_residual_ratio_L{layer}"], label=f"L{layer}")
+    axes[1].set_title("mean attention to BOS")
+    axes[2].set_title("BOS residual norm / median token norm")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        _stage_marks(ax, log)
+    axes[1].legend(fontsize=7, ncol=2)
+    return _save(fig, path, pdf=False)
+
+
+def _stage_marks(ax, log: pd.DataFrame) -> None:
+    change = log["stage"].ne(log["stage"].shift())
+    for step, stage in zip(log.loc[change, "global_step"], log.loc[change, "stage"]):
+        ax.axvline(step, color="grey", lw=0.5, ls=":")
+        ax.text(step, ax.get_ylim()[1], stage, fontsize=6, va="top", rotation=90)
+
+
+def scan_figures(folder: Path, magnitudes: pd.DataFrame, profile: pd.DataFrame, tokens: pd.DataFrame,
+                 head_scores: pd.DataFrame, sink_dims: list[int], tau: float | None = None) -> dict[str, str]:
+    folder = Path(folder)
+    out = {"massive": massive_activation_layers(magnitudes, folder / "massive_activations.png")}
+    if profile is not None and len(profile):
+        out["profile"] = dim_profile(profile, sink_dims, folder / "dim_profile.png")
+    if tokens is not None and len(tokens) and tau is not None:
+        out["phi_attention"] = phi_vs_attention(tokens, tau, folder / "phi_vs_attention.png")
+    if head_scores is not None and len(head_scores):
+        out["heads"] = head_heatmap(head_scores, "visual_nonsink_ratio", folder / "head_nonsink_ratio.png",
+                                    "visual non-sink ratio (text queries after the image)")
+    return out

@@ -1,0 +1,210 @@
+"""Run folders: run.json, tidy CSV tables, figures, index.md; atomic and resumable.
+
+Per-sample rows are appended to ``<table>.csv`` as each sample finishes, and the sample's id
+is appended to ``samples_done.txt`` only after all its rows are written. On resume, rows of
+samples that are not in the done list (an interrupted sample) are dropped, and finished
+samples are skipped. Shards of one evaluation written to separate folders merge with
+`merge_tables` since every row carries its sample id.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from sinkscope.models.base import SinkscopeError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("sinkscope", "torch", "transformers", "nnsight", "numpy", "pandas", "scipy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """One analysis run on disk."""
+
+    def __init__(self, path: str | Path, analysis: str, params: dict, resume: bool = True):
+        self.path = Path(path)
+        self.analysis = analysis
+        run_json = self.path / "run.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise SinkscopeError(f"--out {self.path} is a file; give a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.meta: dict = {}
+        if run_json.exists() and resume:
+            self.meta = json.loads(run_json.read_text())
+            old = {k: v for k, v in self.meta.get("params", {}).items() if k not in ("limit", "resume")}
+            new = {k: v for k, v in params.items() if k not in ("limit", "resume")}
+            if self.meta.get("analysis") != analysis or _jsonable(old) != _jsonable(new):
+                raise SinkscopeError(
+                    f"{self.path} holds a {self.meta.get('analysis')} run with other parameters; "
+                    "use another --out, or --no-resume to start over"
+                )
+        elif run_json.exists() and not resume:
+            for f in self.path.iterdir():
+                if f.is_file():
+                    f.unlink()
+        self.meta.setdefault("analysis", analysis)
+        self.meta["params"] = _jsonable(params)
+        self.meta.setdefault("started", now())
+        self.meta["resumed"] = bool(self.done_samples())
+        self.meta["versions"] = package_versions()
+        self.meta["git_commit"] = git_commit()
+        self.meta.pop("finished", None)
+        self._drop_unfinished_rows()
+        self.write_meta()
+
+    # -- metadata ------------------------------------------------------------------------
+    def write_meta(self) -> None:
+        atomic_write_text(self.path / "run.json", json.dumps(_jsonable(self.meta), indent=1))
+
+    def update_meta(self, **fields) -> None:
+        self.meta.update(fields)
+        self.write_meta()
+
+    def finish(self, **fields) -> None:
+        self.meta.update(fields)
+        self.meta["finished"] = now()
+        self.write_meta()
+
+    # -- per-sample appends -------------------------------------------------------------
+    def done_samples(self) -> set[str]:
+        f = self.path / "samples_done.txt"
+        return set(f.read_text().split("\n")) - {""} if f.exists() else set()
+
+    def append_rows(self, table: str, frame: pd.DataFrame) -> None:
+        """Append rows (must carry a `sample` column) to `<table>.csv`."""
+        if frame is None or frame.empty:
+            return
+        path = self.path / f"{table}.csv"
+        header = not path.exists()
+        with open(path, "a") as f:
+            frame.to_csv(f, header=header, index=False)
+
+    def mark_done(self, sample_ids) -> None:
+        with open(self.path / "samples_done.txt", "a") as f:
+            for s in sample_ids:
+                f.write(f"{s}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _drop_unfinished_rows(self) -> None:
+        done = self.done_samples()
+        for csv in self.path.glob("*.csv"):
+            try:
+                frame = pd.read_csv(csv, dtype={"sample": str})
+            except pd.errors.EmptyDataError:
+                csv.unlink()
+                continue
+            if "sample" not in frame.columns or not (self.path / "samples_done.txt").exists():
+                continue
+            kept = frame[frame["sample"].astype(str).isin(done)]
+            if len(kept) != len(frame):
+                atomic_write_csv(csv, kept)
+
+    def read(self, table: str) -> pd.DataFrame:
+        path = self.path / f"{table}.csv"
+        if not path.exists():
+            return pd.DataFrame()
+        return pd.read_csv(path, dtype={"sample": str})
+
+    # -- whole files ---------------------------------------------------------------------
+    def write_table(self, table: str, frame: pd.DataFrame) -> Path:
+        path = self.path / f"{table}.csv"
+        atomic_write_csv(path, frame)
+        return path
+
+    def write_json(self, name: str, obj) -> Path:
+        path = self.path / name
+        atomic_write_text(path, json.dumps(_jsonable(obj), indent=1))
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        atomic_write_text(path, text)
+        return path
+
+
+def merge_tables(folders: list[str | Path], table: str) -> pd.DataFrame:
+    """Concatenate one table from several shard folders, keeping each sample once."""
+    frames = []
+    for folder in folders:
+        rf = Path(folder)
+        done = set((rf / "samples_done.txt").read_text().split()) if (rf / "samples_done.txt").exists() else None
+        path = rf / f"{table}.csv"
+        if path.exists():
+            frame = pd.read_csv(path, dtype={"sample": str})
+            if done is not None and "sample" in frame:
+                frame = frame[frame["sample"].isin(done)]
+            frames.append(frame)
+    if not frames:
+        return pd.DataFrame()
+    merged = pd.concat(frames, ignore_index=True)
+    return merged.drop_duplicates()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            return str(obj)
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
