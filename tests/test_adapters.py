@@ -181,6 +181,19 @@ def test_two_images_forward(tiny, two_image_batch):
         assert bool(image_rows.any()) == bool((future[:, image_rows] > 0).any())
 
 
+def test_qwen_video_tokens_are_visual():
+    import tiny_models
+
+    tiny = tiny_models.build("qwen2_vl")
+    ad, cfg = _adapter(tiny), tiny.model.config
+    s, e, img, vid = cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id
+    ids = torch.tensor([[s, img, img, e, s, vid, vid, vid, e, 30]])
+    kinds = ad.token_kinds(ids)
+    assert kinds.visual_mask[0].tolist() == [False, True, True, False, False, True, True, True, False, False]
+    assert kinds.image_index[0].tolist() == [-1, 0, 0, -1, -1, 1, 1, 1, -1, -1]
+    assert kinds.kind[0, 0] == BOS
+
+
 # -- (c) padding ----------------------------------------------------------------------------------
 
 def test_padding(tiny, padded_batch):
@@ -202,8 +215,8 @@ def test_padding(tiny, padded_batch):
 
     # the same rows right-padded: the same kinds, moved
     n_pad = (mask == 0).sum(1)
-    rolled = [torch.roll(t, -int(n_pad[r]), dims=0) for r, t in enumerate(ids)]
-    right_ids, right_mask = torch.stack(rolled), torch.stack([torch.roll(m, -int(n_pad[r])) for r, m in enumerate(mask)])
+    right_ids = torch.stack([torch.roll(t, -int(n_pad[r])) for r, t in enumerate(ids)])
+    right_mask = torch.stack([torch.roll(m, -int(n_pad[r])) for r, m in enumerate(mask)])
     right = ad.token_kinds(right_ids, right_mask)
     for r in range(2):
         assert torch.equal(right.kind[r], torch.roll(kinds.kind[r], -int(n_pad[r])))

@@ -256,8 +256,9 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
         phis = phis[:, cfg.start_layer:] if phis.shape[1] > cfg.start_layer else phis
         tau = sinks.choose_tau(phis, adapter.hidden_size, cfg.tau, token_kinds=kinds)
     else:
-        tau = sinks.choose_tau(None, adapter.hidden_size, cfg.tau if cfg.tau is not None else 20.0)
-        tau = sinks.SinkThreshold(tau.value, tau.method, tau.reason + " (no sink dims: no token can be a sink)")
+        value = cfg.tau if cfg.tau is not None else math.sqrt(adapter.hidden_size)
+        tau = sinks.SinkThreshold(value, "none", "no sink dims were found, so phi is 0 for every token and no "
+                                  "token is a sink at any threshold")
     log(f"tau = {tau.value:.3g} ({tau.method}): {tau.reason}")
     return dims, tau
 

@@ -33,7 +33,7 @@ class Gemma3Adapter(ModelAdapter):
     @property
     def image_token_ids(self) -> tuple[int, ...]:
         cfg = self.model.config
-        tid = getattr(cfg, "boi_token_index", None)
+        tid = getattr(cfg, "image_token_index", None)
         if tid is None:
             tid = getattr(cfg, "image_token_id", None)
         return (int(tid),) if tid is not None else ()

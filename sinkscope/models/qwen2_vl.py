@@ -7,12 +7,13 @@ Image placeholders are `config.image_token_id` (151655, `<|image_pad|>`), framed
 `<|vision_start|>` / `<|vision_end|>` (text tokens). The number of placeholders of an image
 is `image_grid_thw.prod() // spatial_merge_size**2`, so images of different sizes get
 different counts. The tokenizer adds no BOS: the first real token (`<|im_start|>` in chat
-prompts) is marked BOS by `token_kinds`, as in the base class.
+prompts) is marked BOS by `token_kinds`, as in the base class. Video placeholders
+(`config.video_token_id`, `<|video_pad|>`) count as visual tokens as well.
 """
 
 from __future__ import annotations
 
-from sinkscope.models.base import ModelAdapter
+from sinkscope.models.base import ModelAdapter, TokenKinds, token_kinds_from_ids
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -21,9 +22,10 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl",)
     published_sink_dims = {"qwen2-vl-7b": (458, 2570)}
 
-    # the forward keys the processor may return; M-RoPE needs `mm_token_type_ids` and the
-    # grids whenever pixels are passed (transformers 5.23 raises without them)
-    _forward_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+    # the forward keys the processor may return. M-RoPE needs `mm_token_type_ids` and the grids
+    # whenever pixels are passed: on transformers 5.23 Qwen2-VL raises without them, and
+    # Qwen2.5-VL silently falls back to 1-D positions (wrong attention, no error)
+    _forward_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
                      "pixel_values_videos", "video_grid_thw")
 
     @staticmethod
@@ -47,6 +49,11 @@ class Qwen2VLAdapter(ModelAdapter):
     def video_token_ids(self) -> tuple[int, ...]:
         tid = getattr(self.model.config, "video_token_id", None)
         return (int(tid),) if tid is not None else ()
+
+    def token_kinds(self, input_ids, attention_mask=None, prompt_length=None) -> TokenKinds:
+        # video placeholders (<|video_pad|>) are visual too; each video is one run, like an image
+        return token_kinds_from_ids(input_ids, self.image_token_ids + self.video_token_ids, attention_mask,
+                                    prompt_length)
 
     def forward_inputs(self, batch) -> dict:
         return {k: v for k, v in dict(batch).items() if k in self._forward_keys}

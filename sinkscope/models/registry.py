@@ -129,8 +129,8 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
         model = adapter_cls.model_class().from_pretrained(path, **kwargs)
     except OSError as err:
         raise SinkscopeError(
-            f"could not load weights of {spec!r}: {err}. sinkscope loads safetensors only; convert "
-            ".bin/.pt checkpoints with `transformers` (save_pretrained(safe_serialization=True))."
+            f"could not load weights of {spec!r}: {err}. sinkscope loads safetensors only (pickled .bin/.pt files can run "
+            "code); convert a checkpoint by loading it once in a trusted environment and calling save_pretrained()."
         ) from err
     if device is not None and device_map is None:
         model = model.to(device)
