@@ -79,7 +79,8 @@ class RunFolder:
             raise SinkscopeError(f"--out {self.path} is a file; give a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta: dict = {}
-        if run_json.exists() and resume:
+        resuming = run_json.exists() and resume
+        if resuming:
             self.meta = json.loads(run_json.read_text())
             old = {k: v for k, v in self.meta.get("params", {}).items() if k not in ("limit", "resume")}
             new = {k: v for k, v in params.items() if k not in ("limit", "resume")}
@@ -99,7 +100,8 @@ class RunFolder:
         self.meta["versions"] = package_versions()
         self.meta["git_commit"] = git_commit()
         self.meta.pop("finished", None)
-        self._drop_unfinished_rows()
+        if resuming:  # a run stopped in its first batch has rows but no samples_done.txt yet
+            self._drop_unfinished_rows()
         self.write_meta()
 
     # -- metadata ------------------------------------------------------------------------
@@ -121,11 +123,17 @@ class RunFolder:
         return set(f.read_text().split("\n")) - {""} if f.exists() else set()
 
     def append_rows(self, table: str, frame: pd.DataFrame) -> None:
-        """Append rows (must carry a `sample` column) to `<table>.csv`."""
-        if frame is None or frame.empty:
+        """Append rows (must carry a `sample` column) to `<table>.csv`.
+
+        A frame with columns but no rows still creates the file (header only), so a table the
+        run folder promises (e.g. sink_tokens.csv when no token is a sink) always exists.
+        """
+        if frame is None or len(frame.columns) == 0:
             return
         path = self.path / f"{table}.csv"
         header = not path.exists()
+        if frame.empty and not header:
+            return
         with open(path, "a") as f:
             frame.to_csv(f, header=header, index=False)
 
@@ -144,7 +152,7 @@ class RunFolder:
             except pd.errors.EmptyDataError:
                 csv.unlink()
                 continue
-            if "sample" not in frame.columns or not (self.path / "samples_done.txt").exists():
+            if "sample" not in frame.columns:
                 continue
             kept = frame[frame["sample"].astype(str).isin(done)]
             if len(kept) != len(frame):

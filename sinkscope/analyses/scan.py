@@ -149,13 +149,19 @@ class ScanReducer:
         self.info = info
         self.kinds = info.token_kinds
         self.real = self.kinds.real_mask
+        # tables give positions among the row's real tokens (BOS = 0), not in the padded batch,
+        # so a sample's rows do not depend on which samples it was batched with
+        self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.queries = text_queries_after_image(info)
         self.sample_ids = info.sample_ids
 
     def residual(self, layer: int, states: torch.Tensor):
         states = states.detach()
-        self.massive_rows.append(massive.top_activations(states, self.kinds.kind, k=self.top_k,
-                                                         sample_ids=self.sample_ids, layer=layer))
+        top = massive.top_activations(states, self.kinds.kind, k=self.top_k, sample_ids=self.sample_ids, layer=layer)
+        if len(top):
+            rows = top["sample"].map({sid: b for b, sid in enumerate(self.sample_ids)}).to_numpy(dtype=int)
+            top["position"] = self.real_pos.numpy()[rows, top["position"].to_numpy(dtype=int)]
+        self.massive_rows.append(top)
         mags = states.float().abs()
         for b, sid in enumerate(self.sample_ids):
             real = mags[b][self.real[b]]
@@ -173,7 +179,7 @@ class ScanReducer:
             if visual.any():
                 vphi = torch.where(visual, phi[0], torch.full_like(phi[0], -1.0))
                 pos = int(vphi.argmax())
-                entry.update(visual=rms[pos], visual_position=pos, visual_phi=float(phi[0, pos]))
+                entry.update(visual=rms[pos], visual_position=int(self.real_pos[0, pos]), visual_phi=float(phi[0, pos]))
             text = self.kinds.text_mask[0]
             if text.any():
                 entry["text_median"] = rms[text].median(dim=0).values
@@ -192,7 +198,7 @@ class ScanReducer:
             real = self.real[b]
             pos = torch.nonzero(real).flatten()
             self.token_rows.append(pd.DataFrame({
-                "sample": sid, "layer": layer, "position": pos.numpy(),
+                "sample": sid, "layer": layer, "position": self.real_pos[b, pos].numpy(),
                 "token_kind": [KIND_NAMES[int(k)] for k in self.kinds.kind[b, pos]],
                 "image_index": self.kinds.image_index[b, pos].numpy(),
                 "phi": phi[b, pos].numpy(), "is_sink": sink[b, pos].numpy(),

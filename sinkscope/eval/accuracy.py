@@ -1,0 +1,125 @@
+"""Answer questions with greedy generation and score them (exact match, POPE metrics, CHAIR).
+
+Works with any adapter; `generate` keyword arguments pass through, so an intervention
+registered as an attention function (VAR) is evaluated on the very same path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from sinkscope.eval.tasks import Sample, batches
+from sinkscope.models.base import ModelAdapter
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.lower().replace("</s>", " ").split()).strip(" .")
+
+
+def yes_no(text: str) -> str | None:
+    """POPE's rule: 'no'/'not' anywhere means no, else yes if 'yes' appears, else unknown."""
+    words = normalize_answer(text).replace(",", " ").split()
+    if "no" in words or "not" in words:
+        return "no"
+    if "yes" in words:
+        return "yes"
+    return None
+
+
+@torch.no_grad()
+def generate_answers(adapter: ModelAdapter, samples: list[Sample], max_new_tokens: int = 4,
+                     batch_size: int = 32, **generate_kwargs) -> list[str]:
+    """Greedy answers (decoded text after the prompt), in sample order."""
+    tok = adapter.processor.tokenizer
+    out: list[str] = []
+    for chunk in batches(samples, batch_size):
+        images = [s.image() for s in chunk]
+        batch = adapter.prepare([s.question for s in chunk], images if images[0] is not None else None)
+        inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v
+                  for k, v in adapter.forward_inputs(batch).items()}
+        ids = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, **generate_kwargs)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        out += [tok.decode(row, skip_special_tokens=True) for row in new]
+    return out
+
+
+@dataclass
+class BinaryMetrics:
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    yes_ratio: float
+    n: int
+    unknown: int
+
+
+def pope_metrics(predictions: list[str | None], labels: list[str]) -> BinaryMetrics:
+    """POPE metrics with 'yes' as the positive class; unparseable answers count as wrong."""
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(predictions, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(predictions, labels))
+    fn = sum(p != "yes" and y == "yes" for p, y in zip(predictions, labels))
+    correct = sum(p == y for p, y in zip(predictions, labels))
+    n = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return BinaryMetrics(correct / n if n else math.nan, precision, recall, f1,
+                         sum(p == "yes" for p in predictions) / n if n else math.nan, n,
+                         sum(p is None for p in predictions))
+
+
+def chair(captions: list[str], truth: list[set[str]]) -> dict[str, float]:
+    """CHAIR_i (hallucinated share of mentioned objects) and CHAIR_s (captions with any)."""
+    from sinkscope.demo.world import chair_objects
+
+    mentioned = [chair_objects(c) for c in captions]
+    total = sum(len(m) for m in mentioned)
+    hallucinated = [m - t for m, t in zip(mentioned, truth)]
+    return {
+        "chair_i": sum(len(h) for h in hallucinated) / total if total else 0.0,
+        "chair_s": sum(bool(h) for h in hallucinated) / len(captions) if captions else 0.0,
+        "recall": (sum(len(m & t) for m, t in zip(mentioned, truth)) / sum(len(t) for t in truth)) if truth else 0.0,
+    }
+
+
+def score_samples(samples: list[Sample], answers: list[str]) -> pd.DataFrame:
+    """One row per sample: task, answer, reference, correct (exact match after normalising)."""
+    rows = []
+    for s, a in zip(samples, answers):
+        if s.task.startswith("existence"):
+            pred = yes_no(a)
+            correct = pred == s.answer
+        else:
+            pred = normalize_answer(a)
+            correct = pred == normalize_answer(s.answer or "")
+        rows.append({"sample": s.sample_id, "task": s.task, "prediction": a.strip(), "reference": s.answer,
+                     "correct": bool(correct)})
+    return pd.DataFrame(rows)
+
+
+def demo_accuracy(adapter: ModelAdapter, n_per_task: int = 100, batch_size: int = 50, **generate_kwargs) -> pd.DataFrame:
+    """Accuracy per demo task on the held-out test split (POPE splits get F1 too)."""
+    from sinkscope.demo import world
+    from sinkscope.eval.tasks import load_samples
+
+    rows = []
+    for task in ("pope-random", "pope-popular", "pope-adversarial", "color", "count", "position", "caption"):
+        samples = load_samples(f"demo:{task}", n_per_task)
+        answers = generate_answers(adapter, samples, max_new_tokens=40 if task == "caption" else 4,
+                                   batch_size=batch_size, **generate_kwargs)
+        scored = score_samples(samples, answers)
+        row = {"task": task, "n": len(samples), "accuracy": float(scored["correct"].mean())}
+        if task.startswith("pope"):
+            m = pope_metrics([yes_no(a) for a in answers], [s.answer for s in samples])
+            row.update(precision=m.precision, recall=m.recall, f1=m.f1, yes_ratio=m.yes_ratio)
+        if task == "caption":
+            truth = [world.scene("test", s.meta["scene"]).categories for s in samples]
+            row.update(chair(answers, truth))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,313 @@
+"""`sinkscope scan` end to end on a tiny random demo-architecture LLaVA saved to disk.
+
+(a) the run folder: run.json, the tables with the design's columns, sink_dims.json, index.md;
+(b) resume: an interrupted run (rows of an unfinished batch on disk, samples_done.txt short)
+    ends with one copy of each sample's rows, equal to the uninterrupted run's tables;
+(c) the CLI: bad --tau / --rho, a missing model directory, an unsupported family (exit 2,
+    a message, no traceback);
+(d) data: empty / garbage images and a .jsonl without 'image' give SinkscopeError;
+(e) a prompt without an image through Tracer + ScanReducer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sinkscope.analyses.scan import ScanConfig, ScanReducer, prepare_batch, run_scan, text_queries_after_image
+from sinkscope.cli import app
+from sinkscope.eval.tasks import Sample, load_samples
+from sinkscope.models import SinkscopeError
+from sinkscope.models.registry import adapter_for_model, supported
+from sinkscope.trace import Tracer
+
+LIMIT, BATCH = 6, 3
+MASSIVE_COLUMNS = ["sample", "layer", "position", "token_kind", "dim", "value", "rms_value", "ratio_to_median"]
+HEAD_COLUMNS = ["layer", "head", "image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"]
+SINK_TOKEN_COLUMNS = ["sample", "layer", "position", "token_kind", "phi"]
+PER_SAMPLE_TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_stats", "sink_tokens",
+                     "head_scores_per_sample")
+SUMMARY_TABLES = ("layer_magnitudes", "head_scores", "sink_summary", "dim_profile")
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """A randomly initialised demo-architecture LLaVA + the demo processor, saved (safetensors)."""
+    from sinkscope.demo.modeling import build_model
+    from sinkscope.demo.processor import build_processor
+
+    d = tmp_path_factory.mktemp("demo_random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_model(seed=0).save_pretrained(d)
+        build_processor().save_pretrained(d)
+    assert (d / "model.safetensors").exists() and (d / "config.json").exists()
+    return d
+
+
+def _cfg(demo_dir, **over) -> ScanConfig:
+    kw = dict(model=str(demo_dir), data="demo", limit=LIMIT, batch_size=BATCH, calibration=3)
+    kw.update(over)
+    return ScanConfig(**kw)
+
+
+def _scan(out, cfg, logs=None):
+    return _quiet(run_scan, str(out), cfg, figures=False, log=(logs.append if logs is not None else lambda m: None))
+
+
+@pytest.fixture(scope="module")
+def full_run(demo_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scan") / "run"
+    _scan(out, _cfg(demo_dir))
+    return out
+
+
+def _table(folder: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(folder / f"{name}.csv", dtype={"sample": str})
+
+
+# -- (a) the run folder ----------------------------------------------------------------------------
+
+def test_run_folder_contents(full_run, demo_dir):
+    meta = json.loads((full_run / "run.json").read_text())
+    assert meta["analysis"] == "scan"
+    assert meta["params"]["model"] == str(demo_dir) and meta["params"]["limit"] == LIMIT
+    assert meta["params"]["batch_size"] == BATCH and meta["params"]["calibration"] == 3
+    assert {"python", "torch", "transformers", "nnsight", "sinkscope"} <= set(meta["versions"])
+    assert meta["started"] and meta["finished"] and meta["finished"] >= meta["started"]
+    assert meta["resumed"] is False and meta["n_samples"] == LIMIT
+    assert meta["model"]["family"] == "llava" and meta["model"]["text_attention"] == "eager"
+    assert meta["tau"]["value"] > 0 and "sink_dims" in meta
+
+    samples = [s.sample_id for s in load_samples("demo", LIMIT)]
+    assert (full_run / "samples_done.txt").read_text().split() == samples
+
+    massive = _table(full_run, "massive_activations")
+    assert list(massive.columns[: len(MASSIVE_COLUMNS)]) == MASSIVE_COLUMNS
+    assert sorted(massive["sample"].unique()) == sorted(samples)
+    layers = meta["model"]["layers"]
+    assert sorted(massive["layer"].unique()) == list(range(layers))
+    assert (massive.groupby(["sample", "layer"]).size() == 5).all()  # top_k = 5 per sample and layer
+    assert set(massive["token_kind"]) <= {"bos", "text", "visual"}
+    assert (massive["ratio_to_median"] > 0).all()
+
+    dims = json.loads((full_run / "sink_dims.json").read_text())
+    assert dims["dims"] == meta["sink_dims"] and "method" in dims
+
+    sink_tokens = _table(full_run, "sink_tokens")  # exists even when no token is a sink
+    assert list(sink_tokens.columns) == SINK_TOKEN_COLUMNS
+    tokens = _table(full_run, "token_stats")
+    assert len(sink_tokens) == int(tokens["is_sink"].sum())
+    assert ((tokens["phi"] >= meta["tau"]["value"]) == tokens["is_sink"]).all()
+    # positions count the sample's own tokens (BOS = 0), whatever padding its batch needed
+    first = tokens.groupby(["sample", "layer"])["position"].agg(["min", "max", "size"])
+    assert (first["min"] == 0).all() and (first["max"] == first["size"] - 1).all()
+    assert (tokens[tokens["token_kind"] == "bos"]["position"] == 0).all()
+    assert massive["position"].between(0, tokens["position"].max()).all()
+
+    heads = _table(full_run, "head_scores")
+    assert list(heads.columns) == HEAD_COLUMNS
+    assert len(heads) == layers * meta["model"]["heads"]
+    assert heads[["image_attention", "visual_nonsink_ratio", "image_centric"]].apply(
+        lambda c: c.between(0, 1 + 1e-6).all()).all()
+    assert (heads["image_attention"] > 0).all()  # the text after the image attends to it
+
+    index = (full_run / "index.md").read_text()
+    assert index.startswith("# Sink scan") and "sink_tokens.csv" in index
+    for name in SUMMARY_TABLES:
+        assert (full_run / f"{name}.csv").exists(), name
+
+
+# -- (b) resume ------------------------------------------------------------------------------------
+
+def _interrupt(src: Path, dst: Path, keep: int | None) -> None:
+    """Copy a finished run and make it look interrupted: the first `keep` samples done (None:
+    stopped inside the first batch, before samples_done.txt was written), every table row still
+    on disk, no summaries, no index, no finish time."""
+    shutil.copytree(src, dst)
+    done = (dst / "samples_done.txt").read_text().split()
+    if keep is None:
+        (dst / "samples_done.txt").unlink()
+    else:
+        (dst / "samples_done.txt").write_text("".join(f"{s}\n" for s in done[:keep]))
+    for name in SUMMARY_TABLES[:-1] + ("index.md",):
+        (dst / (name if name.endswith(".md") else f"{name}.csv")).unlink()
+    meta = json.loads((dst / "run.json").read_text())
+    meta.pop("finished")
+    (dst / "run.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("keep", [BATCH, LIMIT - 1, None], ids=["last-batch", "last-sample", "first-batch"])
+def test_resume_after_interruption(full_run, demo_dir, tmp_path, keep):
+    out = tmp_path / "run"
+    _interrupt(full_run, out, keep)
+    unfinished = LIMIT - (keep or 0)
+    before = _table(out, "token_stats")
+    assert before["sample"].nunique() == LIMIT  # the unfinished samples' rows are on disk
+    logs: list[str] = []
+    _scan(out, _cfg(demo_dir), logs)
+    assert any(f"{LIMIT - unfinished} samples already done, {unfinished} to go" in m for m in logs), logs
+    assert any("resuming with sink dims" in m for m in logs)  # calibration is not redone
+
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["finished"] and meta["resumed"] is (keep is not None)
+    samples = [s.sample_id for s in load_samples("demo", LIMIT)]
+    assert sorted((out / "samples_done.txt").read_text().split()) == sorted(samples)
+    for name in PER_SAMPLE_TABLES + SUMMARY_TABLES:
+        got, want = _table(out, name), _table(full_run, name)
+        assert not got.duplicated().any(), name
+        if "sample" in got and name != "dim_profile":
+            counts = got.groupby("sample").size()
+            assert counts.to_dict() == want.groupby("sample").size().to_dict(), name
+        keys = [c for c in ("sample", "layer", "position", "head", "token_kind", "dim", "rank") if c in want]
+        got = got.sort_values(keys).reset_index(drop=True)
+        want = want.sort_values(keys).reset_index(drop=True)
+        # batches of another composition pad differently: equal up to float rounding
+        pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5, atol=1e-6, obj=name)
+    assert (out / "index.md").exists()
+
+
+def test_resume_with_pinned_sinks(demo_dir, tmp_path):
+    """Pinned sink dims and a low tau: sink_tokens.csv has rows, and resuming keeps one copy."""
+    cfg = lambda: _cfg(demo_dir, sink_dims=[0, 1], tau=1.5, limit=4, batch_size=2, calibration=2)  # noqa: E731
+    full, out = tmp_path / "full", tmp_path / "run"
+    _scan(full, cfg())
+    sink_tokens = _table(full, "sink_tokens")
+    tokens = _table(full, "token_stats")
+    assert len(sink_tokens) > 0 and len(sink_tokens) == int(tokens["is_sink"].sum())
+    assert (sink_tokens["phi"] >= 1.5).all()
+    assert json.loads((full / "sink_dims.json").read_text())["dims"] == [0, 1]
+    _interrupt(full, out, keep=2)
+    _scan(out, cfg())
+    for name in ("sink_tokens", "token_stats", "head_scores"):
+        pd.testing.assert_frame_equal(_table(out, name), _table(full, name), check_exact=False, rtol=1e-5,
+                                      atol=1e-6, obj=name)
+
+
+def test_resume_refuses_other_parameters(full_run, demo_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    with pytest.raises(SinkscopeError, match="other parameters"):
+        _scan(out, _cfg(demo_dir, rho=0.7))
+
+
+# -- (c) the CLI -----------------------------------------------------------------------------------
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["scan", *args])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tau", "0"], ["--tau", "> 0"]),
+    (["--tau", "-1"], ["--tau", "> 0"]),
+    (["--rho", "1.5"], ["--rho", "[0, 1]"]),
+])
+def test_cli_rejects_bad_thresholds(tmp_path, args, words):
+    res = _cli("--out", str(tmp_path / "run"), *args)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and all(w in res.output for w in words), res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_cli_missing_model_directory(tmp_path):
+    res = _cli("--model", "/nonexistent/dir", "--out", str(tmp_path / "run"), "--limit", "2")
+    assert res.exit_code == 2, res.output
+    assert "/nonexistent/dir" in res.output and "does not exist" in res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+
+
+def test_cli_unknown_family(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    _quiet(BertModel(cfg).save_pretrained, d)
+    assert (d / "model.safetensors").exists()
+    res = _cli("--model", str(d), "--out", str(tmp_path / "run"), "--limit", "2")
+    assert res.exit_code == 2, res.output
+    assert "unsupported architecture" in res.output and "Bert" in res.output
+    for family, archs in supported().items():
+        assert family in res.output and all(a in res.output for a in archs)
+    assert "Traceback" not in res.output
+
+
+# -- (d) data --------------------------------------------------------------------------------------
+
+def test_empty_image_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (samples,) = load_samples(str(tmp_path))
+    assert samples.sample_id == "empty"
+    with pytest.raises(SinkscopeError, match=r"empty\.png.*empty"):
+        samples.image()
+
+
+def test_garbage_image_file(tmp_path):
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG not really an image" * 10)
+    (samples,) = load_samples(str(tmp_path))
+    with pytest.raises(SinkscopeError, match=r"garbage\.png.*cannot be read"):
+        samples.image()
+
+
+def test_missing_image_file_in_jsonl(tmp_path):
+    data = tmp_path / "pope.jsonl"
+    data.write_text(json.dumps({"question_id": 1, "image": "nope.png", "text": "is there a cat ?"}) + "\n")
+    (s,) = load_samples(str(data))
+    with pytest.raises(SinkscopeError, match=r"nope\.png.*does not exist"):
+        s.image()
+
+
+def test_jsonl_without_image_field(tmp_path):
+    data = tmp_path / "pope.jsonl"
+    data.write_text(json.dumps({"question_id": 1, "text": "is there a cat ?", "label": "no"}) + "\n")
+    with pytest.raises(SinkscopeError, match=r"pope\.jsonl:1.*'image'"):
+        load_samples(str(data))
+
+
+# -- (e) a prompt without an image -----------------------------------------------------------------
+
+def test_text_only_batch_through_scan_reducer(tiny_llava):
+    adapter = adapter_for_model(tiny_llava.model, tiny_llava.processor)
+    samples = [Sample("t0", "what is in the image ?"), Sample("t1", "hello")]
+    batch = _quiet(prepare_batch, adapter, samples)
+    assert "pixel_values" not in batch
+    assert not (batch["input_ids"] == tiny_llava.image_token_id).any()
+    tracer = Tracer(adapter)
+    info = tracer.batch_info(batch)
+    assert not info.token_kinds.visual_mask.any()
+    queries = text_queries_after_image(info)
+    assert torch.equal(queries, info.token_kinds.text_mask)  # no image: every prompt text token
+
+    n_layers, n_heads = adapter.num_layers, adapter.num_heads
+    reducer = ScanReducer(dims=[0], tau=1.0, top_k=3, rho=0.5, summ=0.2, eps=adapter.rms_norm_eps,
+                          samples=samples, want_profile=True)
+    tracer.run(batch, [reducer], sample_ids=["t0", "t1"])
+    assert not reducer.kinds.visual_mask.any()
+    heads = pd.concat(reducer.head_rows, ignore_index=True)
+    assert len(heads) == 2 * n_layers * n_heads
+    assert (heads["image_attention"] == 0).all() and (heads["visual_sink_attention"] == 0).all()
+    assert (heads["image_centric"] == 0).all() and (heads["n_queries"] > 0).all()
+    tokens = pd.concat(reducer.token_rows, ignore_index=True)
+    assert set(tokens["token_kind"]) == {"bos", "text"} and (tokens["image_index"] == -1).all()
+    massive = pd.concat(reducer.massive_rows, ignore_index=True)
+    assert set(massive["sample"]) == {"t0", "t1"} and "visual" not in set(massive["token_kind"])
+    assert set(reducer.profile) == set(range(n_layers))
+    assert all("visual" not in entry and "text_median" in entry for entry in reducer.profile.values())
+
+    mixed = [samples[0], Sample("i0", "what ?", _image=tiny_llava.image(0))]
+    with pytest.raises(SinkscopeError, match="mixes samples with and without images"):
+        prepare_batch(adapter, mixed)

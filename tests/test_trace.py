@@ -1,0 +1,191 @@
+"""Tracer (nnsight) on tiny random models of every family, against the model's own outputs.
+
+(a) run_with_cache on a two-image prompt: residual[l] == output_hidden_states[l], attention[l]
+    == eager output_attentions[l] for every layer, logits == the model's logits;
+(b) reducers: layers arrive in order, only the requested subset, with the right shapes;
+(c) errors: out-of-range layers, non-eager text attention;
+(d) a left-padded batch of 2 equals per-sample runs on the real tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import HEADS, HIDDEN, LAYERS
+
+from sinkscope.models import SinkscopeError
+from sinkscope.models.registry import adapter_for_model
+from sinkscope.trace import Tracer
+
+QUESTIONS = ["describe both images", "what ?"]
+
+
+@pytest.fixture(scope="session")
+def traced(tiny):
+    """(tiny, adapter, tracer) per family; the Tracer locates the probability op once."""
+    adapter = adapter_for_model(tiny.model, tiny.processor)
+    assert adapter.text_attention == "eager"
+    return tiny, adapter, Tracer(adapter)
+
+
+@pytest.fixture(scope="session")
+def two_images(traced):
+    tiny, adapter, _ = traced
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return adapter.prepare([QUESTIONS[0]], [[tiny.image(0), tiny.image(1)]])
+
+
+def _reference(tiny, adapter, batch):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tiny.model(**adapter.forward_inputs(batch), output_attentions=True, output_hidden_states=True)
+
+
+class _Recorder:
+    """Records every call and the shapes it received."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.info = None
+
+    def begin(self, info):
+        self.info = info
+        self.calls.append(("begin",))
+
+    def residual(self, layer, states):
+        self.calls.append(("residual", layer, tuple(states.shape)))
+
+    def attention(self, layer, probs):
+        self.calls.append(("attention", layer, tuple(probs.shape)))
+
+    def end(self):
+        self.calls.append(("end",))
+
+
+# -- (a) the cache equals the model's own outputs --------------------------------------------------
+
+def test_cache_matches_model_outputs(traced, two_images):
+    tiny, adapter, tracer = traced
+    batch = two_images
+    ids = batch["input_ids"]
+    assert (ids == tiny.image_token_id).sum() > 0
+    kinds = adapter.token_kinds(ids, batch["attention_mask"])
+    assert set(kinds.image_index[0][kinds.visual_mask[0]].tolist()) == {0, 1}  # really two images
+
+    cache = tracer.run_with_cache(batch)
+    ref = _reference(tiny, adapter, batch)
+    T = ids.shape[1]
+    assert sorted(cache.residual) == sorted(cache.attention) == list(range(LAYERS))
+    assert len(ref.attentions) == LAYERS and len(ref.hidden_states) == LAYERS + 1
+    for layer in range(LAYERS):
+        assert cache.residual[layer].shape == (1, T, HIDDEN)
+        assert cache.attention[layer].shape == (1, HEADS, T, T)
+        torch.testing.assert_close(cache.residual[layer], ref.hidden_states[layer], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cache.attention[layer], ref.attentions[layer], atol=1e-6, rtol=0)
+        assert torch.equal(cache[f"resid_pre.{layer}"], cache.residual[layer])
+        assert torch.equal(cache[f"pattern.{layer}"], cache.attention[layer])
+    assert cache.logits is not None
+    torch.testing.assert_close(cache.logits, ref.logits, atol=1e-6, rtol=0)
+    assert cache.stacked_residual().shape == (LAYERS, 1, T, HIDDEN)
+    assert torch.equal(cache.batch.token_kinds.kind, kinds.kind)
+    with pytest.raises(KeyError):
+        cache["mlp_out.0"]
+    # validate() agrees: the located op holds probabilities
+    assert tracer.validate(batch)["row_sum_error"] < 1e-5
+
+
+# -- (b) reducers ----------------------------------------------------------------------------------
+
+def test_reducer_sees_layers_in_order(traced, two_images):
+    _, adapter, tracer = traced
+    T = two_images["input_ids"].shape[1]
+    rec = _Recorder()
+    assert tracer.run(two_images, [rec], layers=list(reversed(range(LAYERS)))) is None
+    expected = [("begin",)]
+    for layer in range(LAYERS):
+        expected += [("residual", layer, (1, T, HIDDEN)), ("attention", layer, (1, HEADS, T, T))]
+    expected.append(("end",))
+    assert rec.calls == expected
+    assert rec.info.batch_size == 1 and rec.info.sample_ids == [0]
+
+
+def test_reducer_gets_only_requested_layers(traced, two_images):
+    _, adapter, tracer = traced
+    T = two_images["input_ids"].shape[1]
+    last = LAYERS - 1
+    rec, rec2 = _Recorder(), _Recorder()
+    tracer.run(two_images, [rec, rec2], layers=[last, last], sample_ids=["s0"])
+    want = [("begin",), ("residual", last, (1, T, HIDDEN)), ("attention", last, (1, HEADS, T, T)), ("end",)]
+    assert rec.calls == want and rec2.calls == want  # every reducer, each layer once
+    assert rec.info.sample_ids == ["s0"]
+
+    rec = _Recorder()
+    tracer.run(two_images, [rec], layers=[0], attention=False)
+    assert rec.calls == [("begin",), ("residual", 0, (1, T, HIDDEN)), ("end",)]
+    rec = _Recorder()
+    tracer.run(two_images, [rec], layers=[0], residual=False)
+    assert rec.calls == [("begin",), ("attention", 0, (1, HEADS, T, T)), ("end",)]
+
+    cache = tracer.run_with_cache(two_images, layers=[last])
+    assert list(cache.residual) == [last] and list(cache.attention) == [last]
+
+
+# -- (c) errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layers", [[LAYERS], [-1], [0, LAYERS + 5]])
+def test_out_of_range_layers(traced, two_images, layers):
+    _, _, tracer = traced
+    rec = _Recorder()
+    with pytest.raises(SinkscopeError, match="out of range"):
+        tracer.run(two_images, [rec], layers=layers)
+    assert rec.calls == []  # refused before anything ran
+
+
+def test_non_eager_attention_is_refused(traced, two_images):
+    tiny, adapter, _ = traced
+    adapter.set_text_attention("sdpa")
+    try:
+        assert adapter.text_attention == "sdpa"
+        tracer = Tracer(adapter)
+        with pytest.raises(SinkscopeError, match="eager"):
+            tracer.run(two_images, [_Recorder()])
+        with pytest.raises(SinkscopeError, match="eager"):
+            tracer.run_with_cache(two_images)
+        # the residual stream alone does not need eager attention
+        rec = _Recorder()
+        tracer.run(two_images, [rec], attention=False)
+        assert [c[0] for c in rec.calls] == ["begin"] + ["residual"] * LAYERS + ["end"]
+    finally:
+        adapter.set_text_attention("eager")  # the tiny model is shared across tests
+    assert adapter.text_attention == "eager"
+
+
+# -- (d) padding -----------------------------------------------------------------------------------
+
+def test_left_padded_batch_equals_single_runs(traced):
+    tiny, adapter, tracer = traced
+    images = [[tiny.image(0), tiny.image(1)], [tiny.image(1)]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = adapter.prepare(QUESTIONS, images)
+    mask = batch["attention_mask"].bool()
+    assert mask[0].all() and not mask[1].all() and not mask[1, 0]  # row 1 is left-padded
+    cache = tracer.run_with_cache(batch, sample_ids=["a", "b"])
+    assert cache.batch.sample_ids == ["a", "b"]
+    for row in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            single = adapter.prepare([QUESTIONS[row]], [images[row]])
+        real = mask[row]
+        assert torch.equal(batch["input_ids"][row][real], single["input_ids"][0])
+        alone = tracer.run_with_cache(single)
+        for layer in range(LAYERS):
+            torch.testing.assert_close(cache.residual[layer][row][real], alone.residual[layer][0],
+                                       atol=1e-5, rtol=0)
+            probs = cache.attention[layer][row]
+            torch.testing.assert_close(probs[:, real][:, :, real], alone.attention[layer][0], atol=1e-5, rtol=0)
+            assert float(probs[:, real][:, :, ~real].abs().sum()) < 1e-6  # real queries ignore padding
+        torch.testing.assert_close(cache.logits[row][real], alone.logits[0], atol=1e-5, rtol=0)
