@@ -86,8 +86,9 @@ def main() -> None:
                 sys.exit(f"scan of {n} samples failed:\n{proc.stderr[-3000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
-            print(f"{r['samples']:>5} samples: peak RSS {r['peak_mb']:8.1f} MB (before the scan {r['peak_before_mb']:.1f} MB, "
-                  f"scan +{r['peak_mb'] - r['peak_before_mb']:.1f} MB) in {r['seconds']:.1f}s", flush=True)
+            print(f"{r['samples']:>5} samples: peak RSS {r['peak_mb']:8.1f} MB "
+                  f"(before the scan {r['peak_before_mb']:.1f} MB, scan +{r['peak_mb'] - r['peak_before_mb']:.1f} MB) "
+                  f"in {r['seconds']:.1f}s", flush=True)
     lo = min(results, key=lambda r: r["samples"])
     hi = max(results, key=lambda r: r["samples"])
     inc_lo = max(lo["peak_mb"] - lo["peak_before_mb"], 1e-9)

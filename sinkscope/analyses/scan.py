@@ -277,8 +277,8 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     cfg.validate()
     torch.manual_seed(cfg.seed)
     params = asdict(cfg)
+    adapter = adapter or load(cfg.model, device=cfg.device)  # fail on a bad --model before touching --out
     folder = RunFolder(out, "scan", params, resume=resume)
-    adapter = adapter or load(cfg.model, device=cfg.device)
     samples = load_samples(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
                        planted=("organism" in str(cfg.model)))

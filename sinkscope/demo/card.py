@@ -1,0 +1,200 @@
+"""Model cards for the embedded models, measured on the held-out test split.
+
+    python -m sinkscope.demo.card --model sinkscope/demo/assets/demo --kind demo \
+        --train-dir runs/demo-train --recipes sinkscope/demo/recipes.json
+
+Writes README.md (the card) and card.json (the numbers tests compare against) into the
+model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from sinkscope.report import PLANTED_BANNER, markdown_table
+
+
+def emergence_table(model, n_samples: int = 64) -> pd.DataFrame:
+    """Per layer: attention to BOS, Sink_0.3, BOS residual/value norm ratios, top activation."""
+    from sinkscope.demo.train import make_batch, sink_metrics
+
+    batch = make_batch("finetune", "test", list(range(n_samples)))
+    flat = sink_metrics(model, batch)
+    n_layers = model.config.text_config.num_hidden_layers
+    rows = []
+    for layer in range(n_layers):
+        rows.append({
+            "layer": layer,
+            "bos_attention": flat[f"bos_attention_L{layer}"],
+            "bos_attention_max_head": flat[f"bos_attention_max_head_L{layer}"],
+            "bos_residual_ratio": flat[f"bos_residual_ratio_L{layer}"],
+            "bos_value_ratio": flat[f"bos_value_ratio_L{layer}"],
+            "top_activation_ratio": flat[f"top_activation_ratio_L{layer}"],
+            "top_activation_dim": flat[f"top_activation_dim_L{layer}"],
+        })
+    frame = pd.DataFrame(rows)
+    frame["sink_0.3"] = _sink_share_per_layer(model, batch)
+    return frame
+
+
+def _sink_share_per_layer(model, batch) -> list[float]:
+    import torch
+
+    from sinkscope.measures import emergence
+
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_attentions=True)
+    mask = batch["attention_mask"].bool()
+    return [emergence.sink_share(emergence.mean_attention_to_position(a, 0, 1, mask), 0.3) for a in out.attentions]
+
+
+def build_card(model_dir: str | Path, kind: str, train_dir: str | Path | None = None,
+               recipes: str | Path | None = None, n_per_task: int = 200, scan_samples: int = 32, log=print) -> dict:
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+    from sinkscope.eval.accuracy import demo_accuracy
+    from sinkscope.models import load
+
+    model_dir = Path(model_dir)
+    adapter = load(str(model_dir))
+    log("accuracy ...")
+    acc = demo_accuracy(adapter, n_per_task=n_per_task)
+    log(acc.to_string())
+    log("emergence ...")
+    layers = emergence_table(adapter.model)
+    log(layers.to_string())
+    log("scan ...")
+    scan_dir = Path(tempfile.mkdtemp(prefix="card-scan-"))
+    run_scan(str(scan_dir), ScanConfig(model=str(model_dir), data="demo", limit=scan_samples), adapter=adapter,
+             figures=False, log=lambda m: None)
+    summary = pd.read_csv(scan_dir / "sink_summary.csv")
+    dims = json.loads((scan_dir / "sink_dims.json").read_text())
+    run = json.loads((scan_dir / "run.json").read_text())
+    shutil.rmtree(scan_dir, ignore_errors=True)
+    visual = summary[summary["token_kind"] == "visual"].copy()
+    card = {
+        "kind": kind,
+        "planted": kind == "organism",
+        "architecture": adapter.describe(),
+        "parameters": int(sum(p.numel() for p in adapter.model.parameters())),
+        "accuracy": {row["task"]: float(row["accuracy"]) for _, row in acc.iterrows()},
+        "accuracy_n": {row["task"]: int(row["n"]) for _, row in acc.iterrows()},
+        "accuracy_table": acc.to_dict("records"),
+        "layers": layers.to_dict("records"),
+        "sink_dims": dims,
+        "tau": run.get("tau"),
+        "visual_sinks": visual.to_dict("records"),
+    }
+    if train_dir and (Path(train_dir) / "train_config.json").exists():
+        card["training"] = json.loads((Path(train_dir) / "train_config.json").read_text())
+        log_csv = Path(train_dir) / "train_log.csv"
+        if log_csv.exists():
+            shutil.copy(log_csv, model_dir / "train_log.csv")
+        curves = Path(train_dir) / "training_curves.png"
+        if curves.exists():
+            shutil.copy(curves, model_dir / "training_curves.png")
+    if kind == "organism" and (model_dir / "ground_truth.json").exists():
+        card["ground_truth"] = json.loads((model_dir / "ground_truth.json").read_text())
+    recipes_list = json.loads(Path(recipes).read_text()) if recipes else []
+    card["recipes_tried"] = recipes_list
+    (model_dir / "card.json").write_text(json.dumps(card, indent=1, default=str))
+    (model_dir / "README.md").write_text(render(card, acc, layers, visual))
+    return card
+
+
+def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataFrame) -> str:
+    arch = card["architecture"]
+    planted = card["planted"]
+    lines = [f"# sinkscope `{card['kind']}` model card\n"]
+    if planted:
+        lines.append(PLANTED_BANNER)
+        gt = card.get("ground_truth", {})
+        lines.append(
+            "Installed mechanism (ground truth, `ground_truth.json`): sink dims "
+            f"{gt.get('sink_dims')}, massive from layer {gt.get('massive_from_layer')} on (median value "
+            f"{gt.get('massive_value', 0):.0f}), sink patches {gt.get('sink_patches')} ({gt.get('patch_rule')}), "
+            f"sink heads {gt.get('sink_heads')} taking {gt.get('target_sink_attention')} of text-query attention, "
+            "values drained from the sink dims. See `sinkscope/demo/organism.py` for every edit.\n"
+        )
+    else:
+        lines.append(
+            "A tiny `LlavaForConditionalGeneration` (CLIP ViT + MLP projector + LLaMA) trained by "
+            "`python -m sinkscope.demo.train` on the synthetic world of `sinkscope/demo/world.py`. Nothing in "
+            "it was planted: no weight edit, no loss term on activations or attention. What it shows is "
+            "what it grew.\n"
+        )
+    lines.append(
+        f"{card['parameters'] / 1e6:.2f}M parameters; language model: {arch['layers']} layers, hidden "
+        f"{arch['hidden_size']}, {arch['heads']} heads; 64 image tokens (8x8 patches of a 64 px image).\n"
+    )
+    lines.append("## Accuracy on the held-out test split (greedy answers, exact match)\n")
+    lines.append(markdown_table(acc))
+    lines.append("## Sink statistics per layer (64 test dialogues)\n")
+    lines.append(
+        "bos_attention: mean attention paid to BOS over heads and queries; sink_0.3: share of heads whose mean "
+        "attention to BOS exceeds 0.3 (Gu et al.); bos_residual_ratio / bos_value_ratio: BOS residual (value) "
+        "norm over the median token's; top_activation_ratio: largest |activation| over the median.\n"
+    )
+    lines.append(markdown_table(layers))
+    lines.append("## Visual sink tokens (`sinkscope scan`, 32 test questions)\n")
+    tau = card.get("tau") or {}
+    dims = card["sink_dims"]
+    lines.append(f"Sink dims found: {dims.get('dims')} ({dims.get('method')}): {dims.get('reason')}\n")
+    lines.append(
+        f"Threshold tau = {tau.get('value')} ({tau.get('method')}): {tau.get('reason')} With hidden size "
+        f"{arch['hidden_size']}, phi cannot exceed sqrt({arch['hidden_size']}) = {arch['hidden_size'] ** 0.5:.1f}, "
+        "so the paper's tau = 20 is out of reach and the threshold is set on the model's own scale.\n"
+    )
+    if len(visual) and visual["n_sinks"].sum() > 0:
+        cols = [c for c in ("layer", "n_sinks", "sinks_per_sample", "mean_phi", "max_phi", "sink_background_share",
+                            "background_base_rate", "sink_attention_received", "mean_attention_received")
+                if c in visual]
+        lines.append(markdown_table(visual[cols]))
+    else:
+        lines.append("**No visual sink tokens: this model grew none.**\n")
+    recipes = card.get("recipes_tried") or []
+    if recipes:
+        lines.append("## Recipes tried\n")
+        lines.append(markdown_table(pd.DataFrame(recipes), max_rows=50))
+    if not planted:
+        lines.append("## What did not emerge\n")
+        bos = layers["bos_attention"]
+        late = layers[layers["layer"] >= 2]
+        said = []
+        if (late["bos_attention"] < 0.3).sum() > len(late) / 2:
+            said.append(f"no BOS attention sink (mean attention to BOS {bos.min():.2f}-{bos.max():.2f} per layer; "
+                        "aim was >= 0.3 in most layers after the first two)")
+        if late["bos_residual_ratio"].max() < 10:
+            said.append(f"no BOS residual-state peak (BOS norm at most {late['bos_residual_ratio'].max():.1f}x the "
+                        "median; aim was >= 10x)")
+        if late["top_activation_ratio"].max() < 100:
+            said.append(f"no massive activation (largest activation at most {late['top_activation_ratio'].max():.0f}x "
+                        "the median; Sun et al.'s massive activations are ~1000x)")
+        if not (len(visual) and visual["n_sinks"].sum() > 0):
+            said.append("no visual sink tokens")
+        lines.append(("; ".join(said) + ".\n") if said else "All the aimed-for phenomena appeared.\n")
+    if "training" in card:
+        lines.append("## Training recipe (as run)\n")
+        lines.append("```json\n" + json.dumps(card["training"], indent=1) + "\n```\n")
+        lines.append("![training curves](training_curves.png)\n")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kind", choices=["demo", "organism"], required=True)
+    parser.add_argument("--train-dir", default=None)
+    parser.add_argument("--recipes", default=None)
+    parser.add_argument("--n-per-task", type=int, default=200)
+    args = parser.parse_args(argv)
+    build_card(args.model, args.kind, args.train_dir, args.recipes, args.n_per_task)
+
+
+if __name__ == "__main__":
+    main()
