@@ -1,0 +1,29 @@
+# Two entry points that work on a fresh machine and do their own set-up:
+#   make demo   - scan the embedded demo model, write runs/demo/index.md
+#   make test   - the full test suite
+# torch: the CPU build 2.13.0 by default (it lies on disk on CPU machines of this project).
+# GPU users: `make setup TORCH_SPEC=torch` (or install the CUDA torch you want into .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test report organism clean-venv
+
+$(BIN)/sinkscope: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/sinkscope
+
+demo: setup
+	$(BIN)/sinkscope scan --model demo --out runs/demo --limit 64
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
