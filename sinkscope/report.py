@@ -111,7 +111,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         )
         if "heads" in figs:
             lines.append(f"![head ratios]({figs['heads']})\n")
-        lines.append(markdown_table(head_scores.sort_values("visual_nonsink_ratio", ascending=False), max_rows=12))
+        lines.append(markdown_table(head_scores.sort_values("visual_nonsink_ratio"), max_rows=12))
     else:
         lines.append("No text queries after an image: no head scores.\n")
     lines.append("## Files\n")
