@@ -258,7 +258,13 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
         log_path.unlink()
     columns: list[str] | None = None
     if header_written:
-        columns = log_path.read_text().splitlines()[0].split(",")
+        lines = log_path.read_text().splitlines()
+        columns = lines[0].split(",")
+        # rows logged after the last checkpoint belong to steps that are about to be redone
+        at = columns.index("global_step")
+        kept = [line for line in lines[1:] if line and int(line.split(",")[at]) <= progress["global_step"]]
+        if len(kept) < len(lines) - 1:
+            _atomic_write_text(log_path, "\n".join([lines[0]] + kept) + "\n")
 
     while progress["stage_index"] < len(config.stages):
         stage = config.stages[progress["stage_index"]]

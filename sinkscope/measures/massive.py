@@ -316,7 +316,7 @@ def pinned_sink_dims(dims: Sequence[int], reason: str = "pinned by the user",
 def discover_sink_dims(bos_states: torch.Tensor, start_layer: int = 2, layers: Sequence[int] | None = None,
                        min_layer_fraction: float = 0.5, min_sample_fraction: float = 0.9,
                        threshold: float | None = None, min_ratio: float = 5.0, top_window: int = 16,
-                       min_gap: float = 2.0, eps: float = 1e-6) -> SinkDims:
+                       min_gap: float = 2.0, min_rms_value: float = 1.0, eps: float = 1e-6) -> SinkDims:
     """Dims where the BOS token's RMS-normalised state is massive across samples and layers.
 
     bos_states: [n_samples, n_layers, dim] raw residual state of BOS entering each layer
@@ -327,7 +327,10 @@ def discover_sink_dims(bos_states: torch.Tensor, start_layer: int = 2, layers: S
       - threshold=None ("auto-gap"), per layer: sort the median-over-samples |rms_value| of all
         dims, take the top `top_window`, find the largest multiplicative gap between neighbours;
         the layer threshold is the geometric middle of that gap, raised to at least `min_ratio` x
-        the layer's median |rms_value| (over samples and dims). A layer whose largest gap is below
+        the layer's median |rms_value| (over samples and dims) and to at least `min_rms_value`
+        (the squares of rms_values average 1, so a dim below the token's RMS is not massive, however
+        consistent: when two massive dims dominate BOS, its other dims all sit far below 1 and
+        the largest gap can fall between two of them). A layer whose largest gap is below
         `min_gap` has no massive dim.
       - threshold=float ("threshold"): that fixed |rms_value| threshold in every layer.
       A (layer, dim) is massive if at least `min_sample_fraction` of samples reach the layer
@@ -364,7 +367,7 @@ def discover_sink_dims(bos_states: torch.Tensor, start_layer: int = 2, layers: S
             if best_gaps[li] >= min_gap:
                 i = int(at[li])
                 cut = math.sqrt(float(top_vals[li, i]) * float(top_vals[li, i + 1]))
-                thresholds[li] = max(cut, min_ratio * float(layer_median[li]))
+                thresholds[li] = max(cut, min_ratio * float(layer_median[li]), min_rms_value)
     reach = x >= thresholds[None, :, None]  # [S, L, D]
     fraction = reach.float().mean(dim=0)  # [L, D]
     massive = fraction >= min_sample_fraction
@@ -387,7 +390,7 @@ def discover_sink_dims(bos_states: torch.Tensor, start_layer: int = 2, layers: S
     thr_summary = float(finite.median()) if finite.numel() else float("nan")
     scope = f"layers {layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"layers {layers}"
     rule = (f"|x_d/RMS(x)| of BOS above the largest gap (>= x{min_gap:g}) among the top {window} per-layer medians "
-            f"and >= {min_ratio:g}x the layer median" if threshold is None else f"|x_d/RMS(x)| of BOS >= {threshold:g}")
+            f"and >= {min_ratio:g}x the layer median (and >= {min_rms_value:g})" if threshold is None else f"|x_d/RMS(x)| of BOS >= {threshold:g}")
     if dims:
         reason = (f"found {dims}: {rule}, in >= {min_sample_fraction:.0%} of {n_samples} samples and "
                   f">= {min_layer_fraction:.0%} of {scope}")
