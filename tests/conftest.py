@@ -12,6 +12,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_models  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread; more threads on a shared 2-core machine oversubscribe."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", params=tiny_models.FAMILIES)
 def tiny(request) -> tiny_models.Tiny:
     """One tiny model + real processor per family (shared: do not modify the model)."""

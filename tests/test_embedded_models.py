@@ -21,15 +21,6 @@ N_QUESTIONS = 40
 TASKS = ("pope-random", "count")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _asset(name: str) -> Path:
     path = ASSETS / name
     if not (path / "config.json").exists():

@@ -29,15 +29,6 @@ STAGES = [("text", 3), ("align", 2), ("finetune", 3)]
 TOTAL = sum(n for _, n in STAGES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(stages=STAGES, seed: int = 0) -> TrainConfig:
     return TrainConfig(seed=seed, stages=[StageConfig(name, steps, 1e-3, 4) for name, steps in stages],
                        metrics_every=2, checkpoint_every=2, architecture=DemoArchitecture(**SMALL))
