@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
 N_QUESTIONS = 40

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
@@ -24,7 +24,7 @@ import torch
 from sinkscope.eval.tasks import Sample, batches, load_samples
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
-from sinkscope.models.base import KIND_NAMES, VISUAL, ModelAdapter, SinkscopeError
+from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
 from sinkscope.runfolder import RunFolder
 from sinkscope.trace import BatchInfo, Tracer
 

@@ -103,7 +103,6 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     sink_heads: (layer, head) pairs whose queries should attend to sink tokens (None: one
     head per layer in layers 2..L-2, the one paying least attention to image tokens).
     """
-    from transformers.activations import ACT2FN  # noqa: F401  (GELU of the projector)
 
     lm = model.model.language_model
     vision = model.model.vision_tower
