@@ -56,9 +56,9 @@ class StageConfig:
 class TrainConfig:
     seed: int = 0
     stages: list[StageConfig] = field(default_factory=lambda: [
-        StageConfig("text", 4000, 2e-3, 32),
-        StageConfig("align", 500, 1e-3, 32),
-        StageConfig("finetune", 3000, 5e-4, 32),
+        StageConfig("text", 2500, 2e-3, 32),
+        StageConfig("align", 400, 1e-3, 32),
+        StageConfig("finetune", 2500, 5e-4, 32),
     ])
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
