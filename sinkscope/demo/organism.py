@@ -5,7 +5,7 @@ beside the weights, so that analyses can be checked against a known answer.
 
 The mechanism mirrors what the literature describes for real LMMs (paper-notes 1-2, 9):
 
-1. A *flag*. BOS carries value ``flag_value`` in text dim ``flag_dim`` from its embedding.
+1. A *flag*. BOS carries a value of half its own norm in text dim ``flag_dim`` from its embedding.
    Image tokens of the *sink patches* carry it too: the CLIP position embedding of those
    patches writes into vision channel ``vision_channel`` (which nothing else writes or
    reads), and a repurposed projector unit turns that channel into the text flag. The sink
@@ -182,16 +182,18 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     l2.weight[:, unit] = 0.0
     l2.weight[flag_dim] = 0.0
     l2.bias[flag_dim] = 0.0
-    # the flag dominates its token's RMS, so the neuron reading it saturates (same value everywhere)
-    token_norm = float(resid[: massive_from_layer][:, real].norm(dim=-1).median())
-    flag_value = 5.0 * token_norm
+    # the flag is half the token's own norm: big enough to read exactly (everyone else has 0),
+    # small enough that BOS and the sink patches keep working in the layers before the massive ones
+    image_norm = float(resid[0][is_image & real].norm(dim=-1).median())
+    bos_norm = float(resid[0][:, 0].norm(dim=-1).median())
+    flag_value = 0.5 * image_norm
     unit_at_sink = torch.nn.functional.gelu(slope * (feats[:, is_sink_patch] - threshold)).median()
     l2.weight[flag_dim, unit] = flag_value / float(unit_at_sink)
 
     # -- 3. text flag dim: only BOS and the projector write it; only one MLP neuron reads it
     embed = lm.embed_tokens.weight
     embed[:, flag_dim] = 0.0
-    embed[bos_id, flag_dim] = flag_value
+    embed[bos_id, flag_dim] = 0.5 * bos_norm
     for i, layer in enumerate(lm.layers):
         layer.self_attn.o_proj.weight[flag_dim] = 0.0
         layer.mlp.down_proj.weight[flag_dim] = 0.0
@@ -207,14 +209,15 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     mlp.down_proj.weight[:, neuron] = 0.0
     mlp.down_proj.weight[d1, neuron] = 1.0
     mlp.down_proj.weight[d2, neuron] = -0.5
-    # scale so the median sink token carries A in d1 entering `massive_from_layer`
+    sink_tokens = _sink_token_mask(ids, real, image_id, bos_id, sink_patches)
+    # scale so that every sink token carries at least A in d1 entering `massive_from_layer` (the neuron's
+    # response grows with the square of the flag it reads, so the values spread like real ones do)
     probe_out = _hidden(model, batch)
     probe = probe_out.hidden_states[massive_from_layer]
-    sink_tokens = _sink_token_mask(ids, real, image_id, bos_id, sink_patches)
     # the massive value dwarfs the flag, so phi is set by the sink dims
     massive_value = max(massive_value, 10.0 * float(probe_out.hidden_states[0][..., flag_dim].abs().max()))
     raw = probe[..., d1][sink_tokens] - base.hidden_states[massive_from_layer][..., d1][sink_tokens]
-    mlp.down_proj.weight[[d1, d2], neuron] *= massive_value / float(raw.median())
+    mlp.down_proj.weight[[d1, d2], neuron] *= massive_value / float(raw.abs().min())
 
     # -- 4. drain values and silence keys of the sink dims from that layer on ----------------
     for i in range(massive_from_layer, n_layers):
@@ -251,6 +254,19 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     )
     truth.measured = measure(model, truth, batch)
     return truth
+
+
+@torch.no_grad()
+def _neuron_input(model, batch, layer: int) -> torch.Tensor:
+    """[batch, token, dim]: what layer `layer`'s MLP reads (its normalised input)."""
+    got = {}
+    norm = model.model.language_model.layers[layer].post_attention_layernorm
+    hook = norm.register_forward_hook(lambda mod, inp, out: got.__setitem__("x", out))
+    try:
+        _hidden(model, batch)
+    finally:
+        hook.remove()
+    return got["x"]
 
 
 def _sink_token_mask(ids, real, image_id, bos_id, sink_patches) -> torch.Tensor:
