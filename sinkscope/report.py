@@ -7,10 +7,10 @@ import math
 import pandas as pd
 
 PLANTED_BANNER = (
-    "> **PLANTED MECHANISM.** This run uses `organism`, the demo model with a sink mechanism "
-    "installed by hand-made weight edits (see its model card and `ground_truth.json`). What it "
-    "shows was put there on purpose, to validate sinkscope against a known answer; it is not a "
-    "finding about any trained model.\n"
+    "> **PLANTED MECHANISM.** `organism` is the demo model with a sink mechanism installed by "
+    "hand-made weight edits (see its model card and `ground_truth.json`). What it shows was put "
+    "there on purpose, to validate sinkscope against a known answer; it is not a finding about "
+    "any trained model.\n"
 )
 
 
