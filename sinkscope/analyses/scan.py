@@ -205,7 +205,7 @@ class ScanReducer:
                 "attention_received": received[b, pos].numpy(),
             }))
         stats = head_measures.visual_attention_stats(probs, self.kinds.visual_mask, visual_sink, queries)
-        centric = head_measures.image_centric_mask(probs, self.kinds.visual_mask, visual_sink, self.rho, self.summ)
+        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
         qf = queries[:, None, :].float()  # [batch, 1, query]
         denom = qf.sum(dim=-1).clamp_min(1)
         for b, sid in enumerate(self.sample_ids):

@@ -73,7 +73,9 @@ def visual_attention_stats(attn: torch.Tensor, image_mask: torch.Tensor, sink_ma
                                 query_mask.to(a.device).bool())
 
 
-def _image_centric_from_stats(stats: VisualAttentionStats, rho: float, summ: float) -> torch.Tensor:
+def image_centric_from_stats(stats: VisualAttentionStats, rho: float, summ: float) -> torch.Tensor:
+    """`image_centric_mask` from stats already computed: bool [batch, head, query]."""
+    _check_rho_summ(rho, summ)
     return ((stats.image_attention >= summ) & (stats.image_attention > 0) & (stats.visual_nonsink_ratio >= rho)
             & stats.query_mask[:, None, :])
 
@@ -89,7 +91,7 @@ def image_centric_mask(attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: 
     Raises ValueError unless 0 <= rho <= 1 and 0 <= summ <= 1.
     """
     _check_rho_summ(rho, summ)
-    return _image_centric_from_stats(visual_attention_stats(attn, image_mask, sink_mask, query_mask), rho, summ)
+    return image_centric_from_stats(visual_attention_stats(attn, image_mask, sink_mask, query_mask), rho, summ)
 
 
 class HeadScoreAccumulator:
@@ -110,7 +112,7 @@ class HeadScoreAccumulator:
         """Add one layer's batch. attn [batch, head, query, key]; masks as in visual_attention_stats."""
         stats = visual_attention_stats(attn, image_mask, sink_mask, query_mask)
         w = stats.query_mask[:, None, :].double()  # [batch, 1, query]
-        centric = _image_centric_from_stats(stats, self.rho, self.summ)
+        centric = image_centric_from_stats(stats, self.rho, self.summ)
         sums = torch.stack([
             (stats.image_attention.double() * w).sum(dim=(0, 2)),
             (stats.visual_sink_attention.double() * w).sum(dim=(0, 2)),
