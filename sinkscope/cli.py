@@ -47,6 +47,8 @@ def scan(
     question: str = typer.Option("describe the image .", help="question for a folder of images"),
     image_root: Optional[str] = typer.Option(None, help="root for relative image paths in a .jsonl file"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+    token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
+                                    "or auto (all while under ~2M rows)"),
     resume: bool = typer.Option(True, help="resume an interrupted run in --out"),
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
@@ -55,7 +57,8 @@ def scan(
     try:
         cfg = ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
                          sink_dims=_dims(sink_dims), calibration=calibration, rho=rho, summ=summ,
-                         question=question, image_root=image_root, device=device)
+                         question=question, image_root=image_root, device=device,
+                         token_stats=token_stats)
         folder = run_scan(out, cfg, resume=resume, log=lambda m: typer.echo(m))
     except SinkscopeError as err:
         _fail(err)

@@ -16,6 +16,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -311,3 +312,26 @@ def test_text_only_batch_through_scan_reducer(tiny_llava):
     mixed = [samples[0], Sample("i0", "what ?", _image=tiny_llava.image(0))]
     with pytest.raises(SinkscopeError, match="mixes samples with and without images"):
         prepare_batch(adapter, mixed)
+
+
+def test_token_detail_does_not_change_summaries(tmp_path):
+    """--token-stats sinks keeps fewer rows but the same summaries (they come from exact counts)."""
+    from sinkscope.models.registry import embedded_path
+
+    try:
+        embedded_path("organism")
+    except Exception:
+        pytest.skip("organism not built")
+    frames = {}
+    for detail in ("all", "sinks"):
+        folder = run_scan(str(tmp_path / detail), ScanConfig(model="organism", limit=6, batch_size=3, calibration=6,
+                                                             token_stats=detail), figures=False, log=lambda m: None)
+        frames[detail] = {t: pd.read_csv(folder.path / f"{t}.csv") for t in ("sink_summary", "token_stats", "sink_tokens")}
+    pd.testing.assert_frame_equal(frames["all"]["sink_summary"], frames["sinks"]["sink_summary"])
+    assert len(frames["sinks"]["token_stats"]) < len(frames["all"]["token_stats"]) / 3
+    full = frames["all"]["token_stats"]
+    summary = frames["all"]["sink_summary"].set_index(["layer", "token_kind"])
+    direct = full.groupby(["layer", "token_kind"]).agg(n=("phi", "size"), sinks=("is_sink", "sum"), phi=("phi", "mean"))
+    assert (summary["n_tokens"] == direct["n"]).all() and (summary["n_sinks"] == direct["sinks"]).all()
+    assert np.allclose(summary["mean_phi"], direct["phi"])
+    assert int(summary["n_sinks"].sum()) == len(frames["all"]["sink_tokens"]) > 0

@@ -46,6 +46,8 @@ class ScanConfig:
     image_root: str | None = None
     device: str | None = None
     seed: int = 0
+    token_stats: str = "auto"  # all | sinks | auto (all while the table stays under ~2M rows)
+
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -54,6 +56,8 @@ class ScanConfig:
             raise SinkscopeError(f"--rho must be in [0, 1]; got {self.rho}")
         if not 0 <= self.summ <= 1:
             raise SinkscopeError(f"--summ must be in [0, 1]; got {self.summ}")
+        if self.token_stats not in ("all", "sinks", "auto"):
+            raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
         if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
             raise SinkscopeError("--batch-size, --calibration and --top-k must be >= 1")
 
@@ -295,6 +299,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     todo = [s for s in samples if s.sample_id not in done]
     log(f"{len(samples) - len(todo)} samples already done, {len(todo)} to go")
     t0 = time.time()
+    detail = folder.meta.get("token_stats")
     for n, chunk in enumerate(batches(todo, cfg.batch_size)):
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
                               want_profile=(not done and n == 0))
@@ -303,9 +308,14 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
         tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
         tokens.loc[tokens["token_kind"] != "visual", "visual_rank"] = -1
         tokens = _background_column(tokens, chunk)
+        if detail is None:  # decide once, from the first batch's size
+            rows = len(tokens) / len(chunk) * len(samples)
+            detail = cfg.token_stats if cfg.token_stats != "auto" else ("all" if rows <= TOKEN_ROWS_LIMIT else "sinks")
+            folder.update_meta(token_stats=detail)
         folder.append_rows("massive_activations", pd.concat(reducer.massive_rows, ignore_index=True))
         folder.append_rows("layer_magnitudes_per_sample", pd.DataFrame(reducer.magnitude_rows))
-        folder.append_rows("token_stats", tokens)
+        folder.append_rows("token_summary_per_sample", token_counts(tokens))
+        folder.append_rows("token_stats", tokens if detail == "all" else _sinks_and_top_visual(tokens))
         folder.append_rows("sink_tokens", tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "phi"]])
         folder.append_rows("head_scores_per_sample", pd.concat(reducer.head_rows, ignore_index=True))
         if reducer.profile:
@@ -344,7 +354,7 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
         ["image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"]].mean().reset_index()
     folder.write_table("head_scores", head_scores)
     tokens = folder.read("token_stats")
-    summary = sink_summary(tokens)
+    summary = sink_summary(folder.read("token_summary_per_sample"))
     folder.write_table("sink_summary", summary)
     figs = {}
     if figures:
@@ -354,24 +364,56 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
     return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}
 
 
-def sink_summary(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per layer and token kind: tokens, sinks, sinks per sample, mean phi, attention received."""
-    if tokens.empty:
+TOKEN_ROWS_LIMIT = 2_000_000
+COUNT_COLUMNS = ["n_tokens", "n_sinks", "sum_phi", "sum_attention", "sum_sink_attention", "n_known_background",
+                 "n_background", "n_sink_known_background", "n_sink_background"]
+
+
+def token_counts(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Per (sample, layer, token kind): counts and sums that `sink_summary` aggregates exactly."""
+    t = tokens.assign(
+        sink_attention=tokens["attention_received"].where(tokens["is_sink"], 0.0),
+        known=tokens["on_background"].notna(),
+        background=tokens["on_background"].fillna(False).astype(bool),
+    )
+    t["sink_known"] = t["known"] & t["is_sink"]
+    t["sink_background"] = t["background"] & t["is_sink"]
+    return t.groupby(["sample", "layer", "token_kind"]).agg(
+        n_tokens=("phi", "size"), n_sinks=("is_sink", "sum"), sum_phi=("phi", "sum"), max_phi=("phi", "max"),
+        sum_attention=("attention_received", "sum"), sum_sink_attention=("sink_attention", "sum"),
+        n_known_background=("known", "sum"), n_background=("background", "sum"),
+        n_sink_known_background=("sink_known", "sum"), n_sink_background=("sink_background", "sum"),
+    ).reset_index()
+
+
+def _sinks_and_top_visual(tokens: pd.DataFrame, top: int = 8) -> pd.DataFrame:
+    """BOS, every sink, and the `top` highest-phi image tokens of each sample and layer."""
+    vis = tokens[tokens["token_kind"] == "visual"]
+    top_vis = vis.sort_values("phi", ascending=False).groupby(["sample", "layer"]).head(top)
+    keep = tokens["is_sink"] | (tokens["token_kind"] == "bos")
+    return pd.concat([tokens[keep], top_vis]).drop_duplicates(["sample", "layer", "position"]).sort_values(
+        ["sample", "layer", "position"])
+
+
+def sink_summary(counts: pd.DataFrame) -> pd.DataFrame:
+    """Per layer and token kind: tokens, sinks, sinks per sample, mean phi, attention received.
+
+    counts: `token_counts` rows of every sample. For visual tokens with a known background
+    mask (demo world): the share of visual sinks on background and the base rate.
+    """
+    if counts.empty:
         return pd.DataFrame()
-    n_samples = tokens["sample"].nunique()
-    g = tokens.groupby(["layer", "token_kind"])
-    out = g.agg(n_tokens=("phi", "size"), n_sinks=("is_sink", "sum"), mean_phi=("phi", "mean"),
-                max_phi=("phi", "max"), mean_attention_received=("attention_received", "mean")).reset_index()
+    n_samples = counts["sample"].nunique()
+    g = counts.groupby(["layer", "token_kind"])
+    out = g[COUNT_COLUMNS].sum().join(g["max_phi"].max()).reset_index()
     out["sinks_per_sample"] = out["n_sinks"] / n_samples
-    sinks_only = tokens[tokens["is_sink"]]
-    att = sinks_only.groupby(["layer", "token_kind"])["attention_received"].mean().rename("sink_attention_received")
-    out = out.merge(att.reset_index(), on=["layer", "token_kind"], how="left")
-    if "on_background" in tokens:
-        vis = tokens[(tokens["token_kind"] == "visual") & tokens["on_background"].notna()]
-        if len(vis):
-            bg_sinks = vis[vis["is_sink"]].groupby("layer")["on_background"].apply(lambda s: s.astype(bool).mean())
-            base = vis.groupby("layer")["on_background"].apply(lambda s: s.astype(bool).mean())
-            out = out.merge(bg_sinks.rename("sink_background_share").reset_index(), on="layer", how="left")
-            out = out.merge(base.rename("background_base_rate").reset_index(), on="layer", how="left")
-            out.loc[out["token_kind"] != "visual", ["sink_background_share", "background_base_rate"]] = math.nan
-    return out
+    out["mean_phi"] = out["sum_phi"] / out["n_tokens"]
+    out["mean_attention_received"] = out["sum_attention"] / out["n_tokens"]
+    out["sink_attention_received"] = (out["sum_sink_attention"] / out["n_sinks"]).where(out["n_sinks"] > 0)
+    known = out["n_known_background"] > 0
+    out["background_base_rate"] = (out["n_background"] / out["n_known_background"]).where(known)
+    out["sink_background_share"] = (out["n_sink_background"] / out["n_sink_known_background"]).where(
+        out["n_sink_known_background"] > 0)
+    cols = ["layer", "token_kind", "n_tokens", "n_sinks", "sinks_per_sample", "mean_phi", "max_phi",
+            "mean_attention_received", "sink_attention_received", "sink_background_share", "background_base_rate"]
+    return out[cols]
