@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test report organism clean-venv
+.PHONY: setup demo test clean-venv
 
 $(BIN)/sinkscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
