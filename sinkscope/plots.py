@@ -75,7 +75,7 @@ def phi_vs_attention(tokens: pd.DataFrame, tau: float, path: Path, min_layer: in
     else:
         ax.text(0.5, 0.5, "no image tokens", ha="center", transform=ax.transAxes)
     ax.set_xlabel("phi (max |x_d / RMS(x)| over sink dims)")
-    ax.set_ylabel("attention received (mean over heads, text queries)")
+    ax.set_ylabel("attention received\n(mean over heads and text queries)")
     ax.set_title(f"image tokens, layers >= {min_layer}", fontsize=9)
     return _save(fig, path)
 
@@ -127,7 +127,7 @@ def scan_figures(folder: Path, magnitudes: pd.DataFrame, profile: pd.DataFrame, 
     out = {"massive": massive_activation_layers(magnitudes, folder / "massive_activations.png")}
     if profile is not None and len(profile):
         out["profile"] = dim_profile(profile, sink_dims, folder / "dim_profile.png")
-    if tokens is not None and len(tokens) and tau is not None:
+    if tokens is not None and len(tokens) and tau is not None and sink_dims:  # without sink dims phi is 0
         out["phi_attention"] = phi_vs_attention(tokens, tau, folder / "phi_vs_attention.png")
     if head_scores is not None and len(head_scores):
         out["heads"] = head_heatmap(head_scores, "visual_nonsink_ratio", folder / "head_nonsink_ratio.png",
