@@ -204,7 +204,14 @@ def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataF
             lines.append(
                 f"Noticed: during the finetune stage, mean attention to BOS in layer {trend['layer']} rose from "
                 f"{trend['start']:.3f} to {trend['end']:.3f} (its strongest head {trend['end_max_head']:.3f}) and was still "
-                "rising when training stopped; a longer finetune is the first thing to try for a grown sink.\n"
+                "rising when training stopped.\n"
+            )
+        cont = card.get("continuation")
+        if cont:
+            lines.append(
+                f"A continuation of that run ({cont['steps']} more finetune steps at lr {cont['lr']:g}, not shipped) "
+                f"did not take it further: layer {cont['layer']} attention to BOS {cont['range']} at its logged steps, "
+                f"Sink_0.3 = {cont['sink_0.3']:g}.\n"
             )
     if "training" in card:
         lines.append("## Training recipe (as run)\n")
