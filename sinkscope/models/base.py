@@ -110,6 +110,14 @@ class ModelAdapter:
     architectures: ClassVar[tuple[str, ...]] = ()  # HF class names, e.g. "LlavaForConditionalGeneration"
     model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values
     published_sink_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
+    image_token_attributes: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index")
+
+    @classmethod
+    def model_class(cls):
+        """The transformers class that loads this family (the first of `architectures`)."""
+        import transformers
+
+        return getattr(transformers, cls.architectures[0])
 
     def __init__(self, model, processor: Any = None, name: str = ""):
         self.model = model
@@ -171,11 +179,11 @@ class ModelAdapter:
 
     @property
     def image_token_ids(self) -> tuple[int, ...]:
-        cfg = self.model.config
-        tid = getattr(cfg, "image_token_id", None)
-        if tid is None:
-            tid = getattr(cfg, "image_token_index", None)
-        return (int(tid),) if tid is not None else ()
+        for attribute in self.image_token_attributes:
+            tid = getattr(self.model.config, attribute, None)
+            if tid is not None:
+                return (int(tid),)
+        return ()
 
     @property
     def bos_token_id(self) -> int | None:

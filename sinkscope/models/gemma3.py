@@ -23,17 +23,6 @@ class Gemma3Adapter(ModelAdapter):
     family = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     model_types = ("gemma3",)
-
-    @staticmethod
-    def model_class():
-        from transformers import Gemma3ForConditionalGeneration
-
-        return Gemma3ForConditionalGeneration
-
-    @property
-    def image_token_ids(self) -> tuple[int, ...]:
-        cfg = self.model.config
-        tid = getattr(cfg, "image_token_index", None)
-        if tid is None:
-            tid = getattr(cfg, "image_token_id", None)
-        return (int(tid),) if tid is not None else ()
+    # the placeholder id is `image_token_index` (`image_token_id` is an alias; the processor's
+    # `image_token_id` is the start-of-image token, not the placeholder)
+    image_token_attributes = ("image_token_index", "image_token_id")

@@ -11,8 +11,3 @@ class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
     published_sink_dims = {"llava-1.5-7b": (1415, 2533), "llava-1.5-13b": (2100, 4743)}
 
-    @staticmethod
-    def model_class():
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration

@@ -18,8 +18,3 @@ class LlavaNextAdapter(ModelAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     model_types = ("llava_next",)
 
-    @staticmethod
-    def model_class():
-        from transformers import LlavaNextForConditionalGeneration
-
-        return LlavaNextForConditionalGeneration

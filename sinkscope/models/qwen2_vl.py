@@ -28,11 +28,6 @@ class Qwen2VLAdapter(ModelAdapter):
     _forward_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids",
                      "pixel_values_videos", "video_grid_thw")
 
-    @staticmethod
-    def model_class():
-        from transformers import Qwen2VLForConditionalGeneration
-
-        return Qwen2VLForConditionalGeneration
 
     @property
     def head_dim(self) -> int:
@@ -67,8 +62,3 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     _forward_keys = Qwen2VLAdapter._forward_keys + ("second_per_grid_ts",)
 
-    @staticmethod
-    def model_class():
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
