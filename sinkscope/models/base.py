@@ -231,7 +231,12 @@ class ModelAdapter:
         images: one PIL image per prompt, or a list of images per prompt, or None (text only).
         """
         if self.processor is None:
-            raise SinkscopeError(f"{self.name}: no processor was loaded; load one with the model")
+            why = getattr(self, "processor_error", "")
+            raise SinkscopeError(
+                f"{self.name}: no processor was loaded" + (f" ({why})" if why else "") + ". Save the processor "
+                "beside the weights, install what it needs (Qwen2-VL's needs torchvision), or pass token ids "
+                "and pixel values yourself"
+            )
         if isinstance(prompts, str):
             prompts = [prompts]
         per_prompt = None

@@ -135,7 +135,7 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    processor = None
+    processor, processor_error = None, ""
     if load_processor:
         from transformers import AutoProcessor
 
@@ -144,7 +144,9 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
                 warnings.simplefilter("ignore")
                 processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001
-            warnings.warn(f"no processor could be loaded for {spec!r} ({err}); pass token ids yourself")
+            processor_error = f"{err.__class__.__name__}: {err}"
+            warnings.warn(f"no processor could be loaded for {spec!r} ({processor_error}); pass token ids yourself")
     adapter = adapter_cls(model, processor, name)
+    adapter.processor_error = processor_error
     adapter.set_text_attention("eager")
     return adapter
