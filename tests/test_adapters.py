@@ -315,3 +315,15 @@ def test_load_refuses_pickle_weights(tmp_path, tiny_llava):
         LlavaForConditionalGeneration.from_pretrained(tmp_path)  # the checkpoint itself is fine
         with pytest.raises(SinkscopeError, match="safetensors"):
             load(str(tmp_path), load_processor=False)
+
+
+def test_missing_processor_is_explained(tmp_path, tiny_llava):
+    """Weights without a processor still load; asking for a prompt then says what is missing."""
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_llava.model.save_pretrained(tmp_path)
+        adapter = load(str(tmp_path))
+    assert adapter.processor is None and adapter.processor_error
+    with pytest.raises(SinkscopeError, match="no processor was loaded"):
+        adapter.prepare(["is there a cat ?"], [tiny_llava.image(0)])
