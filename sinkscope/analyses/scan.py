@@ -143,7 +143,7 @@ class ScanReducer:
         self.samples = samples
         self.want_profile = want_profile
         self.massive_rows: list[pd.DataFrame] = []
-        self.magnitude_rows: list[dict] = []
+        self.magnitude_rows: list[pd.DataFrame] = []
         self.token_rows: list[pd.DataFrame] = []
         self.head_rows: list[pd.DataFrame] = []
         self.profile: dict[int, dict] = {}
@@ -166,13 +166,7 @@ class ScanReducer:
             rows = top["sample"].map({sid: b for b, sid in enumerate(self.sample_ids)}).to_numpy(dtype=int)
             top["position"] = self.real_pos.numpy()[rows, top["position"].to_numpy(dtype=int)]
         self.massive_rows.append(top)
-        mags = states.float().abs()
-        for b, sid in enumerate(self.sample_ids):
-            real = mags[b][self.real[b]]
-            flat = real.flatten()
-            top = flat.topk(min(3, flat.numel())).values
-            self.magnitude_rows.append({"sample": sid, "layer": layer, "top1": float(top[0]), "top2": float(top[1]),
-                                        "top3": float(top[2]), "median": float(flat.median())})
+        self.magnitude_rows.append(massive.sample_magnitudes(states, self.kinds.kind, 3, self.sample_ids, layer))
         phi = sinks.phi(states, self.dims, self.eps) if self.dims else torch.zeros(states.shape[:2])
         phi = phi.float().cpu()
         self._phi[layer] = phi
@@ -313,7 +307,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
             detail = cfg.token_stats if cfg.token_stats != "auto" else ("all" if rows <= TOKEN_ROWS_LIMIT else "sinks")
             folder.update_meta(token_stats=detail)
         folder.append_rows("massive_activations", pd.concat(reducer.massive_rows, ignore_index=True))
-        folder.append_rows("layer_magnitudes_per_sample", pd.DataFrame(reducer.magnitude_rows))
+        folder.append_rows("layer_magnitudes_per_sample", pd.concat(reducer.magnitude_rows, ignore_index=True))
         folder.append_rows("token_summary_per_sample", token_counts(tokens))
         folder.append_rows("token_stats", tokens if detail == "all" else _sinks_and_top_visual(tokens))
         folder.append_rows("sink_tokens", tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "phi"]])

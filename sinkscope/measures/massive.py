@@ -178,49 +178,59 @@ def top_activations(states: torch.Tensor, token_kinds, k: int = 3, sample_ids: S
     return frame
 
 
+def sample_magnitudes(states: torch.Tensor, token_kinds=None, k: int = 3, sample_ids: Sequence | None = None,
+                      layer: int | None = None) -> pd.DataFrame:
+    """Top-k and median |activation| of each sample at one layer (streams: one row per sample).
+
+    states: [batch, token, dim] raw residual states; token_kinds: [batch, token] codes (or
+    TokenKinds), pad ignored; None = all real. Columns: sample, [layer,] top1..topk, median;
+    NaN where a sample has fewer than k real values.
+    """
+    batch, n_tok, _ = states.shape
+    sample_ids = list(range(batch)) if sample_ids is None else list(sample_ids)
+    if token_kinds is None:
+        real = torch.ones(batch, n_tok, dtype=torch.bool, device=states.device)
+    else:
+        real = _kind_codes(token_kinds).to(states.device) != PAD
+    rows = []
+    for b, sid in enumerate(sample_ids):
+        mags = states[b].float().abs()[real[b]].reshape(-1)
+        if mags.numel() == 0:
+            continue
+        t = mags.topk(min(k, mags.numel())).values.tolist() + [float("nan")] * max(0, k - mags.numel())
+        row = {"sample": sid} if layer is None else {"sample": sid, "layer": layer}
+        row.update({f"top{i + 1}": t[i] for i in range(k)})
+        row["median"] = float(mags.median())
+        rows.append(row)
+    cols = ["sample"] + ([] if layer is None else ["layer"]) + [f"top{i + 1}" for i in range(k)] + ["median"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def layer_magnitude_profile(states: torch.Tensor, token_kinds=None, k: int = 3,
                             layer_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """Top-k and median |activation| per layer (Sun et al.'s classic per-layer plot).
 
     states: [layer, batch, token, dim] or one layer [batch, token, dim] (raw units).
     token_kinds: [batch, token] kind codes (or TokenKinds); pad tokens are ignored. None = all real.
-    For each layer and sample the k largest |x| over (token, dim) and the median |x| are taken,
-    then averaged over samples. Returns columns layer, top1..topk, median, n_samples.
+    For each layer and sample the k largest |x| over (token, dim) and the median |x| are taken
+    (`sample_magnitudes`), then averaged over samples. Returns columns layer, top1..topk, median,
+    n_samples.
     """
     if states.dim() == 3:
         states = states[None]
     if states.dim() != 4:
         raise ValueError(f"states must be [layer, batch, token, dim] or [batch, token, dim], got {tuple(states.shape)}")
-    n_layers, batch, n_tok, dim = states.shape
-    layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
-    if len(layer_ids) != n_layers:
-        raise ValueError(f"{len(layer_ids)} layer_ids for {n_layers} layers")
-    if token_kinds is None:
-        real = torch.ones(batch, n_tok, dtype=torch.bool, device=states.device)
-    else:
-        real = _kind_codes(token_kinds).to(states.device) != PAD
+    layer_ids = list(range(states.shape[0])) if layer_ids is None else list(layer_ids)
+    if len(layer_ids) != states.shape[0]:
+        raise ValueError(f"{len(layer_ids)} layer_ids for {states.shape[0]} layers")
+    cols = [f"top{i + 1}" for i in range(k)] + ["median"]
     rows = []
     for li, layer in enumerate(layer_ids):
-        tops, medians = [], []
-        for b in range(batch):
-            mags = states[li, b].float().abs()[real[b]].reshape(-1)
-            if mags.numel() == 0:
-                continue
-            t = mags.topk(min(k, mags.numel())).values
-            t = torch.cat([t, t.new_full((k - t.numel(),), float("nan"))])
-            tops.append(t)
-            medians.append(mags.median())
-        row = {"layer": layer}
-        if tops:
-            mean_top = torch.stack(tops).mean(dim=0)
-            row.update({f"top{i + 1}": float(mean_top[i]) for i in range(k)})
-            row["median"] = float(torch.stack(medians).mean())
-        else:
-            row.update({f"top{i + 1}": float("nan") for i in range(k)})
-            row["median"] = float("nan")
-        row["n_samples"] = len(tops)
+        per_sample = sample_magnitudes(states[li], token_kinds, k)
+        row = {"layer": layer, **{c: float(per_sample[c].mean()) if len(per_sample) else float("nan") for c in cols}}
+        row["n_samples"] = len(per_sample)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["layer"] + [f"top{i + 1}" for i in range(k)] + ["median", "n_samples"])
+    return pd.DataFrame(rows, columns=["layer"] + cols + ["n_samples"])
 
 
 # ---------------------------------------------------------------------------------------
