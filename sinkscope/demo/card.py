@@ -37,21 +37,9 @@ def emergence_table(model, n_samples: int = 64) -> pd.DataFrame:
             "bos_value_ratio": flat[f"bos_value_ratio_L{layer}"],
             "top_activation_ratio": flat[f"top_activation_ratio_L{layer}"],
             "top_activation_dim": flat[f"top_activation_dim_L{layer}"],
+            "sink_0.3": flat[f"sink_0.3_L{layer}"],
         })
-    frame = pd.DataFrame(rows)
-    frame["sink_0.3"] = _sink_share_per_layer(model, batch)
-    return frame
-
-
-def _sink_share_per_layer(model, batch) -> list[float]:
-    import torch
-
-    from sinkscope.measures import emergence
-
-    with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k != "labels"}, output_attentions=True)
-    mask = batch["attention_mask"].bool()
-    return [emergence.sink_share(emergence.mean_attention_to_position(a, 0, 1, mask), 0.3) for a in out.attentions]
+    return pd.DataFrame(rows)
 
 
 def build_card(model_dir: str | Path, kind: str, train_dir: str | Path | None = None,

@@ -256,19 +256,6 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     return truth
 
 
-@torch.no_grad()
-def _neuron_input(model, batch, layer: int) -> torch.Tensor:
-    """[batch, token, dim]: what layer `layer`'s MLP reads (its normalised input)."""
-    got = {}
-    norm = model.model.language_model.layers[layer].post_attention_layernorm
-    hook = norm.register_forward_hook(lambda mod, inp, out: got.__setitem__("x", out))
-    try:
-        _hidden(model, batch)
-    finally:
-        hook.remove()
-    return got["x"]
-
-
 def _sink_token_mask(ids, real, image_id, bos_id, sink_patches) -> torch.Tensor:
     """[batch, token] bool: BOS and image tokens at the sink patches."""
     mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -293,8 +280,7 @@ def _fit_key_scale(model, batch, layer, head, q_row, d1, sink_norm, sink_tokens,
             lo = mid
         else:
             hi = mid
-    sign = 1.0
-    return sign * (lo + hi) / 2
+    return (lo + hi) / 2
 
 
 @torch.no_grad()

@@ -181,6 +181,8 @@ def sink_metrics(model, batch) -> dict[str, float]:
         ratio, dims = emergence.top_activation_ratio(hidden, mask)
         row[f"top_activation_ratio_L{layer}"] = ratio
         row[f"top_activation_dim_L{layer}"] = dims[0]
+    for layer, per_head in enumerate(bos_attention):
+        row[f"sink_0.3_L{layer}"] = emergence.sink_share(per_head, 0.3)
     row["sink_0.3"] = emergence.sink_share(torch.stack(bos_attention), 0.3)
     # teacher-forced answer accuracy (first answer token), a cheap progress signal
     logits = out.logits[:, :-1].argmax(-1)
