@@ -106,6 +106,7 @@ class Tracer:
         self.adapter = adapter
         self.envoy = NNsight(adapter.model)
         self._labels: tuple[str, str] | None = None  # (attention call, probabilities op)
+        self._envoys = None  # (decoder-layer envoys, {layer: attention envoy})
 
     # -- locating the probabilities ----------------------------------------------------
     def _layer_envoys(self):
@@ -196,8 +197,10 @@ class Tracer:
             r.begin(info)
         inputs = {k: v.to(self.adapter.device) if torch.is_tensor(v) else v
                   for k, v in self.adapter.forward_inputs(batch).items()}
-        layer_envoys = self._layer_envoys()
-        attn_envoys = {i: self._attention_envoy(layer_envoys, i) for i in layers} if attention else {}
+        if self._envoys is None:  # module lookups once per tracer, not once per batch
+            layer_envoys = self._layer_envoys()
+            self._envoys = (layer_envoys, {i: self._attention_envoy(layer_envoys, i) for i in range(n)})
+        layer_envoys, attn_envoys = self._envoys
         holder: dict = {}
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
