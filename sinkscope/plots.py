@@ -121,6 +121,27 @@ def _stage_marks(ax, log: pd.DataFrame) -> None:
         ax.text(step, ax.get_ylim()[1], stage, fontsize=6, va="top", rotation=90)
 
 
+ROLE_ORDER = ["first", "delimiter", "text", "visual"]
+
+
+def phi_by_role(role_summary: pd.DataFrame, tau: float, hidden_size: int, path: Path) -> str:
+    """phi per layer for first / delimiter / other text / image tokens (median and max), with tau and sqrt(hidden)."""
+    import seaborn as sns
+
+    frame = role_summary[role_summary["role"].isin(ROLE_ORDER)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, column, title in ((axes[0], "phi_median", "median phi"), (axes[1], "phi_max", "max phi")):
+        sns.lineplot(data=frame, x="layer", y=column, hue="role", hue_order=[r for r in ROLE_ORDER if r in set(frame.role)],
+                     marker="o", ax=ax)
+        ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:.3g}")
+        ax.axhline(hidden_size ** 0.5, color="grey", ls=":", lw=1, label=f"sqrt(hidden) = {hidden_size ** 0.5:.3g}")
+        ax.set_title(title)
+        ax.set_ylabel("phi = max over sink dims |x_d / RMS(x)|")
+        ax.legend(fontsize=7)
+    fig.suptitle("phi of the first token, delimiters, other text and image tokens, per layer")
+    return _save(fig, path)
+
+
 def scan_figures(folder: Path, magnitudes: pd.DataFrame, profile: pd.DataFrame, tokens: pd.DataFrame,
                  head_scores: pd.DataFrame, sink_dims: list[int], tau: float | None = None) -> dict[str, str]:
     folder = Path(folder)

@@ -35,7 +35,34 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3, max_rows: int = 40) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs) -> None:
+def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
+    """First token, delimiters, other text, image tokens: their phi and which text tokens are sinks."""
+    if role_summary is None or len(role_summary) == 0:
+        return []
+    lines = ["## First token, delimiters, other text, image tokens\n"]
+    first = tokens[tokens["role"] == "first"]["token"] if "role" in tokens else None
+    if first is not None and len(first):
+        names = ", ".join(f"`{t!r}`" for t in first.value_counts().index[:3])
+        lines.append(f"The first token of the prompts is {names}: the canonical text sink whether or not the "
+                     "tokenizer calls it BOS. Delimiters are special tokens and tokens made only of whitespace "
+                     "or punctuation.\n")
+    pivot = role_summary.groupby("role").agg(sinks_per_sample=("sinks_per_sample", "max"),
+                                             median_phi=("phi_median", "mean"), max_phi=("phi_max", "max"))
+    lines.append("Per role, over layers: most sinks per sample in one layer, mean of the per-layer median phi, "
+                 "largest phi.\n")
+    lines.append(markdown_table(pivot.reset_index()))
+    if "roles" in figs:
+        lines.append(f"![phi by token role]({figs['roles']})\n")
+    if text_sinks is not None and len(text_sinks):
+        lines.append("Text tokens that are sinks (delimiter sinks and others), most frequent first:\n")
+        lines.append(markdown_table(text_sinks, max_rows=10))
+    else:
+        lines.append("No text token other than the first is a sink at this threshold.\n")
+    return lines
+
+
+def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
+                     role_summary=None, text_sinks=None) -> None:
     meta = folder.meta
     model = meta.get("model", {})
     params = meta.get("params", {})
@@ -101,6 +128,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         lines.append(markdown_table(summary[[c for c in cols if c in summary]]))
     if "phi_attention" in figs:
         lines.append(f"![phi against attention received]({figs['phi_attention']})\n")
+    lines += _role_section(role_summary, text_sinks, figs, tokens)
     # heads
     lines.append("## Heads\n")
     if head_scores is not None and not head_scores.empty:
@@ -118,6 +146,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
     lines.append(
         "`run.json` (parameters, versions, commit, times), `sink_dims.json`, `massive_activations.csv`, "
         "`layer_magnitudes.csv`, `sink_tokens.csv`, `token_stats.csv` (every token: phi, attention received), "
-        "`sink_summary.csv`, `head_scores.csv`, `dim_profile.csv`.\n"
+        "`sink_summary.csv`, `role_summary.csv` (phi of first / delimiter / text / image tokens per layer), "
+        "`text_sink_tokens.csv`, `head_scores.csv`, `dim_profile.csv`.\n"
     )
     folder.write_text("index.md", "\n".join(lines))

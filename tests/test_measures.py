@@ -367,3 +367,13 @@ def test_all_image_tokens_sinks_ratio_zero():
     st = visual_attention_stats(attn, image_mask, image_mask.clone(), qm)
     assert torch.allclose(st.visual_sink_attention, st.image_attention)
     assert (st.visual_nonsink_ratio == 0).all()
+
+
+def test_token_roles_first_delimiter_text_visual():
+    from sinkscope.measures.sinks import is_delimiter, token_roles
+
+    assert is_delimiter("\n") and is_delimiter(" .") and is_delimiter("<|im_end|>") and is_delimiter("</s>")
+    assert not is_delimiter(" circle") and not is_delimiter("") and not is_delimiter("a1")
+    kinds = ["bos", "text", "text", "visual", "text", "generated"]
+    tokens = ["<|im_start|>", "user", "\n", "", "?", "yes"]
+    assert token_roles(kinds, tokens) == ["first", "text", "delimiter", "visual", "delimiter", "generated"]

@@ -32,7 +32,7 @@ from sinkscope.trace import Tracer
 LIMIT, BATCH = 6, 3
 MASSIVE_COLUMNS = ["sample", "layer", "position", "token_kind", "dim", "value", "rms_value", "ratio_to_median"]
 HEAD_COLUMNS = ["layer", "head", "image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"]
-SINK_TOKEN_COLUMNS = ["sample", "layer", "position", "token_kind", "phi"]
+SINK_TOKEN_COLUMNS = ["sample", "layer", "position", "token_kind", "role", "token", "phi"]
 PER_SAMPLE_TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_stats", "sink_tokens",
                      "head_scores_per_sample")
 SUMMARY_TABLES = ("layer_magnitudes", "head_scores", "sink_summary", "dim_profile")

@@ -138,7 +138,7 @@ class ScanReducer:
     """Per-layer measures of one batch, streamed; `frames()` gives per-sample tables."""
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
-                 samples: list[Sample], want_profile: bool):
+                 samples: list[Sample], want_profile: bool, token_strings=None):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.samples = samples
         self.want_profile = want_profile
@@ -148,6 +148,7 @@ class ScanReducer:
         self.head_rows: list[pd.DataFrame] = []
         self.profile: dict[int, dict] = {}
         self._phi: dict[int, torch.Tensor] = {}
+        self.token_strings = token_strings  # callable: [batch, token] ids -> decoded strings
 
     def begin(self, info: BatchInfo):
         self.info = info
@@ -158,6 +159,15 @@ class ScanReducer:
         self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.queries = text_queries_after_image(info)
         self.sample_ids = info.sample_ids
+        # decoded tokens and roles (first / delimiter / text / visual), per row over its real tokens
+        strings = self.token_strings(info.input_ids) if self.token_strings else None
+        self.tokens, self.roles = [], []
+        for b in range(info.input_ids.shape[0]):
+            pos = torch.nonzero(self.real[b]).flatten().tolist()
+            names = [KIND_NAMES[int(self.kinds.kind[b, p])] for p in pos]
+            text = [strings[b][p] if strings and names[i] != "visual" else "" for i, p in enumerate(pos)]
+            self.tokens.append(text)
+            self.roles.append(sinks.token_roles(names, text))
 
     def residual(self, layer: int, states: torch.Tensor):
         states = states.detach()
@@ -198,6 +208,7 @@ class ScanReducer:
             self.token_rows.append(pd.DataFrame({
                 "sample": sid, "layer": layer, "position": self.real_pos[b, pos].numpy(),
                 "token_kind": [KIND_NAMES[int(k)] for k in self.kinds.kind[b, pos]],
+                "role": self.roles[b], "token": self.tokens[b],
                 "image_index": self.kinds.image_index[b, pos].numpy(),
                 "phi": phi[b, pos].numpy(), "is_sink": sink[b, pos].numpy(),
                 "attention_received": received[b, pos].numpy(),
@@ -296,7 +307,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     detail = folder.meta.get("token_stats")
     for n, chunk in enumerate(batches(todo, cfg.batch_size)):
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
-                              want_profile=(not done and n == 0))
+                              want_profile=(not done and n == 0), token_strings=adapter.token_strings)
         tracer.run(prepare_batch(adapter, chunk), [reducer], sample_ids=[s.sample_id for s in chunk])
         tokens = pd.concat(reducer.token_rows, ignore_index=True)
         tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
@@ -310,7 +321,9 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
         folder.append_rows("layer_magnitudes_per_sample", pd.concat(reducer.magnitude_rows, ignore_index=True))
         folder.append_rows("token_summary_per_sample", token_counts(tokens))
         folder.append_rows("token_stats", tokens if detail == "all" else _sinks_and_top_visual(tokens))
-        folder.append_rows("sink_tokens", tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "phi"]])
+        folder.append_rows("sink_tokens", tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "role",
+                                                                     "token", "phi"]])
+        folder.append_rows("role_phi_per_sample", role_phi(tokens))
         folder.append_rows("head_scores_per_sample", pd.concat(reducer.head_rows, ignore_index=True))
         if reducer.profile:
             folder.write_table("dim_profile", _profile_frame(reducer.profile, chunk[0].sample_id))
@@ -350,11 +363,25 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
     tokens = folder.read("token_stats")
     summary = sink_summary(folder.read("token_summary_per_sample"))
     folder.write_table("sink_summary", summary)
+    roles = folder.read("role_phi_per_sample")
+    role_summary = pd.DataFrame()
+    if roles is not None and len(roles):
+        g = roles.groupby(["layer", "role"])
+        role_summary = g[["n_tokens", "n_sinks", "attention_received"]].sum().join(
+            g[["phi_median", "phi_p90"]].mean()).join(g["phi_max"].max()).reset_index()
+        role_summary["sinks_per_sample"] = role_summary["n_sinks"] / roles["sample"].nunique()
+        role_summary["attention_received"] /= roles["sample"].nunique()  # per sample, summed over the role's tokens
+        folder.write_table("role_summary", role_summary)
+    text_sinks = delimiter_sinks(tokens) if "role" in tokens else pd.DataFrame()
+    folder.write_table("text_sink_tokens", text_sinks)
     figs = {}
     if figures:
         figs = plots.scan_figures(folder.path, magnitudes, folder.read("dim_profile"), tokens, head_scores, dims.dims,
                                  tau.value)
-    report.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs)
+        if len(role_summary) and dims.dims:
+            figs["roles"] = plots.phi_by_role(role_summary, tau.value, adapter.hidden_size, folder.path / "phi_by_role.png")
+    report.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
+                            role_summary=role_summary, text_sinks=text_sinks)
     return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}
 
 
@@ -378,6 +405,30 @@ def token_counts(tokens: pd.DataFrame) -> pd.DataFrame:
         n_known_background=("known", "sum"), n_background=("background", "sum"),
         n_sink_known_background=("sink_known", "sum"), n_sink_background=("sink_background", "sum"),
     ).reset_index()
+
+
+def role_phi(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Per (sample, layer, role): token count, sinks, phi quantiles and the attention the role receives.
+
+    Kept for every token whatever --token-stats says, so the phi distribution of first,
+    delimiter, other text and image tokens is exact for any model size.
+    """
+    g = tokens.groupby(["sample", "layer", "role"])
+    out = g.agg(n_tokens=("phi", "size"), n_sinks=("is_sink", "sum"), phi_median=("phi", "median"),
+                phi_p90=("phi", lambda v: v.quantile(0.9)), phi_max=("phi", "max"),
+                attention_received=("attention_received", "sum")).reset_index()
+    return out
+
+
+def delimiter_sinks(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Which text strings are sinks: per (role, token), sink count, layers, mean phi and attention received."""
+    sinks_only = tokens[tokens["is_sink"] & tokens["role"].isin(["first", "delimiter", "text"])]
+    if sinks_only.empty:
+        return pd.DataFrame(columns=["role", "token", "n_sinks", "n_layers", "mean_phi", "mean_attention_received"])
+    g = sinks_only.groupby(["role", "token"])
+    out = g.agg(n_sinks=("phi", "size"), n_layers=("layer", "nunique"), mean_phi=("phi", "mean"),
+                mean_attention_received=("attention_received", "mean")).reset_index()
+    return out.sort_values("n_sinks", ascending=False)
 
 
 def _sinks_and_top_visual(tokens: pd.DataFrame, top: int = 8) -> pd.DataFrame:

@@ -196,3 +196,32 @@ def sink_tokens_table(phi_values: torch.Tensor, token_kinds, tau, layer_ids: Seq
         "phi": vals.tolist(),
     }
     return pd.DataFrame(rows, columns=["sample", "layer", "position", "token_kind", "phi"])
+
+
+ROLES = ("first", "delimiter", "text", "visual", "generated")
+
+
+def is_delimiter(token: str) -> bool:
+    """A delimiter: a special token (``<|im_end|>``, ``</s>``) or one made only of whitespace and punctuation."""
+    stripped = token.strip()
+    if not stripped:
+        return bool(token)  # whitespace such as "\n" is a delimiter; the empty string is not a token
+    if stripped.startswith("<") and stripped.endswith(">") and len(stripped) > 2:
+        return True
+    return all(not ch.isalnum() for ch in stripped)
+
+
+def token_roles(kind_names: Sequence[str], tokens: Sequence[str]) -> list[str]:
+    """Per token: first (the row's first token: BOS or a chat-template token) | delimiter | text | visual | generated.
+
+    kind_names: token kinds as names (bos / text / visual / generated / pad); tokens: the decoded strings.
+    """
+    out = []
+    for kind, token in zip(kind_names, tokens):
+        if kind == "bos":
+            out.append("first")
+        elif kind == "text":
+            out.append("delimiter" if is_delimiter(token) else "text")
+        else:
+            out.append(kind)
+    return out

@@ -258,6 +258,13 @@ class ModelAdapter:
             kwargs["images"] = per_prompt
         return self.processor(**kwargs)
 
+    def token_strings(self, input_ids: torch.Tensor) -> list[list[str]]:
+        """[batch, token] ids -> each token decoded on its own ("" where there is no tokenizer)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is None or not hasattr(tokenizer, "batch_decode"):
+            return [[""] * input_ids.shape[1] for _ in range(input_ids.shape[0])]
+        return [tokenizer.batch_decode([[int(t)] for t in row]) for row in input_ids]
+
     def forward_inputs(self, batch) -> dict:
         """The keys of a processor batch that the model's forward takes."""
         keep = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw",
