@@ -154,3 +154,32 @@ def scan_figures(folder: Path, magnitudes: pd.DataFrame, profile: pd.DataFrame, 
         out["heads"] = head_heatmap(head_scores, "visual_nonsink_ratio", folder / "head_nonsink_ratio.png",
                                     "visual non-sink ratio (text queries after the image)")
     return out
+
+
+def emergence_curve(curve: pd.DataFrame, path: Path) -> str:
+    """Along training: POPE on validation, visual sinks per image, their attention share, image phi."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    x = curve["global_step"]
+    axes[0].plot(x, curve["pope_random"], "o-", label="random")
+    axes[0].plot(x, curve["pope_adversarial"], "s-", label="adversarial")
+    axes[0].set_title("POPE (validation, yes vs no logit)")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(x, curve["visual_sinks_per_image_mean"], "o-", label="mean over layers >= 2")
+    axes[1].plot(x, curve["visual_sinks_per_image_max"], "s-", label="max over layers")
+    axes[1].set_title("image tokens with phi >= tau, per image")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(x, curve["visual_sink_attention_max"], "o-", label="to visual sinks (max layer)")
+    axes[2].plot(x, curve["image_attention_mean"], "s-", label="to all image tokens (mean)")
+    axes[2].plot(x, curve["first_token_attention_mean"], "^-", label="to the first token (mean)")
+    axes[2].set_title("share of text-query attention")
+    axes[2].legend(fontsize=7)
+    axes[3].plot(x, curve["max_image_phi"], "o-")
+    axes[3].axhline(float(curve["tau"].iloc[0]), color="k", ls="--", lw=1, label="tau")
+    axes[3].set_title("largest image-token phi")
+    axes[3].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("training step")
+        for stage, group in curve.groupby("stage", sort=False):
+            ax.axvline(group["global_step"].min(), color="grey", lw=0.5)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,45 @@
+"""Measure the embedded demo on the held-out test split and write its model card.
+
+    python analyses/demo_card.py --train-dir runs/smolvlm [--assets sinkscope/demo/assets/demo]
+
+Accuracy per task (generation), a scan of the test split (sink dims by discovery, tau, per-layer
+sinks by role, visual sinks and their location), and the emergence curve of training, into
+card.json / README.md / emergence.png beside the shipped parts. Lives above both the demo
+package and the analyses: the demo package itself runs no analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from sinkscope.analyses.scan import ScanConfig, run_scan
+from sinkscope.demo import smolvlm, smolvlm_card
+from sinkscope.eval.accuracy import demo_accuracy
+from sinkscope.models.registry import adapter_for_model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--assets", default=str(smolvlm.ASSETS))
+    parser.add_argument("--train-dir", default=None)
+    parser.add_argument("--n-per-task", type=int, default=200)
+    parser.add_argument("--scan-samples", type=int, default=64)
+    parser.add_argument("--scan-dir", default=None, help="keep the scan here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    model, processor = smolvlm.load_demo(args.assets)
+    adapter = adapter_for_model(model, processor, "demo")
+    accuracy = demo_accuracy(adapter, n_per_task=args.n_per_task)
+    print(accuracy.to_string())
+    scan_dir = Path(args.scan_dir or tempfile.mkdtemp(prefix="demo-card-scan-"))
+    run_scan(str(scan_dir), ScanConfig(model="demo", data="demo", limit=args.scan_samples), adapter=adapter,
+             figures=False, log=print)
+    trained = sum(v.numel() for v in smolvlm.trained_state(adapter.model).values())
+    smolvlm_card.write_card(Path(args.assets), accuracy, scan_dir, Path(args.train_dir) if args.train_dir else None,
+                            adapter.describe(), trained)
+    print(f"card written to {args.assets}/README.md")
+
+
+if __name__ == "__main__":
+    main()

