@@ -1,10 +1,13 @@
-"""Model cards for the embedded models, measured on the held-out test split.
+"""Model cards for the embedded models (tiny, organism), measured on the held-out test split.
 
-    python -m sinkscope.demo.card --model sinkscope/demo/assets/demo --kind demo \
-        --train-dir runs/demo-train --recipes sinkscope/demo/recipes.json
+A library: it takes a finished `sinkscope scan` run folder of the model (this package runs no
+analysis). `analyses/model_card.py` runs the scan and calls `build_card`:
+
+    python analyses/model_card.py --model sinkscope/demo/assets/organism --kind organism
 
 Writes README.md (the card) and card.json (the numbers tests compare against) into the
-model directory.
+model directory. `python -m sinkscope.demo.card --model DIR --kind KIND --scan-dir RUN` does the
+same from a scan run folder made beforehand; `--render-only` rewrites README.md from card.json.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -42,28 +44,29 @@ def emergence_table(model, n_samples: int = 64) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_card(model_dir: str | Path, kind: str, train_dir: str | Path | None = None,
-               recipes: str | Path | None = None, n_per_task: int = 200, scan_samples: int = 32, log=print) -> dict:
-    from sinkscope.analyses.scan import ScanConfig, run_scan
+def build_card(model_dir: str | Path, kind: str, scan_dir: str | Path, train_dir: str | Path | None = None,
+               recipes: str | Path | None = None, n_per_task: int = 200, log=print, adapter=None) -> dict:
+    """Measure accuracy and emergence, read the scan from `scan_dir` (a finished scan run folder
+    of the same model on the demo test split), and write card.json + README.md into model_dir."""
     from sinkscope.eval.accuracy import demo_accuracy
     from sinkscope.models import load
 
     model_dir = Path(model_dir)
-    adapter = load(str(model_dir))
+    scan_dir = Path(scan_dir)
+    if not (scan_dir / "sink_summary.csv").exists():
+        raise FileNotFoundError(f"{scan_dir} is not a finished scan run folder (no sink_summary.csv); run "
+                                f"`sinkscope scan --model {model_dir} --data demo --out {scan_dir}` first, or use "
+                                "analyses/model_card.py, which does both")
+    adapter = adapter or load(str(model_dir))
     log("accuracy ...")
     acc = demo_accuracy(adapter, n_per_task=n_per_task)
     log(acc.to_string())
     log("emergence ...")
     layers = emergence_table(adapter.model)
     log(layers.to_string())
-    log("scan ...")
-    scan_dir = Path(tempfile.mkdtemp(prefix="card-scan-"))
-    run_scan(str(scan_dir), ScanConfig(model=str(model_dir), data="demo", limit=scan_samples), adapter=adapter,
-             figures=False, log=lambda m: None)
     summary = pd.read_csv(scan_dir / "sink_summary.csv")
     dims = json.loads((scan_dir / "sink_dims.json").read_text())
     run = json.loads((scan_dir / "run.json").read_text())
-    shutil.rmtree(scan_dir, ignore_errors=True)
     visual = summary[summary["token_kind"] == "visual"].copy()
     card = {
         "kind": kind,
@@ -212,6 +215,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--kind", choices=["demo", "organism"], required=True)
+    parser.add_argument("--scan-dir", default=None, help="a finished scan run folder of this model (demo test split)")
     parser.add_argument("--train-dir", default=None)
     parser.add_argument("--recipes", default=None)
     parser.add_argument("--n-per-task", type=int, default=200)
@@ -223,7 +227,10 @@ def main(argv=None) -> None:
         (Path(args.model) / "README.md").write_text(
             render(card, acc, pd.DataFrame(card["layers"]), pd.DataFrame(card["visual_sinks"])))
         return
-    build_card(args.model, args.kind, args.train_dir, args.recipes, args.n_per_task)
+    if not args.scan_dir:
+        parser.error("--scan-dir is required (a finished `sinkscope scan` folder); analyses/model_card.py runs the "
+                     "scan and writes the card in one go")
+    build_card(args.model, args.kind, args.scan_dir, args.train_dir, args.recipes, args.n_per_task)
 
 
 if __name__ == "__main__":

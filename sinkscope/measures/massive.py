@@ -21,7 +21,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from sinkscope.models.base import KIND_NAMES, PAD
+from sinkscope.kinds import KIND_NAMES, PAD
 
 # Sink dims published for language backbones (Kang et al. 2025; Sun et al. 2024). References
 # to compare discovered dims against, never used silently.

@@ -6,7 +6,7 @@ phi(x_j^l) >= tau (paper: tau = 20). phi is scale-free and bounded: phi <= sqrt(
 only when all of a token's energy sits in one sink dim.
 
 Layout: phi values are `[batch, layer, token]` (or any `[...]` matching the states' leading
-dims); token kinds are `[batch, token]` codes from `sinkscope.models.base`.
+dims); token kinds are `[batch, token]` codes from `sinkscope.kinds`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from sinkscope.kinds import BOS, KIND_NAMES, PAD, VISUAL
 from sinkscope.measures.massive import SinkDims, _kind_codes
-from sinkscope.models.base import BOS, KIND_NAMES, PAD, VISUAL
 
 PAPER_TAU = 20.0
 
