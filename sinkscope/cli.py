@@ -50,6 +50,9 @@ def scan(
     token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
                                     "or auto (all while under ~2M rows)"),
     resume: bool = typer.Option(True, help="resume an interrupted run in --out"),
+    sink_score: str = typer.Option("rms", help="rms: the paper's phi = |x_d / RMS(x)| (at most sqrt(hidden)); "
+                                   "layer: |x_d| / the layer's median token RMS, for narrow models where phi "
+                                   "saturates (default tau 100)"),
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
     from sinkscope.analyses.scan import ScanConfig, run_scan
@@ -58,7 +61,7 @@ def scan(
         cfg = ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
                          sink_dims=_dims(sink_dims), calibration=calibration, rho=rho, summ=summ,
                          question=question, image_root=image_root, device=device,
-                         token_stats=token_stats)
+                         token_stats=token_stats, sink_score=sink_score)
         folder = run_scan(out, cfg, resume=resume, log=lambda m: typer.echo(m))
     except SinkscopeError as err:
         _fail(err)

@@ -377,3 +377,29 @@ def test_token_roles_first_delimiter_text_visual():
     kinds = ["bos", "text", "text", "visual", "text", "generated"]
     tokens = ["<|im_start|>", "user", "\n", "", "?", "yes"]
     assert token_roles(kinds, tokens) == ["first", "text", "delimiter", "visual", "delimiter", "generated"]
+
+
+def test_layer_relative_score_against_a_literal_loop():
+    """max_d |x_d| / median over real tokens of RMS(x), per row and layer; padding left out."""
+    import statistics
+
+    from sinkscope.measures.sinks import choose_tau_layer_relative, phi_layer_relative, sink_score
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 3, 5, 8, generator=g)
+    states[0, 1, 2, 3] = 500.0  # a planted massive value
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    got = phi_layer_relative(states, [3, 6], mask)
+    for b in range(2):
+        for layer in range(3):
+            rms = [float(states[b, layer, t].pow(2).mean().add(1e-6).sqrt()) for t in range(5) if mask[b, t]]
+            typical = statistics.median_low(rms) if len(rms) % 2 == 0 else statistics.median(rms)
+            for t in range(5):
+                want = max(abs(float(states[b, layer, t, d])) for d in (3, 6)) / typical
+                assert abs(float(got[b, layer, t]) - want) < 1e-4 * max(1.0, want)
+    assert float(got[0, 1, 2]) > 100  # the planted token, unbounded by sqrt(dim) = 2.83
+    assert torch.equal(sink_score(states, [3, 6], "layer", mask), got)
+    assert torch.equal(sink_score(states, [3, 6], "rms"), __import__("sinkscope.measures.sinks", fromlist=["phi"]).phi(states, [3, 6]))
+    assert choose_tau_layer_relative().value == 100.0 and choose_tau_layer_relative(50).method == "given"
+    with pytest.raises(ValueError):
+        sink_score(states, [3], "bogus")

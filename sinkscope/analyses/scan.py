@@ -47,6 +47,7 @@ class ScanConfig:
     device: str | None = None
     seed: int = 0
     token_stats: str = "auto"  # all | sinks | auto (all while the table stays under ~2M rows)
+    sink_score: str = "rms"  # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
 
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class ScanConfig:
             raise SinkscopeError(f"--rho must be in [0, 1]; got {self.rho}")
         if not 0 <= self.summ <= 1:
             raise SinkscopeError(f"--summ must be in [0, 1]; got {self.summ}")
+        if self.sink_score not in sinks.SINK_SCORES:
+            raise SinkscopeError(f"--sink-score must be one of {', '.join(sinks.SINK_SCORES)}; got {self.sink_score!r}")
         if self.token_stats not in ("all", "sinks", "auto"):
             raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
         if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
@@ -115,16 +118,17 @@ class _BosReducer:
 class _PhiReducer:
     """phi of every token per layer, for choosing tau: list of ([batch, layer, token], kinds)."""
 
-    def __init__(self, dims, eps):
-        self.dims, self.eps = dims, eps
+    def __init__(self, dims, eps, score: str = "rms"):
+        self.dims, self.eps, self.score = dims, eps, score
         self.values, self.kinds, self._cur = [], [], []
 
     def begin(self, info):
         self._cur = []
         self._kinds = info.token_kinds.kind
+        self._real = info.token_kinds.real_mask
 
     def residual(self, layer, states):
-        self._cur.append(sinks.phi(states, self.dims, self.eps).cpu())
+        self._cur.append(sinks.sink_score(states, self.dims, self.score, self._real, self.eps).cpu())
 
     def attention(self, layer, probs):
         pass
@@ -138,8 +142,9 @@ class ScanReducer:
     """Per-layer measures of one batch, streamed; `frames()` gives per-sample tables."""
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
-                 samples: list[Sample], want_profile: bool, token_strings=None):
+                 samples: list[Sample], want_profile: bool, token_strings=None, score: str = "rms"):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
+        self.score = score
         self.samples = samples
         self.want_profile = want_profile
         self.massive_rows: list[pd.DataFrame] = []
@@ -177,7 +182,7 @@ class ScanReducer:
             top["position"] = self.real_pos.numpy()[rows, top["position"].to_numpy(dtype=int)]
         self.massive_rows.append(top)
         self.magnitude_rows.append(massive.sample_magnitudes(states, self.kinds.kind, 3, self.sample_ids, layer))
-        phi = sinks.phi(states, self.dims, self.eps) if self.dims else torch.zeros(states.shape[:2])
+        phi = sinks.sink_score(states, self.dims, self.score, self.real, self.eps)
         phi = phi.float().cpu()
         self._phi[layer] = phi
         if self.want_profile:
@@ -261,7 +266,7 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
             tracer.run(prepare_batch(adapter, chunk), [bos], attention=False)
         dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
     log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
-    phi_red = _PhiReducer(dims.dims, eps)
+    phi_red = _PhiReducer(dims.dims, eps, cfg.sink_score)
     if dims.dims:
         for chunk in batches(calib, cfg.batch_size):
             tracer.run(prepare_batch(adapter, chunk), [phi_red], attention=False)
@@ -269,7 +274,10 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
         phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
         kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
         phis = phis[:, cfg.start_layer:] if phis.shape[1] > cfg.start_layer else phis
-        tau = sinks.choose_tau(phis, adapter.hidden_size, cfg.tau, token_kinds=kinds)
+        if cfg.sink_score == "layer":
+            tau = sinks.choose_tau_layer_relative(cfg.tau)
+        else:
+            tau = sinks.choose_tau(phis, adapter.hidden_size, cfg.tau, token_kinds=kinds)
     else:
         value = cfg.tau if cfg.tau is not None else math.sqrt(adapter.hidden_size)
         tau = sinks.SinkThreshold(value, "none", "no sink dims were found, so phi is 0 for every token and no "
@@ -288,7 +296,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     params = asdict(cfg)
     adapter = adapter or load(cfg.model, device=cfg.device)  # fail on a bad --model before touching --out
     folder = RunFolder(out, "scan", params, resume=resume)
-    samples = load_samples(cfg.data, cfg.limit, cfg.question, cfg.image_root)
+    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
                        planted=("organism" in str(cfg.model)))
     tracer = Tracer(adapter)
@@ -307,7 +315,8 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     detail = folder.meta.get("token_stats")
     for n, chunk in enumerate(batches(todo, cfg.batch_size)):
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
-                              want_profile=(not done and n == 0), token_strings=adapter.token_strings)
+                              want_profile=(not done and n == 0), token_strings=adapter.token_strings,
+                              score=cfg.sink_score)
         tracer.run(prepare_batch(adapter, chunk), [reducer], sample_ids=[s.sample_id for s in chunk])
         tokens = pd.concat(reducer.token_rows, ignore_index=True)
         tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
