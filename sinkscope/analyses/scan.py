@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from sinkscope.eval.tasks import Sample, batches, load_samples
+from sinkscope.analyses.data import load_data
+from sinkscope.eval.tasks import Sample, batches
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
