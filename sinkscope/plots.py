@@ -183,3 +183,90 @@ def emergence_curve(curve: pd.DataFrame, path: Path) -> str:
             ax.axvline(group["global_step"].min(), color="grey", lw=0.5)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- analyses (issue 7)
+
+
+def _grid_shape(n: int) -> tuple[int, int]:
+    g = int(round(n ** 0.5))
+    return (g, g) if g * g == n else (1, n)
+
+
+def attention_maps(maps: pd.DataFrame, path: Path, layer: int, sample=None, max_heads: int = 8) -> str:
+    """Text-to-image attention of each word (rows) and head (columns, last = head mean) on the image grid; x = sink."""
+    sample = sample if sample is not None else maps["sample"].iloc[0]
+    m = maps[(maps["sample"] == sample) & (maps["layer"] == layer)]
+    heads = [h for h in dict.fromkeys(m["head"]) if h != "mean"][:max_heads] + ["mean"]
+    words = list(dict.fromkeys(m["query_position"]))
+    fig, axes = plt.subplots(len(words), len(heads), figsize=(1.6 * len(heads) + 0.6, 1.6 * len(words) + 0.6),
+                             squeeze=False)
+    for r, qpos in enumerate(words):
+        for c, head in enumerate(heads):
+            ax = axes[r, c]
+            g = m[(m["query_position"] == qpos) & (m["head"] == head)].sort_values("visual_rank")
+            shape = _grid_shape(len(g))
+            ax.imshow(g["attention"].to_numpy().reshape(shape), cmap="magma")
+            sink = np.nonzero(g["is_sink"].astype(bool).to_numpy())[0]
+            ax.scatter(sink % shape[1], sink // shape[1], marker="x", c="cyan", s=14, lw=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(repr(str(g["query_token"].iloc[0]))[:12] if len(g) else "", fontsize=8)
+    fig.suptitle(f"text-to-image attention, layer {layer}, sample {sample} (x: visual sink)", fontsize=9)
+    return _save(fig, path, pdf=False)
+
+
+CLASS_COLORS = {"visual_sink": "#d62728", "visual_nonsink": "#2ca02c", "bos": "#7f7f7f"}
+
+
+def contribution_by_class(per_sample: pd.DataFrame, path: Path) -> str:
+    """Per layer: attention, ||W_O v|| and contribution of visual sinks, non-sinks and BOS (mean, 95% CI over rows)."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    order = [c for c in CLASS_COLORS if c in set(per_sample["token_class"])]
+    for ax, column, title in zip(axes, ("attention", "ov_norm", "contribution"),
+                                 ("attention per token", "||W_O v|| (per unit attention)", "contribution a ||W_O v||")):
+        sns.barplot(data=per_sample, x="layer", y=column, hue="token_class", hue_order=order,
+                    palette=CLASS_COLORS, errorbar=("ci", 95), ax=ax)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("what attended tokens write into the residual stream (text queries after the image)", fontsize=9)
+    return _save(fig, path, pdf=False)
+
+
+def location_shares(table: pd.DataFrame, path: Path) -> str:
+    """Per layer: share of visual sinks on background (with its CI from the enrichment) against the base rate."""
+    t = table[table["layers"].str.isnumeric()].copy()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    x = np.arange(len(t))
+    share = t["sink_background_share"].to_numpy(dtype=float)
+    base = t["background_base_rate"].to_numpy(dtype=float)
+    err = np.vstack([share - t["ci_low"].to_numpy(dtype=float) * base, t["ci_high"].to_numpy(dtype=float) * base - share])
+    ax.bar(x - 0.2, np.nan_to_num(share), 0.4, yerr=np.nan_to_num(np.abs(err)), color="#d62728", label="visual sinks")
+    ax.bar(x + 0.2, base, 0.4, color="#7f7f7f", label="all image tokens (base rate)")
+    ax.set_xticks(x, t["layers"])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share on background")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path, pdf=False)
+
+
+def vit_norms(tokens: pd.DataFrame, norm_ratio: float, path: Path) -> str:
+    """Per site: image-token norm ratio against the language model's max phi; red = visual sink of the LM."""
+    sites = list(dict.fromkeys(tokens["site"]))
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.6 * len(sites), 3.4), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        t = tokens[tokens["site"] == site]
+        ax.scatter(t["norm_ratio"], t["max_phi"], s=5, alpha=0.4,
+                   c=np.where(t["lm_visual_sink"].astype(bool), "#d62728", "#2ca02c"))
+        ax.axvline(norm_ratio, color="k", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"norm / image median ({site})")
+        ax.set_ylabel("max phi in the language model")
+    return _save(fig, path, pdf=False)

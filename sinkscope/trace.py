@@ -37,6 +37,9 @@ class Reducer(Protocol):
 
     def end(self) -> None: ...
 
+    # optional: `values(layer, v)` with v [batch, kv_head, key, head_dim], the value states the
+    # attention function multiplies the probabilities with (run with values=True)
+
 
 @dataclass
 class BatchInfo:
@@ -175,12 +178,14 @@ class Tracer:
         return BatchInfo(ids, kinds, list(sample_ids) if sample_ids is not None else list(range(ids.shape[0])))
 
     def run(self, batch, reducers, layers=None, residual: bool = True, attention: bool = True,
-            sample_ids=None, return_logits: bool = False):
+            sample_ids=None, return_logits: bool = False, values: bool = False):
         """One forward pass; feed each requested layer's tensors to every reducer.
 
         batch: processor output (input_ids, attention_mask, pixel_values, ...).
         layers: iterable of layer indices (default: all). Returns logits [batch, token, vocab]
-        when `return_logits`, else None.
+        when `return_logits`, else None. values: also hand reducers that have a `values` method
+        the value states [batch, kv_head, key, head_dim] given to the attention function (before
+        any repeat for grouped-query attention), read from that call's inputs.
         """
         if attention and self.adapter.text_attention != "eager":
             raise SinkscopeError(
@@ -201,6 +206,9 @@ class Tracer:
             layer_envoys = self._layer_envoys()
             self._envoys = (layer_envoys, {i: self._attention_envoy(layer_envoys, i) for i in range(n)})
         layer_envoys, attn_envoys = self._envoys
+        if values and self._labels is None and layers:
+            # locate the ops once in a pass of their own: the call's inputs come before its inner ops
+            self.run(batch, [], layers=[layers[0]], residual=False, attention=True)
         holder: dict = {}
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
@@ -208,9 +216,15 @@ class Tracer:
                     states = layer_envoys[i].input
                     for r in reducers:
                         r.residual(i, states)
-                if attention:
+                if attention or values:
                     if self._labels is None:  # first use: locate the op (after this layer's input)
                         self._labels = self._find_probability_op(attn_envoys[i])
+                if values:
+                    v = getattr(attn_envoys[i].source, self._labels[0]).inputs[0][3]
+                    for r in reducers:
+                        if hasattr(r, "values"):
+                            r.values(i, v)
+                if attention:
                     probs = self._probs_envoy(attn_envoys[i]).output
                     for r in reducers:
                         r.attention(i, probs)

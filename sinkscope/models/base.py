@@ -71,6 +71,10 @@ class ModelAdapter:
     def attention(self, layer: int):
         return self.layers[layer].self_attn
 
+    def output_projection(self, layer: int):
+        """The attention's output projection (W_O, a Linear [hidden, heads * head_dim]) of `layer`."""
+        return self.attention(layer).o_proj
+
     @property
     def final_norm(self):
         return self.language_model.norm

@@ -1,0 +1,166 @@
+"""What every analysis of section 3 shares: its config fields, the run set-up (model, data, run
+folder, sink dims and tau from calibration, as in the scan), a reducer that knows each layer's
+sinks, and the cluster bootstrap over samples used for every CI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sinkscope.analyses.data import load_data
+from sinkscope.analyses.scan import ScanConfig, calibrate, prepare_batch, text_queries_after_image
+from sinkscope.errors import SinkscopeError
+from sinkscope.eval.tasks import Sample
+from sinkscope.measures import massive, sinks
+from sinkscope.runfolder import RunFolder
+from sinkscope.trace import BatchInfo, Tracer
+
+__all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
+           "text_queries_after_image", "fmt_ci"]
+
+
+@dataclass
+class AnalysisConfig:
+    """Fields every analysis takes (subclasses add their own)."""
+
+    model: str = "demo"
+    data: str = "demo"
+    limit: int | None = 16
+    batch_size: int = 4
+    tau: float | None = None
+    sink_dims: list[int] | None = None
+    calibration: int = 8
+    start_layer: int = 2
+    question: str = "describe the image ."
+    image_root: str | None = None
+    device: str | None = None
+    seed: int = 0
+    n_boot: int = 1000
+    sink_score: str = "rms"  # rms: the paper's phi | layer: layer-relative score (narrow models), as in the scan
+
+    def validate(self) -> None:
+        if self.tau is not None and not self.tau > 0:
+            raise SinkscopeError(f"--tau must be > 0; got {self.tau}")
+        if self.batch_size < 1 or self.calibration < 1:
+            raise SinkscopeError("--batch-size and --calibration must be >= 1")
+        if self.n_boot < 10:
+            raise SinkscopeError(f"--n-boot must be >= 10 bootstrap resamples; got {self.n_boot}")
+        if self.start_layer < 0:
+            raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
+        if self.sink_score not in sinks.SINK_SCORES:
+            raise SinkscopeError(f"--sink-score must be one of {', '.join(sinks.SINK_SCORES)}; got {self.sink_score!r}")
+
+    def scan_config(self) -> ScanConfig:
+        return ScanConfig(model=self.model, data=self.data, limit=self.limit, batch_size=self.batch_size, tau=self.tau,
+                          sink_dims=self.sink_dims, calibration=self.calibration, start_layer=self.start_layer,
+                          question=self.question, image_root=self.image_root, device=self.device, seed=self.seed,
+                          sink_score=self.sink_score)
+
+
+@dataclass
+class Setup:
+    adapter: object
+    samples: list[Sample]
+    folder: RunFolder
+    tracer: Tracer
+    dims: massive.SinkDims
+    tau: sinks.SinkThreshold
+    todo: list[Sample] = field(default_factory=list)
+
+
+def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool = True, log=print,
+          extra_meta: dict | None = None) -> Setup:
+    """Load model and data, open (or resume) the run folder, find sink dims and tau (calibration)."""
+    from sinkscope.models import load
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    adapter = adapter or load(cfg.model, device=cfg.device)
+    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
+    folder = RunFolder(out, name, asdict(cfg), resume=resume)
+    folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),
+                       **(extra_meta or {}))
+    tracer = Tracer(adapter)
+    if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
+        dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
+        tau = sinks.SinkThreshold(**folder.meta["tau"])
+    else:
+        dims, tau = calibrate(tracer, adapter, samples, cfg.scan_config(), log=lambda m: log(m))
+        folder.write_json("sink_dims.json", dims.to_dict())
+        folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
+    done = folder.done_samples()
+    todo = [s for s in samples if s.sample_id not in done]
+    return Setup(adapter, samples, folder, tracer, dims, tau, todo)
+
+
+class SinkAwareReducer:
+    """Base reducer: per layer, phi and the sink masks of the batch (subclasses add measures).
+
+    After `residual(layer, states)`: self.phi[layer] [batch, token], self.sink[layer] (any real
+    token with phi >= tau), self.visual_sink[layer]; self.queries [batch, token] = text tokens
+    after the last image token.
+    """
+
+    def __init__(self, dims: list[int], tau: float, eps: float, score: str = "rms"):
+        self.dims, self.tau, self.eps, self.score = list(dims), float(tau), eps, score
+        self.phi: dict[int, torch.Tensor] = {}
+        self.sink: dict[int, torch.Tensor] = {}
+        self.visual_sink: dict[int, torch.Tensor] = {}
+
+    def begin(self, info: BatchInfo) -> None:
+        self.info = info
+        self.kinds = info.token_kinds
+        self.real = self.kinds.real_mask
+        self.visual = self.kinds.visual_mask
+        self.queries = text_queries_after_image(info)
+        self.phi, self.sink, self.visual_sink = {}, {}, {}
+
+    def residual(self, layer: int, states: torch.Tensor) -> None:
+        states = states.detach()
+        phi = (sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float().cpu()
+               if self.dims else torch.zeros(states.shape[:2]))
+        self.phi[layer] = phi
+        self.sink[layer] = (phi >= self.tau) & self.real
+        self.visual_sink[layer] = self.sink[layer] & self.visual
+
+    def attention(self, layer: int, probs: torch.Tensor) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+def cluster_bootstrap(n_groups: int, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of `statistic(group_indices)` resampling whole groups (samples) with replacement.
+
+    statistic gets an int array of group indices (with repeats) and returns a float. Uses
+    scipy.stats.bootstrap. Returns (nan, nan) with fewer than 2 groups or a degenerate statistic.
+    """
+    from scipy import stats
+
+    if n_groups < 2:
+        return math.nan, math.nan
+
+    def stat(idx):
+        return statistic(np.asarray(idx, dtype=int))
+
+    try:
+        res = stats.bootstrap((np.arange(n_groups),), stat, n_resamples=n_boot, vectorized=False,
+                              confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
+    except (ValueError, FloatingPointError):
+        return math.nan, math.nan
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo, hi
+
+
+def fmt_ci(value: float, low: float, high: float, digits: int = 3) -> str:
+    """'0.123 (95% CI 0.1 to 0.15)'; 'n/a' pieces where undefined."""
+    def f(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+    return f"{f(value)} (95% CI {f(low)} to {f(high)})"

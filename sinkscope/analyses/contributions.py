@@ -1,0 +1,161 @@
+"""`sinkscope contributions`: what attended image tokens write into the residual stream.
+
+Evidence 5 of Kang et al. 2025: the OV contribution `|| a_ij v_j W_O ||` (measures/contributions)
+of visual sinks against visual non-sinks (and BOS), per layer and head, over text queries after
+the image. Sinks get much attention but, their values being drained, write little.
+
+Per (sample, layer, head, token class): mean attention per token, mean ||W_O v_j|| (what a unit
+of attention would write) and mean contribution per (query, token). Summary per layer and pooled
+over layers >= start_layer: the ratio sink / non-sink of the mean contribution, with a bootstrap
+CI over samples.
+
+Writes: run.json, sink_dims.json, contributions_per_sample.csv, contributions.csv,
+contribution_heads.csv, figures, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.eval.tasks import batches
+from sinkscope.measures import contributions as ov
+from sinkscope.runfolder import RunFolder
+
+CLASSES = ("visual_sink", "visual_nonsink", "bos")
+
+
+@dataclass
+class ContributionsConfig(AnalysisConfig):
+    pass
+
+
+class ContributionReducer(SinkAwareReducer):
+    def __init__(self, dims, tau, eps, score, o_weights: dict, num_heads: int):
+        super().__init__(dims, tau, eps, score)
+        self.o_weights, self.num_heads = o_weights, num_heads
+        self.rows: list[pd.DataFrame] = []
+        self._values: dict[int, torch.Tensor] = {}
+
+    def values(self, layer, v):
+        self._values[layer] = v.detach().float().cpu()
+
+    def attention(self, layer, probs):
+        probs = probs.detach().float().cpu()
+        norms = ov.ov_norms(self._values.pop(layer), self.o_weights[layer], self.num_heads)  # [batch, head, key]
+        contrib = ov.ov_contributions(probs, norms)
+        masks = {"visual_sink": self.visual_sink[layer], "visual_nonsink": self.visual & ~self.sink[layer],
+                 "bos": self.kinds.bos_mask}
+        q = self.queries
+        for name, keys in masks.items():
+            # mean per token of the class: attention and contribution averaged over queries and the class's tokens
+            att = ov.class_means(probs, keys, q)  # [batch, head]
+            con = ov.class_means(contrib, keys, q)
+            n_k = keys.sum(dim=1)
+            norm = (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]
+            for b, sid in enumerate(self.info.sample_ids):
+                if int(n_k[b]) == 0 or int(q[b].sum()) == 0:
+                    continue
+                self.rows.append(pd.DataFrame({
+                    "sample": sid, "layer": layer, "head": range(probs.shape[1]), "token_class": name,
+                    "n_tokens": int(n_k[b]), "attention": att[b].numpy(), "ov_norm": norm[b].numpy(),
+                    "contribution": con[b].numpy(),
+                }))
+
+
+def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",
+                  den: str = "visual_nonsink", column: str = "contribution") -> dict:
+    """Ratio of the mean `column` of two token classes (means over samples, layers, heads), CI over samples.
+
+    per_sample: rows of contributions_per_sample (already restricted to the layers wanted). NaN
+    ratio where either class is absent (e.g. no visual sinks: none found)."""
+    piv = per_sample.groupby(["sample", "token_class"])[column].mean().unstack()
+    if num not in piv or den not in piv:
+        return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_samples": 0,
+                "num_mean": math.nan, "den_mean": math.nan}
+    piv = piv[[num, den]].dropna()
+    a, b = piv[num].to_numpy(), piv[den].to_numpy()
+    if len(a) == 0 or b.mean() <= 0:
+        return {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_samples": len(a),
+                "num_mean": float(a.mean()) if len(a) else math.nan, "den_mean": float(b.mean()) if len(b) else math.nan}
+    lo, hi = cluster_bootstrap(len(a), lambda i: float(a[i].mean() / b[i].mean()) if b[i].mean() > 0 else np.nan,
+                               n_boot, seed)
+    return {"value": float(a.mean() / b.mean()), "ci_low": lo, "ci_high": hi, "n_samples": len(a),
+            "num_mean": float(a.mean()), "den_mean": float(b.mean())}
+
+
+def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: bool = True, log=print,
+                      figures: bool = True) -> RunFolder:
+    s = setup(out, "contributions", cfg, adapter, resume, log)
+    adapter = s.adapter
+    o_weights = {i: adapter.output_projection(i).weight.detach().float().cpu() for i in range(adapter.num_layers)}
+    for chunk in batches(s.todo, cfg.batch_size):
+        red = ContributionReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads)
+        s.tracer.run(prepare_batch(adapter, chunk), [red], values=True, sample_ids=[x.sample_id for x in chunk])
+        if red.rows:
+            s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
+        s.folder.mark_done([x.sample_id for x in chunk])
+    return summarize_contributions(s.folder, cfg, figures)
+
+
+def summarize_contributions(folder: RunFolder, cfg: ContributionsConfig, figures: bool = True) -> RunFolder:
+    from sinkscope import plots
+
+    per = folder.read("contributions_per_sample")
+    rows = []
+    if len(per):
+        groups = [(f">= {cfg.start_layer}", per[per["layer"] >= cfg.start_layer])] + \
+                 [(str(l), g) for l, g in per.groupby("layer")]
+        for layers, g in groups:
+            for column in ("contribution", "attention", "ov_norm"):
+                r = ratio_with_ci(g, cfg.n_boot, cfg.seed, column=column)
+                rows.append({"layers": layers, "measure": column, "ratio_sink_over_nonsink": r["value"],
+                             "ci_low": r["ci_low"], "ci_high": r["ci_high"], "visual_sink_mean": r["num_mean"],
+                             "visual_nonsink_mean": r["den_mean"], "n_samples": r["n_samples"]})
+    summary = pd.DataFrame(rows, columns=["layers", "measure", "ratio_sink_over_nonsink", "ci_low", "ci_high",
+                                          "visual_sink_mean", "visual_nonsink_mean", "n_samples"])
+    folder.write_table("contributions", summary)
+    heads = (per.groupby(["layer", "head", "token_class"])[["attention", "ov_norm", "contribution"]].mean().reset_index()
+             if len(per) else pd.DataFrame())
+    folder.write_table("contribution_heads", heads)
+    figs = {}
+    if figures and len(per):
+        figs["bars"] = plots.contribution_by_class(per, folder.path / "contributions.png")
+    _write_index(folder, cfg, summary, heads, figs)
+    folder.finish()
+    return folder
+
+
+def _write_index(folder, cfg, summary, heads, figs) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# OV contributions: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_samples')} samples; sink dims {meta.get('sink_dims')}, tau = "
+                 f"{meta.get('tau', {}).get('value', float('nan')):.3g}. Contribution of key j to query i in head h: "
+                 "a_ij ||W_O^h v_j|| (residual-stream units), averaged over text queries after the image, heads and "
+                 "each class's tokens. CIs: 95% percentile bootstrap over samples.\n")
+    pooled = summary[(summary["layers"] == f">= {cfg.start_layer}")].set_index("measure") if len(summary) else summary
+    if pooled.empty or pooled["n_samples"].max() == 0 or math.isnan(pooled.loc["contribution", "ratio_sink_over_nonsink"]):
+        lines.append("**No visual sinks found** in layers >= {0}: there is no sink / non-sink ratio to report.\n"
+                     .format(cfg.start_layer))
+    else:
+        c, a, n = (pooled.loc[m] for m in ("contribution", "attention", "ov_norm"))
+        lines.append(
+            f"Layers >= {cfg.start_layer}: a visual sink's contribution is "
+            f"{fmt_ci(c['ratio_sink_over_nonsink'], c['ci_low'], c['ci_high'])} times a visual non-sink's, while it "
+            f"receives {fmt_ci(a['ratio_sink_over_nonsink'], a['ci_low'], a['ci_high'])} times the attention; per unit "
+            f"of attention it would write {fmt_ci(n['ratio_sink_over_nonsink'], n['ci_low'], n['ci_high'])} times as "
+            "much (||W_O v||).\n")
+    if "bars" in figs:
+        lines.append(f"![contributions]({figs['bars']})\n")
+    lines.append(markdown_table(summary, max_rows=60))
+    lines.append("Tables: `contributions.csv`, `contribution_heads.csv`, `contributions_per_sample.csv`.\n")
+    folder.write_text("index.md", "\n".join(lines))

@@ -1,0 +1,263 @@
+"""`sinkscope heads`: which heads attend to visual sinks, attention maps, attention against phi.
+
+Evidence 1, 3 and 7 of Kang et al. 2025 (paper-notes section 3):
+  - per (layer, head), over text queries after the image: image attention, attention to visual
+    sinks, to all sinks (BOS included), the visual non-sink ratio and the image-centric share;
+    heads ranked by visual-sink attention, with a bootstrap CI over samples;
+  - text-to-image attention maps of the first samples' text tokens (each head and the head
+    mean), drawn on the image grid with sinks marked, and how much the top-attended image tokens
+    of different words overlap;
+  - attention each image token receives against its phi, with Spearman's rank correlation and a
+    bootstrap CI over samples.
+
+Writes: run.json, sink_dims.json, head_scores_per_sample.csv, head_scores.csv,
+token_attention.csv, phi_attention_correlation.csv, attention_maps.csv, map_overlap.csv,
+figures, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.eval.tasks import batches
+from sinkscope.measures import heads as head_measures
+from sinkscope.runfolder import RunFolder
+
+
+@dataclass
+class HeadsConfig(AnalysisConfig):
+    rho: float = 0.5
+    summ: float = 0.2
+    n_maps: int = 2  # samples whose attention maps are kept
+    map_words: int = 4  # text queries per map sample (the first ones after the image)
+    top_overlap: int = 5  # top-attended image tokens compared across words
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.rho <= 1 or not 0 <= self.summ <= 1:
+            raise ValueError(f"--rho and --summ must be in [0, 1]; got {self.rho}, {self.summ}")
+
+
+class HeadsReducer(SinkAwareReducer):
+    def __init__(self, dims, tau, eps, score, cfg: HeadsConfig, map_ids: set, token_strings):
+        super().__init__(dims, tau, eps, score)
+        self.cfg, self.map_ids, self.token_strings = cfg, map_ids, token_strings
+        self.head_rows, self.token_rows, self.map_rows = [], [], []
+
+    def begin(self, info):
+        super().begin(info)
+        self.real_pos = self.real.long().cumsum(dim=1) - 1
+        self.visual_rank = self.visual.long().cumsum(dim=1) - 1
+        self.strings = self.token_strings(info.input_ids) if self.token_strings else None
+
+    def attention(self, layer, probs):
+        probs = probs.detach().float().cpu()
+        q = self.queries
+        stats = head_measures.visual_attention_stats(probs, self.visual, self.sink[layer], q)
+        centric = head_measures.image_centric_from_stats(stats, self.cfg.rho, self.cfg.summ)
+        all_sink = torch.einsum("bhqk,bk->bhq", probs, self.sink[layer].float())
+        qf = q[:, None, :].float()
+        n_q = qf.sum(-1).clamp_min(1)
+        mean = lambda t: (t.float() * qf).sum(-1) / n_q  # noqa: E731  [batch, head]
+        received = (probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
+        for b, sid in enumerate(self.info.sample_ids):
+            n_queries = int(q[b].sum())
+            if n_queries == 0:
+                continue
+            self.head_rows.append(pd.DataFrame({
+                "sample": sid, "layer": layer, "head": range(probs.shape[1]),
+                "image_attention": mean(stats.image_attention)[b].numpy(),
+                "visual_sink_attention": mean(stats.visual_sink_attention)[b].numpy(),
+                "sink_attention": mean(all_sink)[b].numpy(),
+                "visual_nonsink_ratio": mean(stats.visual_nonsink_ratio)[b].numpy(),
+                "image_centric": mean(centric)[b].numpy(), "n_queries": n_queries,
+            }))
+            vis = torch.nonzero(self.visual[b]).flatten()
+            if len(vis):
+                self.token_rows.append(pd.DataFrame({
+                    "sample": sid, "layer": layer, "position": self.real_pos[b, vis].numpy(),
+                    "visual_rank": self.visual_rank[b, vis].numpy(), "token_kind": "visual",
+                    "phi": self.phi[layer][b, vis].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
+                    "attention_received": received[b, vis].numpy(),
+                }))
+            if sid in self.map_ids and len(vis):
+                queries = torch.nonzero(q[b]).flatten()[: self.cfg.map_words]
+                a = probs[b][:, queries][:, :, vis]  # [head, query, visual]
+                a = torch.cat([a, a.mean(dim=0, keepdim=True)])  # last = head mean
+                heads = list(range(probs.shape[1])) + ["mean"]
+                for hi, head in enumerate(heads):
+                    for qi, qpos in enumerate(queries.tolist()):
+                        word = self.strings[b][qpos] if self.strings else str(qpos)
+                        self.map_rows.append(pd.DataFrame({
+                            "sample": sid, "layer": layer, "head": str(head), "query_position": int(self.real_pos[b, qpos]),
+                            "query_token": word, "visual_rank": np.arange(len(vis)),
+                            "attention": a[hi, qi].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
+                        }))
+
+
+def spearman_with_ci(tokens: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """Spearman rank correlation of phi and attention received over image tokens; CI over samples."""
+    from scipy import stats
+
+    if len(tokens) < 3 or tokens["phi"].nunique() < 2 or tokens["attention_received"].nunique() < 2:
+        return {"spearman": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan,
+                "n_tokens": len(tokens), "n_samples": tokens["sample"].nunique() if len(tokens) else 0}
+    rho, p = stats.spearmanr(tokens["phi"], tokens["attention_received"])
+    groups = [g for _, g in tokens.groupby("sample")]
+    phi = [g["phi"].to_numpy() for g in groups]
+    att = [g["attention_received"].to_numpy() for g in groups]
+
+    def stat(idx):
+        x, y = np.concatenate([phi[i] for i in idx]), np.concatenate([att[i] for i in idx])
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            return np.nan
+        return stats.spearmanr(x, y)[0]
+
+    lo, hi = cluster_bootstrap(len(groups), stat, n_boot, seed)
+    return {"spearman": float(rho), "ci_low": lo, "ci_high": hi, "p_value": float(p), "n_tokens": len(tokens),
+            "n_samples": len(groups)}
+
+
+def head_table(per_sample: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Mean over samples per (layer, head), the CI of visual-sink attention, and the rank by it (1 = most)."""
+    cols = ["image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric"]
+    out = per_sample.groupby(["layer", "head"])[cols].mean().reset_index()
+    lows, highs = [], []
+    for _, g in per_sample.groupby(["layer", "head"]):
+        v = g["visual_sink_attention"].to_numpy()
+        lo, hi = cluster_bootstrap(len(v), lambda idx: float(v[idx].mean()), n_boot, seed)
+        lows.append(lo)
+        highs.append(hi)
+    out["visual_sink_attention_ci_low"], out["visual_sink_attention_ci_high"] = lows, highs
+    out["rank_visual_sink_attention"] = out["visual_sink_attention"].rank(ascending=False, method="min").astype(int)
+    out["rank_sink_attention"] = out["sink_attention"].rank(ascending=False, method="min").astype(int)
+    return out.sort_values("rank_visual_sink_attention").reset_index(drop=True)
+
+
+def map_overlap(maps: pd.DataFrame, top: int) -> pd.DataFrame:
+    """Per (sample, layer, head): mean pairwise Jaccard overlap of the top-`top` attended image tokens of
+    different words (1 = every word looks at the same image tokens), and the share of them that are sinks."""
+    rows = []
+    for (sid, layer, head), g in maps.groupby(["sample", "layer", "head"]):
+        tops = [set(w.nlargest(top, "attention")["visual_rank"]) for _, w in g.groupby("query_position")]
+        sinks = set(g.loc[g["is_sink"].astype(bool), "visual_rank"])
+        pairs = [len(a & b) / len(a | b) for i, a in enumerate(tops) for b in tops[i + 1:] if a | b]
+        rows.append({"sample": sid, "layer": layer, "head": head, "n_words": len(tops),
+                     "top_jaccard": float(np.mean(pairs)) if pairs else math.nan,
+                     "top_sink_share": float(np.mean([len(t & sinks) / len(t) for t in tops if t])) if tops else math.nan})
+    return pd.DataFrame(rows, columns=["sample", "layer", "head", "n_words", "top_jaccard", "top_sink_share"])
+
+
+def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log=print,
+              figures: bool = True) -> RunFolder:
+    """Run the head analysis and write its run folder (resumes an interrupted run in `out`)."""
+    s = setup(out, "heads", cfg, adapter, resume, log)
+    folder, adapter = s.folder, s.adapter
+    map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
+    for chunk in batches(s.todo, cfg.batch_size):
+        red = HeadsReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings)
+        s.tracer.run(prepare_batch(adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk])
+        for table, rows in (("head_scores_per_sample", red.head_rows), ("token_attention", red.token_rows),
+                            ("attention_maps", red.map_rows)):
+            if rows:
+                folder.append_rows(table, pd.concat(rows, ignore_index=True))
+        folder.mark_done([x.sample_id for x in chunk])
+    return summarize_heads(folder, cfg, s.tau.value, s.dims.dims, figures)
+
+
+def summarize_heads(folder: RunFolder, cfg: HeadsConfig, tau: float, dims: list[int], figures: bool = True) -> RunFolder:
+    from sinkscope import plots, report
+
+    per_sample = folder.read("head_scores_per_sample")
+    heads = head_table(per_sample, cfg.n_boot, cfg.seed) if len(per_sample) else pd.DataFrame()
+    folder.write_table("head_scores", heads)
+    tokens = folder.read("token_attention")
+    late = tokens[tokens["layer"] >= cfg.start_layer] if len(tokens) else tokens
+    corr_rows = [{"layers": f">= {cfg.start_layer}", **spearman_with_ci(late, cfg.n_boot, cfg.seed)}] if len(tokens) else []
+    if len(tokens):
+        for layer, g in tokens.groupby("layer"):
+            corr_rows.append({"layers": str(layer), **spearman_with_ci(g, cfg.n_boot, cfg.seed)})
+    corr = pd.DataFrame(corr_rows)
+    folder.write_table("phi_attention_correlation", corr)
+    maps = folder.read("attention_maps")
+    overlap = map_overlap(maps, cfg.top_overlap) if len(maps) else pd.DataFrame()
+    folder.write_table("map_overlap", overlap)
+    figs = {}
+    if figures and len(heads):
+        figs["heads"] = plots.head_heatmap(heads, "visual_sink_attention", folder.path / "head_visual_sink_attention.png",
+                                           "attention to visual sinks (text queries after the image)")
+        figs["ratio"] = plots.head_heatmap(heads, "visual_nonsink_ratio", folder.path / "head_nonsink_ratio.png",
+                                           "visual non-sink ratio")
+    if figures and len(late) and dims:
+        figs["phi"] = plots.phi_vs_attention(late, tau, folder.path / "phi_vs_attention.png", min_layer=cfg.start_layer)
+    if figures and len(maps):
+        figs["maps"] = plots.attention_maps(maps, folder.path / "attention_maps.png", layer=_map_layer(maps, cfg))
+    write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims)
+    folder.finish()
+    return folder
+
+
+def _map_layer(maps: pd.DataFrame, cfg: HeadsConfig) -> int:
+    """The layer drawn: the first from start_layer with visual sinks in the mapped samples, else the middle one."""
+    layers = sorted(maps["layer"].unique())
+    with_sinks = sorted(maps.loc[maps["is_sink"].astype(bool), "layer"].unique())
+    late = [l for l in with_sinks if l >= cfg.start_layer]
+    return int(late[0]) if late else int(layers[len(layers) // 2])
+
+
+def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# Heads: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_samples')} samples; sink dims {dims}, tau = {tau:.3g}; queries: text tokens after the "
+                 "image. CIs: 95% percentile bootstrap over samples.\n")
+    lines.append("## Heads ranked by attention to visual sinks\n")
+    if heads.empty:
+        lines.append("No text query follows an image in these samples: no head measure (none found).\n")
+    elif heads["visual_sink_attention"].max() <= 0:
+        lines.append("**No visual sinks found**: no head attends to a visual sink (every visual_sink_attention is 0). "
+                     f"The head with most image attention is layer {int(heads.sort_values('image_attention').iloc[-1]['layer'])}.\n")
+    else:
+        top = heads.iloc[0]
+        lines.append(f"Top head: layer {int(top['layer'])} head {int(top['head'])}, attention to visual sinks "
+                     + fmt_ci(top["visual_sink_attention"], top["visual_sink_attention_ci_low"],
+                              top["visual_sink_attention_ci_high"]) + ".\n")
+    if "heads" in figs:
+        lines.append(f"![visual sink attention]({figs['heads']})\n")
+    lines.append(markdown_table(heads, max_rows=12))
+    lines.append("## Attention received against phi (image tokens)\n")
+    if corr.empty or corr["spearman"].isna().all():
+        lines.append("Spearman correlation undefined: no image tokens, or phi is constant (no sink dims found).\n")
+    else:
+        r = corr.iloc[0]
+        lines.append(f"Spearman rank correlation over image tokens in layers {r['layers']}: "
+                     + fmt_ci(r["spearman"], r["ci_low"], r["ci_high"]) + f", {int(r['n_tokens'])} token-layers.\n")
+        lines.append(markdown_table(corr))
+    if "phi" in figs:
+        lines.append(f"![phi vs attention]({figs['phi']})\n")
+    lines.append("## Attention maps\n")
+    if overlap.empty:
+        lines.append("No maps (no image tokens or no text queries after the image).\n")
+    else:
+        mean_overlap = overlap[overlap["head"] == "mean"]
+        lines.append(f"Mean pairwise overlap (Jaccard) of the top-{cfg.top_overlap} attended image tokens between "
+                     f"different words, head mean, per layer: "
+                     + ", ".join(f"L{int(l)} {v:.2f}" for l, v in mean_overlap.groupby("layer")["top_jaccard"].mean().items())
+                     + " (1 = the same image tokens whatever the word).\n")
+        if "maps" in figs:
+            lines.append(f"![attention maps]({figs['maps']})\n")
+    lines.append("Tables: `head_scores.csv`, `head_scores_per_sample.csv`, `token_attention.csv`, "
+                 "`phi_attention_correlation.csv`, `attention_maps.csv`, `map_overlap.csv`.\n")
+    folder.write_text("index.md", "\n".join(lines))
+
+
+__all__ = ["HeadsConfig", "run_heads", "spearman_with_ci", "head_table", "map_overlap"]

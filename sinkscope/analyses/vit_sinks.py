@@ -1,0 +1,159 @@
+"""`sinkscope vit-sinks`: high-norm tokens born in the vision tower, and whether D_sink finds them.
+
+Paper-notes section 8 ("To Sink or Not to Sink", arXiv 2510.08510): the vision encoder emits a
+few high-norm tokens that spike in other dims than the language model's sink dims, so
+phi-based (D_sink) detection may miss them. For every image token, at two sites:
+  - `vit`: the vision features entering the projector (LLaVA-style families, where they map
+    one-to-one onto image tokens; recorded when the counts match);
+  - `lm_input`: the image token's embedding as the language model receives it (layer 0 input);
+its norm over the image's median norm ("high-norm" when >= norm_ratio) and its top dim by
+|x_d / RMS(x)|. Then: which high-norm tokens are visual sinks of the language model (phi >= tau
+in any layer >= start_layer), i.e. found by D_sink, and which are missed.
+
+Writes: run.json, sink_dims.json, vit_tokens.csv, vit_dims.csv, vit_sinks.csv, vit_norms.png, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.eval.tasks import batches
+from sinkscope.measures import massive
+from sinkscope.runfolder import RunFolder
+
+
+@dataclass
+class VitSinksConfig(AnalysisConfig):
+    norm_ratio: float = 3.0  # high-norm: norm >= norm_ratio x the image's median token norm
+
+
+class VitReducer(SinkAwareReducer):
+    def __init__(self, dims, tau, eps, score, cfg: VitSinksConfig, vit_features: list):
+        super().__init__(dims, tau, eps, score)
+        self.cfg, self.vit_features = cfg, vit_features
+        self.embeds = None
+
+    def residual(self, layer, states):
+        super().residual(layer, states)
+        if layer == 0:
+            self.embeds = states.detach().float().cpu()
+
+    def frame(self) -> pd.DataFrame:
+        late = [l for l in self.phi if l >= self.cfg.start_layer] or list(self.phi)
+        phi = torch.stack([self.phi[l] for l in late]).amax(dim=0)  # [batch, token]
+        sink_any = torch.stack([self.visual_sink[l] for l in late]).any(dim=0)
+        sites = {"lm_input": [self.embeds[b][self.visual[b]] for b in range(self.embeds.shape[0])]}
+        vit = torch.cat([f.reshape(-1, f.shape[-1]) for f in self.vit_features]) if self.vit_features else None
+        counts = self.visual.sum(dim=1).tolist()
+        if vit is not None and vit.shape[0] == sum(counts):
+            sites["vit"] = list(torch.split(vit.float().cpu(), counts))
+        rows = []
+        for site, per_row in sites.items():
+            for b, sid in enumerate(self.info.sample_ids):
+                x = per_row[b]
+                if x.shape[0] == 0:
+                    continue
+                norm = x.norm(dim=-1)
+                ratio = norm / norm.median().clamp_min(1e-12)
+                top_dim = massive.rms_normalize(x, self.eps).abs().argmax(dim=-1)
+                vis = torch.nonzero(self.visual[b]).flatten()
+                rows.append(pd.DataFrame({
+                    "sample": sid, "site": site, "visual_rank": np.arange(x.shape[0]), "norm": norm.numpy(),
+                    "norm_ratio": ratio.numpy(), "high_norm": (ratio >= self.cfg.norm_ratio).numpy(),
+                    "top_dim": top_dim.numpy(), "max_phi": phi[b, vis].numpy(), "lm_visual_sink": sink_any[b, vis].numpy(),
+                }))
+        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def _projector(adapter):
+    inner = getattr(adapter.model, "model", None)
+    return getattr(inner, "multi_modal_projector", None)
+
+
+def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = True, log=print,
+                  figures: bool = True) -> RunFolder:
+    s = setup(out, "vit_sinks", cfg, adapter, resume, log)
+    projector = _projector(s.adapter)
+    for chunk in batches(s.todo, cfg.batch_size):
+        feats: list = []
+        handle = projector.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach())) if projector else None
+        try:
+            red = VitReducer(s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, cfg, feats)
+            s.tracer.run(prepare_batch(s.adapter, chunk), [red], attention=False, sample_ids=[x.sample_id for x in chunk])
+        finally:
+            if handle is not None:
+                handle.remove()
+        s.folder.append_rows("vit_tokens", red.frame())
+        s.folder.mark_done([x.sample_id for x in chunk])
+    return summarize_vit(s.folder, cfg, figures)
+
+
+def summarize_vit(folder: RunFolder, cfg: VitSinksConfig, figures: bool = True) -> RunFolder:
+    from sinkscope import plots
+
+    tokens = folder.read("vit_tokens")
+    rows, dims = [], []
+    for site, g in (tokens.groupby("site") if len(tokens) else []):
+        high = g[g["high_norm"].astype(bool)]
+        per = g.groupby("sample").apply(lambda t: pd.Series({
+            "high": int(t["high_norm"].sum()), "found": int((t["high_norm"] & t["lm_visual_sink"]).sum()),
+            "sinks": int(t["lm_visual_sink"].sum())}), include_groups=False)
+        arr = per.to_numpy()
+        share = arr[:, 1].sum() / arr[:, 0].sum() if arr[:, 0].sum() else math.nan
+        lo, hi = (cluster_bootstrap(len(arr), lambda i: arr[i, 1].sum() / arr[i, 0].sum() if arr[i, 0].sum() else np.nan,
+                                    cfg.n_boot, cfg.seed) if arr[:, 0].sum() else (math.nan, math.nan))
+        union = int(((g["high_norm"].astype(bool)) | g["lm_visual_sink"].astype(bool)).sum())
+        rows.append({"site": site, "n_tokens": len(g), "n_high_norm": len(high), "n_lm_visual_sinks": int(g["lm_visual_sink"].sum()),
+                     "n_both": int((high["lm_visual_sink"].astype(bool)).sum()),
+                     "share_found_by_dsink": share, "ci_low": lo, "ci_high": hi,
+                     "share_missed_by_dsink": 1 - share if not math.isnan(share) else math.nan,
+                     "jaccard": (int(high["lm_visual_sink"].astype(bool).sum()) / union) if union else math.nan})
+        if len(high):
+            d = high["top_dim"].value_counts().rename_axis("dim").reset_index(name="n_high_norm_tokens")
+            d.insert(0, "site", site)
+            dims.append(d)
+    table = pd.DataFrame(rows)
+    folder.write_table("vit_sinks", table)
+    dim_table = pd.concat(dims, ignore_index=True) if dims else pd.DataFrame(columns=["site", "dim", "n_high_norm_tokens"])
+    folder.write_table("vit_dims", dim_table)
+    figs = {}
+    if figures and len(tokens):
+        figs["norms"] = plots.vit_norms(tokens, cfg.norm_ratio, folder.path / "vit_norms.png")
+    _write_index(folder, cfg, table, dim_table, figs)
+    folder.finish()
+    return folder
+
+
+def _write_index(folder, cfg, table, dim_table, figs) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# ViT-born sinks: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_samples')} samples; language-model sink dims {meta.get('sink_dims')}, tau = "
+                 f"{meta.get('tau', {}).get('value', float('nan')):.3g}; high-norm: norm >= {cfg.norm_ratio:g}x the "
+                 "image's median token norm. CI: 95% percentile bootstrap over samples.\n")
+    if table.empty:
+        lines.append("No image tokens: nothing to measure (none found).\n")
+    for _, r in table.iterrows():
+        if not r["n_high_norm"]:
+            lines.append(f"- `{r['site']}`: **no high-norm image tokens found** ({int(r['n_lm_visual_sinks'])} "
+                         "language-model visual sinks).\n")
+        else:
+            top = dim_table[dim_table["site"] == r["site"]].head(3)
+            lines.append(f"- `{r['site']}`: {int(r['n_high_norm'])} high-norm tokens (top dims "
+                         f"{top['dim'].tolist()}); share that D_sink detection finds as visual sinks: "
+                         f"{fmt_ci(r['share_found_by_dsink'], r['ci_low'], r['ci_high'])}; Jaccard overlap with the "
+                         f"{int(r['n_lm_visual_sinks'])} language-model visual sinks {r['jaccard']:.3g}.\n")
+    if "norms" in figs:
+        lines.append(f"![norms]({figs['norms']})\n")
+    lines.append(markdown_table(table))
+    lines.append(markdown_table(dim_table, max_rows=10))
+    folder.write_text("index.md", "\n".join(lines))

@@ -1,0 +1,63 @@
+"""What an attended token writes into the residual stream: the OV contribution (Kang et al.
+2025, evidence 5).
+
+For query i, key j of head h in one layer, with v_j the key's value state (what the attention
+function multiplies the probabilities with) and W_O^h the head's slice of the output projection:
+
+    contribution_{h,i,j} = || a_{h,i,j} v_j W_O^h || = a_{h,i,j} * || W_O^h v_j ||
+
+(the paper's `|| a_ij x_j W_OV ||`, with x_j the normalised input of the layer). a is a
+probability, so the contribution is in residual-stream units. Grouped-query attention: query
+head h reads key-value head h // (heads / kv_heads), as in transformers' `repeat_kv`.
+
+Layouts: values `[batch, kv_head, key, head_dim]`, W_O `[hidden, head * head_dim]` (nn.Linear
+weight), attention `[batch, head, query, key]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ov_norms(values: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """|| W_O^h v_j || for every head and key: float32 [batch, head, key].
+
+    values: [batch, kv_head, key, head_dim]; o_weight: [hidden, num_heads * head_dim];
+    num_heads must be a multiple of kv_head.
+    """
+    if values.dim() != 4:
+        raise ValueError(f"values must be [batch, kv_head, key, head_dim], got {tuple(values.shape)}")
+    batch, kv, n_k, head_dim = values.shape
+    if num_heads % kv:
+        raise ValueError(f"{num_heads} query heads cannot share {kv} key-value heads evenly")
+    if tuple(o_weight.shape[1:]) != (num_heads * head_dim,):
+        raise ValueError(f"o_weight must be [hidden, {num_heads} * {head_dim}], got {tuple(o_weight.shape)}")
+    v = values.float().repeat_interleave(num_heads // kv, dim=1)  # [batch, head, key, head_dim]
+    w = o_weight.float().to(v.device).reshape(o_weight.shape[0], num_heads, head_dim)  # [hidden, head, head_dim]
+    written = torch.einsum("bhkd,ohd->bhko", v, w)  # [batch, head, key, hidden]
+    return written.norm(dim=-1)
+
+
+def ov_contributions(attn: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """a_{h,i,j} * || W_O^h v_j ||: float32 [batch, head, query, key].
+
+    attn: [batch, head, query, key] post-softmax; norms: [batch, head, key] from `ov_norms`.
+    """
+    if attn.dim() != 4 or tuple(norms.shape) != (attn.shape[0], attn.shape[1], attn.shape[3]):
+        raise ValueError(f"attn [batch, head, query, key] {tuple(attn.shape)} and norms [batch, head, key] "
+                         f"{tuple(norms.shape)} do not match")
+    return attn.float() * norms.float().to(attn.device)[:, :, None, :]
+
+
+def class_means(values: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over the queries in query_mask and the keys in key_mask, per head: [batch, head].
+
+    values: [batch, head, query, key] (attention or contributions); key_mask: [batch, key] bool;
+    query_mask: [batch, query] bool. NaN where a row has no such query or key (never a division by 0).
+    """
+    q = query_mask.to(values.device).float()[:, None, :, None]
+    k = key_mask.to(values.device).float()[:, None, None, :]
+    total = (values.float() * q * k).sum(dim=(2, 3))
+    count = (q.sum(dim=2) * k.sum(dim=3)).squeeze(-1).squeeze(-1)  # [batch, 1]
+    count = count.expand_as(total)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
