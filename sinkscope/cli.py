@@ -68,6 +68,36 @@ def scan(
     typer.echo(f"wrote {folder.path}/index.md")
 
 
+@app.command()
+def report(
+    model: str = typer.Option("demo", help="'demo' (SmolLM2-135M LLaVA), 'tiny', 'organism' (planted), a local model "
+                              "directory, or a hub id"),
+    out: str = typer.Option("reports/demo", help="report folder; every finished step in it is kept, an interrupted "
+                            "one resumes"),
+    data: str = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl file, or a folder of images"),
+    limit: int = typer.Option(32, help="samples per step"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: where the model loads)"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: the checkpoint's)"),
+    seed: int = typer.Option(0, help="seed for random controls and bootstrap"),
+    steps: Optional[str] = typer.Option(None, help="comma-separated subset of: scan, heads, ablate, contributions, "
+                                        "location, vit_sinks, var_eval, patching (default: all)"),
+    sink_score: str = typer.Option("auto", help="auto (the paper's phi when sqrt(hidden) >= 40, else layer-relative), "
+                                   "rms, or layer"),
+    tau: Optional[float] = typer.Option(None, help="sink threshold (default: chosen per sink score)"),
+):
+    """Every analysis on one model -> one index.md that leads with the findings, plus viewer.html."""
+    from sinkscope.analyses.report import STEPS, ReportConfig, run_report
+
+    try:
+        cfg = ReportConfig(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed,
+                           steps=tuple(s.strip() for s in steps.split(",")) if steps else STEPS,
+                           sink_score=sink_score, tau=tau)
+        folder = run_report(out, cfg, log=lambda m: typer.echo(m))
+    except SinkscopeError as err:
+        _fail(err)
+    typer.echo(f"wrote {folder}/index.md")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
