@@ -289,8 +289,16 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     is_image = ids == encoder.image_token_id
     image_end = torch.where(is_image, torch.arange(length), -1).max(1).values
     text_query = (torch.arange(length)[None] > image_end[:, None]) & mask.bool()  # [B, T]
-    row = {"sink_dims": " ".join(map(str, dims.dims)), "tau": tau}
+    row = {"sink_dims": " ".join(map(str, dims.dims)), "tau": tau, "tau_layer": sinks.LAYER_SCORE_TAU}
     phi = sinks.phi(states, dims.dims) if dims.dims else torch.zeros(states.shape[:3])  # [B, L, T]
+    score = sinks.phi_layer_relative(states, dims.dims, mask.bool())  # [B, L, T], no ceiling
+    for layer in range(n_layers):
+        layer_sink = is_image & (score[:, layer] >= sinks.LAYER_SCORE_TAU)
+        row[f"visual_sinks_layer_score_L{layer}"] = float(layer_sink.sum(1).float().mean())
+        row[f"max_image_layer_score_L{layer}"] = float(score[:, layer][is_image].max())
+        att = out.attentions[layer].mean(1)[text_query]
+        row[f"visual_sink_attention_layer_score_L{layer}"] = float(
+            (att * layer_sink[text_query.nonzero()[:, 0]]).sum(-1).mean())
     for layer in range(n_layers):
         att = out.attentions[layer].mean(1)  # [B, Q, K] head mean
         q_att = att[text_query]  # [n_queries, K] rows of text queries after the image
@@ -329,9 +337,18 @@ def _lr(stage: Stage, step: int) -> float:
 
 
 def _append_csv(path: Path, row: dict) -> None:
+    """Append one row; a row with new columns rewrites the (small) file atomically with their union."""
     import pandas as pd
 
     frame = pd.DataFrame([row])
+    if path.exists():
+        header = path.open().readline().strip().split(",")
+        if header != list(frame.columns):
+            merged = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+            tmp = path.with_suffix(".tmp")
+            merged.to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            return
     frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
@@ -438,6 +455,11 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                 row.update(emergence_metrics(model, encoder))
                 model.train()
                 _append_csv(out / "emergence.csv", row)
+                snapshots = out / "snapshots"  # the projector at every logged step, to re-measure the curve later
+                snapshots.mkdir(exist_ok=True)
+                save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                           if k.startswith("model.multi_modal_projector.")},
+                          str(snapshots / f"projector_step{progress['global_step']}.safetensors"))
                 n_l = model.config.text_config.num_hidden_layers
                 vs = [row[f"visual_sinks_per_image_L{i}"] for i in range(n_l)]
                 log(f"[{stage.name}] step {progress['global_step']} loss {float(loss):.3f} "
