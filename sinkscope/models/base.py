@@ -45,6 +45,11 @@ class ModelAdapter:
 
         return getattr(transformers, cls.architectures[0])
 
+    @classmethod
+    def attention_kwarg(cls, implementation: str):
+        """The `attn_implementation=` value that selects `implementation` for the language model only."""
+        return {"text_config": implementation}
+
     def __init__(self, model, processor: Any = None, name: str = ""):
         self.model = model
         self.processor = processor

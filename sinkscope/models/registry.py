@@ -22,9 +22,9 @@ def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
 def _ensure_registered() -> None:
     if _ADAPTERS:
         return
-    from sinkscope.models import gemma3, llava, llava_next, qwen2_vl  # noqa: F401  (side effect: register)
+    from sinkscope.models import causal_lm, gemma3, llava, llava_next, qwen2_vl  # noqa: F401
 
-    for module in (llava, llava_next, qwen2_vl, gemma3):
+    for module in (llava, llava_next, qwen2_vl, gemma3, causal_lm):  # LMM families first
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, ModelAdapter) and obj is not ModelAdapter and obj.family:
                 register(obj)
@@ -135,7 +135,7 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
         ) from err
     adapter_cls = adapter_for_config(config)
     kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
-              "attn_implementation": {"text_config": "eager"}}
+              "attn_implementation": adapter_cls.attention_kwarg("eager")}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
@@ -152,12 +152,13 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
     model.eval()
     processor, processor_error = None, ""
     if load_processor:
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, AutoTokenizer
 
+        auto = AutoTokenizer if adapter_cls.family == "causal_lm" else AutoProcessor  # text-only: the tokenizer
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+                processor = auto.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001
             processor_error = f"{err.__class__.__name__}: {err}"
             warnings.warn(f"no processor could be loaded for {spec!r} ({processor_error}); pass token ids yourself")
