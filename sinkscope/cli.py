@@ -98,6 +98,96 @@ def report(
     typer.echo(f"wrote {folder}/index.md")
 
 
+# ----------------------------------------------------------------------------- analyses of section 3 (issue 7)
+
+_MODEL = typer.Option("demo", help="'demo', 'organism', 'tiny', a local model directory (LMM or causal LM), or a hub id")
+_DATA = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts (.txt / .jsonl)")
+_LIMIT = typer.Option(16, help="number of samples")
+_DEVICE = typer.Option(None, help="cpu, cuda, cuda:1 ...")
+_SEED = typer.Option(0, help="seed (bootstrap, random controls)")
+_TAU = typer.Option(None, help="sink threshold on phi (default as in `sinkscope scan`)")
+_NBOOT = typer.Option(1000, help="bootstrap resamples for CIs")
+
+
+def _run_analysis(runner, cfg, out: str, resume: bool) -> None:
+    try:
+        folder = runner(out, cfg, resume=resume, log=lambda m: typer.echo(m))
+    except SinkscopeError as err:
+        _fail(err)
+    typer.echo(f"wrote {folder.path}/index.md")
+
+
+@app.command()
+def heads(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/heads"), limit: Optional[int] = _LIMIT,
+          batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
+          rho: float = typer.Option(0.5), summ: float = typer.Option(0.2),
+          n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
+          device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
+          sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+    """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
+    from sinkscope.analyses.heads import HeadsConfig, run_heads
+
+    try:
+        cfg = HeadsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=_dims(sink_dims),
+                          rho=rho, summ=summ, n_maps=n_maps, device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_heads, cfg, out, resume)
+
+
+@app.command()
+def contributions(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/contributions"),
+                  limit: Optional[int] = _LIMIT, batch_size: int = typer.Option(4), tau: Optional[float] = _TAU,
+                  sink_dims: Optional[str] = typer.Option(None), device: Optional[str] = _DEVICE, seed: int = _SEED,
+                  n_boot: int = _NBOOT, sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+    """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    try:
+        cfg = ContributionsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
+                                  sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_contributions, cfg, out, resume)
+
+
+@app.command()
+def location(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/location"),
+             limit: Optional[int] = _LIMIT, masks: Optional[str] = typer.Option(
+                 None, help="folder with one PNG mask per image (same stem, image size, 0 = background); "
+                 "default: the demo world's ground truth"),
+             batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
+             device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
+             sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+    """Share of visual sinks on background against the base rate: the enrichment and its CI."""
+    from sinkscope.analyses.location import LocationConfig, run_location
+
+    try:
+        cfg = LocationConfig(model=model, data=data, limit=limit, masks=masks, batch_size=batch_size, tau=tau,
+                             sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_location, cfg, out, resume)
+
+
+@app.command("vit-sinks")
+def vit_sinks(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/vit_sinks"),
+              limit: Optional[int] = _LIMIT, norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the "
+                                                                              "image's median token norm"),
+              batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
+              device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
+              sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+    """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
+    from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
+
+    try:
+        cfg = VitSinksConfig(model=model, data=data, limit=limit, norm_ratio=norm_ratio, batch_size=batch_size, tau=tau,
+                             sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_vit_sinks, cfg, out, resume)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import batches
 from sinkscope.measures import heads as head_measures
 from sinkscope.runfolder import RunFolder
@@ -41,7 +42,7 @@ class HeadsConfig(AnalysisConfig):
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.rho <= 1 or not 0 <= self.summ <= 1:
-            raise ValueError(f"--rho and --summ must be in [0, 1]; got {self.rho}, {self.summ}")
+            raise SinkscopeError(f"--rho and --summ must be in [0, 1]; got {self.rho}, {self.summ}")
 
 
 class HeadsReducer(SinkAwareReducer):
