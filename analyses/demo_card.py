@@ -32,12 +32,13 @@ def main(argv=None) -> None:
     adapter = adapter_for_model(model, processor, "demo")
     accuracy = demo_accuracy(adapter, n_per_task=args.n_per_task)
     print(accuracy.to_string())
-    scan_dir = Path(args.scan_dir or tempfile.mkdtemp(prefix="demo-card-scan-"))
-    run_scan(str(scan_dir), ScanConfig(model="demo", data="demo", limit=args.scan_samples), adapter=adapter,
-             figures=False, log=print)
+    root = Path(args.scan_dir or tempfile.mkdtemp(prefix="demo-card-scan-"))
+    for score in ("rms", "layer"):  # the paper's phi (saturates at hidden 576) and the layer-relative score
+        run_scan(str(root / score), ScanConfig(model="demo", data="demo", limit=args.scan_samples, sink_score=score),
+                 adapter=adapter, figures=(score == "rms"), log=print)
     trained = sum(v.numel() for v in smolvlm.trained_state(adapter.model).values())
-    smolvlm_card.write_card(Path(args.assets), accuracy, scan_dir, Path(args.train_dir) if args.train_dir else None,
-                            adapter.describe(), trained)
+    smolvlm_card.write_card(Path(args.assets), accuracy, root / "layer", Path(args.train_dir) if args.train_dir else None,
+                            adapter.describe(), trained, phi_scan_dir=root / "rms")
     print(f"card written to {args.assets}/README.md")
 
 

@@ -21,7 +21,7 @@ from sinkscope.report import markdown_table
 
 
 def per_layer_table(scan_dir: Path) -> pd.DataFrame:
-    """Per layer: top activation vs median, first-token and delimiter phi/attention, visual sinks.
+    """Per layer: top activation vs median, first-token and delimiter sink scores/attention, visual sinks.
 
     Attention columns are shares of the attention of text queries after the image (mean over
     heads and queries, summed over the role's tokens, mean over samples).
@@ -33,12 +33,12 @@ def per_layer_table(scan_dir: Path) -> pd.DataFrame:
     out = mags.copy()
     for role, prefix in (("first", "first"), ("delimiter", "delimiter")):
         r = roles[roles["role"] == role].set_index("layer")
-        out[f"{prefix}_phi_max"] = out["layer"].map(r["phi_max"])
+        out[f"{prefix}_score_max"] = out["layer"].map(r["phi_max"])
         out[f"{prefix}_sinks_per_sample"] = out["layer"].map(r["sinks_per_sample"])
         out[f"{prefix}_attention"] = out["layer"].map(r["attention_received"])
     vis = counts[counts["token_kind"] == "visual"].groupby("layer")
     out["visual_sinks_per_image"] = out["layer"].map(vis["n_sinks"].sum() / n_samples)
-    out["visual_max_phi"] = out["layer"].map(vis["max_phi"].max())
+    out["visual_max_score"] = out["layer"].map(vis["max_phi"].max())
     out["visual_sink_attention"] = out["layer"].map(vis["sum_sink_attention"].sum() / n_samples)
     out["image_attention"] = out["layer"].map(vis["sum_attention"].sum() / n_samples)
     known = vis["n_sink_known_background"].sum()
@@ -61,19 +61,44 @@ def emergence_summary(emergence: pd.DataFrame, n_layers: int, start_layer: int =
             "image_attention_mean": sum(r[f"image_attention_L{i}"] for i in layers) / len(layers),
             "first_token_attention_mean": sum(r[f"first_token_attention_L{i}"] for i in layers) / len(layers),
             "max_image_phi": max(r[f"max_image_phi_L{i}"] for i in layers),
+            **_layer_score_columns(r, layers),
             "sink_dims": r["sink_dims"], "tau": r["tau"],
         })
     return pd.DataFrame(rows)
 
 
+def _layer_score_columns(r, layers) -> dict:
+    """The same statistics under the layer-relative score (NaN where the log predates it)."""
+    if f"visual_sinks_layer_score_L{layers[0]}" not in r or pd.isna(r[f"visual_sinks_layer_score_L{layers[0]}"]):
+        return {"visual_sinks_per_image_layer_score": float("nan"), "visual_sink_attention_layer_score": float("nan"),
+                "max_image_layer_score": float("nan")}
+    return {
+        "visual_sinks_per_image_layer_score": max(r[f"visual_sinks_layer_score_L{i}"] for i in layers),
+        "visual_sink_attention_layer_score": max(r[f"visual_sink_attention_layer_score_L{i}"] for i in layers),
+        "max_image_layer_score": max(r[f"max_image_layer_score_L{i}"] for i in layers),
+    }
+
+
 def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: Path | None, describe: dict,
-               n_trained_parameters: int) -> dict:
+               n_trained_parameters: int, phi_scan_dir: Path | None = None) -> dict:
+    """scan_dir: the scan whose sinks the card reports (layer-relative score for this model);
+    phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau."""
     from sinkscope import plots
 
     assets, scan_dir = Path(assets), Path(scan_dir)
     layers = per_layer_table(scan_dir)
     dims = json.loads((scan_dir / "sink_dims.json").read_text())
     run = json.loads((scan_dir / "run.json").read_text())
+    phi_view = {}
+    if phi_scan_dir is not None:
+        phi_run = json.loads((Path(phi_scan_dir) / "run.json").read_text())
+        roles = pd.read_csv(Path(phi_scan_dir) / "role_summary.csv")
+        per_role = roles[roles["layer"] >= 2].groupby("role").agg(
+            phi_median=("phi_median", "mean"), phi_p90=("phi_p90", "mean"), phi_max=("phi_max", "max"),
+            sinks_per_sample=("sinks_per_sample", "max")).reset_index()
+        phi_view = {"tau": phi_run.get("tau"), "per_role": per_role.to_dict("records")}
+        if (Path(phi_scan_dir) / "phi_by_role.png").exists():
+            shutil.copy(Path(phi_scan_dir) / "phi_by_role.png", assets / "phi_by_role.png")
     text_sinks = pd.read_csv(scan_dir / "text_sink_tokens.csv") if (scan_dir / "text_sink_tokens.csv").exists() else None
     card = {
         "kind": "demo", "planted": False, "architecture": describe,
@@ -86,6 +111,8 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         "tau": run.get("tau"), "scan_samples": run.get("n_samples"),
         "layers": layers.to_dict("records"),
         "text_sink_tokens": text_sinks.head(12).to_dict("records") if text_sinks is not None else [],
+        "sink_score": run.get("params", {}).get("sink_score", "rms"),
+        "phi_view": phi_view,
     }
     if train_dir is not None and (Path(train_dir) / "emergence.csv").exists():
         train_dir = Path(train_dir)
@@ -106,6 +133,31 @@ def _f(x, digits=3) -> str:
         return f"{float(x):.{digits}g}"
     except (TypeError, ValueError):
         return str(x)
+
+
+def _tau_paragraphs(card: dict) -> list[str]:
+    tau = card.get("tau") or {}
+    out = ["### How sinks are detected in this model, and why\n"]
+    phi_view = card.get("phi_view") or {}
+    if phi_view:
+        ptau = phi_view.get("tau") or {}
+        out.append(
+            "With hidden size 576, phi = |x_d / RMS(x)| cannot exceed sqrt(576) = 24, so the paper's tau = 20 (chosen "
+            "for hidden 4096, ceiling 64) sits near the ceiling. Worse, SmolLM2's sink dim dominates the residual "
+            "of most tokens in the middle layers, so ordinary tokens reach phi close to the first token's. With the "
+            f"paper's phi, the scan's gap rule chose tau = {_f(ptau.get('value'))} ({ptau.get('method')}): "
+            f"{ptau.get('reason')}. phi per role, layers >= 2 (mean of per-layer medians and 90th percentiles, "
+            "largest value):\n")
+        out.append(markdown_table(pd.DataFrame(phi_view["per_role"])))
+        out.append("![phi by role](phi_by_role.png)\n")
+    if card.get("sink_score") == "layer":
+        out.append(
+            "The card therefore detects sinks with the **layer-relative score** |x_d| / (median token RMS of the "
+            f"layer), which keeps the magnitude and has no ceiling: tau = {_f(tau.get('value'))} ({tau.get('method')}): "
+            f"{tau.get('reason')}.\n")
+    else:
+        out.append(f"Threshold tau = {_f(tau.get('value'))} ({tau.get('method')}): {tau.get('reason')}.\n")
+    return out
 
 
 def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
@@ -130,13 +182,10 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
         "## What the language model brings: its own sinks\n",
         f"Sink dims found by discovery on the first token (not pinned): **{card['sink_dims']['dims']}** "
         f"({card['sink_dims']['method']}). {card['sink_dims']['reason']}\n",
-        f"Threshold tau = {_f(tau.get('value'))} ({tau.get('method')}): {tau.get('reason')}. "
-        "With hidden size 576, phi cannot exceed sqrt(576) = 24, so the paper's tau = 20 (set for hidden 4096, "
-        "ceiling 64) would sit near the ceiling; tau comes from the largest gap in the phi of non-first tokens "
-        "instead, and the per-role figure of the scan shows where first, delimiter, text and image tokens lie.\n",
+        *_tau_paragraphs(card),
         "## Per layer (test split)\n",
         "top1 / median: largest |activation| against the median. *_attention: share of the attention of text "
-        "queries after the image. visual_sinks_per_image: image tokens with phi >= tau.\n",
+        "queries after the image. visual_sinks_per_image: image tokens with score >= tau. *_score_max: the largest sink score (the score the card uses, see above).\n",
         markdown_table(layers, max_rows=40),
     ]
     if card.get("text_sink_tokens"):
@@ -149,7 +198,7 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
                      "visual_sinks_on_background against background_base_rate in the table.\n")
     else:
         lines.append(f"No: no image token reaches phi >= tau = {_f(tau.get('value'))} in any layer >= 2 on the test "
-                     f"split (largest image phi {_f(deep['visual_max_phi'].max())}).\n")
+                     f"split (largest image score {_f(deep['visual_max_score'].max())}).\n")
     if card.get("emergence"):
         first, last = card["emergence"][0], card["emergence"][-1]
         lines += [
