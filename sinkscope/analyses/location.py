@@ -52,10 +52,13 @@ def load_masks(folder: str | Path) -> dict[str, Path]:
     return masks
 
 
-def background_mask(sample: Sample, masks: dict[str, Path] | None) -> np.ndarray:
-    """[height, width] bool, True = background, for a sample's image (demo ground truth or a PNG mask)."""
+def background_mask(sample: Sample, masks: dict[str, Path] | None) -> np.ndarray | None:
+    """[height, width] bool, True = background, for a sample's image (demo ground truth or a PNG mask);
+    None for a text-only sample (it has no image to locate sinks in)."""
     from PIL import Image
 
+    if sample.image_path is None and sample._image is None:
+        return None
     if masks is None:
         patches = sample.meta.get("background_patches")
         if patches is None:
@@ -93,6 +96,9 @@ class LocationReducer(SinkAwareReducer):
                 self.skipped[sid] = "no image tokens"
                 continue
             n = int(first.sum())
+            if self.backgrounds.get(sid) is None:
+                self.skipped[sid] = "no background mask"
+                continue
             if sid not in self._token_bg:
                 grid = loc.square_grid(n)
                 if grid is None:

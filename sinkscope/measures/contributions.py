@@ -58,6 +58,5 @@ def class_means(values: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.
     q = query_mask.to(values.device).float()[:, None, :, None]
     k = key_mask.to(values.device).float()[:, None, None, :]
     total = (values.float() * q * k).sum(dim=(2, 3))
-    count = (q.sum(dim=2) * k.sum(dim=3)).squeeze(-1).squeeze(-1)  # [batch, 1]
-    count = count.expand_as(total)
+    count = (query_mask.sum(dim=1) * key_mask.sum(dim=1)).to(total)[:, None].expand_as(total)  # [batch, head]
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))

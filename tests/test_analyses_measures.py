@@ -1,0 +1,68 @@
+"""Pure measures of the analyses, on hand-built tensors with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sinkscope.measures import contributions as ov
+from sinkscope.measures import location as loc
+
+
+def test_ov_norms_gqa_equals_a_loop_over_heads():
+    torch.manual_seed(0)
+    b, heads, kv, keys, hd, hidden = 2, 4, 2, 5, 3, 7
+    v = torch.randn(b, kv, keys, hd)
+    w = torch.randn(hidden, heads * hd)
+    got = ov.ov_norms(v, w, heads)
+    for h in range(heads):
+        g = h // (heads // kv)  # transformers' repeat_kv: query head h reads kv head h // groups
+        want = (v[:, g] @ w[:, h * hd:(h + 1) * hd].T).norm(dim=-1)
+        torch.testing.assert_close(got[:, h], want)
+    attn = torch.softmax(torch.randn(b, heads, 3, keys), -1)
+    contrib = ov.ov_contributions(attn, got)
+    # the contribution is the norm of what a_ij v_j W_O^h writes
+    h, i, j = 3, 1, 2
+    written = attn[0, h, i, j] * (w[:, h * hd:(h + 1) * hd] @ v[0, h // 2, j])
+    assert float(contrib[0, h, i, j]) == pytest.approx(float(written.norm()), rel=1e-5)
+
+
+def test_ov_norms_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="evenly"):
+        ov.ov_norms(torch.zeros(1, 3, 2, 4), torch.zeros(8, 16), 4)
+    with pytest.raises(ValueError, match="o_weight"):
+        ov.ov_norms(torch.zeros(1, 2, 2, 4), torch.zeros(8, 12), 4)
+
+
+def test_class_means_and_empty_classes():
+    values = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    keys = torch.tensor([[True, False, True], [False, False, False]])
+    queries = torch.tensor([[False, True], [True, True]])
+    m = ov.class_means(values, keys, queries)
+    assert float(m[0, 0]) == pytest.approx((3 + 5) / 2)  # row 0: query 1, keys 0 and 2
+    assert math.isnan(float(m[1, 0]))  # no key of the class: NaN, no division by zero
+
+
+def test_token_background_by_area():
+    mask = np.ones((8, 8), dtype=bool)
+    mask[0:2, 0:2] = False  # an object in the top-left 2x2 patches
+    np.testing.assert_array_equal(loc.token_background(mask, (8, 8)), mask.reshape(-1))
+    np.testing.assert_array_equal(loc.token_background(mask, (2, 2)), [False, True, True, True])  # 4/16 covered
+    np.testing.assert_array_equal(loc.token_background(mask, (4, 4), min_object_coverage=1.0),
+                                  [False] + [True] * 15)
+    # a grid that does not divide the mask: exact area fractions (3x3 over 8x8)
+    assert loc.token_background(mask, (3, 3)).tolist()[0] is False
+    assert loc.square_grid(64) == (8, 8) and loc.square_grid(6) is None and loc.square_grid(0) is None
+
+
+def test_location_counts_and_enrichment():
+    c = loc.location_counts(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 1], bool))
+    assert (c.n_visual, c.n_background, c.n_sinks, c.n_sinks_background) == (4, 3, 2, 1)
+    assert c.sink_share == 0.5 and c.base_rate == 0.75 and c.enrichment == pytest.approx(2 / 3)
+    none = loc.location_counts(np.zeros(4, bool), np.ones(4, bool))
+    assert math.isnan(none.sink_share) and math.isnan(none.enrichment)
+    share, base, enr = loc.pooled_enrichment([4, 4], [3, 2], [2, 0], [2, 0])
+    assert (share, base) == (1.0, 5 / 8) and enr == pytest.approx(1.6)
