@@ -188,6 +188,35 @@ def vit_sinks(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("r
     _run_analysis(run_vit_sinks, cfg, out, resume)
 
 
+def _floats(text: Optional[str]) -> Optional[list[float]]:
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as err:
+        raise SinkscopeError(f"expected comma-separated numbers like 5,10,20; got {text!r}") from err
+
+
+@app.command()
+def ablate(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with answers"),
+           out: str = typer.Option("runs/ablate"), limit: Optional[int] = _LIMIT, batch_size: int = typer.Option(8),
+           taus: Optional[str] = typer.Option(None, help="tau sweep, e.g. 10,20,40 (default: calibrated tau x 0.75, 1, 1.5)"),
+           layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
+           n_random: int = typer.Option(5, help="seeds of the random image-token control"),
+           sink_dims: Optional[str] = typer.Option(None), device: Optional[str] = _DEVICE, seed: int = _SEED,
+           n_boot: int = _NBOOT, sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+    """Knock out attention to visual sinks vs matched random / top non-sink image tokens / BOS; sweep tau."""
+    from sinkscope.analyses.ablate import AblateConfig, run_ablate
+
+    try:
+        cfg = AblateConfig(model=model, data=data, limit=limit, batch_size=batch_size, taus=_floats(taus),
+                           layers=_dims(layers), n_random=n_random, sink_dims=_dims(sink_dims), device=device, seed=seed,
+                           n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_ablate, cfg, out, resume)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

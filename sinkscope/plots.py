@@ -270,3 +270,26 @@ def vit_norms(tokens: pd.DataFrame, norm_ratio: float, path: Path) -> str:
         ax.set_xlabel(f"norm / image median ({site})")
         ax.set_ylabel("max phi in the language model")
     return _save(fig, path, pdf=False)
+
+
+def ablation_curves(table: pd.DataFrame, path: Path) -> str:
+    """Each metric against tau, one line per knockout condition (CI bands); `none` and `bos` as flat lines."""
+    import seaborn as sns
+
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4), squeeze=False)
+    palette = dict(zip(["none", "visual_sinks", "random_visual", "top_nonsink", "bos"], sns.color_palette("tab10", 5)))
+    for ax, metric in zip(axes[0], metrics):
+        t = table[table["metric"] == metric]
+        swept = t[t["tau"].notna()]
+        for condition, g in swept.groupby("condition"):
+            g = g.sort_values("tau")
+            ax.plot(g["tau"], g["value"], "o-", color=palette.get(condition), label=condition)
+            ax.fill_between(g["tau"], g["ci_low"], g["ci_high"], color=palette.get(condition), alpha=0.15)
+        for _, r in t[t["tau"].isna()].iterrows():
+            ax.axhline(r["value"], color=palette.get(r["condition"]), ls="--", lw=1, label=r["condition"])
+        ax.set_xlabel("tau (sink threshold)")
+        ax.set_title(metric, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("knockout of attention from text queries to each key set", fontsize=9)
+    return _save(fig, path, pdf=False)

@@ -1,0 +1,285 @@
+"""`sinkscope ablate`: do visual sinks matter? Knock them out and compare with matched controls.
+
+Kang et al. 2025, evidence 4: block attention from the text queries after the image (and every
+generated token) to a set of keys, in all layers (or chosen ones), rows renormalised
+(sinkscope.interventions.knockout), and measure yes/no answers. Conditions:
+  - none: the unmodified model;
+  - visual_sinks: image tokens with phi >= tau in any layer >= start_layer (prefill);
+  - random_visual: the same number of image tokens drawn at random from image tokens only, one
+    set used in every layer, `n_random` seeds (metrics averaged over seeds per sample);
+  - top_nonsink: the same number of the most-attended image tokens that are not sinks;
+  - bos: the first token.
+Swept over tau. Metrics: yes/no accuracy and F1 from greedy generation, and the logit
+difference of the correct answer (logit of the correct word minus the other, at the answer
+position). CIs: percentile bootstrap over samples; p-values against `none`, paired over samples:
+Wilcoxon signed-rank for the logit difference, exact McNemar (binomial on discordant pairs) for
+correctness, the bootstrap of the paired difference for F1.
+
+Writes: run.json, sink_dims.json, ablation_per_sample.csv, ablation.csv, ablation.png, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.errors import SinkscopeError
+from sinkscope.eval.accuracy import yes_no
+from sinkscope.eval.tasks import batches
+from sinkscope.runfolder import RunFolder
+
+CONDITIONS = ("none", "visual_sinks", "random_visual", "top_nonsink", "bos")
+
+
+@dataclass
+class AblateConfig(AnalysisConfig):
+    data: str = "demo:pope-adversarial"
+    taus: list[float] | None = None  # default: the calibrated tau x (0.75, 1, 1.5)
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    n_random: int = 5
+    layers: list[int] | None = None  # knockout layers (default all)
+    max_new_tokens: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or "none" not in self.conditions:
+            raise SinkscopeError(f"--conditions must include 'none' and come from {', '.join(CONDITIONS)}; got {self.conditions}")
+        if self.n_random < 1:
+            raise SinkscopeError(f"--n-random must be >= 1; got {self.n_random}")
+        if self.taus is not None and any(not t > 0 for t in self.taus):
+            raise SinkscopeError(f"--taus must all be > 0; got {self.taus}")
+
+
+def check_layers(layers, n_layers: int) -> None:
+    """A clear error for knockout layers outside the model."""
+    if layers is None:
+        return
+    bad = [l for l in layers if not 0 <= int(l) < n_layers]
+    if bad:
+        raise SinkscopeError(f"knockout layers {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
+                             "pass --layers within that range, or leave it out to knock out in every layer")
+
+
+def answer_token_ids(adapter) -> tuple[int, int]:
+    """(yes id, no id): the first token of each word as the model would write it."""
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    ids = []
+    for word in ("yes", "no"):
+        enc = tok(word, add_special_tokens=False).input_ids
+        if not enc:
+            raise SinkscopeError(f"the tokenizer cannot encode {word!r}; ablation needs yes/no answers")
+        ids.append(int(enc[0]))
+    return ids[0], ids[1]
+
+
+class _PhiAttention(SinkAwareReducer):
+    """Prefill phi per layer and the attention each token receives from text queries (layers >= start)."""
+
+    def __init__(self, dims, tau, eps, score, start_layer):
+        super().__init__(dims, tau, eps, score)
+        self.start = start_layer
+        self.received = None
+
+    def attention(self, layer, probs):
+        if layer < self.start:
+            return
+        q = self.queries
+        r = (probs.detach().float().cpu().mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
+        self.received = r if self.received is None else self.received + r
+
+    def max_phi(self) -> torch.Tensor:
+        late = [l for l in self.phi if l >= self.start] or list(self.phi)
+        return torch.stack([self.phi[l] for l in late]).amax(dim=0)  # [batch, token]
+
+
+def _inputs(adapter, batch):
+    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
+
+
+@torch.no_grad()
+def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
+    """Per row: logit difference of the correct answer at the answer position, the parsed generated answer."""
+    inputs = _inputs(adapter, batch)
+    logits = adapter.model(**inputs).logits[:, -1].float().cpu()
+    diff = logits[:, yes_id] - logits[:, no_id]
+    sign = torch.tensor([1.0 if y == "yes" else -1.0 for y in labels])
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    answers = [yes_no(tok.decode(row, skip_special_tokens=True)) for row in new]
+    return (diff * sign).tolist(), answers
+
+
+def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, log=print,
+               figures: bool = True) -> RunFolder:
+    s = setup(out, "ablate", cfg, adapter, resume, log)
+    adapter = s.adapter
+    check_layers(cfg.layers, adapter.num_layers)
+    from sinkscope.interventions.knockout import knockout, random_image_keys, top_nonsink_image_keys
+
+    labels_all = {x.sample_id: (x.answer or "").strip().lower() for x in s.samples}
+    bad = [sid for sid, a in labels_all.items() if a not in ("yes", "no")]
+    if bad:
+        raise SinkscopeError(f"ablation needs yes/no questions with a reference answer; {len(bad)} samples have none "
+                             f"(e.g. {bad[0]}). Use --data demo:pope-adversarial or a POPE .jsonl with 'label'")
+    yes_id, no_id = answer_token_ids(adapter)
+    taus = cfg.taus or [s.tau.value * f for f in (0.75, 1.0, 1.5)]
+    s.folder.update_meta(taus=taus)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for chunk in batches(s.todo, cfg.batch_size):
+        batch = prepare_batch(adapter, chunk)
+        red = _PhiAttention(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg.start_layer)
+        s.tracer.run(batch, [red])
+        kinds, labels = red.kinds, [labels_all[x.sample_id] for x in chunk]
+        received = red.received if red.received is not None else torch.zeros(kinds.kind.shape)
+        rows = []
+
+        def record(condition, tau, seed, key_mask):
+            n_tokens = key_mask.sum(dim=1).tolist() if key_mask is not None else [0] * len(chunk)
+            if key_mask is None or not key_mask.any():
+                diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
+            else:
+                with knockout(adapter, key_mask.to(adapter.device), layers=cfg.layers):
+                    diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
+            for x, d, a, y, n in zip(chunk, diffs, answers, labels, n_tokens):
+                rows.append({"sample": x.sample_id, "condition": condition, "tau": tau, "seed": seed, "n_tokens": int(n),
+                             "label": y, "answer": a, "correct": a == y, "logit_diff": d})
+
+        record("none", math.nan, -1, None)
+        for tau in taus:
+            sinks = (red.max_phi() >= tau) & kinds.visual_mask  # [batch, token]
+            n_per_row = sinks.sum(dim=1)
+            if "visual_sinks" in cfg.conditions:
+                record("visual_sinks", tau, -1, sinks)
+            if "random_visual" in cfg.conditions:
+                for seed in range(cfg.n_random):
+                    record("random_visual", tau, seed, random_image_keys(kinds, n_per_row, gen))
+            if "top_nonsink" in cfg.conditions:
+                record("top_nonsink", tau, -1, top_nonsink_image_keys(received, kinds.visual_mask, sinks, n_per_row))
+        if "bos" in cfg.conditions:
+            record("bos", math.nan, -1, kinds.bos_mask)
+        s.folder.append_rows("ablation_per_sample", pd.DataFrame(rows))
+        s.folder.mark_done([x.sample_id for x in chunk])
+    return summarize_ablation(s.folder, cfg, figures)
+
+
+def _f1(answers, labels) -> float:
+    tp = sum(a == "yes" and y == "yes" for a, y in zip(answers, labels))
+    fp = sum(a == "yes" and y == "no" for a, y in zip(answers, labels))
+    fn = sum(a != "yes" and y == "yes" for a, y in zip(answers, labels))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def _bootstrap_p(stat, n: int, n_boot: int, seed: int) -> float:
+    """Two-sided bootstrap p-value that a paired difference statistic is 0 (resampling samples)."""
+    if n < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    d = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)])
+    if np.all(d == 0):
+        return 1.0
+    return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+
+
+def ablation_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """ablation.csv: condition, tau, n_tokens, metric, value, ci_low, ci_high, p_value (vs none, paired)."""
+    from scipy import stats
+
+    base = per[per["condition"] == "none"].set_index("sample")
+    samples = list(base.index)
+    rows = []
+    groups = [(("none", math.nan), per[per["condition"] == "none"])]
+    groups += list(per[per["condition"] != "none"].groupby(["condition", "tau"], dropna=False))
+    for (condition, tau), g in groups:
+        # one row per sample: random seeds averaged (accuracy as the share correct over seeds)
+        agg = g.groupby("sample").agg(correct=("correct", "mean"), logit_diff=("logit_diff", "mean"),
+                                      n_tokens=("n_tokens", "mean")).reindex(samples)
+        answers = g.groupby("sample")["answer"].agg(list).reindex(samples)
+        labels = base["label"].to_numpy()
+        corr, diff = agg["correct"].to_numpy(float), agg["logit_diff"].to_numpy(float)
+        b_corr, b_diff = base["correct"].to_numpy(float), base["logit_diff"].to_numpy(float)
+        ans = answers.tolist()
+
+        def f1_of(idx):
+            return float(np.mean([_f1([ans[i][k] for i in idx], [labels[i] for i in idx]) for k in range(len(ans[0]))]))
+
+        metrics = {
+            "accuracy": (float(corr.mean()), lambda i: float(corr[i].mean())),
+            "f1": (f1_of(np.arange(len(samples))), f1_of),
+            "logit_diff": (float(diff.mean()), lambda i: float(diff[i].mean())),
+        }
+        for metric, (value, stat) in metrics.items():
+            lo, hi = cluster_bootstrap(len(samples), stat, n_boot, seed)
+            p = math.nan
+            if condition != "none":
+                if metric == "logit_diff":
+                    d = diff - b_diff
+                    p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+                elif metric == "accuracy":
+                    worse, better = float(np.sum(np.clip(b_corr - corr, 0, None))), float(np.sum(np.clip(corr - b_corr, 0, None)))
+                    n = int(round(worse + better))
+                    p = float(stats.binomtest(int(round(better)), n, 0.5).pvalue) if n else 1.0
+                else:
+                    b_ans = base["answer"].tolist()
+                    p = _bootstrap_p(lambda i: f1_of(i) - _f1([b_ans[j] for j in i], [labels[j] for j in i]),
+                                     len(samples), n_boot, seed)
+            rows.append({"condition": condition, "tau": tau, "n_tokens": float(agg["n_tokens"].mean()), "metric": metric,
+                         "value": value, "ci_low": lo, "ci_high": hi, "p_value": p, "n_samples": len(samples)})
+    return pd.DataFrame(rows)
+
+
+def summarize_ablation(folder: RunFolder, cfg: AblateConfig, figures: bool = True) -> RunFolder:
+    from sinkscope import plots
+
+    per = folder.read("ablation_per_sample")
+    table = ablation_table(per, cfg.n_boot, cfg.seed) if len(per) else pd.DataFrame()
+    folder.write_table("ablation", table)
+    figs = {}
+    if figures and len(table):
+        figs["curves"] = plots.ablation_curves(table, folder.path / "ablation.png")
+    _write_index(folder, cfg, table, figs)
+    folder.finish()
+    return folder
+
+
+def _write_index(folder, cfg, table, figs) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# Knockout: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_samples')} samples; sink dims {meta.get('sink_dims')}; taus {meta.get('taus')}; knockout "
+                 f"layers {cfg.layers or 'all'}; queries: text after the image and generated tokens; random control: "
+                 f"{cfg.n_random} seeds of image tokens only, matched counts, one set for every layer. CIs: 95% percentile "
+                 "bootstrap over samples; p-values paired against `none` (Wilcoxon for the logit difference, exact "
+                 "McNemar for accuracy, two-sided bootstrap of the paired difference for F1).\n")
+    if table.empty:
+        lines.append("No samples.\n")
+    else:
+        ld = table[table["metric"] == "logit_diff"]
+        none = ld[ld["condition"] == "none"].iloc[0]
+        lines.append(f"Unmodified: logit difference of the correct answer {fmt_ci(none['value'], none['ci_low'], none['ci_high'])}.\n")
+        tau = meta.get("tau", {}).get("value")
+        for condition in ("visual_sinks", "random_visual", "top_nonsink", "bos"):
+            r = ld[ld["condition"] == condition]
+            if r.empty:
+                continue
+            r = r.iloc[(r["tau"] - (tau or 0)).abs().argsort()[:1]].iloc[0] if r["tau"].notna().any() else r.iloc[0]
+            if condition != "bos" and r["n_tokens"] == 0:
+                lines.append(f"- `{condition}`: **no visual sinks found** at tau {r['tau']:.3g}, so nothing was knocked out.\n")
+                continue
+            lines.append(f"- `{condition}` ({r['n_tokens']:.1f} tokens per sample"
+                         + (f", tau {r['tau']:.3g}" if not math.isnan(r["tau"]) else "") + "): logit difference "
+                         + fmt_ci(r["value"], r["ci_low"], r["ci_high"]) + f", p = {r['p_value']:.3g} vs none.\n")
+    if "curves" in figs:
+        lines.append(f"![ablation]({figs['curves']})\n")
+    lines.append(markdown_table(table, max_rows=60))
+    folder.write_text("index.md", "\n".join(lines))
