@@ -83,3 +83,16 @@ def test_load_a_saved_causal_lm_and_prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SinkscopeError, match="no prompts"):
         load_data(str(tmp_path / "empty.txt"))
+
+
+def test_scan_runs_on_text_prompts(tmp_path):
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    model, tok = build_text("gpt_neox")
+    adapter = adapter_for_model(model, tok, "tiny-neox")
+    prompts = write_prompts(tmp_path / "p.jsonl", 4, jsonl=True)
+    folder = _quiet(run_scan, str(tmp_path / "scan"), ScanConfig(model="tiny-neox", data=str(prompts), limit=4,
+                                                                   batch_size=2, calibration=2),
+                    adapter=adapter, figures=False, log=lambda m: None)
+    tokens = pd.read_csv(folder.path / "token_stats.csv")
+    assert set(tokens["token_kind"]) <= {"bos", "text"} and (tokens[tokens["layer"] == 0]["token_kind"] == "bos").sum() == 4
