@@ -149,6 +149,123 @@ def register_step(name: str, step: Step) -> None:
     REGISTRY[name] = step
 
 
+# ----------------------------------------------------------------------------- analysis steps
+
+
+def _analysis_runner(module: str, function: str, config_class: str, **overrides):
+    """A step runner calling sinkscope.analyses.<module>.<function>(folder, Config(...), adapter=...)."""
+
+    def run(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+        import importlib
+
+        mod = importlib.import_module(f"sinkscope.analyses.{module}")
+        config = getattr(mod, config_class)(model=cfg.model, limit=cfg.limit, device=cfg.device, seed=cfg.seed,
+                                            tau=cfg.tau, sink_score=sink_score, **overrides)
+        if cfg.data != "demo" and "data" not in overrides:
+            config.data = cfg.data
+        getattr(mod, function)(str(folder), config, adapter=adapter, log=log)
+
+    return run
+
+
+def _row(table: pd.DataFrame, **where) -> pd.Series | None:
+    for key, value in where.items():
+        table = table[table[key].astype(str) == str(value)]
+    return table.iloc[0] if len(table) else None
+
+
+def _heads_findings(folder: Path) -> list[Finding]:
+    heads = pd.read_csv(folder / "head_scores.csv")
+    out = []
+    if len(heads):
+        top = heads.iloc[0]
+        out.append(Finding("heads", f"attention to visual sinks, top head L{int(top['layer'])}.H{int(top['head'])}",
+                           float(top["visual_sink_attention"]), float(top["visual_sink_attention_ci_low"]),
+                           float(top["visual_sink_attention_ci_high"]),
+                           "The head that gives visual sinks the largest share of its text-query attention."))
+        out.append(Finding("heads", "image-centric heads (share of queries, mean over heads)",
+                           float(heads["image_centric"].mean()), sentence="Mean share of text queries for which a "
+                           "head is image-centric (visual non-sink ratio >= rho, image attention >= summ)."))
+    corr = pd.read_csv(folder / "phi_attention_correlation.csv")
+    if len(corr):
+        r = corr.iloc[0]
+        out.append(Finding("heads", f"Spearman(sink score, attention received), image tokens, layers {r['layers']}",
+                           float(r["spearman"]), float(r["ci_low"]), float(r["ci_high"]),
+                           "Do image tokens with a higher sink score receive more attention (evidence 3)?"))
+    return out
+
+
+def _contributions_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "contributions.csv")
+    out = []
+    for measure, sentence in (("contribution", "|| a_ij x_j W_OV || of visual sinks over non-sinks (evidence 5): below 1 "
+                               "means sinks write less into the residual stream than ordinary image tokens."),
+                              ("attention", "Attention received by visual sinks over non-sinks.")):
+        r = table[table["measure"] == measure].head(1)
+        if len(r):
+            r = r.iloc[0]
+            out.append(Finding("contributions", f"sink / non-sink {measure} ratio, layers {r['layers']}",
+                               float(r["ratio_sink_over_nonsink"]), float(r["ci_low"]), float(r["ci_high"]), sentence))
+    if not out:
+        out.append(Finding("contributions", "sink / non-sink contribution ratio", math.nan,
+                           sentence="No visual sinks were found, so there is no ratio to report."))
+    return out
+
+
+def _location_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "location.csv")
+    if not len(table):
+        return [Finding("location", "background enrichment", math.nan, sentence="No masks or no visual sinks.")]
+    r = table.iloc[0]
+    return [Finding("location", f"background enrichment of visual sinks, layers {r['layers']}", float(r["enrichment"]),
+                    float(r["ci_low"]), float(r["ci_high"]),
+                    f"{100 * float(r['sink_background_share']):.3g}% of visual sinks lie on background against a base "
+                    f"rate of {100 * float(r['background_base_rate']):.3g}% of image tokens (paper: 1.04-1.09x)."
+                    if r["n_sinks"] else "No visual sinks: nothing to locate.")]
+
+
+def _vit_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "vit_sinks.csv")
+    out = []
+    for _, r in table.iterrows():
+        out.append(Finding("vit_sinks", f"high-norm image tokens at {r['site']} also found by D_sink",
+                           float(r["share_found_by_dsink"]), float(r["ci_low"]), float(r["ci_high"]),
+                           f"{int(r['n_high_norm'])} high-norm tokens, {int(r['n_lm_visual_sinks'])} language-model "
+                           f"visual sinks, {int(r['n_both'])} both."))
+    return out or [Finding("vit_sinks", "high-norm image tokens", math.nan, sentence="None found.")]
+
+
+def _ablate_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "ablation.csv")
+    out = []
+    diff = table[table["metric"] == "logit_diff"]
+    if not len(diff):
+        return out
+    taus = sorted(diff["tau"].dropna().unique())
+    tau = taus[len(taus) // 2] if taus else math.nan
+    for condition in ("none", "visual_sinks", "random_visual", "top_nonsink", "bos"):
+        rows = diff[(diff["condition"] == condition) & ((diff["tau"] == tau) | diff["tau"].isna())]
+        if not len(rows):
+            continue
+        r = rows.iloc[0]
+        p = "" if pd.isna(r["p_value"]) else f" Paired test against no knockout: p = {float(r['p_value']):.2g}."
+        out.append(Finding("ablate", f"logit difference, knockout {condition} (tau {tau:.3g}, {r['n_tokens']:.3g} tokens)",
+                           float(r["value"]), float(r["ci_low"]), float(r["ci_high"]),
+                           "Correct-answer logit minus the other (yes/no), text queries after the image blocked from "
+                           "the keys." + p))
+    return out
+
+
+REGISTRY.update({
+    "heads": Step(_analysis_runner("heads", "run_heads", "HeadsConfig"), _heads_findings),
+    "ablate": Step(_analysis_runner("ablate", "run_ablate", "AblateConfig"), _ablate_findings),
+    "contributions": Step(_analysis_runner("contributions", "run_contributions", "ContributionsConfig"),
+                          _contributions_findings),
+    "location": Step(_analysis_runner("location", "run_location", "LocationConfig"), _location_findings),
+    "vit_sinks": Step(_analysis_runner("vit_sinks", "run_vit_sinks", "VitSinksConfig"), _vit_findings),
+})
+
+
 # ----------------------------------------------------------------------------- report
 
 
