@@ -1,0 +1,101 @@
+"""`sinkscope report`: findings first, steps kept once finished, exact resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from sinkscope.analyses.report import ReportConfig, is_finished, run_report
+from sinkscope.runfolder import RunFolder
+
+STEPS = ("scan", "heads", "contributions", "location")
+LIMIT = 8
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from sinkscope.models import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load("organism")
+
+
+def _report(out: Path, adapter, steps=STEPS):
+    return run_report(out, ReportConfig(model="organism", limit=LIMIT, steps=steps, viewer_samples=1),
+                      adapter=adapter, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def full_report(organism, tmp_path_factory) -> Path:
+    return _report(tmp_path_factory.mktemp("report") / "organism", organism)
+
+
+def _tables(folder: Path) -> dict[str, pd.DataFrame]:
+    return {p.relative_to(folder).as_posix(): pd.read_csv(p) for p in sorted(folder.rglob("*.csv"))}
+
+
+def test_index_leads_with_findings_with_cis(full_report):
+    index = (full_report / "index.md").read_text()
+    assert "PLANTED" in index
+    assert index.index("## Findings") < index.index("## scan")
+    findings = pd.read_csv(full_report / "findings.csv")
+    assert set(findings["step"]) == set(STEPS)
+    with_ci = findings.dropna(subset=["ci_low", "ci_high"])
+    assert len(with_ci) >= 4 and (with_ci["ci_low"] <= with_ci["value"] + 1e-9).all()
+    assert (with_ci["value"] <= with_ci["ci_high"] + 1e-9).all()
+    # the organism's planted truth, read back through the report: 4 visual sinks per image, background-enriched
+    sinks = findings[findings["name"].str.startswith("visual sinks per image")].iloc[0]
+    assert sinks["value"] == 4
+    enrichment = findings[findings["name"].str.startswith("background enrichment")].iloc[0]
+    assert enrichment["ci_low"] > 1
+    for step in STEPS:
+        assert is_finished(full_report / step)
+
+
+def test_finished_steps_are_not_run_again(full_report, organism):
+    before = {s: json.loads((full_report / s / "run.json").read_text())["finished"] for s in STEPS}
+    _report(full_report, organism)
+    after = {s: json.loads((full_report / s / "run.json").read_text())["finished"] for s in STEPS}
+    assert before == after
+
+
+def test_interrupted_report_resumes_to_the_same_tables(full_report, organism, tmp_path, monkeypatch):
+    """Stop in the middle of the second step, re-run: every table equals the uninterrupted run's."""
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    original = RunFolder.mark_done
+
+    def stop_after_three_batches(self, sample_ids):
+        original(self, sample_ids)
+        calls["n"] += 1
+        if calls["n"] == 3:  # scan takes 2 batches of 4; the third is the first batch of `heads`
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(RunFolder, "mark_done", stop_after_three_batches)
+    with pytest.raises(KeyboardInterrupt):
+        _report(out, organism)
+    monkeypatch.setattr(RunFolder, "mark_done", original)
+    assert is_finished(out / "scan") and not is_finished(out / "heads")
+    assert not (out / "index.md").exists()  # nothing that looks like a finished report
+    assert not list(out.rglob("*.tmp"))
+    scan_finished = json.loads((out / "scan" / "run.json").read_text())["finished"]
+    _report(out, organism)
+    assert json.loads((out / "scan" / "run.json").read_text())["finished"] == scan_finished  # not re-run
+    got, want = _tables(out), _tables(full_report)
+    assert set(got) == set(want)
+    for name, frame in want.items():
+        pd.testing.assert_frame_equal(got[name], frame, check_exact=False, rtol=1e-6, obj=name)
+
+
+def test_bad_config_is_refused(organism, tmp_path):
+    from sinkscope.errors import SinkscopeError
+
+    with pytest.raises(SinkscopeError, match="unknown report steps"):
+        run_report(tmp_path, ReportConfig(model="organism", steps=("scan", "nope")), adapter=organism)
+    with pytest.raises(SinkscopeError, match="sink-score"):
+        run_report(tmp_path, ReportConfig(model="organism", sink_score="huge"), adapter=organism)
