@@ -217,6 +217,33 @@ def ablate(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial"
     _run_analysis(run_ablate, cfg, out, resume)
 
 
+# ----------------------------------------------------------------------------- sink viewer (issue 9)
+
+
+@app.command()
+def view(
+    run_dir: str = typer.Argument(..., help="a scan run folder (the --out of `sinkscope scan`, or REPORT/scan)"),
+    out: Optional[str] = typer.Option(None, help="HTML file to write (default: RUN_DIR/viewer.html)"),
+    limit: int = typer.Option(4, help="samples in the viewer: the run's first N finished samples, re-traced"),
+    model: Optional[str] = typer.Option(None, help="model to re-trace with (default: the run's, from run.json)"),
+    data: Optional[str] = typer.Option(None, help="data spec (default: the run's, from run.json)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: the run's, else cpu)"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: the run's, else the "
+                                        "checkpoint's)"),
+    seed: int = typer.Option(0, help="unused: the viewer draws no random numbers (kept for a uniform interface)"),
+):
+    """A self-contained HTML page: pick a sample, layer, head and text token; see its attention over the image,
+    the sinks outlined, phi per image token and the head's visual non-sink ratio."""
+    from sinkscope import viewer
+
+    try:
+        path = viewer.write_viewer(run_dir, out, n_samples=limit, model=model, data=data, device=device, dtype=dtype,
+                                   log=lambda m: typer.echo(m))
+    except SinkscopeError as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

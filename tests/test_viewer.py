@@ -1,0 +1,164 @@
+"""The sink viewer: `sinkscope view RUN_DIR` writes one self-contained page; a real headless
+Chromium (Debian's package, driven by Playwright) opens it, changes sample, layer, head and
+text token, and the drawn values must equal the scan's tables and an independent trace.
+
+Run on the planted organism: its sinks exist, so outlines are drawn.
+Screenshot: tests/artifacts/viewer.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from sinkscope.cli import app
+
+ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+INSTALL = ("install the browser test's needs: `apt-get install -y chromium` (Debian's package; Playwright's own "
+           "browser download is not used) and `pip install -e .[test]` (Playwright for Python)")
+
+
+@pytest.fixture(scope="module")
+def organism_run(tmp_path_factory) -> Path:
+    if not (ASSETS / "organism" / "config.json").exists():
+        pytest.skip("embedded organism model not built")
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    out = tmp_path_factory.mktemp("view") / "scan"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_scan(str(out), ScanConfig(model="organism", data="demo", limit=3, batch_size=3, calibration=3),
+                 figures=False, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def page_path(organism_run) -> Path:
+    result = CliRunner().invoke(app, ["view", str(organism_run), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    path = organism_run / "viewer.html"
+    assert path.exists()
+    return path
+
+
+def _table(run: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(run / f"{name}.csv", dtype={"sample": str})
+
+
+def test_page_is_self_contained(page_path):
+    text = page_path.read_text()
+    for needle in ("http://", "https://", "<link", "<script src", "<img src", "@import"):
+        assert needle not in text, needle  # no network: every script, style and image is inline
+    assert text.count("data:image/png;base64,") == 2  # one image per sample, inline
+    data = json.loads(text.split('<script id="viewer-data" type="application/json">')[1].split("</script>")[0])
+    assert [s["grid"] for s in data["samples"]] == [[8, 8], [8, 8]]
+    assert data["sink_dims"] == json.loads((page_path.parent / "run.json").read_text())["sink_dims"]
+
+
+def test_view_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["view", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not a run folder" in result.output and "Traceback" not in result.output
+
+
+def _launch():
+    sync_api = pytest.importorskip("playwright.sync_api", reason=f"Playwright is not installed; {INSTALL}")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}; {INSTALL}")
+    return sync_api.sync_playwright()
+
+
+def _readout(page) -> dict:
+    ro = page.locator("#readout")
+    names = ("sample", "layer", "head", "query", "nonsink-ratio", "image-attention", "table-nonsink-ratio", "sinks",
+             "outlines-drawn", "phi", "attention")
+    return {n: ro.get_attribute(f"data-{n}") for n in names}
+
+
+def _set_layer(page, layer: int) -> None:
+    page.fill("#layer", str(layer))
+    page.dispatch_event("#layer", "input")
+
+
+def test_browser_draws_the_run_tables(organism_run, page_path):
+    import torch
+
+    import sinkscope
+    from sinkscope.analyses.scan import prepare_batch, text_queries_after_image
+    from sinkscope.analyses.data import load_data
+
+    tokens = _table(organism_run, "token_stats")
+    heads = _table(organism_run, "head_scores_per_sample")
+    sink_rows = _table(organism_run, "sink_tokens")
+    done = (organism_run / "samples_done.txt").read_text().split()
+    sample = done[1]
+    layers_with_visual_sinks = sorted(set(sink_rows[(sink_rows["sample"] == sample)
+                                                    & (sink_rows["token_kind"] == "visual")]["layer"]))
+    assert layers_with_visual_sinks, "the organism's planted visual sinks should be in the scan"
+
+    with _launch() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors, requests = [], []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_path.resolve().as_uri())
+        page.select_option("#sample", "1")
+        page.select_option("#head", "2")
+        checked = []
+        for layer in (0, layers_with_visual_sinks[0]):
+            _set_layer(page, layer)
+            got = _readout(page)
+            assert (got["sample"], int(got["layer"]), int(got["head"]), got["query"]) == (sample, layer, 2, "mean")
+            # phi of each image token == token_stats.csv
+            want_phi = tokens[(tokens["sample"] == sample) & (tokens["layer"] == layer)
+                              & (tokens["token_kind"] == "visual")].sort_values("position")["phi"].to_numpy()
+            np.testing.assert_allclose(json.loads(got["phi"]), want_phi, rtol=1e-4, atol=1e-4)
+            # sinks outlined == sink_tokens.csv (visual, this sample and layer), drawn on both panels
+            vis_pos = tokens[(tokens["sample"] == sample) & (tokens["layer"] == layer)
+                             & (tokens["token_kind"] == "visual")].sort_values("position")["position"].tolist()
+            want_sinks = sorted(vis_pos.index(q) for q in sink_rows[(sink_rows["sample"] == sample)
+                                                                     & (sink_rows["layer"] == layer)
+                                                                     & (sink_rows["token_kind"] == "visual")]["position"])
+            assert json.loads(got["sinks"]) == want_sinks
+            assert int(got["outlines-drawn"]) == 2 * len(want_sinks)
+            # the head's visual non-sink ratio and image attention == head_scores_per_sample.csv
+            row = heads[(heads["sample"] == sample) & (heads["layer"] == layer) & (heads["head"] == 2)].iloc[0]
+            assert float(got["nonsink-ratio"]) == pytest.approx(row["visual_nonsink_ratio"], abs=1e-5)
+            assert float(got["table-nonsink-ratio"]) == pytest.approx(row["visual_nonsink_ratio"], abs=1e-6)
+            assert float(got["image-attention"]) == pytest.approx(row["image_attention"], abs=1e-5)
+            checked.append((layer, len(want_sinks)))
+        assert checked[0][1] == 0 and checked[1][1] > 0  # changing the layer changed what is outlined
+
+        # one text token: its drawn attention == an independent trace's probabilities (8-bit storage)
+        layer = layers_with_visual_sinks[0]
+        page.select_option("#token", "2")
+        got = _readout(page)
+        adapter = sinkscope.load_model("organism")
+        s = next(x for x in load_data("demo", 3) if x.sample_id == sample)
+        batch = prepare_batch(adapter, [s])
+        cache = sinkscope.Tracer(adapter).run_with_cache(batch)
+        queries = torch.nonzero(text_queries_after_image(cache.batch)[0]).flatten()
+        visual = torch.nonzero(cache.batch.token_kinds.visual_mask[0]).flatten()
+        q = int(queries[2])
+        assert int(got["query"]) == q
+        want = cache["pattern.%d" % layer][0, 2, q, visual].numpy()
+        np.testing.assert_allclose(json.loads(got["attention"]), want, atol=want.max() / 255 / 2 + 1e-7)
+        assert float(got["image-attention"]) == pytest.approx(float(want.sum()), abs=1e-5)
+        assert "sinks in this layer" in page.locator("#readout").inner_text()
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "viewer.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert all(u.startswith("file://") for u in requests), requests  # no network
