@@ -37,8 +37,8 @@ def scan(
     model: str = typer.Option("demo", help="'demo', 'organism', a local model directory, or a hub id"),
     out: str = typer.Option("runs/scan", help="run folder to write (resumed if it exists)"),
     data: str = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl file, or a folder of images"),
-    limit: Optional[int] = typer.Option(32, help="number of samples"),
-    batch_size: int = typer.Option(4),
+    limit: Optional[int] = typer.Option(32, help="number of samples (the data's first N)"),
+    batch_size: int = typer.Option(4, help="samples per forward pass"),
     tau: Optional[float] = typer.Option(None, help="sink threshold on phi (default: 20 for wide models, else gap rule)"),
     sink_dims: Optional[str] = typer.Option(None, help="pin sink dims, e.g. 1415,2533 (default: discover)"),
     calibration: int = typer.Option(16, help="samples used to discover sink dims and choose tau"),
@@ -46,7 +46,9 @@ def scan(
     summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
     question: str = typer.Option("describe the image .", help="question for a folder of images"),
     image_root: Optional[str] = typer.Option(None, help="root for relative image paths in a .jsonl file"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ..."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where the model loads)"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)"),
+    seed: int = typer.Option(0, help="torch seed set before the run"),
     token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
                                     "or auto (all while under ~2M rows)"),
     resume: bool = typer.Option(True, help="resume an interrupted run in --out"),
@@ -60,7 +62,7 @@ def scan(
     try:
         cfg = ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
                          sink_dims=_dims(sink_dims), calibration=calibration, rho=rho, summ=summ,
-                         question=question, image_root=image_root, device=device,
+                         question=question, image_root=image_root, device=device, dtype=dtype, seed=seed,
                          token_stats=token_stats, sink_score=sink_score)
         folder = run_scan(out, cfg, resume=resume, log=lambda m: typer.echo(m))
     except SinkscopeError as err:
@@ -102,11 +104,23 @@ def report(
 
 _MODEL = typer.Option("demo", help="'demo', 'organism', 'tiny', a local model directory (LMM or causal LM), or a hub id")
 _DATA = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts (.txt / .jsonl)")
-_LIMIT = typer.Option(16, help="number of samples")
-_DEVICE = typer.Option(None, help="cpu, cuda, cuda:1 ...")
+_LIMIT = typer.Option(16, help="number of samples (the data's first N)")
+_DEVICE = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where the model loads)")
+_DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
 _SEED = typer.Option(0, help="seed (bootstrap, random controls)")
-_TAU = typer.Option(None, help="sink threshold on phi (default as in `sinkscope scan`)")
+_TAU = typer.Option(None, help="sink threshold on phi (default: 20 for wide models, else the gap rule, as in "
+                    "`sinkscope scan`)")
+_BATCH = typer.Option(4, help="samples per forward pass")
+_DIMS = typer.Option(None, help="pin sink dims, e.g. 1415,2533 (default: discover them)")
+_SCORE = typer.Option("rms", help="rms: the paper's phi; layer: layer-relative score for narrow models")
+_RESUME = typer.Option(True, help="resume an interrupted run in --out")
+
+
 _NBOOT = typer.Option(1000, help="bootstrap resamples for CIs")
+
+
+def _out(default: str):
+    return typer.Option(default, help="run folder to write (resumed if it exists)")
 
 
 def _run_analysis(runner, cfg, out: str, resume: bool) -> None:
@@ -118,71 +132,72 @@ def _run_analysis(runner, cfg, out: str, resume: bool) -> None:
 
 
 @app.command()
-def heads(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/heads"), limit: Optional[int] = _LIMIT,
-          batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
-          rho: float = typer.Option(0.5), summ: float = typer.Option(0.2),
+def heads(model: str = _MODEL, data: str = _DATA, out: str = _out("runs/heads"), limit: Optional[int] = _LIMIT,
+          batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+          rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
+          summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
-          device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
-          sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+          device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+          sink_score: str = _SCORE, resume: bool = _RESUME):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
     from sinkscope.analyses.heads import HeadsConfig, run_heads
 
     try:
         cfg = HeadsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=_dims(sink_dims),
-                          rho=rho, summ=summ, n_maps=n_maps, device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+                          rho=rho, summ=summ, n_maps=n_maps, device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=sink_score)
     except SinkscopeError as err:
         _fail(err)
     _run_analysis(run_heads, cfg, out, resume)
 
 
 @app.command()
-def contributions(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/contributions"),
-                  limit: Optional[int] = _LIMIT, batch_size: int = typer.Option(4), tau: Optional[float] = _TAU,
-                  sink_dims: Optional[str] = typer.Option(None), device: Optional[str] = _DEVICE, seed: int = _SEED,
-                  n_boot: int = _NBOOT, sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+def contributions(model: str = _MODEL, data: str = _DATA, out: str = _out("runs/contributions"),
+                  limit: Optional[int] = _LIMIT, batch_size: int = _BATCH, tau: Optional[float] = _TAU,
+                  sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED,
+                  n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
     from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
 
     try:
         cfg = ContributionsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
-                                  sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+                                  sink_dims=_dims(sink_dims), device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=sink_score)
     except SinkscopeError as err:
         _fail(err)
     _run_analysis(run_contributions, cfg, out, resume)
 
 
 @app.command()
-def location(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/location"),
+def location(model: str = _MODEL, data: str = _DATA, out: str = _out("runs/location"),
              limit: Optional[int] = _LIMIT, masks: Optional[str] = typer.Option(
                  None, help="folder with one PNG mask per image (same stem, image size, 0 = background); "
                  "default: the demo world's ground truth"),
-             batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
-             device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
-             sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+             batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+             device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+             sink_score: str = _SCORE, resume: bool = _RESUME):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
     from sinkscope.analyses.location import LocationConfig, run_location
 
     try:
         cfg = LocationConfig(model=model, data=data, limit=limit, masks=masks, batch_size=batch_size, tau=tau,
-                             sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+                             sink_dims=_dims(sink_dims), device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=sink_score)
     except SinkscopeError as err:
         _fail(err)
     _run_analysis(run_location, cfg, out, resume)
 
 
 @app.command("vit-sinks")
-def vit_sinks(model: str = _MODEL, data: str = _DATA, out: str = typer.Option("runs/vit_sinks"),
+def vit_sinks(model: str = _MODEL, data: str = _DATA, out: str = _out("runs/vit_sinks"),
               limit: Optional[int] = _LIMIT, norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the "
                                                                               "image's median token norm"),
-              batch_size: int = typer.Option(4), tau: Optional[float] = _TAU, sink_dims: Optional[str] = typer.Option(None),
-              device: Optional[str] = _DEVICE, seed: int = _SEED, n_boot: int = _NBOOT,
-              sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+              sink_score: str = _SCORE, resume: bool = _RESUME):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
     from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
 
     try:
         cfg = VitSinksConfig(model=model, data=data, limit=limit, norm_ratio=norm_ratio, batch_size=batch_size, tau=tau,
-                             sink_dims=_dims(sink_dims), device=device, seed=seed, n_boot=n_boot, sink_score=sink_score)
+                             sink_dims=_dims(sink_dims), device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=sink_score)
     except SinkscopeError as err:
         _fail(err)
     _run_analysis(run_vit_sinks, cfg, out, resume)
@@ -199,18 +214,18 @@ def _floats(text: Optional[str]) -> Optional[list[float]]:
 
 @app.command()
 def ablate(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with answers"),
-           out: str = typer.Option("runs/ablate"), limit: Optional[int] = _LIMIT, batch_size: int = typer.Option(8),
+           out: str = _out("runs/ablate"), limit: Optional[int] = _LIMIT, batch_size: int = typer.Option(8, help="samples per forward pass"),
            taus: Optional[str] = typer.Option(None, help="tau sweep, e.g. 10,20,40 (default: calibrated tau x 0.75, 1, 1.5)"),
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
            n_random: int = typer.Option(5, help="seeds of the random image-token control"),
-           sink_dims: Optional[str] = typer.Option(None), device: Optional[str] = _DEVICE, seed: int = _SEED,
-           n_boot: int = _NBOOT, sink_score: str = typer.Option("rms"), resume: bool = typer.Option(True)):
+           sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED,
+           n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME):
     """Knock out attention to visual sinks vs matched random / top non-sink image tokens / BOS; sweep tau."""
     from sinkscope.analyses.ablate import AblateConfig, run_ablate
 
     try:
         cfg = AblateConfig(model=model, data=data, limit=limit, batch_size=batch_size, taus=_floats(taus),
-                           layers=_dims(layers), n_random=n_random, sink_dims=_dims(sink_dims), device=device, seed=seed,
+                           layers=_dims(layers), n_random=n_random, sink_dims=_dims(sink_dims), device=device, dtype=dtype, seed=seed,
                            n_boot=n_boot, sink_score=sink_score)
     except SinkscopeError as err:
         _fail(err)

@@ -83,7 +83,8 @@ class RunFolder:
         if resuming:
             self.meta = json.loads(run_json.read_text())
             old = {k: v for k, v in self.meta.get("params", {}).items() if k not in ("limit", "resume")}
-            new = {k: v for k, v in params.items() if k not in ("limit", "resume")}
+            # a parameter added to the config after the run was written matches while it is None
+            new = {k: v for k, v in params.items() if k not in ("limit", "resume") and (k in old or v is not None)}
             if self.meta.get("analysis") != analysis or _jsonable(old) != _jsonable(new):
                 raise SinkscopeError(
                     f"{self.path} holds a {self.meta.get('analysis')} run with other parameters; "

@@ -39,6 +39,7 @@ class AnalysisConfig:
     question: str = "describe the image ."
     image_root: str | None = None
     device: str | None = None
+    dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
     seed: int = 0
     n_boot: int = 1000
     sink_score: str = "rms"  # rms: the paper's phi | layer: layer-relative score (narrow models), as in the scan
@@ -58,7 +59,8 @@ class AnalysisConfig:
     def scan_config(self) -> ScanConfig:
         return ScanConfig(model=self.model, data=self.data, limit=self.limit, batch_size=self.batch_size, tau=self.tau,
                           sink_dims=self.sink_dims, calibration=self.calibration, start_layer=self.start_layer,
-                          question=self.question, image_root=self.image_root, device=self.device, seed=self.seed,
+                          question=self.question, image_root=self.image_root, device=self.device, dtype=self.dtype,
+                          seed=self.seed,
                           sink_score=self.sink_score)
 
 
@@ -80,7 +82,7 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    adapter = adapter or load(cfg.model, device=cfg.device)
+    adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),

@@ -46,6 +46,7 @@ class ScanConfig:
     question: str = "describe the image ."
     image_root: str | None = None
     device: str | None = None
+    dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
     seed: int = 0
     token_stats: str = "auto"  # all | sinks | auto (all while the table stays under ~2M rows)
     sink_score: str = "rms"  # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
@@ -67,6 +68,16 @@ class ScanConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def progress(samples: list[Sample], size: int, desc: str):
+    """`batches(samples, size)` with a progress bar counted in samples (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None, leave=False) as bar:
+        for chunk in batches(samples, size):
+            yield chunk
+            bar.update(len(chunk))
 
 
 def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):
@@ -263,13 +274,13 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
         dims = massive.pinned_sink_dims(cfg.sink_dims, hidden_size=adapter.hidden_size)
     else:
         bos = _BosReducer()
-        for chunk in batches(calib, cfg.batch_size):
+        for chunk in progress(calib, cfg.batch_size, "sink dims"):
             tracer.run(prepare_batch(adapter, chunk), [bos], attention=False)
         dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
     log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
     phi_red = _PhiReducer(dims.dims, eps, cfg.sink_score)
     if dims.dims:
-        for chunk in batches(calib, cfg.batch_size):
+        for chunk in progress(calib, cfg.batch_size, "tau"):
             tracer.run(prepare_batch(adapter, chunk), [phi_red], attention=False)
         width = max(v.shape[-1] for v in phi_red.values)
         phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
@@ -295,7 +306,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     cfg.validate()
     torch.manual_seed(cfg.seed)
     params = asdict(cfg)
-    adapter = adapter or load(cfg.model, device=cfg.device)  # fail on a bad --model before touching --out
+    adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)  # fail on a bad --model before touching --out
     folder = RunFolder(out, "scan", params, resume=resume)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
@@ -314,7 +325,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     log(f"{len(samples) - len(todo)} samples already done, {len(todo)} to go")
     t0 = time.time()
     detail = folder.meta.get("token_stats")
-    for n, chunk in enumerate(batches(todo, cfg.batch_size)):
+    for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
                               want_profile=(not done and n == 0), token_strings=adapter.token_strings,
                               score=cfg.sink_score)

@@ -107,6 +107,10 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
     """
     from transformers import AutoConfig
 
+    from sinkscope.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(device)  # a clear error for --device cuda without CUDA, or an unknown device
+    dtype = resolve_dtype(dtype, device)  # ... and for a dtype the device cannot run
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise SinkscopeError("--model must be 'demo', 'organism', a local directory or a hub id")
     spec = str(spec)

@@ -1,0 +1,88 @@
+"""--device and --dtype: parsed and checked in one place, with errors that name the fix.
+
+    resolve_device("cuda")            -> "cuda", or SinkscopeError when this machine has no CUDA
+    resolve_dtype("bf16", "cuda")     -> torch.bfloat16, or SinkscopeError when the device cannot run it
+
+`models.registry.load` calls both, so the CLI, the Python API and the notebooks fail the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sinkscope.errors import SinkscopeError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+DEVICE_HELP = "cpu, cuda, cuda:N or mps"
+DTYPE_HELP = "float32, bfloat16 or float16 (or auto: the checkpoint's)"
+
+_CUDA_FIX = ("use --device cpu, or install a CUDA build of torch into .venv (`make setup TORCH_SPEC=torch`) on a "
+             "machine with an NVIDIA GPU")
+
+
+def resolve_device(device) -> str | None:
+    """A checked device string ("cpu", "cuda:0", ...), or None (leave the model where it loads: the CPU)."""
+    if device is None or device == "" or device == "auto":
+        return None
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise SinkscopeError(f"--device must be a string like {DEVICE_HELP}; got {device!r}")
+    spec = device.strip().lower()
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", spec)
+    if not m:
+        raise SinkscopeError(f"unknown device {device!r}; use {DEVICE_HELP}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cpu":
+        return "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            built = "with" if torch.version.cuda else "without"
+            raise SinkscopeError(f"--device {device}: CUDA is not available here (torch {torch.__version__} was built "
+                                 f"{built} CUDA); {_CUDA_FIX}")
+        n = torch.cuda.device_count()
+        if index is not None and int(index) >= n:
+            raise SinkscopeError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1}); "
+                                 "pick one of those")
+        return spec
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        raise SinkscopeError(f"--device {device}: Apple's MPS backend is not available on this machine; use --device cpu")
+    return spec
+
+
+def resolve_dtype(dtype, device: str | None = None) -> torch.dtype | None:
+    """A torch dtype the device can run, or None (the checkpoint's own dtype)."""
+    if dtype is None or dtype == "" or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif isinstance(dtype, str):
+        dt = DTYPES.get(dtype.strip().lower().removeprefix("torch."))
+        if dt is None:
+            raise SinkscopeError(f"unknown dtype {dtype!r}; use {DTYPE_HELP}")
+    else:
+        raise SinkscopeError(f"--dtype must be one of {DTYPE_HELP}; got {dtype!r}")
+    _check_runs(dt, device or "cpu")
+    return dt
+
+
+def _check_runs(dt: torch.dtype, device: str) -> None:
+    """Raise when a matmul in `dt` fails on `device` (e.g. bfloat16 on a GPU older than Ampere)."""
+    name = str(dt).removeprefix("torch.")
+    if device.startswith("cuda") and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise SinkscopeError(f"--dtype bfloat16: this GPU cannot run bfloat16; use --dtype float16 or float32")
+    try:
+        x = torch.ones(2, 2, dtype=dt, device=device)
+        _ = (x @ x).sum().item()
+        _ = torch.softmax(x, dim=-1)
+    except (RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SinkscopeError(f"--dtype {name} cannot run on {device} here ({first}); use --dtype float32"
+                             + (" or bfloat16" if device == "cpu" and dt != torch.bfloat16 else "")) from err

@@ -1,0 +1,86 @@
+"""Every CLI command takes the common options (with help that states defaults), and a bad
+--device / --dtype is one clear line naming the fix, not a traceback (sinkscope.devices)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sinkscope import devices
+from sinkscope.cli import app
+from sinkscope.errors import SinkscopeError
+
+COMMON = ("--model", "--data", "--out", "--limit", "--device", "--dtype", "--seed")
+runner = CliRunner()
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return sorted(group.commands)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_the_common_options(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    out = _plain(result.output)
+    missing = [o for o in COMMON if o not in out]
+    assert not missing, f"`sinkscope {command}` lacks {missing}"
+    for option in ("--device", "--dtype"):  # None defaults: the help text says what happens
+        line = next(ln for ln in out.splitlines() if option in ln)
+        assert "default" in line, line
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    out = result.output.strip()
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    for n in needles:
+        assert n in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["scan", "heads", "view"])
+def test_cuda_without_cuda_is_a_clear_error(command, tmp_path):
+    args = [command, str(tmp_path)] if command == "view" else [command, "--model", "tiny", "--out", str(tmp_path / "r")]
+    if command == "view":
+        (tmp_path / "run.json").write_text('{"analysis": "scan", "params": {"model": "tiny", "data": "demo"}, '
+                                           '"tau": {"value": 1.0}, "sink_dims": [1]}')
+    result = runner.invoke(app, args + ["--device", "cuda"])
+    _one_line_error(result, "CUDA is not available", "--device cpu")
+    assert not (tmp_path / "r").exists()  # nothing written before the check
+
+
+def test_unknown_device_and_dtype(tmp_path):
+    _one_line_error(runner.invoke(app, ["scan", "--model", "tiny", "--out", str(tmp_path), "--device", "gpu"]),
+                    "unknown device 'gpu'", "cpu, cuda, cuda:N or mps")
+    _one_line_error(runner.invoke(app, ["ablate", "--model", "tiny", "--out", str(tmp_path), "--dtype", "bfloat17"]),
+                    "unknown dtype 'bfloat17'", "float32, bfloat16 or float16")
+
+
+def test_resolve_device_and_dtype():
+    assert devices.resolve_device(None) is None and devices.resolve_device("CPU") == "cpu"
+    assert devices.resolve_dtype("bf16") is torch.bfloat16 and devices.resolve_dtype("float32") is torch.float32
+    assert devices.resolve_dtype(None) is None and devices.resolve_dtype("auto") is None
+    if torch.cuda.is_available():
+        with pytest.raises(SinkscopeError, match="pick one of those"):
+            devices.resolve_device(f"cuda:{torch.cuda.device_count()}")
+    # a dtype the device cannot run: the probe's failure becomes one line naming the fix
+    with pytest.raises(SinkscopeError, match=r"--dtype float16 cannot run on meta here .*use --dtype float32"):
+        devices.resolve_dtype("float16", "meta")
+
+
+def test_load_rejects_bad_device_from_python():
+    import sinkscope
+
+    with pytest.raises(SinkscopeError, match="unknown device"):
+        sinkscope.load_model("tiny", device="tpu")
