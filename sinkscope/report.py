@@ -61,6 +61,17 @@ def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
     return lines
 
 
+def skipped_section(skipped) -> list[str]:
+    """index.md lines listing the samples left out of a run (unreadable or missing images), or none."""
+    if not skipped:
+        return []
+    frame = pd.DataFrame(skipped, columns=["sample", "source", "reason"])
+    return [f"## Skipped samples\n",
+            f"{len(frame)} sample(s) of the data were left out; every other sample ran. Fix or remove them and "
+            "run the same command again to add them (finished samples are kept).\n",
+            markdown_table(frame, max_rows=50)]
+
+
 def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
                      role_summary=None, text_sinks=None) -> None:
     meta = folder.meta
@@ -142,6 +153,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         lines.append(markdown_table(head_scores.sort_values("visual_nonsink_ratio"), max_rows=12))
     else:
         lines.append("No text queries after an image: no head scores.\n")
+    lines.extend(skipped_section(meta.get("skipped")))
     lines.append("## Files\n")
     lines.append(
         "`run.json` (parameters, versions, commit, times), `sink_dims.json`, `massive_activations.csv`, "

@@ -86,7 +86,7 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),
-                       **(extra_meta or {}))
+                       skipped=list(getattr(samples, "skipped", [])), **(extra_meta or {}))
     tracer = Tracer(adapter)
     if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
         dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())

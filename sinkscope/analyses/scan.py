@@ -90,6 +90,29 @@ def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):
     return adapter.prepare([s.question for s in samples], images)
 
 
+def prepare_readable(adapter: ModelAdapter, samples: list[Sample], skipped: list[dict]):
+    """(batch, kept samples): `prepare_batch` without the samples whose image fails to load.
+
+    Images are checked when the data is loaded (eval.tasks.drop_unreadable); one that passed that
+    check but fails to decode here is left out too, and recorded in `skipped`.
+    """
+    from sinkscope.eval.tasks import skip_record
+
+    try:
+        return prepare_batch(adapter, samples), samples
+    except SinkscopeError:
+        kept = []
+        for s in samples:
+            try:
+                s.image()
+                kept.append(s)
+            except SinkscopeError as err:
+                skipped.append(skip_record(s, str(err)))
+        if len(kept) == len(samples):
+            raise
+        return (prepare_batch(adapter, kept) if kept else None), kept
+
+
 def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
     """[batch, token] bool: prompt text (and generated) tokens after the last image token.
 
@@ -275,13 +298,17 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
     else:
         bos = _BosReducer()
         for chunk in progress(calib, cfg.batch_size, "sink dims"):
-            tracer.run(prepare_batch(adapter, chunk), [bos], attention=False)
+            batch, chunk = prepare_readable(adapter, chunk, [])  # unreadable ones are recorded by the main pass
+            if chunk:
+                tracer.run(batch, [bos], attention=False)
         dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
     log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
     phi_red = _PhiReducer(dims.dims, eps, cfg.sink_score)
     if dims.dims:
         for chunk in progress(calib, cfg.batch_size, "tau"):
-            tracer.run(prepare_batch(adapter, chunk), [phi_red], attention=False)
+            batch, chunk = prepare_readable(adapter, chunk, [])
+            if chunk:
+                tracer.run(batch, [phi_red], attention=False)
         width = max(v.shape[-1] for v in phi_red.values)
         phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
         kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
@@ -309,8 +336,12 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)  # fail on a bad --model before touching --out
     folder = RunFolder(out, "scan", params, resume=resume)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
+    skipped = list(getattr(samples, "skipped", []))  # unreadable or missing images: left out, reported
+    n_load_skipped = len(skipped)
+    for s in skipped:
+        log(f"skipped sample {s['sample']}: {s['reason']}")
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
-                       planted=("organism" in str(cfg.model)))
+                       planted=("organism" in str(cfg.model)), skipped=skipped)
     tracer = Tracer(adapter)
     if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
         dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
@@ -326,10 +357,18 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     t0 = time.time()
     detail = folder.meta.get("token_stats")
     for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
+        n_skipped = len(skipped)
+        batch, chunk = prepare_readable(adapter, chunk, skipped)
+        if len(skipped) > n_skipped:
+            for s in skipped[n_skipped:]:
+                log(f"skipped sample {s['sample']}: {s['reason']}")
+            folder.update_meta(skipped=skipped, n_samples=len(samples) - (len(skipped) - n_load_skipped))
+        if not chunk:
+            continue
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
                               want_profile=(not done and n == 0), token_strings=adapter.token_strings,
                               score=cfg.sink_score)
-        tracer.run(prepare_batch(adapter, chunk), [reducer], sample_ids=[s.sample_id for s in chunk])
+        tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk])
         tokens = pd.concat(reducer.token_rows, ignore_index=True)
         tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
         tokens.loc[tokens["token_kind"] != "visual", "visual_rank"] = -1

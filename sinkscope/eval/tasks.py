@@ -6,6 +6,12 @@ A data spec is one of
   - a ``.jsonl`` file, one object per line with ``image`` and ``text`` (or ``question``)
     and optionally ``label`` / ``answer`` and ``question_id`` (POPE's format);
   - a directory of images (every image gets the same ``question``).
+
+Bad rows of a file data set do not stop a run: a ``.jsonl`` row whose image is missing and an
+image file that cannot be read are left out and listed in ``samples.skipped`` (sample id,
+source, reason), which the analyses write to run.json and index.md. `limit` counts rows
+(the data's first N), so the kept samples do not depend on which ones were skipped. A
+malformed line (not JSON, not an object, no image or question) is an error naming the line.
 """
 
 from __future__ import annotations
@@ -19,6 +25,35 @@ from sinkscope.models.base import SinkscopeError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_TASKS = ("mixed", "pope-random", "pope-popular", "pope-adversarial", "color", "count", "position", "caption")
+
+
+class SampleList(list):
+    """A list of samples that also says which samples of the data were left out, and why."""
+
+    def __init__(self, samples=(), skipped=None):
+        super().__init__(samples)
+        self.skipped: list[dict] = list(skipped or [])
+
+    def __getitem__(self, item):
+        out = super().__getitem__(item)
+        return SampleList(out, self.skipped) if isinstance(item, slice) else out
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why an image file cannot be used (missing, empty, not an image), or None when it opens and verifies."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.exists():
+        return f"image {p} does not exist"
+    if p.stat().st_size == 0:
+        return f"image {p} is empty (0 bytes)"
+    try:
+        with Image.open(p) as im:
+            im.verify()  # reads the structure without decoding every pixel
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds; every one means "unreadable"
+        return f"image {p} cannot be read ({type(err).__name__}: {err})"
+    return None
 
 
 @dataclass
@@ -91,6 +126,7 @@ def _demo_samples(task: str, n: int, start: int = 0) -> list[Sample]:
 
 
 def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
+    """One sample per row (images not checked here); rows without an existing image are checked later."""
     out = []
     root = image_root or path.parent
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -99,7 +135,10 @@ def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SinkscopeError(f"{path}:{n} is not valid JSON ({err})") from err
+            raise SinkscopeError(f"{path}:{n} is not valid JSON ({err}); fix or delete line {n}") from err
+        if not isinstance(row, dict):
+            raise SinkscopeError(f"{path}:{n} must be a JSON object with 'image' and 'text', got "
+                                 f"{type(row).__name__}; fix or delete line {n}")
         question = row.get("text", row.get("question"))
         if question is None or "image" not in row:
             raise SinkscopeError(f"{path}:{n} needs fields 'image' and 'text' (or 'question'), got {sorted(row)}")
@@ -107,7 +146,7 @@ def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
         image = image if image.is_absolute() else root / image
         answer = row.get("label", row.get("answer"))
         out.append(Sample(str(row.get("question_id", n)), question, str(image), answer,
-                          task=row.get("category", "pope"), meta={"label": answer}))
+                          task=row.get("category", "pope"), meta={"label": answer, "source": f"{path}:{n}"}))
     if not out:
         raise SinkscopeError(f"{path} holds no samples")
     return out
@@ -134,7 +173,26 @@ def load_samples(spec: str = "demo", limit: int | None = None, question: str = "
         samples = [Sample(p.stem, question, str(p), task="images") for p in images]
     else:
         samples = _jsonl_samples(path, Path(image_root) if image_root else None)
-    return samples[:limit] if limit is not None else samples
+    return drop_unreadable(samples[:limit] if limit is not None else samples)
+
+
+def drop_unreadable(samples: list[Sample]) -> SampleList:
+    """The samples whose image opens; the others in `.skipped` with the reason."""
+    kept, skipped = [], []
+    for s in samples:
+        problem = image_problem(s.image_path) if s.image_path is not None and s._image is None else None
+        if problem is None:
+            kept.append(s)
+        else:
+            skipped.append(skip_record(s, problem))
+    if not kept and skipped:
+        raise SinkscopeError(f"none of the {len(skipped)} samples has a readable image (first: {skipped[0]['reason']}); "
+                             "check the paths or --image-root")
+    return SampleList(kept, skipped)
+
+
+def skip_record(sample: Sample, reason: str) -> dict:
+    return {"sample": sample.sample_id, "source": sample.meta.get("source", sample.image_path), "reason": reason}
 
 
 def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
