@@ -1,0 +1,432 @@
+"""VAR, Visual Attention Redistribution (Kang et al., ICLR 2025), as an attention edit.
+
+The paper's equations (shared paper-notes, sections 2, 4, 5). At layer l, with S = all sink tokens
+(text and visual: phi(x_j^l) >= tau on the residual state entering layer l in prefill) and
+N = image tokens that are not sinks, for every selected (head h, query i):
+  1. a'_ij = (1 - p) a_ij                          for j in S
+  2. W = p * sum_{j in S} a_ij
+  3. a'_ij = a_ij + W * a_ij / sum_{k in N} a_ik   for j in N
+  4. every other entry unchanged (the row still sums to 1).
+Selection ("image_centric"): sum_{j in I_vis} a_ij >= summ and r_i = sum_{N} a_ij / sum_{I_vis} a_ij >= rho.
+Queries: text tokens after the image in prefill and every generated token. Sinks are found at
+prefill and reused for generated tokens. Default layers: all but the first two and the last.
+
+Options beyond the paper, each named:
+  - mode="reference": the reference code's semantics (paper-notes section 7, items 1-2): it keeps
+    p of the sink mass and moves 1 - p, selects a head when the visual *sink* fraction is <= rho,
+    and selects no head in a (sample, layer) without a visual sink;
+  - head_selection="all" (every head of every query: the paper's collapse ablation) or "random"
+    (per (layer, query) as many heads as image-centric selection picks, drawn at random among heads
+    that have attention on the budget's targets, seeded);
+  - budget_target="text": the budget goes to non-sink text tokens instead (a paper ablation).
+
+    import sinkscope
+    cfg = sinkscope.interventions.var.calibrate(adapter, batch)        # sink dims + tau from data
+    with sinkscope.var(adapter, cfg):
+        adapter.model.generate(**batch)
+    handle = sinkscope.interventions.var.enable(adapter, cfg)            # permanent, for pipelines
+    ...; handle.disable()
+
+The slow literal transcription of the equations lives in tests/test_var.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from sinkscope.errors import SinkscopeError
+from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
+                                               edit_attention)
+from sinkscope.kinds import PAD
+
+MODES = ("paper", "reference")
+HEAD_SELECTIONS = ("image_centric", "all", "random")
+BUDGET_TARGETS = ("image_nonsink", "text")
+SINK_SCORES = ("rms", "layer")
+PAPER_TAU = 20.0
+
+
+@dataclass
+class VARConfig:
+    """VAR hyperparameters (paper defaults).
+
+    tau: sink threshold on phi; None = as the scan chooses it (20 when sqrt(hidden) >= 40, else
+      from `calibrate`). rho: minimum visual non-sink ratio of a selected head. p: share of the sink
+      attention moved. summ: minimum attention to the image of a selected head. layers: None = all
+      but the first two and the last. sink_dims: None = discovered by `calibrate`, or pinned.
+    mode / head_selection / budget_target: see the module docstring. seed: for head_selection="random".
+    sink_score: "rms" (the paper's phi) or "layer" (the scan's layer-relative score for narrow models).
+    eps: RMS epsilon of phi (paper: 1e-6).
+    """
+
+    tau: float | None = None
+    rho: float = 0.5
+    p: float = 0.6
+    summ: float = 0.2
+    layers: list[int] | None = None
+    sink_dims: list[int] | None = None
+    mode: str = "paper"
+    head_selection: str = "image_centric"
+    budget_target: str = "image_nonsink"
+    seed: int = 0
+    sink_score: str = "rms"
+    eps: float = 1e-6
+
+    def validate(self) -> "VARConfig":
+        for name in ("p", "rho", "summ"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise SinkscopeError(f"VARConfig.{name} must be in [0, 1], got {v!r}")
+        if self.tau is not None and (not isinstance(self.tau, (int, float)) or not float(self.tau) > 0
+                                     or not math.isfinite(float(self.tau))):
+            raise SinkscopeError(f"VARConfig.tau must be a positive number (phi is in multiples of the token RMS) or None, "
+                                 f"got {self.tau!r}")
+        for name, allowed in (("mode", MODES), ("head_selection", HEAD_SELECTIONS),
+                              ("budget_target", BUDGET_TARGETS), ("sink_score", SINK_SCORES)):
+            if getattr(self, name) not in allowed:
+                raise SinkscopeError(f"VARConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.sink_dims is not None and any(int(d) < 0 for d in self.sink_dims):
+            raise SinkscopeError(f"VARConfig.sink_dims must be feature indices >= 0, got {self.sink_dims}")
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedVAR:
+    """A VARConfig made concrete for one model: layers, sink dims and tau are known."""
+
+    config: VARConfig
+    layers: tuple[int, ...]
+    sink_dims: tuple[int, ...]
+    tau: float
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """All layers but the first two and the last."""
+    return list(range(2, max(2, n_layers - 1)))
+
+
+def resolve(config: VARConfig, adapter) -> ResolvedVAR:
+    """Check `config` against the model and fill layers and tau; clear errors for what is missing."""
+    config.validate()
+    n, hidden = adapter.num_layers, adapter.hidden_size
+    layers = default_layers(n) if config.layers is None else [int(l) for l in config.layers]
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise SinkscopeError(f"VARConfig.layers {bad} are out of range: the model has {n} layers (valid 0..{n - 1})")
+    if config.sink_dims is None:
+        raise SinkscopeError("VAR needs the sink dimensions: call sinkscope.interventions.var.calibrate(adapter, batch) "
+                             "to discover them from data, or pin them with VARConfig(sink_dims=[...])")
+    dims = tuple(int(d) for d in config.sink_dims)
+    if any(d >= hidden for d in dims):
+        raise SinkscopeError(f"VARConfig.sink_dims {list(dims)} do not fit hidden size {hidden}: are they another model's?")
+    tau = config.tau
+    if tau is None:
+        if config.sink_score == "layer":
+            from sinkscope.measures.sinks import LAYER_SCORE_TAU
+
+            tau = LAYER_SCORE_TAU
+        elif math.sqrt(hidden) >= 2 * PAPER_TAU:
+            tau = PAPER_TAU
+        else:
+            raise SinkscopeError(
+                f"hidden size {hidden} is too small for the paper's tau={PAPER_TAU:g} (phi <= sqrt(hidden) = "
+                f"{math.sqrt(hidden):.3g}): set VARConfig(tau=...) or call "
+                "sinkscope.interventions.var.calibrate(adapter, batch), which chooses tau as the scan does")
+    return ResolvedVAR(config, tuple(layers), dims, float(tau))
+
+
+# ---------------------------------------------------------------------------------------
+# the equations, vectorised
+# ---------------------------------------------------------------------------------------
+
+def _mass(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[batch, head, query] attention of each row on the keys in mask [batch, key]."""
+    return (probs * mask[:, None, None, :]).sum(dim=-1)
+
+
+def _random_heads(count: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Per (batch, query), `count` heads drawn uniformly among eligible ones. count [batch, query];
+    eligible [batch, head, query] -> bool [batch, head, query]."""
+    scores = torch.rand(eligible.shape, generator=generator, device=eligible.device)
+    scores = scores.masked_fill(~eligible, 2.0)  # ineligible heads rank last
+    order = scores.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(eligible.shape[1], device=eligible.device)[None, :, None].expand_as(order).contiguous())
+    return (rank < count[:, None, :]) & eligible
+
+
+def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Tensor, query_mask: torch.Tensor, *,
+              p: float = 0.6, rho: float = 0.5, summ: float = 0.2, mode: str = "paper",
+              head_selection: str = "image_centric", budget_target: str = "image_nonsink",
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on one layer's attention.
+
+    probs: [batch, head, query, key] post-softmax (float32 recommended); sink_mask: [batch, key]
+    bool, S (sinks of any kind); image_mask: [batch, key] bool, image tokens; query_mask:
+    [batch, query] bool, the queries VAR may edit.
+    Returns (edited probs [batch, head, query, key], selected [batch, head, query] bool).
+    Rows not selected are returned bitwise unchanged. A row is never selected when its budget
+    targets receive no attention (nowhere to put the budget) or its sample has no sink.
+    """
+    sink = sink_mask.to(probs.device).bool()
+    image = image_mask.to(probs.device).bool()
+    nonsink_image = image & ~sink
+    target = nonsink_image if budget_target == "image_nonsink" else ~image & ~sink
+    image_att = _mass(probs, image)
+    target_att = _mass(probs, target)
+    sink_att = _mass(probs, sink)
+    queries = query_mask.to(probs.device).bool()[:, None, :]
+    eligible = queries & (target_att > 0) & sink.any(dim=-1)[:, None, None]
+    enough = (image_att >= summ) & (image_att > 0)
+    if mode == "paper":
+        ratio = _mass(probs, nonsink_image) / image_att.clamp_min(1e-30)
+        centric = enough & (ratio >= rho)
+    else:
+        sink_fraction = _mass(probs, image & sink) / image_att.clamp_min(1e-30)
+        has_visual_sink = (image & sink).any(dim=-1)[:, None, None]
+        centric = enough & (sink_fraction <= rho) & has_visual_sink
+    if head_selection == "image_centric":
+        selected = centric & eligible
+    elif head_selection == "all":
+        selected = eligible
+    else:
+        selected = _random_heads((centric & queries).sum(dim=1), eligible, generator)
+    drained = p if mode == "paper" else 1.0 - p
+    budget = drained * sink_att  # W, [batch, head, query]
+    share = (budget / target_att.clamp_min(1e-30))[..., None]
+    sel = selected[..., None]
+    out = torch.where(sel & sink[:, None, None, :], probs * (1.0 - drained),
+                      torch.where(sel & target[:, None, None, :], probs + share * probs, probs))
+    return out, selected
+
+
+# ---------------------------------------------------------------------------------------
+# the edit
+# ---------------------------------------------------------------------------------------
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class VAREdit(AttentionEdit):
+    """VAR on the layers of a ResolvedVAR; sinks found by pre-hooks on those decoder layers at prefill."""
+
+    def __init__(self, resolved: ResolvedVAR):
+        self.resolved = resolved
+        self.config = resolved.config
+
+    def layers(self, n_layers: int) -> set[int]:
+        return set(self.resolved.layers)
+
+    def attach(self, session: EditSession) -> list:
+        handles = []
+        for layer in self.resolved.layers:
+            hook = _SinkDetector(self, session, layer)
+            handles.append(session.adapter.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    def begin_prompt(self, session: EditSession, prompt) -> None:
+        memory = session.memory(self)
+        memory["sinks"] = {}
+        memory["selected"] = {}
+
+    def detect(self, states: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """[batch, token, dim] residual states entering a layer -> [batch, token] bool sinks (pad never)."""
+        from sinkscope.measures.sinks import sink_score
+
+        score = sink_score(states, list(self.resolved.sink_dims), self.config.sink_score, token_mask=real,
+                           eps=self.config.eps)
+        return (score >= self.resolved.tau) & real
+
+    def _generator(self, memory: dict, device) -> torch.Generator:
+        key = ("generator", str(device))
+        if key not in memory:
+            memory[key] = torch.Generator(device=device).manual_seed(int(self.config.seed))
+        return memory[key]
+
+    def edit(self, probs, *, layer, query_positions, state: StepState):
+        prompt = state.require_prompt()
+        memory = state.memory(self)
+        sinks = memory.get("sinks", {}).get(layer)
+        if sinks is None:
+            raise SinkscopeError(f"VAR found no sink mask for layer {layer}: the prompt must be run through the model "
+                                 "(prefill) inside the VAR block before decoding")
+        n_keys = probs.shape[-1]
+        c = self.config
+        out, selected = var_probs(
+            probs, state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
+            state.default_query_mask(), p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+            head_selection=c.head_selection, budget_target=c.budget_target,
+            generator=self._generator(memory, probs.device) if c.head_selection == "random" else None)
+        memory["selected"][layer] = selected
+        return out
+
+
+class _SinkDetector:
+    """Forward pre-hook of one decoder layer: the sinks of the residual stream entering it, at prefill."""
+
+    def __init__(self, edit: VAREdit, session: EditSession, layer: int):
+        self.edit, self.session, self.layer = edit, session, layer
+
+    def __call__(self, module, args, kwargs):
+        step = self.session.step
+        if step is None or not step.prefill or step.prompt is None:
+            return None
+        states = _hidden(args, kwargs)
+        real = step.prompt.kinds.kind != PAD
+        self.session.memory(self.edit).setdefault("sinks", {})[self.layer] = self.edit.detect(states, real.to(states.device))
+        return None
+
+
+@dataclass
+class VARRun:
+    """What `var(...)` yields: the resolved settings and, for inspection, the last step's sinks and selections."""
+
+    resolved: ResolvedVAR
+    edit: VAREdit
+    session: EditSession
+
+    def sinks(self, layer: int) -> torch.Tensor:
+        """[batch, prompt_len] bool: the sinks found at prefill entering `layer`."""
+        return self.session.memory(self.edit)["sinks"][layer]
+
+    def selected(self, layer: int) -> torch.Tensor:
+        """[batch, head, query] bool: the (head, query) VAR edited in `layer` at the last forward step."""
+        return self.session.memory(self.edit)["selected"][layer]
+
+
+@contextlib.contextmanager
+def var(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
+        fallback: str = "sdpa") -> Iterator[VARRun]:
+    """VAR on the language model inside the block (any `model(...)` / `model.generate(...)`).
+
+    config: VARConfig (default: paper defaults; sink_dims must be pinned or calibrated).
+    calibration: a processor batch (or list of batches / eval samples); when given and the config
+      lacks sink_dims or tau, `calibrate` fills them first.
+    fallback: how layers VAR does not edit are computed ("sdpa", or "eager" for bitwise comparisons
+      with an eager model). Yields a VARRun. The model is restored on exit, also after an exception.
+    """
+    adapter = as_adapter(model_or_adapter)
+    config = (config or VARConfig()).validate()
+    if calibration is not None and (config.sink_dims is None or config.tau is None):
+        config = calibrate(adapter, calibration, config)
+    resolved = resolve(config, adapter)
+    edit = VAREdit(resolved)
+    with edit_attention(adapter, edit, fallback=fallback) as session:
+        yield VARRun(resolved, edit, session)
+
+
+def enable(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
+           fallback: str = "sdpa") -> EditHandle:
+    """Switch VAR on for a loaded model until `handle.disable()`.
+
+    For pipelines that call the model themselves: the language model's attention implementation
+    becomes "sinkscope_edit" (ATTENTION_NAME) with VAR attached to this model instance; other
+    models are untouched. `handle.session` is the EditSession.
+    """
+    return EditHandle(var(model_or_adapter, config, calibration=calibration, fallback=fallback))
+
+
+# ---------------------------------------------------------------------------------------
+# calibration: sink dims and tau from data, as the scan finds them
+# ---------------------------------------------------------------------------------------
+
+def _as_batches(adapter, data) -> list:
+    if isinstance(data, Mapping) or (hasattr(data, "keys") and "input_ids" in data.keys()):
+        return [data]
+    items = list(data)
+    if items and all(hasattr(x, "question") for x in items):
+        images = [x.image() for x in items]
+        return [adapter.prepare([x.question for x in items], None if all(im is None for im in images) else images)]
+    return items
+
+
+@torch.no_grad()
+def _run_layers(adapter, batches: list, on_layer) -> None:
+    """Forward each batch; on_layer(layer, states [batch, token, dim], kinds) for the state entering each layer."""
+    current = {}
+
+    def hook_for(layer):
+        def hook(module, args, kwargs):
+            on_layer(layer, _hidden(args, kwargs), current["kinds"])
+        return hook
+
+    handles = [adapter.layers[l].register_forward_pre_hook(hook_for(l), with_kwargs=True)
+               for l in range(adapter.num_layers)]
+    try:
+        for batch in batches:
+            inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
+            current["kinds"] = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
+            adapter.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate(model_or_adapter, batch_or_samples, config: VARConfig | None = None,
+              start_layer: int = 2) -> VARConfig:
+    """A copy of `config` with sink_dims (discovered unless pinned) and tau (chosen unless given).
+
+    batch_or_samples: a processor batch, a list of batches, or a list of eval Samples.
+    Sink dims: `measures.massive.discover_sink_dims` on the BOS token's state entering each layer
+    (from `start_layer` on). tau: `measures.sinks.choose_tau` on phi of layers >= start_layer
+    (paper's 20 when sqrt(hidden) >= 40, otherwise the largest gap above the floor), or the
+    layer-relative default with sink_score="layer". Two forward passes per batch at most.
+    """
+    from sinkscope.measures.massive import discover_sink_dims
+    from sinkscope.measures.sinks import choose_tau, choose_tau_layer_relative, sink_score
+
+    adapter = as_adapter(model_or_adapter)
+    config = (config or VARConfig()).validate()
+    batches = _as_batches(adapter, batch_or_samples)
+    if not batches:
+        raise SinkscopeError("calibrate needs at least one batch (processor outputs) or sample")
+    dims = config.sink_dims
+    if dims is None:
+        bos: dict[int, list] = {}
+
+        def keep_bos(layer, states, kinds):
+            first = kinds.bos_mask.float().argmax(dim=1)
+            bos.setdefault(layer, []).append(states[torch.arange(states.shape[0]), first].float().cpu())
+
+        _run_layers(adapter, batches, keep_bos)
+        stacked = torch.stack([torch.cat(bos[l]) for l in range(adapter.num_layers)], dim=1)  # [S, L, D]
+        found = discover_sink_dims(stacked, start_layer=start_layer, eps=adapter.rms_norm_eps)
+        dims = list(found.dims)
+        if not dims:
+            warnings.warn(f"calibrate found no sink dims ({found.reason}); VAR will change nothing", UserWarning)
+    tau = config.tau
+    if tau is None:
+        if config.sink_score == "layer":
+            tau = choose_tau_layer_relative(None).value
+        elif math.sqrt(adapter.hidden_size) >= 2 * PAPER_TAU:
+            tau = PAPER_TAU
+        elif not dims:
+            tau = math.sqrt(adapter.hidden_size)
+        else:
+            phis: list[torch.Tensor] = []
+            kinds_all: list[torch.Tensor] = []
+            per_batch: dict[int, torch.Tensor] = {}
+
+            def keep_phi(layer, states, kinds):
+                if layer < start_layer:
+                    return
+                per_batch[layer] = sink_score(states, dims, "rms", token_mask=kinds.real_mask, eps=config.eps).cpu()
+                if layer == adapter.num_layers - 1:
+                    phis.append(torch.stack([per_batch[l] for l in sorted(per_batch)], dim=1))  # [B, L', T]
+                    kinds_all.append(kinds.kind.cpu())
+                    per_batch.clear()
+
+            _run_layers(adapter, batches, keep_phi)
+            width = max(x.shape[-1] for x in phis)
+            phi = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in phis])
+            kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=PAD) for k in kinds_all])
+            tau = choose_tau(phi, adapter.hidden_size, None, token_kinds=kinds).value
+    return replace(config, sink_dims=[int(d) for d in dims], tau=float(tau))
