@@ -21,6 +21,7 @@ EXPECT = {
     "02_quickstart.ipynb": ["sink dims: [", "visual sink tokens"],
     "03_bring_your_own_model.ipynb": ["loaded from", "sink dims", "index.md"],
     "04_ablations.ipynb": ["knockout", "answer"],
+    "05_heads_and_var.ipynb": ["VAR: sink dims", "heads VAR edited", "VAR changed"],
 }
 
 
