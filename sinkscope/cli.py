@@ -219,14 +219,17 @@ def ablate(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial"
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
            n_random: int = typer.Option(5, help="seeds of the random image-token control"),
            sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED,
-           n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME):
+           n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
+           renormalize: bool = typer.Option(True, help="renormalise knocked-out rows to sum to 1 (the paper's "
+                                            "knockout); --no-renormalize only zeroes the blocked entries, removing "
+                                            "what those keys write and nothing else")):
     """Knock out attention to visual sinks vs matched random / top non-sink image tokens / BOS; sweep tau."""
     from sinkscope.analyses.ablate import AblateConfig, run_ablate
 
     try:
         cfg = AblateConfig(model=model, data=data, limit=limit, batch_size=batch_size, taus=_floats(taus),
                            layers=_dims(layers), n_random=n_random, sink_dims=_dims(sink_dims), device=device, dtype=dtype, seed=seed,
-                           n_boot=n_boot, sink_score=sink_score)
+                           n_boot=n_boot, sink_score=sink_score, renormalize=renormalize)
     except SinkscopeError as err:
         _fail(err)
     _run_analysis(run_ablate, cfg, out, resume)

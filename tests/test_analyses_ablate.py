@@ -64,3 +64,41 @@ def test_organism_controls_are_matched(tmp_path):
     swept = per[per["condition"].isin(["visual_sinks", "random_visual", "top_nonsink"])]
     assert (swept["n_tokens"] == len(truth["sink_patches"])).all()
     assert (per[per["condition"] == "bos"]["n_tokens"] == 1).all()
+
+
+def test_organism_planted_sinks_move_answers_less_than_controls(tmp_path):
+    """Planted truth: the sinks' values are drained, so zeroing the text queries' attention to them
+    (without renormalising) moves answers less than zeroing as many top-attended non-sink image
+    tokens (the objects), and no more than as many random image tokens. Measured on 32 samples:
+    mean |logit change| sinks 0.059, random 0.14-0.19, top non-sink 1.08. The renormalised
+    knockout (the paper's), which rescales what the planted heads read elsewhere, moves them by
+    0.20 against random 0.06-0.10: reported in ablation_contrasts.csv, not asserted."""
+    from sinkscope.models import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = run_ablate(str(tmp_path / "a"), AblateConfig(model="organism", limit=24, n_random=3, n_boot=200,
+                                                               renormalize=False, taus=[5.0]),
+                            adapter=load("organism"), log=lambda m: None, figures=False)
+    contrasts = pd.read_csv(folder.path / "ablation_contrasts.csv").set_index("control")
+    top = contrasts.loc["top_nonsink"]
+    assert top["difference"] < 0 and top["ci_high"] < 0 and top["p_value"] < 0.01
+    random = contrasts.loc["random_visual"]
+    assert random["sinks_abs_change"] < random["control_abs_change"] and random["ci_low"] < 0
+    assert contrasts["sinks_abs_change"].iloc[0] < 0.1  # logit differences are ~2.5
+
+
+def test_knockout_without_renormalising_only_zeroes():
+    import torch
+
+    from sinkscope.interventions.knockout import knockout_probs
+
+    probs = torch.softmax(torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0)), -1)
+    keys = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    queries = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = knockout_probs(probs, keys, queries, renormalize=False)
+    assert torch.equal(out[0, :, 1:, [0, 3]], torch.zeros(3, 4, 2))
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[[0, 3]] = False
+    assert torch.equal(out[0, :, 1:][..., keep], probs[0, :, 1:][..., keep])  # nothing rescaled
+    assert torch.equal(out[0, :, 0], probs[0, :, 0]) and torch.equal(out[1], probs[1])

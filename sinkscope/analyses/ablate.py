@@ -44,6 +44,7 @@ class AblateConfig(AnalysisConfig):
     n_random: int = 5
     layers: list[int] | None = None  # knockout layers (default all)
     max_new_tokens: int = 4
+    renormalize: bool = True  # False: blocked entries zeroed, rows not rescaled (removes only what the keys write)
 
     def validate(self) -> None:
         super().validate()
@@ -146,7 +147,7 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
             if key_mask is None or not key_mask.any():
                 diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
             else:
-                with knockout(adapter, key_mask.to(adapter.device), layers=cfg.layers):
+                with knockout(adapter, key_mask.to(adapter.device), layers=cfg.layers, renormalize=cfg.renormalize):
                     diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
             for x, d, a, y, n in zip(chunk, diffs, answers, labels, n_tokens):
                 rows.append({"sample": x.sample_id, "condition": condition, "tau": tau, "seed": seed, "n_tokens": int(n),
@@ -210,16 +211,20 @@ def ablation_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         def f1_of(idx):
             return float(np.mean([_f1([ans[i][k] for i in idx], [labels[i] for i in idx]) for k in range(len(ans[0]))]))
 
+        change = np.abs(diff - b_diff)  # how much the answer moved, either way
         metrics = {
             "accuracy": (float(corr.mean()), lambda i: float(corr[i].mean())),
             "f1": (f1_of(np.arange(len(samples))), f1_of),
             "logit_diff": (float(diff.mean()), lambda i: float(diff[i].mean())),
+            "abs_logit_change": (float(change.mean()), lambda i: float(change[i].mean())),
         }
         for metric, (value, stat) in metrics.items():
             lo, hi = cluster_bootstrap(len(samples), stat, n_boot, seed)
             p = math.nan
             if condition != "none":
-                if metric == "logit_diff":
+                if metric == "abs_logit_change":
+                    p = math.nan  # |change| >= 0 by construction; conditions are compared in ablation_contrasts.csv
+                elif metric == "logit_diff":
                     d = diff - b_diff
                     p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
                 elif metric == "accuracy":
@@ -235,21 +240,54 @@ def ablation_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ablation_contrasts(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Visual sinks against each control, per tau: mean per-sample |logit change| of each, their
+    difference (sinks minus control) with a bootstrap CI, and a paired Wilcoxon p-value.
+
+    The paper's claim in this form: knocking out visual sinks moves answers less than knocking
+    out as many random (or top-attended non-sink) image tokens.
+    """
+    from scipy import stats
+
+    base = per[per["condition"] == "none"].groupby("sample")["logit_diff"].mean()
+    change = (per[per["condition"] != "none"].groupby(["condition", "tau", "sample"])["logit_diff"].mean()
+              .sub(base, level="sample").abs())
+    rows = []
+    for tau in sorted(per["tau"].dropna().unique()):
+        if ("visual_sinks", tau) not in change.index.droplevel("sample"):
+            continue
+        sinks_change = change.loc[("visual_sinks", tau)]
+        for control in ("random_visual", "top_nonsink"):
+            if (control, tau) not in change.index.droplevel("sample"):
+                continue
+            other = change.loc[(control, tau)].reindex(sinks_change.index)
+            d = (sinks_change - other).to_numpy(float)
+            lo, hi = cluster_bootstrap(len(d), lambda i: float(d[i].mean()), n_boot, seed)
+            p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+            rows.append({"tau": tau, "control": control, "sinks_abs_change": float(sinks_change.mean()),
+                         "control_abs_change": float(other.mean()), "difference": float(d.mean()), "ci_low": lo,
+                         "ci_high": hi, "p_value": p, "n_samples": len(d)})
+    return pd.DataFrame(rows, columns=["tau", "control", "sinks_abs_change", "control_abs_change", "difference",
+                                       "ci_low", "ci_high", "p_value", "n_samples"])
+
+
 def summarize_ablation(folder: RunFolder, cfg: AblateConfig, figures: bool = True) -> RunFolder:
     from sinkscope import plots
 
     per = folder.read("ablation_per_sample")
     table = ablation_table(per, cfg.n_boot, cfg.seed) if len(per) else pd.DataFrame()
     folder.write_table("ablation", table)
+    contrasts = ablation_contrasts(per, cfg.n_boot, cfg.seed) if len(per) else pd.DataFrame()
+    folder.write_table("ablation_contrasts", contrasts)
     figs = {}
     if figures and len(table):
         figs["curves"] = plots.ablation_curves(table, folder.path / "ablation.png")
-    _write_index(folder, cfg, table, figs)
+    _write_index(folder, cfg, table, figs, contrasts)
     folder.finish()
     return folder
 
 
-def _write_index(folder, cfg, table, figs) -> None:
+def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -279,6 +317,14 @@ def _write_index(folder, cfg, table, figs) -> None:
             lines.append(f"- `{condition}` ({r['n_tokens']:.1f} tokens per sample"
                          + (f", tau {r['tau']:.3g}" if not math.isnan(r["tau"]) else "") + "): logit difference "
                          + fmt_ci(r["value"], r["ci_low"], r["ci_high"]) + f", p = {r['p_value']:.3g} vs none.\n")
+    if contrasts is not None and len(contrasts):
+        lines.append("How far answers move (mean per-sample |change| of the logit difference), visual sinks against "
+                     "matched controls; a negative difference means knocking out the sinks moves answers less:\n")
+        for _, r in contrasts.iterrows():
+            lines.append(f"- tau {r['tau']:.3g}, vs `{r['control']}`: sinks {r['sinks_abs_change']:.3g}, control "
+                         f"{r['control_abs_change']:.3g}; difference {fmt_ci(r['difference'], r['ci_low'], r['ci_high'])}, "
+                         f"Wilcoxon p = {r['p_value']:.3g} (n = {int(r['n_samples'])}).")
+        lines.append(f"\nKnockout rows were {'renormalised to sum to 1' if cfg.renormalize else 'not renormalised (blocked entries zeroed only)'}.\n")
     if "curves" in figs:
         lines.append(f"![ablation]({figs['curves']})\n")
     lines.append(markdown_table(table, max_rows=60))

@@ -238,6 +238,17 @@ def _vit_findings(folder: Path) -> list[Finding]:
 def _ablate_findings(folder: Path) -> list[Finding]:
     table = pd.read_csv(folder / "ablation.csv")
     out = []
+    contrasts = folder / "ablation_contrasts.csv"
+    if contrasts.exists():
+        c = pd.read_csv(contrasts)
+        if len(c):
+            tau = sorted(c["tau"].unique())[len(c["tau"].unique()) // 2]
+            for _, r in c[c["tau"] == tau].iterrows():
+                out.append(Finding("ablate", f"|logit change| sinks minus {r['control']} (tau {tau:.3g})",
+                                   float(r["difference"]), float(r["ci_low"]), float(r["ci_high"]),
+                                   f"Knocking out visual sinks moves answers by {r['sinks_abs_change']:.3g} on average, "
+                                   f"as many {r['control']} tokens by {r['control_abs_change']:.3g} (Wilcoxon p = "
+                                   f"{r['p_value']:.2g}); negative: the sinks matter less."))
     diff = table[table["metric"] == "logit_diff"]
     if not len(diff):
         return out

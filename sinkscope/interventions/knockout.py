@@ -30,19 +30,25 @@ def _codes(token_kinds) -> torch.Tensor:
     return token_kinds.kind if isinstance(token_kinds, TokenKinds) else torch.as_tensor(token_kinds)
 
 
-def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    """Block attention of selected queries to selected keys and renormalise those rows.
+def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor,
+                   renormalize: bool = True) -> torch.Tensor:
+    """Block attention of selected queries to selected keys (and, by default, renormalise those rows).
 
     probs: [batch, head, query, key] post-softmax; key_mask: [batch, key] bool (keys to block);
     query_mask: [batch, query] bool (queries the knockout applies to).
     Returns probs where, for rows of selected queries that had mass on blocked keys, blocked
     entries are 0 and the others are divided by the remaining mass; other rows are unchanged.
+    renormalize=False zeroes the blocked entries only (the row then sums to less than 1): the
+    blocked keys' value vectors are removed from the output and nothing else changes, which
+    separates "what the keys write" from "how much attention they hold".
     """
     blocked = key_mask[:, None, None, :].to(probs.device)
     kept = probs.masked_fill(blocked, 0.0)
-    remaining = kept.sum(dim=-1, keepdim=True)
     removed = (probs * blocked).sum(dim=-1, keepdim=True)
     touched = query_mask[:, None, :, None].to(probs.device) & (removed > 0)
+    if not renormalize:
+        return torch.where(touched, kept, probs)
+    remaining = kept.sum(dim=-1, keepdim=True)
     renormalised = torch.where(remaining > 0, kept / remaining.clamp_min(torch.finfo(probs.dtype).tiny), kept)
     return torch.where(touched, renormalised, probs)
 
@@ -56,7 +62,8 @@ class KnockoutEdit(AttentionEdit):
     """
 
     def __init__(self, key_mask: torch.Tensor, query_mask: torch.Tensor | None = None,
-                 layers: Sequence[int] | None = None, generated_queries: bool = True):
+                 layers: Sequence[int] | None = None, generated_queries: bool = True, renormalize: bool = True):
+        self.renormalize = renormalize
         if key_mask.dim() != 2:
             raise SinkscopeError(f"key_mask must be [batch, token] bool over the prompt, got shape {tuple(key_mask.shape)}")
         if query_mask is not None and query_mask.shape != key_mask.shape:
@@ -97,21 +104,22 @@ class KnockoutEdit(AttentionEdit):
                 queries = torch.zeros_like(queries)
         else:
             queries = state.prompt_query_mask(memory["queries"], generated=self.generated_queries)
-        return knockout_probs(probs, keys, queries)
+        return knockout_probs(probs, keys, queries, self.renormalize)
 
 
 @contextlib.contextmanager
 def knockout(model_or_adapter, key_mask: torch.Tensor, query_mask: torch.Tensor | None = None,
              layers: Sequence[int] | None = None, generated_queries: bool = True,
-             fallback: str = "sdpa") -> Iterator[EditSession]:
+             fallback: str = "sdpa", renormalize: bool = True) -> Iterator[EditSession]:
     """Block attention to `key_mask` ([batch, token] bool over the prompt) inside the block.
 
     query_mask: [batch, token] bool over the prompt (default: text tokens after the last image
     token); generated tokens are queries too unless generated_queries=False.
     layers: None = all layers; an index out of range raises SinkscopeError naming the valid range.
     fallback: see `edit_attention` (layers outside `layers`).
+    renormalize: False zeroes the blocked entries without rescaling the rest (see `knockout_probs`).
     """
-    with edit_attention(model_or_adapter, KnockoutEdit(key_mask, query_mask, layers, generated_queries),
+    with edit_attention(model_or_adapter, KnockoutEdit(key_mask, query_mask, layers, generated_queries, renormalize),
                         fallback=fallback) as session:
         yield session
 
