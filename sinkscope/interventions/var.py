@@ -36,8 +36,8 @@ import contextlib
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 
@@ -146,11 +146,6 @@ def resolve(config: VARConfig, adapter) -> ResolvedVAR:
 # the equations, vectorised
 # ---------------------------------------------------------------------------------------
 
-def _mass(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[batch, head, query] attention of each row on the keys in mask [batch, key]."""
-    return (probs * mask[:, None, None, :]).sum(dim=-1)
-
-
 def _random_heads(count: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Per (batch, query), `count` heads drawn uniformly among eligible ones. count [batch, query];
     eligible [batch, head, query] -> bool [batch, head, query]."""
@@ -172,26 +167,30 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     bool, S (sinks of any kind); image_mask: [batch, key] bool, image tokens; query_mask:
     [batch, query] bool, the queries VAR may edit.
     Returns (edited probs [batch, head, query, key], selected [batch, head, query] bool).
-    Rows not selected are returned bitwise unchanged. A row is never selected when its budget
-    targets receive no attention (nowhere to put the budget) or its sample has no sink.
+    Rows not selected are returned bitwise unchanged; sink entries of selected rows are exactly
+    a_ij * (1 - p) (the scale factor is placed by a product with 0/1 masks, which is exact). A row is
+    never selected when its budget targets receive no attention (nowhere to put the budget) or its
+    sample has no sink.
+
+    Cost: two small matrix products against [batch, key, 5] and [batch, 3, key] masks (the row masses,
+    and the per-entry factor) and one elementwise product; no loops, no host syncs.
     """
+    dtype = probs.dtype
     sink = sink_mask.to(probs.device).bool()
     image = image_mask.to(probs.device).bool()
     nonsink_image = image & ~sink
     target = nonsink_image if budget_target == "image_nonsink" else ~image & ~sink
-    image_att = _mass(probs, image)
-    target_att = _mass(probs, target)
-    sink_att = _mass(probs, sink)
+    columns = torch.stack([image, nonsink_image, sink, image & sink, target], dim=-1).to(dtype)  # [B, K, 5]
+    image_att, nonsink_att, sink_att, vsink_att, target_att = torch.matmul(probs, columns[:, None]).unbind(-1)
     queries = query_mask.to(probs.device).bool()[:, None, :]
     eligible = queries & (target_att > 0) & sink.any(dim=-1)[:, None, None]
     enough = (image_att >= summ) & (image_att > 0)
+    safe_image = image_att.clamp_min(1e-30)
     if mode == "paper":
-        ratio = _mass(probs, nonsink_image) / image_att.clamp_min(1e-30)
-        centric = enough & (ratio >= rho)
+        centric = enough & (nonsink_att / safe_image >= rho)
     else:
-        sink_fraction = _mass(probs, image & sink) / image_att.clamp_min(1e-30)
         has_visual_sink = (image & sink).any(dim=-1)[:, None, None]
-        centric = enough & (sink_fraction <= rho) & has_visual_sink
+        centric = enough & (vsink_att / safe_image <= rho) & has_visual_sink
     if head_selection == "image_centric":
         selected = centric & eligible
     elif head_selection == "all":
@@ -199,12 +198,13 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     else:
         selected = _random_heads((centric & queries).sum(dim=1), eligible, generator)
     drained = p if mode == "paper" else 1.0 - p
-    budget = drained * sink_att  # W, [batch, head, query]
-    share = (budget / target_att.clamp_min(1e-30))[..., None]
-    sel = selected[..., None]
-    out = torch.where(sel & sink[:, None, None, :], probs * (1.0 - drained),
-                      torch.where(sel & target[:, None, None, :], probs + share * probs, probs))
-    return out, selected
+    one = torch.ones((), dtype=dtype, device=probs.device)
+    keep = torch.where(selected, 1.0 - drained, one)
+    gain = torch.where(selected, 1.0 + drained * sink_att / target_att.clamp_min(1e-30), one)
+    factors = torch.stack([keep, gain, one.expand_as(keep)], dim=-1)  # [B, H, Q, 3]
+    other = ~sink & ~target
+    placement = torch.stack([sink, target, other], dim=1).to(dtype)  # [B, 3, K]
+    return probs * torch.matmul(factors, placement[:, None]), selected
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,13 +258,23 @@ class VAREdit(AttentionEdit):
         if sinks is None:
             raise SinkscopeError(f"VAR found no sink mask for layer {layer}: the prompt must be run through the model "
                                  "(prefill) inside the VAR block before decoding")
-        n_keys = probs.shape[-1]
+        n_keys, n_queries = probs.shape[-1], probs.shape[2]
         c = self.config
-        out, selected = var_probs(
-            probs, state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
-            state.default_query_mask(), p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+        start = min(state.default_query_start, n_queries)  # queries before it are never VAR queries
+        tail, selected_tail = var_probs(
+            probs[:, :, start:], state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
+            state.default_query_mask()[:, start:], p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
             head_selection=c.head_selection, budget_target=c.budget_target,
             generator=self._generator(memory, probs.device) if c.head_selection == "random" else None)
+        if start == 0:
+            out, selected = tail, selected_tail
+        else:
+            selected = torch.nn.functional.pad(selected_tail, (start, 0), value=False)
+            if probs.requires_grad:
+                out = torch.cat([probs[:, :, :start], tail], dim=2)
+            else:
+                probs[:, :, start:] = tail
+                out = probs
         memory["selected"][layer] = selected
         return out
 
