@@ -6,10 +6,13 @@ A genuine ``LlavaForConditionalGeneration`` built the way LLaVA is built:
   the standard way (a new embedding row initialised to the mean embedding);
 - vision tower: a small CLIP ViT trained from scratch by sinkscope on the synthetic world
   (64 px images, 8 px patches: 64 image tokens);
-- projector: LLaVA-1.5's two-layer MLP, trained by sinkscope.
+- projector: LLaVA-1.5's two-layer MLP, trained by sinkscope;
+- LoRA adapters (peft, unmerged) on the language model's attention and MLP projections, trained in
+  the instruction stage; the pretrained weights under them are untouched (`set_lora_enabled(model,
+  False)` gives back exactly the pretrained language model).
 
-Only what sinkscope trained is shipped (``assets/demo/trained.safetensors``: vision tower and
-projector); ``load_demo()`` assembles the model from the cache and those parts.
+Only what sinkscope trained is shipped (``assets/demo/trained.safetensors``: vision tower, projector,
+LoRA adapters); ``load_demo()`` assembles the model from the cache and those parts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,34 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 TRAINED_FILE = "trained.safetensors"
 N_IMAGE_TOKENS = (world.IMAGE_SIZE // world.PATCH_SIZE) ** 2
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+def _is_trained_key(key: str) -> bool:
+    return key.startswith(TRAINED_PREFIXES) or ".lora_" in key
+
+
+def add_lora(model, rank: int = 16, alpha: int = 32):
+    """LoRA adapters on the language model's attention and MLP projections (peft), kept unmerged.
+
+    The pretrained weights stay as they are (each wrapped layer's `base_layer`); the adapters add
+    B @ A (B starts at zero, so a freshly added adapter changes nothing).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    inject_adapter_in_model(config, model)
+    model.config.sinkscope_lora = {"rank": rank, "alpha": alpha, "targets": LORA_TARGETS}
+    return model
+
+
+def set_lora_enabled(model, enabled: bool) -> None:
+    """Switch every LoRA adapter on or off (off: the language model is exactly the pretrained one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
 
 # SmolLM2-Instruct's own ChatML template (default system prompt included), extended so that a
 # message's content may be a list of {"type": "image"} and {"type": "text"} parts.
@@ -122,8 +153,9 @@ def llm_state_for_llava(llm_state: dict) -> dict:
 def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=None):
     """A LlavaForConditionalGeneration with the cached LLM and (optionally) the trained parts.
 
-    trained_state: vision tower + projector tensors (keys under TRAINED_PREFIXES); None keeps
-    their random initialisation (the start of training).
+    trained_state: vision tower + projector tensors (keys under TRAINED_PREFIXES) and LoRA
+    adapter tensors (".lora_" keys, when the config records `sinkscope_lora`); None keeps their
+    initialisation (the start of training).
     """
     import torch
     from safetensors.torch import load_file
@@ -132,18 +164,27 @@ def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=Non
     config.text_config._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(config)
     state = llm_state_for_llava(load_file(str(llm_dir / "model.safetensors")))
-    if trained_state is not None:
-        unexpected = [k for k in trained_state if not k.startswith(TRAINED_PREFIXES)]
-        if unexpected:
-            raise SinkscopeError(f"the trained parts hold keys outside the vision tower and projector: {unexpected[:3]}")
-        state.update(trained_state)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" and (trained_state is not None or not k.startswith(TRAINED_PREFIXES))]
+    missing = [k for k in missing if k != "lm_head.weight" and not k.startswith(TRAINED_PREFIXES)]
     if missing or unexpected:
         raise SinkscopeError(f"the demo model could not be assembled: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    lora = getattr(config, "sinkscope_lora", None)
+    if lora:
+        add_lora(model, lora["rank"], lora["alpha"])
+    if trained_state is not None:
+        unexpected = [k for k in trained_state if not _is_trained_key(k)]
+        if unexpected:
+            raise SinkscopeError(f"the trained parts hold keys outside the vision tower, projector and LoRA adapters: "
+                                 f"{unexpected[:3]}")
+        expected = {k for k in model.state_dict() if _is_trained_key(k)}
+        absent = sorted(expected - set(trained_state))
+        if absent:
+            raise SinkscopeError(f"the trained parts lack {len(absent)} tensors (e.g. {absent[:2]}): they do not "
+                                 "match this config; rebuild them with `python -m sinkscope.demo.train_smolvlm`")
+        model.load_state_dict(trained_state, strict=False)
     if dtype is not None:
         model = model.to(dtype)
     model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
@@ -152,7 +193,7 @@ def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=Non
 
 def trained_state(model) -> dict:
     """The parts sinkscope trains (vision tower, projector), detached and contiguous."""
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if _is_trained_key(k)}
 
 
 def save_trained(model, processor, out: Path, extra: dict | None = None) -> None:
