@@ -235,6 +235,35 @@ def ablate(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial"
     _run_analysis(run_ablate, cfg, out, resume)
 
 
+# ----------------------------------------------------------------------------- causal patching (issue 8)
+
+
+@app.command()
+def patch(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with labels"),
+          out: str = _out("runs/patching"), limit: Optional[int] = typer.Option(32, help="number of questions"),
+          batch_size: int = typer.Option(8, help="questions per forward pass"),
+          layers: Optional[str] = typer.Option(None, help="layers patched one at a time, e.g. 2,3 (default all); "
+                                              "every-layer rows are always written"),
+          rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
+          summ: float = typer.Option(0.2, help="minimum image attention of an image-centric head"),
+          p: float = typer.Option(0.6, help="VAR's p for the VAR-through-heads sites"),
+          var: bool = typer.Option(True, help="also patch VAR-edited head outputs into the baseline run"),
+          tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
+          dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+          resume: bool = _RESUME):
+    """Patch visual sinks / object tokens / image-centric heads from an image with the other answer, and
+    VAR-edited heads into the baseline; effect on the answer's logit difference with CIs."""
+    from sinkscope.analyses.patching import PatchConfig, run_patching
+
+    try:
+        cfg = PatchConfig(model=model, data=data, limit=limit, batch_size=batch_size, layers=_dims(layers), rho=rho,
+                          summ=summ, p=p, var=var, tau=tau, sink_dims=_dims(sink_dims), device=device, dtype=dtype,
+                          seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_patching, cfg, out, resume)
+
+
 # ----------------------------------------------------------------------------- sink viewer (issue 9)
 
 

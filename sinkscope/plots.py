@@ -293,3 +293,95 @@ def ablation_curves(table: pd.DataFrame, path: Path) -> str:
         ax.legend(fontsize=7)
     fig.suptitle("knockout of attention from text queries to each key set", fontsize=9)
     return _save(fig, path, pdf=False)
+
+
+# ----------------------------------------------------------------------------- VAR evaluation and patching (issue 8)
+
+
+def _errorbars(ax, x, value, low, high, **kw):
+    yerr = np.vstack([np.clip(value - low, 0, None), np.clip(high - value, 0, None)])
+    ax.errorbar(x, value, yerr=np.nan_to_num(yerr), fmt="o", capsize=3, **kw)
+
+
+def patching_effects(table: pd.DataFrame, path: Path) -> str:
+    """Left: effect of each site patched in every layer at once (95% CI), the full image swap dashed.
+    Right: effect per single layer for the residual and head sites (CI bands)."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", font_scale=0.8)
+    both = table[table["layer"] == -1].reset_index(drop=True)
+    per_layer = table[table["layer"] >= 0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    ax = axes[0]
+    colors = sns.color_palette("tab10", max(len(both), 1))
+    for i, r in both.iterrows():
+        _errorbars(ax, np.array([i]), np.array([r["effect"]]), np.array([r["ci_low"]]), np.array([r["ci_high"]]),
+                   color=colors[i])
+    ax.set_xticks(range(len(both)))
+    ax.set_xticklabels([f"{r['site']}\n({r['source']})" for _, r in both.iterrows()], rotation=45, ha="right", fontsize=7)
+    ax.axhline(0, color="k", lw=0.8)
+    swap = both[both["source"] == "other_image"]["full_effect"]
+    if len(swap):
+        ax.axhline(float(swap.mean()), color="grey", ls="--", lw=1, label="whole image swapped")
+        ax.legend(fontsize=7)
+    ax.set_ylabel("change of the correct answer's logit difference")
+    ax.set_title("every layer at once", fontsize=9)
+    ax = axes[1]
+    for i, (site, g) in enumerate(per_layer.groupby("site", sort=False)):
+        g = g.sort_values("layer")
+        c = sns.color_palette("tab10", 10)[i % 10]
+        ax.plot(g["layer"], g["effect"], "o-", color=c, label=site, ms=3)
+        ax.fill_between(g["layer"], g["ci_low"], g["ci_high"], color=c, alpha=0.15)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("layer patched (alone)")
+    ax.set_title("one layer at a time", fontsize=9)
+    if len(per_layer):
+        ax.legend(fontsize=7)
+    fig.suptitle("activation patching from an image with the other answer", fontsize=9)
+    out = _save(fig, path, pdf=False)
+    sns.reset_orig()
+    return out
+
+
+def var_eval_bars(table: pd.DataFrame, path: Path, metric: str = "accuracy") -> str:
+    """`metric` per condition and task on the test split, 95% CIs (accuracy CIs from var_eval.csv)."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", font_scale=0.8)
+    tasks = list(dict.fromkeys(table["task"]))
+    conditions = list(dict.fromkeys(table["condition"]))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(tasks), 3.6))
+    width = 0.8 / max(len(conditions), 1)
+    colors = sns.color_palette("tab10", len(conditions))
+    for k, condition in enumerate(conditions):
+        t = table[table["condition"] == condition].set_index("task").reindex(tasks)
+        x = np.arange(len(tasks)) + (k - (len(conditions) - 1) / 2) * width
+        ax.bar(x, t[metric], width, color=colors[k], label=condition, alpha=0.85)
+        lo, hi = (f"{metric}_ci_low", f"{metric}_ci_high") if f"{metric}_ci_low" in t else ("ci_low", "ci_high")
+        if metric == "accuracy" or lo != "ci_low":
+            _errorbars(ax, x, t[metric].to_numpy(float), t[lo].to_numpy(float), t[hi].to_numpy(float),
+                       color="k", ms=0, lw=0.8)
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, fontsize=8)
+    ax.set_ylabel(f"{metric} (test split)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    out = _save(fig, path, pdf=False)
+    sns.reset_orig()
+    return out
+
+
+def var_sweep_heatmap(sweep: pd.DataFrame, path: Path, metric: str = "f1", chosen: tuple[float, float] | None = None) -> str:
+    """Validation `metric` (all tasks pooled) over the (p, rho) grid; the chosen cell outlined, baseline in the title."""
+    import seaborn as sns
+
+    grid = sweep[sweep["condition"] == "var"].pivot_table(index="rho", columns="p", values=metric, aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * grid.shape[1], 1.2 + 0.6 * grid.shape[0]))
+    sns.heatmap(grid, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"validation {metric}"})
+    base = sweep[sweep["condition"] == "baseline"][metric]
+    title = f"VAR on the validation split (baseline {float(base.mean()):.3f})" if len(base) else "VAR on the validation split"
+    ax.set_title(title, fontsize=9)
+    if chosen is not None and chosen[1] in list(grid.index) and chosen[0] in list(grid.columns):
+        i, j = list(grid.index).index(chosen[1]), list(grid.columns).index(chosen[0])
+        ax.add_patch(plt.Rectangle((j, i), 1, 1, fill=False, edgecolor="red", lw=2))
+    return _save(fig, path, pdf=False)
