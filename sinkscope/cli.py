@@ -264,6 +264,43 @@ def patch(model: str = _MODEL, data: str = typer.Option("demo:pope-adversarial",
     _run_analysis(run_patching, cfg, out, resume)
 
 
+@app.command("var-eval")
+def var_eval(model: str = _MODEL,
+             data: str = typer.Option("demo", help="'demo' (the world's POPE splits) or a POPE question .jsonl (test)"),
+             validation: Optional[str] = typer.Option(None, help="POPE .jsonl of validation questions for choosing p and "
+                                                      "rho (demo: the world's validation split); without it nothing is tuned"),
+             image_root: Optional[str] = typer.Option(None, help="image folder of the POPE files (default: their folder)"),
+             out: str = _out("runs/var_eval"),
+             tasks: str = typer.Option("pope-random,pope-popular,pope-adversarial", help="demo tasks"),
+             limit: int = typer.Option(100, help="test questions per task"),
+             val_limit: int = typer.Option(60, help="validation questions per task"),
+             captions: int = typer.Option(0, help="test captions per condition for CHAIR (demo; 0 = none)"),
+             conditions: str = typer.Option(",".join(("baseline", "var", "var_random_heads", "var_all_heads",
+                                                      "var_text_budget")), help="conditions to evaluate"),
+             p_grid: str = typer.Option("0.3,0.6,0.9", help="p values tried on validation"),
+             rho_grid: str = typer.Option("0.3,0.5,0.8", help="rho values tried on validation"),
+             p: Optional[float] = typer.Option(None, help="fix p (no tuning of p)"),
+             rho: Optional[float] = typer.Option(None, help="fix rho (no tuning of rho)"),
+             select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy"),
+             batch_size: int = typer.Option(16, help="questions per generate call"),
+             tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
+             dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+             resume: bool = _RESUME):
+    """POPE (and CHAIR) with baseline, VAR and its controls; p and rho chosen on validation, reported on test."""
+    from sinkscope.analyses.var_eval import VarEvalConfig, run_var_eval
+
+    try:
+        cfg = VarEvalConfig(model=model, data=data, validation=validation, image_root=image_root,
+                            tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit, val_limit=val_limit,
+                            captions=captions, conditions=[c.strip() for c in conditions.split(",") if c.strip()],
+                            p_grid=_floats(p_grid), rho_grid=_floats(rho_grid), p=p, rho=rho,
+                            select_metric=select_metric, batch_size=batch_size, tau=tau, sink_dims=_dims(sink_dims),
+                            device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=sink_score)
+    except SinkscopeError as err:
+        _fail(err)
+    _run_analysis(run_var_eval, cfg, out, resume)
+
+
 # ----------------------------------------------------------------------------- sink viewer (issue 9)
 
 

@@ -1,0 +1,408 @@
+"""`sinkscope var-eval`: does VAR help? POPE (and CHAIR) with controls, tuned on validation only.
+
+Protocol (Kang et al. 2025, sections 5-6 of the shared paper notes, with the reviewers' concerns met):
+  1. Calibrate VAR (sink dims, tau) on validation questions (`interventions.var.calibrate`).
+  2. Sweep p x rho (a small grid) on the *validation* split; pick the pair with the best pooled
+     `select_metric` (F1 by default; ties: nearest the paper's p = 0.6, rho = 0.5). `var_sweep.csv`.
+  3. On the *test* split, never used for choosing, run every condition with the chosen p, rho:
+       baseline           the unmodified model;
+       var                VAR on image-centric heads (the paper);
+       var_random_heads   as many heads per (layer, query), drawn at random (matched in count);
+       var_all_heads      every head (the paper reports collapse);
+       var_text_budget    the budget goes to text tokens instead of image non-sinks (worse in the paper).
+     Greedy answers, yes/no parsed (`eval.pope.parse_yes_no`), POPE metrics per task and pooled;
+     95% percentile bootstrap CIs over questions (accuracy: ci_low/ci_high; F1: f1_ci_low/f1_ci_high);
+     p_value: McNemar's exact test of per-question correctness against baseline. `var_eval.csv`.
+  4. Optionally captions of test scenes (demo world): CHAIR_s, CHAIR_i per condition (`chair.csv`).
+Data: `demo` (the demo world's POPE splits: validation and test scenes are disjoint), or a POPE
+question file with --validation another POPE file (without one, nothing is tuned: p and rho are the
+given or paper values, and index.md says so).
+
+Resumable: per-question rows are appended to var_answers.csv as each batch of questions finishes all its
+conditions (key `sample` = "<phase>:<question id>"); a rerun skips finished questions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.errors import SinkscopeError
+from sinkscope.eval import stats
+from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
+from sinkscope.eval.tasks import Sample, batches
+from sinkscope.runfolder import RunFolder
+
+CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
+PAPER_P, PAPER_RHO = 0.6, 0.5
+EVAL_COLUMNS = ["condition", "task", "accuracy", "precision", "recall", "f1", "yes_ratio", "n", "ci_low", "ci_high",
+                "p_value", "f1_ci_low", "f1_ci_high", "unknown", "p", "rho", "discordant_better", "discordant_worse"]
+SWEEP_COLUMNS = ["condition", "p", "rho", "task", "accuracy", "precision", "recall", "f1", "yes_ratio", "n", "chosen"]
+
+
+@dataclass
+class VarEvalConfig:
+    model: str = "demo"
+    data: str = "demo"  # demo | a POPE .jsonl (test questions)
+    validation: str | None = None  # a POPE .jsonl of validation questions (demo: the world's validation split)
+    image_root: str | None = None
+    tasks: list[str] = field(default_factory=lambda: [f"pope-{s}" for s in STRATEGIES])  # demo tasks
+    limit: int = 100  # test questions per task
+    val_limit: int = 60  # validation questions per task
+    captions: int = 0  # test captions per condition for CHAIR (demo only; 0 = none)
+    caption_tokens: int = 40
+    max_new_tokens: int = 4
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    p_grid: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])
+    rho_grid: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.8])
+    p: float | None = None  # given: no tuning of p
+    rho: float | None = None  # given: no tuning of rho
+    summ: float = 0.2
+    select_metric: str = "f1"
+    tau: float | None = None
+    sink_dims: list[int] | None = None
+    sink_score: str = "rms"
+    calibration: int = 16
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    n_boot: int = 1000
+
+    def validate(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or "baseline" not in self.conditions:
+            raise SinkscopeError(f"--conditions must include 'baseline' and come from {', '.join(CONDITIONS)}; got "
+                                 f"{self.conditions}")
+        for name in ("p", "rho", "summ"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise SinkscopeError(f"--{name} must be in [0, 1]; got {v}")
+        for name in ("p_grid", "rho_grid"):
+            v = getattr(self, name)
+            if not v or any(not 0.0 <= x <= 1.0 for x in v):
+                raise SinkscopeError(f"--{name.replace('_', '-')} must be non-empty values in [0, 1]; got {v}")
+        if self.select_metric not in ("f1", "accuracy"):
+            raise SinkscopeError(f"--select-metric must be f1 or accuracy; got {self.select_metric!r}")
+        if self.limit < 2 or self.val_limit < 2:
+            raise SinkscopeError("--limit and --val-limit must be >= 2 questions per task")
+        if self.batch_size < 1 or self.calibration < 1 or self.n_boot < 10 or self.captions < 0:
+            raise SinkscopeError("--batch-size and --calibration must be >= 1, --n-boot >= 10, --captions >= 0")
+        if self.tau is not None and not self.tau > 0:
+            raise SinkscopeError(f"--tau must be > 0; got {self.tau}")
+        bad_tasks = [t for t in self.tasks if t not in [f"pope-{s}" for s in STRATEGIES]]
+        if self.is_demo and bad_tasks:
+            raise SinkscopeError(f"--tasks for the demo world are pope-random, pope-popular, pope-adversarial; got {bad_tasks}")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data == "demo"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def eval_splits(cfg: VarEvalConfig) -> tuple[list[Sample], list[Sample]]:
+    """(validation questions, test questions), disjoint; validation empty when nothing can be tuned."""
+    if cfg.is_demo:
+        val = [s for t in cfg.tasks for s in demo_pope("validation", t[5:], cfg.val_limit)]
+        test = [s for t in cfg.tasks for s in demo_pope("test", t[5:], cfg.limit)]
+        return val, test
+    test = list(load_pope(cfg.data, cfg.image_root, cfg.limit))
+    val = list(load_pope(cfg.validation, cfg.image_root, cfg.val_limit)) if cfg.validation else []
+    overlap = {(s.image_path, s.question) for s in val} & {(s.image_path, s.question) for s in test}
+    if overlap:
+        raise SinkscopeError(f"{len(overlap)} validation questions also appear in the test file; tuning on them would "
+                             "tune on test. Give disjoint files")
+    return val, test
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def condition_config(base, condition: str, p: float, rho: float):
+    """The VARConfig of a condition (None for baseline). base: the calibrated VARConfig."""
+    if condition == "baseline":
+        return None
+    cfg = replace(base, p=float(p), rho=float(rho))
+    return {"var": cfg, "var_random_heads": replace(cfg, head_selection="random"),
+            "var_all_heads": replace(cfg, head_selection="all"),
+            "var_text_budget": replace(cfg, budget_target="text")}[condition]
+
+
+def _answers(adapter, samples, var_cfg, max_new_tokens, batch_size) -> list[str]:
+    from sinkscope.eval.accuracy import generate_answers
+    from sinkscope.interventions.var import var
+
+    if var_cfg is None:
+        return generate_answers(adapter, samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    with var(adapter, var_cfg, fallback="eager"):  # unedited layers as the eager baseline: only VAR differs
+        return generate_answers(adapter, samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _answer_rows(phase, condition, p, rho, samples, answers) -> list[dict]:
+    rows = []
+    for s, a in zip(samples, answers):
+        pred = parse_yes_no(a)
+        label = (s.answer or "").strip().lower()
+        rows.append({"sample": f"{phase}:{s.sample_id}", "question_id": s.sample_id, "phase": phase,
+                     "condition": condition, "p": p, "rho": rho, "task": s.task, "label": label,
+                     "answer": a.strip(), "prediction": pred if pred else "", "correct": pred == label})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True, log=print,
+                 figures: bool = True) -> RunFolder:
+    from sinkscope.interventions.var import VARConfig, calibrate
+    from sinkscope.models import load
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    val, test = eval_splits(cfg)
+    folder = RunFolder(out, "var_eval", asdict(cfg), resume=resume)
+    folder.update_meta(model=adapter.describe(), n_validation=len(val), n_test=len(test),
+                       planted=("organism" in str(cfg.model)))
+    base = VARConfig(tau=cfg.tau, sink_dims=cfg.sink_dims, sink_score=cfg.sink_score, summ=cfg.summ, seed=cfg.seed)
+    if folder.meta.get("var_calibrated"):
+        base = replace(base, **folder.meta["var_calibrated"])
+    else:
+        calib = (val or test)[: cfg.calibration]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            base = calibrate(adapter, calib, base)
+        note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+        folder.update_meta(var_calibrated={"sink_dims": base.sink_dims, "tau": base.tau},
+                           calibration_source="validation" if val else "test (no validation data given)",
+                           calibration_note=note)
+        log(f"VAR calibration: sink dims {base.sink_dims}, tau {base.tau:.3g}" + (f" ({note})" if note else ""))
+    done = folder.done_samples()
+    # 1. validation sweep
+    grid = [(p, r) for p in ([cfg.p] if cfg.p is not None else cfg.p_grid)
+            for r in ([cfg.rho] if cfg.rho is not None else cfg.rho_grid)]
+    tune = bool(val) and len(grid) > 1
+    if tune:
+        for chunk in batches([s for s in val if f"validation:{s.sample_id}" not in done], cfg.batch_size):
+            rows = _answer_rows("validation", "baseline", math.nan, math.nan, chunk,
+                                _answers(adapter, chunk, None, cfg.max_new_tokens, cfg.batch_size))
+            for p, r in grid:
+                rows += _answer_rows("validation", "var", p, r, chunk, _answers(
+                    adapter, chunk, condition_config(base, "var", p, r), cfg.max_new_tokens, cfg.batch_size))
+            folder.append_rows("var_answers", pd.DataFrame(rows))
+            folder.mark_done([f"validation:{s.sample_id}" for s in chunk])
+        sweep = sweep_table(folder.read("var_answers"), cfg)
+        chosen = choose(sweep, cfg.select_metric)
+    else:
+        sweep = pd.DataFrame(columns=SWEEP_COLUMNS)
+        chosen = (cfg.p if cfg.p is not None else PAPER_P, cfg.rho if cfg.rho is not None else PAPER_RHO)
+    folder.update_meta(chosen={"p": chosen[0], "rho": chosen[1],
+                               "how": f"best pooled validation {cfg.select_metric} over the grid" if tune else
+                               "given or paper defaults (no validation data, or nothing to tune)"})
+    log(f"chosen on validation: p = {chosen[0]}, rho = {chosen[1]}")
+    # 2. test: every condition with the chosen p, rho
+    for chunk in batches([s for s in test if f"test:{s.sample_id}" not in done], cfg.batch_size):
+        rows = []
+        for condition in cfg.conditions:
+            vc = condition_config(base, condition, *chosen)
+            p, r = (math.nan, math.nan) if vc is None else chosen
+            rows += _answer_rows("test", condition, p, r, chunk,
+                                 _answers(adapter, chunk, vc, cfg.max_new_tokens, cfg.batch_size))
+        folder.append_rows("var_answers", pd.DataFrame(rows))
+        folder.mark_done([f"test:{s.sample_id}" for s in chunk])
+    # 3. captions (CHAIR)
+    if cfg.captions and cfg.is_demo:
+        from sinkscope.eval.chair import caption_counts, demo_captions
+
+        caps = demo_captions("test", cfg.captions)
+        for chunk in batches([s for s in caps if f"caption:{s.sample_id}" not in done], cfg.batch_size):
+            rows = []
+            for condition in cfg.conditions:
+                vc = condition_config(base, condition, *chosen)
+                for s, a in zip(chunk, _answers(adapter, chunk, vc, cfg.caption_tokens, cfg.batch_size)):
+                    c = caption_counts(a, set(s.meta["objects"]))
+                    rows.append({"sample": f"caption:{s.sample_id}", "condition": condition, "caption": a.strip(),
+                                 **asdict(c)})
+            folder.append_rows("var_captions", pd.DataFrame(rows))
+            folder.mark_done([f"caption:{s.sample_id}" for s in chunk])
+    return summarize_var_eval(folder, cfg, chosen, figures)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _metrics_row(g: pd.DataFrame) -> dict:
+    m = pope_metrics([x or None for x in g["prediction"].fillna("")], g["label"].tolist())
+    return {"accuracy": m.accuracy, "precision": m.precision, "recall": m.recall, "f1": m.f1,
+            "yes_ratio": m.yes_ratio, "n": m.n, "unknown": m.unknown}
+
+
+def sweep_table(answers: pd.DataFrame, cfg: VarEvalConfig) -> pd.DataFrame:
+    """var_sweep.csv: validation metrics per (condition, p, rho) and task, plus the pooled task 'all'."""
+    val = answers[answers["phase"] == "validation"]
+    rows = []
+    for (condition, p, rho), g in val.groupby(["condition", "p", "rho"], dropna=False, sort=False):
+        for task, t in [("all", g)] + list(g.groupby("task")):
+            row = _metrics_row(t)
+            row.pop("unknown")
+            rows.append({"condition": condition, "p": p, "rho": rho, "task": task, **row, "chosen": False})
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def choose(sweep: pd.DataFrame, metric: str = "f1") -> tuple[float, float]:
+    """(p, rho) with the best pooled validation `metric`; ties: nearest the paper's (0.6, 0.5), then smaller p."""
+    pooled = sweep[(sweep["condition"] == "var") & (sweep["task"] == "all")]
+    if pooled.empty:
+        return PAPER_P, PAPER_RHO
+    best = pooled[metric].max()
+    top = pooled[np.isclose(pooled[metric], best, rtol=0, atol=1e-12)]
+    key = top.assign(dist=(top["p"] - PAPER_P).abs() + (top["rho"] - PAPER_RHO).abs()).sort_values(["dist", "p", "rho"])
+    return float(key.iloc[0]["p"]), float(key.iloc[0]["rho"])
+
+
+def eval_table(answers: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """var_eval.csv from the test answers: per condition and task (and 'all'), metrics with CIs and the
+    McNemar p-value of per-question correctness against baseline."""
+    test = answers[answers["phase"] == "test"]
+    if test.empty:
+        return pd.DataFrame(columns=EVAL_COLUMNS)
+    base = test[test["condition"] == "baseline"].set_index("question_id")
+    rows = []
+    for condition, g in test.groupby("condition", sort=False):
+        for task, t in [("all", g)] + list(g.groupby("task")):
+            row = _metrics_row(t)
+            correct = t["correct"].astype(bool).to_numpy()
+            lo, hi = stats.bootstrap_ci(correct.astype(float), n_boot=n_boot, seed=seed)
+            preds = [x or None for x in t["prediction"].fillna("")]
+            labels = t["label"].tolist()
+            flo, fhi = stats.bootstrap_metric_ci(len(t), lambda i: pope_metrics([preds[k] for k in i],
+                                                                                [labels[k] for k in i]).f1,
+                                                 n_boot=n_boot, seed=seed)
+            pval, better, worse = math.nan, 0, 0
+            if condition != "baseline":
+                ref = base.loc[t["question_id"], "correct"].astype(bool).to_numpy()
+                mc = stats.mcnemar_exact(correct, ref)
+                pval, better, worse = mc.p_value, mc.only_a, mc.only_b
+            rows.append({"condition": condition, "task": task, **row, "ci_low": lo, "ci_high": hi, "p_value": pval,
+                         "f1_ci_low": flo, "f1_ci_high": fhi, "p": float(t["p"].iloc[0]), "rho": float(t["rho"].iloc[0]),
+                         "discordant_better": better, "discordant_worse": worse})
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+
+
+def chair_table(captions: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """chair.csv: CHAIR_s, CHAIR_i, recall per condition with bootstrap CIs over captions."""
+    from sinkscope.eval.chair import CaptionCounts, chair_from_counts
+
+    rows = []
+    for condition, g in captions.groupby("condition", sort=False):
+        counts = [CaptionCounts(int(r.mentioned), int(r.hallucinated), int(r.truth), int(r.covered)) for r in g.itertuples()]
+        score = chair_from_counts(counts)
+        row = {"condition": condition, "n": score.n}
+        for metric in ("chair_s", "chair_i", "recall"):
+            lo, hi = stats.bootstrap_metric_ci(len(counts), lambda i: getattr(chair_from_counts([counts[k] for k in i]), metric),
+                                               n_boot=n_boot, seed=seed)
+            row.update({metric: getattr(score, metric), f"{metric}_ci_low": lo, f"{metric}_ci_high": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize_var_eval(folder: RunFolder, cfg: VarEvalConfig, chosen: tuple[float, float], figures: bool = True) -> RunFolder:
+    from sinkscope import plots
+
+    answers = folder.read("var_answers")
+    sweep = sweep_table(answers, cfg) if len(answers) else pd.DataFrame(columns=SWEEP_COLUMNS)
+    if len(sweep):
+        sweep["chosen"] = (sweep["condition"] == "var") & np.isclose(sweep["p"], chosen[0]) & np.isclose(sweep["rho"], chosen[1])
+    folder.write_table("var_sweep", sweep)
+    table = eval_table(answers, cfg.n_boot, cfg.seed) if len(answers) else pd.DataFrame(columns=EVAL_COLUMNS)
+    folder.write_table("var_eval", table)
+    caps = folder.read("var_captions")
+    chair = chair_table(caps, cfg.n_boot, cfg.seed) if len(caps) else pd.DataFrame()
+    if len(chair):
+        folder.write_table("chair", chair)
+    figs = {}
+    if figures and len(table):
+        figs["accuracy"] = plots.var_eval_bars(table, folder.path / "var_eval_accuracy.png", "accuracy")
+        figs["f1"] = plots.var_eval_bars(table, folder.path / "var_eval_f1.png", "f1")
+    if figures and len(sweep):
+        figs["sweep"] = plots.var_sweep_heatmap(sweep[sweep["task"] == "all"], folder.path / "var_sweep.png",
+                                                cfg.select_metric, chosen)
+    _write_index(folder, cfg, table, sweep, chair, chosen, figs)
+    folder.finish()
+    return folder
+
+
+def _verdict(r) -> str:
+    if r["p_value"] < 0.05:
+        word = "improves" if r["discordant_better"] > r["discordant_worse"] else "worsens"
+        return f"{word} accuracy (McNemar p = {r['p_value']:.3g})"
+    return f"no significant change in accuracy (McNemar p = {r['p_value']:.3g})"
+
+
+def findings(table: pd.DataFrame, chosen, meta: dict) -> list[str]:
+    """Sentences read from var_eval.csv, each with numbers and CIs."""
+    from sinkscope.analyses.common import fmt_ci
+
+    out = []
+    if not (meta.get("var_calibrated") or {}).get("sink_dims"):
+        out.append("Calibration found **no sink dimensions**: VAR has no sinks to take attention from and leaves this "
+                   "model unchanged, so every VAR condition equals the baseline.")
+    allt = table[table["task"] == "all"].set_index("condition")
+    if "baseline" not in allt.index:
+        return out
+    b = allt.loc["baseline"]
+    out.append(f"Baseline (test, all tasks, n = {int(b['n'])}): accuracy {fmt_ci(b['accuracy'], b['ci_low'], b['ci_high'])}, "
+               f"F1 {fmt_ci(b['f1'], b['f1_ci_low'], b['f1_ci_high'])}, yes-ratio {b['yes_ratio']:.3g}.")
+    for condition in CONDITIONS[1:]:
+        if condition not in allt.index:
+            continue
+        r = allt.loc[condition]
+        out.append(f"`{condition}` (p = {chosen[0]}, rho = {chosen[1]}): accuracy "
+                   f"{fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])} ({r['accuracy'] - b['accuracy']:+.3g} vs baseline; "
+                   f"{int(r['discordant_better'])} questions fixed, {int(r['discordant_worse'])} broken), F1 "
+                   f"{fmt_ci(r['f1'], r['f1_ci_low'], r['f1_ci_high'])}: {_verdict(r)}.")
+    return out
+
+
+def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    cal = meta.get("var_calibrated") or {}
+    lines = [f"# VAR evaluation: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_validation')} validation and {meta.get('n_test')} test questions "
+                 f"({', '.join(cfg.tasks) if cfg.is_demo else cfg.data}); greedy answers of at most {cfg.max_new_tokens} "
+                 f"tokens, parsed as yes/no. VAR calibrated on {meta.get('calibration_source', 'validation')}: sink dims "
+                 f"{cal.get('sink_dims')}, tau {cal.get('tau')}"
+                 + (f" ({meta['calibration_note']})" if meta.get("calibration_note") else "") + ". "
+                 f"p and rho: {meta.get('chosen', {}).get('how')}: **p = {chosen[0]}, rho = {chosen[1]}**; the test split "
+                 "was not used for any choice. CIs: 95% percentile bootstrap over questions (accuracy: ci_low/ci_high; "
+                 "F1: f1_ci_low/f1_ci_high). p_value: McNemar's exact test of per-question correctness against baseline.\n")
+    lines.append("## Findings\n")
+    lines += [f"- {f}" for f in findings(table, chosen, meta)] + [""]
+    if len(chair):
+        lines.append("Captions (CHAIR, test scenes): " + "; ".join(
+            f"`{r['condition']}` CHAIR_s {r['chair_s']:.3g} ({r['chair_s_ci_low']:.3g} to {r['chair_s_ci_high']:.3g}), "
+            f"CHAIR_i {r['chair_i']:.3g} ({r['chair_i_ci_low']:.3g} to {r['chair_i_ci_high']:.3g})"
+            for _, r in chair.iterrows()) + ".\n")
+    for key in ("accuracy", "f1", "sweep"):
+        if key in figs:
+            lines.append(f"![{key}]({figs[key]})\n")
+    lines.append("## var_eval.csv (test)\n")
+    lines.append(markdown_table(table, max_rows=80))
+    if len(sweep):
+        lines.append("\n## var_sweep.csv (validation, all tasks pooled)\n")
+        lines.append(markdown_table(sweep[sweep["task"] == "all"], max_rows=40))
+    if len(chair):
+        lines.append("\n## chair.csv (test captions)\n")
+        lines.append(markdown_table(chair))
+    folder.write_text("index.md", "\n".join(lines))

@@ -1,0 +1,145 @@
+"""VAR evaluation: selection on validation only, tables against hand computations, the run folder on the
+organism (all conditions, resumable), a POPE-format file on the tiny demo model, and bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sinkscope.analyses.var_eval import CONDITIONS, VarEvalConfig, choose, eval_table, run_var_eval
+from sinkscope.errors import SinkscopeError
+
+ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+
+
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def test_choose_best_and_ties_nearest_the_paper():
+    rows = [{"condition": "var", "p": p, "rho": r, "task": "all", "f1": f, "accuracy": 0.5}
+            for p, r, f in [(0.3, 0.3, 0.7), (0.6, 0.8, 0.9), (0.9, 0.5, 0.9), (0.6, 0.5, 0.8)]]
+    rows.append({"condition": "var", "p": 0.3, "rho": 0.3, "task": "pope-random", "f1": 1.0, "accuracy": 1.0})
+    sweep = pd.DataFrame(rows)
+    assert choose(sweep, "f1") == (0.6, 0.8)  # tie at 0.9: distance 0.3 beats 0.3 + 0 ... then smaller p
+    assert choose(sweep[sweep["f1"] < 0.85], "f1") == (0.6, 0.5)
+    assert choose(sweep.iloc[:0], "f1") == (0.6, 0.5)  # nothing swept: the paper's values
+
+
+def test_eval_table_hand_computed():
+    labels = ["yes", "no"] * 5
+    base_pred = ["yes", "no", "yes", "yes", "no", "no", "yes", "no", "yes", "no"]  # 8/10 correct (2, 4 wrong)
+    var_pred = ["yes", "no", "no", "no", "yes", "no", "yes", "yes", "yes", "no"]  # fixes 2, 4 ... breaks 3? see below
+    rows = []
+    for cond, preds in (("baseline", base_pred), ("var", var_pred)):
+        for i, (p, y) in enumerate(zip(preds, labels)):
+            rows.append({"sample": f"test:{i}", "question_id": f"q{i}", "phase": "test", "condition": cond,
+                         "p": math.nan if cond == "baseline" else 0.6, "rho": math.nan if cond == "baseline" else 0.5,
+                         "task": "pope-random", "label": y, "answer": p, "prediction": p, "correct": p == y})
+    table = eval_table(pd.DataFrame(rows), n_boot=200)
+    v = table[(table["condition"] == "var") & (table["task"] == "all")].iloc[0]
+    b = table[(table["condition"] == "baseline") & (table["task"] == "all")].iloc[0]
+    assert b["accuracy"] == pytest.approx(0.8)
+    var_correct = [p == y for p, y in zip(var_pred, labels)]
+    base_correct = [p == y for p, y in zip(base_pred, labels)]
+    fixed = sum(a and not c for a, c in zip(var_correct, base_correct))
+    broken = sum(c and not a for a, c in zip(var_correct, base_correct))
+    n = fixed + broken
+    literal = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n)
+    assert (v["discordant_better"], v["discordant_worse"]) == (fixed, broken)
+    assert v["p_value"] == pytest.approx(literal)
+    assert v["accuracy"] == pytest.approx(np.mean(var_correct))
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(var_pred, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(var_pred, labels))
+    assert v["precision"] == pytest.approx(tp / (tp + fp))
+    assert v["ci_low"] <= v["accuracy"] <= v["ci_high"] and v["f1_ci_low"] <= v["f1"] <= v["f1_ci_high"]
+    assert math.isnan(b["p_value"])
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from sinkscope.models import load
+
+    if not (ORGANISM / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    return _quiet(load, "organism")
+
+
+def test_organism_run_folder_all_conditions_tuned_on_validation(organism, tmp_path):
+    cfg = VarEvalConfig(model="organism", limit=12, val_limit=8, captions=4, p_grid=[0.3, 0.9], rho_grid=[0.5],
+                        batch_size=32, n_boot=200, calibration=8)
+    folder = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism)
+    table = pd.read_csv(folder.path / "var_eval.csv")
+    sweep = pd.read_csv(folder.path / "var_sweep.csv")
+    answers = pd.read_csv(folder.path / "var_answers.csv")
+    assert list(table.columns[:11]) == ["condition", "task", "accuracy", "precision", "recall", "f1", "yes_ratio", "n",
+                                        "ci_low", "ci_high", "p_value"]
+    assert set(table["condition"]) == set(CONDITIONS)
+    assert set(table["task"]) == {"all", "pope-random", "pope-popular", "pope-adversarial"}
+    assert (table[table["task"] == "all"]["n"] == 36).all()
+    # chosen on validation only: the sweep holds validation questions, the test rows use the chosen pair
+    meta = json.loads((folder.path / "run.json").read_text())
+    chosen = (meta["chosen"]["p"], meta["chosen"]["rho"])
+    assert chosen == choose(sweep, "f1")
+    assert sweep[sweep["chosen"]][["p", "rho"]].drop_duplicates().values.tolist() == [list(chosen)]
+    assert set(answers[answers["phase"] == "validation"]["question_id"]).isdisjoint(
+        answers[answers["phase"] == "test"]["question_id"])
+    assert (answers[(answers["phase"] == "test") & (answers["condition"] == "var")]["p"] == chosen[0]).all()
+    assert meta["var_calibrated"]["sink_dims"] == [1, 90]
+    assert (folder.path / "chair.csv").exists() and (folder.path / "var_sweep.png").exists()
+    text = (folder.path / "index.md").read_text()
+    assert "## Findings" in text and "McNemar" in text and "test split was not used" in text
+    # resume: nothing recomputed, identical tables
+    n_rows = len(answers)
+    again = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism)
+    assert len(pd.read_csv(again.path / "var_answers.csv")) == n_rows
+    assert pd.read_csv(again.path / "var_eval.csv").equals(table)
+
+
+def test_pope_files_on_tiny(tmp_path):
+    from sinkscope.demo import world
+    from sinkscope.models import load
+
+    if not (ORGANISM.parent / "tiny" / "config.json").exists():
+        pytest.skip("the tiny asset is not built")
+    adapter = _quiet(load, "tiny")
+    images = tmp_path / "images"
+    images.mkdir()
+    for split, name in (("validation", "val"), ("test", "test")):
+        lines = []
+        for i in range(4):
+            s = world.scene(split, i)
+            s.pil().save(images / f"{name}{i}.png")
+            present = sorted(s.categories)[0]
+            absent = next(c for c in world.all_categories() if c not in s.categories)
+            lines += [{"question_id": f"{name}{i}y", "image": f"{name}{i}.png", "text": f"is there a {present} in the image ?", "label": "yes"},
+                      {"question_id": f"{name}{i}n", "image": f"{name}{i}.png", "text": f"is there a {absent} in the image ?", "label": "no"}]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    cfg = VarEvalConfig(model="tiny", data=str(tmp_path / "test.jsonl"), validation=str(tmp_path / "val.jsonl"),
+                        image_root=str(images), conditions=["baseline", "var"], p_grid=[0.6], rho_grid=[0.3, 0.5],
+                        batch_size=8, n_boot=100, calibration=4)
+    folder = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=adapter)
+    table = pd.read_csv(folder.path / "var_eval.csv")
+    assert set(table["task"]) == {"all", "test"} and (table["n"] == 8).all()
+    with pytest.raises(SinkscopeError, match="also appear in the test file"):
+        _quiet(run_var_eval, str(tmp_path / "ve2"), VarEvalConfig(
+            model="tiny", data=str(tmp_path / "test.jsonl"), validation=str(tmp_path / "test.jsonl"),
+            image_root=str(images)), adapter=adapter)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"conditions": ["var"]}, "include 'baseline'"), ({"conditions": ["baseline", "magic"]}, "come from"),
+    ({"p": 1.5}, r"--p must be in \[0, 1\]"), ({"rho_grid": []}, "rho-grid"), ({"select_metric": "auc"}, "f1 or accuracy"),
+    ({"tasks": ["color"]}, "pope-random"), ({"limit": 1}, ">= 2"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(SinkscopeError, match=match):
+        VarEvalConfig(**kwargs).validate()
