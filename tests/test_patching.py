@@ -101,7 +101,8 @@ def test_organism_planted_sinks_carry_no_answer_objects_do(organism, tmp_path):
     assert full < -1.0  # the other image flips the answer's direction
     sinks = row("visual_sinks")
     assert sinks["n_tokens"] == 4  # the four planted sink patches
-    assert sinks["ci_low"] <= 0 <= sinks["ci_high"] and abs(sinks["effect"]) < 1e-3 * abs(full)
+    # ~0: the whole CI within 0.1% of the full swap (float32 rounding and the drained remainder only)
+    assert max(abs(sinks["ci_low"]), abs(sinks["ci_high"])) < 1e-3 * abs(full)
     for layer in (0, 1):  # not sinks before the massive activation appears: nothing patched
         assert row("visual_sinks", layer)["n_tokens"] == 0 and row("visual_sinks", layer)["effect"] == 0
     objects = row("object_tokens")
@@ -114,7 +115,7 @@ def test_organism_planted_sinks_carry_no_answer_objects_do(organism, tmp_path):
     var_full, var_sel = row("var_full"), row("var_selected_heads")
     assert var_sel["effect"] == pytest.approx(var_full["effect"], abs=0.2 * abs(var_full["effect"]) + 1e-4)
     text = (folder.path / "index.md").read_text()
-    assert "PLANTED" in text and "no detectable change" in text and (folder.path / "patching.png").exists()
+    assert "PLANTED" in text and "negligible" in text and (folder.path / "patching.png").exists()
     # resuming a finished run recomputes nothing and keeps the table
     again = _quiet(run_patching, str(tmp_path / "patch"), cfg, adapter=organism)
     assert pd.read_csv(again.path / "patching.csv").equals(table)

@@ -323,6 +323,18 @@ def _covers_zero(r) -> bool:
     return bool(r["ci_low"] <= 0 <= r["ci_high"]) or (r["ci_low"] == r["ci_high"] == 0)
 
 
+NEGLIGIBLE = 0.01  # a site whose whole CI lies within +-1% of the full swap carries no answer information
+
+
+def _verdict(r) -> str:
+    full = abs(r["full_effect"])
+    if full > 0 and max(abs(r["ci_low"]), abs(r["ci_high"])) <= NEGLIGIBLE * full:
+        return f"negligible (the whole CI within +-{NEGLIGIBLE:.0%} of the full swap)"
+    if _covers_zero(r):
+        return "no detectable change (CI covers 0)"
+    return f"{abs(r['fraction_of_full']):.0%} of the full swap" if not math.isnan(r["fraction_of_full"]) else "a change"
+
+
 def findings(table: pd.DataFrame) -> list[str]:
     """Sentences read from patching.csv (every layer at once), each with its number and CI."""
     out = []
@@ -337,8 +349,7 @@ def findings(table: pd.DataFrame) -> list[str]:
         r = _row(table, site)
         if r is None:
             continue
-        verdict = "no detectable change (CI covers 0)" if _covers_zero(r) else (
-            f"{abs(r['fraction_of_full']):.0%} of the full swap" if not math.isnan(r["fraction_of_full"]) else "a change")
+        verdict = _verdict(r)
         out.append(f"Patching {what} ({r['n_tokens']:.1f} per sample, every layer) from the other image: effect "
                    f"{fmt_ci(r['effect'], r['ci_low'], r['ci_high'])}: {verdict}.")
     v = _row(table, "var_full")
