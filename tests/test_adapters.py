@@ -246,7 +246,7 @@ def test_registry_picks_adapter(tiny):
 def test_registry_unknown_model():
     from transformers import BertConfig
 
-    assert set(supported()) == set(FAMILIES)
+    assert set(supported()) == set(FAMILIES) | {"causal_lm"}  # LMM families + plain causal LMs
     with pytest.raises(UnsupportedModelError) as err:
         adapter_for_config(BertConfig(architectures=["BertForMaskedLM"]))
     msg = str(err.value)
