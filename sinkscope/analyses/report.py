@@ -267,7 +267,54 @@ def _ablate_findings(folder: Path) -> list[Finding]:
     return out
 
 
+def _run_var_eval(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+    from sinkscope.analyses.var_eval import VarEvalConfig, run_var_eval
+
+    config = VarEvalConfig(model=cfg.model, limit=max(8, cfg.limit // 2), val_limit=max(8, cfg.limit // 4),
+                           device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score,
+                           tasks=["pope-random", "pope-adversarial"], p_grid=[0.3, 0.6], rho_grid=[0.5, 0.8])
+    if cfg.data != "demo":
+        config.data = cfg.data
+    run_var_eval(str(folder), config, adapter=adapter, log=log)
+
+
+def _var_eval_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "var_eval.csv")
+    out = []
+    pooled = table[table["task"] == "all"] if (table["task"] == "all").any() else table
+    for _, r in pooled.iterrows():
+        p = "" if pd.isna(r["p_value"]) else f" McNemar exact p = {float(r['p_value']):.2g} against baseline"
+        out.append(Finding("var_eval", f"accuracy, {r['condition']}" + (f" (p {r['p']:.2g}, rho {r['rho']:.2g})"
+                                                                        if pd.notna(r.get("p")) else ""),
+                           float(r["accuracy"]), float(r["ci_low"]), float(r["ci_high"]),
+                           f"POPE-style yes/no on the test split, n = {int(r['n'])}, F1 {float(r['f1']):.3g}." + p
+                           + ("; p and rho were chosen on the validation split." if r["condition"] == "var" else "")))
+    return out
+
+
+def _run_patching(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+    from sinkscope.analyses.patching import PatchConfig, run_patching
+
+    config = PatchConfig(model=cfg.model, limit=max(8, cfg.limit // 2), device=cfg.device, seed=cfg.seed, tau=cfg.tau,
+                         sink_score=sink_score, layers=[])
+    run_patching(str(folder), config, adapter=adapter, log=log)
+
+
+def _patching_findings(folder: Path) -> list[Finding]:
+    table = pd.read_csv(folder / "patching.csv")
+    out = []
+    for _, r in table[table["layer"] == -1].iterrows():
+        share = "" if pd.isna(r.get("fraction_of_full")) else f" ({100 * float(r['fraction_of_full']):.3g}% of swapping the whole image)"
+        out.append(Finding("patching", f"{r['site']} from the {r['source']} run, all layers", float(r["effect"]),
+                           float(r["ci_low"]), float(r["ci_high"]),
+                           f"Change of the correct answer's logit difference{share}, {int(r['n_samples'])} questions; "
+                           "negative: the patch carries the other image's answer."))
+    return out
+
+
 REGISTRY.update({
+    "var_eval": Step(_run_var_eval, _var_eval_findings),
+    "patching": Step(_run_patching, _patching_findings),
     "heads": Step(_analysis_runner("heads", "run_heads", "HeadsConfig"), _heads_findings),
     "ablate": Step(_analysis_runner("ablate", "run_ablate", "AblateConfig"), _ablate_findings),
     "contributions": Step(_analysis_runner("contributions", "run_contributions", "ContributionsConfig"),
