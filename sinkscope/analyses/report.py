@@ -316,7 +316,7 @@ REGISTRY.update({
     "var_eval": Step(_run_var_eval, _var_eval_findings),
     "patching": Step(_run_patching, _patching_findings),
     "heads": Step(_analysis_runner("heads", "run_heads", "HeadsConfig"), _heads_findings),
-    "ablate": Step(_analysis_runner("ablate", "run_ablate", "AblateConfig"), _ablate_findings),
+    "ablate": Step(_analysis_runner("ablate", "run_ablate", "AblateConfig", n_random=3), _ablate_findings),
     "contributions": Step(_analysis_runner("contributions", "run_contributions", "ContributionsConfig"),
                           _contributions_findings),
     "location": Step(_analysis_runner("location", "run_location", "LocationConfig"), _location_findings),
