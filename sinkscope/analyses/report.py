@@ -304,7 +304,8 @@ def _patching_findings(folder: Path) -> list[Finding]:
     table = pd.read_csv(folder / "patching.csv")
     out = []
     for _, r in table[table["layer"] == -1].iterrows():
-        share = "" if pd.isna(r.get("fraction_of_full")) else f" ({100 * float(r['fraction_of_full']):.3g}% of swapping the whole image)"
+        whole = "of VAR's whole effect" if r["source"] == "var" else "of swapping the whole image"
+        share = "" if pd.isna(r.get("fraction_of_full")) else f" ({100 * float(r['fraction_of_full']):.3g}% {whole})"
         out.append(Finding("patching", f"{r['site']} from the {r['source']} run, all layers", float(r["effect"]),
                            float(r["ci_low"]), float(r["ci_high"]),
                            f"Change of the correct answer's logit difference{share}, {int(r['n_samples'])} questions; "
