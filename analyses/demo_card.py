@@ -11,6 +11,7 @@ package and the analyses: the demo package itself runs no analysis.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-per-task", type=int, default=200)
     parser.add_argument("--scan-samples", type=int, default=64)
     parser.add_argument("--scan-dir", default=None, help="keep the scan here (default: a temporary folder)")
+    parser.add_argument("--recipes", default=None, help="JSON list of {name, what, result}: recipes tried, for the card")
     args = parser.parse_args(argv)
     model, processor = smolvlm.load_demo(args.assets)
     adapter = adapter_for_model(model, processor, "demo")
@@ -38,7 +40,8 @@ def main(argv=None) -> None:
                  adapter=adapter, figures=(score == "rms"), log=print)
     trained = sum(v.numel() for v in smolvlm.trained_state(adapter.model).values())
     smolvlm_card.write_card(Path(args.assets), accuracy, root / "layer", Path(args.train_dir) if args.train_dir else None,
-                            adapter.describe(), trained, phi_scan_dir=root / "rms")
+                            adapter.describe(), trained, phi_scan_dir=root / "rms",
+                            recipes=json.loads(Path(args.recipes).read_text()) if args.recipes else None)
     print(f"card written to {args.assets}/README.md")
 
 

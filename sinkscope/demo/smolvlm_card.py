@@ -80,7 +80,7 @@ def _layer_score_columns(r, layers) -> dict:
 
 
 def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: Path | None, describe: dict,
-               n_trained_parameters: int, phi_scan_dir: Path | None = None) -> dict:
+               n_trained_parameters: int, phi_scan_dir: Path | None = None, recipes: list[dict] | None = None) -> dict:
     """scan_dir: the scan whose sinks the card reports (layer-relative score for this model);
     phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau."""
     from sinkscope import plots
@@ -113,6 +113,7 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         "text_sink_tokens": text_sinks.head(12).to_dict("records") if text_sinks is not None else [],
         "sink_score": run.get("params", {}).get("sink_score", "rms"),
         "phi_view": phi_view,
+        "recipes_tried": recipes or [],
     }
     if train_dir is not None and (Path(train_dir) / "emergence.csv").exists():
         train_dir = Path(train_dir)
@@ -212,4 +213,9 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
             f"fixed validation images with tau = {_f(first['tau'])} (the paper's 20 scaled by sqrt(576)/64).\n",
             markdown_table(pd.DataFrame(card["emergence"]).drop(columns=["sink_dims"]), max_rows=40),
         ]
+    if card.get("recipes_tried"):
+        lines.append("## Recipes tried\n")
+        for r in card["recipes_tried"]:
+            lines.append(f"- **{r['name']}**: {r['what']} Result: {r['result']}")
+        lines.append("")
     return "\n".join(lines)
