@@ -490,6 +490,25 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     return final
 
 
+def export_checkpoint(out: str | Path, log=print) -> Path:
+    """Write the shippable parts (out/model) from the last checkpoint of a run stopped early."""
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    recipe = json.loads((out / "recipe.json").read_text())
+    progress = json.loads((out / "checkpoint" / "progress.json").read_text())
+    llm_dir = smollm.ensure_cached(log=log)
+    model_config = smolvlm.build_config(llm_dir, smolvlm.VisionArchitecture(**recipe["vision"]))
+    if recipe.get("lora_rank"):
+        model_config.sinkscope_lora = {"rank": recipe["lora_rank"], "alpha": 2 * recipe["lora_rank"],
+                                       "targets": smolvlm.LORA_TARGETS}
+    model = smolvlm.assemble(model_config, llm_dir, load_file(str(out / "checkpoint" / "trained.safetensors")))
+    final = out / "model"
+    smolvlm.save_trained(model, smolvlm.build_processor(llm_dir), final, {"recipe": recipe, "checkpoint": progress})
+    log(f"exported the checkpoint at global step {progress['global_step']} to {final}")
+    return final
+
+
 def _parse_stages(text: str) -> list[Stage]:
     """'vision:1500:1e-3:64,align:150:1e-3:8,instruct:900:5e-4:8' -> stages."""
     stages = []
@@ -510,7 +529,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-every", type=int, default=50)
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LLM in the instruct stage (0: frozen)")
+    parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
+                        "(for a run stopped before its last step)")
     args = parser.parse_args(argv)
+    if args.export:
+        export_checkpoint(args.out, log=lambda m: print(m, flush=True))
+        return
     config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every,
                           lora_rank=args.lora_rank)
     if args.stages:
