@@ -40,7 +40,8 @@ def main(argv=None) -> None:
                  adapter=adapter, figures=(score == "rms"), log=print)
     trained = sum(v.numel() for v in smolvlm.trained_state(adapter.model).values())
     smolvlm_card.write_card(Path(args.assets), accuracy, root / "layer", Path(args.train_dir) if args.train_dir else None,
-                            adapter.describe(), trained, phi_scan_dir=root / "rms",
+                            {**adapter.describe(), "lora": getattr(adapter.model.config, "sinkscope_lora", None)},
+                            trained, phi_scan_dir=root / "rms",
                             recipes=json.loads(Path(args.recipes).read_text()) if args.recipes else None)
     print(f"card written to {args.assets}/README.md")
 

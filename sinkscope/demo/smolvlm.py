@@ -196,6 +196,13 @@ def trained_state(model) -> dict:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if _is_trained_key(k)}
 
 
+def trained_state_from_dir(directory: Path) -> dict:
+    """The tensors in a directory written by `save_trained`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / TRAINED_FILE))
+
+
 def save_trained(model, processor, out: Path, extra: dict | None = None) -> None:
     """Write the shippable parts: config.json, trained.safetensors, processor files (no LLM weights)."""
     import os

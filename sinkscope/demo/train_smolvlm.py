@@ -68,6 +68,7 @@ class RecipeConfig:
     threads: int = 0
     max_turns: int = 4
     lora_rank: int = 0  # > 0: LoRA adapters on the LLM (attention + MLP), trained in the instruct stage
+    metric_scenes: int = 24  # validation scenes for the POPE metric (emergence uses at most 8)
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
 
     def to_dict(self) -> dict:
@@ -459,8 +460,8 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                 model.eval()
                 row = {"global_step": progress["global_step"], "stage": stage.name,
                        "samples_seen": progress["step_in_stage"] * stage.batch_size}
-                row.update(pope_accuracy(model, encoder))
-                row.update(emergence_metrics(model, encoder))
+                row.update(pope_accuracy(model, encoder, n_scenes=config.metric_scenes))
+                row.update(emergence_metrics(model, encoder, n_scenes=min(8, config.metric_scenes)))
                 model.train()
                 _append_csv(out / "emergence.csv", row)
                 snapshots = out / "snapshots"  # the projector at every logged step, to re-measure the curve later
