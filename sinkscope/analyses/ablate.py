@@ -141,11 +141,14 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
         kinds, labels = red.kinds, [labels_all[x.sample_id] for x in chunk]
         received = red.received if red.received is not None else torch.zeros(kinds.kind.shape)
         rows = []
+        unmodified = {}
 
         def record(condition, tau, seed, key_mask):
             n_tokens = key_mask.sum(dim=1).tolist() if key_mask is not None else [0] * len(chunk)
-            if key_mask is None or not key_mask.any():
-                diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
+            if key_mask is None or not key_mask.any():  # nothing to knock out: the unmodified forward, measured once
+                if not unmodified:
+                    unmodified["result"] = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
+                diffs, answers = unmodified["result"]
             else:
                 with knockout(adapter, key_mask.to(adapter.device), layers=cfg.layers, renormalize=cfg.renormalize):
                     diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, cfg.max_new_tokens)
