@@ -175,3 +175,33 @@ def test_demo_without_trained_parts_says_how_to_build_them(tmp_path):
     with pytest.raises(SinkscopeError, match="train_smolvlm"):
         smolvlm.load_demo(assets=tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_lora_adapters_act_and_switch_off_exactly():
+    """On the tiny model: LoRA (as the demo carries it) changes the output projection by exactly B @ A * scale,
+    `output_weight` is the weight that acts, and switching the adapters off gives the pretrained logits back bitwise."""
+    import warnings
+
+    from sinkscope.models import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = load("tiny")
+    model = adapter.model
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    smolvlm.add_lora(model, rank=2, alpha=4)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if ".lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    o_proj = adapter.output_projection(1)
+    x = torch.randn(3, o_proj.in_features, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(o_proj(x), x @ adapter.output_weight(1).T, atol=1e-5)
+        assert not torch.allclose(adapter.output_weight(1), o_proj.base_layer.weight)
+        assert not torch.allclose(model(input_ids=ids).logits, before)
+        smolvlm.set_lora_enabled(model, False)
+        assert torch.equal(model(input_ids=ids).logits, before)
+        assert torch.equal(adapter.output_weight(1), o_proj.base_layer.weight)

@@ -93,7 +93,7 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
                       figures: bool = True) -> RunFolder:
     s = setup(out, "contributions", cfg, adapter, resume, log)
     adapter = s.adapter
-    o_weights = {i: adapter.output_projection(i).weight.detach().float().cpu() for i in range(adapter.num_layers)}
+    o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
     for chunk in batches(s.todo, cfg.batch_size):
         red = ContributionReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads)
         s.tracer.run(prepare_batch(adapter, chunk), [red], values=True, sample_ids=[x.sample_id for x in chunk])

@@ -111,7 +111,7 @@ class Patcher:
     def _out_proj(self, i: int):
         if i not in self._o_proj:
             module = self.adapter.output_projection(i)
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(getattr(module, "base_layer", module), torch.nn.Linear):  # LoRA wraps a Linear
                 raise SinkscopeError(f"layer {i}'s output projection is a {type(module).__name__}, not a Linear; "
                                      "head patching needs the per-head input of o_proj")
             self._o_proj[i] = _envoy_at(self.envoy, self.adapter.model, module)

@@ -80,6 +80,19 @@ class ModelAdapter:
         """The attention's output projection (W_O, a Linear [hidden, heads * head_dim]) of `layer`."""
         return self.attention(layer).o_proj
 
+    def output_weight(self, layer: int) -> torch.Tensor:
+        """W_O as it acts: [hidden, heads * head_dim], including an active (unmerged) LoRA adapter's delta."""
+        module = self.output_projection(layer)
+        base = getattr(module, "base_layer", None)
+        if base is None:
+            return module.weight
+        weight = base.weight
+        if not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
+            for name in getattr(module, "active_adapters", []):
+                if name in getattr(module, "lora_A", {}):
+                    weight = weight + module.get_delta_weight(name)
+        return weight
+
     @property
     def final_norm(self):
         return self.language_model.norm
