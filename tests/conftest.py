@@ -32,3 +32,25 @@ def tiny(request) -> tiny_models.Tiny:
 @pytest.fixture(scope="session")
 def tiny_llava() -> tiny_models.Tiny:
     return tiny_models.build("llava")
+
+
+ORGANISM_ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+
+
+def quiet(fn, *args, **kwargs):
+    """Call fn with warnings silenced (model loading warns about optional packages)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def organism_adapter():
+    """The shipped planted organism, loaded once (interventions restore it; do not modify it)."""
+    from sinkscope.models import load
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built (python -m sinkscope.demo.organism)")
+    return quiet(load, "organism")

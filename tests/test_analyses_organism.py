@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +26,13 @@ ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
 LIMIT = 8
 
 
-def _quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **k)
+from conftest import quiet as _quiet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from sinkscope.models import load
-
-    if not (ASSET / "config.json").exists():
-        pytest.skip("the organism asset is not built (python -m sinkscope.demo.organism)")
+def organism(organism_adapter):
     truth = json.loads((ASSET / "ground_truth.json").read_text())
-    return _quiet(load, "organism"), truth
+    return organism_adapter, truth
 
 
 def _kw(**over):

@@ -3,7 +3,6 @@ planted truth: its drained sinks carry no answer information, object tokens do."
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -16,19 +15,12 @@ from sinkscope.interventions.patching import Patch, Patcher, check_aligned, matc
 ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
 
 
-def _quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **k)
+from conftest import quiet as _quiet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from sinkscope.models import load
-
-    if not (ORGANISM / "config.json").exists():
-        pytest.skip("the organism asset is not built (python -m sinkscope.demo.organism)")
-    return _quiet(load, "organism")
+def organism(organism_adapter):
+    return organism_adapter
 
 
 def _inputs(adapter, samples):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -146,20 +145,14 @@ def test_no_sinks_p0_and_random_heads():
 
 # -- models ------------------------------------------------------------------------------------
 
-def _quiet(fn, *a, **k):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **k)
+from conftest import quiet as _quiet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def organism():
+def organism(organism_adapter):
     from sinkscope.eval.tasks import load_samples
-    from sinkscope.models import load
 
-    if not (ORGANISM / "config.json").exists():
-        pytest.skip("the organism asset is not built (python -m sinkscope.demo.organism)")
-    adapter = _quiet(load, "organism")
+    adapter = organism_adapter
     samples = load_samples("demo:pope-adversarial", limit=2) + load_samples("demo:count", limit=1)
     batch = adapter.prepare([s.question for s in samples], [s.image() for s in samples])
     config = calibrate(adapter, batch)
