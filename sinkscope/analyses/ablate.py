@@ -30,7 +30,7 @@ import torch
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.accuracy import yes_no
-from sinkscope.eval.tasks import batches
+from sinkscope.eval.tasks import progress
 from sinkscope.runfolder import RunFolder
 
 CONDITIONS = ("none", "visual_sinks", "random_visual", "top_nonsink", "bos")
@@ -134,7 +134,7 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
     taus = cfg.taus or [s.tau.value * f for f in (0.75, 1.0, 1.5)]
     s.folder.update_meta(taus=taus)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "ablate"):
         batch = prepare_batch(adapter, chunk)
         red = _PhiAttention(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg.start_layer)
         s.tracer.run(batch, [red])

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
-from sinkscope.eval.tasks import batches
+from sinkscope.eval.tasks import progress
 from sinkscope.measures import contributions as ov
 from sinkscope.runfolder import RunFolder
 
@@ -94,7 +94,7 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
     s = setup(out, "contributions", cfg, adapter, resume, log)
     adapter = s.adapter
     o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "contributions"):
         red = ContributionReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads)
         s.tracer.run(prepare_batch(adapter, chunk), [red], values=True, sample_ids=[x.sample_id for x in chunk])
         if red.rows:

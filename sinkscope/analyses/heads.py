@@ -26,7 +26,7 @@ import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import batches
+from sinkscope.eval.tasks import progress
 from sinkscope.measures import heads as head_measures
 from sinkscope.runfolder import RunFolder
 
@@ -161,7 +161,7 @@ def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log
     s = setup(out, "heads", cfg, adapter, resume, log)
     folder, adapter = s.folder, s.adapter
     map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "heads"):
         red = HeadsReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings)
         s.tracer.run(prepare_batch(adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk])
         for table, rows in (("head_scores_per_sample", red.head_rows), ("token_attention", red.token_rows),

@@ -26,7 +26,7 @@ import pandas as pd
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, batches
+from sinkscope.eval.tasks import Sample, progress
 from sinkscope.measures import location as loc
 from sinkscope.runfolder import RunFolder
 
@@ -135,7 +135,7 @@ def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = Tru
     s = setup(out, "location", cfg, adapter, resume, log)
     backgrounds = {x.sample_id: background_mask(x, masks) for x in s.samples}  # every mask checked up front
     skipped = dict(s.folder.meta.get("skipped", {}))
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "location"):
         red = LocationReducer(s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage)
         s.tracer.run(prepare_batch(s.adapter, chunk), [red], attention=False, sample_ids=[x.sample_id for x in chunk])
         s.folder.append_rows("location_per_sample", pd.DataFrame(

@@ -45,7 +45,7 @@ import torch
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
-from sinkscope.eval.tasks import Sample, batches
+from sinkscope.eval.tasks import Sample, progress
 from sinkscope.interventions.patching import Patch, Patcher, check_aligned, logit_diff, matched_heads, matched_tokens
 from sinkscope.measures.heads import image_centric_from_stats, visual_attention_stats
 from sinkscope.runfolder import RunFolder
@@ -189,7 +189,7 @@ def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, 
             s.folder.update_meta(var_note="no sink dims found: VAR changes nothing, its sites are left out")
     patcher = Patcher(adapter, s.tracer.envoy)
     gen = torch.Generator().manual_seed(cfg.seed)
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "patching"):
         rows = _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gen)
         s.folder.append_rows("patching_per_sample", pd.DataFrame(rows, columns=PER_SAMPLE_COLUMNS))
         s.folder.mark_done([x.sample_id for x in chunk])

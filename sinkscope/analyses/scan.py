@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.data import load_data
-from sinkscope.eval.tasks import Sample, batches
+from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
@@ -68,16 +68,6 @@ class ScanConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def progress(samples: list[Sample], size: int, desc: str):
-    """`batches(samples, size)` with a progress bar counted in samples (shown on a terminal only)."""
-    from tqdm import tqdm
-
-    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None, leave=False) as bar:
-        for chunk in batches(samples, size):
-            yield chunk
-            bar.update(len(chunk))
 
 
 def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):

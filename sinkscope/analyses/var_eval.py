@@ -35,7 +35,7 @@ import torch
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
-from sinkscope.eval.tasks import Sample, batches
+from sinkscope.eval.tasks import Sample, progress
 from sinkscope.runfolder import RunFolder
 
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
@@ -190,7 +190,8 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
             for r in ([cfg.rho] if cfg.rho is not None else cfg.rho_grid)]
     tune = bool(val) and len(grid) > 1
     if tune:
-        for chunk in batches([s for s in val if f"validation:{s.sample_id}" not in done], cfg.batch_size):
+        for chunk in progress([s for s in val if f"validation:{s.sample_id}" not in done], cfg.batch_size,
+                              "var-eval validation"):
             rows = _answer_rows("validation", "baseline", math.nan, math.nan, chunk,
                                 _answers(adapter, chunk, None, cfg.max_new_tokens, cfg.batch_size))
             for p, r in grid:
@@ -208,7 +209,7 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
                                "given or paper defaults (no validation data, or nothing to tune)"})
     log(f"chosen on validation: p = {chosen[0]}, rho = {chosen[1]}")
     # 2. test: every condition with the chosen p, rho
-    for chunk in batches([s for s in test if f"test:{s.sample_id}" not in done], cfg.batch_size):
+    for chunk in progress([s for s in test if f"test:{s.sample_id}" not in done], cfg.batch_size, "var-eval test"):
         rows = []
         for condition in cfg.conditions:
             vc = condition_config(base, condition, *chosen)
@@ -222,7 +223,8 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
         from sinkscope.eval.chair import caption_counts, demo_captions
 
         caps = demo_captions("test", cfg.captions)
-        for chunk in batches([s for s in caps if f"caption:{s.sample_id}" not in done], cfg.batch_size):
+        for chunk in progress([s for s in caps if f"caption:{s.sample_id}" not in done], cfg.batch_size,
+                              "var-eval captions"):
             rows = []
             for condition in cfg.conditions:
                 vc = condition_config(base, condition, *chosen)

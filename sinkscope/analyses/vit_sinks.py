@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
-from sinkscope.eval.tasks import batches
+from sinkscope.eval.tasks import progress
 from sinkscope.measures import massive
 from sinkscope.runfolder import RunFolder
 
@@ -80,7 +80,7 @@ def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = Tr
                   figures: bool = True) -> RunFolder:
     s = setup(out, "vit_sinks", cfg, adapter, resume, log)
     projector = _projector(s.adapter)
-    for chunk in batches(s.todo, cfg.batch_size):
+    for chunk in progress(s.todo, cfg.batch_size, "vit_sinks"):
         feats: list = []
         handle = projector.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach())) if projector else None
         try:

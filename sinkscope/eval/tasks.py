@@ -198,3 +198,13 @@ def skip_record(sample: Sample, reason: str) -> dict:
 def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
     for i in range(0, len(samples), size):
         yield samples[i : i + size]
+
+
+def progress(samples: list[Sample], size: int, desc: str) -> Iterator[list[Sample]]:
+    """`batches(samples, size)` with a progress bar counted in samples (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=None, leave=False) as bar:
+        for chunk in batches(samples, size):
+            yield chunk
+            bar.update(len(chunk))
