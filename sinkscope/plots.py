@@ -164,18 +164,26 @@ def emergence_curve(curve: pd.DataFrame, path: Path) -> str:
     axes[0].plot(x, curve["pope_adversarial"], "s-", label="adversarial")
     axes[0].set_title("POPE (validation, yes vs no logit)")
     axes[0].legend(fontsize=7)
-    axes[1].plot(x, curve["visual_sinks_per_image_mean"], "o-", label="mean over layers >= 2")
-    axes[1].plot(x, curve["visual_sinks_per_image_max"], "s-", label="max over layers")
-    axes[1].set_title("image tokens with phi >= tau, per image")
+    axes[1].plot(x, curve["visual_sinks_per_image_max"], "s-", label="phi >= scaled paper tau (saturated)")
+    if "visual_sinks_per_image_layer_score" in curve:
+        axes[1].plot(x, curve["visual_sinks_per_image_layer_score"], "o-", label="layer-relative score >= 100")
+    axes[1].set_title("image tokens counted as sinks (busiest layer)")
     axes[1].legend(fontsize=7)
-    axes[2].plot(x, curve["visual_sink_attention_max"], "o-", label="to visual sinks (max layer)")
+    axes[2].plot(x, curve["visual_sink_attention_max"], "o-", label="to image tokens with phi >= tau (max layer)")
+    if "visual_sink_attention_layer_score" in curve:
+        axes[2].plot(x, curve["visual_sink_attention_layer_score"], "d-", label="to visual sinks, layer score (max layer)")
     axes[2].plot(x, curve["image_attention_mean"], "s-", label="to all image tokens (mean)")
     axes[2].plot(x, curve["first_token_attention_mean"], "^-", label="to the first token (mean)")
     axes[2].set_title("share of text-query attention")
     axes[2].legend(fontsize=7)
-    axes[3].plot(x, curve["max_image_phi"], "o-")
-    axes[3].axhline(float(curve["tau"].iloc[0]), color="k", ls="--", lw=1, label="tau")
-    axes[3].set_title("largest image-token phi")
+    if "max_image_layer_score" in curve and curve["max_image_layer_score"].notna().any():
+        axes[3].plot(x, curve["max_image_layer_score"], "o-", label="largest image score")
+        axes[3].axhline(100.0, color="k", ls="--", lw=1, label="tau = 100")
+        axes[3].set_title("largest image-token layer-relative score")
+    else:
+        axes[3].plot(x, curve["max_image_phi"], "o-", label="largest image phi")
+        axes[3].axhline(float(curve["tau"].iloc[0]), color="k", ls="--", lw=1, label="tau")
+        axes[3].set_title("largest image-token phi")
     axes[3].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("training step")
