@@ -8,11 +8,10 @@ Any other spec goes to `sinkscope.eval.tasks.load_samples` (demo world, POPE jso
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, load_samples
+from sinkscope.eval.tasks import Sample, jsonl_rows, load_samples
 
 
 def _text_rows(path: Path) -> list[dict] | None:
@@ -20,15 +19,7 @@ def _text_rows(path: Path) -> list[dict] | None:
     if path.suffix.lower() == ".txt":
         return [{"prompt": line} for line in path.read_text().splitlines() if line.strip()]
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SinkscopeError(f"{path}:{n} is not valid JSON ({err})") from err
-        if not isinstance(row, dict):
-            raise SinkscopeError(f"{path}:{n} must be a JSON object with 'prompt' (or 'text'), got {type(row).__name__}")
+    for n, row in jsonl_rows(path, "a JSON object with 'prompt' (or 'text')"):
         if "image" in row:
             return None
         text = row.get("prompt", row.get("text", row.get("question")))

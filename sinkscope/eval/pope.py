@@ -14,7 +14,6 @@ positive class, as POPE reports them: accuracy, precision, recall, F1, yes-ratio
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, SampleList, drop_unreadable
+from sinkscope.eval.tasks import Sample, SampleList, drop_unreadable, jsonl_rows
 
 STRATEGIES = ("random", "popular", "adversarial")
 LABELS = ("yes", "no")
@@ -125,17 +124,9 @@ def load_pope(path: str | Path, image_root: str | Path | None = None, limit: int
     if not root.is_dir():
         raise SinkscopeError(f"image folder {root} not found; pass image_root (--image-root) pointing at the images")
     samples, ids = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_rows(path):
         if limit is not None and len(samples) >= limit:
             break
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SinkscopeError(f"{path}:{n} is not valid JSON ({err}); fix or delete line {n}") from err
-        if not isinstance(row, dict):
-            raise SinkscopeError(f"{path}:{n} must be a JSON object, got {type(row).__name__}; fix or delete line {n}")
         text = row.get("text", row.get("question"))
         missing = [k for k, v in (("image", row.get("image")), ("text", text), ("label", row.get("label"))) if v is None]
         if missing:

@@ -125,11 +125,9 @@ def _demo_samples(task: str, n: int, start: int = 0) -> list[Sample]:
     return out
 
 
-def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
-    """One sample per row (images not checked here); rows without an existing image are checked later."""
-    out = []
-    root = image_root or path.parent
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+def jsonl_rows(path: Path, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line; a malformed or non-object line raises naming its number."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -137,8 +135,15 @@ def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
         except json.JSONDecodeError as err:
             raise SinkscopeError(f"{path}:{n} is not valid JSON ({err}); fix or delete line {n}") from err
         if not isinstance(row, dict):
-            raise SinkscopeError(f"{path}:{n} must be a JSON object with 'image' and 'text', got "
-                                 f"{type(row).__name__}; fix or delete line {n}")
+            raise SinkscopeError(f"{path}:{n} must be {expected}, got {type(row).__name__}; fix or delete line {n}")
+        yield n, row
+
+
+def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
+    """One sample per row (images not checked here); rows without an existing image are checked later."""
+    out = []
+    root = image_root or path.parent
+    for n, row in jsonl_rows(path, "a JSON object with 'image' and 'text'"):
         question = row.get("text", row.get("question"))
         if question is None or "image" not in row:
             raise SinkscopeError(f"{path}:{n} needs fields 'image' and 'text' (or 'question'), got {sorted(row)}")
