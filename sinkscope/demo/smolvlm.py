@@ -36,6 +36,11 @@ def _is_trained_key(key: str) -> bool:
     return key.startswith(TRAINED_PREFIXES) or ".lora_" in key
 
 
+def lora_settings(rank: int) -> dict:
+    """What a config records (`config.sinkscope_lora`) so that `assemble` re-adds the same adapters."""
+    return {"rank": rank, "alpha": 2 * rank, "targets": LORA_TARGETS}
+
+
 def add_lora(model, rank: int = 16, alpha: int = 32):
     """LoRA adapters on the language model's attention and MLP projections (peft), kept unmerged.
 
@@ -46,7 +51,7 @@ def add_lora(model, rank: int = 16, alpha: int = 32):
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
     inject_adapter_in_model(config, model)
-    model.config.sinkscope_lora = {"rank": rank, "alpha": alpha, "targets": LORA_TARGETS}
+    model.config.sinkscope_lora = {**lora_settings(rank), "alpha": alpha}
     return model
 
 
@@ -157,7 +162,6 @@ def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=Non
     adapter tensors (".lora_" keys, when the config records `sinkscope_lora`); None keeps their
     initialisation (the start of training).
     """
-    import torch
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 

@@ -328,9 +328,9 @@ def scaled_paper_tau(hidden_size: int) -> float:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from sinkscope.runfolder import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _lr(stage: Stage, step: int) -> float:
@@ -372,8 +372,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, config.vision)
     if config.lora_rank:
-        model_config.sinkscope_lora = {"rank": config.lora_rank, "alpha": 2 * config.lora_rank,
-                                       "targets": smolvlm.LORA_TARGETS}
+        model_config.sinkscope_lora = smolvlm.lora_settings(config.lora_rank)
     model = smolvlm.assemble(model_config, llm_dir)
     processor = smolvlm.build_processor(llm_dir)
     encoder = Encoder(processor.tokenizer, model.config.image_token_id)
@@ -501,8 +500,7 @@ def export_checkpoint(out: str | Path, log=print) -> Path:
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, smolvlm.VisionArchitecture(**recipe["vision"]))
     if recipe.get("lora_rank"):
-        model_config.sinkscope_lora = {"rank": recipe["lora_rank"], "alpha": 2 * recipe["lora_rank"],
-                                       "targets": smolvlm.LORA_TARGETS}
+        model_config.sinkscope_lora = smolvlm.lora_settings(recipe["lora_rank"])
     model = smolvlm.assemble(model_config, llm_dir, load_file(str(out / "checkpoint" / "trained.safetensors")))
     final = out / "model"
     smolvlm.save_trained(model, smolvlm.build_processor(llm_dir), final, {"recipe": recipe, "checkpoint": progress})
