@@ -29,7 +29,7 @@ import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.accuracy import yes_no
+from sinkscope.eval.pope import parse_yes_no
 from sinkscope.eval.tasks import progress
 from sinkscope.runfolder import RunFolder
 
@@ -114,7 +114,7 @@ def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
     out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
     new = out[:, inputs["input_ids"].shape[1]:]
-    answers = [yes_no(tok.decode(row, skip_special_tokens=True)) for row in new]
+    answers = [parse_yes_no(tok.decode(row, skip_special_tokens=True)) for row in new]
     return (diff * sign).tolist(), answers
 
 

@@ -1,4 +1,4 @@
-"""Answer questions with greedy generation and score them (exact match, POPE metrics, CHAIR).
+"""Answer questions with greedy generation and score them (exact match; POPE metrics and CHAIR from eval.pope / eval.chair).
 
 Works with any adapter; `generate` keyword arguments pass through, so an intervention
 registered as an attention function (VAR) is evaluated on the very same path.
@@ -6,28 +6,17 @@ registered as an attention function (VAR) is evaluated on the very same path.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import pandas as pd
 import torch
 
+from sinkscope.eval.chair import chair_scores
+from sinkscope.eval.pope import parse_yes_no, pope_metrics
 from sinkscope.eval.tasks import Sample, batches
 from sinkscope.models.base import ModelAdapter
 
 
 def normalize_answer(text: str) -> str:
     return " ".join(text.lower().replace("</s>", " ").split()).strip(" .")
-
-
-def yes_no(text: str) -> str | None:
-    """POPE's rule: 'no'/'not' anywhere means no, else yes if 'yes' appears, else unknown."""
-    words = normalize_answer(text).replace(",", " ").split()
-    if "no" in words or "not" in words:
-        return "no"
-    if "yes" in words:
-        return "yes"
-    return None
 
 
 @torch.no_grad()
@@ -48,52 +37,12 @@ def generate_answers(adapter: ModelAdapter, samples: list[Sample], max_new_token
     return out
 
 
-@dataclass
-class BinaryMetrics:
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    yes_ratio: float
-    n: int
-    unknown: int
-
-
-def pope_metrics(predictions: list[str | None], labels: list[str]) -> BinaryMetrics:
-    """POPE metrics with 'yes' as the positive class; unparseable answers count as wrong."""
-    tp = sum(p == "yes" and y == "yes" for p, y in zip(predictions, labels))
-    fp = sum(p == "yes" and y == "no" for p, y in zip(predictions, labels))
-    fn = sum(p != "yes" and y == "yes" for p, y in zip(predictions, labels))
-    correct = sum(p == y for p, y in zip(predictions, labels))
-    n = len(labels)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return BinaryMetrics(correct / n if n else math.nan, precision, recall, f1,
-                         sum(p == "yes" for p in predictions) / n if n else math.nan, n,
-                         sum(p is None for p in predictions))
-
-
-def chair(captions: list[str], truth: list[set[str]]) -> dict[str, float]:
-    """CHAIR_i (hallucinated share of mentioned objects) and CHAIR_s (captions with any)."""
-    from sinkscope.demo.world import chair_objects
-
-    mentioned = [chair_objects(c) for c in captions]
-    total = sum(len(m) for m in mentioned)
-    hallucinated = [m - t for m, t in zip(mentioned, truth)]
-    return {
-        "chair_i": sum(len(h) for h in hallucinated) / total if total else 0.0,
-        "chair_s": sum(bool(h) for h in hallucinated) / len(captions) if captions else 0.0,
-        "recall": (sum(len(m & t) for m, t in zip(mentioned, truth)) / sum(len(t) for t in truth)) if truth else 0.0,
-    }
-
-
 def score_samples(samples: list[Sample], answers: list[str]) -> pd.DataFrame:
     """One row per sample: task, answer, reference, correct (exact match after normalising)."""
     rows = []
     for s, a in zip(samples, answers):
         if s.task.startswith("existence"):
-            pred = yes_no(a)
+            pred = parse_yes_no(a)
             correct = pred == s.answer
         else:
             pred = normalize_answer(a)
@@ -116,10 +65,11 @@ def demo_accuracy(adapter: ModelAdapter, n_per_task: int = 100, batch_size: int 
         scored = score_samples(samples, answers)
         row = {"task": task, "n": len(samples), "accuracy": float(scored["correct"].mean())}
         if task.startswith("pope"):
-            m = pope_metrics([yes_no(a) for a in answers], [s.answer for s in samples])
+            m = pope_metrics([parse_yes_no(a) for a in answers], [s.answer for s in samples])
             row.update(precision=m.precision, recall=m.recall, f1=m.f1, yes_ratio=m.yes_ratio)
         if task == "caption":
             truth = [world.scene("test", s.meta["scene"]).categories for s in samples]
-            row.update(chair(answers, truth))
+            scores = chair_scores(answers, truth)
+            row.update(chair_i=scores.chair_i, chair_s=scores.chair_s, recall=scores.recall)
         rows.append(row)
     return pd.DataFrame(rows)
