@@ -393,3 +393,49 @@ def var_sweep_heatmap(sweep: pd.DataFrame, path: Path, metric: str = "f1", chose
         i, j = list(grid.index).index(chosen[1]), list(grid.columns).index(chosen[0])
         ax.add_patch(plt.Rectangle((j, i), 1, 1, fill=False, edgecolor="red", lw=2))
     return _save(fig, path, pdf=False)
+
+
+def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") -> str:
+    """Sink-signature injection: `metric` of the injected tokens against the scale, one panel per token
+    group, a line per layer band (solid: injected; dashed: random-dim control; dotted: rescale control;
+    flat grey: no injection), 95% CIs shaded. Takes `inject.csv` (sinkscope.analyses.inject)."""
+    from matplotlib.lines import Line2D
+
+    colors = plt.get_cmap("tab10").colors
+    names = {"background": "background image", "object": "object image", "text": "text", "inject": "injected",
+             "random_dim": "random-dim control", "rescale": "rescale control"}
+    t = table[(table["metric"] == metric) & (table["band"] != "answer")]
+    groups = list(dict.fromkeys(t["group"])) or ["(none)"]
+    bands = sorted(t["band"].unique(), key=lambda b: int(str(b).split()[1].split("-")[0]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 1.6, 3.4), squeeze=False, sharey=True)
+    styles = {"inject": "-", "random_dim": "--", "rescale": ":"}
+    scales = sorted(s for s in t["scale"].dropna().unique())
+    positive = [s for s in scales if s > 0]
+    linthresh = min(positive) if positive else 1e-3
+    for ax, group in zip(axes[0], groups):
+        g = t[t["group"] == group]
+        if g.empty:
+            ax.text(0.5, 0.5, "no tokens of this group", ha="center", va="center", transform=ax.transAxes)
+        for k, band in enumerate(bands):
+            color = colors[k % 10]
+            for treatment, style in styles.items():
+                r = g[(g["band"] == band) & (g["treatment"] == treatment)].sort_values("scale")
+                if r.empty:
+                    continue
+                ax.plot(r["scale"], r["value"], style, marker="o", ms=3, color=color, lw=1.2)
+                ax.fill_between(r["scale"], r["ci_low"], r["ci_high"], color=color, alpha=0.12, lw=0)
+            none = g[(g["band"] == band) & (g["treatment"] == "none")]
+            if len(none):
+                ax.axhline(float(none["value"].iloc[0]), color=color, lw=2.5, alpha=0.25)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_title(f"{names.get(group, group)} tokens", fontsize=9)
+        ax.set_xlabel("scale (x first token's sink dims; symlog)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric.replace('_', ' ')} received per injected token\n(text queries after the image, mean over heads)"
+                          if metric.startswith("attention") else metric.replace('_', ' '))
+    handles = [Line2D([], [], color=colors[k % 10], lw=2, label=str(b)) for k, b in enumerate(bands)]
+    handles += [Line2D([], [], color="k", ls=s, label=names.get(n, n)) for n, s in styles.items()]
+    handles.append(Line2D([], [], color="k", lw=2.5, alpha=0.25, label="no injection"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Writing the sink signature into tokens: dose response", fontsize=10)
+    return _save(fig, path, pdf=False)

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.interventions.attention import AttentionEdit, EditSession, as_adapter, edit_attention
+from sinkscope.interventions.attention import SESSION_ATTR, AttentionEdit, EditSession, as_adapter, edit_attention
 from sinkscope.kinds import PAD, TokenKinds
 
 TARGETS = ("first", "sinks", "visual_sinks")
@@ -246,11 +246,13 @@ class ResidualEdit(AttentionEdit):
     """Rewrite the residual stream entering `layers` (prefill only) on the tokens of `target`.
 
     Edits no attention probabilities (`layers` -> empty set); installs one forward pre-hook per layer
-    through `attach`. After a forward, `session.memory(edit)["masks"][layer]` holds the [batch, token]
-    mask that was edited.
+    through `attach`. After a prefill, `session.memory(edit)["masks"][layer]` holds the [batch, token]
+    mask that was edited and, with keep_states, `["states"][layer]` the edited [batch, token, dim] state.
     """
 
-    def __init__(self, target, layers: Sequence[int], signature: SinkSignature, change: ResidualChange):
+    def __init__(self, target, layers: Sequence[int], signature: SinkSignature, change: ResidualChange,
+                 keep_states: bool = False):
+        self.keep_states = keep_states
         if change.kind not in ("inject", "remove", *CONTROLS):
             raise SinkscopeError(f"unknown residual change {change.kind!r}")
         if change.kind == "remove" and change.to not in REMOVE_TO:
@@ -287,6 +289,7 @@ class ResidualEdit(AttentionEdit):
                                  f"{(prompt.batch_size, prompt.length)}; build the mask from this batch's input_ids "
                                  "(generate with num_beams or num_return_sequences repeats rows: repeat the mask too)")
         session.memory(self)["masks"] = {}
+        session.memory(self)["states"] = {}
 
     def rewrite(self, states: torch.Tensor, kinds: TokenKinds, mask: torch.Tensor) -> torch.Tensor:
         """states: [batch, token, dim] entering the layer at prefill; mask: [batch, token] bool."""
@@ -321,15 +324,23 @@ class _Rewrite:
         step = self.session.step
         if step is None:
             raise SinkscopeError("sink edits need the model's top-level forward (model(...) or model.generate)")
+        active = getattr(self.session.adapter.attention(self.layer), SESSION_ATTR, None)
+        if active is not self.session:
+            return None  # a nested block re-installs this edit in its own session: rewrite once, there
         if not step.prefill:
             return None  # decode steps: the prompt's edited keys/values are in the cache; new tokens stay as they are
         prompt = step.require_prompt()
         states = _hidden_of(args, kwargs)
         mask = resolve_mask(self.edit.target, states, prompt.kinds, self.edit.signature)
-        self.session.memory(self.edit).setdefault("masks", {})[self.layer] = mask
+        memory = self.session.memory(self.edit)
+        memory.setdefault("masks", {})[self.layer] = mask
         if not bool(mask.any()):
+            if self.edit.keep_states:
+                memory.setdefault("states", {})[self.layer] = states.detach()
             return None  # nothing chosen: the unmodified forward, bitwise
         new = self.edit.rewrite(states, prompt.kinds, mask)
+        if self.edit.keep_states:
+            memory.setdefault("states", {})[self.layer] = new.detach()
         if args:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": new}
@@ -364,17 +375,23 @@ def _fallback(adapter) -> str:
 
 @contextlib.contextmanager
 def residual_edit(model_or_adapter, target, change: ResidualChange, layer=None, *,
-                  signature: SinkSignature | None = None, dims=None) -> Iterator[EditSession]:
-    """Any `ResidualChange` on `target` tokens entering `layer` (an int, a list, or None = the onset layer)."""
+                  signature: SinkSignature | None = None, dims=None, keep_states: bool = False
+                  ) -> Iterator[EditSession]:
+    """Any `ResidualChange` on `target` tokens entering `layer` (an int, a list, or None = the onset layer).
+
+    Yields the EditSession; its last edit (`session.edits[-1]`) is the ResidualEdit, whose memory
+    (`session.memory(edit)`) holds the edited masks (and states, with keep_states) per layer.
+    """
     adapter = as_adapter(model_or_adapter)
     sig = _signature(signature, dims, layer)
-    edit = ResidualEdit(target, _layers(layer, sig), sig, change)
+    edit = ResidualEdit(target, _layers(layer, sig), sig, change, keep_states)
     with edit_attention(adapter, edit, fallback=_fallback(adapter)) as session:
         yield session
 
 
 def inject_sink(model_or_adapter, token_mask, layer=None, scale=1.0, *, signature: SinkSignature | None = None,
-                dims=None, control: str | None = None, control_dim: int | None = None) -> contextlib.AbstractContextManager:
+                dims=None, control: str | None = None, control_dim: int | None = None,
+                keep_states: bool = False) -> contextlib.AbstractContextManager:
     """Set the sink-dim coordinates of the chosen tokens to `scale` x the first token's, entering `layer`.
 
     token_mask: [batch, prompt_len] bool (or "first" / "sinks" / "visual_sinks"); layer: int, list, or
@@ -385,12 +402,13 @@ def inject_sink(model_or_adapter, token_mask, layer=None, scale=1.0, *, signatur
     if control is not None and control not in CONTROLS:
         raise SinkscopeError(f"control must be None or one of {CONTROLS}; got {control!r}")
     change = ResidualChange(control or "inject", scale=scale, dim=control_dim)
-    return residual_edit(model_or_adapter, token_mask, change, layer, signature=signature, dims=dims)
+    return residual_edit(model_or_adapter, token_mask, change, layer, signature=signature, dims=dims,
+                         keep_states=keep_states)
 
 
 def remove_sink(model_or_adapter, token_mask="sinks", layer=None, to: str = "zero", *,
-                signature: SinkSignature | None = None, dims=None, mean: torch.Tensor | None = None
-                ) -> contextlib.AbstractContextManager:
+                signature: SinkSignature | None = None, dims=None, mean: torch.Tensor | None = None,
+                keep_states: bool = False) -> contextlib.AbstractContextManager:
     """Set the sink-dim coordinates of the chosen tokens to zero or to their mean over ordinary tokens.
 
     token_mask: [batch, prompt_len] bool or "sinks" (default: real tokens with score >= tau entering
@@ -400,4 +418,4 @@ def remove_sink(model_or_adapter, token_mask="sinks", layer=None, to: str = "zer
     if to not in REMOVE_TO:
         raise SinkscopeError(f"remove_sink(to=...) must be one of {REMOVE_TO}, got {to!r}")
     return residual_edit(model_or_adapter, token_mask, ResidualChange("remove", to=to, mean=mean), layer,
-                         signature=signature, dims=dims)
+                         signature=signature, dims=dims, keep_states=keep_states)

@@ -1,0 +1,561 @@
+"""`sinkscope inject`: does writing the sink signature into a token make it a sink? A dose-response.
+
+The paper's evidence that sinks are sinks because of their massive sink-dim values is
+correlational. Here the signature is written in (sinkscope.interventions.sink_signature): at the
+residual stream entering the injection layer (default: the onset layer of the scan's discovery),
+the sink-dim coordinates of chosen tokens are set to `scale` x the first token's, over a log grid
+of scales. Tokens: `n_tokens` per sample from each group (background image tokens, object image
+tokens, prompt text tokens before the queries; never a token that already is a sink there, nor
+the first token), matched counts, `n_seeds` draws. Controls on the same tokens: `random_dim` (the
+same added magnitude along a random non-sink dim), `rescale` (the token's state rescaled to the
+injected norm), `none` (no injection).
+
+Measured at the injection layer and every later layer, per injected token (then averaged over the
+tokens of a draw): the attention it receives from the text queries after the image (mean over
+queries; mean and max over heads, and per head for `inject` and `none`), its sink score and
+whether the scan's own rule (score >= tau) calls it a sink, its value norm ||v_j||, its mean OV norm
+||W_O^h v_j|| and OV contribution a * ||W_O^h v_j|| (does it stop writing?), and the change of the
+answer's logit difference (correct minus other yes/no word, last prompt position).
+
+What VAR does to injected sinks (`var=True`): background tokens injected at `var_scale`; VAR (the
+same sink dims and tau) with and without the injection: the share of injected tokens VAR's sink
+detector flags, and yes/no accuracy from greedy answers, beside VAR on the uninjected model.
+
+Writes: inject_per_sample.csv, inject_heads_per_sample.csv, inject_answers_per_sample.csv, inject.csv
+(CIs: percentile bootstrap over samples, scipy), inject_heads.csv, inject_var_per_sample.csv,
+inject_var.csv, dose_response.png, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
+from sinkscope.errors import SinkscopeError
+from sinkscope.eval.tasks import progress
+from sinkscope.interventions.sink_signature import SinkSignature, first_positions, inject_sink, sink_mask_of
+from sinkscope.kinds import PAD, TokenKinds
+from sinkscope.measures import contributions as ov
+from sinkscope.measures.sinks import sink_score
+from sinkscope.runfolder import RunFolder
+
+GROUPS = ("background", "object", "text")
+CONTROLS = ("random_dim", "rescale")
+TREATMENTS = ("inject", *CONTROLS)
+DEFAULT_SCALES = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+METRICS = ("attention", "attention_max_head", "is_sink", "score", "value_norm", "ov_norm", "contribution")
+
+
+@dataclass
+class InjectConfig(AnalysisConfig):
+    data: str = "demo:pope-adversarial"
+    limit: int | None = 8
+    scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
+    groups: list[str] = field(default_factory=lambda: list(GROUPS))
+    treatments: list[str] = field(default_factory=lambda: list(TREATMENTS))
+    n_tokens: int = 2  # injected tokens per sample and group (matched counts)
+    n_seeds: int = 2  # draws of tokens (and of the control's random dim)
+    layer: int | None = None  # injection layer (default: the discovery's onset layer)
+    var: bool = True  # what VAR does to injected sinks
+    var_scale: float = 1.0
+    max_new_tokens: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.scales or any(not (0.0 <= float(s) <= 1.0) for s in self.scales):
+            raise SinkscopeError(f"--scales must be numbers in [0, 1] (multiples of the first token's sink-dim "
+                                 f"values); got {self.scales}")
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad or not self.groups:
+            raise SinkscopeError(f"--groups must come from {', '.join(GROUPS)}; got {self.groups}")
+        bad = [t for t in self.treatments if t not in TREATMENTS]
+        if bad or "inject" not in self.treatments:
+            raise SinkscopeError(f"--treatments must include 'inject' and come from {', '.join(TREATMENTS)}; "
+                                 f"got {self.treatments}")
+        if self.n_tokens < 1 or self.n_seeds < 1:
+            raise SinkscopeError(f"--n-tokens and --n-seeds must be >= 1; got {self.n_tokens}, {self.n_seeds}")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared with `sinkscope remove`
+# ---------------------------------------------------------------------------------------
+
+def model_inputs(adapter, batch) -> dict:
+    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
+
+
+def queries_after_image(kinds: TokenKinds) -> torch.Tensor:
+    """[batch, token] bool: text tokens after the row's last image token (all text when there is no image)."""
+    kind = kinds.kind
+    pos = torch.arange(kind.shape[1], device=kind.device)[None].expand_as(kind)
+    last = torch.where(kinds.visual_mask, pos, torch.full_like(pos, -1)).amax(dim=1)
+    return kinds.text_mask & (pos > last[:, None])
+
+
+def value_states(adapter, layer: int, states: torch.Tensor) -> torch.Tensor:
+    """The value states the attention of `layer` computes from `states`: [batch, kv_head, token, head_dim].
+
+    states: [batch, token, dim] entering the layer. Needs the layer's `input_layernorm` and the
+    attention's `v_proj` (LLaMA-style blocks: LLaVA, Qwen, Gemma, SmolLM2); LoRA wrappers act as loaded.
+    """
+    block, attn = adapter.layers[layer], adapter.attention(layer)
+    norm, v_proj = getattr(block, "input_layernorm", None), getattr(attn, "v_proj", None)
+    if norm is None or v_proj is None:
+        raise SinkscopeError(f"{type(block).__name__} has no input_layernorm / self_attn.v_proj: value norms and OV "
+                             "contributions need a LLaMA-style block; run without them or add the family's value path")
+    b, t = states.shape[:2]
+    v = v_proj(norm(states))
+    return v.view(b, t, adapter.num_kv_heads, adapter.head_dim).transpose(1, 2)
+
+
+def answer_sign(samples) -> torch.Tensor | None:
+    """[batch] +1 for 'yes', -1 for 'no' references; None when any sample is not a yes/no question."""
+    signs = []
+    for s in samples:
+        a = (s.answer or "").strip().lower()
+        if a not in ("yes", "no"):
+            return None
+        signs.append(1.0 if a == "yes" else -1.0)
+    return torch.tensor(signs)
+
+
+def logit_diff(logits: torch.Tensor, sign: torch.Tensor | None, yes_no: tuple[int, int]) -> torch.Tensor:
+    """[batch]: logit of the correct yes/no word minus the other's at the last position (NaN without answers)."""
+    if sign is None:
+        return torch.full((logits.shape[0],), float("nan"))
+    last = logits[:, -1].float().cpu()
+    return (last[:, yes_no[0]] - last[:, yes_no[1]]) * sign
+
+
+def signature_of(s, cfg) -> SinkSignature:
+    """The sink signature of a run's setup (scan discovery, tau, score), at cfg.layer when given."""
+    sig = SinkSignature.from_discovery(s.dims, s.tau.value, cfg.sink_score, s.adapter.rms_norm_eps, cfg.layer)
+    n = s.adapter.num_layers
+    if not 0 <= sig.layer < n:
+        raise SinkscopeError(f"--layer {sig.layer} is out of range: the model has {n} layers (0..{n - 1})")
+    return sig
+
+
+def background_mask(samples, kinds: TokenKinds) -> torch.Tensor | None:
+    """[batch, token] bool: image tokens on background patches (demo world ground truth), None if unknown."""
+    out = torch.zeros_like(kinds.visual_mask)
+    for b, s in enumerate(samples):
+        bg = s.meta.get("background_patches") if s.meta else None
+        positions = kinds.visual_mask[b].nonzero().flatten()
+        if bg is None or len(bg) != len(positions):
+            return None
+        out[b, positions] = torch.tensor(bg, dtype=torch.bool)
+    return out
+
+
+def draw_tokens(pool: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n tokens of each row drawn uniformly from pool [batch, token] bool, without replacement.
+
+    Returns (mask [batch, token] bool, ok [batch] bool); rows with fewer than n eligible tokens get an
+    empty mask and ok False (never a smaller set: counts stay matched across groups).
+    """
+    scores = torch.rand(pool.shape, generator=generator).masked_fill(~pool, -1.0)
+    top = scores.argsort(dim=1, descending=True)[:, :n]
+    mask = torch.zeros_like(pool)
+    mask.scatter_(1, top, True)
+    ok = pool.sum(dim=1) >= n
+    return mask & pool & ok[:, None], ok
+
+
+def text_pool(ordinary_text: torch.Tensor, queries: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, token] bool: ordinary text tokens before the queries where a row has >= n of them, else every
+    ordinary text token but the row's last (the answer position), so prompts without text before the image
+    still get a text group."""
+    before = ordinary_text & ~queries
+    pos = torch.arange(queries.shape[1])[None].expand_as(queries)
+    last = torch.where(ordinary_text | queries, pos, torch.full_like(pos, -1)).amax(dim=1)
+    anywhere = ordinary_text & (pos < last[:, None])
+    enough = before.sum(dim=1) >= n
+    return torch.where(enough[:, None], before, anywhere)
+
+
+def band_start(band: str) -> int:
+    """First layer of a band name ('layers 4-9' or 'layer 4'); 'answer' sorts last."""
+    return int(str(band).split()[1].split("-")[0]) if str(band).startswith("layer") else 10 ** 6
+
+
+def layer_bands(first: int, n_layers: int, n_bands: int = 3) -> dict[int, str]:
+    """layer -> band name ('layers a-b'), contiguous bands from `first` to the last layer."""
+    layers = list(range(first, n_layers))
+    chunks = [c for c in np.array_split(np.array(layers), min(n_bands, len(layers))) if len(c)]
+    return {int(l): (f"layers {int(c[0])}-{int(c[-1])}" if c[-1] > c[0] else f"layer {int(c[0])}")
+            for c in chunks for l in c}
+
+
+# ---------------------------------------------------------------------------------------
+# measuring one forward
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.Tensor, queries: torch.Tensor,
+                   kinds: TokenKinds, sig: SinkSignature, keep_heads: bool) -> tuple[list[dict], list[dict]]:
+    """Per row and layer >= sig.layer: what the tokens of token_mask receive and write.
+
+    out: model output with attentions and hidden_states; edited_state: [batch, token, dim] entering
+    sig.layer as edited. Returns (layer rows, head rows); rows with an empty mask are skipped.
+    """
+    n_tok = token_mask.sum(dim=1)
+    keep = n_tok > 0
+    real = (kinds.kind != PAD)
+    rows, heads = [], []
+    for layer in range(sig.layer, adapter.num_layers):
+        x = edited_state if layer == sig.layer else out.hidden_states[layer]
+        score = sink_score(x, list(sig.dims), sig.score, token_mask=real.to(x.device), eps=sig.eps).float().cpu()
+        is_sink = (score >= sig.tau) if sig.tau is not None else torch.zeros_like(score, dtype=torch.bool)
+        probs = out.attentions[layer].float().cpu()
+        att = ov.class_means(probs, token_mask, queries)  # [batch, head]
+        v = value_states(adapter, layer, x).float().cpu()
+        norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, key]
+        contrib = ov.class_means(ov.ov_contributions(probs, norms), token_mask, queries)
+        m = token_mask.float()
+        denom = n_tok.clamp_min(1).float()
+        ov_norm = (norms * m[:, None, :]).sum(-1) / denom[:, None]  # [batch, head]
+        v_norm = (v.norm(dim=-1).mean(dim=1) * m).sum(-1) / denom
+        tok_score = (score * m).sum(-1) / denom
+        share = (is_sink.float() * m).sum(-1) / denom
+        for b in keep.nonzero().flatten().tolist():
+            rows.append({"row": b, "layer": layer, "attention": float(att[b].mean()),
+                         "attention_max_head": float(att[b].max()), "top_head": int(att[b].argmax()),
+                         "is_sink": float(share[b]), "score": float(tok_score[b]), "value_norm": float(v_norm[b]),
+                         "ov_norm": float(ov_norm[b].mean()), "contribution": float(contrib[b].mean())})
+            if keep_heads:
+                heads += [{"row": b, "layer": layer, "head": h, "attention": float(att[b, h])}
+                          for h in range(att.shape[1])]
+    return rows, heads
+
+
+def _forward(adapter, inputs):
+    return adapter.model(**inputs, output_attentions=True, output_hidden_states=True)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+
+def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, log=print,
+               figures: bool = True) -> RunFolder:
+    s = setup(out, "inject", cfg, adapter, resume, log)
+    adapter = s.adapter
+    sig = signature_of(s, cfg)
+    s.folder.update_meta(signature={"dims": list(sig.dims), "layer": sig.layer, "tau": sig.tau, "score": sig.score})
+    if adapter.text_attention != "eager":
+        adapter.set_text_attention("eager")
+    from sinkscope.analyses.ablate import answer_token_ids
+
+    yes_no = answer_token_ids(adapter)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    non_sink_dims = [d for d in range(adapter.hidden_size) if d not in sig.dims]
+    for chunk_index, chunk in enumerate(progress(s.todo, cfg.batch_size, "inject")):
+        batch = prepare_batch(adapter, chunk)
+        inputs = model_inputs(adapter, batch)
+        kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
+        queries = queries_after_image(kinds)
+        sign = answer_sign(chunk)
+        with torch.no_grad():
+            base = _forward(adapter, inputs)
+        base_diff = logit_diff(base.logits, sign, yes_no)
+        state = base.hidden_states[sig.layer]
+        real = kinds.kind != PAD
+        ordinary = real & ~sink_mask_of(state, kinds, sig).cpu() & ~kinds.bos_mask
+        bg = background_mask(chunk, kinds)
+        pools = {"text": text_pool(ordinary & kinds.text_mask, queries, cfg.n_tokens)}
+        if bg is not None:
+            pools["background"] = ordinary & bg
+            pools["object"] = ordinary & kinds.visual_mask & ~bg
+        elif any(g in cfg.groups for g in ("background", "object")):
+            pools["background"] = pools["object"] = ordinary & kinds.visual_mask  # no ground truth: any image token
+            s.folder.update_meta(groups_note="no background ground truth in the data: background and object groups "
+                                             "are both drawn from all ordinary image tokens")
+        layer_rows, head_rows, answer_rows = [], [], []
+
+        def record(treatment, group, seed, scale, output, edited, mask, ok):
+            rows, heads = measure_tokens(adapter, output, edited, mask, queries, kinds, sig,
+                                         keep_heads=treatment in ("none", "inject"))
+            meta = {"treatment": treatment, "group": group, "seed": seed, "scale": scale}
+            for r in rows:
+                layer_rows.append({"sample": chunk[r.pop("row")].sample_id, **meta, **r})
+            for r in heads:
+                head_rows.append({"sample": chunk[r.pop("row")].sample_id, **meta, **r})
+            diff = logit_diff(output.logits, sign, yes_no)
+            for b in ok.nonzero().flatten().tolist():
+                answer_rows.append({"sample": chunk[b].sample_id, **meta, "n_tokens": int(mask[b].sum()),
+                                    "logit_diff": float(diff[b]), "logit_diff_change": float(diff[b] - base_diff[b])})
+
+        for group in cfg.groups:
+            for seed in range(cfg.n_seeds):
+                mask, ok = draw_tokens(pools[group], cfg.n_tokens, rng)
+                if not ok.any():
+                    continue
+                record("none", group, seed, math.nan, base, state.cpu(), mask, ok)
+                control_dim = non_sink_dims[int(torch.randint(len(non_sink_dims), (1,), generator=rng))]
+                for treatment in cfg.treatments:
+                    for scale in cfg.scales:
+                        control = None if treatment == "inject" else treatment
+                        with inject_sink(adapter, mask.to(adapter.device), layer=sig.layer, scale=float(scale),
+                                         signature=sig, control=control, control_dim=control_dim,
+                                         keep_states=True) as session, torch.no_grad():
+                            output = _forward(adapter, inputs)
+                            edited = session.memory(session.edits[-1])["states"][sig.layer].cpu()
+                        record(treatment, group, seed, float(scale), output, edited, mask, ok)
+        var_rows = _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, yes_no) if cfg.var else []
+        s.folder.append_rows("inject_per_sample", pd.DataFrame(layer_rows))
+        s.folder.append_rows("inject_heads_per_sample", pd.DataFrame(head_rows))
+        s.folder.append_rows("inject_answers_per_sample", pd.DataFrame(answer_rows))
+        if var_rows:
+            s.folder.append_rows("inject_var_per_sample", pd.DataFrame(var_rows))
+        s.folder.mark_done([x.sample_id for x in chunk])
+    return summarize_inject(s.folder, cfg, sig, adapter.num_layers, figures)
+
+
+@torch.no_grad()
+def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, yes_no) -> list[dict]:
+    """none / var / inject / inject+var on background tokens: answers, logit difference, VAR's detection."""
+    import contextlib
+
+    from sinkscope.eval.pope import parse_yes_no
+    from sinkscope.interventions.var import VARConfig, var
+
+    pool = pools.get("background")
+    if pool is None or sign is None:
+        return []
+    mask, ok = draw_tokens(pool, cfg.n_tokens, rng)
+    config = VARConfig(sink_dims=list(sig.dims), tau=sig.tau, sink_score=sig.score)
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    rows = []
+    for condition in ("none", "var", "inject", "inject+var"):
+        injected = condition.startswith("inject")
+        with contextlib.ExitStack() as stack:
+            if injected:
+                stack.enter_context(inject_sink(adapter, mask.to(adapter.device), layer=sig.layer,
+                                                scale=cfg.var_scale, signature=sig))
+            run = stack.enter_context(var(adapter, config, fallback="eager")) if condition.endswith("var") else None
+            logits = adapter.model(**inputs).logits
+            found = math.nan
+            if run is not None:
+                later = [l for l in run.resolved.layers if l >= sig.layer]
+                flagged = torch.stack([run.sinks(l).cpu() for l in later]).float().mean(0) if later else None
+            diff = logit_diff(logits, sign, yes_no)
+            gen = adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                         pad_token_id=getattr(tok, "pad_token_id", None))
+        new = gen[:, inputs["input_ids"].shape[1]:]
+        answers = [parse_yes_no(tok.decode(r, skip_special_tokens=True)) for r in new]
+        for b, x in enumerate(chunk):
+            if not ok[b]:
+                continue
+            if run is not None and flagged is not None:
+                found = float((flagged[b] * mask[b].float()).sum() / mask[b].sum())
+            rows.append({"sample": x.sample_id, "condition": condition, "n_tokens": int(mask[b].sum()),
+                         "answer": answers[b], "correct": answers[b] == x.answer.strip().lower(),
+                         "logit_diff": float(diff[b]), "var_flags_injected": found})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile CI of the mean over per-sample values (scipy.stats.bootstrap); NaN under 2 values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return math.nan, math.nan
+    if np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    res = stats.bootstrap((x,), np.mean, n_resamples=n_boot, method="percentile", vectorized=True,
+                          random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def inject_table(per: pd.DataFrame, answers: pd.DataFrame, bands: dict[int, str], n_boot: int, seed: int) -> pd.DataFrame:
+    """inject.csv: treatment, group, scale, band, metric, value, ci_low, ci_high, n_samples.
+
+    Per sample: the mean over seeds and over the layers of the band; the CI resamples samples.
+    logit_diff_change has band 'answer'.
+    """
+    rows = []
+    if len(per):
+        per = per.assign(band=per["layer"].map(bands), scale=per["scale"].fillna(-1.0))
+        per_sample = per.groupby(["treatment", "group", "scale", "band", "sample"])[list(METRICS)].mean()
+        for (treatment, group, scale, band), g in per_sample.groupby(level=[0, 1, 2, 3]):
+            for metric in METRICS:
+                x = g[metric].to_numpy(float)
+                lo, hi = bootstrap_ci(x, n_boot, seed)
+                rows.append({"treatment": treatment, "group": group, "scale": math.nan if scale < 0 else scale,
+                             "band": band, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
+                             "ci_high": hi, "n_samples": int(np.isfinite(x).sum())})
+    if len(answers):
+        a = answers.assign(scale=answers["scale"].fillna(-1.0))
+        for (treatment, group, scale), g in a.groupby(["treatment", "group", "scale"]):
+            x = g.groupby("sample")["logit_diff_change"].mean().to_numpy(float)
+            lo, hi = bootstrap_ci(x, n_boot, seed)
+            rows.append({"treatment": treatment, "group": group, "scale": math.nan if scale < 0 else scale,
+                         "band": "answer", "metric": "logit_diff_change", "value": float(np.nanmean(x)) if len(x) else math.nan,
+                         "ci_low": lo, "ci_high": hi, "n_samples": int(np.isfinite(x).sum())})
+    return pd.DataFrame(rows, columns=["treatment", "group", "scale", "band", "metric", "value", "ci_low", "ci_high",
+                                       "n_samples"])
+
+
+def sink_onset_scales(per: pd.DataFrame, layer: int, share: float = 0.5) -> pd.DataFrame:
+    """Per group: the smallest scale at which >= `share` of injected tokens are sinks by the scan's rule,
+    at the injection layer and, separately, in the last layer (NaN where no scale of the grid reaches it)."""
+    rows = []
+    inj = per[per["treatment"] == "inject"]
+    last = int(per["layer"].max()) if len(per) else layer
+    for group, g in inj.groupby("group"):
+        out = {"group": group}
+        for where, at in (("injection_layer", layer), ("last_layer", last)):
+            by_scale = g[g["layer"] == at].groupby("scale")["is_sink"].mean().sort_index()
+            reached = by_scale[by_scale >= share]
+            out[f"sink_scale_{where}"] = float(reached.index[0]) if len(reached) else math.nan
+            out[f"sink_share_at_max_scale_{where}"] = float(by_scale.iloc[-1]) if len(by_scale) else math.nan
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def var_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """inject_var.csv: condition, accuracy (CI, exact McNemar p vs none), logit_diff (CI), VAR's flag share."""
+    from scipy import stats
+
+    if per.empty:
+        return pd.DataFrame()
+    base = per[per["condition"] == "none"].set_index("sample")
+    rows = []
+    for condition in ("none", "var", "inject", "inject+var"):
+        g = per[per["condition"] == condition].set_index("sample").reindex(base.index)
+        corr = g["correct"].astype(float).to_numpy()
+        diff = g["logit_diff"].to_numpy(float)
+        lo, hi = bootstrap_ci(corr, n_boot, seed)
+        dlo, dhi = bootstrap_ci(diff, n_boot, seed)
+        b = base["correct"].astype(float).to_numpy()
+        better, worse = int(np.sum(corr > b)), int(np.sum(corr < b))
+        p = float(stats.binomtest(better, better + worse, 0.5).pvalue) if condition != "none" and better + worse else math.nan
+        flags = g["var_flags_injected"].to_numpy(float)
+        rows.append({"condition": condition, "accuracy": float(np.mean(corr)), "ci_low": lo, "ci_high": hi,
+                     "p_value": p, "logit_diff": float(np.mean(diff)), "logit_diff_ci_low": dlo,
+                     "logit_diff_ci_high": dhi, "var_flags_injected": float(np.nanmean(flags)) if np.isfinite(flags).any() else math.nan,
+                     "n": len(corr)})
+    return pd.DataFrame(rows)
+
+
+def summarize_inject(folder: RunFolder, cfg: InjectConfig, sig: SinkSignature, n_layers: int,
+                     figures: bool = True) -> RunFolder:
+    from sinkscope import plots
+
+    per = folder.read("inject_per_sample")
+    answers = folder.read("inject_answers_per_sample")
+    heads = folder.read("inject_heads_per_sample")
+    bands = layer_bands(sig.layer, n_layers)
+    table = inject_table(per, answers, bands, cfg.n_boot, cfg.seed)
+    folder.write_table("inject", table)
+    if len(heads):
+        head_means = (heads.assign(scale=heads["scale"].fillna(-1.0))
+                      .groupby(["treatment", "group", "scale", "layer", "head"])["attention"].mean().reset_index())
+        head_means["scale"] = head_means["scale"].where(head_means["scale"] >= 0)
+        folder.write_table("inject_heads", head_means)
+    onsets = sink_onset_scales(per, sig.layer) if len(per) else pd.DataFrame()
+    folder.write_table("inject_sink_scales", onsets)
+    var_per = folder.read("inject_var_per_sample") if (folder.path / "inject_var_per_sample.csv").exists() else pd.DataFrame()
+    var_summary = var_table(var_per, cfg.n_boot, cfg.seed) if len(var_per) else pd.DataFrame()
+    if len(var_summary):
+        folder.write_table("inject_var", var_summary)
+    figs = {}
+    if figures and len(table):
+        figs["dose"] = plots.dose_response(table, folder.path / "dose_response.png")
+    _write_index(folder, cfg, sig, table, onsets, var_summary, figs)
+    folder.finish()
+    return folder
+
+
+def _pick(table, **where):
+    t = table
+    for k, v in where.items():
+        t = t[t[k].isna()] if isinstance(v, float) and math.isnan(v) else t[t[k] == v]
+    return None if t.empty else t.iloc[0]
+
+
+def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# Injecting the sink signature: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    lines.append(f"{meta.get('n_samples')} samples. At the residual stream entering layer {sig.layer} (the onset of the "
+                 f"first token's massive values in the scan's discovery, unless --layer), the sink dims {list(sig.dims)} "
+                 f"of {cfg.n_tokens} tokens per sample and group were set to scale x the first token's values, scales "
+                 f"{cfg.scales}, {cfg.n_seeds} draws. Controls on the same tokens: the same added magnitude along a "
+                 "random non-sink dim (`random_dim`), the token's state rescaled to the injected norm (`rescale`), no "
+                 f"injection (`none`). Sink rule: score `{sig.score}` >= tau {sig.tau:.4g}. Attention = mean over the text "
+                 "queries after the image and over heads of what each injected token receives. CIs: 95% percentile "
+                 "bootstrap over samples (scipy).\n")
+    if table.empty:
+        lines.append("No samples had tokens to inject into.\n")
+        folder.write_text("index.md", "\n".join(lines))
+        return
+    lines.append("## Findings\n")
+    first_band = sorted(table["band"].unique(), key=band_start)[0]
+    top = max(cfg.scales)
+    for _, o in onsets.iterrows():
+        g = o["group"]
+        at = o["sink_scale_injection_layer"]
+        persist = o["sink_scale_last_layer"]
+        when = (f"becomes a sink by the scan's threshold at scale {at:g} (>= half the injected tokens at the injection layer)"
+                if not math.isnan(at) else
+                f"never becomes a sink by the scan's threshold on this grid (share {o['sink_share_at_max_scale_injection_layer']:.2f} "
+                f"at scale {top:g})")
+        still = (f"; in the last layer from scale {persist:g}" if not math.isnan(persist)
+                 else f"; in the last layer the share is {o['sink_share_at_max_scale_last_layer']:.2f} at scale {top:g}")
+        lines.append(f"- **{g}** tokens: an injected token {when}{still}.")
+        parts = []
+        for treatment, scale in (("none", math.nan), ("inject", top), ("random_dim", top), ("rescale", top)):
+            r = _pick(table, treatment=treatment, group=g, band=first_band, metric="attention", scale=scale)
+            if r is not None:
+                parts.append(f"`{treatment}` {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}")
+        if parts:
+            lines.append(f"  Attention it receives ({first_band}, scale {top:g}): " + "; ".join(parts) + ".")
+        a = _pick(table, treatment="none", group=g, band=first_band, metric="attention_max_head", scale=math.nan)
+        b = _pick(table, treatment="inject", group=g, band=first_band, metric="attention_max_head", scale=top)
+        if a is not None and b is not None:
+            lines.append(f"  In its most attentive head: {a['value']:.3g} without injection, "
+                         f"{fmt_ci(b['value'], b['ci_low'], b['ci_high'])} injected at scale {top:g}.")
+        r = _pick(table, treatment="inject", group=g, band="answer", metric="logit_diff_change", scale=top)
+        if r is not None:
+            lines.append(f"  Change of the answer's logit difference at scale {top:g}: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}.")
+        for metric in ("value_norm", "contribution"):
+            a = _pick(table, treatment="none", group=g, band=first_band, metric=metric, scale=math.nan)
+            b = _pick(table, treatment="inject", group=g, band=first_band, metric=metric, scale=top)
+            if a is not None and b is not None:
+                lines.append(f"  {metric.replace('_', ' ')} ({first_band}): {a['value']:.3g} without injection, "
+                             f"{fmt_ci(b['value'], b['ci_low'], b['ci_high'])} injected at scale {top:g}.")
+    if len(var_summary):
+        lines.append("\n## What VAR does to injected sinks\n")
+        lines.append(f"Background image tokens injected at scale {cfg.var_scale:g} ({cfg.n_tokens} per sample); VAR with the "
+                     "scan's sink dims and tau (paper defaults otherwise). Accuracy: greedy yes/no answers; p: exact McNemar "
+                     "against `none`. `var_flags_injected`: share of injected tokens VAR's sink detector flags, mean over "
+                     "VAR's layers from the injection layer on.\n")
+        for _, r in var_summary.iterrows():
+            p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
+            flag = "" if pd.isna(r["var_flags_injected"]) else f"; VAR flags {r['var_flags_injected']:.2f} of the injected tokens"
+            lines.append(f"- `{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}{p}; logit "
+                         f"difference {r['logit_diff']:.3g}{flag} (n = {int(r['n'])}).")
+        lines.append("")
+    if "dose" in figs:
+        lines.append(f"\n![dose response]({figs['dose']})\n")
+    lines.append("## Tables\n")
+    lines.append("`inject.csv` (every treatment, group, scale, layer band and metric with CIs), `inject_sink_scales.csv`, "
+                 "`inject_heads.csv` (mean attention per head), per-sample tables.\n")
+    lines.append(markdown_table(onsets, max_rows=10))
+    folder.write_text("index.md", "\n".join(lines))
