@@ -143,3 +143,65 @@ def test_pope_files_on_tiny(tmp_path):
 def test_bad_config(kwargs, match):
     with pytest.raises(SinkscopeError, match=match):
         VarEvalConfig(**kwargs).validate()
+
+
+def _answers(rows):
+    out = []
+    for cond, preds, labels in rows:
+        for i, (p, y) in enumerate(zip(preds, labels)):
+            parsed = p if p in ("yes", "no") else ""
+            out.append({"sample": f"test:{i}", "question_id": f"q{i}", "phase": "test", "condition": cond,
+                        "p": math.nan if cond == "baseline" else 0.6, "rho": math.nan if cond == "baseline" else 0.5,
+                        "task": "pope-random", "label": y, "answer": p, "prediction": parsed, "correct": parsed == y})
+    return pd.DataFrame(out)
+
+
+def test_unparseable_answers_are_counted_apart_and_left_out_of_mcnemar():
+    """The issue's var_all_heads: every answer unparseable was 'accuracy 0, McNemar p = 3e-5, worsens accuracy'."""
+    labels = ["yes", "no"] * 8
+    baseline = ["no"] * 16  # answers no to everything: accuracy 0.5, yes-ratio 0, F1 0
+    table = eval_table(_answers([("baseline", baseline, labels), ("var_all_heads", ["red circle"] * 16, labels)]),
+                       n_boot=200)
+    r = table[(table["condition"] == "var_all_heads") & (table["task"] == "all")].iloc[0]
+    assert (r["n"], r["n_parsed"], r["n_unparseable"], r["n_pairs"]) == (16, 0, 16, 0)
+    assert math.isnan(r["p_value"]) and math.isnan(r["accuracy_change"]) and math.isnan(r["change_ci_low"])
+    b = table[(table["condition"] == "baseline") & (table["task"] == "all")].iloc[0]
+    assert (b["accuracy"], b["yes_ratio"], b["f1"], b["n_unparseable"]) == (0.5, 0.0, 0.0, 0)
+    from sinkscope.analyses.var_eval import condition_sentence
+    from sinkscope.findings import NOTHING_TO_TEST
+
+    status, text = condition_sentence(r)
+    assert status == NOTHING_TO_TEST and text.startswith("16 of 16 answers unparseable") and "McNemar" not in text
+
+
+def test_mcnemar_and_change_use_only_parsed_pairs():
+    labels = ["yes", "no"] * 6
+    baseline = ["no", "no", "yes", "no", "no", "no", "yes", "yes", "no", "no", "yes", "no"]
+    var = ["yes", "no", "yes", "??", "yes", "no", "maybe", "no", "yes", "yes", "yes", "no"]
+    table = eval_table(_answers([("baseline", baseline, labels), ("var", var, labels)]), n_boot=200)
+    r = table[(table["condition"] == "var") & (table["task"] == "all")].iloc[0]
+    keep = [v in ("yes", "no") for v in var]
+    a = [v == y for v, y, k in zip(var, labels, keep) if k]
+    b = [v == y for v, y, k in zip(baseline, labels, keep) if k]
+    fixed, broken = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    n = fixed + broken
+    literal = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n)
+    assert (r["n_parsed"], r["n_unparseable"], r["n_pairs"]) == (10, 2, 10)
+    assert (r["discordant_better"], r["discordant_worse"]) == (fixed, broken)
+    assert r["p_value"] == pytest.approx(literal)
+    assert r["accuracy_change"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert r["change_ci_low"] <= r["accuracy_change"] <= r["change_ci_high"]
+    assert r["accuracy"] == pytest.approx(np.mean([v == y for v, y in zip(var, labels)]))  # unparsed count as wrong
+
+
+def test_tied_grid_is_said_in_the_choice():
+    from sinkscope.analyses.var_eval import choice_clause
+
+    sweep = pd.DataFrame([{"condition": "var", "p": p, "rho": r, "task": "all", "f1": 0.0}
+                          for p in (0.3, 0.6) for r in (0.5, 0.8)])
+    tied, text = choice_clause(sweep, (0.6, 0.5), "f1")
+    assert tied and "every one of the 4 grid points ties" in text
+    sweep.loc[0, "f1"] = 0.4
+    tied, text = choice_clause(sweep, (0.3, 0.5), "f1")
+    assert not tied and "chosen on validation" in text
+    assert "no validation grid" in choice_clause(sweep.iloc[:0], (0.6, 0.5), "f1", "given")[1]

@@ -12,7 +12,10 @@ Protocol (Kang et al. 2025, sections 5-6 of the shared paper notes, with the rev
        var_text_budget    the budget goes to text tokens instead of image non-sinks (worse in the paper).
      Greedy answers, yes/no parsed (`eval.pope.parse_yes_no`), POPE metrics per task and pooled;
      95% percentile bootstrap CIs over questions (accuracy: ci_low/ci_high; F1: f1_ci_low/f1_ci_high);
-     p_value: McNemar's exact test of per-question correctness against baseline. `var_eval.csv`.
+     answers that parse to neither yes nor no count as wrong in accuracy (POPE) and are counted apart
+     (n_parsed, n_unparseable); against baseline, only the n_pairs questions where both answers parsed
+     enter McNemar's exact test (p_value) and the paired accuracy change (accuracy_change with
+     change_ci_low/change_ci_high). `var_eval.csv`.
   4. Optionally captions of test scenes (demo world): CHAIR_s, CHAIR_i per condition (`chair.csv`).
 Data: `demo` (the demo world's POPE splits: validation and test scenes are disjoint), or a POPE
 question file with --validation another POPE file (without one, nothing is tuned: p and rho are the
@@ -41,7 +44,8 @@ from sinkscope.runfolder import RunFolder
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
 PAPER_P, PAPER_RHO = 0.6, 0.5
 EVAL_COLUMNS = ["condition", "task", "accuracy", "precision", "recall", "f1", "yes_ratio", "n", "ci_low", "ci_high",
-                "p_value", "f1_ci_low", "f1_ci_high", "unknown", "p", "rho", "discordant_better", "discordant_worse"]
+                "p_value", "f1_ci_low", "f1_ci_high", "n_parsed", "n_unparseable", "n_pairs", "accuracy_change",
+                "change_ci_low", "change_ci_high", "p", "rho", "discordant_better", "discordant_worse"]
 SWEEP_COLUMNS = ["condition", "p", "rho", "task", "accuracy", "precision", "recall", "f1", "yes_ratio", "n", "chosen"]
 
 
@@ -240,10 +244,15 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
 # ----------------------------------------------------------------------------- tables
 
 
+def _parsed(predictions: pd.Series) -> np.ndarray:
+    """[n] bool: the answer parsed to yes or no (var_answers.csv keeps '' / NaN for an unparseable one)."""
+    return predictions.fillna("").astype(str).isin(["yes", "no"]).to_numpy()
+
+
 def _metrics_row(g: pd.DataFrame) -> dict:
     m = pope_metrics([x or None for x in g["prediction"].fillna("")], g["label"].tolist())
     return {"accuracy": m.accuracy, "precision": m.precision, "recall": m.recall, "f1": m.f1,
-            "yes_ratio": m.yes_ratio, "n": m.n, "unknown": m.unknown}
+            "yes_ratio": m.yes_ratio, "n": m.n, "n_parsed": m.n - m.unknown, "n_unparseable": m.unknown}
 
 
 def sweep_table(answers: pd.DataFrame, cfg: VarEvalConfig) -> pd.DataFrame:
@@ -253,7 +262,7 @@ def sweep_table(answers: pd.DataFrame, cfg: VarEvalConfig) -> pd.DataFrame:
     for (condition, p, rho), g in val.groupby(["condition", "p", "rho"], dropna=False, sort=False):
         for task, t in [("all", g)] + list(g.groupby("task")):
             row = _metrics_row(t)
-            row.pop("unknown")
+            row.pop("n_parsed"), row.pop("n_unparseable")
             rows.append({"condition": condition, "p": p, "rho": rho, "task": task, **row, "chosen": False})
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
@@ -270,8 +279,9 @@ def choose(sweep: pd.DataFrame, metric: str = "f1") -> tuple[float, float]:
 
 
 def eval_table(answers: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """var_eval.csv from the test answers: per condition and task (and 'all'), metrics with CIs and the
-    McNemar p-value of per-question correctness against baseline."""
+    """var_eval.csv from the test answers: per condition and task (and 'all'), metrics with CIs; against
+    baseline, on the question pairs where both answers parsed (n_pairs): McNemar's exact p-value of
+    per-question correctness and the paired accuracy change with its bootstrap CI."""
     test = answers[answers["phase"] == "test"]
     if test.empty:
         return pd.DataFrame(columns=EVAL_COLUMNS)
@@ -287,14 +297,21 @@ def eval_table(answers: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.D
             flo, fhi = stats.bootstrap_metric_ci(len(t), lambda i: pope_metrics([preds[k] for k in i],
                                                                                 [labels[k] for k in i]).f1,
                                                  n_boot=n_boot, seed=seed)
-            pval, better, worse = math.nan, 0, 0
+            pval, better, worse, n_pairs, change, clo, chi = math.nan, 0, 0, math.nan, math.nan, math.nan, math.nan
             if condition != "baseline":
-                ref = base.loc[t["question_id"], "correct"].astype(bool).to_numpy()
-                mc = stats.mcnemar_exact(correct, ref)
-                pval, better, worse = mc.p_value, mc.only_a, mc.only_b
+                ref = base.loc[t["question_id"]]
+                ref_correct = ref["correct"].astype(bool).to_numpy()
+                both = _parsed(t["prediction"]) & _parsed(ref["prediction"])
+                mc = stats.mcnemar_exact(correct, ref_correct, keep=both)
+                pval, better, worse, n_pairs = mc.p_value, mc.only_a, mc.only_b, mc.n_pairs
+                if n_pairs:
+                    x, y = correct[both].astype(float), ref_correct[both].astype(float)
+                    change = float(np.mean(x - y))
+                    clo, chi = stats.paired_diff_ci(x, y, n_boot=n_boot, seed=seed)
             rows.append({"condition": condition, "task": task, **row, "ci_low": lo, "ci_high": hi, "p_value": pval,
-                         "f1_ci_low": flo, "f1_ci_high": fhi, "p": float(t["p"].iloc[0]), "rho": float(t["rho"].iloc[0]),
-                         "discordant_better": better, "discordant_worse": worse})
+                         "f1_ci_low": flo, "f1_ci_high": fhi, "n_pairs": n_pairs, "accuracy_change": change,
+                         "change_ci_low": clo, "change_ci_high": chi, "p": float(t["p"].iloc[0]),
+                         "rho": float(t["rho"].iloc[0]), "discordant_better": better, "discordant_worse": worse})
     return pd.DataFrame(rows, columns=EVAL_COLUMNS)
 
 
@@ -341,35 +358,66 @@ def summarize_var_eval(folder: RunFolder, cfg: VarEvalConfig, chosen: tuple[floa
     return folder
 
 
-def _verdict(r) -> str:
-    if r["p_value"] < 0.05:
-        word = "improves" if r["discordant_better"] > r["discordant_worse"] else "worsens"
-        return f"{word} accuracy (McNemar p = {r['p_value']:.3g})"
-    return f"no significant change in accuracy (McNemar p = {r['p_value']:.3g})"
+TIE_RULE = f"nearest the paper's p = {PAPER_P}, rho = {PAPER_RHO}, then the smaller p"
 
 
-def findings(table: pd.DataFrame, chosen, meta: dict) -> list[str]:
-    """Sentences read from var_eval.csv, each with numbers and CIs."""
-    from sinkscope.analyses.common import fmt_ci
+def choice_clause(sweep: pd.DataFrame, chosen: tuple[float, float], metric: str, how: str | None = None) -> tuple[bool, str]:
+    """(tied, sentence): how p and rho were chosen, saying when every (or the best) validation grid point tied.
 
+    sweep: var_sweep.csv (empty when nothing was tuned); how: run.json's chosen.how, used when nothing was tuned.
+    """
+    from sinkscope.findings import grid_choice_clause
+
+    label = f"p = {chosen[0]:.3g}, rho = {chosen[1]:.3g}"
+    pooled = sweep[(sweep["condition"] == "var") & (sweep["task"] == "all")] if len(sweep) else sweep
+    if not len(pooled):
+        return False, f"{label}: {how or 'given or paper defaults'} (no validation grid was run)"
+    return grid_choice_clause(pooled[metric].to_numpy(dtype=float), label, metric, TIE_RULE)
+
+
+def condition_sentence(r) -> tuple[str, str]:
+    """(status, sentence) of one var_eval.csv row, by the findings rule (sinkscope.findings).
+
+    POPE accuracy always stands with yes-ratio and F1; unparseable answers are counted apart; the change
+    against baseline is stated only when its CI (over the parsed pairs) excludes 0.
+    """
+    from sinkscope.findings import (MEASURED, NOTHING_TO_TEST, Estimate, ci_text, effect_clause, num,
+                                    unparseable_clause)
+
+    n, n_unparseable = int(r["n"]), int(r["n_unparseable"])
+    parsed = unparseable_clause(n_unparseable, n)
+    if n and n_unparseable == n:
+        return NOTHING_TO_TEST, (f"{parsed}: nothing to score (accuracy, yes-ratio and F1 would only count unparsed "
+                                 "answers as wrong) and no parsed pair to compare against baseline")
+    wrong = f"; the {n_unparseable} unparseable count as wrong" if n_unparseable else ""
+    pope = (f"accuracy {num(r['accuracy'])} ({ci_text(r['ci_low'], r['ci_high'])}{wrong}), yes-ratio "
+            f"{num(r['yes_ratio'])}, F1 {num(r['f1'])} ({ci_text(r['f1_ci_low'], r['f1_ci_high'])}); {parsed}")
+    if r["condition"] == "baseline":
+        return MEASURED, f"{pope}; n = {n} questions"
+    n_pairs = 0 if pd.isna(r["n_pairs"]) else int(r["n_pairs"])
+    if not n_pairs:
+        return NOTHING_TO_TEST, f"{pope}; no question where both this and the baseline answer parsed: nothing to compare"
+    status, clause = effect_clause(Estimate(r["accuracy_change"], r["change_ci_low"], r["change_ci_high"], n_pairs),
+                                   above="improves accuracy", below="worsens accuracy")
+    return status, (f"{pope}; against baseline on the {n_pairs} pairs where both answers parsed: {clause}, "
+                    f"change {num(r['accuracy_change'])}, {int(r['discordant_better'])} fixed and "
+                    f"{int(r['discordant_worse'])} broken (McNemar exact p = {num(r['p_value'], 2)})")
+
+
+def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None = None,
+             metric: str = "f1") -> list[str]:
+    """Sentences read from var_eval.csv (pooled over tasks), each with its numbers, CI and n."""
     out = []
     if not (meta.get("var_calibrated") or {}).get("sink_dims"):
         out.append("Calibration found **no sink dimensions**: VAR has no sinks to take attention from and leaves this "
                    "model unchanged, so every VAR condition equals the baseline.")
-    allt = table[table["task"] == "all"].set_index("condition")
-    if "baseline" not in allt.index:
-        return out
-    b = allt.loc["baseline"]
-    out.append(f"Baseline (test, all tasks, n = {int(b['n'])}): accuracy {fmt_ci(b['accuracy'], b['ci_low'], b['ci_high'])}, "
-               f"F1 {fmt_ci(b['f1'], b['f1_ci_low'], b['f1_ci_high'])}, yes-ratio {b['yes_ratio']:.3g}.")
-    for condition in CONDITIONS[1:]:
-        if condition not in allt.index:
-            continue
-        r = allt.loc[condition]
-        out.append(f"`{condition}` (p = {chosen[0]}, rho = {chosen[1]}): accuracy "
-                   f"{fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])} ({r['accuracy'] - b['accuracy']:+.3g} vs baseline; "
-                   f"{int(r['discordant_better'])} questions fixed, {int(r['discordant_worse'])} broken), F1 "
-                   f"{fmt_ci(r['f1'], r['f1_ci_low'], r['f1_ci_high'])}: {_verdict(r)}.")
+    sweep = pd.DataFrame(columns=SWEEP_COLUMNS) if sweep is None else sweep
+    out.append("Chosen: " + choice_clause(sweep, chosen, metric, (meta.get("chosen") or {}).get("how"))[1] + ".")
+    pooled = table[table["task"] == "all"]
+    for condition in CONDITIONS:
+        for _, r in pooled[pooled["condition"] == condition].iterrows():
+            name = "Baseline (test, all tasks)" if condition == "baseline" else f"`{condition}`"
+            out.append(f"{name}: {condition_sentence(r)[1]}.")
     return out
 
 
@@ -388,9 +436,12 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
                  + (f" ({meta['calibration_note']})" if meta.get("calibration_note") else "") + ". "
                  f"p and rho: {meta.get('chosen', {}).get('how')}: **p = {chosen[0]}, rho = {chosen[1]}**; the test split "
                  "was not used for any choice. CIs: 95% percentile bootstrap over questions (accuracy: ci_low/ci_high; "
-                 "F1: f1_ci_low/f1_ci_high). p_value: McNemar's exact test of per-question correctness against baseline.\n")
+                 "F1: f1_ci_low/f1_ci_high). Answers that parse to neither yes nor no are counted apart (n_unparseable) "
+                 "and count as wrong in accuracy; against baseline only the n_pairs questions where both answers "
+                 "parsed are compared: p_value is McNemar's exact test of per-question correctness on them, "
+                 "accuracy_change the paired change with change_ci_low/change_ci_high.\n")
     lines.append("## Findings\n")
-    lines += [f"- {f}" for f in findings(table, chosen, meta)] + [""]
+    lines += [f"- {f}" for f in findings(table, chosen, meta, sweep, cfg.select_metric)] + [""]
     if len(chair):
         lines.append("Captions (CHAIR, test scenes): " + "; ".join(
             f"`{r['condition']}` CHAIR_s {r['chair_s']:.3g} ({r['chair_s_ci_low']:.3g} to {r['chair_s_ci_high']:.3g}), "

@@ -7,6 +7,7 @@ Small API, every function pure (numpy in, numbers out):
     lo, hi = bootstrap_metric_ci(n, lambda idx: f1(idx))      # any statistic of resampled indices
     lo, hi = paired_diff_ci(x, y)                             # CI of mean(x - y), paired
     res = mcnemar_exact(correct_a, correct_b)                 # paired binary outcomes
+    res = mcnemar_exact(a, b, keep=parsed_a & parsed_b)       # only the pairs where both answers parsed
     p = paired_test(x, y, method="wilcoxon")                  # paired continuous outcomes
 
 CIs are 95% percentile bootstrap intervals (scipy.stats.bootstrap) over samples unless `level`
@@ -77,28 +78,41 @@ def paired_diff_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, l
 
 @dataclass(frozen=True)
 class McNemar:
-    """Exact McNemar test. only_a: pairs where only A is correct; only_b: only B; p_value two-sided."""
+    """Exact McNemar test. only_a: pairs where only A is correct; only_b: only B; p_value two-sided (NaN when
+    no pair was tested); n_pairs: pairs tested; n_excluded: pairs left out (e.g. an answer unparseable)."""
 
     only_a: int
     only_b: int
     p_value: float
+    n_pairs: int = 0
+    n_excluded: int = 0
 
 
-def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> McNemar:
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool], keep: Sequence[bool] | None = None) -> McNemar:
     """McNemar's exact test on paired binary outcomes (e.g. correctness of VAR vs baseline per sample).
 
-    Under H0 each discordant pair is equally likely either way: p = binomtest(only_a, only_a +
-    only_b, 0.5), two-sided. No discordant pair: p = 1.
+    correct_a, correct_b: [n] bool; keep: [n] bool, the pairs to test (None: all). Pairs not kept, such as
+    questions where either answer could not be parsed, are left out of the test and counted in n_excluded:
+    an unparseable answer is neither right nor wrong about the image, so it must not count as a discordant pair.
+    Under H0 each discordant pair is equally likely either way: p = binomtest(only_a, only_a + only_b, 0.5),
+    two-sided. No discordant pair: p = 1; no pair kept: p = NaN (nothing was tested).
     """
     from scipy import stats
 
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired outcomes need equal shapes, got {a.shape} and {b.shape}")
+    mask = np.ones(a.shape, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if mask.shape != a.shape:
+        raise ValueError(f"keep needs the outcomes' shape {a.shape}, got {mask.shape}")
+    a, b = a[mask], b[mask]
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     n = only_a + only_b
-    p = float(stats.binomtest(only_a, n, 0.5).pvalue) if n else 1.0
-    return McNemar(only_a, only_b, p)
+    if not len(a):
+        p = math.nan
+    else:
+        p = float(stats.binomtest(only_a, n, 0.5).pvalue) if n else 1.0
+    return McNemar(only_a, only_b, p, int(len(a)), int(np.sum(~mask)))
 
 
 PAIRED_METHODS = ("wilcoxon", "t", "sign")
