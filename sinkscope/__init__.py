@@ -8,15 +8,44 @@
     sinkscope.scan("runs/demo", model="demo")          # the whole scan -> a run folder
     with sinkscope.var(adapter, sinkscope.VARConfig(sink_dims=[1, 90], tau=5.4)):  # VAR around generate
         adapter.model.generate(**batch)
+
+The names below torch (models, tracing, VAR) load on first use, so `import sinkscope` and the
+`sinkscope` command stay fast until a model is needed.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
+from sinkscope.errors import SinkscopeError  # noqa: F401
+
 __version__ = "0.1.0"
 
-from sinkscope.models import SinkscopeError, adapter_for_model, load as load_model, supported  # noqa: E402,F401
-from sinkscope.trace import ActivationCache, Tracer  # noqa: E402,F401
-from sinkscope.interventions.var import VARConfig, var  # noqa: E402,F401
+_LAZY = {  # public name -> (module, attribute)
+    "load_model": ("sinkscope.models", "load"),
+    "adapter_for_model": ("sinkscope.models", "adapter_for_model"),
+    "supported": ("sinkscope.models", "supported"),
+    "Tracer": ("sinkscope.trace", "Tracer"),
+    "ActivationCache": ("sinkscope.trace", "ActivationCache"),
+    "VARConfig": ("sinkscope.interventions.var", "VARConfig"),
+    "var": ("sinkscope.interventions.var", "var"),
+}
+_EAGER_BEFORE = ("sinkscope.models", "sinkscope.trace", "sinkscope.interventions.var")
+__all__ = ["SinkscopeError", "scan", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        for module in _EAGER_BEFORE:  # what `import sinkscope` used to load, so `sinkscope.interventions.var` resolves
+            importlib.import_module(module)
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'sinkscope' has no attribute {name!r}")
 
 
 def scan(out: str, **config):

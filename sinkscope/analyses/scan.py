@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
@@ -26,6 +26,7 @@ from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batch
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
+from sinkscope.runconfig import resolve_sink_score
 from sinkscope.runfolder import RunFolder
 from sinkscope.trace import BatchInfo, Tracer
 
@@ -49,7 +50,9 @@ class ScanConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
     seed: int = 0
     token_stats: str = "auto"  # all | sinks | auto (all while the table stays under ~2M rows)
-    sink_score: str = "rms"  # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
+    # auto: rms when sqrt(hidden) >= 40, else layer (runconfig.resolve_sink_score, the report's rule) |
+    # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
+    sink_score: str = "auto"
 
 
     def validate(self) -> None:
@@ -59,8 +62,9 @@ class ScanConfig:
             raise SinkscopeError(f"--rho must be in [0, 1]; got {self.rho}")
         if not 0 <= self.summ <= 1:
             raise SinkscopeError(f"--summ must be in [0, 1]; got {self.summ}")
-        if self.sink_score not in sinks.SINK_SCORES:
-            raise SinkscopeError(f"--sink-score must be one of {', '.join(sinks.SINK_SCORES)}; got {self.sink_score!r}")
+        if self.sink_score not in ("auto", *sinks.SINK_SCORES):
+            raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
+                                 f"got {self.sink_score!r}")
         if self.token_stats not in ("all", "sinks", "auto"):
             raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
         if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
@@ -281,6 +285,7 @@ def _background_column(tokens: pd.DataFrame, samples: list[Sample]) -> pd.DataFr
 
 def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg: ScanConfig, log=print):
     """Sink dims (discovered or pinned) and tau from the calibration samples."""
+    cfg = replace(cfg, sink_score=resolve_sink_score(cfg.sink_score, adapter.hidden_size))
     eps = adapter.rms_norm_eps
     calib = samples[: cfg.calibration]
     if cfg.sink_dims:
@@ -322,10 +327,11 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
-    params = asdict(cfg)
+    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)  # fail on a bad --model before touching --out
+    cfg = replace(cfg, sink_score=resolve_sink_score(cfg.sink_score, adapter.hidden_size))  # run.json: the score used
+    params = asdict(cfg)
     folder = RunFolder(out, "scan", params, resume=resume)
-    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
     skipped = list(getattr(samples, "skipped", []))  # unreadable or missing images: left out, reported
     n_load_skipped = len(skipped)
     for s in skipped:
@@ -426,10 +432,12 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
     folder.write_table("text_sink_tokens", text_sinks)
     figs = {}
     if figures:
+        score = folder.meta.get("params", {}).get("sink_score", "rms")
         figs = plots.scan_figures(folder.path, magnitudes, folder.read("dim_profile"), tokens, head_scores, dims.dims,
-                                 tau.value)
+                                 tau.value, score=score)
         if len(role_summary) and dims.dims:
-            figs["roles"] = plots.phi_by_role(role_summary, tau.value, adapter.hidden_size, folder.path / "phi_by_role.png")
+            figs["roles"] = plots.phi_by_role(role_summary, tau.value, adapter.hidden_size, folder.path / "phi_by_role.png",
+                                              score=score)
     report.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
                             role_summary=role_summary, text_sinks=text_sinks)
     return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}

@@ -1,0 +1,173 @@
+"""One run's settings and their checks, made before any model loads (the base layer).
+
+    run = RunConfig(model="demo", data="demo", limit=32, layers=parse_ints("2,3", "--layers"))
+    run.validate()          # SinkscopeError naming the problem and the fix, one per problem
+    check_out("runs/scan")  # the folder can be written; nothing is left behind by the check
+
+Every CLI command builds a RunConfig from its options and validates it before `load_model`, so
+a typo costs a second, not a model load, and leaves no folder. Only the standard library and
+`sinkscope.errors` at import time; --device and --dtype are checked by `sinkscope.devices`
+(torch) inside `validate()`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sinkscope.errors import SinkscopeError
+
+SINK_SCORES = ("auto", "rms", "layer")
+WIDE_ENOUGH_FOR_PHI = 40.0  # sqrt(hidden size) at which the paper's tau = 20 sits at half phi's ceiling
+DATA_HELP = "'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts (.txt / .jsonl)"
+DATA_SUFFIXES = (".jsonl", ".txt")
+
+
+@dataclass
+class RunConfig:
+    """The settings every command that loops over samples shares."""
+
+    model: str = "demo"
+    data: str = "demo"
+    limit: int | None = 32  # the data's first N samples; None: all
+    batch_size: int = 4
+    calibration: int = 16  # samples that discover sink dims and choose tau
+    device: str | None = None  # None: where the model loads (the CPU)
+    dtype: str | None = None  # None: the checkpoint's
+    seed: int = 0
+    sink_score: str = "auto"  # auto | rms (the paper's phi) | layer (layer-relative, for narrow models)
+    tau: float | None = None  # None: chosen per sink score
+    sink_dims: list[int] | None = None  # None: discovered
+    layers: list[int] | None = None  # None: all
+    image_root: str | None = None
+
+    def validate(self) -> None:
+        """Raise SinkscopeError on the first bad setting; the message names the option and the fix."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise SinkscopeError("--model is empty; give 'demo', 'tiny', 'organism', a local model folder or a hub id")
+        _check_count("--limit", self.limit, "samples", allow_none=True)
+        _check_count("--batch-size", self.batch_size, "samples per forward pass")
+        _check_count("--calibration", self.calibration, "calibration samples")
+        if self.sink_score not in SINK_SCORES:
+            raise SinkscopeError(f"--sink-score must be one of {', '.join(SINK_SCORES)}; got {self.sink_score!r}")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
+            raise SinkscopeError(f"--tau must be a number > 0 (the paper uses 20 on LLaMA-2-7B); got {self.tau}; "
+                                 "leave it out to let sinkscope choose it")
+        _check_indices("--sink-dims", self.sink_dims, "hidden dimensions", "1415,2533")
+        _check_indices("--layers", self.layers, "layer indices", "2,3,4")
+        check_data(self.data, self.image_root)
+        self.device_and_dtype()
+
+    def device_and_dtype(self):
+        """(device, torch dtype) as `sinkscope.devices` resolves them; raises when this machine cannot run them."""
+        from sinkscope import devices  # torch: imported only when a command runs
+
+        device = devices.resolve_device(self.device)
+        return device, devices.resolve_dtype(self.dtype, device)
+
+
+def resolve_sink_score(choice: str, hidden_size: int) -> str:
+    """auto -> 'rms' (the paper's phi) when sqrt(hidden) >= 40, so that tau = 20 is reachable, else 'layer'."""
+    if choice != "auto":
+        return choice
+    return "rms" if math.sqrt(hidden_size) >= WIDE_ENOUGH_FOR_PHI else "layer"
+
+
+def parse_ints(text: str | None, option: str, example: str = "2,3,4") -> list[int] | None:
+    """'2, 3,4' -> [2, 3, 4]; None or '' -> None; anything else: an error naming `option`."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SinkscopeError(f"{option} must be comma-separated integers like {example}; got {text!r}") from None
+
+
+def parse_floats(text: str | None, option: str, example: str = "10,20,40") -> list[float] | None:
+    """'10, 20' -> [10.0, 20.0]; None or '' -> None; anything else: an error naming `option`."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        values = [float(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SinkscopeError(f"{option} must be comma-separated numbers like {example}; got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise SinkscopeError(f"{option} must be finite numbers like {example}; got {text!r}")
+    return values
+
+
+def check_data(spec: str, image_root: str | None = None) -> None:
+    """The data spec names something that exists and that sinkscope reads (its rows are read by the loader)."""
+    spec = str(spec)
+    if spec == "demo" or spec.startswith("demo:"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SinkscopeError(f"--data {spec}: no such file or folder; give {DATA_HELP}")
+    if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
+        raise SinkscopeError(f"--data {spec} is a {path.suffix or 'suffix-less'} file; give {DATA_HELP} "
+                             "(a single image: put it in a folder and pass the folder)")
+    if image_root is not None and not Path(image_root).expanduser().is_dir():
+        raise SinkscopeError(f"--image-root {image_root} is not a folder; give the folder the image paths of "
+                             f"{spec} are relative to")
+
+
+def check_out(out: str | Path) -> Path:
+    """The run folder `out` can be created and written; nothing is created by the check itself."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SinkscopeError(f"--out {out} is a file; give a folder (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SinkscopeError(f"--out {out}: {existing} is a file, so no folder can be made under it; "
+                             "give another --out")
+    try:  # os.access trusts permission bits; /proc and read-only mounts need a real write to tell
+        os.rmdir(tempfile.mkdtemp(prefix=".sinkscope-write-check-", dir=existing))
+    except OSError as err:
+        raise SinkscopeError(f"--out {out} is not writable ({err.strerror or err} in {existing}); give a folder you "
+                             "can write, e.g. --out runs/NAME") from None
+    return path
+
+
+def differing_settings(recorded: dict, requested: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'name: old -> new' for every setting that differs (a setting one side lacks counts when the other
+    side's value is not None), ignoring the names in `ignore`."""
+    out = []
+    for key in sorted(set(recorded) | set(requested)):
+        if key in ignore:
+            continue
+        old, new = _plain(recorded.get(key)), _plain(requested.get(key))
+        if old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_count(option: str, value, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or leave it out for all of them" if allow_none else ""
+        raise SinkscopeError(f"{option} must be a whole number of {what}, 1 or more{extra}; got {value!r}")
+
+
+def _check_indices(option: str, values, what: str, example: str) -> None:
+    if values is None:
+        return
+    if not values:
+        raise SinkscopeError(f"{option} is empty; give {what} like {example}, or leave it out")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise SinkscopeError(f"{option} must be {what} >= 0 like {example}; got {bad}")
+    if len(set(values)) != len(values):
+        raise SinkscopeError(f"{option} lists a value twice ({values}); give each of the {what} once")
