@@ -7,8 +7,9 @@ unchanged:
 
   - `inject_sink(adapter, token_mask, layer, scale)`: x_j[D] <- scale * x_first[D] for the chosen
     tokens j (D = the sink dims, x_first = the first real token of the row, same layer, same forward);
-  - `remove_sink(adapter, token_mask, layer, to="zero" | "mean")`: x_j[D] <- 0, or <- the mean of
-    x[D] over ordinary tokens (real tokens that are neither chosen nor sinks by the rule);
+  - `remove_sink(adapter, token_mask, layer, to="zero" | "mean" | "chosen_mean")`: x_j[D] <- 0, or <- the
+    mean of x[D] over ordinary tokens (real tokens that are neither chosen nor sinks by the rule), or <-
+    the chosen tokens' own mean over the batch (Sun et al.'s "set to the mean", a constant);
   - controls for an injection (same tokens): `control="random_dim"` adds the same magnitude
     ||x'_j - x_j|| along one random non-sink dim; `control="rescale"` rescales the token's whole
     state to the norm the injection would give it.
@@ -43,7 +44,7 @@ from sinkscope.interventions.attention import SESSION_ATTR, AttentionEdit, EditS
 from sinkscope.kinds import PAD, TokenKinds
 
 TARGETS = ("first", "sinks", "visual_sinks")
-REMOVE_TO = ("zero", "mean")
+REMOVE_TO = ("zero", "mean", "chosen_mean")
 CONTROLS = ("random_dim", "rescale")
 
 
@@ -158,10 +159,12 @@ def inject_states(states: torch.Tensor, token_mask: torch.Tensor, first: torch.T
 
 def remove_states(states: torch.Tensor, token_mask: torch.Tensor, dims: Sequence[int], to: str = "zero",
                   ordinary: torch.Tensor | None = None, mean: torch.Tensor | None = None) -> torch.Tensor:
-    """x_j[D] <- 0 ("zero") or <- mean of x[D] over ordinary tokens ("mean") for tokens with token_mask.
+    """x_j[D] <- 0 ("zero"), the mean of x[D] over ordinary tokens ("mean"), or the mean of the chosen
+    tokens' own x[D] over the batch ("chosen_mean": Sun et al.'s replacement of massive activations by
+    their mean over inputs, a constant per dim) for tokens with token_mask.
 
-    ordinary: [batch, token] bool, the tokens the mean is taken over (all rows pooled); mean: a given
-    [len(dims)] vector instead. Returns a copy; other coordinates and tokens unchanged.
+    ordinary: [batch, token] bool, the tokens the "mean" is taken over (all rows pooled); mean: a given
+    [len(dims)] vector instead (either mean). Returns a copy; other coordinates and tokens unchanged.
     """
     if to not in REMOVE_TO:
         raise SinkscopeError(f"remove_sink(to=...) must be one of {REMOVE_TO}, got {to!r}")
@@ -169,6 +172,9 @@ def remove_states(states: torch.Tensor, token_mask: torch.Tensor, dims: Sequence
     if to == "zero":
         values = torch.zeros(states.shape[0], k, dtype=states.dtype, device=states.device)
     else:
+        if mean is None and to == "chosen_mean":
+            idx = torch.as_tensor(list(dims), device=states.device, dtype=torch.long)
+            mean = states.index_select(-1, idx)[token_mask.to(states.device)].float().mean(dim=0)
         if mean is None:
             if ordinary is None or not ordinary.any():
                 raise SinkscopeError("remove_sink(to='mean') found no ordinary token to average over (every real "
@@ -413,7 +419,8 @@ def remove_sink(model_or_adapter, token_mask="sinks", layer=None, to: str = "zer
 
     token_mask: [batch, prompt_len] bool or "sinks" (default: real tokens with score >= tau entering
     the layer), "visual_sinks", "first". to: "zero" | "mean" (mean over real tokens neither chosen nor
-    sinks, pooled over the batch, or `mean` given as a [len(dims)] vector). Yields the EditSession.
+    sinks, pooled over the batch, or `mean` given as a [len(dims)] vector) | "chosen_mean" (the chosen
+    tokens' own mean over the batch, Sun et al.'s replacement by the mean). Yields the EditSession.
     """
     if to not in REMOVE_TO:
         raise SinkscopeError(f"remove_sink(to=...) must be one of {REMOVE_TO}, got {to!r}")

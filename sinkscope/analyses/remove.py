@@ -1,0 +1,298 @@
+"""`sinkscope remove`: take the sink signature away and see what breaks.
+
+Sun et al. (massive activations) set the massive activations of LLMs to zero (the model breaks) or to
+their mean (it does not). Here (sinkscope.interventions.sink_signature.remove_sink), at the residual
+stream entering the onset layer (or every layer from it on, `layers="all"`), the sink-dim
+coordinates of a target set are replaced:
+  - targets: `first` (the first token), `sinks` (every token the scan's rule calls a sink entering
+    the layer), `visual_sinks` (the image tokens among them);
+  - to: `zero`; `mean` (the mean over ordinary tokens of the same batch: neither chosen nor sinks);
+    `chosen_mean` (the target tokens' own mean over the calibration samples: a constant per dim, the
+    replacement Sun et al. call "set to the mean").
+Measured against the unmodified model, per sample:
+  - attention redistribution: at layers >= the onset, the share of the text queries' attention on
+    the first token, on the other removed tokens, on other text and on image tokens (mean over
+    heads and layers): where the first token's attention goes;
+  - answer accuracy (greedy answers, exact match / yes-no parsing) when the samples have answers
+    (`--data demo:mixed`: existence, colour, position, count);
+  - perplexity of the prompt text (next-token NLL) for text prompts, e.g. `--data plain-text` (a
+    small public-domain set shipped in sinkscope/demo/assets/text/, see SOURCES.md there) with
+    `--model smollm2` (the demo's language model on its own).
+
+Writes: remove_per_sample.csv, remove_attention_per_sample.csv, remove.csv (CIs: percentile bootstrap
+over samples; accuracy p: exact McNemar vs none; NLL p: Wilcoxon vs none), remove_attention.csv, index.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.inject import bootstrap_ci, model_inputs, queries_after_image, signature_of
+from sinkscope.errors import SinkscopeError
+from sinkscope.eval.tasks import progress
+from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
+from sinkscope.kinds import PAD
+from sinkscope.measures.attention_share import attention_share
+from sinkscope.measures.perplexity import token_nll
+from sinkscope.runfolder import RunFolder
+
+PLAIN_TEXT = Path(__file__).resolve().parent.parent / "demo" / "assets" / "text" / "public_domain.txt"
+CLASSES = ("first", "removed", "other_text", "image")
+
+
+@dataclass
+class RemoveConfig(AnalysisConfig):
+    data: str = "demo:mixed"
+    limit: int | None = 16
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    to: list[str] = field(default_factory=lambda: list(REMOVE_TO))
+    layers: str = "onset"  # onset: the layer of the signature only | all: every layer from it on
+    layer: int | None = None  # default: the discovery's onset layer
+    max_new_tokens: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise SinkscopeError(f"--targets must come from {', '.join(TARGETS)}; got {self.targets}")
+        bad = [t for t in self.to if t not in REMOVE_TO]
+        if bad or not self.to:
+            raise SinkscopeError(f"--to must come from {', '.join(REMOVE_TO)}; got {self.to}")
+        if self.layers not in ("onset", "all"):
+            raise SinkscopeError(f"--layers must be 'onset' or 'all'; got {self.layers!r}")
+
+
+def resolve_specs(cfg: AnalysisConfig) -> None:
+    """Named specs of this analysis: --model smollm2 (the demo's LLM alone), --data plain-text (shipped set)."""
+    if cfg.model == "smollm2":
+        from sinkscope.demo import smollm
+
+        cfg.model = str(smollm.ensure_cached())
+    if cfg.data == "plain-text":
+        cfg.data = str(PLAIN_TEXT)
+
+
+@torch.no_grad()
+def chosen_means(adapter, samples, sig, targets, n: int, batch_size: int) -> dict[str, list[float] | None]:
+    """Per target: the mean of the target tokens' sink-dim values entering sig.layer over the first n samples."""
+    sums = {t: torch.zeros(len(sig.dims), dtype=torch.float64) for t in targets}
+    counts = {t: 0 for t in targets}
+    for i in range(0, min(n, len(samples)), batch_size):
+        chunk = samples[i: min(i + batch_size, n)]
+        inputs = model_inputs(adapter, prepare_batch(adapter, chunk))
+        kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
+        state = adapter.model(**inputs, output_hidden_states=True).hidden_states[sig.layer]
+        for t in targets:
+            mask = resolve_mask(t, state, kinds, sig)
+            values = state[..., list(sig.dims)][mask].double().cpu()
+            sums[t] += values.sum(dim=0)
+            counts[t] += int(values.shape[0])
+    return {t: (sums[t] / counts[t]).tolist() if counts[t] else None for t in targets}
+
+
+def class_masks(kinds, first_mask, removed) -> dict[str, torch.Tensor]:
+    real = kinds.kind != PAD
+    return {"first": first_mask, "removed": removed & ~first_mask,
+            "other_text": real & (kinds.text_mask | kinds.bos_mask) & ~removed & ~first_mask,
+            "image": kinds.visual_mask & ~removed}
+
+
+def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, log=print) -> RunFolder:
+    resolve_specs(cfg)
+    s = setup(out, "remove", cfg, adapter, resume, log)
+    adapter = s.adapter
+    sig = signature_of(s, cfg)
+    if adapter.text_attention != "eager":
+        adapter.set_text_attention("eager")
+    layers = [sig.layer] if cfg.layers == "onset" else list(range(sig.layer, adapter.num_layers))
+    means = s.folder.meta.get("chosen_means")
+    if "chosen_mean" in cfg.to and means is None:
+        means = chosen_means(adapter, s.samples, sig, cfg.targets, cfg.calibration, cfg.batch_size)
+    s.folder.update_meta(signature={"dims": list(sig.dims), "layer": sig.layer, "tau": sig.tau, "score": sig.score},
+                         edited_layers=layers, chosen_means=means, plain_text_source=str(PLAIN_TEXT.parent / "SOURCES.md"))
+    from sinkscope.eval.accuracy import score_samples
+
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    for chunk in progress(s.todo, cfg.batch_size, "remove"):
+        batch = prepare_batch(adapter, chunk)
+        inputs = model_inputs(adapter, batch)
+        kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
+        queries = queries_after_image(kinds)
+        text_only = not bool(kinds.visual_mask.any())
+        answered = all(x.answer for x in chunk)
+        first = kinds.bos_mask
+        rows, att_rows = [], []
+        baseline: dict = {}  # the unmodified forward's attentions (measured first)
+
+        def class_share(attentions, key_mask) -> torch.Tensor:
+            """[batch]: share of the text queries' attention on key_mask, mean over heads and layers >= onset."""
+            return torch.stack([attention_share(attentions[l].float().cpu(), key_mask, queries).mean(dim=1)
+                                for l in range(sig.layer, adapter.num_layers)]).mean(dim=0)
+
+        def measure(condition_target, to, context):
+            with context as session, torch.no_grad():
+                output = adapter.model(**inputs, output_attentions=True)
+                edited = None
+                if session is not None:
+                    edited = session.memory(session.edits[-1]).get("masks", {}).get(sig.layer)
+                gen = (adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                              pad_token_id=getattr(tok, "pad_token_id", None))
+                       if answered else None)
+            removed = edited.cpu() if edited is not None else torch.zeros_like(first)
+            nll, n_pred = token_nll(output.logits, inputs["input_ids"], inputs.get("attention_mask"))
+            if not text_only:  # a prompt with image tokens has no text perplexity to speak of
+                nll, n_pred = torch.full_like(nll, float("nan")), torch.zeros_like(n_pred)
+            correct = [None] * len(chunk)
+            answers = [None] * len(chunk)
+            if gen is not None:
+                new = gen[:, inputs["input_ids"].shape[1]:]
+                answers = [tok.decode(r, skip_special_tokens=True) for r in new]
+                correct = score_samples(chunk, answers)["correct"].tolist()
+            masks = class_masks(kinds, first, removed)
+            if "attentions" not in baseline:
+                baseline["attentions"] = output.attentions
+            shares, before = ({c: class_share(outs, m) for c, m in masks.items()}  # class -> [batch]
+                              for outs in (output.attentions, baseline["attentions"]))
+            for b, x in enumerate(chunk):
+                meta = {"sample": x.sample_id, "target": condition_target, "to": to}
+                rows.append({**meta, "task": x.task, "n_removed": int(removed[b].sum()),
+                             "nll": float(nll[b]), "n_predicted": int(n_pred[b]),
+                             "answer": None if answers[b] is None else answers[b].strip(), "correct": correct[b]})
+                att_rows.extend({**meta, "key_class": c, "attention": float(shares[c][b]),
+                                 "attention_before": float(before[c][b])} for c in CLASSES)
+
+        import contextlib
+
+        measure("none", "none", contextlib.nullcontext())
+        for target in cfg.targets:
+            if target == "visual_sinks" and text_only:
+                continue
+            for to in cfg.to:
+                mean = None
+                if to == "chosen_mean":
+                    if not (means or {}).get(target):
+                        continue  # no such tokens in the calibration samples
+                    mean = torch.tensor(means[target])
+                measure(target, to, remove_sink(adapter, target, layer=layers, to=to, signature=sig, mean=mean))
+        s.folder.append_rows("remove_per_sample", pd.DataFrame(rows))
+        s.folder.append_rows("remove_attention_per_sample", pd.DataFrame(att_rows))
+        s.folder.mark_done([x.sample_id for x in chunk])
+    return summarize_remove(s.folder, cfg, sig)
+
+
+def remove_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """remove.csv: target, to, metric (accuracy | perplexity | nll_per_token | n_removed), value, CI, p vs none."""
+    from scipy import stats
+
+    rows = []
+    base = per[per["target"] == "none"].set_index("sample")
+    for (target, to), g in per.groupby(["target", "to"], sort=False):
+        g = g.set_index("sample").reindex(base.index)
+        nll_tok = (g["nll"] / g["n_predicted"].clip(lower=1)).to_numpy(float)
+        b_nll = (base["nll"] / base["n_predicted"].clip(lower=1)).to_numpy(float)
+        metrics = {"n_removed": (g["n_removed"].to_numpy(float), None)}
+        if (g["n_predicted"] > 0).any():
+            metrics["nll_per_token"] = (nll_tok, b_nll)
+        if g["correct"].notna().all() and len(g):
+            metrics["accuracy"] = (g["correct"].astype(float).to_numpy(), base["correct"].astype(float).to_numpy())
+        for metric, (x, b) in metrics.items():
+            lo, hi = bootstrap_ci(x, n_boot, seed)
+            p = math.nan
+            if target != "none" and b is not None:
+                if metric == "accuracy":
+                    better, worse = int(np.sum(x > b)), int(np.sum(x < b))
+                    p = float(stats.binomtest(better, better + worse, 0.5).pvalue) if better + worse else 1.0
+                else:
+                    d = x - b
+                    p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+            rows.append({"target": target, "to": to, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
+                         "ci_high": hi, "p_value": p, "n_samples": int(np.isfinite(x).sum())})
+        if "nll_per_token" in metrics:
+            # corpus perplexity: exp(total NLL / total predicted tokens); CI by resampling samples
+            tot, cnt = g["nll"].to_numpy(float), g["n_predicted"].to_numpy(float)
+            value = float(np.exp(tot.sum() / cnt.sum()))
+            rng = np.random.default_rng(seed)
+            boots = [np.exp(tot[i].sum() / max(cnt[i].sum(), 1)) for i in
+                     (rng.integers(0, len(tot), len(tot)) for _ in range(n_boot))] if len(tot) > 1 else []
+            lo, hi = (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))) if boots else (math.nan, math.nan)
+            rows.append({"target": target, "to": to, "metric": "perplexity", "value": value, "ci_low": lo, "ci_high": hi,
+                         "p_value": math.nan, "n_samples": len(tot)})
+    return pd.DataFrame(rows, columns=["target", "to", "metric", "value", "ci_low", "ci_high", "p_value", "n_samples"])
+
+
+def attention_table(att: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """remove_attention.csv: target, to, key_class, attention before and after (share of the text queries'
+    attention on the same tokens, unmodified vs removed), change with CI."""
+    rows = []
+    for (target, to, key_class), g in att.groupby(["target", "to", "key_class"], sort=False):
+        change = (g["attention"] - g["attention_before"]).to_numpy(float)
+        lo, hi = bootstrap_ci(change, n_boot, seed)
+        rows.append({"target": target, "to": to, "key_class": key_class, "attention_before": float(g["attention_before"].mean()),
+                     "attention": float(g["attention"].mean()), "change": float(np.nanmean(change)),
+                     "change_ci_low": lo, "change_ci_high": hi, "n_samples": len(g)})
+    return pd.DataFrame(rows)
+
+
+def summarize_remove(folder: RunFolder, cfg: RemoveConfig, sig) -> RunFolder:
+    per = folder.read("remove_per_sample")
+    att = folder.read("remove_attention_per_sample")
+    table = remove_table(per, cfg.n_boot, cfg.seed) if len(per) else pd.DataFrame()
+    folder.write_table("remove", table)
+    attention = attention_table(att, cfg.n_boot, cfg.seed) if len(att) else pd.DataFrame()
+    folder.write_table("remove_attention", attention)
+    _write_index(folder, cfg, sig, table, attention)
+    folder.finish()
+    return folder
+
+
+def _write_index(folder, cfg, sig, table, attention) -> None:
+    from sinkscope.report import PLANTED_BANNER, markdown_table
+
+    meta = folder.meta
+    lines = [f"# Removing the sink signature: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    where = f"layer {sig.layer}" if cfg.layers == "onset" else f"every layer from {sig.layer} on"
+    lines.append(f"{meta.get('n_samples')} samples. Sink dims {list(sig.dims)} of the target tokens set to zero, to the "
+                 f"mean over ordinary tokens (`mean`) or to the targets' own mean over {cfg.calibration} calibration "
+                 f"samples (`chosen_mean`, Sun et al.'s replacement), at the residual stream entering {where}. Sinks: "
+                 f"score `{sig.score}` >= tau {sig.tau:.4g} entering the layer. CIs: 95% percentile bootstrap over "
+                 "samples; p: exact McNemar (accuracy) or Wilcoxon (NLL per token) against `none`.\n")
+    if table.empty:
+        lines.append("No samples.\n")
+        folder.write_text("index.md", "\n".join(lines))
+        return
+    lines.append("## Findings\n")
+    for metric, what in (("perplexity", "perplexity of the prompt text"), ("accuracy", "answer accuracy")):
+        t = table[table["metric"] == metric]
+        if t.empty:
+            continue
+        for _, r in t.iterrows():
+            n = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
+            n_removed = f", {float(n['value'].iloc[0]):.2g} tokens per sample" if len(n) else ""
+            p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
+            label = "unmodified" if r["target"] == "none" else f"`{r['target']}` to `{r['to']}`"
+            lines.append(f"- {what}, {label}{n_removed}: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}{p}.")
+        lines.append("")
+    if len(attention):
+        first = attention[(attention["target"] == "first")]
+        if len(first):
+            lines.append("Where the first token's attention goes (change of the text queries' attention share, layers "
+                         f">= {sig.layer}, mean over heads):\n")
+            for to, g in first.groupby("to", sort=False):
+                parts = [f"{r['key_class']} {r['change']:+.3g} ({r['change_ci_low']:+.3g} to {r['change_ci_high']:+.3g})"
+                         for _, r in g.iterrows()]
+                lines.append(f"- to `{to}`: " + "; ".join(parts) + ".")
+            lines.append("")
+    lines.append("## Tables\n")
+    lines.append(markdown_table(table, max_rows=60))
+    lines.append("")
+    lines.append(markdown_table(attention, max_rows=60))
+    folder.write_text("index.md", "\n".join(lines))

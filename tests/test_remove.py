@@ -1,0 +1,92 @@
+"""`sinkscope remove` (sinkscope.analyses.remove) and its measures: perplexity on text prompts of a
+tiny causal LM with pinned sink dims, attention redistribution on the planted organism (ground truth:
+its planted heads key on the sink dims, so removing the signature from the planted visual sinks takes
+their attention away), the shipped public-domain text set, and bad options."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from sinkscope.analyses.remove import PLAIN_TEXT, RemoveConfig, run_remove
+from sinkscope.errors import SinkscopeError
+from sinkscope.measures.perplexity import token_nll
+
+
+def _quiet(fn, *a, **k):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*a, **k)
+
+
+def test_token_nll_equals_cross_entropy_and_skips_padding():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    nll, n = token_nll(logits, ids, mask)
+    assert n.tolist() == [4, 2]
+    full = torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:], reduction="sum")
+    part = torch.nn.functional.cross_entropy(logits[1, 2:-1].double(), ids[1, 3:], reduction="sum")
+    assert torch.allclose(nll, torch.stack([full, part]))
+
+
+def test_shipped_text_set_is_there_with_its_sources():
+    lines = [l for l in PLAIN_TEXT.read_text().splitlines() if l.strip()]
+    assert len(lines) >= 16
+    assert "public domain" in (PLAIN_TEXT.parent / "SOURCES.md").read_text()
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(SinkscopeError, match="targets"):
+        RemoveConfig(targets=["everything"]).validate()
+    with pytest.raises(SinkscopeError, match="--to"):
+        RemoveConfig(to=["median"]).validate()
+    with pytest.raises(SinkscopeError, match="onset"):
+        RemoveConfig(layers="some").validate()
+
+
+def test_perplexity_on_text_prompts_of_a_causal_lm(tmp_path):
+    from tiny_text_models import build_text, write_prompts
+    from sinkscope.models import adapter_for_model
+
+    model, tok = build_text("llama")
+    adapter = adapter_for_model(model, tok, "tiny-llama")
+    prompts = write_prompts(tmp_path / "p.txt", 6)
+    cfg = RemoveConfig(model="tiny-llama", data=str(prompts), limit=6, batch_size=3, calibration=3, n_boot=100,
+                       sink_dims=[3], tau=1.0, start_layer=1, layer=1, targets=["first", "sinks"])
+    folder = _quiet(run_remove, str(tmp_path / "remove"), cfg, adapter=adapter, log=lambda m: None)
+    table = pd.read_csv(folder.path / "remove.csv")
+    ppl = table[table["metric"] == "perplexity"].set_index(["target", "to"])["value"]
+    assert ("none", "none") in ppl.index and ("first", "zero") in ppl.index and ("sinks", "chosen_mean") in ppl.index
+    assert (ppl > 1).all() and not table[table["metric"] == "accuracy"].shape[0]  # prompts have no answers
+    removed = table[(table["metric"] == "n_removed") & (table["target"] == "first")]["value"]
+    assert (removed == 1).all()
+    # removing changes the text's likelihood (dim 3 of a random model carries information)
+    assert ppl[("first", "zero")] != ppl[("none", "none")]
+    att = pd.read_csv(folder.path / "remove_attention.csv")
+    none = att[att["target"] == "none"].set_index("key_class")["attention"]
+    assert abs(none.sum() - 1.0) < 1e-4  # the classes partition the keys of every text query
+    assert none["image"] == 0
+
+
+def test_remove_visual_sinks_of_the_organism_takes_their_attention(organism_adapter, tmp_path):
+    """PLANTED ground truth: the planted heads find the planted visual sinks by their sink dims; removing
+    the signature (to zero or to the mean over ordinary tokens) moves attention away from them."""
+    cfg = RemoveConfig(model="organism", data="demo:pope-adversarial", limit=4, calibration=4, n_boot=100,
+                       targets=["visual_sinks"], to=["zero", "mean"])
+    folder = _quiet(run_remove, str(tmp_path / "remove"), cfg, adapter=organism_adapter, log=lambda m: None)
+    table = pd.read_csv(folder.path / "remove.csv")
+    n = table[(table["metric"] == "n_removed") & (table["target"] == "visual_sinks")]["value"]
+    assert (n == 4).all()  # the four planted sink patches in every sample
+    assert set(table[table["metric"] == "accuracy"]["to"]) == {"none", "zero", "mean"}
+    assert table[table["metric"] == "perplexity"].empty  # image prompts: no text perplexity
+    att = pd.read_csv(folder.path / "remove_attention.csv")
+    base = att[(att["target"] == "none") & (att["key_class"] == "image")]["attention"].mean()
+    for to in ("zero", "mean"):
+        r = att[(att["target"] == "visual_sinks") & (att["to"] == to) & (att["key_class"] == "removed")]
+        assert float(r["change"].iloc[0]) < 0 and float(r["change_ci_high"].iloc[0]) < 0
+    assert base > 0
