@@ -75,11 +75,18 @@ def _clip(image_size: int, patch_size: int):
                             image_size=image_size, patch_size=patch_size, projection_dim=32)
 
 
-def _clip_image_processor(size: int):
-    from transformers import CLIPImageProcessorPil
+def pil_image_processor(name: str):
+    """The PIL (slow) image processor class `name`: `{name}Pil` on transformers >= 5.x where the
+    backends split, `{name}` itself on the oldest 5.0 releases (there it is the PIL one)."""
+    import transformers
 
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                 do_resize=True, do_center_crop=True, do_convert_rgb=True)
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def _clip_image_processor(size: int):
+    return pil_image_processor("CLIPImageProcessor")(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        do_resize=True, do_center_crop=True, do_convert_rgb=True)
 
 
 LLAVA_TEMPLATE = (
@@ -161,8 +168,7 @@ def _build_llava() -> Tiny:
 
 
 def _build_llava_next() -> Tiny:
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     pinpoints = [[16, 32], [32, 16], [32, 32]]
     tok = word_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
@@ -171,7 +177,7 @@ def _build_llava_next() -> Tiny:
                           vision_feature_select_strategy="default", vision_feature_layer=-2,
                           image_grid_pinpoints=pinpoints, pad_token_id=tok.pad_token_id)
     model = _eager_text(LlavaNextForConditionalGeneration(cfg))
-    improc = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+    improc = pil_image_processor("LlavaNextImageProcessor")(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
                                         image_grid_pinpoints=pinpoints, do_pad=True)
     proc = LlavaNextProcessor(image_processor=improc, tokenizer=tok, patch_size=8,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -228,7 +234,7 @@ def _build_qwen(family: str) -> Tiny:
                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                  vision_end_token_id=ids("<|vision_end|>"))
     model = _eager_text(Model(cfg))
-    improc = tf.Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+    improc = pil_image_processor("Qwen2VLImageProcessor")(patch_size=14, merge_size=2, temporal_patch_size=2,
                                          min_pixels=28 * 28, max_pixels=28 * 28 * 16)
     proc = _without_video(Processor)(image_processor=improc, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     # 56x56 -> grid (1, 4, 4) -> 4 tokens; 84x56 -> grid (1, 4, 6) -> 6 tokens
@@ -236,8 +242,8 @@ def _build_qwen(family: str) -> Tiny:
 
 
 def _build_gemma3() -> Tiny:
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                              Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig)
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig,
+                              SiglipVisionConfig)
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
                 "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -257,7 +263,7 @@ def _build_gemma3() -> Tiny:
                        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                        image_token_index=ids("<image_soft_token>"))
     model = _eager_text(Gemma3ForConditionalGeneration(cfg))
-    improc = Gemma3ImageProcessorPil(size={"height": 16, "width": 16}, do_pan_and_scan=False)
+    improc = pil_image_processor("Gemma3ImageProcessor")(size={"height": 16, "width": 16}, do_pan_and_scan=False)
     proc = Gemma3Processor(image_processor=improc, tokenizer=tok, chat_template=GEMMA_TEMPLATE,
                            image_seq_length=4)
     return Tiny("gemma3", model, proc, ((20, 16), (16, 24)), "<start_of_image> ",

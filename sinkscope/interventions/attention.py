@@ -120,6 +120,7 @@ class StepState:
 
     past_length: tokens already in the cache; query_length: new tokens in this call;
     prompt: the prompt of the current generation (None when the forward got no input_ids).
+    cache_seen: whether the call carried a KV cache (a transformers `Cache`, found by type).
     default_query_start: index (within this step's queries) of the first query of the default query
       mask in any row; edits that use that mask may leave earlier queries alone without looking
       (at prefill the image and the text before it, ~90% of the rows for LLaVA: a large saving).
@@ -132,6 +133,7 @@ class StepState:
     output_attentions: bool
     prompt: PromptInfo | None
     default_query_start: int = 0
+    cache_seen: bool = False
     _memo: dict = field(default_factory=dict)
 
     @property
@@ -197,6 +199,38 @@ class StepState:
         return self._cached("default_queries", make)
 
 
+def find_cache(args: tuple, kwargs: dict):
+    """The KV cache of a forward call: the first transformers `Cache` among its arguments, or None.
+
+    Found by type, not by argument name: transformers 5.24 renamed `past_key_values` to `cache`
+    (keeping the old name as a deprecated alias), and the edits must not depend on either name.
+    """
+    from transformers.cache_utils import Cache
+
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def check_not_a_missed_decode_step(query_length: int, n_keys: int, past_seen: bool, where: str) -> None:
+    """Fail by name when a decode step reached the attention edits as if it were a new prompt.
+
+    Without a cache, the keys of a call (and the columns of its 2-D attention mask) are its own
+    tokens, so more of them than queries means the model holds a KV cache that the session did
+    not see (a renamed or unrecognised cache argument): every edit would then place its queries
+    and the prompt's token kinds wrongly. Shapes only; no host sync.
+    """
+    if not past_seen and n_keys > query_length:
+        raise SinkscopeError(
+            f"{where}: a decode step reached the attention edits as a new prompt ({query_length} "
+            f"queries, {n_keys} keys, and no KV cache among the forward's arguments). The model was called "
+            "with a cache that sinkscope could not find: it looks for a transformers `Cache` object among the "
+            "arguments (find_cache in sinkscope/interventions/attention.py). Pass the KV cache as a transformers "
+            "Cache (e.g. DynamicCache), not a legacy tuple; if generate passed it, this transformers version moved "
+            "the cache somewhere find_cache does not look: report it with the version")
+
+
 # ---------------------------------------------------------------------------------------
 # the session: what one `with` block installs on one model
 # ---------------------------------------------------------------------------------------
@@ -241,9 +275,11 @@ class EditSession:
         if ref is None:
             raise SinkscopeError("the model was called without input_ids or inputs_embeds; edits cannot place queries")
         batch, q_len = int(ref.shape[0]), int(ref.shape[1])
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        past = find_cache(args, kwargs)
+        past_len = int(past.get_seq_length()) if past is not None else 0
         mask = kwargs.get("attention_mask")
+        if past is None and mask is not None and mask.dim() == 2:
+            check_not_a_missed_decode_step(q_len, int(mask.shape[1]), past_seen=False, where="the model's input")
         if past_len == 0:
             self.prompt = None
             if input_ids is not None:
@@ -258,7 +294,7 @@ class EditSession:
             wants = bool(getattr(self.model.config, "output_attentions", False))
         # one host sync per prefill, none per layer or decode step
         start = self.prompt.first_query() if past_len == 0 and self.prompt is not None else 0
-        self.step = StepState(self, batch, past_len, q_len, bool(wants), self.prompt, start)
+        self.step = StepState(self, batch, past_len, q_len, bool(wants), self.prompt, start, cache_seen=past is not None)
 
     def install(self) -> list:
         """Hooks of the session: the top-level forward pre-hook and the edits' own."""
@@ -339,6 +375,7 @@ def sinkscope_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
         if step is None:
             raise SinkscopeError("attention edits need the model's top-level forward (model(...) or model.generate); "
                                  "the language model was called on its own")
+        check_not_a_missed_decode_step(step.query_length, int(key.shape[-2]), step.cache_seen, f"layer {layer}")
         positions = step.query_positions(probs.device)
         for e in edits:
             probs = e.edit(probs, layer=layer, query_positions=positions, state=step)
