@@ -254,3 +254,19 @@ def test_organism_planted_heads_attend_to_injected_token(organism_adapter):
         assert b < 2 * uniform, (layer, head, b)
         assert i > 10 * b and i > 0.05, f"planted head {layer}.{head}: injected token receives {i:.3g} (baseline {b:.3g})"
         assert c < 2 * uniform, f"planted head {layer}.{head}: random-dim control receives {c:.3g}"
+
+
+def test_nested_blocks_rewrite_once(llava):
+    """A block nested inside another edit block re-installs the outer edits; the sink edit still applies once
+    (the random-dim control adds its magnitude once, not twice)."""
+    from sinkscope.interventions.knockout import knockout
+
+    tiny, adapter, inputs, kinds = llava
+    sig = SinkSignature(DIMS, 1, tau=2.0)
+    mask = _image_mask(kinds)
+    with torch.no_grad():
+        with inject_sink(adapter, mask, scale=1.0, signature=sig, control="random_dim", control_dim=5):
+            alone = tiny.model(**inputs).logits
+            with knockout(adapter, torch.zeros_like(kinds.visual_mask)):
+                nested = tiny.model(**inputs).logits
+    assert torch.equal(alone, nested)

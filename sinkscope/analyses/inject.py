@@ -383,15 +383,21 @@ def inject_table(per: pd.DataFrame, answers: pd.DataFrame, bands: dict[int, str]
     """inject.csv: treatment, group, scale, band, metric, value, ci_low, ci_high, n_samples.
 
     Per sample: the mean over seeds and over the layers of the band; the CI resamples samples.
-    logit_diff_change has band 'answer'.
+    attention_change: attention minus `none` on the same tokens (paired per sample); logit_diff_change
+    has band 'answer'.
     """
     rows = []
     if len(per):
         per = per.assign(band=per["layer"].map(bands), scale=per["scale"].fillna(-1.0))
         per_sample = per.groupby(["treatment", "group", "scale", "band", "sample"])[list(METRICS)].mean()
+        none = (per_sample.xs("none", level="treatment").droplevel("scale")["attention"]
+                if "none" in per_sample.index.get_level_values("treatment") else None)
         for (treatment, group, scale, band), g in per_sample.groupby(level=[0, 1, 2, 3]):
-            for metric in METRICS:
-                x = g[metric].to_numpy(float)
+            values = {m: g[m].to_numpy(float) for m in METRICS}
+            if none is not None and treatment != "none":  # paired with no injection on the same tokens
+                ref = none.reindex(pd.MultiIndex.from_tuples([(group, band, x) for x in g.index.get_level_values("sample")]))
+                values["attention_change"] = g["attention"].to_numpy(float) - ref.to_numpy(float)
+            for metric, x in values.items():
                 lo, hi = bootstrap_ci(x, n_boot, seed)
                 rows.append({"treatment": treatment, "group": group, "scale": math.nan if scale < 0 else scale,
                              "band": band, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
@@ -559,3 +565,64 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
                  "`inject_heads.csv` (mean attention per head), per-sample tables.\n")
     lines.append(markdown_table(onsets, max_rows=10))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# the report step
+# ---------------------------------------------------------------------------------------
+
+def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
+    """`sinkscope report` step: a light grid (4 scales, one draw, at most 8 samples) so it runs in minutes."""
+    config = InjectConfig(model=cfg.model, limit=min(int(cfg.limit or 8), 8), scales=[0.0, 0.01, 0.1, 1.0], n_seeds=1,
+                          device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
+    if cfg.data != "demo":
+        config.data = cfg.data
+    run_inject(str(folder), config, adapter=adapter, log=log)
+
+
+def report_findings(folder) -> list:
+    """Findings of the step: per group, the sink scale and the attention change at the largest scale vs the
+    random-dim control; VAR's detection of injected sinks."""
+    import json
+    from pathlib import Path
+
+    from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
+
+    folder = Path(folder)
+    run = json.loads((folder / "run.json").read_text())
+    n = run.get("n_samples")
+    table = pd.read_csv(folder / "inject.csv")
+    onsets = pd.read_csv(folder / "inject_sink_scales.csv") if (folder / "inject_sink_scales.csv").exists() else pd.DataFrame()
+    sig = run.get("signature", {})
+    out = []
+    bands = sorted(b for b in table["band"].unique() if b != "answer")
+    first_band = min(bands, key=band_start) if bands else None
+    top = float(table["scale"].max()) if table["scale"].notna().any() else math.nan
+    for _, o in onsets.iterrows():
+        at = o["sink_scale_injection_layer"]
+        out.append(Finding("inject", f"scale at which an injected {o['group']} token is a sink", float(at), n=n,
+                           status=MEASURED, sentence=(
+            f"Smallest scale (x the first token's sink-dim values, grid {sorted(table['scale'].dropna().unique().tolist())}) "
+            f"at which half the injected tokens reach the scan's threshold (tau {num(sig.get('tau'))}) entering layer "
+            f"{sig.get('layer')}" + ("." if math.isfinite(at) else
+                                     f": none on this grid (share {num(o['sink_share_at_max_scale_injection_layer'])} at the largest)."))))
+        for treatment in ("inject", "random_dim"):
+            r = _pick(table, treatment=treatment, group=o["group"], band=first_band, metric="attention_change", scale=top)
+            if r is None:
+                continue
+            est = Estimate(float(r["value"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+            status, clause = effect_clause(est, "it draws more attention", "it draws less attention")
+            what = "injected" if treatment == "inject" else "random-dim control"
+            out.append(Finding("inject", f"attention change, {o['group']} token, {what}, scale {num(top)}", est.value,
+                               est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
+                f"Attention from the text queries after the image per token ({first_band}, mean over heads) minus "
+                f"the same token without injection: {clause}.")))
+    if (folder / "inject_var.csv").exists():
+        var = pd.read_csv(folder / "inject_var.csv").set_index("condition")
+        if "inject+var" in var.index:
+            r = var.loc["inject+var"]
+            out.append(Finding("inject", "share of injected background tokens VAR flags as sinks",
+                               float(r["var_flags_injected"]), n=int(r["n"]), status=MEASURED, sentence=(
+                f"Accuracy: none {num(var.loc['none', 'accuracy'])}, VAR {num(var.loc['var', 'accuracy'])}, injected "
+                f"{num(var.loc['inject', 'accuracy'])}, injected + VAR {num(r['accuracy'])} (n = {int(r['n'])}).")))
+    return out

@@ -69,14 +69,20 @@ class RemoveConfig(AnalysisConfig):
             raise SinkscopeError(f"--layers must be 'onset' or 'all'; got {self.layers!r}")
 
 
-def resolve_specs(cfg: AnalysisConfig) -> None:
-    """Named specs of this analysis: --model smollm2 (the demo's LLM alone), --data plain-text (shipped set)."""
-    if cfg.model == "smollm2":
+def named_specs(model: str, data: str) -> tuple[str, str]:
+    """Names this analysis adds: --model smollm2 (the demo's language model on its own, a local folder once
+    cached) and --data plain-text (the shipped public-domain text set). Other specs pass through."""
+    if model == "smollm2":
         from sinkscope.demo import smollm
 
-        cfg.model = str(smollm.ensure_cached())
-    if cfg.data == "plain-text":
-        cfg.data = str(PLAIN_TEXT)
+        model = str(smollm.ensure_cached())
+    if data == "plain-text":
+        data = str(PLAIN_TEXT)
+    return model, data
+
+
+def resolve_specs(cfg: AnalysisConfig) -> None:
+    cfg.model, cfg.data = named_specs(cfg.model, cfg.data)
 
 
 @torch.no_grad()
@@ -296,3 +302,43 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
     lines.append("")
     lines.append(markdown_table(attention, max_rows=60))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# the report step
+# ---------------------------------------------------------------------------------------
+
+def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
+    """`sinkscope report` step: every target and replacement on the demo's mixed tasks (or the report's data)."""
+    config = RemoveConfig(model=cfg.model, limit=min(int(cfg.limit or 16), 16), device=cfg.device, dtype=cfg.dtype,
+                          seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
+    if cfg.data != "demo":
+        config.data = cfg.data
+    run_remove(str(folder), config, adapter=adapter, log=log)
+
+
+def report_findings(folder) -> list:
+    """Findings: accuracy (or perplexity) with each removal against the unmodified model."""
+    from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
+
+    folder = Path(folder)
+    table = pd.read_csv(folder / "remove.csv")
+    out = []
+    for metric in ("accuracy", "perplexity"):
+        t = table[table["metric"] == metric]
+        base = t[t["target"] == "none"]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        out.append(Finding("remove", f"{metric}, unmodified", float(b["value"]), float(b["ci_low"]), float(b["ci_high"]),
+                           n=int(b["n_samples"]), status=MEASURED))
+        for _, r in t[t["target"] != "none"].iterrows():
+            n_removed = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
+            k = float(n_removed["value"].iloc[0]) if len(n_removed) else math.nan
+            sentence = (f"Sink dims of `{r['target']}` ({num(k)} tokens per sample) set to `{r['to']}`; unmodified "
+                        f"{num(b['value'])}")
+            if metric == "accuracy" and pd.notna(r["p_value"]):
+                sentence += f"; exact McNemar p = {num(r['p_value'])} against unmodified"
+            out.append(Finding("remove", f"{metric}, {r['target']} to {r['to']}", float(r["value"]), float(r["ci_low"]),
+                               float(r["ci_high"]), n=int(r["n_samples"]), status=MEASURED, sentence=sentence + "."))
+    return out
