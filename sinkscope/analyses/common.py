@@ -17,6 +17,7 @@ from sinkscope.analyses.scan import ScanConfig, calibrate, prepare_batch, text_q
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample
 from sinkscope.measures import massive, sinks
+from sinkscope.runconfig import resolve_sink_score
 from sinkscope.runfolder import RunFolder
 from sinkscope.trace import BatchInfo, Tracer
 
@@ -42,7 +43,7 @@ class AnalysisConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
     seed: int = 0
     n_boot: int = 1000
-    sink_score: str = "rms"  # rms: the paper's phi | layer: layer-relative score (narrow models), as in the scan
+    sink_score: str = "auto"  # auto (runconfig.resolve_sink_score) | rms: the paper's phi | layer: layer-relative
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -53,8 +54,9 @@ class AnalysisConfig:
             raise SinkscopeError(f"--n-boot must be >= 10 bootstrap resamples; got {self.n_boot}")
         if self.start_layer < 0:
             raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
-        if self.sink_score not in sinks.SINK_SCORES:
-            raise SinkscopeError(f"--sink-score must be one of {', '.join(sinks.SINK_SCORES)}; got {self.sink_score!r}")
+        if self.sink_score not in ("auto", *sinks.SINK_SCORES):
+            raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
+                                 f"got {self.sink_score!r}")
 
     def scan_config(self) -> ScanConfig:
         return ScanConfig(model=self.model, data=self.data, limit=self.limit, batch_size=self.batch_size, tau=self.tau,
@@ -82,8 +84,9 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
+    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)
+    cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),
                        skipped=list(getattr(samples, "skipped", [])), **(extra_meta or {}))
