@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from sinkscope.findings import num
+
 PLANTED_BANNER = (
     "> **PLANTED MECHANISM.** `organism` is the demo model with a sink mechanism installed by "
     "hand-made weight edits (see its model card and `ground_truth.json`). What it shows was put "
@@ -15,11 +17,12 @@ PLANTED_BANNER = (
 
 
 def _fmt(x, digits: int = 3) -> str:
+    """A table cell: floats to `digits` significant digits (never '-0'), NaN as 'n/a', '|' escaped."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
+        return num(x, digits)
+    return str(x).replace("|", "\\|")
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3, max_rows: int = 40) -> str:

@@ -53,6 +53,24 @@ def test_index_leads_with_findings_with_cis(full_report):
     assert sinks["value"] == 4
     enrichment = findings[findings["name"].str.startswith("background enrichment")].iloc[0]
     assert enrichment["ci_low"] > 1
+    # every finding carries its n; the header counts each step's own samples (run.json), not the config
+    assert findings["n"].notna().all()
+    header = next(line for line in index.splitlines() if "Samples per step" in line)
+    assert all(f"{step} {LIMIT}" in header for step in STEPS)
+
+
+def test_summary_answers_the_organisms_questions_first(full_report):
+    """The planted organism has sink dims [1, 90] and 4 visual sinks per image that draw attention; the steps not
+    run in this report leave their questions not testable here."""
+    from sinkscope import questions as q
+
+    index = (full_report / "index.md").read_text()
+    assert index.index("## Summary") < index.index("## Findings")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1].strip("*") for line in index.splitlines()
+            if line.startswith("| ") and line.count(" | ") == 3}
+    answers = {key: rows[text] for key, text in q.QUESTIONS.items()}
+    assert answers == {"sink_dims": q.YES, "visual_sinks": q.YES, "attention": q.YES, "knockout": q.NOT_TESTABLE,
+                       "var": q.NOT_TESTABLE, "patching": q.NOT_TESTABLE}
     for step in STEPS:
         assert is_finished(full_report / step)
 
