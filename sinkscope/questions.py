@@ -87,10 +87,11 @@ def attention_answer(has_visual_sinks: bool, ratio: Estimate | None) -> Answer:
     return Answer("attention", answer, text, "contributions", ratio.n)
 
 
-def knockout_answer(n_sink_tokens, contrast: Estimate | None, control: str, tau: str) -> Answer:
+def knockout_answer(n_sink_tokens, contrast: Estimate | None, control: str, tau: str, p_value=None) -> Answer:
     """contrast: mean |logit change| knocking out visual sinks minus knocking out as many `control` tokens.
 
-    n_sink_tokens: visual sinks knocked out per sample at that tau (0: nothing to knock out).
+    n_sink_tokens: visual sinks knocked out per sample at that tau (0: nothing to knock out); p_value: the
+    paired test of the same contrast, shown beside the CI (the answer follows the CI).
     """
     if nothing_to_act_on(n_sink_tokens):
         return Answer("knockout", NOT_TESTABLE, f"0 visual sinks to knock out at tau {tau}", "ablate")
@@ -101,21 +102,26 @@ def knockout_answer(n_sink_tokens, contrast: Estimate | None, control: str, tau:
     direction = ("more" if contrast.ci_low > 0 else "less") if status == EFFECT else "no detectable difference"
     text = _with_n(f"|logit change| sinks minus {control}: {num(contrast.value)} "
                    f"({ci_text(contrast.ci_low, contrast.ci_high)}; {direction}), "
-                   f"{num(n_sink_tokens)} sinks per sample at tau {tau}", contrast.n)
+                   f"{num(n_sink_tokens)} sinks per sample at tau {tau}"
+                   + (f", Wilcoxon p = {num(p_value, 2)}" if p_value is not None else ""), contrast.n)
     return Answer("knockout", YES if status == EFFECT and contrast.ci_low > 0 else NO, text, "ablate", contrast.n)
 
 
 def var_answer(change: Estimate | None, n_unparseable, n_questions, sink_dims: Sequence[int] | None,
-               baseline_note: str = "") -> Answer:
+               baseline_note: str = "", baseline_accuracy: float | None = None) -> Answer:
     """change: accuracy of VAR minus the baseline on the question pairs where both answers parsed.
 
     n_unparseable: VAR's unparseable answers of n_questions; sink_dims: VAR's calibrated dims ([]: none,
-    so VAR changes nothing). baseline_note: e.g. "baseline yes-ratio 0, F1 0", added to the evidence.
+    so VAR changes nothing). baseline_note: e.g. "baseline yes-ratio 0, F1 0", added to the evidence;
+    baseline_accuracy 1: every question already right, so there is nothing VAR could improve.
     """
     tail = f"; {baseline_note}" if baseline_note else ""
     if sink_dims is not None and not sink_dims:
         return Answer("var", NOT_TESTABLE, "calibration found no sink dims: VAR has nothing to redistribute" + tail,
                       "var_eval")
+    if baseline_accuracy is not None and baseline_accuracy >= 1.0:
+        return Answer("var", NOT_TESTABLE, f"the baseline answers all {int(n_questions)} questions right: no room to "
+                      "help" + tail, "var_eval", n_questions)
     if change is None or not change.n:
         return Answer("var", NOT_TESTABLE, f"{unparseable_clause(n_unparseable, n_questions)}: no parsed pairs to "
                       "compare" + tail, "var_eval", 0)

@@ -393,12 +393,14 @@ def condition_sentence(r) -> tuple[str, str]:
     pope = (f"accuracy {num(r['accuracy'])} ({ci_text(r['ci_low'], r['ci_high'])}{wrong}), yes-ratio "
             f"{num(r['yes_ratio'])}, F1 {num(r['f1'])} ({ci_text(r['f1_ci_low'], r['f1_ci_high'])}); {parsed}")
     if r["condition"] == "baseline":
-        return MEASURED, f"{pope}; n = {n} questions"
+        return MEASURED, pope
     n_pairs = 0 if pd.isna(r["n_pairs"]) else int(r["n_pairs"])
     if not n_pairs:
         return NOTHING_TO_TEST, f"{pope}; no question where both this and the baseline answer parsed: nothing to compare"
     status, clause = effect_clause(Estimate(r["accuracy_change"], r["change_ci_low"], r["change_ci_high"], n_pairs),
                                    above="improves accuracy", below="worsens accuracy")
+    if not r["discordant_better"] and not r["discordant_worse"]:
+        clause += " (no answer changed from right to wrong or back)"
     return status, (f"{pope}; against baseline on the {n_pairs} pairs where both answers parsed: {clause}, "
                     f"change {num(r['accuracy_change'])}, {int(r['discordant_better'])} fixed and "
                     f"{int(r['discordant_worse'])} broken (McNemar exact p = {num(r['p_value'], 2)})")
@@ -416,7 +418,7 @@ def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None
     pooled = table[table["task"] == "all"]
     for condition in CONDITIONS:
         for _, r in pooled[pooled["condition"] == condition].iterrows():
-            name = "Baseline (test, all tasks)" if condition == "baseline" else f"`{condition}`"
+            name = f"Baseline (test, all tasks, n = {int(r['n'])})" if condition == "baseline" else f"`{condition}`"
             out.append(f"{name}: {condition_sentence(r)[1]}.")
     return out
 
