@@ -97,6 +97,12 @@ def test_organism_run_folder_all_conditions_tuned_on_validation(organism, tmp_pa
     assert (folder.path / "chair.csv").exists() and (folder.path / "var_sweep.png").exists()
     text = (folder.path / "index.md").read_text()
     assert "## Findings" in text and "McNemar" in text and "test split was not used" in text
+    # a tie on the validation grid is said, in run.json and on the page, never passed off as a choice
+    from sinkscope.analyses.var_eval import choice_clause
+
+    tied, sentence = choice_clause(sweep, chosen, "f1")
+    assert meta["chosen"]["tied"] == tied and sentence in text
+    assert ("tie" in meta["chosen"]["how"]) == tied
     # resume: nothing recomputed, identical tables
     n_rows = len(answers)
     again = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism)

@@ -208,10 +208,12 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
     else:
         sweep = pd.DataFrame(columns=SWEEP_COLUMNS)
         chosen = (cfg.p if cfg.p is not None else PAPER_P, cfg.rho if cfg.rho is not None else PAPER_RHO)
-    folder.update_meta(chosen={"p": chosen[0], "rho": chosen[1],
-                               "how": f"best pooled validation {cfg.select_metric} over the grid" if tune else
-                               "given or paper defaults (no validation data, or nothing to tune)"})
-    log(f"chosen on validation: p = {chosen[0]}, rho = {chosen[1]}")
+    tied = tune and choice_clause(sweep, chosen, cfg.select_metric)[0]
+    how = ("given or paper defaults (no validation data, or nothing to tune)" if not tune else
+           f"validation {cfg.select_metric} tied at the best grid points, so the tie rule ({TIE_RULE}) chose" if tied else
+           f"best pooled validation {cfg.select_metric} over the grid")
+    folder.update_meta(chosen={"p": chosen[0], "rho": chosen[1], "how": how, "tied": bool(tied)})
+    log(f"p = {chosen[0]}, rho = {chosen[1]}: {how}")
     # 2. test: every condition with the chosen p, rho
     for chunk in progress([s for s in test if f"test:{s.sample_id}" not in done], cfg.batch_size, "var-eval test"):
         rows = []
@@ -436,7 +438,7 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
                  f"tokens, parsed as yes/no. VAR calibrated on {meta.get('calibration_source', 'validation')}: sink dims "
                  f"{cal.get('sink_dims')}, tau {cal.get('tau')}"
                  + (f" ({meta['calibration_note']})" if meta.get("calibration_note") else "") + ". "
-                 f"p and rho: {meta.get('chosen', {}).get('how')}: **p = {chosen[0]}, rho = {chosen[1]}**; the test split "
+                 f"**p = {chosen[0]}, rho = {chosen[1]}** (how they were chosen: the first finding below); the test split "
                  "was not used for any choice. CIs: 95% percentile bootstrap over questions (accuracy: ci_low/ci_high; "
                  "F1: f1_ci_low/f1_ci_high). Answers that parse to neither yes nor no are counted apart (n_unparseable) "
                  "and count as wrong in accuracy; against baseline only the n_pairs questions where both answers "
