@@ -99,16 +99,16 @@ def parse_floats(text: str | None, option: str, example: str = "10,20,40") -> li
     return values
 
 
-def check_data(spec: str, image_root: str | None = None) -> None:
+def check_data(spec: str, image_root: str | None = None, option: str = "--data") -> None:
     """The data spec names something that exists and that sinkscope reads (its rows are read by the loader)."""
     spec = str(spec)
     if spec == "demo" or spec.startswith("demo:"):
         return
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SinkscopeError(f"--data {spec}: no such file or folder; give {DATA_HELP}")
+        raise SinkscopeError(f"{option} {spec}: no such file or folder; give {DATA_HELP}")
     if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
-        raise SinkscopeError(f"--data {spec} is a {path.suffix or 'suffix-less'} file; give {DATA_HELP} "
+        raise SinkscopeError(f"{option} {spec} is a {path.suffix or 'suffix-less'} file; give {DATA_HELP} "
                              "(a single image: put it in a folder and pass the folder)")
     if image_root is not None and not Path(image_root).expanduser().is_dir():
         raise SinkscopeError(f"--image-root {image_root} is not a folder; give the folder the image paths of "
