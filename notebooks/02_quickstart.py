@@ -14,8 +14,8 @@
 # # Quickstart: find the visual sinks on one image
 #
 # Load a model, run it once on one image and question, find the sink dimensions from the first
-# token's residual state, score every token with phi, and draw the image with its sink tokens
-# outlined. `MODEL` is `"demo"` by default (the LLaVA on SmolLM2-135M); the tests run this
+# token's residual state, score every token (phi, or the layer-relative score on narrow models), and
+# draw the image with its sink tokens outlined. `MODEL` is `"demo"` by default (the LLaVA on SmolLM2-135M); the tests run this
 # notebook on `"organism"` (the tiny model with planted sinks) through `SINKSCOPE_NOTEBOOK_MODEL`.
 
 # %% tags=["parameters"]
@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import sinkscope
+from sinkscope import plots
 from sinkscope.demo import world
 from sinkscope.measures import massive, sinks
 
@@ -44,11 +45,13 @@ kinds = adapter.token_kinds(batch["input_ids"], batch["attention_mask"])
 print(adapter.describe())
 
 # %% [markdown]
-# ## Sink dimensions and phi
+# ## Sink dimensions and the sink score
 #
 # The sink dimensions are where the first token's RMS-normalised state is massive across layers.
 # phi(x) = max over those dims of |x_d / RMS(x)| can never exceed sqrt(hidden size); for narrow
-# models (sqrt(hidden) < 40) sinkscope uses the layer-relative score instead, as `sinkscope report` does.
+# models (sqrt(hidden) < 40) sinkscope uses the layer-relative score instead (max over those dims of
+# |x_d| / the median token RMS of the layer, no ceiling), as `sinkscope report` does. The printout
+# and the figure name the score used.
 
 # %%
 residual = cache.stacked_residual()[:, 0]  # [layer, token, dim]
@@ -58,41 +61,42 @@ print("sink dims:", found.dims, "-", found.reason)
 score = "rms" if math.sqrt(adapter.hidden_size) >= 40 else "layer"
 if score == "layer":
     tau = sinks.choose_tau_layer_relative()
-    phi = sinks.sink_score(residual, found.dims, "layer", kinds.real_mask[0].expand(residual.shape[:2])) \
+    scores = sinks.sink_score(residual, found.dims, "layer", kinds.real_mask[0].expand(residual.shape[:2])) \
         if found.dims else torch.zeros(residual.shape[:2])
 else:
-    phi = sinks.phi(residual, found.dims) if found.dims else torch.zeros(residual.shape[:2])  # [layer, token]
-    tau = sinks.choose_tau(phi[None, 2:], adapter.hidden_size, token_kinds=kinds.kind)
-print(f"score {score}, tau = {tau.value:.3g} ({tau.method})")
+    scores = sinks.phi(residual, found.dims) if found.dims else torch.zeros(residual.shape[:2])  # [layer, token]
+    tau = sinks.choose_tau(scores[None, 2:], adapter.hidden_size, token_kinds=kinds.kind)
+name = plots.score_name(score)  # "phi" or "layer-relative score"
+print(f"score: {name} = {plots.SCORE_FORMULAS[score]}; tau = {tau.value:.3g} ({tau.method})")
 visual = kinds.visual_mask[0]
-visual_sinks = (phi >= tau.value) & visual  # [layer, token]
-for layer in range(phi.shape[0]):
+visual_sinks = (scores >= tau.value) & visual  # [layer, token]
+for layer in range(scores.shape[0]):
     print(f"layer {layer:2d}: visual sinks {int(visual_sinks[layer].sum()):3d} of {int(visual.sum())} image tokens, "
-          f"max image phi {float(phi[layer][visual].max()):.2f}")
+          f"largest image-token {name} {float(scores[layer][visual].max()):.3g}")
 
 # %% [markdown]
 # ## The image with its sink tokens outlined
 #
-# The layer with the most visual sinks; each image token is one patch of the (square) grid.
+# The layer with the most visual sinks; when no image token reaches tau in any layer, the layer
+# where an image token comes closest, and the figure says there are none. Each image token is one
+# patch of the (square) grid.
 
 # %%
-layer = int(visual_sinks.sum(dim=1).argmax())
+per_layer = visual_sinks.sum(dim=1)  # [layer]
+if per_layer.any():
+    layer = int(per_layer.argmax())
+    title = f"{MODEL}: {int(per_layer[layer])} visual sinks at layer {layer} (the most of any layer)"
+else:
+    layer = int(scores.masked_fill(~visual, float("-inf")).amax(dim=1).argmax())
+    title = (f"{MODEL}: no visual sinks in any layer (no image token reaches tau {tau.value:.3g});\n"
+             f"layer {layer}, where an image token comes closest")
 n = int(visual.sum())
 side = int(round(n ** 0.5))
-phi_grid = phi[layer][visual][: side * side].reshape(side, side)
+score_grid = scores[layer][visual][: side * side].reshape(side, side)
 sink_grid = visual_sinks[layer][visual][: side * side].reshape(side, side)
-fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-axes[0].imshow(image.resize((side * 32, side * 32)))
-axes[1].imshow(phi_grid, cmap="magma")
-for ax in axes:
-    for r, c in torch.nonzero(sink_grid).tolist():
-        scale = 32 if ax is axes[0] else 1
-        ax.add_patch(plt.Rectangle((c * scale - 0.5 * (scale == 1), r * scale - 0.5 * (scale == 1)), scale, scale,
-                                   fill=False, edgecolor="cyan", linewidth=2))
-    ax.set_xticks([]); ax.set_yticks([])
-axes[0].set_title(f"{MODEL}: visual sinks at layer {layer}")
-axes[1].set_title(f"{score} score per image token (tau {tau.value:.3g})")
+fig = plots.image_sinks(image, score_grid.numpy(), sink_grid.numpy(), tau.value, score, title)
 plt.show()
+print(title.replace("\n", " "))
 print(f"layer {layer}: {int(sink_grid.sum())} visual sink tokens")
 
 # %% [markdown]

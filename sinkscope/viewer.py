@@ -8,7 +8,8 @@ server, no network, no CDN.
 
 Per sample it stores, for every layer and head, the attention of each text query after the
 image to the image tokens of the first image (uint8, scaled by the row's maximum, which is
-kept as float32), and exactly (float32): phi of every image token per layer, the sink mask,
+kept as float32), and exactly (float32): the run's sink score (phi or the layer-relative score,
+as run.json records) of every image token per layer, the sink mask,
 and per (layer, head, query) the attention to the image and the visual non-sink ratio (the
 quantities the scan averages into head_scores_per_sample.csv).
 """
@@ -62,7 +63,7 @@ def _image_uri(image) -> str:
 
 
 class _ViewerReducer:
-    """One sample (batch of 1): phi of the image tokens, attention of text queries to them, per layer."""
+    """One sample (batch of 1): the sink score of the image tokens, attention of text queries to them, per layer."""
 
     def __init__(self, dims, tau: float, score: str, eps: float):
         self.dims, self.tau, self.score, self.eps = list(dims), float(tau), score, eps
@@ -108,6 +109,17 @@ class _ViewerReducer:
         pass
 
 
+def sink_score_of_run(meta: dict) -> str:
+    """The sink score a run used ("rms" or "layer"): run.json's params, else what its tau says."""
+    score = meta.get("params", {}).get("sink_score")
+    if score in ("rms", "layer"):
+        return score
+    tau = meta.get("tau") or {}
+    if tau.get("method") == "layer-default" or "layer-relative" in str(tau.get("reason", "")):
+        return "layer"
+    return "rms"
+
+
 def _run_tables(run: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     def read(name):
         path = run / f"{name}.csv"
@@ -121,6 +133,7 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
     """The viewer's data for the first `n_samples` finished samples of a scan run folder."""
     from sinkscope.analyses.data import load_data
     from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.plots import SCORE_FORMULAS, score_name
     from sinkscope.trace import Tracer
 
     run = Path(run_dir)
@@ -138,7 +151,7 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
         raise SinkscopeError(f"--limit must be >= 1 sample to view; got {n_samples}")
     tau = float(meta["tau"]["value"])
     dims = list(meta["sink_dims"])
-    score = params.get("sink_score", "rms")
+    score = sink_score_of_run(meta)
     if adapter is None:
         from sinkscope.models import load
 
@@ -191,6 +204,7 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
         "run": str(run), "model": meta.get("model", {}).get("name", params.get("model")),
         "data": params.get("data"), "planted": bool(meta.get("planted")),
         "tau": tau, "tau_method": meta["tau"].get("method"), "sink_dims": dims, "sink_score": score,
+        "sink_score_name": score_name(score), "sink_score_formula": SCORE_FORMULAS.get(score, ""),
         "layers": adapter.num_layers, "heads": adapter.num_heads, "samples": out,
         "run_nonsink_ratio": _head_matrix(head_scores, adapter.num_layers, adapter.num_heads)
         if head_scores is not None and len(head_scores) else None,
@@ -247,6 +261,10 @@ canvas { border: 1px solid #ccc; image-rendering: auto; }
 #hover { font-family: ui-monospace, monospace; color: #555; min-height: 1.4em; }
 .planted { background: #fff3cd; padding: 6px 10px; border: 1px solid #e0c36c; }
 .legend { color: #555; font-size: 12px; max-width: 980px; }
+.colorbar { display: block; border: 1px solid #ccc; margin-top: 4px; }
+.scale { display: flex; justify-content: space-between; width: 450px; font: 12px ui-monospace, monospace; color: #333; }
+.key { font-size: 12px; color: #333; margin-top: 2px; }
+.sinkbox { display: inline-block; width: 10px; height: 10px; border: 2px solid #00e5ff; vertical-align: middle; }
 </style></head>
 <body>
 <h2>__TITLE__</h2>
@@ -260,16 +278,22 @@ __BANNER__
 </div>
 <div class="panels">
  <div class="panel"><h3>attention of the token to each image token (head, layer); sinks outlined</h3>
-  <canvas id="attention" width="448" height="448"></canvas></div>
- <div class="panel"><h3>phi of each image token (this layer); sinks outlined</h3>
-  <canvas id="phi" width="448" height="448"></canvas></div>
+  <canvas id="attention" width="448" height="448"></canvas>
+  <canvas class="colorbar" id="attention-legend" width="448" height="12"></canvas>
+  <div class="scale"><span>0</span><span id="attention-max"></span></div>
+  <div class="key">colour: attention to the image token (drawn over the image, more opaque where larger);
+   <span class="sinkbox"></span> visual sink</div></div>
+ <div class="panel"><h3 id="score-heading"></h3>
+  <canvas id="phi" width="448" height="448"></canvas>
+  <canvas class="colorbar" id="score-legend" width="448" height="12"></canvas>
+  <div class="scale"><span>0</span><span id="score-max"></span></div>
+  <div class="key" id="score-key"></div></div>
 </div>
 <div id="hover"></div>
 <div id="readout"></div>
 <p class="legend">Attention: the selected text query's post-softmax attention to the image tokens of the first
 image (or its mean over the text queries after the image), drawn relative to the largest cell; values are stored
-at 8 bits per cell relative to that row's maximum. phi: the run's sink score over the run's sink dimensions;
-sinks are image tokens with phi &ge; tau. Visual non-sink ratio: attention to non-sink image tokens over
+at 8 bits per cell relative to that row's maximum. <span id="score-legend-text"></span> Visual non-sink ratio: attention to non-sink image tokens over
 attention to all image tokens, per query, averaged over the text queries in the mean view (as in
 head_scores_per_sample.csv).</p>
 <script id="viewer-data" type="application/json">__DATA__</script>
@@ -293,13 +317,28 @@ for (const s of DATA.samples) {
 }
 const $ = id => document.getElementById(id);
 const fmt = x => (x === null || x === undefined || Number.isNaN(x)) ? "n/a" : Number(x).toPrecision(4);
+const SCORE = DATA.sink_score_name || "sink score";
 $("meta").textContent = `run ${DATA.run}; model ${DATA.model}; sink dims [${DATA.sink_dims.join(", ")}]; ` +
-  `sink score ${DATA.sink_score}; tau ${fmt(DATA.tau)} (${DATA.tau_method}); ${DATA.layers} layers, ${DATA.heads} heads.`;
+  `sink score: ${SCORE}` + (DATA.sink_score_formula ? ` = ${DATA.sink_score_formula}` : "") +
+  `; tau ${fmt(DATA.tau)} (${DATA.tau_method}); ${DATA.layers} layers, ${DATA.heads} heads.`;
+$("score-heading").textContent = `${SCORE} of each image token (this layer); sinks outlined`;
+$("score-key").innerHTML = "";
+$("score-key").append(`colour: ${SCORE} (cyan tick on the scale: tau = ${fmt(DATA.tau)}); `);
+{ const box = document.createElement("span"); box.className = "sinkbox"; $("score-key").append(box, ` visual sink (${SCORE} \u2265 tau)`); }
+$("score-legend-text").textContent = `${SCORE}: the run's sink score` +
+  (DATA.sink_score_formula ? ` (${DATA.sink_score_formula})` : "") +
+  ` over the run's sink dimensions; sinks are image tokens with ${SCORE} \u2265 tau.`;
 DATA.samples.forEach((s, i) => $("sample").add(new Option(`${s.id}: ${s.question}`, i)));
 for (let h = 0; h < DATA.heads; h++) $("head").add(new Option(`head ${h}`, h));
 $("layer").max = DATA.layers - 1;
 const HEAT = v => { const t = Math.max(0, Math.min(1, v));
   return [Math.round(255 * Math.min(1, 2 * t)), Math.round(255 * Math.max(0, 2 * t - 1)), Math.round(60 * (1 - t))]; };
+
+function colorbar(canvas, tauShare) {
+  const ctx = canvas.getContext("2d"), w = canvas.width, h = canvas.height;
+  for (let x = 0; x < w; x++) { const [R, G, B] = HEAT(x / (w - 1)); ctx.fillStyle = `rgb(${R},${G},${B})`; ctx.fillRect(x, 0, 1, h); }
+  if (tauShare !== undefined) { const x = Math.round(tauShare * (w - 1)); ctx.fillStyle = "#00e5ff"; ctx.fillRect(x - 1, 0, 3, h); }
+}
 
 function fillTokens() {
   const s = DATA.samples[+$("sample").value];
@@ -360,6 +399,12 @@ function draw() {
       p.fillText(st.phi[v].toFixed(2), c * gp.w + 3, r * gp.h + gp.h / 2 + 4); }
   }
   const drawnP = outline(p, gp, st.sinks);
+  // colour legends: the scale of each grid as drawn now
+  colorbar($("attention-legend"));
+  $("attention-max").textContent = fmt(amax);
+  colorbar($("score-legend"), DATA.tau / pmax);
+  $("score-max").textContent = fmt(pmax);
+  Object.assign($("readout").dataset, { legendAttentionMax: amax, legendScoreMax: pmax });
   // readout
   let best = 0; for (let v = 1; v < s.n_visual; v++) if (st.attn[v] > st.attn[best]) best = v;
   const runRatio = DATA.run_nonsink_ratio ? DATA.run_nonsink_ratio[st.layer][st.head] : null;
@@ -378,8 +423,8 @@ function draw() {
     (st.tok === "mean" && tableSample !== null ? `, ${fmt(tableSample)} in head_scores_per_sample.csv` : "") +
     (runRatio !== null ? `; run mean ${fmt(runRatio)} (head_scores.csv)` : "") + "\n" +
     `attention to the image: ${fmt(st.imgAtt)}; most attended image token ${best} ` +
-    `(attention ${fmt(st.attn[best])}, phi ${fmt(st.phi[best])})\n` +
-    `visual sinks in this layer (phi >= ${fmt(DATA.tau)}): ${st.sinks.length} [${st.sinks.join(", ")}]`;
+    `(attention ${fmt(st.attn[best])}, ${SCORE} ${fmt(st.phi[best])})\n` +
+    `visual sinks in this layer (${SCORE} >= ${fmt(DATA.tau)}): ${st.sinks.length} [${st.sinks.join(", ")}]`;
   $("layer-value").textContent = st.layer;
 }
 
@@ -388,7 +433,7 @@ function hover(ev) {
   const c = Math.floor(ev.offsetX / g.w), r = Math.floor(ev.offsetY / g.h), v = r * g.C + c;
   if (c < 0 || c >= g.C || v < 0 || v >= s.n_visual) { $("hover").textContent = ""; return; }
   $("hover").textContent = `image token ${v} (row ${r}, col ${c}, sequence position ${s.visual_positions[v]}): ` +
-    `attention ${fmt(st.attn[v])}, phi ${fmt(st.phi[v])}${st.sinks.includes(v) ? ", sink" : ""}`;
+    `attention ${fmt(st.attn[v])}, ${SCORE} ${fmt(st.phi[v])}${st.sinks.includes(v) ? ", sink" : ""}`;
 }
 
 $("sample").addEventListener("change", () => { fillTokens(); draw(); });

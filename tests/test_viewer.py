@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from sinkscope import plots, viewer
 from sinkscope.cli import app
 
 ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
@@ -61,7 +62,35 @@ def test_page_is_self_contained(page_path):
     assert text.count("data:image/png;base64,") == 2  # one image per sample, inline
     data = json.loads(text.split('<script id="viewer-data" type="application/json">')[1].split("</script>")[0])
     assert [s["grid"] for s in data["samples"]] == [[8, 8], [8, 8]]
-    assert data["sink_dims"] == json.loads((page_path.parent / "run.json").read_text())["sink_dims"]
+    meta = json.loads((page_path.parent / "run.json").read_text())
+    assert data["sink_dims"] == meta["sink_dims"]
+    # the score is named as the run used it, and both grids have a colour legend
+    assert data["sink_score"] == meta["params"]["sink_score"]
+    assert data["sink_score_name"] == plots.score_name(meta["params"]["sink_score"])
+    for legend in ('id="attention-legend"', 'id="score-legend"', 'id="attention-max"', 'id="score-max"'):
+        assert legend in text, legend
+
+
+@pytest.mark.parametrize("meta,score", [
+    ({"params": {"sink_score": "layer"}}, "layer"),
+    ({"params": {"sink_score": "rms"}, "tau": {"method": "gap"}}, "rms"),
+    ({"params": {"sink_score": "auto"}, "tau": {"method": "layer-default", "reason": ""}}, "layer"),
+    ({"params": {}, "tau": {"method": "given", "reason": "tau=50 given (layer-relative score, no ceiling)"}}, "layer"),
+    ({"params": {}, "tau": {"method": "paper", "reason": "the paper's tau"}}, "rms"),
+])
+def test_viewer_reads_the_score_the_run_used(meta, score):
+    assert viewer.sink_score_of_run(meta) == score
+
+
+def test_page_says_which_score_it_draws():
+    data = {"model": "m", "data": "d", "run": "r", "planted": False, "tau": 100.0, "tau_method": "layer-default",
+            "sink_dims": [1], "sink_score": "layer", "sink_score_name": plots.score_name("layer"),
+            "sink_score_formula": plots.SCORE_FORMULAS["layer"], "layers": 2, "heads": 1, "samples": [],
+            "run_nonsink_ratio": None}
+    page = viewer.render(data)
+    assert '"sink_score_name": "layer-relative score"' in page
+    assert "(phi >=" not in page and "phi of each image token" not in page  # no fixed name for the score
+    assert "${SCORE} >= ${fmt(DATA.tau)}" in page  # the readout's threshold line names the run's score
 
 
 def test_view_errors_are_one_line(tmp_path):
@@ -80,7 +109,7 @@ def _launch():
 def _readout(page) -> dict:
     ro = page.locator("#readout")
     names = ("sample", "layer", "head", "query", "nonsink-ratio", "image-attention", "table-nonsink-ratio", "sinks",
-             "outlines-drawn", "phi", "attention")
+             "outlines-drawn", "phi", "attention", "legend-attention-max", "legend-score-max")
     return {n: ro.get_attribute(f"data-{n}") for n in names}
 
 
@@ -137,6 +166,13 @@ def test_browser_draws_the_run_tables(organism_run, page_path):
             assert float(got["nonsink-ratio"]) == pytest.approx(row["visual_nonsink_ratio"], abs=1e-5)
             assert float(got["table-nonsink-ratio"]) == pytest.approx(row["visual_nonsink_ratio"], abs=1e-6)
             assert float(got["image-attention"]) == pytest.approx(row["image_attention"], abs=1e-5)
+            # the colour legends give the scale each grid is drawn on; the score is named as the run used it
+            assert float(got["legend-attention-max"]) == pytest.approx(max(json.loads(got["attention"])), rel=1e-6)
+            tau = json.loads((organism_run / "run.json").read_text())["tau"]["value"]
+            assert float(got["legend-score-max"]) == pytest.approx(max(tau, *want_phi), rel=1e-5)
+            name = json.loads((organism_run / "run.json").read_text())["params"]["sink_score"]
+            assert page.locator("#score-heading").inner_text().startswith(plots.score_name(name))
+            assert f"({plots.score_name(name)} >= " in page.locator("#readout").inner_text()
             checked.append((layer, len(want_sinks)))
         assert checked[0][1] == 0 and checked[1][1] > 0  # changing the layer changed what is outlined
 

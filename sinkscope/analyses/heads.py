@@ -196,7 +196,8 @@ def summarize_heads(folder: RunFolder, cfg: HeadsConfig, tau: float, dims: list[
         figs["ratio"] = plots.head_heatmap(heads, "visual_nonsink_ratio", folder.path / "head_nonsink_ratio.png",
                                            "visual non-sink ratio")
     if figures and len(late) and dims:
-        figs["phi"] = plots.phi_vs_attention(late, tau, folder.path / "phi_vs_attention.png", min_layer=cfg.start_layer)
+        figs["phi"] = plots.phi_vs_attention(late, tau, folder.path / "phi_vs_attention.png", min_layer=cfg.start_layer,
+                                             score=cfg.sink_score)
     if figures and len(maps):
         figs["maps"] = plots.attention_maps(maps, folder.path / "attention_maps.png", layer=_map_layer(maps, cfg))
     write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims)

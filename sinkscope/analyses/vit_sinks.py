@@ -124,7 +124,7 @@ def summarize_vit(folder: RunFolder, cfg: VitSinksConfig, figures: bool = True) 
     folder.write_table("vit_dims", dim_table)
     figs = {}
     if figures and len(tokens):
-        figs["norms"] = plots.vit_norms(tokens, cfg.norm_ratio, folder.path / "vit_norms.png")
+        figs["norms"] = plots.vit_norms(tokens, cfg.norm_ratio, folder.path / "vit_norms.png", score=cfg.sink_score)
     _write_index(folder, cfg, table, dim_table, figs)
     folder.finish()
     return folder
