@@ -26,7 +26,7 @@ from sinkscope.runconfig import (RunConfig, check_data, check_out, parse_floats,
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual attention sinks in large multimodal models: scan, ablate, redistribute.")
 
-REPORT_STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching")
+REPORT_STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching")  # help text
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
@@ -103,7 +103,7 @@ def _saved(out: str | Path | None) -> str:
     if path is None or not (path / "run.json").exists() and not (path / "report.json").exists():
         return "nothing was saved yet"
     if (path / "report.json").exists():
-        steps = [s for s in REPORT_STEPS if '"finished"' in _read(path / s / "run.json")]
+        steps = sorted(p.parent.name for p in path.glob("*/run.json") if '"finished"' in _read(p))
         kept = f"finished steps ({', '.join(steps)})" if steps else "no finished step yet"
         return f"{kept} and the interrupted step's finished samples are saved in {path}"
     done = [line for line in _read(path / "samples_done.txt").splitlines() if line.strip()]
@@ -250,17 +250,14 @@ def report(
     run = _run_config(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed,
                       sink_score=sink_score, tau=tau)
     with _one_line_errors(ctx, out):
-        chosen = tuple(s.strip() for s in steps.split(",") if s.strip()) if steps else REPORT_STEPS
-        unknown = [s for s in chosen if s not in REPORT_STEPS]
-        if unknown or not chosen:
-            raise SinkscopeError(f"--steps {steps!r}: unknown step(s) {unknown}; choose from {', '.join(REPORT_STEPS)}")
         run.validate()
         check_out(out)
-        from sinkscope.analyses.report import ReportConfig, run_report
+        from sinkscope.analyses.report import STEPS, ReportConfig, run_report
 
+        chosen = tuple(s.strip() for s in steps.split(",") if s.strip()) if steps else STEPS
         cfg = ReportConfig(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed, steps=chosen,
                            sink_score=sink_score, tau=tau)
-        cfg.validate()
+        cfg.validate()  # the steps
         _check_samples(run)
         folder = run_report(out, cfg, log=typer.echo, force=force)  # checks the folder's settings, then loads
     typer.echo(f"wrote {folder}/index.md")

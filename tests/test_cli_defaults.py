@@ -82,7 +82,7 @@ BAD_INPUTS = [  # (id, command line after the command's name, words the one-line
     ("taus-not-numbers", ["ablate", "--taus", "a"], ["--taus must be comma-separated numbers"]),
     ("report-limit-0", ["report", "--limit", "0"], ["--limit", "got 0"]),
     ("report-data-missing", ["report", "--data", "nope.jsonl"], ["--data nope.jsonl", "no such file"]),
-    ("report-steps-unknown", ["report", "--steps", "scan,typo"], ["unknown step(s) ['typo']", "patching"]),
+    ("report-steps-unknown", ["report", "--steps", "scan,typo"], ["unknown report steps ['typo']", "patching"]),
     ("report-out-unwritable", ["report", "--out", "/proc/x"], ["--out /proc/x is not writable"]),
     ("report-dtype-unknown", ["report", "--dtype", "fp8"], ["unknown dtype 'fp8'"]),
     ("var-eval-validation-missing", ["var-eval", "--validation", "val.jsonl"], ["--validation val.jsonl: no such file"]),
