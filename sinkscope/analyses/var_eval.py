@@ -350,8 +350,9 @@ def summarize_var_eval(folder: RunFolder, cfg: VarEvalConfig, chosen: tuple[floa
         folder.write_table("chair", chair)
     figs = {}
     if figures and len(table):
-        figs["accuracy"] = plots.var_eval_bars(table, folder.path / "var_eval_accuracy.png", "accuracy")
-        figs["f1"] = plots.var_eval_bars(table, folder.path / "var_eval_f1.png", "f1")
+        bars = table.assign(unknown=table["n_unparseable"])  # plots.var_eval_bars marks "k/n unparsed" from `unknown`
+        figs["accuracy"] = plots.var_eval_bars(bars, folder.path / "var_eval_accuracy.png", "accuracy")
+        figs["f1"] = plots.var_eval_bars(bars, folder.path / "var_eval_f1.png", "f1")
     if figures and len(sweep):
         figs["sweep"] = plots.var_sweep_heatmap(sweep[sweep["task"] == "all"], folder.path / "var_sweep.png",
                                                 cfg.select_metric, chosen)
