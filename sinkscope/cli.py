@@ -243,7 +243,8 @@ def report(
     sink_score: str = _SCORE,
     tau: Optional[float] = _TAU,
     force: bool = typer.Option(False, "--force", help="replace a report made with other settings in --out (its "
-                               "step folders, index.md, findings.csv, viewer.html and report.json are deleted first)"),
+                               "step folders, index.md, findings.csv, viewer.html and report.json are deleted first); "
+                               "a report with the same settings resumes either way"),
 ):
     """Every analysis on one model -> one index.md that leads with the findings, plus viewer.html."""
     out = out or default_report_out(model)

@@ -371,3 +371,16 @@ def test_a_full_disk_mid_run_is_one_line(tmp_path, monkeypatch):
     line = _last_line(result.stderr)
     assert line.startswith("error: No space left on device") and f"check that --out {out} is a folder you can write" \
         in line, line
+
+
+def test_force_replaces_another_report_through_the_cli(tmp_path, monkeypatch):
+    reference = _plant_reference_report(tmp_path)
+    (reference / "mine.txt").write_text("kept: not a report file")
+    monkeypatch.chdir(tmp_path)
+    args = ["report", "--model", "tiny", "--out", "reports/demo", "--limit", "2", "--steps", "scan"]
+    assert runner.invoke(app, args).exit_code == 2  # refused without --force
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    config = json.loads((reference / "report.json").read_text())["config"]
+    assert config["model"] == "tiny" and config["limit"] == 2 and config["steps"] == ["scan"]
+    assert (reference / "mine.txt").exists() and (reference / "scan" / "run.json").exists()
