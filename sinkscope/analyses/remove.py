@@ -86,21 +86,25 @@ def resolve_specs(cfg: AnalysisConfig) -> None:
 
 
 @torch.no_grad()
-def chosen_means(adapter, samples, sig, targets, n: int, batch_size: int) -> dict[str, list[float] | None]:
-    """Per target: the mean of the target tokens' sink-dim values entering sig.layer over the first n samples."""
-    sums = {t: torch.zeros(len(sig.dims), dtype=torch.float64) for t in targets}
-    counts = {t: 0 for t in targets}
+def chosen_means(adapter, samples, sig, targets, layers: list[int], n: int, batch_size: int
+                 ) -> dict[str, dict[int, list[float]] | None]:
+    """Per target and edited layer: the mean of the target tokens' sink-dim values entering that layer over
+    the first n samples of the unmodified model (None for a target with no such token)."""
+    sums = {t: {l: torch.zeros(len(sig.dims), dtype=torch.float64) for l in layers} for t in targets}
+    counts = {t: {l: 0 for l in layers} for t in targets}
     for i in range(0, min(n, len(samples)), batch_size):
         chunk = samples[i: min(i + batch_size, n)]
         inputs = model_inputs(adapter, prepare_batch(adapter, chunk))
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
-        state = adapter.model(**inputs, output_hidden_states=True).hidden_states[sig.layer]
+        hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
         for t in targets:
-            mask = resolve_mask(t, state, kinds, sig)
-            values = state[..., list(sig.dims)][mask].double().cpu()
-            sums[t] += values.sum(dim=0)
-            counts[t] += int(values.shape[0])
-    return {t: (sums[t] / counts[t]).tolist() if counts[t] else None for t in targets}
+            for l in layers:
+                mask = resolve_mask(t, hidden[l], kinds, sig)
+                values = hidden[l][..., list(sig.dims)][mask].double().cpu()
+                sums[t][l] += values.sum(dim=0)
+                counts[t][l] += int(values.shape[0])
+    return {t: ({l: (sums[t][l] / counts[t][l]).tolist() for l in layers} if all(counts[t].values()) else None)
+            for t in targets}
 
 
 def class_masks(kinds, first_mask, removed) -> dict[str, torch.Tensor]:
@@ -120,7 +124,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
     layers = [sig.layer] if cfg.layers == "onset" else list(range(sig.layer, adapter.num_layers))
     means = s.folder.meta.get("chosen_means")
     if "chosen_mean" in cfg.to and means is None:
-        means = chosen_means(adapter, s.samples, sig, cfg.targets, cfg.calibration, cfg.batch_size)
+        means = chosen_means(adapter, s.samples, sig, cfg.targets, layers, cfg.calibration, cfg.batch_size)
     s.folder.update_meta(signature={"dims": list(sig.dims), "layer": sig.layer, "tau": sig.tau, "score": sig.score},
                          edited_layers=layers, chosen_means=means, plain_text_source=str(PLAIN_TEXT.parent / "SOURCES.md"))
     from sinkscope.eval.accuracy import score_samples
@@ -146,8 +150,9 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
             with context as session, torch.no_grad():
                 output = adapter.model(**inputs, output_attentions=True)
                 edited = None
-                if session is not None:
-                    edited = session.memory(session.edits[-1]).get("masks", {}).get(sig.layer)
+                if session is not None:  # tokens edited in any layer
+                    per_layer = session.memory(session.edits[-1]).get("masks", {})
+                    edited = torch.stack([m.cpu() for m in per_layer.values()]).any(dim=0) if per_layer else None
                 gen = (adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                               pad_token_id=getattr(tok, "pad_token_id", None))
                        if answered else None)
@@ -185,7 +190,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
                 if to == "chosen_mean":
                     if not (means or {}).get(target):
                         continue  # no such tokens in the calibration samples
-                    mean = torch.tensor(means[target])
+                    mean = {int(l): torch.tensor(v) for l, v in means[target].items()}  # keys: str after JSON
                 measure(target, to, remove_sink(adapter, target, layer=layers, to=to, signature=sig, mean=mean))
         s.folder.append_rows("remove_per_sample", pd.DataFrame(rows))
         s.folder.append_rows("remove_attention_per_sample", pd.DataFrame(att_rows))
@@ -282,7 +287,7 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
             continue
         for _, r in t.iterrows():
             n = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
-            n_removed = f", {float(n['value'].iloc[0]):.2g} tokens per sample" if len(n) else ""
+            n_removed = f", {float(n['value'].iloc[0]):.2g} tokens per sample edited" if len(n) else ""
             p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
             label = "unmodified" if r["target"] == "none" else f"`{r['target']}` to `{r['to']}`"
             lines.append(f"- {what}, {label}{n_removed}: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}{p}.")

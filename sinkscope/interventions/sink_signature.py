@@ -238,14 +238,14 @@ def resolve_mask(target, states: torch.Tensor, kinds: TokenKinds, signature: Sin
 @dataclass(frozen=True)
 class ResidualChange:
     """What one edit does. kind: inject | remove | random_dim | rescale; scale: float or [batch] tensor
-    (inject, random_dim, rescale); to: zero | mean (remove); dim: the control's dim (random_dim);
-    mean: a given [len(dims)] vector for remove-to-mean."""
+    (inject, random_dim, rescale); to: zero | mean | chosen_mean (remove); dim: the control's dim
+    (random_dim); mean: a given [len(dims)] vector for remove to a mean, or {layer: vector} per edited layer."""
 
     kind: str
     scale: object = 1.0
     to: str = "zero"
     dim: int | None = None
-    mean: torch.Tensor | None = None
+    mean: torch.Tensor | dict | None = None
 
 
 class ResidualEdit(AttentionEdit):
@@ -297,17 +297,24 @@ class ResidualEdit(AttentionEdit):
         session.memory(self)["masks"] = {}
         session.memory(self)["states"] = {}
 
-    def rewrite(self, states: torch.Tensor, kinds: TokenKinds, mask: torch.Tensor) -> torch.Tensor:
-        """states: [batch, token, dim] entering the layer at prefill; mask: [batch, token] bool."""
+    def rewrite(self, states: torch.Tensor, kinds: TokenKinds, mask: torch.Tensor, layer: int | None = None
+                ) -> torch.Tensor:
+        """states: [batch, token, dim] entering `layer` at prefill; mask: [batch, token] bool."""
         sig, c = self.signature, self.change
         if c.kind == "remove":
             ordinary = None
-            if c.to == "mean" and c.mean is None:
+            mean = c.mean
+            if isinstance(mean, dict):
+                if layer not in mean:
+                    raise SinkscopeError(f"remove_sink(mean={{layer: vector}}) has no vector for layer {layer}; give "
+                                         f"one for every edited layer (got layers {sorted(mean)})")
+                mean = torch.as_tensor(mean[layer])
+            if c.to == "mean" and mean is None:
                 real = (kinds.kind != PAD).to(states.device)
                 ordinary = real & ~mask
                 if sig.tau is not None:
                     ordinary &= ~sink_mask_of(states, kinds, sig)
-            return remove_states(states, mask, sig.dims, c.to, ordinary, c.mean)
+            return remove_states(states, mask, sig.dims, c.to, ordinary, mean)
         injected = inject_states(states, mask, first_positions(kinds), sig.dims, c.scale)
         if c.kind == "inject":
             return injected
@@ -344,7 +351,7 @@ class _Rewrite:
             if self.edit.keep_states:
                 memory.setdefault("states", {})[self.layer] = states.detach()
             return None  # nothing chosen: the unmodified forward, bitwise
-        new = self.edit.rewrite(states, prompt.kinds, mask)
+        new = self.edit.rewrite(states, prompt.kinds, mask, self.layer)
         if self.edit.keep_states:
             memory.setdefault("states", {})[self.layer] = new.detach()
         if args:
@@ -413,14 +420,15 @@ def inject_sink(model_or_adapter, token_mask, layer=None, scale=1.0, *, signatur
 
 
 def remove_sink(model_or_adapter, token_mask="sinks", layer=None, to: str = "zero", *,
-                signature: SinkSignature | None = None, dims=None, mean: torch.Tensor | None = None,
+                signature: SinkSignature | None = None, dims=None, mean: torch.Tensor | dict | None = None,
                 keep_states: bool = False) -> contextlib.AbstractContextManager:
     """Set the sink-dim coordinates of the chosen tokens to zero or to their mean over ordinary tokens.
 
     token_mask: [batch, prompt_len] bool or "sinks" (default: real tokens with score >= tau entering
     the layer), "visual_sinks", "first". to: "zero" | "mean" (mean over real tokens neither chosen nor
-    sinks, pooled over the batch, or `mean` given as a [len(dims)] vector) | "chosen_mean" (the chosen
-    tokens' own mean over the batch, Sun et al.'s replacement by the mean). Yields the EditSession.
+    sinks, pooled over the batch) | "chosen_mean" (the chosen tokens' own mean over the batch, Sun et al.'s
+    replacement by the mean); `mean` gives the vector instead ([len(dims)], or {layer: [len(dims)]} when
+    several layers are edited). Yields the EditSession.
     """
     if to not in REMOVE_TO:
         raise SinkscopeError(f"remove_sink(to=...) must be one of {REMOVE_TO}, got {to!r}")
