@@ -207,22 +207,24 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
     n_tok = token_mask.sum(dim=1)
     keep = n_tok > 0
     real = (kinds.kind != PAD)
+    cols = token_mask.any(dim=0).nonzero().flatten()  # positions injected in some row: values only there
+    sub = token_mask[:, cols]  # [batch, n_cols]
+    m = sub.float()
+    denom = n_tok.clamp_min(1).float()
     rows, heads = [], []
     for layer in range(sig.layer, adapter.num_layers):
         x = edited_state if layer == sig.layer else out.hidden_states[layer]
         score = sink_score(x, list(sig.dims), sig.score, token_mask=real.to(x.device), eps=sig.eps).float().cpu()
         is_sink = (score >= sig.tau) if sig.tau is not None else torch.zeros_like(score, dtype=torch.bool)
-        probs = out.attentions[layer].float().cpu()
-        att = ov.class_means(probs, token_mask, queries)  # [batch, head]
-        v = value_states(adapter, layer, x).float().cpu()
-        norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, key]
-        contrib = ov.class_means(ov.ov_contributions(probs, norms), token_mask, queries)
-        m = token_mask.float()
-        denom = n_tok.clamp_min(1).float()
+        probs = out.attentions[layer].float().cpu()[..., cols]  # [batch, head, query, n_cols]
+        att = ov.class_means(probs, sub, queries)  # [batch, head]
+        v = value_states(adapter, layer, x[:, cols.to(x.device)]).float().cpu()  # [batch, kv_head, n_cols, head_dim]
+        norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, n_cols]
+        contrib = ov.class_means(ov.ov_contributions(probs, norms), sub, queries)
         ov_norm = (norms * m[:, None, :]).sum(-1) / denom[:, None]  # [batch, head]
         v_norm = (v.norm(dim=-1).mean(dim=1) * m).sum(-1) / denom
-        tok_score = (score * m).sum(-1) / denom
-        share = (is_sink.float() * m).sum(-1) / denom
+        tok_score = (score[:, cols] * m).sum(-1) / denom
+        share = (is_sink[:, cols].float() * m).sum(-1) / denom
         for b in keep.nonzero().flatten().tolist():
             rows.append({"row": b, "layer": layer, "attention": float(att[b].mean()),
                          "attention_max_head": float(att[b].max()), "top_head": int(att[b].argmax()),
