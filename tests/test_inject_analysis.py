@@ -112,3 +112,18 @@ def test_inject_on_the_organism_recovers_the_planted_mechanism(organism_adapter,
     var = pd.read_csv(folder.path / "inject_var.csv").set_index("condition")
     assert var.loc["inject+var", "var_flags_injected"] == 1.0 and var.loc["var", "var_flags_injected"] == 0.0
     assert (folder.path / "dose_response.png").exists()
+
+
+def test_cli_rejects_bad_options_before_loading_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["inject", "--groups", "sky", "--out", str(tmp_path / "a")])
+    assert bad.exit_code == 2 and "background, object, text" in bad.output
+    bad = runner.invoke(app, ["inject", "--scales", "0,5", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--scales" in bad.output
+    bad = runner.invoke(app, ["remove", "--to", "median", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "zero, mean, chosen_mean" in bad.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
