@@ -253,12 +253,14 @@ def report(
     with _one_line_errors(ctx, out):
         run.validate()
         check_out(out)
-        from sinkscope.analyses.report import STEPS, ReportConfig, run_report
+        from sinkscope.analyses.report import STEPS, ReportConfig, check_report_folder, run_report
 
         chosen = tuple(s.strip() for s in steps.split(",") if s.strip()) if steps else STEPS
         cfg = ReportConfig(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed, steps=chosen,
                            sink_score=sink_score, tau=tau)
         cfg.validate()  # the steps
+        if not force:  # refuse another report's folder at once; with --force, run_report replaces it after every check
+            check_report_folder(Path(out), cfg)
         _check_samples(run)
         folder = run_report(out, cfg, log=typer.echo, force=force)  # checks the folder's settings, then loads
     typer.echo(f"wrote {folder}/index.md")

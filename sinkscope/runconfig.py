@@ -63,7 +63,9 @@ class RunConfig:
 
     def device_and_dtype(self):
         """(device, torch dtype) as `sinkscope.devices` resolves them; raises when this machine cannot run them."""
-        from sinkscope import devices  # torch: imported only when a command runs
+        if self.device in (None, "", "auto") and self.dtype in (None, "", "auto"):
+            return None, None  # where the model loads, in its own dtype: nothing to check (and no torch import)
+        from sinkscope import devices  # torch: imported only when a device or dtype is asked for
 
         device = devices.resolve_device(self.device)
         return device, devices.resolve_dtype(self.dtype, device)
@@ -157,7 +159,7 @@ def _check_count(option: str, value, what: str, allow_none: bool = False) -> Non
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or leave it out for all of them" if allow_none else ""
+        extra = ", or leave it out for all of them" if allow_none else ""
         raise SinkscopeError(f"{option} must be a whole number of {what}, 1 or more{extra}; got {value!r}")
 
 

@@ -10,7 +10,7 @@ from sinkscope.runconfig import (RunConfig, check_data, check_out, differing_set
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"limit": 0}, r"--limit must be a whole number of samples, 1 or more or leave it out .*got 0"),
+    ({"limit": 0}, r"--limit must be a whole number of samples, 1 or more, or leave it out .*got 0"),
     ({"limit": -1}, r"--limit .*got -1"),
     ({"batch_size": 0}, r"--batch-size must be a whole number of samples per forward pass"),
     ({"calibration": 0}, r"--calibration must be a whole number of calibration samples"),
