@@ -384,3 +384,12 @@ def test_force_replaces_another_report_through_the_cli(tmp_path, monkeypatch):
     config = json.loads((reference / "report.json").read_text())["config"]
     assert config["model"] == "tiny" and config["limit"] == 2 and config["steps"] == ["scan"]
     assert (reference / "mine.txt").exists() and (reference / "scan" / "run.json").exists()
+
+
+def test_force_with_a_bad_input_deletes_nothing(tmp_path, monkeypatch, no_model):
+    reference = _plant_reference_report(tmp_path)
+    before = _snapshot(reference)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["report", "--out", "reports/demo", "--limit", "4", "--force", "--data", "nope.jsonl"])
+    _one_line_error(result, "--data nope.jsonl: no such file")
+    assert _snapshot(reference) == before
