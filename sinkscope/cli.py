@@ -26,7 +26,6 @@ from sinkscope.runconfig import (RunConfig, check_data, check_out, parse_floats,
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual attention sinks in large multimodal models: scan, ablate, redistribute.")
 
-REPORT_STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching")  # help text
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 
 
@@ -238,8 +237,8 @@ def report(
     device: Optional[str] = _DEVICE,
     dtype: Optional[str] = _DTYPE,
     seed: int = typer.Option(0, help="seed for random controls and bootstrap"),
-    steps: Optional[str] = typer.Option(None, help="comma-separated subset of: " + ", ".join(REPORT_STEPS)
-                                        + " (default: all)"),
+    steps: Optional[str] = typer.Option(None, help="comma-separated subset of the report's steps, e.g. scan,heads "
+                                        "(default: all; an unknown name lists them)"),
     sink_score: str = _SCORE,
     tau: Optional[float] = _TAU,
     force: bool = typer.Option(False, "--force", help="replace a report made with other settings in --out (its "
