@@ -114,14 +114,13 @@ def _thin_ticks(ax, labels, max_labels: int = 16, axis: str = "x") -> None:
         ax.set_yticks(range(len(labels)), shown)
 
 
-def _value_labels(ax, bars, values, notes=None, tops=None, fmt: str = "{:.2f}") -> None:
-    """Write each bar's value above it, or above `tops` (its error bar), so a bar of height 0 is still seen."""
+def _value_labels(ax, bars, values, notes=None, fmt: str = "{:.2f}") -> None:
+    """Write each bar's value (and note) upwards from its base, left of its error bar: a bar of height 0 is still seen."""
     for i, (bar, value) in enumerate(zip(bars, values)):
         text = fmt.format(value) if np.isfinite(value) else "n/a"
         if notes is not None and notes[i]:
             text += f" ({notes[i]})"
-        y = np.nanmax([value, tops[i] if tops is not None else np.nan, 0.0])
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, y), xytext=(0, 2), textcoords="offset points",
+        ax.annotate(text, (bar.get_x() + 0.3 * bar.get_width(), 0.0), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=6, rotation=90)
 
 
@@ -640,15 +639,16 @@ def var_eval_bars(table: pd.DataFrame, path: Path, metric: str = "accuracy") -> 
         values = t[metric].to_numpy(float)
         bars = ax.bar(x, np.nan_to_num(values), width, color=TAB10[k % 10], label=readable(condition), alpha=0.85)
         lo, hi = (f"{metric}_ci_low", f"{metric}_ci_high") if f"{metric}_ci_low" in t else ("ci_low", "ci_high")
-        tops = None
         if metric == "accuracy" or lo != "ci_low":
             _errorbars(ax, x, values, t[lo].to_numpy(float), t[hi].to_numpy(float), color="k", ms=0, lw=0.8)
-            tops = t[hi].to_numpy(float)
-        notes = None
-        if "unknown" in t and "n" in t:
-            notes = [f"{int(u)}/{int(n)} unparsed" if u == u and u > 0 else ""
-                     for u, n in zip(t["unknown"], t["n"])]
-        _value_labels(ax, bars, values, notes, tops)
+        notes = [[] for _ in tasks]
+        if metric == "accuracy" and "yes_ratio" in t:  # accuracy 0.5 from answering "no" to all reads differently
+            for note, y in zip(notes, t["yes_ratio"]):
+                note += [f"yes {y:.2f}"] if y == y else []
+        if "n_unparseable" in t and "n" in t:
+            for note, u, n in zip(notes, t["n_unparseable"], t["n"]):
+                note += [f"{int(u)}/{int(n)} unparsed"] if u == u and u > 0 else []
+        _value_labels(ax, bars, values, [", ".join(note) for note in notes])
     n = table.drop_duplicates("task").set_index("task")["n"] if "n" in table else None
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([readable(t) + (f"\n(n = {int(n[t])})" if n is not None and n[t] == n[t] else "")
@@ -656,10 +656,12 @@ def var_eval_bars(table: pd.DataFrame, path: Path, metric: str = "accuracy") -> 
     ax.set_xlabel("task (test split)")
     ax.set_ylabel(f"{readable(metric)} (95% CI)" if metric == "accuracy" or f"{metric}_ci_low" in table
                   else readable(metric))
-    ax.set_ylim(0, 1.3)
+    ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="condition", title_fontsize=8)
-    ax.set_title(f"VAR and its controls: {readable(metric)} on the test split", fontsize=9)
+    ax.set_title(f"VAR and its controls: {readable(metric)} on the test split"
+                 + ("\n(bar labels: value, share of yes answers, unparsed answers)" if metric == "accuracy" else ""),
+                 fontsize=9)
     return _save(fig, path, pdf=False)
 
 

@@ -396,7 +396,7 @@ function draw() {
     const r = Math.floor(v / gp.C), c = v % gp.C, [R, G, B] = HEAT(st.phi[v] / pmax);
     p.fillStyle = `rgb(${R},${G},${B})`; p.fillRect(c * gp.w, r * gp.h, gp.w, gp.h);
     if (gp.w >= 34) { p.fillStyle = st.phi[v] / pmax > 0.6 ? "#000" : "#fff"; p.font = "11px monospace";
-      p.fillText(st.phi[v].toFixed(2), c * gp.w + 3, r * gp.h + gp.h / 2 + 4); }
+      p.fillText(st.phi[v] >= 1000 ? st.phi[v].toExponential(1) : st.phi[v].toFixed(2), c * gp.w + 3, r * gp.h + gp.h / 2 + 4); }
   }
   const drawnP = outline(p, gp, st.sinks);
   // colour legends: the scale of each grid as drawn now

@@ -381,12 +381,12 @@ def plots_data(ax) -> list:
 def test_var_bars_of_height_zero_carry_their_value(tmp_path, monkeypatch):
     table = pd.DataFrame([
         {"condition": c, "task": t, "accuracy": acc, "ci_low": max(acc - 0.1, 0), "ci_high": min(acc + 0.1, 1),
-         "f1": 0.0, "n": 16, "unknown": 16 if c == "var_all_heads" else 0}
+         "f1": 0.0, "yes_ratio": 0.0, "n": 16, "n_unparseable": 16 if c == "var_all_heads" else 0}
         for t in ("all", "pope-random") for c, acc in (("baseline", 0.5), ("var", 0.5), ("var_all_heads", 0.0))])
     fig, problems = _check(lambda d: plots.var_eval_bars(table, d / "v.png", "accuracy"), tmp_path, monkeypatch)
     assert problems == []
     labels = [t.get_text() for t in fig.axes[0].texts]
-    assert labels.count("0.00 (16/16 unparsed)") == 2
+    assert labels.count("0.00 (yes 0.00, 16/16 unparsed)") == 2 and labels.count("0.50 (yes 0.00)") == 4
     fig, problems = _check(lambda d: plots.var_eval_bars(table, d / "v.png", "f1"), tmp_path, monkeypatch)
     assert problems == [] and sum(t.get_text() == "0.00" for t in fig.axes[0].texts) == 4
 
@@ -426,3 +426,23 @@ def test_quickstart_figure_is_readable():
     assert figure_problems(fig, "quickstart") == []
     assert "layer-relative score" in fig.axes[1].get_title()
     plt.close(fig)
+
+
+def test_training_figures_are_readable(tmp_path, monkeypatch):
+    steps = np.arange(0, 200, 20)
+    stage = np.where(steps < 100, "vision", "instruct")
+    curve = pd.DataFrame({
+        "global_step": steps, "stage": stage, "pope_random": np.linspace(0.5, 0.8, len(steps)),
+        "pope_adversarial": np.linspace(0.5, 0.7, len(steps)), "visual_sinks_per_image_max": np.arange(len(steps)),
+        "visual_sinks_per_image_layer_score": np.zeros(len(steps)), "visual_sink_attention_max": np.full(len(steps), 0.1),
+        "visual_sink_attention_layer_score": np.zeros(len(steps)), "image_attention_mean": np.full(len(steps), 0.2),
+        "first_token_attention_mean": np.full(len(steps), 0.6), "max_image_layer_score": np.linspace(5, 40, len(steps)),
+        "max_image_phi": np.linspace(5, 20, len(steps)), "tau": 16.0})
+    fig, problems = _check(lambda d: plots.emergence_curve(curve, d / "e.png"), tmp_path, monkeypatch)
+    assert problems == []
+    log = pd.DataFrame({"global_step": steps, "stage": stage, "loss": np.geomspace(5, 0.05, len(steps)),
+                        **{f"bos_attention_L{i}": np.linspace(0.1, 0.6, len(steps)) for i in (1, 2)},
+                        **{f"bos_residual_ratio_L{i}": np.geomspace(1, 500, len(steps)) for i in (1, 2)}})
+    log.to_csv(tmp_path / "log.csv", index=False)
+    fig, problems = _check(lambda d: plots.training_curves(d / "log.csv", d / "t.png"), tmp_path, monkeypatch)
+    assert problems == []
