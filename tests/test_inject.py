@@ -270,3 +270,21 @@ def test_nested_blocks_rewrite_once(llava):
             with knockout(adapter, torch.zeros_like(kinds.visual_mask)):
                 nested = tiny.model(**inputs).logits
     assert torch.equal(alone, nested)
+
+
+def test_remove_to_a_given_mean_per_layer(llava):
+    tiny, adapter, inputs, kinds = llava
+    sig = SinkSignature(DIMS, 1, tau=2.0)
+    mask = _image_mask(kinds)
+    vector = torch.tensor([5.0, -7.0])
+    seen, untouched = [], []
+    with torch.no_grad():
+        with remove_sink(adapter, mask, to="chosen_mean", signature=sig, mean={1: vector}):
+            h = _capture(adapter, 1, seen)
+            tiny.model(**inputs)
+            h.remove()
+        base = tiny.model(**inputs).logits
+        with remove_sink(adapter, mask, to="chosen_mean", signature=sig, mean={0: vector}):  # no vector for layer 1
+            out = tiny.model(**inputs).logits
+    assert torch.equal(seen[0][mask][:, list(DIMS)], vector.expand(int(mask.sum()), 2))
+    assert torch.equal(out, base)

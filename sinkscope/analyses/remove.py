@@ -89,7 +89,8 @@ def resolve_specs(cfg: AnalysisConfig) -> None:
 def chosen_means(adapter, samples, sig, targets, layers: list[int], n: int, batch_size: int
                  ) -> dict[str, dict[int, list[float]] | None]:
     """Per target and edited layer: the mean of the target tokens' sink-dim values entering that layer over
-    the first n samples of the unmodified model (None for a target with no such token)."""
+    the first n samples of the unmodified model. Layers without such a token get no vector (not edited to a
+    mean there); a target with none in any layer gets None."""
     sums = {t: {l: torch.zeros(len(sig.dims), dtype=torch.float64) for l in layers} for t in targets}
     counts = {t: {l: 0 for l in layers} for t in targets}
     for i in range(0, min(n, len(samples)), batch_size):
@@ -103,8 +104,7 @@ def chosen_means(adapter, samples, sig, targets, layers: list[int], n: int, batc
                 values = hidden[l][..., list(sig.dims)][mask].double().cpu()
                 sums[t][l] += values.sum(dim=0)
                 counts[t][l] += int(values.shape[0])
-    return {t: ({l: (sums[t][l] / counts[t][l]).tolist() for l in layers} if all(counts[t].values()) else None)
-            for t in targets}
+    return {t: ({l: (sums[t][l] / counts[t][l]).tolist() for l in layers if counts[t][l]} or None) for t in targets}
 
 
 def class_masks(kinds, first_mask, removed) -> dict[str, torch.Tensor]:

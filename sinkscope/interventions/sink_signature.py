@@ -239,7 +239,8 @@ def resolve_mask(target, states: torch.Tensor, kinds: TokenKinds, signature: Sin
 class ResidualChange:
     """What one edit does. kind: inject | remove | random_dim | rescale; scale: float or [batch] tensor
     (inject, random_dim, rescale); to: zero | mean | chosen_mean (remove); dim: the control's dim
-    (random_dim); mean: a given [len(dims)] vector for remove to a mean, or {layer: vector} per edited layer."""
+    (random_dim); mean: a given [len(dims)] vector for remove to a mean, or {layer: vector} per edited layer
+    (a layer without a vector is left unchanged)."""
 
     kind: str
     scale: object = 1.0
@@ -305,9 +306,8 @@ class ResidualEdit(AttentionEdit):
             ordinary = None
             mean = c.mean
             if isinstance(mean, dict):
-                if layer not in mean:
-                    raise SinkscopeError(f"remove_sink(mean={{layer: vector}}) has no vector for layer {layer}; give "
-                                         f"one for every edited layer (got layers {sorted(mean)})")
+                if mean.get(layer) is None:
+                    return states  # no vector for this layer (e.g. no such token when it was measured): left as is
                 mean = torch.as_tensor(mean[layer])
             if c.to == "mean" and mean is None:
                 real = (kinds.kind != PAD).to(states.device)
