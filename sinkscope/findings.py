@@ -24,7 +24,8 @@ import numpy as np
 
 __all__ = ["Estimate", "Finding", "EFFECT", "NO_EFFECT", "NOTHING_TO_TEST", "MEASURED", "NO_CI", "num", "ci_text",
            "has_ci", "ci_excludes", "effect_status", "effect_clause", "share_clause", "unique_top", "top_clause",
-           "unparseable_clause", "grid_choice_clause", "nothing_to_act_on", "nothing_clause", "n_clause"]
+           "unparseable_clause", "grid_choice_clause", "nothing_to_act_on", "nothing_clause", "n_clause",
+           "finding_line", "findings_section", "RULE_NOTE"]
 
 # status of a finding (findings.csv column `status`)
 EFFECT = "effect"  # the CI excludes the null: stated as an effect
@@ -198,3 +199,33 @@ def nothing_to_act_on(n_tokens) -> bool:
 def nothing_clause(action: str, what: str = "tokens") -> str:
     """'0 tokens to knock out: nothing to act on, so no effect is reported'."""
     return f"0 {what} to {action}: nothing to act on, so no effect is reported"
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+RULE_NOTE = ("An effect is stated only where its 95% CI excludes no effect; shares of another effect only where that "
+             "effect's CI excludes 0; nothing is named top among ties or zeros; n is the number of samples (images or "
+             "questions) behind each line.")
+
+
+def finding_line(f: Finding, with_step: bool = True) -> str:
+    """One markdown bullet: the value and CI in bold where the finding is a measurement; for an effect or its
+    absence the sentence itself carries the numbers (an undetectable effect's point value is not shown).
+
+    with_step: lead with the step's name (the report's index.md); a step's own page leaves it out.
+    """
+    lead = ""
+    if f.status not in (EFFECT, NO_EFFECT) and _finite(f.value):
+        ci = f" ({ci_text(f.ci_low, f.ci_high)})" if has_ci(f.ci_low, f.ci_high) else ""
+        lead = f" **{num(f.value)}**{ci}."
+    n = f" (n = {int(f.n)})" if _finite(f.n) else ""
+    where = f"*{f.step}*, " if with_step else ""
+    return f"- {where}{f.name}:{lead} {f.sentence}{n}"
+
+
+def findings_section(findings: Sequence[Finding], with_step: bool = False, heading: str = "## Findings") -> list[str]:
+    """Markdown lines: the heading, the rule in one sentence, one bullet per finding (or a line saying there is none)."""
+    lines = [f"{heading}\n", RULE_NOTE + "\n"]
+    lines += [finding_line(f, with_step) for f in findings] or ["No findings: the step's tables hold nothing to read."]
+    return lines + [""]

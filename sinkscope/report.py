@@ -75,6 +75,22 @@ def skipped_section(skipped) -> list[str]:
             markdown_table(frame, max_rows=50)]
 
 
+def step_findings_section(step: str, folder) -> list[str]:
+    """The findings section of a step's own index.md: the same findings, by the same rule (sinkscope.findings), that
+    the report's index.md lists for that step (the report registry's findings reader for `step`, run on the tables
+    the step wrote to `folder`), without the step's name in each line."""
+    from pathlib import Path
+
+    from sinkscope.analyses.report import REGISTRY
+    from sinkscope.findings import findings_section
+
+    try:
+        step_findings = REGISTRY[step].findings(Path(folder))
+    except (OSError, KeyError, ValueError) as err:
+        return ["## Findings\n", f"_The findings could not be read from the step's tables: {err}._\n"]
+    return findings_section(step_findings, with_step=False)
+
+
 def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
                      role_summary=None, text_sinks=None) -> None:
     meta = folder.meta
@@ -88,6 +104,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         f"{meta.get('n_samples')} samples; model {model.get('architecture')} with {model.get('layers')} layers, "
         f"hidden size {model.get('hidden_size')}, {model.get('heads')} heads. Started {meta.get('started')}.\n"
     )
+    lines += step_findings_section("scan", folder.path)
     # massive activations
     top = magnitudes.sort_values("top1", ascending=False).iloc[0]
     lines.append("## Massive activations\n")
@@ -134,8 +151,9 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
                 base = float(v["background_base_rate"].mean())
                 lines.append(
                     f"{_fmt(100 * share)}% of visual sinks lie on background patches, against a base rate of "
-                    f"{_fmt(100 * base)}% of all image tokens ({_fmt(share / base if base else math.nan)}x enrichment; "
-                    "the paper reports 1.04-1.09x on COCO/VOC).\n"
+                    f"{_fmt(100 * base)}% of all image tokens (pooled over layers, without a CI: whether sinks favour "
+                    "background is the `location` step's finding, tested against the base rate with a CI; the paper "
+                    "reports 1.04-1.09x on COCO/VOC).\n"
                 )
         cols = ["layer", "token_kind", "n_tokens", "n_sinks", "sinks_per_sample", "mean_phi", "max_phi",
                 "mean_attention_received", "sink_attention_received"]

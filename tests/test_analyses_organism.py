@@ -54,7 +54,7 @@ def test_planted_heads_rank_first(organism, tmp_path):
     assert top["visual_sink_attention_ci_low"].min() > others["visual_sink_attention_ci_high"].max()
     corr = pd.read_csv(folder.path / "phi_attention_correlation.csv")
     assert corr.iloc[0][["spearman", "ci_low", "ci_high"]].notna().all()
-    assert (folder.path / "attention_maps.csv").exists() and "Top head: layer" in (folder.path / "index.md").read_text()
+    assert (folder.path / "attention_maps.csv").exists() and "top head L" in (folder.path / "index.md").read_text()
 
 
 def test_planted_sinks_contribute_far_less_than_non_sinks(organism, tmp_path):

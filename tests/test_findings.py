@@ -351,3 +351,283 @@ def test_summary_answers_the_planted_sinks(sinks_report):
 def test_var_at_the_ceiling_is_not_testable():
     perfect = q.var_answer(Estimate(0.0, 0.0, 0.0, 16), 0, 16, [1, 90], baseline_accuracy=1.0)
     assert perfect.answer == q.NOT_TESTABLE and "all 16 questions right" in perfect.evidence
+
+
+# ----------------------------------------------------------------------------- the step pages, planted tables
+
+
+def test_finding_line_carries_n_and_hides_an_undetectable_point_value():
+    measured = fr.Finding("heads", "image-centric heads", 0.25, n=8, sentence="Mean share.")
+    assert fr.finding_line(measured) == "- *heads*, image-centric heads: **0.25**. Mean share. (n = 8)"
+    assert fr.finding_line(measured, with_step=False) == "- image-centric heads: **0.25**. Mean share. (n = 8)"
+    noise = fr.Finding("patching", "other_heads", -0.0928, -0.318, 0.113, n=4, status=fr.NO_EFFECT,
+                       sentence="no detectable effect (95% CI -0.318 to 0.113).")
+    assert "-0.0928" not in fr.finding_line(noise) and fr.finding_line(noise).endswith("(n = 4)")
+    section = fr.findings_section([measured, noise])
+    assert section[0] == "## Findings\n" and section[1] == fr.RULE_NOTE + "\n" and section[-1] == ""
+    assert section[2:4] == [fr.finding_line(measured, False), fr.finding_line(noise, False)]
+    assert "nothing to read" in fr.findings_section([])[2]
+
+
+class _PageFolder:
+    """What a step's index writer uses of a RunFolder: the path, run.json's fields, write_text."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.meta = json.loads((path / "run.json").read_text())
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.path / name).write_text(text)
+
+
+def plant_location_and_vit(out: Path, sinks: bool, n: int = 8) -> None:
+    """location.csv: no sinks, or 12 sinks whose background enrichment CI crosses 1; vit_sinks.csv: high-norm tokens
+    but no language-model visual sinks (the demo of issue 14), or both."""
+    location = [{"layers": ">= 2", "n_sinks": 12 if sinks else 0, "sink_background_share": 0.85 if sinks else math.nan,
+                 "background_base_rate": 0.81, "enrichment": 1.05 if sinks else math.nan,
+                 "ci_low": 0.9 if sinks else math.nan, "ci_high": 1.2 if sinks else math.nan,
+                 "p_value_binomial": 0.4 if sinks else math.nan, "n_samples": n}]
+    _write(out / "location", {"location.csv": location}, {"n_samples": n, "tau": {"value": 100.0}})
+    vit = [{"site": site, "n_tokens": 512, "n_high_norm": k, "n_lm_visual_sinks": 16 if sinks else 0,
+            "n_both": 4 if sinks else 0, "share_found_by_dsink": 4 / k if sinks else 0.0,
+            "ci_low": 0.1 if sinks else 0.0, "ci_high": 0.4 if sinks else 0.0,
+            "share_missed_by_dsink": 1 - 4 / k if sinks else 1.0, "jaccard": 0.1 if sinks else 0.0}
+           for site, k in (("lm_input", 87), ("vit", 53))]
+    dims = [{"site": "lm_input", "dim": 66, "n_high_norm_tokens": 50}, {"site": "lm_input", "dim": 467,
+                                                                       "n_high_norm_tokens": 37},
+            {"site": "vit", "dim": 40, "n_high_norm_tokens": 53}]
+    _write(out / "vit_sinks", {"vit_sinks.csv": vit, "vit_dims.csv": dims}, {"n_samples": n, "tau": {"value": 100.0}})
+
+
+def render_step_pages(out: Path) -> dict[str, str]:
+    """Every step page written by its own module from the planted tables; step -> index.md text."""
+    from sinkscope.analyses import ablate, contributions, heads, location, patching, var_eval, vit_sinks
+
+    def folder(step):
+        return _PageFolder(out / step)
+
+    def table(step, name):
+        return pd.read_csv(out / step / name)
+
+    patching._write_index(folder("patching"), patching.PatchConfig(model="planted"), table("patching", "patching.csv"),
+                          {})
+    ablate._write_index(folder("ablate"), ablate.AblateConfig(model="planted"), table("ablate", "ablation.csv"), {},
+                        table("ablate", "ablation_contrasts.csv"))
+    head_scores = table("heads", "head_scores.csv").assign(image_attention=0.3)  # every head ties in image attention
+    heads.write_heads_index(folder("heads"), heads.HeadsConfig(model="planted"), head_scores,
+                            table("heads", "phi_attention_correlation.csv"), pd.DataFrame(), {}, 100.0, [5])
+    contributions._write_index(folder("contributions"), contributions.ContributionsConfig(model="planted"),
+                               table("contributions", "contributions.csv"), None, {})
+    location._write_index(folder("location"), location.LocationConfig(model="planted"),
+                          table("location", "location.csv"), {})
+    vit_sinks._write_index(folder("vit_sinks"), vit_sinks.VitSinksConfig(model="planted"),
+                           table("vit_sinks", "vit_sinks.csv"), table("vit_sinks", "vit_dims.csv"), {})
+    var_eval._write_index(folder("var_eval"), var_eval.VarEvalConfig(model="planted"), table("var_eval", "var_eval.csv"),
+                          table("var_eval", "var_sweep.csv"), pd.DataFrame(), (0.6, 0.5), {})
+    return {step: (out / step / "index.md").read_text() for step in STEP_PAGES}
+
+
+STEP_PAGES = ("patching", "ablate", "heads", "contributions", "location", "vit_sinks", "var_eval")
+
+
+def _planted_pages(root: Path, sinks: bool) -> tuple[dict[str, str], str]:
+    out = plant_report(root, sinks=sinks)
+    plant_location_and_vit(out, sinks)
+    pages = render_step_pages(out)
+    write_index(out, ReportConfig(model="planted", limit=32), _Adapter(), "layer", DONE + ["location", "vit_sinks"], {})
+    return pages, (out / "index.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def nothing_pages(tmp_path_factory):
+    return _planted_pages(tmp_path_factory.mktemp("pages") / "nothing", sinks=False)
+
+
+@pytest.fixture(scope="module")
+def sinks_pages(tmp_path_factory):
+    return _planted_pages(tmp_path_factory.mktemp("pages") / "sinks", sinks=True)
+
+
+def _bullets(page: str, *words: str) -> list[str]:
+    return [line for line in page.splitlines() if line.startswith("- ") and all(w in line for w in words)]
+
+
+def test_no_step_page_prints_a_misleading_line(nothing_pages):
+    pages, _ = nothing_pages
+    misleading = {"patching": ("negligible", "% of the full swap", "% of VAR", "% of swapping", "-1287%",
+                               "VAR changes the logit difference by", "fraction_of_full |"),
+                  "ablate": ("sinks matter less", "a negative difference means", "moves answers less",
+                             "moves answers more", "logit difference 0.126 (95% CI", "p = 1 vs none"),
+                  "heads": ("Top head", "top head", "L0.H0", "ranked by attention", "The head with most"),
+                  "contributions": ("times a visual non-sink's", "times the attention"),
+                  "location": ("enrichment n/a",),
+                  "vit_sinks": ("share that D_sink detection finds as visual sinks: 0 (95% CI 0 to 0)", "top dims"),
+                  "var_eval": ("best pooled validation f1", "accuracy 0 (")}
+    for step, phrases in misleading.items():
+        for phrase in phrases:
+            assert phrase not in pages[step], (step, phrase)
+        assert "-0 " not in pages[step] and "-0%" not in pages[step] and "-0)" not in pages[step], step
+
+
+def test_step_pages_say_the_rule_and_carry_n(nothing_pages, sinks_pages):
+    for pages in (nothing_pages[0], sinks_pages[0]):
+        for step, page in pages.items():
+            assert "## Findings" in page and fr.RULE_NOTE in page, step
+            if step == "var_eval":
+                continue  # its findings name n inside each sentence (questions, parsed pairs)
+            section = page.split("## Findings", 1)[1].split("\n## ", 1)[0]
+            bullets = [line for line in section.splitlines() if line.startswith("- ")]
+            assert bullets, step
+            assert all("(n = " in line for line in bullets), (step, [b for b in bullets if "(n = " not in b])
+
+
+def test_step_pages_list_the_same_findings_as_the_report(nothing_pages, sinks_pages):
+    for pages, index in (nothing_pages, sinks_pages):
+        for step in ("patching", "ablate", "heads", "contributions", "location", "vit_sinks"):
+            on_index = [line.replace(f"- *{step}*, ", "- ", 1) for line in _bullets(index, f"*{step}*, ")]
+            section = pages[step].split("## Findings", 1)[1]
+            on_page = [line for line in section.splitlines() if line.startswith("- ")][:len(on_index)]
+            assert on_index and on_page == on_index, step
+
+
+def test_patching_page_gives_no_share_of_a_noisy_reference(nothing_pages):
+    page = nothing_pages[0]["patching"]
+    [swap] = _bullets(page, "whole image from the other_image run")
+    assert "no detectable effect (95% CI" in swap
+    [var_full] = _bullets(page, "var_full from the var run")
+    assert "no detectable effect (95% CI -0.223 to 0.148)" in var_full
+    [other] = _bullets(page, "var_other_heads from the var run")
+    assert "no detectable effect (95% CI -0.0565 to 0.0788)" in other and "% of" not in other
+    [sinks] = _bullets(page, "visual_sinks from the other_image run")
+    assert "0 visual sinks to patch: nothing to act on" in sinks
+    assert "fraction_of_full" not in page.split("is left out here", 1)[1]  # the table's header has no such column
+
+
+def test_patching_page_gives_the_share_of_a_detectable_swap(sinks_pages):
+    page = sinks_pages[0]["patching"]
+    [sinks] = _bullets(page, "visual_sinks from the other_image run")
+    assert "the patch carries the other image's answer" in sinks and "% of swapping the whole image" in sinks
+    [heads] = _bullets(page, "other_heads from the other_image run")
+    assert "no detectable effect" in heads and "% of" not in heads
+
+
+def test_ablate_page_zero_token_knockouts_are_not_effects(nothing_pages):
+    page = nothing_pages[0]["ablate"]
+    assert "**No visual sinks found** at any tau swept" in page
+    for condition in ("visual_sinks", "random_visual", "top_nonsink"):
+        [line] = _bullets(page, f"knockout {condition}")
+        assert "0 tokens to knock out: nothing to act on, so no effect is reported" in line
+    contrasts = _bullets(page, "tau 100, sinks vs")
+    assert len(contrasts) == 2
+    assert all("0 visual sinks to knock out" in line and "nothing to compare" in line for line in contrasts)
+    [none] = _bullets(page, "no knockout (the unmodified model)")
+    assert "blocked" not in none
+
+
+def test_ablate_contrast_lines_follow_the_rule_at_every_tau():
+    from sinkscope.analyses.ablate import contrast_lines
+
+    table = pd.DataFrame([{"condition": "visual_sinks", "tau": t, "metric": "logit_diff", "n_tokens": k}
+                          for t, k in ((50.0, 6.0), (100.0, 2.0), (150.0, 0.0))])
+    contrasts = pd.DataFrame([
+        {"tau": 50.0, "control": "random_visual", "sinks_abs_change": 0.2, "control_abs_change": 0.9,
+         "difference": -0.7, "ci_low": -0.9, "ci_high": -0.5, "p_value": 0.004, "n_samples": 16},
+        {"tau": 100.0, "control": "random_visual", "sinks_abs_change": 0.3, "control_abs_change": 0.35,
+         "difference": -0.05, "ci_low": -0.2, "ci_high": 0.1, "p_value": 0.6, "n_samples": 16},
+        {"tau": 150.0, "control": "random_visual", "sinks_abs_change": 0.0, "control_abs_change": 0.0,
+         "difference": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0, "n_samples": 16}])
+    lines = [line for line in contrast_lines(table, contrasts) if line.startswith("- ")]
+    assert len(lines) == 3
+    assert "moves answers less than the control (-0.7, 95% CI -0.9 to -0.5)" in lines[0]
+    assert "no detectable effect (95% CI -0.2 to 0.1)" in lines[1] and "less" not in lines[1]
+    assert "0 visual sinks to knock out: nothing to act on" in lines[2] and "p =" not in lines[2]
+    assert all("n = 16 samples" in line for line in lines)
+    assert contrast_lines(table, pd.DataFrame()) == []
+
+
+def test_heads_page_names_no_top_among_zeros(nothing_pages, sinks_pages):
+    page = nothing_pages[0]["heads"]
+    assert "no head is named" in page and "not ranked: no unique largest attention" in page
+    assert "all 8 score 0.3 in attention to image tokens: none is singled out" in page
+    table = page.split("not ranked: no unique largest attention to visual sinks):", 1)[1]
+    assert "rank_visual_sink_attention" not in table  # rank 1 for every head would rank zeros
+    [spearman] = _bullets(page, "Spearman")
+    assert "no detectable effect (95% CI -0.05 to 0.09)" in spearman
+    named = sinks_pages[0]["heads"]
+    assert "L3.H1 has the largest attention to visual sinks" in named and "top head L3.H1" in named
+
+
+def test_per_head_lines_say_a_tie():
+    from sinkscope.analyses.heads import per_head_lines
+
+    heads = pd.DataFrame([{"layer": 1, "head": h, "visual_sink_attention": v, "image_attention": 0.2 + 0.1 * h,
+                           "rank_visual_sink_attention": 1} for h, v in enumerate((0.4, 0.4, 0.1))])
+    text = "\n".join(per_head_lines(heads))
+    assert "2 of 3 tie at the largest attention to visual sinks (0.4): none is singled out" in text
+    assert "L1.H2 has the largest attention to image tokens" in text and "not ranked" in text
+
+
+def test_ratio_pages_state_effects_against_one_only_through_the_ci(nothing_pages, sinks_pages):
+    contributions = nothing_pages[0]["contributions"]
+    assert "**No visual sinks found**" in contributions
+    assert len(_bullets(contributions, "nothing to compare")) == 2
+    [attention] = _bullets(sinks_pages[0]["contributions"], "attention ratio")
+    assert "visual sinks receive more attention than other image tokens (3.2, 95% CI 3 to 3.4)" in attention
+    assert "nothing to locate" in nothing_pages[0]["location"]
+    [enrichment] = _bullets(sinks_pages[0]["location"], "background enrichment")
+    assert "no detectable effect (95% CI 0.9 to 1.2)" in enrichment and "binomial test" in sinks_pages[0]["location"].lower()
+
+
+def test_ov_norm_line_follows_the_rule():
+    from sinkscope.analyses.contributions import ov_norm_line
+
+    row = pd.Series({"ratio_sink_over_nonsink": 0.4, "ci_low": 0.3, "ci_high": 0.5, "n_samples": 16})
+    assert "a visual sink would write less than another image token (0.4, 95% CI 0.3 to 0.5)" in ov_norm_line(row, 2)
+    noisy = row.copy()
+    noisy[["ci_low", "ci_high"]] = (0.5, 1.4)
+    assert "no detectable effect (95% CI 0.5 to 1.4)" in ov_norm_line(noisy, 2)
+    empty = pd.Series({"ratio_sink_over_nonsink": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_samples": 0})
+    assert "nothing to compare (n = 0 samples)" in ov_norm_line(empty, 2)
+
+
+def test_vit_page_without_language_model_sinks(nothing_pages, sinks_pages):
+    page = nothing_pages[0]["vit_sinks"]
+    assert len(_bullets(page, "D_sink marks no image token as a sink here")) == 2
+    [dims] = _bullets(page, "`lm_input`: 87 high-norm tokens")
+    assert "66 (50), 467 (37)" in dims and "no language-model visual sinks to overlap with" in dims
+    [both] = _bullets(sinks_pages[0]["vit_sinks"], "`vit`: 53 high-norm tokens")
+    assert "Jaccard overlap with the 16 language-model visual sinks 0.1" in both
+
+
+def test_var_eval_page_pope_accuracy_with_yes_ratio_f1_and_parse_counts(nothing_pages):
+    page = nothing_pages[0]["var_eval"]
+    pope = [line for line in _bullets(page) if "accuracy" in line and not line.startswith("- Chosen")]
+    assert pope and all("yes-ratio" in line and "F1" in line for line in pope if "unparseable:" not in line)
+    assert all("parsed" in line or "unparseable" in line for line in pope)
+    [unparsed] = _bullets(page, "`var_all_heads`")
+    assert "8 of 8 answers unparseable" in unparsed and "McNemar" not in unparsed
+    assert "every one of the 4 grid points ties at validation f1 0" in page
+
+
+def test_var_eval_page_says_when_the_baseline_leaves_no_room():
+    from sinkscope.analyses.var_eval import findings as var_findings
+
+    labels = ["yes", "no"] * 4
+    answers = pd.DataFrame([{"sample": f"test:q{i}", "question_id": f"q{i}", "phase": "test", "condition": cond,
+                             "p": math.nan if cond == "baseline" else 0.6, "rho": math.nan if cond == "baseline" else 0.5,
+                             "task": "pope-random", "label": y, "answer": y, "prediction": y, "correct": True}
+                            for cond in ("baseline", "var") for i, y in enumerate(labels)])
+    meta = {"n_validation": 4, "var_calibrated": {"sink_dims": [5]}, "chosen": {"how": "given"}}
+    lines = var_findings(eval_table(answers, n_boot=100), (0.6, 0.5), meta)
+    assert lines[0].endswith("(n = 4 validation questions).")
+    assert any("The baseline answers all 8 test questions right" in line and "not testable" in line for line in lines)
+    [var] = [line for line in lines if line.startswith("`var`")]
+    assert "yes-ratio 0.5" in var and "F1 1" in var and "no detectable effect" in var
+
+
+def test_a_step_page_without_readable_tables_says_so(tmp_path):
+    from sinkscope.report import step_findings_section
+
+    (tmp_path / "run.json").write_text(json.dumps({"n_samples": 4}))
+    lines = step_findings_section("patching", tmp_path)  # no patching.csv
+    assert lines[0] == "## Findings\n" and "could not be read from the step's tables" in lines[1]

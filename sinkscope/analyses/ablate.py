@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
 from sinkscope.eval.tasks import progress
@@ -305,30 +305,49 @@ def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
     if table.empty:
         lines.append("No samples.\n")
     else:
-        ld = table[table["metric"] == "logit_diff"]
-        none = ld[ld["condition"] == "none"].iloc[0]
-        lines.append(f"Unmodified: logit difference of the correct answer {fmt_ci(none['value'], none['ci_low'], none['ci_high'])}.\n")
-        tau = meta.get("tau", {}).get("value")
-        for condition in ("visual_sinks", "random_visual", "top_nonsink", "bos"):
-            r = ld[ld["condition"] == condition]
-            if r.empty:
-                continue
-            r = r.iloc[(r["tau"] - (tau or 0)).abs().argsort()[:1]].iloc[0] if r["tau"].notna().any() else r.iloc[0]
-            if condition != "bos" and r["n_tokens"] == 0:
-                lines.append(f"- `{condition}`: **no visual sinks found** at tau {r['tau']:.3g}, so nothing was knocked out.\n")
-                continue
-            lines.append(f"- `{condition}` ({r['n_tokens']:.1f} tokens per sample"
-                         + (f", tau {r['tau']:.3g}" if not math.isnan(r["tau"]) else "") + "): logit difference "
-                         + fmt_ci(r["value"], r["ci_low"], r["ci_high"]) + f", p = {r['p_value']:.3g} vs none.\n")
-    if contrasts is not None and len(contrasts):
-        lines.append("How far answers move (mean per-sample |change| of the logit difference), visual sinks against "
-                     "matched controls; a negative difference means knocking out the sinks moves answers less:\n")
-        for _, r in contrasts.iterrows():
-            lines.append(f"- tau {r['tau']:.3g}, vs `{r['control']}`: sinks {r['sinks_abs_change']:.3g}, control "
-                         f"{r['control_abs_change']:.3g}; difference {fmt_ci(r['difference'], r['ci_low'], r['ci_high'])}, "
-                         f"Wilcoxon p = {r['p_value']:.3g} (n = {int(r['n_samples'])}).")
-        lines.append(f"\nKnockout rows were {'renormalised to sum to 1' if cfg.renormalize else 'not renormalised (blocked entries zeroed only)'}.\n")
+        from sinkscope.report import step_findings_section
+
+        sinks = table[(table["condition"] == "visual_sinks") & (table["metric"] == "logit_diff")]
+        if len(sinks) and (sinks["n_tokens"].fillna(0) <= 0).all():
+            lines.append("**No visual sinks found** at any tau swept: the visual-sink conditions and their matched "
+                         "controls knocked out nothing (they are the unmodified model again).\n")
+        lines += step_findings_section("ablate", folder.path)
+        lines += contrast_lines(table, contrasts)
+        lines.append(f"Knockout rows were {'renormalised to sum to 1' if cfg.renormalize else 'not renormalised (blocked entries zeroed only)'}.\n")
     if "curves" in figs:
         lines.append(f"![ablation]({figs['curves']})\n")
+    lines.append("ablation.csv (a row with n_tokens 0 knocked nothing out: it is the unmodified model again, not an "
+                 "effect; p-values paired against `none`):\n")
     lines.append(markdown_table(table, max_rows=60))
     folder.write_text("index.md", "\n".join(lines))
+
+
+def contrast_lines(table: pd.DataFrame, contrasts: pd.DataFrame | None) -> list[str]:
+    """Markdown bullets, one per (tau, control) of ablation_contrasts.csv, by the findings rule: at a tau with 0
+    visual sinks there is nothing to knock out and no difference is stated; otherwise the difference in mean
+    |logit change| (sinks minus control) counts as more or less only where its 95% CI excludes 0.
+
+    table: ablation.csv (n_tokens of visual_sinks per tau); contrasts: ablation_contrasts.csv.
+    """
+    from sinkscope.findings import Estimate, effect_clause, n_clause, nothing_clause, nothing_to_act_on, num
+
+    if contrasts is None or not len(contrasts):
+        return []
+    sinks = table[(table["metric"] == "logit_diff") & (table["condition"] == "visual_sinks")]
+    lines = ["Every tau swept: how far answers move (mean per-sample |change| of the logit difference) when the visual "
+             "sinks are knocked out, against as many control tokens:\n"]
+    for _, r in contrasts.iterrows():
+        at_tau = sinks[np.isclose(sinks["tau"], r["tau"])]
+        n_sinks = float(at_tau["n_tokens"].iloc[0]) if len(at_tau) else math.nan
+        where = f"- tau {num(r['tau'])}, sinks vs `{r['control']}`"
+        if nothing_to_act_on(n_sinks):
+            lines.append(f"{where}: {nothing_clause('knock out', 'visual sinks')}; nothing to compare "
+                         f"({n_clause(r['n_samples'])}).")
+            continue
+        est = Estimate(float(r["difference"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+        _, clause = effect_clause(est, "knocking out the sinks moves answers more than the control",
+                                  "knocking out the sinks moves answers less than the control")
+        lines.append(f"{where} ({num(n_sinks)} sinks per sample): {clause}; mean |logit change| "
+                     f"{num(r['sinks_abs_change'])} against {num(r['control_abs_change'])}, Wilcoxon p = "
+                     f"{num(r['p_value'], 2)} ({n_clause(r['n_samples'])}).")
+    return lines + [""]

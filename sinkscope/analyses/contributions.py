@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
 from sinkscope.eval.tasks import progress
 from sinkscope.measures import contributions as ov
 from sinkscope.runfolder import RunFolder
@@ -131,7 +131,22 @@ def summarize_contributions(folder: RunFolder, cfg: ContributionsConfig, figures
     return folder
 
 
+def ov_norm_line(r: pd.Series, start_layer: int) -> str:
+    """The per-unit-of-attention ratio (||W_O v|| of visual sinks over other image tokens, a contributions.csv row)
+    by the findings rule: more or less than 1 only where its 95% CI excludes 1."""
+    from sinkscope.findings import Estimate, effect_clause, n_clause
+
+    n = 0 if pd.isna(r["n_samples"]) else int(r["n_samples"])
+    if not n or not np.isfinite(float(r["ratio_sink_over_nonsink"])):
+        return f"Per unit of attention (||W_O v||), layers >= {start_layer}: nothing to compare ({n_clause(n)}).\n"
+    est = Estimate(float(r["ratio_sink_over_nonsink"]), float(r["ci_low"]), float(r["ci_high"]), n)
+    _, clause = effect_clause(est, "a visual sink would write more than another image token",
+                              "a visual sink would write less than another image token", null=1.0)
+    return f"Per unit of attention (||W_O v||), layers >= {start_layer}, ratio against 1: {clause} ({n_clause(n)}).\n"
+
+
 def _write_index(folder, cfg, summary, heads, figs) -> None:
+    from sinkscope.report import step_findings_section
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -146,14 +161,9 @@ def _write_index(folder, cfg, summary, heads, figs) -> None:
     if pooled.empty or pooled["n_samples"].max() == 0 or math.isnan(pooled.loc["contribution", "ratio_sink_over_nonsink"]):
         lines.append("**No visual sinks found** in layers >= {0}: there is no sink / non-sink ratio to report.\n"
                      .format(cfg.start_layer))
-    else:
-        c, a, n = (pooled.loc[m] for m in ("contribution", "attention", "ov_norm"))
-        lines.append(
-            f"Layers >= {cfg.start_layer}: a visual sink's contribution is "
-            f"{fmt_ci(c['ratio_sink_over_nonsink'], c['ci_low'], c['ci_high'])} times a visual non-sink's, while it "
-            f"receives {fmt_ci(a['ratio_sink_over_nonsink'], a['ci_low'], a['ci_high'])} times the attention; per unit "
-            f"of attention it would write {fmt_ci(n['ratio_sink_over_nonsink'], n['ci_low'], n['ci_high'])} times as "
-            "much (||W_O v||).\n")
+    lines += step_findings_section("contributions", folder.path)
+    if not pooled.empty and "ov_norm" in pooled.index:
+        lines.append(ov_norm_line(pooled.loc["ov_norm"], cfg.start_layer))
     if "bars" in figs:
         lines.append(f"![contributions]({figs['bars']})\n")
     lines.append(markdown_table(summary, max_rows=60))

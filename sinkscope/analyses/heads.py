@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import progress
 from sinkscope.measures import heads as head_measures
@@ -214,6 +214,7 @@ def _map_layer(maps: pd.DataFrame, cfg: HeadsConfig) -> int:
 
 
 def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> None:
+    from sinkscope.report import step_findings_section
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -222,27 +223,19 @@ def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> Non
         lines.append(PLANTED_BANNER)
     lines.append(f"{meta.get('n_samples')} samples; sink dims {dims}, tau = {tau:.3g}; queries: text tokens after the "
                  "image. CIs: 95% percentile bootstrap over samples.\n")
-    lines.append("## Heads ranked by attention to visual sinks\n")
+    lines += step_findings_section("heads", folder.path)
+    lines.append("## Attention to visual sinks, per head\n")
     if heads.empty:
         lines.append("No text query follows an image in these samples: no head measure (none found).\n")
-    elif heads["visual_sink_attention"].max() <= 0:
-        lines.append("**No visual sinks found**: no head attends to a visual sink (every visual_sink_attention is 0). "
-                     f"The head with most image attention is layer {int(heads.sort_values('image_attention').iloc[-1]['layer'])}.\n")
     else:
-        top = heads.iloc[0]
-        lines.append(f"Top head: layer {int(top['layer'])} head {int(top['head'])}, attention to visual sinks "
-                     + fmt_ci(top["visual_sink_attention"], top["visual_sink_attention_ci_low"],
-                              top["visual_sink_attention_ci_high"]) + ".\n")
+        lines += per_head_lines(heads)
     if "heads" in figs:
         lines.append(f"![visual sink attention]({figs['heads']})\n")
-    lines.append(markdown_table(heads, max_rows=12))
-    lines.append("## Attention received against phi (image tokens)\n")
+    lines.append("## Attention received against the sink score (image tokens)\n")
     if corr.empty or corr["spearman"].isna().all():
         lines.append("Spearman correlation undefined: no image tokens, or phi is constant (no sink dims found).\n")
     else:
-        r = corr.iloc[0]
-        lines.append(f"Spearman rank correlation over image tokens in layers {r['layers']}: "
-                     + fmt_ci(r["spearman"], r["ci_low"], r["ci_high"]) + f", {int(r['n_tokens'])} token-layers.\n")
+        lines.append("The Spearman rank correlation over image tokens, read in the findings above:\n")
         lines.append(markdown_table(corr))
     if "phi" in figs:
         lines.append(f"![phi vs attention]({figs['phi']})\n")
@@ -262,4 +255,32 @@ def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> Non
     folder.write_text("index.md", "\n".join(lines))
 
 
-__all__ = ["HeadsConfig", "run_heads", "spearman_with_ci", "head_table", "map_overlap"]
+def per_head_lines(heads: pd.DataFrame) -> list[str]:
+    """Markdown lines on head_scores.csv: which head (if any) gives visual sinks and image tokens the largest
+    share of its attention, named only when it is the unique largest (findings.top_clause), and the table, ranked
+    only when there is a unique top (among ties or zeros the heads are listed by layer and head)."""
+    from sinkscope.findings import top_clause
+    from sinkscope.report import markdown_table
+
+    labels = [f"L{int(l)}.H{int(h)}" for l, h in zip(heads["layer"], heads["head"])]
+    lines = []
+    top, clause = top_clause(heads["visual_sink_attention"].to_numpy(float), labels, "attention to visual sinks")
+    if heads["visual_sink_attention"].fillna(0).le(0).all():
+        lines.append(f"**No visual sinks found**: every one of the {len(heads)} heads gives visual sinks 0 attention, "
+                     "so no head is named.\n")
+    else:
+        lines.append(f"Of {len(heads)} heads: {clause}.\n")
+    _, image_clause = top_clause(heads["image_attention"].to_numpy(float), labels, "attention to image tokens")
+    lines.append(f"Of {len(heads)} heads: {image_clause}.\n")
+    if top is None:
+        shown = heads.sort_values(["layer", "head"]).drop(
+            columns=["rank_visual_sink_attention", "rank_sink_attention"], errors="ignore")
+        lines.append("Heads by layer and head (not ranked: no unique largest attention to visual sinks):\n")
+    else:
+        shown = heads
+        lines.append("Heads ranked by attention to visual sinks (1 = most):\n")
+    lines.append(markdown_table(shown, max_rows=12))
+    return lines
+
+
+__all__ = ["HeadsConfig", "per_head_lines", "run_heads", "spearman_with_ci", "head_table", "map_overlap"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, progress
 from sinkscope.measures import location as loc
@@ -167,6 +167,8 @@ def summarize_location(folder: RunFolder, cfg: LocationConfig, figures: bool = T
 
 
 def _write_index(folder, cfg, table, figs) -> None:
+    from sinkscope.report import step_findings_section
+    from sinkscope.findings import num
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -185,12 +187,10 @@ def _write_index(folder, cfg, table, figs) -> None:
         lines.append(f"**No visual sinks found** in layers >= {cfg.start_layer}: nothing to locate. Base rate of "
                      f"background tokens: {pooled['background_base_rate']:.3g}.\n" if pooled is not None else
                      "**No visual sinks found** (no image could be located).\n")
-    else:
-        lines.append(
-            f"Layers >= {cfg.start_layer}: {100 * pooled['sink_background_share']:.1f}% of {int(pooled['n_sinks'])} "
-            f"visual sink tokens lie on background, against a base rate of {100 * pooled['background_base_rate']:.1f}% "
-            f"of all image tokens: enrichment {fmt_ci(pooled['enrichment'], pooled['ci_low'], pooled['ci_high'])} "
-            f"(binomial test p = {pooled['p_value_binomial']:.3g}; the paper: 1.09x on VOC, 1.04x on COCO).\n")
+    lines += step_findings_section("location", folder.path)
+    if pooled is not None and pooled["n_sinks"]:
+        lines.append(f"Binomial test of the sinks' background share against the base rate: p = "
+                     f"{num(pooled['p_value_binomial'], 2)} (the findings' CI is the bootstrap over samples).\n")
     if "bars" in figs:
         lines.append(f"![location]({figs['bars']})\n")
     lines.append(markdown_table(table))

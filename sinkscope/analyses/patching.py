@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import Sample, progress
@@ -314,60 +314,6 @@ def summarize_patching(folder: RunFolder, cfg: PatchConfig, figures: bool = True
     return folder
 
 
-def _row(table, site, layer=ALL_LAYERS):
-    r = table[(table["site"] == site) & (table["layer"] == layer)]
-    return None if r.empty else r.iloc[0]
-
-
-def _covers_zero(r) -> bool:
-    return bool(r["ci_low"] <= 0 <= r["ci_high"]) or (r["ci_low"] == r["ci_high"] == 0)
-
-
-NEGLIGIBLE = 0.01  # a site whose whole CI lies within +-1% of the full swap carries no answer information
-
-
-def _verdict(r) -> str:
-    full = abs(r["full_effect"])
-    if full > 0 and max(abs(r["ci_low"]), abs(r["ci_high"])) <= NEGLIGIBLE * full:
-        return f"negligible (the whole CI within +-{NEGLIGIBLE:.0%} of the full swap)"
-    if _covers_zero(r):
-        return "no detectable change (CI covers 0)"
-    return f"{abs(r['fraction_of_full']):.0%} of the full swap" if not math.isnan(r["fraction_of_full"]) else "a change"
-
-
-def findings(table: pd.DataFrame) -> list[str]:
-    """Sentences read from patching.csv (every layer at once), each with its number and CI."""
-    out = []
-    full = _row(table, "visual_sinks")
-    if full is not None:
-        out.append(f"Swapping the whole image changes the logit difference of the correct answer by "
-                   f"{full['full_effect']:.3g} on average (the most a patch can do).")
-    for site, what in (("visual_sinks", "the visual sinks"), ("random_nonsink", "as many random non-sink image tokens"),
-                       ("object_tokens", "the object tokens"), ("nonsink_image", "all non-sink image tokens"),
-                       ("image_centric_heads", "the image-centric heads' outputs"),
-                       ("other_heads", "as many other heads' outputs")):
-        r = _row(table, site)
-        if r is None:
-            continue
-        verdict = _verdict(r)
-        out.append(f"Patching {what} ({r['n_tokens']:.1f} per sample, every layer) from the other image: effect "
-                   f"{fmt_ci(r['effect'], r['ci_low'], r['ci_high'])}: {verdict}.")
-    v = _row(table, "var_full")
-    if v is not None:
-        out.append(f"VAR changes the logit difference by {fmt_ci(v['effect'], v['ci_low'], v['ci_high'])}.")
-        for site, what in (("var_selected_heads", "the heads VAR edited"), ("var_other_heads", "as many unedited heads")):
-            r = _row(table, site)
-            if r is not None:
-                frac = "" if math.isnan(r["fraction_of_full"]) else f" ({r['fraction_of_full']:.0%} of VAR's effect)"
-                out.append(f"Patching the VAR run's outputs of {what} into the baseline: "
-                           f"{fmt_ci(r['effect'], r['ci_low'], r['ci_high'])}{frac}.")
-    s = _row(table, "all_image")
-    if s is not None:
-        out.append(f"Invariant: patching every image token from the target's own run changes it by {s['effect']:.3g} "
-                   f"(max |effect| per sample must be 0).")
-    return out
-
-
 def _write_index(folder, cfg, table, figs) -> None:
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
@@ -386,10 +332,14 @@ def _write_index(folder, cfg, table, figs) -> None:
     if table.empty:
         lines.append("No samples.\n")
     else:
-        lines.append("## Findings\n")
-        lines += [f"- {f}" for f in findings(table)]
-        lines.append("")
+        from sinkscope.report import step_findings_section
+
+        lines += step_findings_section("patching", folder.path)
     if "effects" in figs:
         lines.append(f"![patching]({figs['effects']})\n")
-    lines.append(markdown_table(table, max_rows=200))
+    # fraction_of_full stays in patching.csv; on the page a share of the full effect is only the findings', which
+    # print it where the reference effect's CI excludes 0 (a share of noise reads as a finding)
+    lines.append("Every site and layer (patching.csv; its `fraction_of_full`, the effect over the mean full effect "
+                 "whether or not that effect is detectable, is left out here):\n")
+    lines.append(markdown_table(table.drop(columns=["fraction_of_full"], errors="ignore"), max_rows=200))
     folder.write_text("index.md", "\n".join(lines))

@@ -350,9 +350,8 @@ def summarize_var_eval(folder: RunFolder, cfg: VarEvalConfig, chosen: tuple[floa
         folder.write_table("chair", chair)
     figs = {}
     if figures and len(table):
-        bars = table.assign(unknown=table["n_unparseable"])  # plots.var_eval_bars marks "k/n unparsed" from `unknown`
-        figs["accuracy"] = plots.var_eval_bars(bars, folder.path / "var_eval_accuracy.png", "accuracy")
-        figs["f1"] = plots.var_eval_bars(bars, folder.path / "var_eval_f1.png", "f1")
+        figs["accuracy"] = plots.var_eval_bars(table, folder.path / "var_eval_accuracy.png", "accuracy")
+        figs["f1"] = plots.var_eval_bars(table, folder.path / "var_eval_f1.png", "f1")
     if figures and len(sweep):
         figs["sweep"] = plots.var_sweep_heatmap(sweep[sweep["task"] == "all"], folder.path / "var_sweep.png",
                                                 cfg.select_metric, chosen)
@@ -416,9 +415,17 @@ def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None
     if not (meta.get("var_calibrated") or {}).get("sink_dims"):
         out.append("Calibration found **no sink dimensions**: VAR has no sinks to take attention from and leaves this "
                    "model unchanged, so every VAR condition equals the baseline.")
+    from sinkscope.findings import n_clause
+
     sweep = pd.DataFrame(columns=SWEEP_COLUMNS) if sweep is None else sweep
-    out.append("Chosen: " + choice_clause(sweep, chosen, metric, (meta.get("chosen") or {}).get("how"))[1] + ".")
+    out.append("Chosen: " + choice_clause(sweep, chosen, metric, (meta.get("chosen") or {}).get("how"))[1]
+               + f" ({n_clause(meta.get('n_validation'), 'validation questions')}).")
     pooled = table[table["task"] == "all"]
+    baseline = pooled[pooled["condition"] == "baseline"]
+    if len(baseline) and float(baseline["accuracy"].iloc[0]) >= 1.0:
+        out.append(f"The baseline answers all {int(baseline['n'].iloc[0])} test questions right: there is no room for "
+                   "VAR to help here, so whether it helps is not testable on these questions (a change could only be "
+                   "harm).")
     for condition in CONDITIONS:
         for _, r in pooled[pooled["condition"] == condition].iterrows():
             name = f"Baseline (test, all tasks, n = {int(r['n'])})" if condition == "baseline" else f"`{condition}`"
@@ -427,6 +434,7 @@ def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None
 
 
 def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
+    from sinkscope.findings import RULE_NOTE
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -446,6 +454,7 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
                  "parsed are compared: p_value is McNemar's exact test of per-question correctness on them, "
                  "accuracy_change the paired change with change_ci_low/change_ci_high.\n")
     lines.append("## Findings\n")
+    lines.append(RULE_NOTE + "\n")
     lines += [f"- {f}" for f in findings(table, chosen, meta, sweep, cfg.select_metric)] + [""]
     if len(chair):
         lines.append("Captions (CHAIR, test scenes): " + "; ".join(

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
 from sinkscope.eval.tasks import progress
 from sinkscope.measures import massive
 from sinkscope.runfolder import RunFolder
@@ -130,7 +130,33 @@ def summarize_vit(folder: RunFolder, cfg: VitSinksConfig, figures: bool = True) 
     return folder
 
 
+def dim_lines(table: pd.DataFrame, dim_table: pd.DataFrame, n_samples=None, shown: int = 3) -> list[str]:
+    """Markdown bullets, one per site of vit_sinks.csv: the high-norm tokens' largest dimensions with how many tokens
+    each one leads (listed with their counts, not ranked into a 'top'), and the Jaccard overlap with the
+    language-model visual sinks where there are tokens on both sides; 'no high-norm image tokens found' otherwise.
+    n_samples: the images counted (run.json)."""
+    from sinkscope.findings import n_clause, num
+
+    lines = ["## High-norm tokens and their dimensions\n"]
+    n = f" ({n_clause(n_samples, 'images')})"
+    for _, r in table.iterrows():
+        if not r["n_high_norm"]:
+            lines.append(f"- `{r['site']}`: **no high-norm image tokens found** ({int(r['n_lm_visual_sinks'])} "
+                         f"language-model visual sinks){n}.")
+            continue
+        dims = dim_table[dim_table["site"] == r["site"]]
+        counts = ", ".join(f"{int(d['dim'])} ({int(d['n_high_norm_tokens'])})" for _, d in dims.head(shown).iterrows())
+        more = f", {len(dims) - shown} more in vit_dims.csv" if len(dims) > shown else ""
+        overlap = (f"; Jaccard overlap with the {int(r['n_lm_visual_sinks'])} language-model visual sinks "
+                   f"{num(r['jaccard'])}" if r["n_lm_visual_sinks"] else
+                   "; no language-model visual sinks to overlap with")
+        lines.append(f"- `{r['site']}`: {int(r['n_high_norm'])} high-norm tokens; the dimension of each one's largest "
+                     f"|activation| (tokens): {counts}{more}{overlap}{n}.")
+    return lines + [""]
+
+
 def _write_index(folder, cfg, table, dim_table, figs) -> None:
+    from sinkscope.report import step_findings_section
     from sinkscope.report import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -142,16 +168,9 @@ def _write_index(folder, cfg, table, dim_table, figs) -> None:
                  "image's median token norm. CI: 95% percentile bootstrap over samples.\n")
     if table.empty:
         lines.append("No image tokens: nothing to measure (none found).\n")
-    for _, r in table.iterrows():
-        if not r["n_high_norm"]:
-            lines.append(f"- `{r['site']}`: **no high-norm image tokens found** ({int(r['n_lm_visual_sinks'])} "
-                         "language-model visual sinks).\n")
-        else:
-            top = dim_table[dim_table["site"] == r["site"]].head(3)
-            lines.append(f"- `{r['site']}`: {int(r['n_high_norm'])} high-norm tokens (top dims "
-                         f"{top['dim'].tolist()}); share that D_sink detection finds as visual sinks: "
-                         f"{fmt_ci(r['share_found_by_dsink'], r['ci_low'], r['ci_high'])}; Jaccard overlap with the "
-                         f"{int(r['n_lm_visual_sinks'])} language-model visual sinks {r['jaccard']:.3g}.\n")
+    else:
+        lines += step_findings_section("vit_sinks", folder.path)
+        lines += dim_lines(table, dim_table, meta.get("n_samples"))
     if "norms" in figs:
         lines.append(f"![norms]({figs['norms']})\n")
     lines.append(markdown_table(table))
