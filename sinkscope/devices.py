@@ -86,3 +86,85 @@ def _check_runs(dt: torch.dtype, device: str) -> None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SinkscopeError(f"--dtype {name} cannot run on {device} here ({first}); use --dtype float32"
                              + (" or bfloat16" if device == "cpu" and dt != torch.bfloat16 else "")) from err
+
+
+# ----------------------------------------------------------------------------- models across devices
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_HELP = ("auto, balanced, balanced_low_0 or sequential (accelerate places the layers across this machine's "
+                   "GPUs, then the CPU), or a JSON file {module name: device}")
+MAX_MEMORY_HELP = "per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"
+_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B)?", re.IGNORECASE)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's max_memory)."""
+    if text is None or not str(text).strip():
+        return None
+    out: dict = {}
+    for part in str(text).split(","):
+        key, sep, size = part.partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not key or not _SIZE.fullmatch(size):
+            raise SinkscopeError(f"--max-memory {text!r}: each entry is DEVICE=SIZE (e.g. 0=20GiB or cpu=64GiB); "
+                                 f"{part.strip()!r} is not")
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
+def parse_device_map(text) -> str | dict | None:
+    """--device-map: a strategy name, or a JSON file holding {module name: device}."""
+    if text is None or isinstance(text, dict) or not str(text).strip():
+        return text or None
+    text = str(text).strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    import json
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise SinkscopeError(f"--device-map {text!r}: use {DEVICE_MAP_HELP}")
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SinkscopeError(f"--device-map {text}: cannot read a JSON object from it ({err})") from err
+    if not isinstance(mapping, dict) or not mapping:
+        raise SinkscopeError(f"--device-map {text}: the file must hold a non-empty JSON object {{module name: device}}")
+    return mapping
+
+
+def _check_placement(device, what: str) -> None:
+    """One device of a device map or a max-memory key: one this machine has ('disk' and 'cpu' always)."""
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        index = int(device)
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= n:
+            raise SinkscopeError(f"{what}: GPU {index} is not on this machine ({n} CUDA device(s)); use indices "
+                                 f"below {n}, 'cpu' or 'disk'" if n else f"{what}: GPU {index} asked for, but this "
+                                 f"machine has no CUDA device; use 'cpu' (or 'disk') or --device-map auto")
+        return
+    if isinstance(device, str) and device.strip().lower() in ("cpu", "disk", "meta"):
+        return
+    resolve_device(device)  # cuda:N / mps, checked against this machine (raises with the fix)
+
+
+def check_device_map(device_map, max_memory=None, device: str | None = None) -> None:
+    """Raise SinkscopeError naming the fix for a device map this machine cannot honour."""
+    if device_map is None:
+        if max_memory:
+            raise SinkscopeError("--max-memory caps what --device-map places on each device; give --device-map auto too")
+        return
+    if device is not None:
+        raise SinkscopeError(f"--device {device} and --device-map both place the model; give one (--device-map "
+                             "spreads the layers, --device puts the whole model on one device)")
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise SinkscopeError(f"--device-map {device_map!r}: use {DEVICE_MAP_HELP}")
+    elif isinstance(device_map, dict):
+        for name, dev in device_map.items():
+            _check_placement(dev, f"--device-map entry {name!r}")
+    else:
+        raise SinkscopeError(f"--device-map must be a strategy name or {{module name: device}}; got {device_map!r}")
+    for key in (max_memory or {}):
+        _check_placement(key, f"--max-memory entry {key!r}")

@@ -228,14 +228,14 @@ class ScanReducer:
             self.profile[layer] = entry
 
     def attention(self, layer: int, probs: torch.Tensor):
-        probs = probs.detach().float()
+        probs = probs.detach().float()  # reduced where it lies (its layer's device); only reductions come back
         phi = self._phi[layer]
         sink = (phi >= self.tau) & self.real
         visual_sink = sink & self.kinds.visual_mask
-        queries = self.queries
+        queries = self.queries.to(probs.device)
         n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
         # attention each key receives, mean over heads and the text queries after the image
-        received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
+        received = ((probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]).cpu()  # [batch, key]
         for b, sid in enumerate(self.sample_ids):
             real = self.real[b]
             pos = torch.nonzero(real).flatten()
@@ -251,14 +251,15 @@ class ScanReducer:
         centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
         qf = queries[:, None, :].float()  # [batch, 1, query]
         denom = qf.sum(dim=-1).clamp_min(1)
+        per_head = {name: ((value.float() * qf).sum(-1) / denom).cpu() for name, value in (  # [batch, head]
+            ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
+            ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
+        n_queries = self.queries.sum(dim=1)
         for b, sid in enumerate(self.sample_ids):
             frame = pd.DataFrame({
                 "sample": sid, "layer": layer, "head": range(probs.shape[1]),
-                "image_attention": ((stats.image_attention * qf).sum(-1) / denom)[b].numpy(),
-                "visual_sink_attention": ((stats.visual_sink_attention * qf).sum(-1) / denom)[b].numpy(),
-                "visual_nonsink_ratio": ((stats.visual_nonsink_ratio * qf).sum(-1) / denom)[b].numpy(),
-                "image_centric": ((centric.float() * qf).sum(-1) / denom)[b].numpy(),
-                "n_queries": int(queries[b].sum()),
+                **{name: value[b].numpy() for name, value in per_head.items()},
+                "n_queries": int(n_queries[b]),
             })
             self.head_rows.append(frame)
 

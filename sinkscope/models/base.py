@@ -143,7 +143,17 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the first parameter's device that holds data (weights offloaded by accelerate sit on
+        `meta` until their layer runs, and its hooks move inputs to each layer's own device); the CPU if none."""
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def device_map(self) -> dict | None:
+        """accelerate's {module name: device} when the model was dispatched across devices, else None."""
+        return getattr(self.model, "hf_device_map", None)
 
     # -- attention implementation ------------------------------------------------------
     def set_text_attention(self, implementation: str) -> None:

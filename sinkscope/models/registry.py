@@ -97,11 +97,15 @@ def _load_demo(device=None, dtype=None) -> ModelAdapter:
 
 
 def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bool = False,
-         device_map=None, load_processor: bool = True) -> ModelAdapter:
+         device_map=None, load_processor: bool = True, max_memory: dict | None = None,
+         offload_folder: str | None = None) -> ModelAdapter:
     """Load an LMM and wrap it in its family's adapter.
 
     spec: "demo" (SmolLM2-135M LLaVA), "tiny" (the 1.8M-parameter model for tests), "organism"
-    (planted), a local directory, or a hub id. Weights are read from
+    (planted), a local directory, or a hub id. device_map: "auto" / "balanced" / "sequential" or
+    {module name: device} (accelerate places the layers, e.g. across the GPUs of a node; "cpu" and
+    "disk" entries are offloaded, disk ones to `offload_folder`), with `max_memory` ({device: "20GiB"})
+    capping each device; exclusive with `device`. Weights are read from
     safetensors only; remote code runs only with trust_remote_code=True. The language model
     gets eager attention (sinkscope needs the probabilities); the vision tower is untouched.
     """
@@ -109,8 +113,12 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
 
     from sinkscope.devices import resolve_device, resolve_dtype
 
+    from sinkscope.devices import check_device_map
+
     device = resolve_device(device)  # a clear error for --device cuda without CUDA, or an unknown device
     dtype = resolve_dtype(dtype, device)  # ... and for a dtype the device cannot run
+    if device_map is not None or max_memory is not None:
+        check_device_map(device_map, max_memory, device)
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise SinkscopeError("--model must be 'demo', 'organism', a local directory or a hub id")
     spec = str(spec)
@@ -144,8 +152,21 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         model = adapter_cls.model_class().from_pretrained(path, **kwargs)
+    except (ValueError, KeyError, RuntimeError) as err:
+        if device_map is None:
+            raise
+        raise SinkscopeError(
+            f"could not place {spec!r} with device map {device_map!r}: {err.__class__.__name__}: {err}. Give "
+            "'auto' (or 'balanced' / 'sequential'), or a map whose keys are the model's module names (e.g. "
+            "'model.language_model.layers.3') and whose values are devices this machine has ('cpu', 'disk', "
+            "0, 'cuda:1'); disk entries need offload_folder"
+        ) from err
     except OSError as err:
         raise SinkscopeError(
             f"could not load weights of {spec!r}: {err}. sinkscope loads safetensors only (pickled .bin/.pt files can run "

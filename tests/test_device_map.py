@@ -1,0 +1,131 @@
+"""Models across devices: a layer-split device map (accelerate's hooks, layers offloaded to disk and
+brought back per forward) gives the same scan, knockout, VAR and sink injection as one device;
+device maps this machine cannot honour fail with a message naming the fix.
+
+On a CPU-only machine every placed layer executes on the CPU, but the path is the one a multi-GPU
+map takes: accelerate's AlignDevicesHook on each dispatched module moves inputs and (for the
+offloaded layers) weights in and out around every forward, and weights rest on `meta`.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ORGANISM_ASSET, quiet
+from sinkscope.errors import SinkscopeError
+
+
+def _split_map(n_layers: int) -> dict:
+    """Vision tower and first half of the language model on the CPU, the second half offloaded to disk."""
+    placed = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+              "model.language_model.embed_tokens": "cpu", "model.language_model.rotary_emb": "cpu",
+              "model.language_model.norm": "disk", "lm_head": "cpu"}
+    for i in range(n_layers):
+        placed[f"model.language_model.layers.{i}"] = "cpu" if i < n_layers // 2 else "disk"
+    return placed
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(single-device organism, the organism loaded with a layer-split device map)."""
+    from sinkscope.models import load
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    single = quiet(load, "organism")
+    split = quiet(load, "organism", device_map=_split_map(single.num_layers),
+                  offload_folder=str(tmp_path_factory.mktemp("offload")))
+    assert split.device_map is not None and "disk" in split.device_map.values()
+    assert split.layers[single.num_layers - 1].self_attn.q_proj.weight.device.type == "meta"  # offloaded at rest
+    assert split.device.type == "cpu"
+    return single, split
+
+
+def _scan(adapter, out):
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    cfg = ScanConfig(model="organism", data="demo", limit=4, batch_size=2, calibration=4)
+    return quiet(run_scan, str(out), cfg, adapter=adapter, resume=False, log=lambda m: None, figures=False)
+
+
+def test_split_device_map_gives_the_same_scan(pair, tmp_path):
+    single, split = pair
+    a, b = _scan(single, tmp_path / "single"), _scan(split, tmp_path / "split")
+    assert (a.path / "sink_dims.json").read_text() == (b.path / "sink_dims.json").read_text()
+    for table in ("head_scores", "token_stats", "sink_tokens", "massive_activations", "sink_summary"):
+        pd.testing.assert_frame_equal(pd.read_csv(a.path / f"{table}.csv"), pd.read_csv(b.path / f"{table}.csv"),
+                                      check_exact=False, rtol=1e-6, atol=1e-7)
+    assert pd.read_csv(a.path / "sink_tokens.csv").shape[0] > 0
+
+
+def _batch(adapter):
+    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.tasks import load_samples
+
+    return prepare_batch(adapter, load_samples("demo", 2))
+
+
+def test_edits_on_a_split_model_equal_one_device(pair):
+    from sinkscope.interventions.knockout import knockout
+    from sinkscope.interventions.sink_signature import SinkSignature, inject_sink
+    from sinkscope.interventions.var import calibrate, var
+
+    single, split = pair
+    batch = _batch(single)
+    inputs = single.forward_inputs(batch)
+    config = calibrate(single, batch)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    visual = single.token_kinds(batch["input_ids"], batch["attention_mask"]).visual_mask
+    keys = visual & (torch.arange(visual.shape[1]) % 3 == 0)  # a third of the image tokens
+    signature = SinkSignature.discover(single, batch)
+    target = visual & (torch.arange(visual.shape[1]) % 7 == 0)
+    outputs = {}
+    for name, adapter in (("single", single), ("split", split)):
+        with torch.no_grad():
+            with var(adapter, config) as run:
+                v = adapter.model.generate(**inputs, **gen, output_scores=True, return_dict_in_generate=True)
+                sinks = run.sinks(run.resolved.layers[0]).cpu()
+            with knockout(adapter, keys):
+                k = adapter.model(**inputs).logits
+            with inject_sink(adapter, target, signature=signature):
+                i = adapter.model(**inputs).logits
+        outputs[name] = (v.sequences, torch.stack(v.scores), sinks, k, i)
+    for what, x, y in zip(("VAR tokens", "VAR scores", "VAR sinks", "knockout logits", "injection logits"),
+                          outputs["single"], outputs["split"]):
+        assert torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-5), what
+    assert outputs["single"][2].any()  # VAR found sinks to redistribute
+
+
+@pytest.mark.parametrize("device_map,max_memory,device,fix", [
+    ({"model.language_model.layers.0": 3}, None, None, "GPU 3"),
+    ({"model.language_model.layers.0": "cuda:1"}, None, None, "CUDA"),
+    ("everywhere", None, None, "auto, balanced"),
+    ("auto", {7: "10GiB"}, None, "GPU 7"),
+    ("auto", None, "cpu", "give one"),
+    (None, {"cpu": "10GiB"}, None, "--device-map auto"),
+])
+def test_bad_device_maps_name_the_fix(device_map, max_memory, device, fix):
+    from sinkscope.models import load
+
+    if torch.cuda.is_available():
+        pytest.skip("the messages checked here are those of a machine without CUDA")
+    with pytest.raises(SinkscopeError, match=fix):
+        load("organism", device=device, device_map=device_map, max_memory=max_memory)
+
+
+def test_parse_max_memory_and_device_map(tmp_path):
+    import json
+
+    from sinkscope.devices import parse_device_map, parse_max_memory
+
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}
+    with pytest.raises(SinkscopeError, match="DEVICE=SIZE"):
+        parse_max_memory("0:20GiB")
+    assert parse_device_map("auto") == "auto"
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"model.language_model.layers.0": "cpu"}))
+    assert parse_device_map(str(path)) == {"model.language_model.layers.0": "cpu"}
+    with pytest.raises(SinkscopeError, match="JSON file"):
+        parse_device_map("nowhere.json")
