@@ -133,12 +133,13 @@ def summarize_contributions(folder: RunFolder, cfg: ContributionsConfig, figures
 
 def ov_norm_line(r: pd.Series, start_layer: int) -> str:
     """The per-unit-of-attention ratio (||W_O v|| of visual sinks over other image tokens, a contributions.csv row)
-    by the findings rule: more or less than 1 only where its 95% CI excludes 1."""
+    by the findings rule: more or less than 1 only where its 95% CI excludes 1; '' when no sample holds both
+    classes (the findings already say there is nothing to compare)."""
     from sinkscope.findings import Estimate, effect_clause, n_clause
 
     n = 0 if pd.isna(r["n_samples"]) else int(r["n_samples"])
     if not n or not np.isfinite(float(r["ratio_sink_over_nonsink"])):
-        return f"Per unit of attention (||W_O v||), layers >= {start_layer}: nothing to compare ({n_clause(n)}).\n"
+        return ""
     est = Estimate(float(r["ratio_sink_over_nonsink"]), float(r["ci_low"]), float(r["ci_high"]), n)
     _, clause = effect_clause(est, "a visual sink would write more than another image token",
                               "a visual sink would write less than another image token", null=1.0)
@@ -162,8 +163,9 @@ def _write_index(folder, cfg, summary, heads, figs) -> None:
         lines.append("**No visual sinks found** in layers >= {0}: there is no sink / non-sink ratio to report.\n"
                      .format(cfg.start_layer))
     lines += step_findings_section("contributions", folder.path)
-    if not pooled.empty and "ov_norm" in pooled.index:
-        lines.append(ov_norm_line(pooled.loc["ov_norm"], cfg.start_layer))
+    ov_norm = ov_norm_line(pooled.loc["ov_norm"], cfg.start_layer) if "ov_norm" in pooled.index else ""
+    if ov_norm:
+        lines.append(ov_norm)
     if "bars" in figs:
         lines.append(f"![contributions]({figs['bars']})\n")
     lines.append(markdown_table(summary, max_rows=60))
