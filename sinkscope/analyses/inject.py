@@ -2,8 +2,9 @@
 
 The paper's evidence that sinks are sinks because of their massive sink-dim values is
 correlational. Here the signature is written in (sinkscope.interventions.sink_signature): at the
-residual stream entering the injection layer (default: the onset layer of the scan's discovery),
-the sink-dim coordinates of chosen tokens are set to `scale` x the first token's, over a log grid
+residual stream entering the injection layer (default: the first layer, from the onset of the scan's
+discovery on, where the first token is a sink by the scan's own rule: the signature of a sink), the
+sink-dim coordinates of chosen tokens are set to `scale` x the first token's, over a log grid
 of scales. Tokens: `n_tokens` per sample from each group (background image tokens, object image
 tokens, prompt text tokens before the queries; never a token that already is a sink there, nor
 the first token), matched counts, `n_seeds` draws. Controls on the same tokens: `random_dim` (the
@@ -60,7 +61,7 @@ class InjectConfig(AnalysisConfig):
     treatments: list[str] = field(default_factory=lambda: list(TREATMENTS))
     n_tokens: int = 2  # injected tokens per sample and group (matched counts)
     n_seeds: int = 2  # draws of tokens (and of the control's random dim)
-    layer: int | None = None  # injection layer (default: the discovery's onset layer)
+    layer: int | None = None  # injection layer (default: first layer where the first token is a sink by the rule)
     var: bool = True  # what VAR does to injected sinks
     var_scale: float = 1.0
     max_new_tokens: int = 4
@@ -139,6 +140,29 @@ def signature_of(s, cfg) -> SinkSignature:
     if not 0 <= sig.layer < n:
         raise SinkscopeError(f"--layer {sig.layer} is out of range: the model has {n} layers (0..{n - 1})")
     return sig
+
+
+@torch.no_grad()
+def first_sink_layer(adapter, samples, sig: SinkSignature, n: int, batch_size: int) -> tuple[int, str]:
+    """The first layer, from the discovery's onset on, where the first token is a sink by the scan's rule
+    (median score over the first n samples >= tau), and why; the onset itself when no layer qualifies."""
+    scores = []
+    for i in range(0, min(n, len(samples)), batch_size):
+        chunk = samples[i: min(i + batch_size, n)]
+        inputs = model_inputs(adapter, prepare_batch(adapter, chunk))
+        kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
+        hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
+        rows, first = torch.arange(len(chunk)), first_positions(kinds)
+        real = (kinds.kind != PAD)
+        scores.append(torch.stack([sink_score(hidden[l], list(sig.dims), sig.score, token_mask=real, eps=sig.eps)
+                                   [rows, first].float().cpu() for l in range(adapter.num_layers)], dim=1))
+    median = torch.cat(scores).median(dim=0).values  # [layer]
+    for layer in range(sig.layer, adapter.num_layers):
+        if sig.tau is not None and float(median[layer]) >= sig.tau:
+            return layer, (f"the first layer from the discovery's onset ({sig.layer}) where the first token is a sink by "
+                           f"the scan's rule (median score {float(median[layer]):.3g} >= tau {sig.tau:.3g})")
+    return sig.layer, (f"the discovery's onset: the first token's median score never reaches tau {sig.tau} "
+                       f"(largest {float(median.max()):.3g})")
 
 
 def background_mask(samples, kinds: TokenKinds) -> torch.Tensor | None:
@@ -249,7 +273,17 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
     s = setup(out, "inject", cfg, adapter, resume, log)
     adapter = s.adapter
     sig = signature_of(s, cfg)
-    s.folder.update_meta(signature={"dims": list(sig.dims), "layer": sig.layer, "tau": sig.tau, "score": sig.score})
+    known = s.folder.meta.get("signature")
+    if cfg.layer is not None:
+        why = "given (--layer)"
+    elif known:
+        why = known["layer_reason"]
+        sig = SinkSignature(sig.dims, int(known["layer"]), sig.tau, sig.score, sig.eps)
+    else:
+        layer, why = first_sink_layer(adapter, s.samples, sig, cfg.calibration, cfg.batch_size)
+        sig = SinkSignature(sig.dims, layer, sig.tau, sig.score, sig.eps)
+    s.folder.update_meta(signature={"dims": list(sig.dims), "layer": sig.layer, "layer_reason": why, "tau": sig.tau,
+                                    "score": sig.score})
     if adapter.text_attention != "eager":
         adapter.set_text_attention("eager")
     from sinkscope.analyses.ablate import answer_token_ids
@@ -501,8 +535,8 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
     lines = [f"# Injecting the sink signature: `{cfg.model}` on `{cfg.data}`\n"]
     if meta.get("planted"):
         lines.append(PLANTED_BANNER)
-    lines.append(f"{meta.get('n_samples')} samples. At the residual stream entering layer {sig.layer} (the onset of the "
-                 f"first token's massive values in the scan's discovery, unless --layer), the sink dims {list(sig.dims)} "
+    lines.append(f"{meta.get('n_samples')} samples. At the residual stream entering layer {sig.layer} "
+                 f"({meta.get('signature', {}).get('layer_reason', 'given')}), the sink dims {list(sig.dims)} "
                  f"of {cfg.n_tokens} tokens per sample and group were set to scale x the first token's values, scales "
                  f"{cfg.scales}, {cfg.n_seeds} draws. Controls on the same tokens: the same added magnitude along a "
                  "random non-sink dim (`random_dim`), the token's state rescaled to the injected norm (`rescale`), no "
