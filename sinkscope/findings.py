@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Estimate", "Finding", "EFFECT", "NO_EFFECT", "NOTHING_TO_TEST", "MEASURED", "NO_CI", "num", "ci_text",
-           "has_ci", "ci_excludes", "effect_status", "effect_clause", "share_clause", "unique_top", "top_clause",
+           "has_ci", "ci_excludes", "effect_status", "effect_clause", "share_clause", "unique_top", "overlapping_top",
+           "top_clause",
            "unparseable_clause", "grid_choice_clause", "nothing_to_act_on", "nothing_clause", "n_clause",
            "finding_line", "findings_section", "RULE_NOTE"]
 
@@ -141,16 +142,37 @@ def unique_top(values: Sequence[float]) -> int | None:
     return int(at_best[0]) if len(at_best) == 1 else None
 
 
-def top_clause(values: Sequence[float], labels: Sequence[str], what: str) -> tuple[int | None, str]:
-    """(position of the top, sentence): names the top only when it is unique (see `unique_top`).
+def overlapping_top(values: Sequence[float], ci_low: Sequence[float], ci_high: Sequence[float]) -> list[int]:
+    """Positions of the others whose 95% CI overlaps the unique top's (its lower bound at or below their upper
+    bound): the top is not resolved from them. [] when there is no unique top or no CI overlaps it."""
+    top = unique_top(values)
+    if top is None:
+        return []
+    low, high = np.asarray(ci_low, dtype=float), np.asarray(ci_high, dtype=float)
+    if not np.isfinite(low[top]):
+        return []
+    order = np.argsort(-np.nan_to_num(np.asarray(values, dtype=float), nan=-np.inf), kind="stable")
+    return [int(i) for i in order if i != top and np.isfinite(high[i]) and high[i] >= low[top]]
 
-    values: [k] scores; labels: [k] names of what is scored; what: the noun of the score.
+
+def top_clause(values: Sequence[float], labels: Sequence[str], what: str, ci_low: Sequence[float] | None = None,
+               ci_high: Sequence[float] | None = None, shown: int = 3) -> tuple[int | None, str]:
+    """(position of the top, sentence): names the top only when it is unique (see `unique_top`); with CIs, says
+    when the top's 95% CI overlaps others' (see `overlapping_top`), naming up to `shown` of them.
+
+    values, ci_low, ci_high: [k] scores and their CIs; labels: [k] names of what is scored; what: the noun of the score.
     """
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     top = unique_top(values)
     if top is not None:
-        return top, f"{labels[top]} has the largest {what}"
+        close = overlapping_top(values, ci_low, ci_high) if ci_low is not None and ci_high is not None else []
+        if not close:
+            return top, f"{labels[top]} has the largest {what}"
+        names = ", ".join(labels[i] for i in close[:shown]) + (f" and {len(close) - shown} more" if len(close) > shown
+                                                                 else "")
+        return top, (f"{labels[top]} has the largest {what} ({num(values[top])}), but its {ci_text(ci_low[top], ci_high[top])} "
+                     f"overlaps the CIs of {len(close)} other(s) ({names}): which of them is largest is not resolved")
     if len(x) == 0:
         return None, f"no {what} to rank"
     if np.all(x == x[0]):

@@ -631,3 +631,30 @@ def test_a_step_page_without_readable_tables_says_so(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"n_samples": 4}))
     lines = step_findings_section("patching", tmp_path)  # no patching.csv
     assert lines[0] == "## Findings\n" and "could not be read from the step's tables" in lines[1]
+
+
+def test_a_top_whose_ci_overlaps_others_is_said_unresolved():
+    labels = ["L3.H0", "L2.H3", "L4.H0", "L3.H1"]
+    values, low, high = [0.597, 0.586, 0.571, 0.0645], [0.557, 0.532, 0.541, 0.056], [0.641, 0.646, 0.602, 0.074]
+    assert fr.overlapping_top(values, low, high) == [1, 2]
+    top, text = fr.top_clause(values, labels, "attention to visual sinks", low, high)
+    assert top == 0 and text == ("L3.H0 has the largest attention to visual sinks (0.597), but its 95% CI 0.557 to "
+                                 "0.641 overlaps the CIs of 2 other(s) (L2.H3, L4.H0): which of them is largest is "
+                                 "not resolved")
+    separated = [0.7, 0.65, 0.6, 0.1]
+    assert fr.top_clause(separated, labels, "attention", [0.66, 0.5, 0.5, 0.0], [0.74, 0.64, 0.65, 0.2]) == \
+        (0, "L3.H0 has the largest attention")
+    assert fr.overlapping_top([0.2, 0.2], [0.1, 0.1], [0.3, 0.3]) == []  # a tie has no unique top to qualify
+    assert fr.overlapping_top([0.5, 0.2], [math.nan, 0.1], [math.nan, 0.3]) == []  # no CI: nothing to say
+
+
+def test_heads_page_says_when_the_top_head_is_not_resolved():
+    from sinkscope.analyses.heads import per_head_lines
+
+    heads = pd.DataFrame([{"layer": l, "head": h, "visual_sink_attention": v, "visual_sink_attention_ci_low": lo,
+                           "visual_sink_attention_ci_high": hi, "image_attention": 0.1 * (i + 1)}
+                          for i, (l, h, v, lo, hi) in enumerate(((3, 0, 0.597, 0.557, 0.641), (2, 3, 0.586, 0.532, 0.646),
+                                                                 (3, 1, 0.0645, 0.056, 0.074)))])
+    text = "\n".join(per_head_lines(heads))
+    assert "overlaps the CIs of 1 other(s) (L2.H3): which of them is largest is not resolved" in text
+    assert "Heads ranked by attention to visual sinks" in text

@@ -257,14 +257,18 @@ def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> Non
 
 def per_head_lines(heads: pd.DataFrame) -> list[str]:
     """Markdown lines on head_scores.csv: which head (if any) gives visual sinks and image tokens the largest
-    share of its attention, named only when it is the unique largest (findings.top_clause), and the table, ranked
-    only when there is a unique top (among ties or zeros the heads are listed by layer and head)."""
+    share of its attention, named only when it is the unique largest (findings.top_clause), with the heads whose CI
+    overlaps its own, and the table, ranked only when there is a unique top (among ties or zeros the heads are listed
+    by layer and head)."""
     from sinkscope.findings import top_clause
     from sinkscope.report import markdown_table
 
     labels = [f"L{int(l)}.H{int(h)}" for l, h in zip(heads["layer"], heads["head"])]
     lines = []
-    top, clause = top_clause(heads["visual_sink_attention"].to_numpy(float), labels, "attention to visual sinks")
+    has_ci = {"visual_sink_attention_ci_low", "visual_sink_attention_ci_high"} <= set(heads.columns)
+    top, clause = top_clause(heads["visual_sink_attention"].to_numpy(float), labels, "attention to visual sinks",
+                             heads["visual_sink_attention_ci_low"].to_numpy(float) if has_ci else None,
+                             heads["visual_sink_attention_ci_high"].to_numpy(float) if has_ci else None)
     if heads["visual_sink_attention"].fillna(0).le(0).all():
         lines.append(f"**No visual sinks found**: every one of the {len(heads)} heads gives visual sinks 0 attention, "
                      "so no head is named.\n")
