@@ -355,7 +355,11 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
 
 @torch.no_grad()
 def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, yes_no) -> list[dict]:
-    """none / var / inject / inject+var on background tokens: answers, logit difference, VAR's detection."""
+    """none / var / inject / inject+var on background tokens: answers, logit difference, VAR's detection.
+
+    VAR is calibrated (`interventions.var.calibrate`: sink dims and tau) on the batch as the model sees it:
+    with the injection for inject+var, without it for var; its sink detector then decides, per prompt at
+    prefill, which tokens are sinks."""
     import contextlib
 
     from sinkscope.eval.pope import parse_yes_no
@@ -365,7 +369,8 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
     if pool is None or sign is None:
         return []
     mask, ok = draw_tokens(pool, cfg.n_tokens, rng)
-    config = VARConfig(sink_dims=list(sig.dims), tau=sig.tau, sink_score=sig.score)
+    from sinkscope.interventions.var import calibrate
+
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     rows = []
     for condition in ("none", "var", "inject", "inject+var"):
@@ -374,7 +379,9 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
             if injected:
                 stack.enter_context(inject_sink(adapter, mask.to(adapter.device), layer=sig.layer,
                                                 scale=cfg.var_scale, signature=sig))
-            run = stack.enter_context(var(adapter, config, fallback="eager")) if condition.endswith("var") else None
+            config = (calibrate(adapter, batch, VARConfig(sink_score=sig.score), start_layer=cfg.start_layer)
+                      if condition.endswith("var") else None)  # under the injection when there is one
+            run = stack.enter_context(var(adapter, config, fallback="eager")) if config is not None else None
             logits = adapter.model(**inputs).logits
             found = math.nan
             if run is not None:
@@ -392,7 +399,9 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
                 found = float((flagged[b] * mask[b].float()).sum() / mask[b].sum())
             rows.append({"sample": x.sample_id, "condition": condition, "n_tokens": int(mask[b].sum()),
                          "answer": answers[b], "correct": answers[b] == x.answer.strip().lower(),
-                         "logit_diff": float(diff[b]), "var_flags_injected": found})
+                         "logit_diff": float(diff[b]), "var_flags_injected": found,
+                         "var_dims": "" if config is None else ",".join(str(d) for d in config.sink_dims),
+                         "var_tau": math.nan if config is None else float(config.tau)})
     return rows
 
 
@@ -485,7 +494,10 @@ def var_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         better, worse = int(np.sum(corr > b)), int(np.sum(corr < b))
         p = float(stats.binomtest(better, better + worse, 0.5).pvalue) if condition != "none" and better + worse else math.nan
         flags = g["var_flags_injected"].to_numpy(float)
+        taus = g["var_tau"].to_numpy(float) if "var_tau" in g else np.array([math.nan])
         rows.append({"condition": condition, "accuracy": float(np.mean(corr)), "ci_low": lo, "ci_high": hi,
+                     "var_dims": ";".join(sorted(set(str(x) for x in g.get("var_dims", pd.Series(dtype=str)).dropna()))),
+                     "var_tau": float(np.nanmedian(taus)) if np.isfinite(taus).any() else math.nan,
                      "p_value": p, "logit_diff": float(np.mean(diff)), "logit_diff_ci_low": dlo,
                      "logit_diff_ci_high": dhi, "var_flags_injected": float(np.nanmean(flags)) if np.isfinite(flags).any() else math.nan,
                      "n": len(corr)})
@@ -584,13 +596,16 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
                              f"{fmt_ci(b['value'], b['ci_low'], b['ci_high'])} injected at scale {top:g}.")
     if len(var_summary):
         lines.append("\n## What VAR does to injected sinks\n")
-        lines.append(f"Background image tokens injected at scale {cfg.var_scale:g} ({cfg.n_tokens} per sample); VAR with the "
-                     "scan's sink dims and tau (paper defaults otherwise). Accuracy: greedy yes/no answers; p: exact McNemar "
+        lines.append(f"Background image tokens injected at scale {cfg.var_scale:g} ({cfg.n_tokens} per sample); VAR calibrated "
+                     "(sink dims and tau) on each batch as the model sees it, with or without the injection (paper "
+                     "defaults otherwise). Accuracy: greedy yes/no answers; p: exact McNemar "
                      "against `none`. `var_flags_injected`: share of injected tokens VAR's sink detector flags, mean over "
                      "VAR's layers from the injection layer on.\n")
         for _, r in var_summary.iterrows():
             p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
-            flag = "" if pd.isna(r["var_flags_injected"]) else f"; VAR flags {r['var_flags_injected']:.2f} of the injected tokens"
+            flag = ("" if pd.isna(r["var_flags_injected"]) else
+                    f"; VAR calibrated to dims {r['var_dims']}, tau {r['var_tau']:.3g}, flags {r['var_flags_injected']:.2f} "
+                    "of the injected tokens")
             lines.append(f"- `{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}{p}; logit "
                          f"difference {r['logit_diff']:.3g}{flag} (n = {int(r['n'])}).")
         lines.append("")
