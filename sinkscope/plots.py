@@ -474,8 +474,9 @@ def location_shares(table: pd.DataFrame, path: Path) -> str:
     high = np.clip(t["ci_high"].to_numpy(dtype=float) * base, 0, 1)
     err = np.vstack([share - low, high - share])
     has = np.isfinite(share)
-    ax.bar(x[has] - 0.2, share[has], 0.4, yerr=np.nan_to_num(np.abs(err[:, has])), color="#d62728",
-           label="visual sinks (95% CI)")
+    if has.any():
+        ax.bar(x[has] - 0.2, share[has], 0.4, yerr=np.nan_to_num(np.abs(err[:, has])), color="#d62728",
+               label="visual sinks (95% CI)")
     ax.bar(x + 0.2, base, 0.4, color="#7f7f7f", label="all image tokens (base rate)")
     if (~has).any():
         ax.plot(x[~has] - 0.2, np.zeros((~has).sum()), "x", color="#d62728", ms=7, mew=1.5, clip_on=False,

@@ -397,6 +397,8 @@ def test_location_without_sinks_says_so(tmp_path, monkeypatch):
     fig, problems = _check(lambda d: plots.location_shares(table, d / "l.png"), tmp_path, monkeypatch)
     assert problems == []
     assert "no visual sinks in any layer" in fig.axes[0].get_title()
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["layer without visual sinks", "all image tokens (base rate)"]  # no key for bars not drawn
 
 
 def test_contributions_thin_layer_ticks_and_name_missing_classes(tmp_path, monkeypatch):
