@@ -42,6 +42,9 @@ _DATA = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl, a folder 
 _LIMIT = typer.Option(16, help="number of samples (the data's first N)")
 _DEVICE = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where the model loads)")
 _DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+_DEVICE_MAP = typer.Option(None, help="spread the model's layers over devices (accelerate): auto, balanced, "
+                           "balanced_low_0, sequential, or a JSON file {module name: device}; instead of --device")
+_MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
 _SEED = typer.Option(0, help="seed (bootstrap, random controls)")
 _TAU = typer.Option(None, help="sink threshold (default: chosen per sink score: 20 or the gap rule for phi, "
                     "100 for the layer-relative score)")
@@ -149,15 +152,19 @@ def _check_samples(run: RunConfig, question: str = "describe the image .") -> No
 
 
 def _load(run: RunConfig):
+    from sinkscope.devices import parse_device_map, parse_max_memory
     from sinkscope.models import load
 
-    return load(run.model, device=run.device, dtype=run.dtype)
+    return load(run.model, device=run.device, dtype=run.dtype, device_map=parse_device_map(run.device_map),
+                max_memory=parse_max_memory(run.max_memory))
 
 
 def _run_analysis(ctx: typer.Context, run: RunConfig, out: str, resume: bool, build: Callable[[str], object],
                   runner: str, question: str = "describe the image .") -> None:
     """Validate (options, --out, data), then load the model, resolve the sink score, run `runner`."""
     with _one_line_errors(ctx, out):
+        run.device_map = run.device_map or ctx.params.get("device_map")  # the command's --device-map, --max-memory
+        run.max_memory = run.max_memory or ctx.params.get("max_memory")
         run.validate()
         check_out(out)
         cfg = build(run.sink_score)
@@ -205,6 +212,7 @@ def scan(
     image_root: Optional[str] = typer.Option(None, help="root for relative image paths in a .jsonl file"),
     device: Optional[str] = _DEVICE,
     dtype: Optional[str] = _DTYPE,
+    device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
     seed: int = typer.Option(0, help="torch seed set before the run"),
     token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
                                     "or auto (all while under ~2M rows)"),
@@ -276,6 +284,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
           summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
           device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+          device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
           sink_score: str = _SCORE, resume: bool = _RESUME):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -295,6 +304,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
 def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/contributions"),
                   limit: Optional[int] = _LIMIT, batch_size: int = _BATCH, tau: Optional[float] = _TAU,
                   sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
+                  device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
                   seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -317,6 +327,7 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
                  "default: the demo world's ground truth"),
              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+             device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
              sink_score: str = _SCORE, resume: bool = _RESUME):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -340,6 +351,7 @@ def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: s
                                                                               "image's median token norm"),
               batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
               device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
+              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
               sink_score: str = _SCORE, resume: bool = _RESUME):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -365,6 +377,7 @@ def ablate(ctx: typer.Context, model: str = _MODEL,
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
            n_random: int = typer.Option(5, help="seeds of the random image-token control"),
            sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
+           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
            seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
            renormalize: bool = typer.Option(True, help="renormalise knocked-out rows to sum to 1 (the paper's "
                                             "knockout); --no-renormalize only zeroes the blocked entries, removing "
@@ -400,6 +413,7 @@ def patch(ctx: typer.Context, model: str = _MODEL,
           var: bool = typer.Option(True, help="also patch VAR-edited head outputs into the baseline run"),
           tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+          device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
           resume: bool = _RESUME):
     """Patch visual sinks / object tokens / image-centric heads from an image with the other answer, and
     VAR-edited heads into the baseline; effect on the answer's logit difference with CIs."""
@@ -437,6 +451,7 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              batch_size: int = typer.Option(16, help="questions per generate call"),
              tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
              dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+             device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
              resume: bool = _RESUME):
     """POPE (and CHAIR) with baseline, VAR and its controls; p and rho chosen on validation, reported on test."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -518,12 +533,14 @@ def inject(ctx: typer.Context, model: str = _MODEL,
                                                     "(default all)"),
            n_tokens: int = typer.Option(2, help="injected tokens per sample and group (matched counts)"),
            n_seeds: int = typer.Option(2, help="draws of tokens and of the control's random dim"),
-           layer: Optional[int] = typer.Option(None, help="injection layer (default: the onset of the first token's "
-                                               "massive values in the scan's discovery)"),
+           layer: Optional[int] = typer.Option(None, help="injection layer (default: the first layer, from the "
+                                               "discovery's onset on, where the first token is a sink by the scan's "
+                                               "rule)"),
            var: bool = typer.Option(True, help="also run VAR on background tokens injected at --var-scale"),
            var_scale: float = typer.Option(1.0, help="injection scale of the VAR comparison"),
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
            resume: bool = _RESUME):
     """Write the sink signature into background / object / text tokens: dose-response with controls, VAR on it."""
     from sinkscope.analyses.inject import GROUPS, TREATMENTS
@@ -562,6 +579,7 @@ def remove(ctx: typer.Context,
            calibration: int = typer.Option(8, help="samples for sink dims, tau and the targets' own mean"),
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
+           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
            resume: bool = _RESUME):
     """Take the sink signature away (first token / every sink / visual sinks, to zero or a mean): attention
     redistribution, answer accuracy, text perplexity."""

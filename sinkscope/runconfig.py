@@ -37,6 +37,8 @@ class RunConfig:
     calibration: int = 16  # samples that discover sink dims and choose tau
     device: str | None = None  # None: where the model loads (the CPU)
     dtype: str | None = None  # None: the checkpoint's
+    device_map: str | None = None  # accelerate: auto | balanced | balanced_low_0 | sequential | a JSON file
+    max_memory: str | None = None  # caps for device_map, e.g. "0=20GiB,cpu=64GiB"
     seed: int = 0
     sink_score: str = "auto"  # auto | rms (the paper's phi) | layer (layer-relative, for narrow models)
     tau: float | None = None  # None: chosen per sink score
@@ -60,6 +62,11 @@ class RunConfig:
         _check_indices("--layers", self.layers, "layer indices", "2,3,4")
         check_data(self.data, self.image_root)
         self.device_and_dtype()
+        if self.device_map or self.max_memory:
+            from sinkscope import devices  # torch: only when a device map is asked for
+
+            devices.check_device_map(devices.parse_device_map(self.device_map),
+                                     devices.parse_max_memory(self.max_memory), devices.resolve_device(self.device))
 
     def device_and_dtype(self):
         """(device, torch dtype) as `sinkscope.devices` resolves them; raises when this machine cannot run them."""

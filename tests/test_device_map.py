@@ -129,3 +129,27 @@ def test_parse_max_memory_and_device_map(tmp_path):
     assert parse_device_map(str(path)) == {"model.language_model.layers.0": "cpu"}
     with pytest.raises(SinkscopeError, match="JSON file"):
         parse_device_map("nowhere.json")
+
+
+def test_cli_scan_with_a_device_map_file_equals_one_device(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    placed = _split_map(6)
+    placed = {k: ("cpu" if v == "disk" else v) for k, v in placed.items()}  # disk needs an offload folder
+    (tmp_path / "map.json").write_text(json.dumps(placed))
+    common = ["scan", "--model", "organism", "--limit", "2", "--calibration", "2", "--batch-size", "2"]
+    runner = CliRunner()
+    one = runner.invoke(app, common + ["--out", str(tmp_path / "one")])
+    split = runner.invoke(app, common + ["--out", str(tmp_path / "split"), "--device-map", str(tmp_path / "map.json")])
+    assert one.exit_code == 0 and split.exit_code == 0, (one.output, split.output)
+    for table in ("head_scores", "token_stats"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / f"{table}.csv"),
+                                      pd.read_csv(tmp_path / "split" / f"{table}.csv"))
+    bad = runner.invoke(app, common + ["--out", str(tmp_path / "bad"), "--device-map", "everywhere"])
+    assert bad.exit_code == 2 and "--device-map 'everywhere'" in bad.output and not (tmp_path / "bad").exists()
