@@ -287,10 +287,17 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
             continue
         for _, r in t.iterrows():
             n = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
-            n_removed = f", {float(n['value'].iloc[0]):.2g} tokens per sample edited" if len(n) else ""
+            k = float(n["value"].iloc[0]) if len(n) else math.nan
+            if r["target"] == "none":
+                lines.append(f"- {what}, unmodified: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}.")
+                continue
+            if k == 0:
+                lines.append(f"- {what}, `{r['target']}` to `{r['to']}`: no such token in any edited layer, nothing was "
+                             "removed (the model ran unmodified).")
+                continue
             p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
-            label = "unmodified" if r["target"] == "none" else f"`{r['target']}` to `{r['to']}`"
-            lines.append(f"- {what}, {label}{n_removed}: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}{p}.")
+            lines.append(f"- {what}, `{r['target']}` to `{r['to']}` ({k:.2g} tokens per sample edited): "
+                         f"{fmt_ci(r['value'], r['ci_low'], r['ci_high'])}{p}.")
         lines.append("")
     if len(attention):
         first = attention[(attention["target"] == "first")]
@@ -314,9 +321,11 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
 # ---------------------------------------------------------------------------------------
 
 def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
-    """`sinkscope report` step: every target and replacement on the demo's mixed tasks (or the report's data)."""
+    """`sinkscope report` step: every target and replacement, entering every layer from the onset on (at the onset
+    alone a narrow model's first token may not yet be a sink by the rule), on the demo's mixed tasks (or the
+    report's data)."""
     config = RemoveConfig(model=cfg.model, limit=min(int(cfg.limit or 16), 16), device=cfg.device, dtype=cfg.dtype,
-                          seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
+                          seed=cfg.seed, tau=cfg.tau, sink_score=sink_score, layers="all")
     if cfg.data != "demo":
         config.data = cfg.data
     run_remove(str(folder), config, adapter=adapter, log=log)
@@ -324,7 +333,7 @@ def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
 
 def report_findings(folder) -> list:
     """Findings: accuracy (or perplexity) with each removal against the unmodified model."""
-    from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
+    from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Finding, num
 
     folder = Path(folder)
     table = pd.read_csv(folder / "remove.csv")
@@ -340,6 +349,11 @@ def report_findings(folder) -> list:
         for _, r in t[t["target"] != "none"].iterrows():
             n_removed = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
             k = float(n_removed["value"].iloc[0]) if len(n_removed) else math.nan
+            if k == 0:
+                out.append(Finding("remove", f"{metric}, {r['target']} to {r['to']}", math.nan, n=int(r["n_samples"]),
+                                   status=NOTHING_TO_TEST, sentence=f"No `{r['target']}` token in any edited layer: "
+                                   "nothing was removed."))
+                continue
             sentence = (f"Sink dims of `{r['target']}` ({num(k)} tokens per sample) set to `{r['to']}`; unmodified "
                         f"{num(b['value'])}")
             if metric == "accuracy" and pd.notna(r["p_value"]):
