@@ -218,6 +218,8 @@ def scan(
                                     "or auto (all while under ~2M rows)"),
     resume: bool = _RESUME,
     sink_score: str = _SCORE,
+    remote: Optional[str] = typer.Option(None, help="local: run every trace through nnsight's serialised dry run "
+                                         "of NDIF (reductions inside the trace; only they come back)"),
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, calibration=calibration,
@@ -229,7 +231,8 @@ def scan(
 
         return ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
                           calibration=calibration, rho=rho, summ=summ, question=question, image_root=image_root,
-                          device=device, dtype=dtype, seed=seed, token_stats=token_stats, sink_score=score)
+                          device=device, dtype=dtype, seed=seed, token_stats=token_stats, sink_score=score,
+                          remote=remote)
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.scan:run_scan", question)
 

@@ -12,6 +12,13 @@ they need, so a scan over N samples never holds N samples of attention maps:
     tracer = Tracer(adapter)
     cache = tracer.run_with_cache(batch)              # keep everything (notebooks, tests)
     tracer.run(batch, [MyReducer()], layers=[2, 3])   # stream (scans)
+    tracer.run(batch, [MyReducer()], remote="local")  # the trace serialised as for NDIF (see RemoteReducer)
+
+Remote runs (`remote="local"`, nnsight's serverless dry run of NDIF: the trace is serialised,
+deserialised with sinkscope's modules hidden, and run) take reducers that split in two: a small
+torch-only part that runs inside the trace and returns reductions ([batch, token], [batch, head],
+[batch, k]: never [layer, head, query, key]), and the reducer itself, which builds its tables from
+those reductions after the trace. A local run goes through the same split, so both give the same tables.
 """
 
 from __future__ import annotations
@@ -39,6 +46,48 @@ class Reducer(Protocol):
 
     # optional: `values(layer, v)` with v [batch, kv_head, key, head_dim], the value states the
     # attention function multiplies the probabilities with (run with values=True)
+
+
+class RemoteReducer(Protocol):
+    """A reducer that can run remotely: `in_trace()` (after `begin`) gives the part that runs inside the
+    trace, with `residual(layer, states)` / `attention(layer, probs)` (and optionally `values`) returning a
+    payload of small tensors or None; `take(kind, layer, payload)` receives each payload after the trace."""
+
+    def in_trace(self): ...
+
+    def take(self, kind: str, layer: int, payload) -> None: ...
+
+
+REMOTE_MODES = ("local",)
+
+
+class _PersistentObjects:
+    """What nnsight's local-simulation backend asks a remotable model for: the ids its pickles refer to.
+
+    A plain `NNsight` wrapper is not remotable; the ids are the ones `Envoy.__getstate__` tags (the
+    interleaver and every module by path), as nnsight's `Remotable` builds them.
+    """
+
+    def __init__(self, envoy):
+        self.envoy = envoy
+
+    def _remoteable_persistent_objects(self) -> dict:
+        objects = {"Interleaver": self.envoy.interleaver}
+        for envoy in self.envoy.modules():
+            objects[f"Module:{envoy.path}"] = envoy._module
+        return objects
+
+
+def remote_backend(envoy, remote):
+    """The nnsight backend of a remote run: "local" = serialise, deserialise with local modules hidden, run here."""
+    if remote not in REMOTE_MODES:
+        raise SinkscopeError(
+            f"remote={remote!r}: sinkscope runs traces remotely through nnsight's serverless dry run of NDIF, "
+            "remote='local' (the trace is serialised and deserialised as NDIF would); sending a trace to the NDIF "
+            "service itself needs the model wrapped as nnsight's hub-keyed LanguageModel and is not wired yet")
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    return LocalSimulationBackend(_PersistentObjects(envoy))
 
 
 @dataclass
@@ -178,7 +227,7 @@ class Tracer:
         return BatchInfo(ids, kinds, list(sample_ids) if sample_ids is not None else list(range(ids.shape[0])))
 
     def run(self, batch, reducers, layers=None, residual: bool = True, attention: bool = True,
-            sample_ids=None, return_logits: bool = False, values: bool = False):
+            sample_ids=None, return_logits: bool = False, values: bool = False, remote: str | None = None):
         """One forward pass; feed each requested layer's tensors to every reducer.
 
         batch: processor output (input_ids, attention_mask, pixel_values, ...).
@@ -186,6 +235,8 @@ class Tracer:
         when `return_logits`, else None. values: also hand reducers that have a `values` method
         the value states [batch, kv_head, key, head_dim] given to the attention function (before
         any repeat for grouped-query attention), read from that call's inputs.
+        remote: None (run here) or "local" (nnsight's serialised dry run of NDIF): every reducer must be a
+        `RemoteReducer`; only its in-trace part's payloads come back.
         """
         if attention and self.adapter.text_attention != "eager":
             raise SinkscopeError(
@@ -209,6 +260,15 @@ class Tracer:
         if values and self._labels is None and layers:
             # locate the ops once in a pass of their own: the call's inputs come before its inner ops
             self.run(batch, [], layers=[layers[0]], residual=False, attention=True)
+        if remote:
+            if return_logits:
+                raise SinkscopeError("a remote trace brings back reductions only, not the logits")
+            if (attention or values) and self._labels is None and layers:
+                self.run(batch, [], layers=[layers[0]], residual=False, attention=True)  # locate the ops here
+            self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
+            for r in reducers:
+                r.end()
+            return None
         holder: dict = {}
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
@@ -233,6 +293,40 @@ class Tracer:
         for r in reducers:
             r.end()
         return holder.get("logits")
+
+    def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
+        """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire."""
+        import nnsight
+
+        missing = [type(r).__name__ for r in reducers if not (hasattr(r, "in_trace") and hasattr(r, "take"))]
+        if missing:
+            raise SinkscopeError(f"{', '.join(missing)} cannot run remotely: a remote trace returns reductions only, "
+                                 "and this reducer needs the full tensors (give it in_trace() and take(); see "
+                                 "sinkscope.trace.RemoteReducer), or run without --remote")
+        parts = [r.in_trace() for r in reducers]
+        layer_envoys, attn_envoys = self._envoys
+        layer_at = {i: layer_envoys[i] for i in layers}
+        attn_at = {i: attn_envoys[i] for i in layers}
+        call, op = self._labels or (None, None)
+        with torch.no_grad(), self.envoy.trace(**inputs, backend=remote_backend(self.envoy, remote)):
+            collected = nnsight.save([])
+            for i in layers:
+                if residual:
+                    states = layer_at[i].input
+                    for j, part in enumerate(parts):
+                        collected.append((j, "residual", i, part.residual(i, states)))
+                if values:
+                    v = getattr(attn_at[i].source, call).inputs[0][3]
+                    for j, part in enumerate(parts):
+                        if hasattr(part, "values"):
+                            collected.append((j, "values", i, part.values(i, v)))
+                if attention:
+                    probs = getattr(getattr(attn_at[i].source, call).source, op).output
+                    for j, part in enumerate(parts):
+                        collected.append((j, "attention", i, part.attention(i, probs)))
+        for j, kind, layer, payload in collected:
+            if payload is not None:
+                reducers[j].take(kind, layer, payload)
 
     def run_with_cache(self, batch, layers=None, sample_ids=None) -> ActivationCache:
         """Run once and keep every requested layer's residual and attention."""

@@ -53,7 +53,7 @@ class ScanConfig:
     # auto: rms when sqrt(hidden) >= 40, else layer (runconfig.resolve_sink_score, the report's rule) |
     # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
     sink_score: str = "auto"
-
+    remote: str | None = None  # "local": every trace through nnsight's serialised dry run of NDIF
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -67,6 +67,8 @@ class ScanConfig:
                                  f"got {self.sink_score!r}")
         if self.token_stats not in ("all", "sinks", "auto"):
             raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
+        if self.remote not in (None, "local"):
+            raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
         if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
             raise SinkscopeError("--batch-size, --calibration and --top-k must be >= 1")
 
@@ -119,6 +121,96 @@ def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
     return is_text & (pos > last_image[:, None])
 
 
+class _BosInTrace:
+    """Inside the trace: the BOS row of the residual stream, [batch, dim] float32."""
+
+    def __init__(self, bos_pos: torch.Tensor):
+        self.bos_pos = bos_pos
+
+    def residual(self, layer, states):
+        rows = torch.arange(states.shape[0], device=states.device)
+        return states[rows, self.bos_pos.to(states.device)].float().cpu()
+
+    def attention(self, layer, probs):
+        return None
+
+
+class _PhiInTrace:
+    """Inside the trace: the sink score of every token, [batch, token] float32."""
+
+    def __init__(self, dims, eps, score, real):
+        self.dims, self.eps, self.score, self.real = dims, eps, score, real
+
+    def residual(self, layer, states):
+        return sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float().cpu()
+
+    def attention(self, layer, probs):
+        return None
+
+
+class ScanLayerReduction:
+    """The scan's per-layer reductions, torch only: they run inside the trace (also remotely) and return
+    what the tables need, never a [head, query, key] map.
+
+    residual -> phi [batch, token]; the top_k |x| of each sample (value, position, dim, token RMS) and
+    its median |x|; the top 3 |x|; with `profile`, sample 0's RMS-normalised rows ([dim]) of BOS, the
+    highest-phi image token and the median text token.
+    attention -> attention each token receives from the text queries after the image (mean over heads)
+    [batch, token]; per head, the query-averaged image attention, visual-sink attention, visual non-sink
+    ratio and image-centric share [batch, head].
+    """
+
+    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool):
+        self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
+        self.score, self.kinds, self.queries, self.profile = score, kinds, queries, profile
+        self.phi: dict = {}
+
+    def residual(self, layer, states):
+        x = states.detach().float()
+        kinds = self.kinds.to(x.device)
+        real = kinds.real_mask
+        batch, n_tok, dim = x.shape
+        rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, token]
+        mags = x.abs().masked_fill(~real[..., None], -1.0).reshape(batch, -1)
+        top = mags.topk(min(self.top_k, n_tok * dim), dim=1)
+        position = torch.div(top.indices, dim, rounding_mode="floor")
+        k3 = mags.topk(min(3, n_tok * dim), dim=1).values
+        median = torch.stack([x[b].abs()[real[b]].median() if real[b].any() else x.new_tensor(float("nan"))
+                              for b in range(batch)])
+        phi = sinks.sink_score(states, self.dims, self.score, real, self.eps).float()
+        self.phi[layer] = phi
+        out = {"phi": phi, "top_value": x.reshape(batch, -1).gather(1, top.indices), "top_position": position,
+               "top_dim": top.indices % dim, "top_rms": rms.gather(1, position), "top3": k3, "median": median,
+               "n_real": real.sum(dim=1)}
+        if self.profile:
+            normed = massive.rms_normalize(x[0:1], self.eps)[0]  # [token, dim]
+            out["profile_bos"] = normed[kinds.bos_mask[0]][0]
+            visual, text = kinds.visual_mask[0], kinds.text_mask[0]
+            if visual.any():
+                pos = torch.where(visual, phi[0], torch.full_like(phi[0], -1.0)).argmax()
+                out["profile_visual"], out["profile_visual_position"] = normed[pos], pos
+            if text.any():
+                out["profile_text_median"] = normed[text].median(dim=0).values
+        return {k: v.cpu() for k, v in out.items()}
+
+    def attention(self, layer, probs):
+        probs = probs.detach().float()
+        kinds = self.kinds.to(probs.device)
+        sink = (self.phi[layer] >= self.tau) & kinds.real_mask
+        queries = self.queries.to(probs.device)
+        n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
+        received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
+        stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & kinds.visual_mask, queries)
+        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
+        qf = queries[:, None, :].float()  # [batch, 1, query]
+        denom = qf.sum(dim=-1).clamp_min(1)
+        out = {name: (value.float() * qf).sum(-1) / denom for name, value in (  # [batch, head]
+            ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
+            ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
+        out["received"] = received
+        return {k: v.cpu() for k, v in out.items()}
+
+
 class _BosReducer:
     """Keeps the BOS token's residual state per layer: [sample, layer, dim]."""
 
@@ -132,10 +224,16 @@ class _BosReducer:
         self._current = []
 
     def residual(self, layer, states):
-        self._current.append(states[torch.arange(states.shape[0]), self._bos_pos].float().cpu())
+        self.take("residual", layer, self.in_trace().residual(layer, states))
 
     def attention(self, layer, probs):
         pass
+
+    def in_trace(self) -> "_BosInTrace":
+        return _BosInTrace(self._bos_pos)
+
+    def take(self, kind, layer, payload):
+        self._current.append(payload)
 
     def end(self):
         self.rows.append(torch.stack(self._current, dim=1))
@@ -157,10 +255,16 @@ class _PhiReducer:
         self._real = info.token_kinds.real_mask
 
     def residual(self, layer, states):
-        self._cur.append(sinks.sink_score(states, self.dims, self.score, self._real, self.eps).cpu())
+        self.take("residual", layer, self.in_trace().residual(layer, states))
 
     def attention(self, layer, probs):
         pass
+
+    def in_trace(self) -> "_PhiInTrace":
+        return _PhiInTrace(self.dims, self.eps, self.score, self._real)
+
+    def take(self, kind, layer, payload):
+        self._cur.append(payload)
 
     def end(self):
         self.values.append(torch.stack(self._cur, dim=1))
@@ -202,40 +306,62 @@ class ScanReducer:
             text = [strings[b][p] if strings and names[i] != "visual" else "" for i, p in enumerate(pos)]
             self.tokens.append(text)
             self.roles.append(sinks.token_roles(names, text))
+        self._local = None  # this batch's in-trace part, when the trace runs here
+
+    def in_trace(self) -> ScanLayerReduction:
+        return ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps, self.score,
+                                  self.kinds, self.queries, self.want_profile)
 
     def residual(self, layer: int, states: torch.Tensor):
-        states = states.detach()
-        top = massive.top_activations(states, self.kinds.kind, k=self.top_k, sample_ids=self.sample_ids, layer=layer)
-        if len(top):
-            rows = top["sample"].map({sid: b for b, sid in enumerate(self.sample_ids)}).to_numpy(dtype=int)
-            top["position"] = self.real_pos.numpy()[rows, top["position"].to_numpy(dtype=int)]
-        self.massive_rows.append(top)
-        self.magnitude_rows.append(massive.sample_magnitudes(states, self.kinds.kind, 3, self.sample_ids, layer))
-        phi = sinks.sink_score(states, self.dims, self.score, self.real, self.eps)
-        phi = phi.float().cpu()
-        self._phi[layer] = phi
-        if self.want_profile:
-            rms = massive.rms_normalize(states[0:1].float(), self.eps)[0].cpu()
-            visual = self.kinds.visual_mask[0]
-            entry = {"bos": rms[self.kinds.bos_mask[0]][0]}
-            if visual.any():
-                vphi = torch.where(visual, phi[0], torch.full_like(phi[0], -1.0))
-                pos = int(vphi.argmax())
-                entry.update(visual=rms[pos], visual_position=int(self.real_pos[0, pos]), visual_phi=float(phi[0, pos]))
-            text = self.kinds.text_mask[0]
-            if text.any():
-                entry["text_median"] = rms[text].median(dim=0).values
-            self.profile[layer] = entry
+        if getattr(self, "_local", None) is None:
+            self._local = self.in_trace()
+        self.take("residual", layer, self._local.residual(layer, states))
 
     def attention(self, layer: int, probs: torch.Tensor):
-        probs = probs.detach().float()  # reduced where it lies (its layer's device); only reductions come back
+        self.take("attention", layer, self._local.attention(layer, probs))
+
+    def take(self, kind: str, layer: int, payload: dict) -> None:
+        """Tables from one layer's reductions (ScanLayerReduction), here or after a remote trace."""
+        if kind == "residual":
+            self._take_residual(layer, payload)
+        elif kind == "attention":
+            self._take_attention(layer, payload)
+
+    def _take_residual(self, layer: int, p: dict) -> None:
+        rows, mags = [], []
+        for b, sid in enumerate(self.sample_ids):
+            n_real = int(p["n_real"][b])
+            if n_real == 0:
+                continue
+            median = float(p["median"][b])
+            for rank in range(p["top_value"].shape[1]):
+                pos, value = int(p["top_position"][b, rank]), float(p["top_value"][b, rank])
+                rows.append({"sample": sid, "layer": layer, "position": int(self.real_pos[b, pos]),
+                             "token_kind": KIND_NAMES.get(int(self.kinds.kind[b, pos]), str(int(self.kinds.kind[b, pos]))),
+                             "dim": int(p["top_dim"][b, rank]), "value": value,
+                             "rms_value": value / float(p["top_rms"][b, rank]),
+                             "ratio_to_median": abs(value) / max(median, 1e-12), "rank": rank + 1})
+            top3 = p["top3"][b].tolist() + [float("nan")] * (3 - p["top3"].shape[1])
+            mags.append({"sample": sid, "layer": layer, "top1": top3[0], "top2": top3[1], "top3": top3[2],
+                         "median": median})
+        self.massive_rows.append(pd.DataFrame(rows, columns=["sample", "layer", "position", "token_kind", "dim",
+                                                             "value", "rms_value", "ratio_to_median", "rank"]))
+        self.magnitude_rows.append(pd.DataFrame(mags, columns=["sample", "layer", "top1", "top2", "top3", "median"]))
+        self._phi[layer] = p["phi"]
+        if self.want_profile and "profile_bos" in p:
+            entry = {"bos": p["profile_bos"]}
+            if "profile_visual" in p:
+                pos = int(p["profile_visual_position"])
+                entry.update(visual=p["profile_visual"], visual_position=int(self.real_pos[0, pos]),
+                             visual_phi=float(p["phi"][0, pos]))
+            if "profile_text_median" in p:
+                entry["text_median"] = p["profile_text_median"]
+            self.profile[layer] = entry
+
+    def _take_attention(self, layer: int, p: dict) -> None:
         phi = self._phi[layer]
         sink = (phi >= self.tau) & self.real
-        visual_sink = sink & self.kinds.visual_mask
-        queries = self.queries.to(probs.device)
-        n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
-        # attention each key receives, mean over heads and the text queries after the image
-        received = ((probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]).cpu()  # [batch, key]
+        received = p["received"]
         for b, sid in enumerate(self.sample_ids):
             real = self.real[b]
             pos = torch.nonzero(real).flatten()
@@ -247,21 +373,13 @@ class ScanReducer:
                 "phi": phi[b, pos].numpy(), "is_sink": sink[b, pos].numpy(),
                 "attention_received": received[b, pos].numpy(),
             }))
-        stats = head_measures.visual_attention_stats(probs, self.kinds.visual_mask, visual_sink, queries)
-        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
-        qf = queries[:, None, :].float()  # [batch, 1, query]
-        denom = qf.sum(dim=-1).clamp_min(1)
-        per_head = {name: ((value.float() * qf).sum(-1) / denom).cpu() for name, value in (  # [batch, head]
-            ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
-            ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
         n_queries = self.queries.sum(dim=1)
+        names = ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric")
         for b, sid in enumerate(self.sample_ids):
-            frame = pd.DataFrame({
-                "sample": sid, "layer": layer, "head": range(probs.shape[1]),
-                **{name: value[b].numpy() for name, value in per_head.items()},
-                "n_queries": int(n_queries[b]),
-            })
-            self.head_rows.append(frame)
+            self.head_rows.append(pd.DataFrame({
+                "sample": sid, "layer": layer, "head": range(p["image_attention"].shape[1]),
+                **{name: p[name][b].numpy() for name in names}, "n_queries": int(n_queries[b]),
+            }))
 
     def end(self):
         pass
@@ -296,7 +414,7 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
         for chunk in progress(calib, cfg.batch_size, "sink dims"):
             batch, chunk = prepare_readable(adapter, chunk, [])  # unreadable ones are recorded by the main pass
             if chunk:
-                tracer.run(batch, [bos], attention=False)
+                tracer.run(batch, [bos], attention=False, remote=cfg.remote)
         dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
     log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
     phi_red = _PhiReducer(dims.dims, eps, cfg.sink_score)
@@ -304,7 +422,7 @@ def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg:
         for chunk in progress(calib, cfg.batch_size, "tau"):
             batch, chunk = prepare_readable(adapter, chunk, [])
             if chunk:
-                tracer.run(batch, [phi_red], attention=False)
+                tracer.run(batch, [phi_red], attention=False, remote=cfg.remote)
         width = max(v.shape[-1] for v in phi_red.values)
         phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
         kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
@@ -365,7 +483,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
         reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
                               want_profile=(not done and n == 0), token_strings=adapter.token_strings,
                               score=cfg.sink_score)
-        tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk])
+        tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk], remote=cfg.remote)
         tokens = pd.concat(reducer.token_rows, ignore_index=True)
         tokens["visual_rank"] = tokens.groupby(["sample", "layer", "image_index"]).cumcount()
         tokens.loc[tokens["token_kind"] != "visual", "visual_rank"] = -1

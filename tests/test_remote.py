@@ -1,0 +1,89 @@
+"""Remote runs through nnsight's serverless dry run of NDIF (`remote="local"`: the trace is serialised as
+for NDIF, deserialised with sinkscope's own modules hidden, and run): only reductions come back, and
+the tables equal those of a local run, on an LMM family (the planted organism) and a text-only causal LM.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import quiet
+from sinkscope.errors import SinkscopeError
+
+TABLES = ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes", "sink_summary",
+          "dim_profile")
+
+
+def _scan(adapter, out, data, remote):
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    cfg = ScanConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, remote=remote)
+    return quiet(run_scan, str(out), cfg, adapter=adapter, resume=False, log=lambda m: None, figures=False)
+
+
+def _same_tables(a, b):
+    assert (a.path / "sink_dims.json").read_text() == (b.path / "sink_dims.json").read_text()
+    for table in TABLES:
+        pd.testing.assert_frame_equal(pd.read_csv(a.path / f"{table}.csv"), pd.read_csv(b.path / f"{table}.csv"))
+
+
+def test_remote_local_scan_of_an_lmm_equals_the_local_scan(organism_adapter, tmp_path):
+    here = _scan(organism_adapter, tmp_path / "here", "demo", None)
+    there = _scan(organism_adapter, tmp_path / "there", "demo", "local")
+    _same_tables(here, there)
+    assert pd.read_csv(here.path / "sink_tokens.csv")["token_kind"].eq("visual").any()  # the planted visual sinks
+
+
+def test_remote_local_scan_of_a_text_only_lm_equals_the_local_scan(tmp_path):
+    from tiny_text_models import build_text, write_prompts
+
+    from sinkscope.models import adapter_for_model
+
+    model, tok = build_text("llama")
+    adapter = adapter_for_model(model, tok, "tiny-llama")
+    prompts = str(write_prompts(tmp_path / "p.jsonl", 4, jsonl=True))
+    _same_tables(_scan(adapter, tmp_path / "here", prompts, None), _scan(adapter, tmp_path / "there", prompts, "local"))
+
+
+def test_a_remote_trace_sends_back_no_attention_map(organism_adapter):
+    """What crosses the wire back is the in-trace part's payloads: none holds a [head, query, key] map."""
+    from sinkscope.analyses.scan import ScanReducer, prepare_batch, text_queries_after_image
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.trace import Tracer
+
+    batch = prepare_batch(organism_adapter, load_samples("demo", 2))
+    seen = []
+
+    class Recording(ScanReducer):
+        def take(self, kind, layer, payload):
+            seen.append((kind, {k: tuple(v.shape) for k, v in payload.items()}))
+            super().take(kind, layer, payload)
+
+    reducer = Recording([1, 90], 20.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False)
+    Tracer(organism_adapter).run(batch, [reducer], remote="local")
+    n_tokens = batch["input_ids"].shape[1]
+    assert {k for k, _ in seen} == {"residual", "attention"} and len(seen) == 2 * organism_adapter.num_layers
+    for _, shapes in seen:
+        for shape in shapes.values():
+            assert len(shape) <= 2 and shape.count(n_tokens) <= 1  # [batch, token], [batch, head], [batch, k]
+
+
+def test_reducers_that_need_full_tensors_refuse_to_run_remotely(organism_adapter):
+    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.trace import Tracer
+
+    batch = prepare_batch(organism_adapter, load_samples("demo", 1))
+
+    class Full:
+        def begin(self, info): ...
+        def residual(self, layer, states): ...
+        def attention(self, layer, probs): ...
+        def end(self): ...
+
+    with pytest.raises(SinkscopeError, match="cannot run remotely"):
+        Tracer(organism_adapter).run(batch, [Full()], remote="local")
+    with pytest.raises(SinkscopeError, match="remote='local'"):
+        Tracer(organism_adapter).run(batch, [], remote="ndif")
