@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize, PowerNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 KIND_COLORS = {"bos": "#d62728", "text": "#1f77b4", "visual": "#2ca02c", "generated": "#9467bd"}
 TAB10 = plt.get_cmap("tab10").colors
@@ -497,16 +497,18 @@ def vit_norms(tokens: pd.DataFrame, norm_ratio: float, path: Path, score: str = 
     """Per site: image-token norm ratio against the language model's largest sink score; red = visual sink of the LM."""
     sites = list(dict.fromkeys(tokens["site"]))
     fig, axes = plt.subplots(1, len(sites), figsize=(4.8 * len(sites) + 0.4, 3.8), squeeze=False)
+    log_x = spans_decades(tokens["norm_ratio"], 1.5)  # one scale for every panel, so sites compare
+    log_y = spans_decades(tokens["max_phi"])
     for ax, site in zip(axes[0], sites):
         t = tokens[tokens["site"] == site]
         sink = t["lm_visual_sink"].astype(bool).to_numpy()
         ax.scatter(t["norm_ratio"], t["max_phi"], s=5, alpha=0.4, c=np.where(sink, "#d62728", "#2ca02c"))
         ax.axvline(norm_ratio, color="k", ls=":", lw=0.8)
-        log_x = spans_decades(t["norm_ratio"], 1.5)
         if log_x:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.5, 1, 2, 5, 10 ...
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log range overlap
-        log_y = spans_decades(t["max_phi"])
         if log_y:
             ax.set_yscale("log")
         ax.set_xlabel("token norm / the image's median token norm" + (" (log scale)" if log_x else ""))
