@@ -44,6 +44,8 @@ _DEVICE = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where
 _DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
 _DEVICE_MAP = typer.Option(None, help="spread the model's layers over devices (accelerate): auto, balanced, "
                            "balanced_low_0, sequential, or a JSON file {module name: device}; instead of --device")
+_REMOTE = typer.Option(None, help="local: every trace through nnsight's serialised dry run of NDIF (reductions run "
+                       "inside the trace; only they come back)")
 _MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
 _SEED = typer.Option(0, help="seed (bootstrap, random controls)")
 _TAU = typer.Option(None, help="sink threshold (default: chosen per sink score: 20 or the gap rule for phi, "
@@ -218,8 +220,7 @@ def scan(
                                     "or auto (all while under ~2M rows)"),
     resume: bool = _RESUME,
     sink_score: str = _SCORE,
-    remote: Optional[str] = typer.Option(None, help="local: run every trace through nnsight's serialised dry run "
-                                         "of NDIF (reductions inside the trace; only they come back)"),
+    remote: Optional[str] = _REMOTE,
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, calibration=calibration,
@@ -288,7 +289,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
           device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          sink_score: str = _SCORE, resume: bool = _RESUME):
+          sink_score: str = _SCORE, resume: bool = _RESUME, remote: Optional[str] = _REMOTE):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
@@ -298,6 +299,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
 
         return HeadsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
                            rho=rho, summ=summ, n_maps=n_maps, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
+                           remote=remote,
                            sink_score=score)
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.heads:run_heads")

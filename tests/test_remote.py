@@ -87,3 +87,27 @@ def test_reducers_that_need_full_tensors_refuse_to_run_remotely(organism_adapter
         Tracer(organism_adapter).run(batch, [Full()], remote="local")
     with pytest.raises(SinkscopeError, match="remote='local'"):
         Tracer(organism_adapter).run(batch, [], remote="ndif")
+
+
+@pytest.mark.parametrize("lm", ["organism", "text"])
+def test_remote_local_heads_equal_the_local_heads(lm, organism_adapter, tmp_path):
+    from sinkscope.analyses.heads import HeadsConfig, run_heads
+
+    if lm == "organism":
+        adapter, data = organism_adapter, "demo"
+    else:
+        from tiny_text_models import build_text, write_prompts
+
+        from sinkscope.models import adapter_for_model
+
+        model, tok = build_text("qwen2")
+        adapter, data = adapter_for_model(model, tok, "tiny-qwen2"), str(write_prompts(tmp_path / "p.jsonl", 4, jsonl=True))
+    folders = []
+    for name, remote in (("here", None), ("there", "local")):
+        cfg = HeadsConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50, remote=remote)
+        folders.append(quiet(run_heads, str(tmp_path / name), cfg, adapter=adapter, log=lambda m: None, figures=False))
+    here, there = folders
+    for table in ("head_scores", "head_scores_per_sample", "token_attention", "attention_maps"):
+        if (here.path / f"{table}.csv").exists() or (there.path / f"{table}.csv").exists():
+            pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"))
+    assert (here.path / "head_scores.csv").exists()

@@ -44,6 +44,7 @@ class AnalysisConfig:
     seed: int = 0
     n_boot: int = 1000
     sink_score: str = "auto"  # auto (runconfig.resolve_sink_score) | rms: the paper's phi | layer: layer-relative
+    remote: str | None = None  # "local": traces through nnsight's serialised dry run of NDIF (analyses that allow it)
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -54,6 +55,8 @@ class AnalysisConfig:
             raise SinkscopeError(f"--n-boot must be >= 10 bootstrap resamples; got {self.n_boot}")
         if self.start_layer < 0:
             raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
+        if self.remote not in (None, "local"):
+            raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
         if self.sink_score not in ("auto", *sinks.SINK_SCORES):
             raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
                                  f"got {self.sink_score!r}")
@@ -63,7 +66,7 @@ class AnalysisConfig:
                           sink_dims=self.sink_dims, calibration=self.calibration, start_layer=self.start_layer,
                           question=self.question, image_root=self.image_root, device=self.device, dtype=self.dtype,
                           seed=self.seed,
-                          sink_score=self.sink_score)
+                          sink_score=self.sink_score, remote=self.remote)
 
 
 @dataclass
@@ -103,6 +106,25 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     return Setup(adapter, samples, folder, tracer, dims, tau, todo)
 
 
+class SinkScores:
+    """In-trace part of a sink-aware reducer (torch only, also inside a remote trace): phi of every token,
+    [batch, token] float32 on the CPU (zeros without sink dims); keeps it per layer for `attention`."""
+
+    def __init__(self, dims, eps: float, score: str, real: torch.Tensor):
+        self.dims, self.eps, self.score, self.real = list(dims), eps, score, real
+        self.phi: dict[int, torch.Tensor] = {}
+
+    def residual(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        states = states.detach()
+        phi = (sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float()
+               if self.dims else torch.zeros(states.shape[:2], device=states.device))
+        self.phi[layer] = phi
+        return phi.cpu()
+
+    def attention(self, layer: int, probs: torch.Tensor):
+        return None
+
+
 class SinkAwareReducer:
     """Base reducer: per layer, phi and the sink masks of the batch (subclasses add measures).
 
@@ -126,9 +148,10 @@ class SinkAwareReducer:
         self.phi, self.sink, self.visual_sink = {}, {}, {}
 
     def residual(self, layer: int, states: torch.Tensor) -> None:
-        states = states.detach()
-        phi = (sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float().cpu()
-               if self.dims else torch.zeros(states.shape[:2]))
+        self._take_phi(layer, SinkScores(self.dims, self.eps, self.score, self.real).residual(layer, states))
+
+    def _take_phi(self, layer: int, phi: torch.Tensor) -> None:
+        """phi [batch, token] of `layer` -> self.phi, self.sink, self.visual_sink."""
         self.phi[layer] = phi
         self.sink[layer] = (phi >= self.tau) & self.real
         self.visual_sink[layer] = self.sink[layer] & self.visual

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, prepare_batch,
+                                      setup)
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import progress
 from sinkscope.measures import heads as head_measures
@@ -56,28 +57,34 @@ class HeadsReducer(SinkAwareReducer):
         self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.visual_rank = self.visual.long().cumsum(dim=1) - 1
         self.strings = self.token_strings(info.input_ids) if self.token_strings else None
+        self._part = None  # this batch's in-trace part, when the trace runs here
+
+    def in_trace(self) -> "HeadsLayerReduction":
+        rows = [b for b, sid in enumerate(self.info.sample_ids) if sid in self.map_ids]
+        return HeadsLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual, self.queries,
+                                   self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words)
+
+    def residual(self, layer, states):
+        if self._part is None:
+            self._part = self.in_trace()
+        self.take("residual", layer, self._part.residual(layer, states))
 
     def attention(self, layer, probs):
-        probs = probs.detach().float().cpu()
-        q = self.queries
-        stats = head_measures.visual_attention_stats(probs, self.visual, self.sink[layer], q)
-        centric = head_measures.image_centric_from_stats(stats, self.cfg.rho, self.cfg.summ)
-        all_sink = torch.einsum("bhqk,bk->bhq", probs, self.sink[layer].float())
-        qf = q[:, None, :].float()
-        n_q = qf.sum(-1).clamp_min(1)
-        mean = lambda t: (t.float() * qf).sum(-1) / n_q  # noqa: E731  [batch, head]
-        received = (probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
+        self.take("attention", layer, self._part.attention(layer, probs))
+
+    def take(self, kind: str, layer: int, payload) -> None:
+        """Tables from one layer's reductions (HeadsLayerReduction), here or after a remote trace."""
+        if kind == "residual":
+            self._take_phi(layer, payload)
+            return
+        p, q = payload, self.queries
         for b, sid in enumerate(self.info.sample_ids):
             n_queries = int(q[b].sum())
             if n_queries == 0:
                 continue
             self.head_rows.append(pd.DataFrame({
-                "sample": sid, "layer": layer, "head": range(probs.shape[1]),
-                "image_attention": mean(stats.image_attention)[b].numpy(),
-                "visual_sink_attention": mean(stats.visual_sink_attention)[b].numpy(),
-                "sink_attention": mean(all_sink)[b].numpy(),
-                "visual_nonsink_ratio": mean(stats.visual_nonsink_ratio)[b].numpy(),
-                "image_centric": mean(centric)[b].numpy(), "n_queries": n_queries,
+                "sample": sid, "layer": layer, "head": range(p["image_attention"].shape[1]),
+                **{name: p[name][b].numpy() for name in HeadsLayerReduction.PER_HEAD}, "n_queries": n_queries,
             }))
             vis = torch.nonzero(self.visual[b]).flatten()
             if len(vis):
@@ -85,13 +92,12 @@ class HeadsReducer(SinkAwareReducer):
                     "sample": sid, "layer": layer, "position": self.real_pos[b, vis].numpy(),
                     "visual_rank": self.visual_rank[b, vis].numpy(), "token_kind": "visual",
                     "phi": self.phi[layer][b, vis].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
-                    "attention_received": received[b, vis].numpy(),
+                    "attention_received": p["received"][b, vis].numpy(),
                 }))
-            if sid in self.map_ids and len(vis):
+            if b in p["maps"] and len(vis):
                 queries = torch.nonzero(q[b]).flatten()[: self.cfg.map_words]
-                a = probs[b][:, queries][:, :, vis]  # [head, query, visual]
-                a = torch.cat([a, a.mean(dim=0, keepdim=True)])  # last = head mean
-                heads = list(range(probs.shape[1])) + ["mean"]
+                a = p["maps"][b]  # [head + 1, query, visual], last = head mean
+                heads = list(range(a.shape[0] - 1)) + ["mean"]
                 for hi, head in enumerate(heads):
                     for qi, qpos in enumerate(queries.tolist()):
                         word = self.strings[b][qpos] if self.strings else str(qpos)
@@ -100,6 +106,45 @@ class HeadsReducer(SinkAwareReducer):
                             "query_token": word, "visual_rank": np.arange(len(vis)),
                             "attention": a[hi, qi].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
                         }))
+
+
+class HeadsLayerReduction(SinkScores):
+    """The head analysis' per-layer reductions, torch only (inside the trace, also remotely).
+
+    attention -> per head, query-averaged image attention, visual-sink attention, attention to any sink,
+    visual non-sink ratio and image-centric share [batch, head]; attention each token receives [batch, token];
+    and, for the map samples only, the map the attention_maps table shows: [head + 1 (mean), map_words
+    queries, image tokens]. No full [head, query, key] map leaves it.
+    """
+
+    PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")
+
+    def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words):
+        super().__init__(dims, eps, score, real)
+        self.tau, self.visual, self.queries, self.rho, self.summ = tau, visual, queries, rho, summ
+        self.map_rows, self.map_words = list(map_rows), map_words
+
+    def attention(self, layer, probs):
+        probs = probs.detach().float()
+        dev = probs.device
+        q, visual = self.queries.to(dev), self.visual.to(dev)
+        sink = (self.phi[layer] >= self.tau) & self.real.to(dev)
+        stats = head_measures.visual_attention_stats(probs, visual, sink & visual, q)
+        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
+        all_sink = torch.einsum("bhqk,bk->bhq", probs, sink.float())
+        qf = q[:, None, :].float()
+        n_q = qf.sum(-1).clamp_min(1)
+        values = (stats.image_attention, stats.visual_sink_attention, all_sink, stats.visual_nonsink_ratio, centric)
+        out = {name: ((v.float() * qf).sum(-1) / n_q).cpu() for name, v in zip(self.PER_HEAD, values)}
+        out["received"] = ((probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]).cpu()
+        maps = {}
+        for b in self.map_rows:
+            vis = torch.nonzero(visual[b]).flatten()
+            queries = torch.nonzero(q[b]).flatten()[: self.map_words]
+            a = probs[b][:, queries][:, :, vis]  # [head, query, visual]
+            maps[b] = torch.cat([a, a.mean(dim=0, keepdim=True)]).cpu()
+        out["maps"] = maps
+        return out
 
 
 def spearman_with_ci(tokens: pd.DataFrame, n_boot: int, seed: int) -> dict:
@@ -163,7 +208,7 @@ def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log
     map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
     for chunk in progress(s.todo, cfg.batch_size, "heads"):
         red = HeadsReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings)
-        s.tracer.run(prepare_batch(adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk])
+        s.tracer.run(prepare_batch(adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk], remote=cfg.remote)
         for table, rows in (("head_scores_per_sample", red.head_rows), ("token_attention", red.token_rows),
                             ("attention_maps", red.map_rows)):
             if rows:
