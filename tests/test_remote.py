@@ -111,3 +111,12 @@ def test_remote_local_heads_equal_the_local_heads(lm, organism_adapter, tmp_path
         if (here.path / f"{table}.csv").exists() or (there.path / f"{table}.csv").exists():
             pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"))
     assert (here.path / "head_scores.csv").exists()
+
+
+def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    cfg = ContributionsConfig(model="organism", data="demo", limit=2, remote="local")
+    with pytest.raises(SinkscopeError, match="contributions cannot run remotely"):
+        run_contributions(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
+    assert not (tmp_path / "c").exists()

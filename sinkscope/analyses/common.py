@@ -86,6 +86,11 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     from sinkscope.models import load
 
     cfg.validate()
+    if cfg.remote and name not in REMOTE_ANALYSES:
+        raise SinkscopeError(f"{name} cannot run remotely: " + (
+            "it edits attention or the residual stream inside the model's forward, which needs sinkscope's own code in "
+            "the process that runs the model" if name in EDITING_ANALYSES else
+            "its reducers do not yet reduce inside the trace") + f"; remote runs: {', '.join(REMOTE_ANALYSES)}, scan")
     torch.manual_seed(cfg.seed)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -104,6 +109,10 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     done = folder.done_samples()
     todo = [s for s in samples if s.sample_id not in done]
     return Setup(adapter, samples, folder, tracer, dims, tau, todo)
+
+
+REMOTE_ANALYSES = ("heads",)  # analyses (besides scan) whose reducers run inside a remote trace
+EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 
 
 class SinkScores:
