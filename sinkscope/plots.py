@@ -674,11 +674,16 @@ def var_sweep_heatmap(sweep: pd.DataFrame, path: Path, metric: str = "f1", chose
 
     grid = sweep[sweep["condition"] == "var"].pivot_table(index="rho", columns="p", values=metric, aggfunc="mean")
     fig, ax = plt.subplots(figsize=(3.0 + 0.9 * grid.shape[1], 2.0 + 0.6 * grid.shape[0]))
-    sns.heatmap(grid, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"validation {readable(metric)}"})
+    values = grid.to_numpy(float)
+    lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if np.isfinite(values).any() else (0.0, 1.0)
+    if hi - lo < 0.05:  # a tied grid: a narrow band inside the metric's range [0, 1], not -0.1 to 0.1
+        lo, hi = max(0.0, lo - 0.025), min(1.0, hi + 0.025)
+        lo, hi = (lo, lo + 0.05) if hi - lo < 0.05 else (lo, hi)
+    sns.heatmap(grid, annot=True, fmt=".3f", cmap="viridis", vmin=lo, vmax=hi, ax=ax,
+                cbar_kws={"label": f"validation {readable(metric)}"})
     base = sweep[sweep["condition"] == "baseline"][metric]
     title = (f"VAR on the validation split (baseline {float(base.mean()):.3f})" if len(base)
              else "VAR on the validation split")
-    values = grid.to_numpy(float)
     if np.isfinite(values).any() and np.nanmax(values) == np.nanmin(values):
         title += "\nevery cell ties: the data do not choose p or rho"
     ax.set_title(title + "\n(red: chosen p, rho)" if chosen is not None else title, fontsize=9)
