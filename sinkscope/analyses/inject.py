@@ -400,7 +400,7 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
             rows.append({"sample": x.sample_id, "condition": condition, "n_tokens": int(mask[b].sum()),
                          "answer": answers[b], "correct": answers[b] == x.answer.strip().lower(),
                          "logit_diff": float(diff[b]), "var_flags_injected": found,
-                         "var_dims": "" if config is None else ",".join(str(d) for d in config.sink_dims),
+                         "var_dims": "" if config is None else "[" + ", ".join(str(d) for d in config.sink_dims) + "]",
                          "var_tau": math.nan if config is None else float(config.tau)})
     return rows
 
