@@ -728,6 +728,8 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
             if len(none):
                 ax.axhline(float(none["value"].iloc[0]), color=color, lw=2.5, alpha=0.25)
         ax.set_xscale("symlog", linthresh=linthresh)
+        if scales:
+            ax.set_xlim(-0.3 * linthresh, max(scales) * 1.3)  # no negative scales: start the axis at 0
         ax.set_title(f"{names.get(group, group)} tokens", fontsize=9)
         ax.set_xlabel("scale (x first token's sink dims; symlog)", fontsize=8)
         ax.grid(alpha=0.3)
