@@ -24,7 +24,8 @@ from sinkscope.findings import (EFFECT, MEASURED, NO_EFFECT, NOTHING_TO_TEST, Es
 from sinkscope.questions import Answer, summary_markdown
 from sinkscope.report import PLANTED_BANNER
 
-STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching")
+STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching", "inject",
+         "remove")
 
 
 @dataclass
@@ -532,6 +533,22 @@ REGISTRY.update({
     "location": Step(_analysis_runner("location", "run_location", "LocationConfig"), _location_findings),
     "vit_sinks": Step(_analysis_runner("vit_sinks", "run_vit_sinks", "VitSinksConfig"), _vit_findings),
 })
+
+
+def _causal_step(module: str, figures: tuple[str, ...] = ()) -> Step:
+    """Causal tests of the sink mechanism (sinkscope.analyses.inject / .remove): their own runner and findings."""
+    import importlib
+
+    def run(*args):
+        return importlib.import_module(f"sinkscope.analyses.{module}").report_run(*args)
+
+    def findings(folder):
+        return importlib.import_module(f"sinkscope.analyses.{module}").report_findings(folder)
+
+    return Step(run, findings, figures)
+
+
+REGISTRY.update({"inject": _causal_step("inject", ("dose_response.png",)), "remove": _causal_step("remove")})
 
 
 # ----------------------------------------------------------------------------- report
