@@ -54,13 +54,22 @@ queries = queries_after_image(kinds)
 score = "rms" if math.sqrt(adapter.hidden_size) >= 40 else "layer"  # the scan's choice for narrow models
 
 # %% [markdown]
-# ## The signature: sink dims, the layer where they appear, the sink rule
+# ## The signature: sink dims, the layer where the first token is a sink, the sink rule
 #
-# Discovered on this batch the way `sinkscope scan` does it (the first token's RMS-normalised state).
+# Sink dims and tau are discovered on this batch the way `sinkscope scan` does it (the first token's
+# RMS-normalised state). We inject where the first token is a sink by that rule (as `sinkscope inject`
+# does by default): in a narrow model the first token's massive values appear a layer or two before
+# they cross tau.
 
 # %%
+from dataclasses import replace
+
+from sinkscope.analyses.inject import first_sink_layer
+
 sig = SinkSignature.discover(adapter, batch, score=score)
-print(f"sink dims {list(sig.dims)}, onset layer {sig.layer}, sink rule: {score} score >= tau {sig.tau:.3g}")
+layer, why = first_sink_layer(adapter, samples, sig, N_SAMPLES, N_SAMPLES)
+sig = replace(sig, layer=layer)
+print(f"sink dims {list(sig.dims)}, injection layer {sig.layer} ({why}), sink rule: {score} score >= tau {sig.tau:.3g}")
 
 # %% [markdown]
 # ## One ordinary background token per sample
