@@ -288,3 +288,24 @@ def test_remove_to_a_given_mean_per_layer(llava):
             out = tiny.model(**inputs).logits
     assert torch.equal(seen[0][mask][:, list(DIMS)], vector.expand(int(mask.sum()), 2))
     assert torch.equal(out, base)
+
+
+def test_remove_under_generate_equals_full_forward(llava):
+    """remove_sink at prefill, then decode steps from the KV cache: the same logits as a full forward with the
+    removal (to zero, and to a given mean: a mean over ordinary tokens would also average the generated ones)."""
+    tiny, adapter, inputs, kinds = llava
+    sig = SinkSignature(DIMS, 1, tau=2.0)
+    mask = _image_mask(kinds, (0, 1, 2))
+    for to, mean in (("zero", None), ("mean", torch.tensor([3.0, -2.0]))):
+        with torch.no_grad():
+            with remove_sink(adapter, mask, to=to, signature=sig, mean=mean):
+                gen = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                          return_dict_in_generate=True, pad_token_id=tiny.tokenizer.pad_token_id)
+            seq, t = gen.sequences, inputs["input_ids"].shape[1]
+            attn = torch.nn.functional.pad(inputs["attention_mask"], (0, seq.shape[1] - t), value=1)
+            with remove_sink(adapter, torch.nn.functional.pad(mask, (0, seq.shape[1] - t), value=False), to=to,
+                             signature=sig, mean=mean):
+                full = tiny.model(**{**inputs, "input_ids": seq, "attention_mask": attn}).logits
+            plain = tiny.model(**inputs).logits
+        assert torch.allclose(torch.stack(gen.logits, 1), full[:, t - 1: seq.shape[1] - 1], atol=1e-4), to
+        assert not torch.allclose(gen.logits[0], plain[:, -1], atol=1e-4), f"removal to {to} changed nothing"
