@@ -85,6 +85,8 @@ BAD_INPUTS = [  # (id, command line after the command's name, words the one-line
     ("report-steps-unknown", ["report", "--steps", "scan,typo"], ["unknown report steps ['typo']", "patching"]),
     ("report-out-unwritable", ["report", "--out", "/proc/x"], ["--out /proc/x is not writable"]),
     ("report-dtype-unknown", ["report", "--dtype", "fp8"], ["unknown dtype 'fp8'"]),
+    ("inject-limit-0", ["inject", "--limit", "0"], ["--limit must be a whole number", "got 0"]),
+    ("remove-out-unwritable", ["remove", "--out", "/proc/x"], ["--out /proc/x is not writable"]),
     ("var-eval-validation-missing", ["var-eval", "--validation", "val.jsonl"], ["--validation val.jsonl: no such file"]),
 ]
 
@@ -202,10 +204,27 @@ def test_report_same_settings_resume_and_force_replaces(tmp_path, monkeypatch):
     report.check_report_folder(reference, same)  # no error: resuming
     assert (reference / "index.md").exists()
     changed = report.ReportConfig(**{**recorded, "steps": tuple(recorded["steps"]), "seed": 1})
+    assert "seed: 0 -> 1" in report.report_folder_conflict(reference, changed)
     with pytest.raises(report.SinkscopeError, match="seed: 0 -> 1"):
         report.check_report_folder(reference, changed)
-    report.check_report_folder(reference, changed, force=True)
+    report.clear_report(reference)  # what --force does once the model has loaded
     assert sorted(p.name for p in reference.iterdir()) == ["mine.txt"]
+
+
+def test_force_keeps_the_old_report_when_the_model_fails_to_load(tmp_path, monkeypatch):
+    import sinkscope.analyses.report as report
+    import sinkscope.models
+    from sinkscope.errors import SinkscopeError
+
+    def unloadable(*args, **kwargs):
+        raise SinkscopeError("no such model")
+
+    monkeypatch.setattr(sinkscope.models, "load", unloadable)
+    reference = _plant_reference_report(tmp_path)
+    before = _snapshot(reference)
+    with pytest.raises(SinkscopeError, match="no such model"):
+        report.run_report(reference, report.ReportConfig(model="tiny", limit=2, steps=("scan",)), force=True)
+    assert _snapshot(reference) == before
 
 
 # ----------------------------------------------------------------------------- one sink score and tau
@@ -350,12 +369,6 @@ def test_help_lists_every_command():
     for command in ("scan", "report", "heads", "ablate", "contributions", "location", "vit-sinks", "patch",
                     "var-eval", "view"):
         assert command in result.output
-
-
-def test_the_cli_lists_the_report_steps_the_report_runs():
-    from sinkscope.analyses.report import STEPS
-
-    assert cli.REPORT_STEPS == STEPS
 
 
 def test_a_full_disk_mid_run_is_one_line(tmp_path, monkeypatch):

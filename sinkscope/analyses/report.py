@@ -558,35 +558,40 @@ REPORT_FILES = ("report.json", "index.md", "findings.csv", "viewer.html")
 SETTINGS_FREE_TO_CHANGE = ("device", "steps", "viewer_samples")  # they change no number of a finished step
 
 
-def check_report_folder(out: Path, cfg: ReportConfig, force: bool = False) -> None:
-    """Refuse to write into a folder that holds another report (other settings, or not a report at all)
-    unless `force`, which deletes that report's files first. Resuming with the same settings, or adding
-    steps, is allowed."""
-    import shutil
-
+def report_folder_conflict(out: Path, cfg: ReportConfig) -> str | None:
+    """Why `out` may not take this report: it holds another report (other settings) or files that are not a
+    report; None when it may (missing, empty, or a report with the same settings, steps added allowed)."""
     from sinkscope.runconfig import differing_settings
 
     if not out.is_dir() or not any(out.iterdir()):
-        return
+        return None
     recorded = out / "report.json"
-    if recorded.exists():
-        try:
-            old = json.loads(recorded.read_text()).get("config", {})
-        except (OSError, json.JSONDecodeError):
-            old = {"report.json": "unreadable"}
-        new = json.loads(json.dumps(asdict(cfg), default=str))
-        problems = differing_settings(old, new, ignore=SETTINGS_FREE_TO_CHANGE)
-        dropped = [s for s in old.get("steps", []) if s not in cfg.steps]
-        if dropped:
-            problems.append(f"steps {dropped} would be dropped from its index.md")
-        if not problems:
-            return
-        what = f"a report made with other settings ({'; '.join(problems)})"
-    else:
-        what = "files but no report.json (it is not a sinkscope report)"
-    if not force:
-        raise SinkscopeError(f"--out {out} holds {what}; give another --out (the default is runs/report-MODEL), "
+    if not recorded.exists():
+        return "files but no report.json (it is not a sinkscope report)"
+    try:
+        old = json.loads(recorded.read_text()).get("config", {})
+    except (OSError, json.JSONDecodeError):
+        old = {"report.json": "unreadable"}
+    new = json.loads(json.dumps(asdict(cfg), default=str))
+    problems = differing_settings(old, new, ignore=SETTINGS_FREE_TO_CHANGE)
+    dropped = [s for s in old.get("steps", []) if s not in cfg.steps]
+    if dropped:
+        problems.append(f"steps {dropped} would be dropped from its index.md")
+    return f"a report made with other settings ({'; '.join(problems)})" if problems else None
+
+
+def check_report_folder(out: Path, cfg: ReportConfig) -> None:
+    """Raise, naming the differences and the fix, when `out` holds another report (see report_folder_conflict)."""
+    conflict = report_folder_conflict(out, cfg)
+    if conflict:
+        raise SinkscopeError(f"--out {out} holds {conflict}; give another --out (the default is runs/report-MODEL), "
                              "or add --force to replace it")
+
+
+def clear_report(out: Path) -> None:
+    """Delete a report's own files in `out` (step folders, report.json, index.md, findings.csv, viewer.html)."""
+    import shutil
+
     for name in (*STEPS, *REPORT_FILES):
         path = out / name
         if path.is_dir():
@@ -598,15 +603,20 @@ def check_report_folder(out: Path, cfg: ReportConfig, force: bool = False) -> No
 def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, force: bool = False) -> Path:
     """Run every step not yet finished and write index.md; returns the report folder.
 
-    A folder of another report (other settings) is refused before the model loads, unless `force`.
+    A folder of another report (other settings) is refused before the model loads; `force` replaces it
+    (its files are deleted once the model has loaded).
     """
     from sinkscope.models import load
     from sinkscope.runfolder import atomic_write_text
 
     cfg.validate()
     out = Path(out)
-    check_report_folder(out, cfg, force)
+    replace = force and report_folder_conflict(out, cfg) is not None
+    if not replace:
+        check_report_folder(out, cfg)  # before the model loads
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if replace:  # only once the model has loaded: a failed load leaves the old report in place
+        clear_report(out)
     out.mkdir(parents=True, exist_ok=True)
     sink_score = resolve_sink_score(cfg, adapter)
     atomic_write_text(out / "report.json", json.dumps({"config": asdict(cfg), "sink_score": sink_score,
