@@ -20,7 +20,7 @@ from typing import Callable, Iterator, NoReturn, Optional
 import typer
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import (RunConfig, check_data, check_out, parse_floats, parse_ints,
+from sinkscope.runconfig import (RunConfig, check_data, check_out, parse_floats, parse_ints, parse_shard,
                                  resolve_sink_score)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -188,6 +188,25 @@ def _run_config(**fields) -> RunConfig:
         return RunConfig(**fields)
 
 
+def _shard(text: Optional[str]) -> Optional[str]:
+    """--shard as given, else the shard the launcher's environment names (SLURM array, torchrun), as 'i/n'."""
+    with _one_line_errors(None, None):
+        shard = parse_shard(text)
+    return None if shard is None else f"{shard[0]}/{shard[1]}"
+
+
+@app.command()
+def merge(folders: list[str] = typer.Argument(..., help="the shards' run folders (each of 0/n..n-1/n once)"),
+          out: str = typer.Option(..., help="the merged run folder to write"),
+          figures: bool = typer.Option(True, help="draw the figures")):
+    """Merge the run folders of a sharded scan (--shard i/n) into one, recomputing summaries and figures."""
+    with _one_line_errors(None, out):
+        from sinkscope.analyses.merge import merge_runs
+
+        folder = merge_runs(folders, out, figures=figures, log=typer.echo)
+    typer.echo(f"wrote {folder.path}/index.md")
+
+
 def default_report_out(model: str) -> str:
     """runs/report-<model name>: never the committed reports/ folders."""
     name = Path(model.rstrip("/")).name or "model"
@@ -221,6 +240,9 @@ def scan(
     resume: bool = _RESUME,
     sink_score: str = _SCORE,
     remote: Optional[str] = _REMOTE,
+    shard: Optional[str] = typer.Option(None, help="i/n: only the samples whose index modulo n is i (default: from "
+                                        "SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE when set); merge with "
+                                        "`sinkscope merge`"),
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, calibration=calibration,
@@ -233,7 +255,7 @@ def scan(
         return ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
                           calibration=calibration, rho=rho, summ=summ, question=question, image_root=image_root,
                           device=device, dtype=dtype, seed=seed, token_stats=token_stats, sink_score=score,
-                          remote=remote)
+                          remote=remote, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.scan:run_scan", question)
 

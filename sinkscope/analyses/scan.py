@@ -26,7 +26,7 @@ from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batch
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
-from sinkscope.runconfig import resolve_sink_score
+from sinkscope.runconfig import parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder
 from sinkscope.trace import BatchInfo, Tracer
 
@@ -54,6 +54,7 @@ class ScanConfig:
     # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
     sink_score: str = "auto"
     remote: str | None = None  # "local": every trace through nnsight's serialised dry run of NDIF
+    shard: str | None = None  # "i/n": this run does the samples whose index modulo n is i (merge with `merge_runs`)
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -67,6 +68,7 @@ class ScanConfig:
                                  f"got {self.sink_score!r}")
         if self.token_stats not in ("all", "sinks", "auto"):
             raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
+        parse_shard(self.shard, {})
         if self.remote not in (None, "local"):
             raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
         if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
@@ -467,8 +469,11 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
         folder.write_json("sink_dims.json", dims.to_dict())
         folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
     done = folder.done_samples()
-    todo = [s for s in samples if s.sample_id not in done]
-    log(f"{len(samples) - len(todo)} samples already done, {len(todo)} to go")
+    shard_i, shard_n = parse_shard(cfg.shard, {}) or (0, 1)  # calibration above: the whole data's first samples
+    mine = list(samples)[shard_i::shard_n]  # sample index modulo n
+    todo = [s for s in mine if s.sample_id not in done]
+    elsewhere = f" (shard {shard_i}/{shard_n}; {len(samples) - len(mine)} in other shards)" if shard_n > 1 else ""
+    log(f"{len(mine) - len(todo)} samples already done, {len(todo)} to go{elsewhere}")
     t0 = time.time()
     detail = folder.meta.get("token_stats")
     for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
