@@ -707,7 +707,7 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
     t = table[(table["metric"] == metric) & (table["band"] != "answer")]
     groups = list(dict.fromkeys(t["group"])) or ["(none)"]
     bands = sorted(t["band"].unique(), key=lambda b: int(str(b).split()[1].split("-")[0]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 1.6, 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups) + 1.6, 4.0), squeeze=False, sharey=True)
     styles = {"inject": "-", "random_dim": "--", "rescale": ":"}
     scales = sorted(s for s in t["scale"].dropna().unique())
     positive = [s for s in scales if s > 0]
@@ -733,8 +733,8 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
         ax.set_title(f"{names.get(group, group)} tokens", fontsize=9)
         ax.set_xlabel("scale (x first token's sink dims; symlog)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric.replace('_', ' ')} received per injected token\n(text queries after the image, mean over heads)"
-                          if metric.startswith("attention") else metric.replace('_', ' '))
+    fig.supylabel(f"{metric.replace('_', ' ')} received per injected token\n(text queries after the image, mean over heads)"
+                  if metric.startswith("attention") else metric.replace('_', ' '), fontsize=9)  # shared by the panels
     handles = [Line2D([], [], color=colors[k % 10], lw=2, label=str(b)) for k, b in enumerate(bands)]
     handles += [Line2D([], [], color="k", ls=s, label=names.get(n, n)) for n, s in styles.items()]
     handles.append(Line2D([], [], color="k", lw=2.5, alpha=0.25, label="no injection"))
