@@ -128,7 +128,7 @@ class HeadsLayerReduction(SinkScores):
         probs = probs.detach().float()
         dev = probs.device
         q, visual = self.queries.to(dev), self.visual.to(dev)
-        sink = (self.phi[layer] >= self.tau) & self.real.to(dev)
+        sink = (self.phi[layer].to(dev) >= self.tau) & self.real.to(dev)  # phi: where the layer input was
         stats = head_measures.visual_attention_stats(probs, visual, sink & visual, q)
         centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
         all_sink = torch.einsum("bhqk,bk->bhq", probs, sink.float())

@@ -198,7 +198,7 @@ class ScanLayerReduction:
     def attention(self, layer, probs):
         probs = probs.detach().float()
         kinds = self.kinds.to(probs.device)
-        sink = (self.phi[layer] >= self.tau) & kinds.real_mask
+        sink = (self.phi[layer].to(probs.device) >= self.tau) & kinds.real_mask  # phi: where the layer input was
         queries = self.queries.to(probs.device)
         n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
         received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]

@@ -124,6 +124,9 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
     spec = str(spec)
     name = spec
     if spec == "demo":
+        if device_map is not None:
+            raise SinkscopeError("--device-map: the demo model (135M parameters) is assembled from its cached parts on "
+                                 "one device; use --device (cpu, cuda, ...) for it")
         return _load_demo(device=device, dtype=dtype)
     if spec in EMBEDDED:
         path = str(embedded_path(spec))
