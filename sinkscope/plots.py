@@ -707,12 +707,15 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
     t = table[(table["metric"] == metric) & (table["band"] != "answer")]
     groups = list(dict.fromkeys(t["group"])) or ["(none)"]
     bands = sorted(t["band"].unique(), key=lambda b: int(str(b).split()[1].split("-")[0]))
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups) + 1.6, 4.0), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 2.9 * len(groups) + 0.6), squeeze=False, sharex=True,
+                             sharey=True)
+    ylabel = (f"{metric.replace('_', ' ')} per injected token\n(text queries after the image,\nmean over heads)"
+              if metric.startswith("attention") else metric.replace("_", " "))
     styles = {"inject": "-", "random_dim": "--", "rescale": ":"}
     scales = sorted(s for s in t["scale"].dropna().unique())
     positive = [s for s in scales if s > 0]
     linthresh = min(positive) if positive else 1e-3
-    for ax, group in zip(axes[0], groups):
+    for ax, group in zip(axes[:, 0], groups):
         g = t[t["group"] == group]
         if g.empty:
             ax.text(0.5, 0.5, "no tokens of this group", ha="center", va="center", transform=ax.transAxes)
@@ -732,12 +735,11 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
             ax.set_xlim(-0.3 * linthresh, max(scales) * 1.3)  # no negative scales: start the axis at 0
         ax.set_title(f"{names.get(group, group)} tokens", fontsize=9)
         ax.set_xlabel("scale (x first token's sink dims; symlog)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    fig.supylabel(f"{metric.replace('_', ' ')} received per injected token\n(text queries after the image, mean over heads)"
-                  if metric.startswith("attention") else metric.replace('_', ' '), fontsize=9)  # shared by the panels
     handles = [Line2D([], [], color=colors[k % 10], lw=2, label=str(b)) for k, b in enumerate(bands)]
     handles += [Line2D([], [], color="k", ls=s, label=names.get(n, n)) for n, s in styles.items()]
     handles.append(Line2D([], [], color="k", lw=2.5, alpha=0.25, label="no injection"))
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0][0].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Writing the sink signature into tokens: dose response", fontsize=10)
     return _save(fig, path, pdf=False)
