@@ -658,3 +658,16 @@ def test_heads_page_says_when_the_top_head_is_not_resolved():
     text = "\n".join(per_head_lines(heads))
     assert "overlaps the CIs of 1 other(s) (L2.H3): which of them is largest is not resolved" in text
     assert "Heads ranked by attention to visual sinks" in text
+
+
+def test_the_report_qualifies_a_top_head_whose_ci_overlaps_others(tmp_path):
+    from sinkscope.analyses.report import REGISTRY
+
+    heads = [{"layer": l, "head": h, "visual_sink_attention": v, "visual_sink_attention_ci_low": lo,
+              "visual_sink_attention_ci_high": hi, "image_centric": 0.5}
+             for l, h, v, lo, hi in ((3, 0, 0.597, 0.557, 0.641), (2, 3, 0.586, 0.532, 0.646), (3, 1, 0.06, 0.05, 0.07))]
+    corr = [{"layers": ">= 2", "spearman": 0.19, "ci_low": 0.13, "ci_high": 0.24, "n_tokens": 4096, "n_samples": 16}]
+    _write(tmp_path, {"head_scores.csv": heads, "phi_attention_correlation.csv": corr}, {"n_samples": 16})
+    [top] = [f for f in REGISTRY["heads"].findings(tmp_path) if "top head" in f.name]
+    assert top.name.endswith("L3.H0") and "overlaps the CIs of 1 other(s) (L2.H3)" in top.sentence
+    assert "not resolved" in fr.finding_line(top)

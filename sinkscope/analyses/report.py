@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.findings import (EFFECT, MEASURED, NO_EFFECT, NOTHING_TO_TEST, Estimate, Finding, effect_clause, num,
-                                nothing_clause, nothing_to_act_on, share_clause, top_clause)
+from sinkscope.findings import (EFFECT, MEASURED, NOTHING_TO_TEST, RULE_NOTE, Estimate, Finding, effect_clause,
+                                finding_line, num, nothing_clause, nothing_to_act_on, share_clause, top_clause)
 from sinkscope.questions import Answer, summary_markdown
 from sinkscope.report import PLANTED_BANNER
 
@@ -207,14 +207,16 @@ def _heads_findings(folder: Path) -> list[Finding]:
     if len(heads):
         labels = [f"L{int(r.layer)}.H{int(r.head)}" for r in heads.itertuples()]
         top, clause = top_clause(heads["visual_sink_attention"].to_numpy(dtype=float), labels,
-                                 "attention to visual sinks")
+                                 "attention to visual sinks", heads["visual_sink_attention_ci_low"].to_numpy(dtype=float),
+                                 heads["visual_sink_attention_ci_high"].to_numpy(dtype=float))
         if top is not None:
             r = heads.iloc[top]
+            unresolved = "" if clause.endswith("has the largest attention to visual sinks") else f"; {clause}"
             out.append(Finding("heads", f"attention to visual sinks, top head {labels[top]}",
                                float(r["visual_sink_attention"]), float(r["visual_sink_attention_ci_low"]),
                                float(r["visual_sink_attention_ci_high"]), n=n, sentence=(
                                    f"The head that gives visual sinks the largest share of its text-query attention "
-                                   f"(of {len(heads)} heads).")))
+                                   f"(of {len(heads)} heads){unresolved}.")))
         else:
             nothing = bool((heads["visual_sink_attention"].fillna(0) == 0).all())
             out.append(Finding("heads", "attention to visual sinks, per head",
@@ -731,17 +733,6 @@ def _summary_answers(out: Path, done: list[str]) -> list[Answer]:
     return [answers.get(key) or q.not_run(key, steps[key]) for key in q.QUESTIONS]
 
 
-def finding_line(f: Finding) -> str:
-    """One markdown bullet: the value and CI in bold where the finding is a measurement; for an effect or its
-    absence the sentence itself carries the numbers (an undetectable effect's point value is not shown)."""
-    lead = ""
-    if f.status not in (EFFECT, NO_EFFECT) and not math.isnan(f.value):
-        ci = f" (95% CI {num(f.ci_low)} to {num(f.ci_high)})" if not math.isnan(f.ci_low) else ""
-        lead = f" **{num(f.value)}**{ci}."
-    n = "" if f.n is None or (isinstance(f.n, float) and math.isnan(f.n)) else f" (n = {int(f.n)})"
-    return f"- *{f.step}*, {f.name}:{lead} {f.sentence}{n}"
-
-
 def write_index(out: Path, cfg: ReportConfig, adapter, sink_score: str, done: list[str], skipped: dict) -> None:
     from sinkscope.runfolder import atomic_write_csv, atomic_write_text
 
@@ -775,8 +766,7 @@ def write_index(out: Path, cfg: ReportConfig, adapter, sink_score: str, done: li
     except (OSError, KeyError, ValueError) as err:
         lines.append(f"_The summary could not be read from the steps' tables: {err}._\n")
     lines.append("## Findings\n")
-    lines.append("An effect is stated only where its 95% CI excludes no effect; shares of another effect only where "
-                 "that effect's CI excludes 0; n is the number of samples (images or questions) behind each line.\n")
+    lines.append(RULE_NOTE + "\n")
     lines += [finding_line(f) for f in findings]
     lines.append("")
     if (out / "viewer.html").exists():
