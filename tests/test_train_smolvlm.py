@@ -19,7 +19,8 @@ def _config() -> RecipeConfig:
     return RecipeConfig(stages=[Stage("vision", 3, 1e-3, 4, 1), Stage("align", 1, 1e-3, 2, 1),
                                 Stage("instruct", 2, 1e-3, 2, 1)],
                         vision=smolvlm.VisionArchitecture(hidden=32, layers=1, heads=2, intermediate=64),
-                        lora_rank=2, metric_scenes=2, metrics_every=100, checkpoint_every=1, max_turns=2, threads=1)
+                        lora_rank=2, metric_scenes=2, metrics_every=100, checkpoint_every=1, max_turns=2, threads=1,
+                        dtype="float32")  # bitwise replay is checked in float32
 
 
 def test_a_short_recipe_trains_resumes_exactly_and_ships_only_trained_parts(tmp_path, monkeypatch):

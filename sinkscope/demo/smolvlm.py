@@ -7,8 +7,9 @@ A genuine ``LlavaForConditionalGeneration`` built the way LLaVA is built:
 - vision tower: a small CLIP ViT trained from scratch by sinkscope on the synthetic world
   (64 px images, 8 px patches: 64 image tokens);
 - projector: LLaVA-1.5's two-layer MLP, trained by sinkscope;
-- LoRA adapters (peft, unmerged) on the language model's attention and MLP projections, trained in
-  the instruction stage; the pretrained weights under them are untouched (`set_lora_enabled(model,
+- LoRA adapters (peft, unmerged) on the language model's attention projections (q, k, v, o of all
+  30 layers; older configs also name the MLP's), trained in the instruction stage; the pretrained
+  weights under them are untouched (`set_lora_enabled(model,
   False)` gives back exactly the pretrained language model).
 
 Only what sinkscope trained is shipped (``assets/demo/trained.safetensors``: vision tower, projector,
@@ -30,28 +31,30 @@ TRAINED_FILE = "trained.safetensors"
 N_IMAGE_TOKENS = (world.IMAGE_SIZE // world.PATCH_SIZE) ** 2
 TRAINED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+LORA_ATTENTION_TARGETS = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
 
 def _is_trained_key(key: str) -> bool:
     return key.startswith(TRAINED_PREFIXES) or ".lora_" in key
 
 
-def lora_settings(rank: int) -> dict:
+def lora_settings(rank: int, targets: str = LORA_TARGETS) -> dict:
     """What a config records (`config.sinkscope_lora`) so that `assemble` re-adds the same adapters."""
-    return {"rank": rank, "alpha": 2 * rank, "targets": LORA_TARGETS}
+    return {"rank": rank, "alpha": 2 * rank, "targets": targets}
 
 
-def add_lora(model, rank: int = 16, alpha: int = 32):
-    """LoRA adapters on the language model's attention and MLP projections (peft), kept unmerged.
+def add_lora(model, rank: int = 16, alpha: int = 32, targets: str = LORA_TARGETS):
+    """LoRA adapters on the language model's projections matched by `targets` (peft), kept unmerged.
 
-    The pretrained weights stay as they are (each wrapped layer's `base_layer`); the adapters add
-    B @ A (B starts at zero, so a freshly added adapter changes nothing).
+    targets: a regex over module names (default: attention and MLP projections of every layer;
+    `LORA_ATTENTION_TARGETS`: attention only). The pretrained weights stay as they are (each wrapped
+    layer's `base_layer`); the adapters add B @ A (B starts at zero, so a fresh adapter changes nothing).
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     inject_adapter_in_model(config, model)
-    model.config.sinkscope_lora = {**lora_settings(rank), "alpha": alpha}
+    model.config.sinkscope_lora = {**lora_settings(rank, targets), "alpha": alpha}
     return model
 
 
@@ -177,7 +180,7 @@ def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=Non
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     lora = getattr(config, "sinkscope_lora", None)
     if lora:
-        add_lora(model, lora["rank"], lora["alpha"])
+        add_lora(model, lora["rank"], lora["alpha"], lora.get("targets", LORA_TARGETS))
     if trained_state is not None:
         unexpected = [k for k in trained_state if not _is_trained_key(k)]
         if unexpected:

@@ -1,24 +1,30 @@
-"""Train the embedded demo: vision tower and projector for a frozen, pretrained SmolLM2-135M.
+"""Train the embedded demo: vision tower, projector and LoRA adapters for the pretrained SmolLM2-135M.
 
-The LLaVA recipe on the synthetic world, in three stages:
+The LLaVA recipe on the synthetic world, in stages (each optional; the default runs vision then instruct):
 
 1. ``vision``: the CLIP ViT alone, from scratch, supervised on the world's ground truth (which
    categories are in the image, how many objects, each patch's colour and shape). LLaVA starts
    from a pretrained CLIP; this stage stands in for that pretraining.
-2. ``align``: captions; the projector learns, the vision tower and the LLM are frozen.
-3. ``instruct``: multi-turn dialogues over the world's tasks (existence with POPE's negative
-   strategies, colour, count, position, captions); the projector and LoRA adapters on the LLM
-   learn (``--lora-rank 0`` keeps the LLM frozen: tried first, it left POPE at chance after 800
-   dialogues), the pretrained weights and the vision tower stay frozen.
+2. ``words`` (optional): the LoRA adapters learn the world's questions with the scene given in words
+   (``world.scene_text``) instead of the image; no image, projector untouched.
+3. ``align`` (optional): the projector alone, on the world's questions about the image (LLM and its
+   adapters frozen).
+4. ``instruct``: projector and LoRA adapters together on the world's questions about the image.
 
-Loss: cross-entropy on answer tokens only (stages 2-3), on the supervised labels (stage 1).
-Nothing targets activations or attention, and no weight is edited: whatever the scan finds in
-the image tokens, the training grew it. The language model is never updated.
+Stages 2-4 train on *packed* sequences (``smolvlm_data``): one prefix (system prompt + 64 image
+tokens, or the scene in words) shared by up to ``max_turns`` question branches, each branch masked
+from the others and positioned as the first turn of an inference prompt; the loss and the logits
+are computed at answer tokens only. Training runs under ``torch.autocast("cpu", bfloat16)`` by
+default (``--dtype float32`` to switch it off); the trained parts are stored in float32.
 
-Every ``--metrics-every`` steps of stages 2-3 the emergence metrics of image tokens are logged
-(``emergence.csv``): the LLM's sink dims found from the first token, per layer the image
-tokens with phi above tau, their share of text-query attention, attention to the first token,
-and POPE accuracy on validation scenes.
+Nothing targets activations or attention, and no weight is edited: whatever the scan finds in the
+image tokens, the training grew it. The pretrained language model is never updated (LoRA adapters
+sit beside it, unmerged).
+
+Every ``--metrics-every`` steps of stages 3-4 the emergence metrics of image tokens are logged
+(``emergence.csv``): the LLM's sink dims found from the first token, per layer the image tokens
+whose sink score passes tau, their share of text-query attention, attention to the first token,
+and POPE accuracy on validation scenes. ``timing.json`` holds the wall time of every stage.
 
     python -m sinkscope.demo.train_smolvlm --out runs/smolvlm           # resumes if stopped
 """
@@ -26,6 +32,7 @@ and POPE accuracy on validation scenes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,18 +45,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sinkscope.demo import smollm, smolvlm, world
+from sinkscope.demo import smollm, smolvlm, smolvlm_data, world
 
 IGNORE = -100
 PALETTE = np.array([world.RGB[c] for c in world.COLORS], dtype=np.int16)  # [6, 3]
+STAGE_NAMES = ("vision", "words", "align", "instruct")
+SAMPLE_OFFSETS = {"vision": 0, "words": 1_000_000, "align": 2_000_000, "instruct": 4_000_000}
 
 
 @dataclass
 class Stage:
-    name: str  # vision | align | instruct
+    name: str  # vision | words | align | instruct
     steps: int
-    lr: float
-    batch_size: int
+    lr: float  # vision tower / projector; LoRA adapters get lr * RecipeConfig.lora_lr_scale
+    batch_size: int  # images (vision) or packed sequences, one scene each
     warmup: int = 20
 
 
@@ -57,22 +66,34 @@ class Stage:
 class RecipeConfig:
     seed: int = 0
     stages: list[Stage] = field(default_factory=lambda: [
-        Stage("vision", 1500, 1e-3, 64, 100),
-        Stage("align", 150, 1e-3, 8, 20),
-        Stage("instruct", 900, 5e-4, 8, 30),
+        Stage("vision", 150, 1e-3, 64, 20),
+        Stage("instruct", 50, 2e-3, 8, 20),
     ])
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # vision stage; the projector and adapters train without it
     grad_clip: float = 1.0
     metrics_every: int = 50
     checkpoint_every: int = 25
     threads: int = 0
-    max_turns: int = 4
-    lora_rank: int = 0  # > 0: LoRA adapters on the LLM (attention + MLP), trained in the instruct stage
-    metric_scenes: int = 24  # validation scenes for the POPE metric (emergence uses at most 8)
+    max_turns: int = 16  # question branches per packed sequence
+    lora_rank: int = 16  # > 0: LoRA adapters on the LLM, trained in the words and instruct stages
+    lora_targets: str = "attention"  # attention (q, k, v, o) | all (attention + MLP)
+    lora_lr_scale: float = 0.5
+    dtype: str = "bfloat16"  # autocast dtype while training: bfloat16 | float32 (no autocast)
+    caption_probability: float = 0.25  # share of scenes whose questions include a caption
+    metric_scenes: int = 12  # validation scenes for the POPE metric (emergence uses at most 8)
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lora_target_regex(self) -> str:
+        return smolvlm.LORA_ATTENTION_TARGETS if self.lora_targets == "attention" else smolvlm.LORA_TARGETS
+
+    def autocast(self):
+        """The training autocast context (a no-op for float32)."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=getattr(torch, self.dtype))
 
 
 # ----------------------------------------------------------------------------- vision stage
@@ -228,6 +249,27 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, targets[where])
 
 
+def packed_batch(packer: smolvlm_data.Packer, split: str, indices: list[int], max_turns: int,
+                 words: bool, caption_probability: float) -> dict:
+    """One packed sequence per scene (see `smolvlm_data`); `pixel_values` only when the prefix is the image."""
+    seqs = []
+    for i in indices:
+        qs = smolvlm_data.scene_questions(split, i, caption_probability)[:max_turns]
+        seqs.append(packer.pack(qs, world.scene_text(world.scene(split, i)) if words else None))
+    batch = smolvlm_data.collate(seqs, packer.tok.pad_token_id)
+    batch["pixel_values"] = None if words else torch.stack([pixel_values(world.scene(split, i).image) for i in indices])
+    return batch
+
+
+def packed_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy at answer tokens of a packed batch; the unembedding runs only there."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"], pixel_values=batch["pixel_values"]).last_hidden_state
+    where = batch["labels"] != IGNORE
+    logits = model.lm_head(hidden[where])
+    return F.cross_entropy(logits.float(), batch["labels"][where])
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -277,13 +319,14 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
         ids[row, length - len(p):] = torch.tensor(p)
         mask[row, length - len(p):] = 1
     pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n_scenes)])
-    previous = model.config.text_config._attn_implementation
+    previous = {"text_config": model.config.text_config._attn_implementation,
+                "vision_config": model.config.vision_config._attn_implementation}
     model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
     try:
         out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel,
                           output_hidden_states=True, output_attentions=True)
     finally:
-        model.set_attn_implementation({"text_config": previous, "vision_config": "eager"})
+        model.set_attn_implementation(previous)  # as training had it (a resumed run replays the same kernels)
     n_layers = len(out.attentions)
     states = torch.stack(out.hidden_states[:n_layers], 1)  # [B, L, T, D]
     first = mask.float().argmax(1)
@@ -356,6 +399,21 @@ def _append_csv(path: Path, row: dict) -> None:
     frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
+def _stage_params(model, heads, stage: Stage, config: RecipeConfig) -> list[dict]:
+    """Optimizer parameter groups of a stage (everything else stays frozen)."""
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    projector = list(model.model.multi_modal_projector.parameters())
+    if stage.name == "vision":
+        return [{"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
+                 "lr": stage.lr, "weight_decay": config.weight_decay}]
+    groups = []
+    if stage.name in ("align", "instruct"):
+        groups.append({"params": projector, "lr": stage.lr, "weight_decay": 0.0})
+    if stage.name in ("words", "instruct") and lora:
+        groups.append({"params": lora, "lr": stage.lr * config.lora_lr_scale, "weight_decay": 0.0})
+    return groups
+
+
 def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = True, log=print) -> Path:
     """Run (or resume) the recipe; returns the directory with the shippable parts."""
     from safetensors.torch import load_file, save_file
@@ -372,14 +430,16 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, config.vision)
     if config.lora_rank:
-        model_config.sinkscope_lora = smolvlm.lora_settings(config.lora_rank)
+        model_config.sinkscope_lora = smolvlm.lora_settings(config.lora_rank, config.lora_target_regex())
     model = smolvlm.assemble(model_config, llm_dir)
     processor = smolvlm.build_processor(llm_dir)
     encoder = Encoder(processor.tokenizer, model.config.image_token_id)
+    packer = smolvlm_data.Packer(processor.tokenizer, model.config.image_token_id)
     heads = VisionHeads(config.vision.hidden)
     for p in model.parameters():
         p.requires_grad_(False)
     progress = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
+    timing = {"stages": {}}
     ckpt = out / "checkpoint"
     optimizer_state = None
     if resume and (ckpt / "progress.json").exists():
@@ -388,6 +448,8 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
         heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
         optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         progress = json.loads((ckpt / "progress.json").read_text())
+        if (out / "timing.json").exists():
+            timing = json.loads((out / "timing.json").read_text())
         log(f"resuming at global step {progress['global_step']}")
         for name in ("train_log.csv", "emergence.csv"):  # drop rows of steps about to be redone
             path = out / name
@@ -397,7 +459,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                 frame = pd.read_csv(path)
                 frame[frame.global_step <= progress["global_step"]].to_csv(path, index=False)
     _atomic_json(out / "recipe.json", config.to_dict())
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
 
     def save_checkpoint(optimizer):
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -408,39 +470,64 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
         torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
         os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
         _atomic_json(ckpt / "progress.json", progress)
+        _atomic_json(out / "timing.json", timing)
+
+    def log_metrics(stage: Stage, loss: float, seconds: float) -> None:
+        model.eval()
+        row = {"global_step": progress["global_step"], "stage": stage.name,
+               "samples_seen": progress["step_in_stage"] * stage.batch_size}
+        row.update(pope_accuracy(model, encoder, n_scenes=config.metric_scenes))
+        row.update(emergence_metrics(model, encoder, n_scenes=min(8, config.metric_scenes)))
+        model.train()
+        _append_csv(out / "emergence.csv", row)
+        snapshots = out / "snapshots"  # the projector at every logged step, to re-measure the curve later
+        snapshots.mkdir(exist_ok=True)
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                   if k.startswith("model.multi_modal_projector.")},
+                  str(snapshots / f"projector_step{progress['global_step']}.safetensors"))
+        n_l = model.config.text_config.num_hidden_layers
+        vs = [row[f"visual_sinks_layer_score_L{i}"] for i in range(2, n_l)]
+        log(f"[{stage.name}] step {progress['global_step']} loss {loss:.3f} "
+            f"pope r/a {row['pope_random']:.2f}/{row['pope_adversarial']:.2f} "
+            f"visual sinks/image (layer score, max over layers >= 2) {max(vs):.1f} {seconds:.0f}s")
 
     while progress["stage_index"] < len(config.stages):
         stage = config.stages[progress["stage_index"]]
-        if stage.name == "vision":
-            params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-        else:
-            params = list(model.model.multi_modal_projector.parameters())
-            if stage.name == "instruct" and config.lora_rank:
-                params += [p for n, p in model.named_parameters() if ".lora_" in n]
+        if stage.name not in STAGE_NAMES:
+            raise SystemExit(f"unknown stage {stage.name!r}: use one of {', '.join(STAGE_NAMES)}")
+        groups = _stage_params(model, heads, stage, config)
+        params = [p for g in groups for p in g["params"]]
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+        base_lrs = [g["lr"] for g in groups]
         if optimizer_state is not None and progress["step_in_stage"] > 0:
             optimizer.load_state_dict(optimizer_state)
         optimizer_state = None
         model.train()
         bar = tqdm(total=stage.steps, initial=progress["step_in_stage"], desc=stage.name, mininterval=10)
-        t0 = time.time()
+        spent = timing["stages"].get(str(progress["stage_index"]), {}).get("seconds", 0.0)
+        t0 = time.time() - spent
         while progress["step_in_stage"] < stage.steps:
             step = progress["step_in_stage"]
             # samples are a pure function of (stage, step): resuming replays exactly
-            offset = {"vision": 0, "align": 2_000_000, "instruct": 4_000_000}[stage.name]
+            offset = SAMPLE_OFFSETS[stage.name]
             indices = list(range(offset + step * stage.batch_size, offset + (step + 1) * stage.batch_size))
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(stage, step)
-            if stage.name == "vision":
-                batch = vision_batch("train", indices)
-                loss, extra = heads(vision_features(model, batch["pixel_values"]), batch)
-            else:
-                batch = dialogue_batch(encoder, stage.name, "train", indices, config.max_turns)
-                loss, extra = answer_loss(model, batch), {"tokens": int(batch["attention_mask"].sum())}
+            factor = _lr(stage, step) / stage.lr
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            with config.autocast():
+                if stage.name == "vision":
+                    batch = vision_batch("train", indices)
+                    loss, extra = heads(vision_features(model, batch["pixel_values"]), batch)
+                else:
+                    batch = packed_batch(packer, "train", indices, config.max_turns, stage.name == "words",
+                                         config.caption_probability)
+                    loss = packed_loss(model, batch)
+                    extra = {"tokens": int(batch["input_ids"].ne(packer.tok.pad_token_id).sum()),
+                             "answers": int((batch["labels"] != IGNORE).sum())}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -449,34 +536,23 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
             progress["global_step"] += 1
             bar.update(1)
             done = progress["step_in_stage"] == stage.steps
+            seconds = time.time() - t0
+            timing["stages"][str(progress["stage_index"])] = {"name": stage.name, "seconds": round(seconds, 1),
+                                                              "steps": progress["step_in_stage"]}
             if progress["global_step"] % 10 == 0 or done:
                 _append_csv(out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
                                                     "loss": float(loss), "lr": _lr(stage, step),
-                                                    "seconds": round(time.time() - t0, 1), **extra})
+                                                    "seconds": round(seconds, 1), **extra})
                 bar.set_postfix(loss=f"{float(loss):.3f}")
-            if stage.name != "vision" and (progress["step_in_stage"] % config.metrics_every == 0 or done
-                                           or progress["step_in_stage"] == 1):
-                model.eval()
-                row = {"global_step": progress["global_step"], "stage": stage.name,
-                       "samples_seen": progress["step_in_stage"] * stage.batch_size}
-                row.update(pope_accuracy(model, encoder, n_scenes=config.metric_scenes))
-                row.update(emergence_metrics(model, encoder, n_scenes=min(8, config.metric_scenes)))
-                model.train()
-                _append_csv(out / "emergence.csv", row)
-                snapshots = out / "snapshots"  # the projector at every logged step, to re-measure the curve later
-                snapshots.mkdir(exist_ok=True)
-                save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                           if k.startswith("model.multi_modal_projector.")},
-                          str(snapshots / f"projector_step{progress['global_step']}.safetensors"))
-                n_l = model.config.text_config.num_hidden_layers
-                vs = [row[f"visual_sinks_per_image_L{i}"] for i in range(n_l)]
+            if stage.name in ("align", "instruct") and (progress["step_in_stage"] % config.metrics_every == 0
+                                                        or done or progress["step_in_stage"] == 1):
+                m0 = time.time()
+                log_metrics(stage, float(loss), seconds)
+                t0 += time.time() - m0  # metrics are not training time; timing.json records them apart
+                timing["metrics_seconds"] = round(timing.get("metrics_seconds", 0.0) + time.time() - m0, 1)
+            if stage.name != "instruct" and stage.name != "align" and (progress["step_in_stage"] % 100 == 0 or done):
                 log(f"[{stage.name}] step {progress['global_step']} loss {float(loss):.3f} "
-                    f"pope r/a {row['pope_random']:.2f}/{row['pope_adversarial']:.2f} "
-                    f"sink dims {row['sink_dims']} visual sinks/image max {max(vs):.1f} "
-                    f"{time.time() - t0:.0f}s")
-            if stage.name == "vision" and (progress["step_in_stage"] % 250 == 0 or done):
-                log(f"[vision] step {progress['global_step']} loss {float(loss):.3f} "
-                    + " ".join(f"{k} {v:.2f}" for k, v in extra.items()))
+                    + " ".join(f"{k} {v:.2f}" for k, v in extra.items()) + f" {seconds:.0f}s")
             if progress["global_step"] % config.checkpoint_every == 0 and not done:
                 save_checkpoint(optimizer)
         bar.close()
@@ -485,8 +561,11 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
         save_checkpoint(optimizer)
 
     final = out / "model"
-    smolvlm.save_trained(model, processor, final, {"recipe": config.to_dict()})
-    log(f"trained parts written to {final}")
+    timing["training_seconds"] = round(sum(v["seconds"] for v in timing["stages"].values()), 1)
+    _atomic_json(out / "timing.json", timing)
+    smolvlm.save_trained(model, processor, final, {"recipe": config.to_dict(), "timing": timing})
+    log(f"trained parts written to {final} (training {timing['training_seconds']:.0f} s, "
+        f"metrics {timing.get('metrics_seconds', 0):.0f} s)")
     return final
 
 
@@ -500,7 +579,8 @@ def export_checkpoint(out: str | Path, log=print) -> Path:
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, smolvlm.VisionArchitecture(**recipe["vision"]))
     if recipe.get("lora_rank"):
-        model_config.sinkscope_lora = smolvlm.lora_settings(recipe["lora_rank"])
+        targets = smolvlm.LORA_ATTENTION_TARGETS if recipe.get("lora_targets") == "attention" else smolvlm.LORA_TARGETS
+        model_config.sinkscope_lora = smolvlm.lora_settings(recipe["lora_rank"], targets)
     model = smolvlm.assemble(model_config, llm_dir, load_file(str(out / "checkpoint" / "trained.safetensors")))
     final = out / "model"
     smolvlm.save_trained(model, smolvlm.build_processor(llm_dir), final, {"recipe": recipe, "checkpoint": progress})
@@ -509,12 +589,12 @@ def export_checkpoint(out: str | Path, log=print) -> Path:
 
 
 def _parse_stages(text: str) -> list[Stage]:
-    """'vision:1500:1e-3:64,align:150:1e-3:8,instruct:900:5e-4:8' -> stages."""
+    """'vision:150:1e-3:64,instruct:50:2e-3:8' -> stages (warmup 20 steps each)."""
     stages = []
     for part in text.split(","):
         name, steps, lr, batch = part.split(":")
-        if name not in ("vision", "align", "instruct"):
-            raise SystemExit(f"unknown stage {name!r}: use vision, align or instruct")
+        if name not in STAGE_NAMES:
+            raise SystemExit(f"unknown stage {name!r}: use one of {', '.join(STAGE_NAMES)}")
         stages.append(Stage(name, int(steps), float(lr), int(batch)))
     return stages
 
@@ -527,7 +607,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--metrics-every", type=int, default=50)
     parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LLM in the instruct stage (0: frozen)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LLM (0: frozen)")
+    parser.add_argument("--lora-targets", default="attention", choices=["attention", "all"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="autocast dtype while training (float32: no autocast)")
+    parser.add_argument("--max-turns", type=int, default=16, help="question branches per packed sequence")
+    parser.add_argument("--metric-scenes", type=int, default=12, help="validation scenes for POPE in emergence.csv")
     parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
                         "(for a run stopped before its last step)")
     args = parser.parse_args(argv)
@@ -535,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         export_checkpoint(args.out, log=lambda m: print(m, flush=True))
         return
     config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every,
-                          lora_rank=args.lora_rank)
+                          lora_rank=args.lora_rank, lora_targets=args.lora_targets, dtype=args.dtype,
+                          max_turns=args.max_turns, metric_scenes=args.metric_scenes)
     if args.stages:
         config.stages = _parse_stages(args.stages)
     train(args.out, config, resume=not args.no_resume, log=lambda m: print(m, flush=True))

@@ -1,0 +1,64 @@
+"""Packed training sequences for the demo: answers true to the scene, and each packed question computed
+exactly as the inference prompt the processor builds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from sinkscope.demo import smollm, world
+from sinkscope.demo.smolvlm_data import IGNORE, Packer, collate, scene_questions
+
+
+def test_scene_questions_are_true_balanced_and_deterministic():
+    for i in range(40):
+        s = world.scene("train", i)
+        qs = scene_questions("train", i)
+        assert [q.question for q in qs] == [q.question for q in scene_questions("train", i)]
+        existence = [q for q in qs if q.task == "existence"]
+        assert sum(q.answer == "yes" for q in existence) == sum(q.answer == "no" for q in existence)
+        for q in existence:
+            assert (q.category in s.categories) == (q.answer == "yes")
+        for q in qs:
+            if q.task == "count":
+                assert q.answer == world.COUNT_WORDS[len(s.objects)]
+            if q.task == "position":
+                assert any(o.category == q.category and o.position_words == q.answer for o in s.objects)
+            if q.task == "color":
+                assert [o.color for o in s.objects if o.shape == q.question.split()[-2]] == [q.answer]
+
+
+@pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None, reason=f"{smollm.PACKAGE_SPEC} is not installed")
+def test_a_packed_question_equals_its_inference_prompt():
+    from sinkscope.demo import smolvlm
+    from sinkscope.demo.train_smolvlm import pixel_values
+
+    llm = smollm.ensure_cached(log=lambda m: None)
+    config = smolvlm.build_config(llm)
+    model = smolvlm.assemble(config, llm)  # untrained vision tower and projector: any weights will do
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+    processor = smolvlm.build_processor(llm)
+    packer = Packer(processor.tokenizer, config.image_token_id)
+    qs = scene_questions("train", 3)[:3]
+    packed = packer.pack(qs)
+    batch = collate([packed, packer.pack(qs[:1])], processor.tokenizer.pad_token_id)  # padding in row 1
+    image = world.scene("train", 3)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"],
+                             pixel_values=torch.stack([pixel_values(image.image)] * 2)).last_hidden_state
+        for b, q in enumerate(qs):
+            text = processor.apply_chat_template([{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": q.question}]}], add_generation_prompt=True)
+            inputs = processor(images=[image.pil()], text=[text], return_tensors="pt")
+            reference = model.model(**inputs).last_hidden_state[0, -1]
+            prompt = inputs.input_ids[0].tolist()
+            n_prefix = packed.branch.count(-1)
+            where = [t for t, br in enumerate(packed.branch) if br == b][len(prompt) - n_prefix - 1]
+            assert [packed.ids[t] for t in range(n_prefix)] + [packed.ids[t] for t, br in enumerate(packed.branch)
+                                                               if br == b][:len(prompt) - n_prefix] == prompt
+            assert torch.allclose(hidden[0, where], reference, atol=1e-3, rtol=1e-4)
+            target = batch["labels"][0, where]
+            assert target != IGNORE and processor.tokenizer.decode([int(target)]).strip() == q.answer.split()[0]
