@@ -26,13 +26,24 @@ def main(argv=None) -> None:
     parser.add_argument("--assets", default=str(smolvlm.ASSETS))
     parser.add_argument("--train-dir", default=None)
     parser.add_argument("--n-per-task", type=int, default=200)
+    parser.add_argument("--n-pope", type=int, default=300, help="questions per POPE split")
     parser.add_argument("--scan-samples", type=int, default=64)
     parser.add_argument("--scan-dir", default=None, help="keep the scan here (default: a temporary folder)")
     parser.add_argument("--recipes", default=None, help="JSON list of {name, what, result}: recipes tried, for the card")
+    parser.add_argument("--extras", default=None, help="JSON object measured elsewhere (training, image_use, heldout, "
+                        "variants; see smolvlm_card.write_card)")
+    parser.add_argument("--accuracy-csv", default=None, help="reuse this accuracy table (written by a previous run)")
     args = parser.parse_args(argv)
     model, processor = smolvlm.load_demo(args.assets)
     adapter = adapter_for_model(model, processor, "demo")
-    accuracy = demo_accuracy(adapter, n_per_task=args.n_per_task)
+    if args.accuracy_csv and Path(args.accuracy_csv).exists():
+        import pandas as pd
+
+        accuracy = pd.read_csv(args.accuracy_csv)
+    else:
+        accuracy = demo_accuracy(adapter, n_per_task=args.n_per_task, n_pope=args.n_pope)
+        if args.accuracy_csv:
+            accuracy.to_csv(args.accuracy_csv, index=False)
     print(accuracy.to_string())
     root = Path(args.scan_dir or tempfile.mkdtemp(prefix="demo-card-scan-"))
     for score in ("rms", "layer"):  # the paper's phi (saturates at hidden 576) and the layer-relative score
@@ -42,7 +53,8 @@ def main(argv=None) -> None:
     smolvlm_card.write_card(Path(args.assets), accuracy, root / "layer", Path(args.train_dir) if args.train_dir else None,
                             {**adapter.describe(), "lora": getattr(adapter.model.config, "sinkscope_lora", None)},
                             trained, phi_scan_dir=root / "rms",
-                            recipes=json.loads(Path(args.recipes).read_text()) if args.recipes else None)
+                            recipes=json.loads(Path(args.recipes).read_text()) if args.recipes else None,
+                            extras=json.loads(Path(args.extras).read_text()) if args.extras else None)
     print(f"card written to {args.assets}/README.md")
 
 

@@ -80,9 +80,13 @@ def _layer_score_columns(r, layers) -> dict:
 
 
 def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: Path | None, describe: dict,
-               n_trained_parameters: int, phi_scan_dir: Path | None = None, recipes: list[dict] | None = None) -> dict:
+               n_trained_parameters: int, phi_scan_dir: Path | None = None, recipes: list[dict] | None = None,
+               extras: dict | None = None) -> dict:
     """scan_dir: the scan whose sinks the card reports (layer-relative score for this model);
-    phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau."""
+    phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau.
+    extras: measured elsewhere, shown as given: `training` (command, wall time, machine), `image_use`
+    (analyses/demo_image_use.py summary), `heldout` (accuracy table on unseen test scenes, as records),
+    `variants` (the pre-registered emergence runs, as records)."""
     from sinkscope import plots
 
     assets, scan_dir = Path(assets), Path(scan_dir)
@@ -115,6 +119,7 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         "phi_view": phi_view,
         "recipes_tried": recipes or [],
         "lora": describe.get("lora"),
+        **(extras or {}),
     }
     if train_dir is not None and (Path(train_dir) / "emergence.csv").exists():
         train_dir = Path(train_dir)
@@ -162,6 +167,44 @@ def _tau_paragraphs(card: dict) -> list[str]:
     return out
 
 
+def _extra_sections(card: dict) -> list[str]:
+    """Training command and time, image use (knockout, swap), held-out accuracy, pre-registered variants."""
+    out = []
+    tr = card.get("training")
+    if tr:
+        out += ["## How it was trained\n", f"```bash\n{tr['command']}\n```\n", tr.get("text", "") + "\n"]
+        if tr.get("stages"):
+            out.append(markdown_table(pd.DataFrame(tr["stages"])))
+    use = card.get("image_use")
+    if use:
+        ko = pd.DataFrame([{"strategy": k, **{c: v[c] for c in ("n", "accuracy", "yes_ratio", "accuracy_knockout",
+                                                                 "yes_ratio_knockout")},
+                            "knockout_ci": f"[{_f(v['ci_knockout'][0])}, {_f(v['ci_knockout'][1])}]"}
+                           for k, v in use["knockout"].items()])
+        sw = use["swap"]
+        out += ["## Does it use its image?\n",
+                "**Knockout** (`sinkscope.interventions.knockout`): every image token blocked as a key for the text "
+                "queries after the image and for the generated tokens; POPE on the test split by generation:\n",
+                markdown_table(ko) if len(ko) else "(not measured)\n",
+                f"**Whole-image swap**: the same POPE-adversarial question asked about a scene whose answer is the "
+                f"opposite (sources as in `sinkscope patch`), n = {sw['n']}: the correct answer's logit difference "
+                f"moves by {_f(sw['effect_mean'])} (95% CI [{_f(sw['ci'][0])}, {_f(sw['ci'][1])}]; negative = towards "
+                f"the other image's answer); the yes/no decision flips in {_f(sw['flip_rate'])} of the pairs "
+                f"(CI [{_f(sw['flip_ci'][0])}, {_f(sw['flip_ci'][1])}]), {_f(sw['flip_rate_when_target_correct'])} "
+                f"of the {sw['n_target_correct']} pairs the model answered correctly. "
+                "(`python analyses/demo_image_use.py`)\n"]
+    held = card.get("heldout")
+    if held:
+        out += ["## Held-out check\n", card.get("heldout_text", "") + "\n", markdown_table(pd.DataFrame(held))]
+    variants = card.get("variants")
+    if variants:
+        out += ["## Emergence experiment (pre-registered)\n",
+                "Design, measure, prediction and decision rule were written and committed before the variants ran: "
+                "[preregistration.md](preregistration.md).\n", markdown_table(pd.DataFrame(variants)),
+                card.get("variants_text", "") + "\n"]
+    return out
+
+
 def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
     arch = card["architecture"]
     acc = card["accuracy"]
@@ -181,7 +224,9 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
         "## Accuracy on the held-out test split (generation)\n",
         markdown_table(accuracy),
         f"POPE random {_f(acc.get('pope-random'))}, popular {_f(acc.get('pope-popular'))}, adversarial "
-        f"{_f(acc.get('pope-adversarial'))} (aim: random >= 0.85).\n",
+        f"{_f(acc.get('pope-adversarial'))} (targets: 0.88 / 0.85 / 0.82, yes-ratio 0.40-0.60; count 0.95, colour "
+        "0.90, position 0.85, caption CHAIR_i <= 0.15).\n",
+        *_extra_sections(card),
         "## What the language model brings: its own sinks\n",
         f"Sink dims found by discovery on the first token (not pinned): **{card['sink_dims']['dims']}** "
         f"({card['sink_dims']['method']}). {card['sink_dims']['reason']}\n",

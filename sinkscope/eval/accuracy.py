@@ -52,14 +52,15 @@ def score_samples(samples: list[Sample], answers: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def demo_accuracy(adapter: ModelAdapter, n_per_task: int = 100, batch_size: int = 50, **generate_kwargs) -> pd.DataFrame:
-    """Accuracy per demo task on the held-out test split (POPE splits get F1 too)."""
+def demo_accuracy(adapter: ModelAdapter, n_per_task: int = 100, batch_size: int = 50, n_pope: int | None = None,
+                  **generate_kwargs) -> pd.DataFrame:
+    """Accuracy per demo task on the held-out test split (POPE splits get F1 too; n_pope: their n if given)."""
     from sinkscope.demo import world
     from sinkscope.eval.tasks import load_samples
 
     rows = []
     for task in ("pope-random", "pope-popular", "pope-adversarial", "color", "count", "position", "caption"):
-        samples = load_samples(f"demo:{task}", n_per_task)
+        samples = load_samples(f"demo:{task}", n_pope if n_pope and task.startswith("pope") else n_per_task)
         answers = generate_answers(adapter, samples, max_new_tokens=40 if task == "caption" else 4,
                                    batch_size=batch_size, **generate_kwargs)
         scored = score_samples(samples, answers)
