@@ -188,6 +188,21 @@ def _run_config(**fields) -> RunConfig:
         return RunConfig(**fields)
 
 
+_SHARD = typer.Option(None, help="i/n: only the samples whose index modulo n is i (default: from "
+                      "SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE when set); merge with `sinkscope merge`")
+
+
+_NO_SHARD = typer.Option(None, hidden=True, help="not for this command: only scan, ablate and var-eval shard")
+
+
+def _refuse_shard(command: str, shard: Optional[str]) -> None:
+    """--shard on a command whose shards cannot be merged yet: one line naming what does shard."""
+    if shard is not None:
+        typer.echo(f"Error: {command} does not take --shard yet (its shards could not be merged): run it without "
+                   "--shard; sharded runs: scan, ablate, var-eval (merged with `sinkscope merge`)", err=True)
+        raise typer.Exit(2)
+
+
 def _shard(text: Optional[str]) -> Optional[str]:
     """--shard as given, else the shard the launcher's environment names (SLURM array, torchrun), as 'i/n'."""
     with _one_line_errors(None, None):
@@ -199,7 +214,8 @@ def _shard(text: Optional[str]) -> Optional[str]:
 def merge(folders: list[str] = typer.Argument(..., help="the shards' run folders (each of 0/n..n-1/n once)"),
           out: str = typer.Option(..., help="the merged run folder to write"),
           figures: bool = typer.Option(True, help="draw the figures")):
-    """Merge the run folders of a sharded scan (--shard i/n) into one, recomputing summaries and figures."""
+    """Merge the run folders of a sharded scan, ablate or var-eval (--shard i/n) into one, recomputing summaries
+    and figures."""
     with _one_line_errors(None, out):
         from sinkscope.analyses.merge import merge_runs
 
@@ -311,8 +327,10 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
           device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          sink_score: str = _SCORE, resume: bool = _RESUME, remote: Optional[str] = _REMOTE):
+          sink_score: str = _SCORE, resume: bool = _RESUME, remote: Optional[str] = _REMOTE,
+          shard: Optional[str] = _NO_SHARD):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
+    _refuse_shard("heads", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -332,8 +350,10 @@ def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, ou
                   limit: Optional[int] = _LIMIT, batch_size: int = _BATCH, tau: Optional[float] = _TAU,
                   sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
                   device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-                  seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME):
+                  seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
+                  shard: Optional[str] = _NO_SHARD):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
+    _refuse_shard("contributions", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -355,8 +375,9 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-             sink_score: str = _SCORE, resume: bool = _RESUME):
+             sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
+    _refuse_shard("location", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -379,8 +400,9 @@ def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: s
               batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
               device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
               device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-              sink_score: str = _SCORE, resume: bool = _RESUME):
+              sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
+    _refuse_shard("vit-sinks", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -408,7 +430,8 @@ def ablate(ctx: typer.Context, model: str = _MODEL,
            seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
            renormalize: bool = typer.Option(True, help="renormalise knocked-out rows to sum to 1 (the paper's "
                                             "knockout); --no-renormalize only zeroes the blocked entries, removing "
-                                            "what those keys write and nothing else")):
+                                            "what those keys write and nothing else"),
+           shard: Optional[str] = _SHARD):
     """Knock out attention to visual sinks vs matched random / top non-sink image tokens / BOS; sweep tau."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, sink_dims=sink_dims, layers=layers)
@@ -419,7 +442,7 @@ def ablate(ctx: typer.Context, model: str = _MODEL,
         return AblateConfig(model=model, data=data, limit=limit, batch_size=batch_size,
                             taus=parse_floats(taus, "--taus", "10,20,40"), layers=run.layers, n_random=n_random,
                             sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                            sink_score=score, renormalize=renormalize)
+                            sink_score=score, renormalize=renormalize, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.ablate:run_ablate")
 
@@ -441,9 +464,10 @@ def patch(ctx: typer.Context, model: str = _MODEL,
           tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          resume: bool = _RESUME):
+          resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
     """Patch visual sinks / object tokens / image-centric heads from an image with the other answer, and
     VAR-edited heads into the baseline; effect on the answer's logit difference with CIs."""
+    _refuse_shard("patch", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims, layers=layers)
 
@@ -479,7 +503,7 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
              dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-             resume: bool = _RESUME):
+             resume: bool = _RESUME, shard: Optional[str] = _SHARD):
     """POPE (and CHAIR) with baseline, VAR and its controls; p and rho chosen on validation, reported on test."""
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims, image_root=image_root)
@@ -495,7 +519,8 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
                              p_grid=parse_floats(p_grid, "--p-grid", "0.3,0.6"),
                              rho_grid=parse_floats(rho_grid, "--rho-grid", "0.5,0.8"), p=p, rho=rho,
                              select_metric=select_metric, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
-                             device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=score)
+                             device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=score,
+                             shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.var_eval:run_var_eval")
 
@@ -568,8 +593,9 @@ def inject(ctx: typer.Context, model: str = _MODEL,
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           resume: bool = _RESUME):
+           resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
     """Write the sink signature into background / object / text tokens: dose-response with controls, VAR on it."""
+    _refuse_shard("inject", shard)
     from sinkscope.analyses.inject import GROUPS, TREATMENTS
 
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
@@ -607,9 +633,10 @@ def remove(ctx: typer.Context,
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           resume: bool = _RESUME):
+           resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
     """Take the sink signature away (first token / every sink / visual sinks, to zero or a mean): attention
     redistribution, answer accuracy, text perplexity."""
+    _refuse_shard("remove", shard)
     from sinkscope.analyses.remove import named_specs
     from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS
 

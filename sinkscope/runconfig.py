@@ -12,6 +12,7 @@ a typo costs a second, not a model load, and leaves no folder. Only the standard
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -203,3 +204,10 @@ def parse_shard(text: str | None, environ: dict | None = None) -> tuple[int, int
     if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
         raise SinkscopeError(f"--shard {text!r}: give i/n with 0 <= i < n (e.g. 0/4 for the first of four shards)")
     return int(i), int(n)
+
+
+def sample_seed(seed: int, *keys) -> int:
+    """A seed that depends on (seed, keys) only, e.g. (run seed, sample index): random draws made per sample
+    with it are the same whichever shard or batch the sample runs in."""
+    text = ":".join(str(k) for k in (int(seed), *keys))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2 ** 63 - 1)

@@ -53,3 +53,95 @@ def test_the_shard_comes_from_the_flag_or_the_launcher():
     for bad in ("2/2", "a/b", "1", "-1/3"):
         with pytest.raises(SinkscopeError, match="--shard"):
             parse_shard(bad, {})
+
+
+def _run_sharded(runner, app, common: list[str], tmp_path, n: int) -> None:
+    """The unsharded run in tmp_path/whole, shards 0..n-1 in tmp_path/s<i>, merged (given in reverse) into merged."""
+    whole = runner.invoke(app, common + ["--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    for i in range(n):
+        done = runner.invoke(app, common + ["--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/{n}"])
+        assert done.exit_code == 0, done.output
+    merged = runner.invoke(app, ["merge", *[str(tmp_path / f"s{i}") for i in reversed(range(n))],
+                                 "--out", str(tmp_path / "merged"), "--no-figures"])
+    assert merged.exit_code == 0, merged.output
+
+
+def _assert_same_tables(tmp_path, tables) -> None:
+    for table in tables:
+        a, b = tmp_path / "whole" / f"{table}.csv", tmp_path / "merged" / f"{table}.csv"
+        assert a.exists() and b.exists(), table
+        left, right = pd.read_csv(a), pd.read_csv(b)
+        assert len(left), table
+        pd.testing.assert_frame_equal(left, right, obj=table, check_exact=True)
+    assert (tmp_path / "merged" / "index.md").exists()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_merged_shards_equal_the_unsharded_ablation(n, tmp_path):
+    """Batch size 1: the random control's keys come from (seed, sample index) whatever the batch; batch size 1 only
+    keeps padding from changing the forward's last bits between the runs compared."""
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    common = ["ablate", "--model", "organism", "--limit", "5", "--batch-size", "1", "--n-random", "2",
+              "--n-boot", "50"]
+    _run_sharded(CliRunner(), app, common, tmp_path, n)
+    _assert_same_tables(tmp_path, ("ablation_per_sample", "ablation", "ablation_contrasts"))
+    per = pd.read_csv(tmp_path / "merged" / "ablation_per_sample.csv")
+    assert (per["condition"] == "random_visual").any()  # the random control ran, and matched across shards
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_merged_shards_equal_the_unsharded_var_eval(n, tmp_path):
+    """Every shard runs the whole validation sweep, so each chooses the same p and rho; the merge keeps one copy."""
+    import json
+
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    common = ["var-eval", "--model", "organism", "--tasks", "pope-random", "--limit", "4", "--val-limit", "2",
+              "--p-grid", "0.3,0.9", "--rho-grid", "0.5", "--captions", "3", "--batch-size", "1", "--n-boot", "50"]
+    _run_sharded(CliRunner(), app, common, tmp_path, n)
+    _assert_same_tables(tmp_path, ("var_answers", "var_sweep", "var_eval", "var_captions", "chair"))
+    chosen = [json.loads((tmp_path / d / "run.json").read_text())["chosen"] for d in ("whole", "merged")]
+    assert chosen[0] == chosen[1]
+    answers = pd.read_csv(tmp_path / "merged" / "var_answers.csv")
+    assert set(answers["phase"]) == {"validation", "test"} and (answers["condition"] == "var_random_heads").any()
+
+
+def test_a_random_control_draw_depends_on_the_sample_alone():
+    import torch
+
+    from sinkscope.analyses.ablate import random_visual_keys
+    from sinkscope.runconfig import sample_seed
+
+    visual = torch.tensor([[False, True, True, True, True, False], [False, False, True, True, True, True]])
+    gens = lambda: [torch.Generator().manual_seed(sample_seed(0, k)) for k in (7, 8)]  # noqa: E731
+    both = random_visual_keys(visual, torch.tensor([2, 3]), gens())
+    assert both.sum(1).tolist() == [2, 3] and not (both & ~visual).any()
+    alone = random_visual_keys(visual[1:], torch.tensor([3]), gens()[1:])  # the same sample in a batch of its own
+    assert torch.equal(alone[0], both[1])
+    assert sample_seed(0, 7) != sample_seed(0, 8) and sample_seed(0, 7) == sample_seed(0, 7)
+
+
+@pytest.mark.parametrize("command", ["ablate", "var-eval"])
+@pytest.mark.parametrize("bad,words", [("3/3", "0 <= i < n"), ("one/2", "give i/n")])
+def test_a_bad_shard_names_the_fix(command, bad, words, tmp_path):
+    from sinkscope.cli import app
+
+    result = CliRunner().invoke(app, [command, "--model", "organism", "--out", str(tmp_path / "x"), "--shard", bad])
+    assert result.exit_code == 2, result.output
+    assert "--shard" in result.output and words in result.output and "0/4" in result.output
+
+
+@pytest.mark.parametrize("command", ["heads", "contributions", "location", "vit-sinks", "patch", "inject", "remove"])
+def test_commands_that_cannot_merge_refuse_a_shard_by_name(command, tmp_path):
+    from sinkscope.cli import app
+
+    result = CliRunner().invoke(app, [command, "--out", str(tmp_path / "x"), "--shard", "0/2"])
+    assert result.exit_code == 2, result.output
+    assert f"{command} does not take --shard" in result.output and "scan, ablate, var-eval" in result.output
+    assert not (tmp_path / "x").exists()

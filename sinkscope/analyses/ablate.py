@@ -6,7 +6,9 @@ generated token) to a set of keys, in all layers (or chosen ones), rows renormal
   - none: the unmodified model;
   - visual_sinks: image tokens with phi >= tau in any layer >= start_layer (prefill);
   - random_visual: the same number of image tokens drawn at random from image tokens only, one
-    set used in every layer, `n_random` seeds (metrics averaged over seeds per sample);
+    set used in every layer, `n_random` seeds (metrics averaged over seeds per sample); each sample's
+    draws come from its own generator, seeded from (--seed, the sample's index in the data), so they
+    do not depend on the batch or shard the sample runs in;
   - top_nonsink: the same number of the most-attended image tokens that are not sinks;
   - bos: the first token.
 Swept over tau. Metrics: yes/no accuracy and F1 from greedy generation, and the logit
@@ -16,6 +18,7 @@ Wilcoxon signed-rank for the logit difference, exact McNemar (binomial on discor
 correctness, the bootstrap of the paired difference for F1.
 
 Writes: run.json, sink_dims.json, ablation_per_sample.csv, ablation.csv, ablation.png, index.md.
+Sharded (--shard i/n: the samples whose index modulo n is i): `sinkscope merge` joins the shards.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
 from sinkscope.eval.tasks import progress
+from sinkscope.runconfig import sample_seed
 from sinkscope.runfolder import RunFolder
 
 CONDITIONS = ("none", "visual_sinks", "random_visual", "top_nonsink", "bos")
@@ -99,6 +103,22 @@ class _PhiAttention(SinkAwareReducer):
         return torch.stack([self.phi[l] for l in late]).amax(dim=0)  # [batch, token]
 
 
+def random_visual_keys(visual_mask: torch.Tensor, n_per_row, generators: list[torch.Generator]) -> torch.Tensor:
+    """[batch, token] bool: row b holds n_per_row[b] of its image tokens drawn at random with generators[b].
+
+    The draw is a permutation of the row's image tokens only (not of every position), so padding and the other rows
+    of the batch do not change it: a sample's keys depend on its generator's seed alone.
+    """
+    keys = torch.zeros_like(visual_mask, dtype=torch.bool)
+    for b, gen in enumerate(generators):
+        where = visual_mask[b].nonzero().flatten()
+        n = int(n_per_row[b])
+        if n > len(where):
+            raise SinkscopeError(f"cannot draw {n} random image tokens from {len(where)} in sample row {b}")
+        keys[b, where[torch.randperm(len(where), generator=gen)[:n]]] = True
+    return keys
+
+
 def _inputs(adapter, batch):
     return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
 
@@ -123,7 +143,7 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
     s = setup(out, "ablate", cfg, adapter, resume, log)
     adapter = s.adapter
     check_layers(cfg.layers, adapter.num_layers)
-    from sinkscope.interventions.knockout import knockout, random_image_keys, top_nonsink_image_keys
+    from sinkscope.interventions.knockout import knockout, top_nonsink_image_keys
 
     labels_all = {x.sample_id: (x.answer or "").strip().lower() for x in s.samples}
     bad = [sid for sid, a in labels_all.items() if a not in ("yes", "no")]
@@ -133,8 +153,9 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
     yes_id, no_id = answer_token_ids(adapter)
     taus = cfg.taus or [s.tau.value * f for f in (0.75, 1.0, 1.5)]
     s.folder.update_meta(taus=taus)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    index = {x.sample_id: k for k, x in enumerate(s.samples)}  # the sample's index in the data: its random draws
     for chunk in progress(s.todo, cfg.batch_size, "ablate"):
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, index[x.sample_id])) for x in chunk]
         batch = prepare_batch(adapter, chunk)
         red = _PhiAttention(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg.start_layer)
         s.tracer.run(batch, [red])
@@ -164,7 +185,7 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
                 record("visual_sinks", tau, -1, sinks)
             if "random_visual" in cfg.conditions:
                 for seed in range(cfg.n_random):
-                    record("random_visual", tau, seed, random_image_keys(kinds, n_per_row, gen))
+                    record("random_visual", tau, seed, random_visual_keys(kinds.visual_mask, n_per_row, gens))
             if "top_nonsink" in cfg.conditions:
                 record("top_nonsink", tau, -1, top_nonsink_image_keys(received, kinds.visual_mask, sinks, n_per_row))
         if "bos" in cfg.conditions:

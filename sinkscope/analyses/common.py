@@ -17,7 +17,7 @@ from sinkscope.analyses.scan import ScanConfig, calibrate, prepare_batch, text_q
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample
 from sinkscope.measures import massive, sinks
-from sinkscope.runconfig import resolve_sink_score
+from sinkscope.runconfig import parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder
 from sinkscope.trace import BatchInfo, Tracer
 
@@ -45,6 +45,7 @@ class AnalysisConfig:
     n_boot: int = 1000
     sink_score: str = "auto"  # auto (runconfig.resolve_sink_score) | rms: the paper's phi | layer: layer-relative
     remote: str | None = None  # "local": traces through nnsight's serialised dry run of NDIF (analyses that allow it)
+    shard: str | None = None  # "i/n": only the samples whose index modulo n is i (merge with `sinkscope merge`)
 
     def validate(self) -> None:
         if self.tau is not None and not self.tau > 0:
@@ -60,6 +61,7 @@ class AnalysisConfig:
         if self.sink_score not in ("auto", *sinks.SINK_SCORES):
             raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
                                  f"got {self.sink_score!r}")
+        parse_shard(self.shard, {})  # a bad --shard names the fix before the model loads
 
     def scan_config(self) -> ScanConfig:
         return ScanConfig(model=self.model, data=self.data, limit=self.limit, batch_size=self.batch_size, tau=self.tau,
@@ -107,7 +109,11 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
         folder.write_json("sink_dims.json", dims.to_dict())
         folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
     done = folder.done_samples()
-    todo = [s for s in samples if s.sample_id not in done]
+    # calibration above used the whole data's first samples, so every shard shares sink dims and tau
+    shard_i, shard_n = parse_shard(getattr(cfg, "shard", None), {}) or (0, 1)
+    todo = [s for s in list(samples)[shard_i::shard_n] if s.sample_id not in done]
+    if shard_n > 1:
+        log(f"shard {shard_i}/{shard_n}: {len(todo)} samples to go (index modulo {shard_n} = {shard_i})")
     return Setup(adapter, samples, folder, tracer, dims, tau, todo)
 
 

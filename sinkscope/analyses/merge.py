@@ -7,7 +7,8 @@ recomputes every summary, figure and index.md from them, as the unsharded run do
 
     merge_runs(["runs/scan-0", "runs/scan-1"], "runs/scan")
 
-Only scan runs merge for now.
+Scan, ablate and var-eval runs merge. var-eval shards each ran the whole validation sweep (so each chose p
+and rho from the same answers); the merge keeps one copy of it, after checking every shard's copy is the same.
 """
 
 from __future__ import annotations
@@ -48,18 +49,37 @@ def _sample_order(folders: list[Path], metas: list[dict]) -> dict[str, int]:
     return order
 
 
-def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True, log=print) -> RunFolder:
-    """Merge finished scan shards into `out`; the shards must be one run's i/n shards covering 0..n-1."""
-    from sinkscope.analyses.scan import summarize
-    from sinkscope.measures import massive, sinks
+MERGEABLE = ("scan", "ablate", "var_eval")
 
+
+def _read_text_table(path: Path) -> pd.DataFrame:
+    """A per-sample table with every cell kept as its text, so merged rows are the shards' rows byte for byte."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _concat_in_order(paths: list[Path], table: str, order: dict[str, int]) -> pd.DataFrame | None:
+    frames = [_read_text_table(p / f"{table}.csv") for p in paths if (p / f"{table}.csv").exists()]
+    if not frames:
+        return None
+    merged = pd.concat(frames, ignore_index=True)
+    rank = merged["sample"].map(order)
+    if rank.isna().any():
+        raise SinkscopeError(f"{table}.csv of a shard has rows of samples its samples_done.txt does not list; "
+                             "resume that shard (run its command again) before merging")
+    return merged.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
+
+
+def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True, log=print) -> RunFolder:
+    """Merge finished scan, ablate or var-eval shards into `out`; the shards must be one run's i/n shards
+    covering 0..n-1."""
     paths = [Path(f) for f in folders]
     if not paths:
         raise SinkscopeError("give the shard folders to merge")
     metas = [_read_run(p) for p in paths]
     kinds = {m.get("analysis") for m in metas}
-    if kinds != {"scan"}:
-        raise SinkscopeError(f"only scan runs merge for now; got {sorted(map(str, kinds))}")
+    if len(kinds) != 1 or not kinds <= set(MERGEABLE):
+        raise SinkscopeError(f"merge takes the shards of one scan, ablate or var-eval run; got {sorted(map(str, kinds))}")
+    kind = kinds.pop()
     shards = [parse_shard(m["params"].get("shard"), {}) or (0, 1) for m in metas]
     n = shards[0][1]
     if sorted(shards) != [(i, n) for i in range(n)]:
@@ -68,6 +88,19 @@ def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True,
     same = [{k: v for k, v in m["params"].items() if k != "shard"} for m in metas]
     if any(p != same[0] for p in same[1:]):
         raise SinkscopeError("the shards were run with different settings (other than --shard); they are not one run")
+    if kind == "ablate":
+        return _merge_ablate(paths, metas, shards, same[0], out, figures, log)
+    if kind == "var_eval":
+        return _merge_var_eval(paths, metas, shards, same[0], out, figures, log)
+    return _merge_scan(paths, metas, shards, same[0], out, figures, log)
+
+
+def _merge_scan(paths, metas, shards, params, out, figures, log) -> RunFolder:
+    from sinkscope.analyses.scan import summarize
+    from sinkscope.measures import massive, sinks
+
+    n = shards[0][1]
+    same = [params]
     dims_text = {(p / "sink_dims.json").read_text() for p in paths}
     if len(dims_text) != 1 or len({json.dumps(m.get("tau"), sort_keys=True) for m in metas}) != 1:
         raise SinkscopeError("the shards found different sink dims or tau: they did not calibrate on the same samples")
@@ -97,4 +130,91 @@ def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True,
     summarize(folder, dims, tau, model, figures=figures)
     folder.finish()
     log(f"merged {len(paths)} shards ({len(order)} samples) into {folder.path}")
+    return folder
+
+
+def _check_same_calibration(paths: list[Path], metas: list[dict], keys: tuple[str, ...]) -> None:
+    texts = {(p / "sink_dims.json").read_text() for p in paths if (p / "sink_dims.json").exists()}
+    values = {json.dumps([m.get(k) for k in keys], sort_keys=True) for m in metas}
+    if len(texts) > 1 or len(values) != 1:
+        raise SinkscopeError(f"the shards found different {' / '.join(keys)}: they did not calibrate on the same "
+                             "samples (same data, --limit and --calibration?); run them again with the same settings")
+
+
+def _merge_ablate(paths, metas, shards, params, out, figures, log) -> RunFolder:
+    from sinkscope.analyses.ablate import AblateConfig, summarize_ablation
+
+    n = shards[0][1]
+    _check_same_calibration(paths, metas, ("tau", "sink_dims", "taus"))
+    order = _sample_order(paths, metas)
+    folder = RunFolder(out, "ablate", {**params, "shard": None}, resume=False)
+    first = paths[shards.index((0, n))]
+    folder.write_text("sink_dims.json", (first / "sink_dims.json").read_text())
+    per = _concat_in_order(paths, "ablation_per_sample", order)
+    if per is not None:
+        folder.append_rows("ablation_per_sample", per)
+    folder.mark_done(sorted(order, key=order.get))
+    base = metas[shards.index((0, n))]
+    skipped = [s for m in metas for s in m.get("skipped", [])]
+    folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "taus", "n_samples") if k in base},
+                       skipped=skipped, merged_from=[str(p) for p in paths])
+    summarize_ablation(folder, AblateConfig(**{**params, "shard": None}), figures)
+    log(f"merged {len(paths)} ablate shards ({len(order)} samples) into {folder.path}")
+    return folder
+
+
+def _var_eval_order(paths: list[Path], shards: list[tuple[int, int]]) -> dict[str, int]:
+    """done key -> position as the unsharded run writes it: the validation questions (every shard ran them all, in
+    the same order), then the test questions, then the captions, each in the data's order (index modulo n)."""
+    n = shards[0][1]
+    done = {s: [x for x in (p / "samples_done.txt").read_text().split("\n") if x]
+            if (p / "samples_done.txt").exists() else [] for p, s in zip(paths, shards)}
+    order: dict[str, int] = {}
+    for offset, phase in enumerate(("validation:", "test:", "caption:")):
+        if phase == "validation:":
+            for rank, key in enumerate(k for k in done[(0, n)] if k.startswith(phase)):
+                order[key] = offset * 10 ** 9 + rank
+            continue
+        for (i, _), keys in done.items():
+            for rank, key in enumerate(k for k in keys if k.startswith(phase)):
+                order[key] = offset * 10 ** 9 + i + rank * n
+    return order
+
+
+def _merge_var_eval(paths, metas, shards, params, out, figures, log) -> RunFolder:
+    from sinkscope.analyses.var_eval import VarEvalConfig, summarize_var_eval
+
+    n = shards[0][1]
+    _check_same_calibration(paths, metas, ("var_calibrated",))
+    chosen = {json.dumps(m.get("chosen"), sort_keys=True) for m in metas}
+    if len(chosen) != 1:
+        raise SinkscopeError("the shards chose different p and rho on validation (their validation answers differ: "
+                             "different machines or dtypes?); run every shard on the same hardware and settings")
+    answers = [_read_text_table(p / "var_answers.csv") if (p / "var_answers.csv").exists() else None for p in paths]
+    first = shards.index((0, n))
+    val = [None if a is None else a[a["phase"] == "validation"].reset_index(drop=True) for a in answers]
+    if any((v is None) != (val[first] is None) or (v is not None and not v.equals(val[first])) for v in val):
+        raise SinkscopeError("the shards' validation answers differ (each shard runs the whole validation sweep, so "
+                             "they should be the same); run every shard on the same hardware, dtype and settings")
+    order = _var_eval_order(paths, shards)
+    folder = RunFolder(out, "var_eval", {**params, "shard": None}, resume=False)
+    tables = []
+    if answers[first] is not None:
+        tests = [a[a["phase"] != "validation"] for a in answers if a is not None]
+        test = pd.concat(tests, ignore_index=True)
+        test = test.iloc[test["sample"].map(order).argsort(kind="stable")]
+        tables.append(("var_answers", pd.concat([val[first], test], ignore_index=True)))
+    caps = _concat_in_order(paths, "var_captions", order)
+    if caps is not None:
+        tables.append(("var_captions", caps))
+    for table, frame in tables:
+        folder.append_rows(table, frame)
+    folder.mark_done(sorted(order, key=order.get))
+    base = metas[first]
+    folder.update_meta(**{k: base[k] for k in ("model", "n_validation", "n_test", "planted", "var_calibrated",
+                                               "calibration_source", "calibration_note", "chosen") if k in base},
+                       merged_from=[str(p) for p in paths])
+    c = base["chosen"]
+    summarize_var_eval(folder, VarEvalConfig(**{**params, "shard": None}), (c["p"], c["rho"]), figures)
+    log(f"merged {len(paths)} var-eval shards ({len(order)} questions and captions) into {folder.path}")
     return folder

@@ -21,6 +21,13 @@ Data: `demo` (the demo world's POPE splits: validation and test scenes are disjo
 question file with --validation another POPE file (without one, nothing is tuned: p and rho are the
 given or paper values, and index.md says so).
 
+Sharded (--shard i/n): the test questions (and captions) whose index modulo n is i; every shard runs the
+whole validation sweep, so each chooses p and rho from the same validation answers, as the unsharded run
+does (the choice must be made before any test question runs, so validation cannot wait for the other
+shards); `sinkscope merge` joins the shards and recomputes every table. var_random_heads draws its heads
+per question, from a generator seeded from (--seed, the question's index), one question per generate call,
+so the draw does not depend on the batch or shard.
+
 Resumable: per-question rows are appended to var_answers.csv as each batch of questions finishes all its
 conditions (key `sample` = "<phase>:<question id>"); a rerun skips finished questions.
 """
@@ -39,6 +46,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
 from sinkscope.eval.tasks import Sample, progress
+from sinkscope.runconfig import parse_shard, sample_seed
 from sinkscope.runfolder import RunFolder
 
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
@@ -77,8 +85,10 @@ class VarEvalConfig:
     dtype: str | None = None
     seed: int = 0
     n_boot: int = 1000
+    shard: str | None = None  # "i/n": test questions and captions whose index modulo n is i (validation: all)
 
     def validate(self) -> None:
+        parse_shard(self.shard, {})
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or "baseline" not in self.conditions:
             raise SinkscopeError(f"--conditions must include 'baseline' and come from {', '.join(CONDITIONS)}; got "
@@ -149,6 +159,15 @@ def _answers(adapter, samples, var_cfg, max_new_tokens, batch_size) -> list[str]
         return generate_answers(adapter, samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+def _condition_answers(adapter, samples, indices, condition, var_cfg, max_new_tokens, batch_size, seed, phase):
+    """Answers of one condition; var_random_heads one question at a time, its heads drawn with a seed from
+    (seed, phase, the question's index), so a question's draw does not depend on its batch or shard."""
+    if condition != "var_random_heads" or var_cfg is None:
+        return _answers(adapter, samples, var_cfg, max_new_tokens, batch_size)
+    return [_answers(adapter, [s], replace(var_cfg, seed=sample_seed(seed, phase, k)), max_new_tokens, 1)[0]
+            for s, k in zip(samples, indices)]
+
+
 def _answer_rows(phase, condition, p, rho, samples, answers) -> list[dict]:
     rows = []
     for s, a in zip(samples, answers):
@@ -215,13 +234,19 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
     folder.update_meta(chosen={"p": chosen[0], "rho": chosen[1], "how": how, "tied": bool(tied)})
     log(f"p = {chosen[0]}, rho = {chosen[1]}: {how}")
     # 2. test: every condition with the chosen p, rho
-    for chunk in progress([s for s in test if f"test:{s.sample_id}" not in done], cfg.batch_size, "var-eval test"):
+    shard_i, shard_n = parse_shard(cfg.shard, {}) or (0, 1)
+    index = {s.sample_id: k for k, s in enumerate(test)}
+    mine = list(test)[shard_i::shard_n]
+    if shard_n > 1:
+        log(f"shard {shard_i}/{shard_n}: {len(mine)} of {len(test)} test questions (validation: all, in every shard)")
+    for chunk in progress([s for s in mine if f"test:{s.sample_id}" not in done], cfg.batch_size, "var-eval test"):
         rows = []
         for condition in cfg.conditions:
             vc = condition_config(base, condition, *chosen)
             p, r = (math.nan, math.nan) if vc is None else chosen
-            rows += _answer_rows("test", condition, p, r, chunk,
-                                 _answers(adapter, chunk, vc, cfg.max_new_tokens, cfg.batch_size))
+            rows += _answer_rows("test", condition, p, r, chunk, _condition_answers(
+                adapter, chunk, [index[s.sample_id] for s in chunk], condition, vc, cfg.max_new_tokens,
+                cfg.batch_size, cfg.seed, "test"))
         folder.append_rows("var_answers", pd.DataFrame(rows))
         folder.mark_done([f"test:{s.sample_id}" for s in chunk])
     # 3. captions (CHAIR)
@@ -229,12 +254,15 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
         from sinkscope.eval.chair import caption_counts, demo_captions
 
         caps = demo_captions("test", cfg.captions)
-        for chunk in progress([s for s in caps if f"caption:{s.sample_id}" not in done], cfg.batch_size,
-                              "var-eval captions"):
+        cap_index = {s.sample_id: k for k, s in enumerate(caps)}
+        mine = [s for s in list(caps)[shard_i::shard_n] if f"caption:{s.sample_id}" not in done]
+        for chunk in progress(mine, cfg.batch_size, "var-eval captions"):
             rows = []
             for condition in cfg.conditions:
                 vc = condition_config(base, condition, *chosen)
-                for s, a in zip(chunk, _answers(adapter, chunk, vc, cfg.caption_tokens, cfg.batch_size)):
+                for s, a in zip(chunk, _condition_answers(adapter, chunk, [cap_index[s.sample_id] for s in chunk],
+                                                          condition, vc, cfg.caption_tokens, cfg.batch_size, cfg.seed,
+                                                          "caption")):
                     c = caption_counts(a, set(s.meta["objects"]))
                     rows.append({"sample": f"caption:{s.sample_id}", "condition": condition, "caption": a.strip(),
                                  **asdict(c)})
