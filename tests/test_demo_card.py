@@ -35,7 +35,7 @@ def test_demo_is_a_llava_on_the_pretrained_llm(demo):
     assert (demo.num_layers, demo.hidden_size, demo.num_heads, demo.num_kv_heads) == (30, 576, 9, 3)
 
 
-@pytest.mark.parametrize("task", ["pope-random", "count"])
+@pytest.mark.parametrize("task", ["pope-random", "count", "color", "position"])
 def test_accuracy_matches_the_card(demo, card, task):
     from sinkscope.eval.accuracy import generate_answers, score_samples
     from sinkscope.eval.tasks import load_samples
@@ -63,3 +63,22 @@ def test_scan_rediscovers_the_cards_sink_dims_and_magnitudes(demo, card, tmp_pat
     for row in card["layers"]:
         ratio = mags.loc[row["layer"], "top1_over_median"]
         assert 0.5 * row["top1_over_median"] <= ratio <= 2.0 * row["top1_over_median"], row["layer"]
+
+
+def test_unseen_scenes_answer_as_well_as_the_card_says(demo, card):
+    """Held-out: POPE-adversarial on test scenes from 1,000,000 on (never evaluated elsewhere) agrees with the
+    card's test-split accuracy within noise (3 SE of the two proportions' difference)."""
+    from sinkscope.demo import world
+    from sinkscope.eval.accuracy import generate_answers
+    from sinkscope.eval.pope import parse_yes_no
+    from sinkscope.eval.tasks import Sample
+
+    expected, n_card = float(card["accuracy"]["pope-adversarial"]), int(card["accuracy_n"]["pope-adversarial"])
+    qs = world.pope_questions("test", "adversarial", N_QUESTIONS // 2, start=1_000_000)
+    samples = [Sample(f"heldout-{i}", q.question, None, q.answer, task="existence-adversarial",
+                      _image=world.scene("test", q.scene_index).pil()) for i, q in enumerate(qs)]
+    answers = generate_answers(demo, samples, max_new_tokens=4, batch_size=20)
+    got = sum(parse_yes_no(a) == s.answer for a, s in zip(answers, samples)) / len(samples)
+    p = min(max(expected, 1 / N_QUESTIONS), 1 - 1 / N_QUESTIONS)
+    se = math.sqrt(p * (1 - p) * (1 / N_QUESTIONS + 1 / n_card))
+    assert abs(got - expected) <= 3 * se + 1e-9, f"held-out {got:.3f} on {len(samples)}, card {expected:.3f}"
