@@ -25,14 +25,7 @@ def test_merged_shards_equal_the_unsharded_scan(n, tmp_path):
         pytest.skip("the organism asset is not built")
     common = ["scan", "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1"]
     runner = CliRunner()
-    whole = runner.invoke(app, common + ["--out", str(tmp_path / "whole")])
-    assert whole.exit_code == 0, whole.output
-    for i in range(n):
-        done = runner.invoke(app, common + ["--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/{n}"])
-        assert done.exit_code == 0, done.output
-    merged = runner.invoke(app, ["merge", *[str(tmp_path / f"s{i}") for i in reversed(range(n))],
-                                 "--out", str(tmp_path / "merged"), "--no-figures"])
-    assert merged.exit_code == 0, merged.output
+    _run_sharded(runner, app, common, tmp_path, n)
     for table in TABLES:
         a, b = tmp_path / "whole" / f"{table}.csv", tmp_path / "merged" / f"{table}.csv"
         assert a.exists() == b.exists(), table
