@@ -55,7 +55,7 @@ def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
                  "largest phi.\n")
     lines.append(markdown_table(pivot.reset_index()))
     if "roles" in figs:
-        lines.append(f"![phi by token role]({figs['roles']})\n")
+        lines.append(f"![sink score by token role]({figs['roles']})\n")
     if text_sinks is not None and len(text_sinks):
         lines.append("Text tokens that are sinks (delimiter sinks and others), most frequent first:\n")
         lines.append(markdown_table(text_sinks, max_rows=10))
@@ -159,7 +159,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
                 "mean_attention_received", "sink_attention_received"]
         lines.append(markdown_table(summary[[c for c in cols if c in summary]]))
     if "phi_attention" in figs:
-        lines.append(f"![phi against attention received]({figs['phi_attention']})\n")
+        lines.append(f"![sink score against attention received]({figs['phi_attention']})\n")
     lines += _role_section(role_summary, text_sinks, figs, tokens)
     # heads
     lines.append("## Heads\n")

@@ -283,7 +283,7 @@ def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> Non
         lines.append("The Spearman rank correlation over image tokens, read in the findings above:\n")
         lines.append(markdown_table(corr))
     if "phi" in figs:
-        lines.append(f"![phi vs attention]({figs['phi']})\n")
+        lines.append(f"![sink score against attention received]({figs['phi']})\n")
     lines.append("## Attention maps\n")
     if overlap.empty:
         lines.append("No maps (no image tokens or no text queries after the image).\n")
