@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import sinkscope
-from sinkscope.analyses.inject import background_mask, queries_after_image
+from sinkscope.analyses.inject import background_mask
 from sinkscope.eval.tasks import load_samples
 from sinkscope.interventions.sink_signature import SinkSignature, inject_sink, remove_sink, sink_mask_of
 from sinkscope.measures.attention_share import attention_share
@@ -50,7 +50,7 @@ samples = load_samples("demo:pope-adversarial", N_SAMPLES)
 batch = adapter.prepare([s.question for s in samples], [s.image() for s in samples])
 inputs = adapter.forward_inputs(batch)
 kinds = adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
-queries = queries_after_image(kinds)
+queries = kinds.queries_after_image()
 score = "rms" if math.sqrt(adapter.hidden_size) >= 40 else "layer"  # the scan's choice for narrow models
 
 # %% [markdown]

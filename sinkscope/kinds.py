@@ -50,6 +50,14 @@ class TokenKinds:
     def real_mask(self) -> torch.Tensor:
         return self.kind != PAD
 
+    def queries_after_image(self, include_generated: bool = False) -> torch.Tensor:
+        """[batch, token] bool: prompt text tokens (and generated ones, if asked) after the row's last
+        image token; every such token when the row has no image (the queries of knockout, VAR, the scan)."""
+        queries = self.text_mask | self.generated_mask if include_generated else self.text_mask
+        pos = torch.arange(self.kind.shape[1], device=self.kind.device)[None].expand_as(self.kind)
+        last_image = torch.where(self.visual_mask, pos, torch.full_like(pos, -1)).amax(dim=1)
+        return queries & (pos > last_image[:, None])
+
     def names(self, row: int = 0) -> list[str]:
         return [KIND_NAMES[int(k)] for k in self.kind[row]]
 

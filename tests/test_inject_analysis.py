@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sinkscope.analyses.inject import (InjectConfig, bootstrap_ci, draw_tokens, layer_bands, run_inject, text_pool)
+from sinkscope.analyses.inject import InjectConfig, draw_tokens, layer_bands, run_inject, text_pool
+from sinkscope.eval.stats import bootstrap_ci
 from sinkscope.errors import SinkscopeError
 from sinkscope.measures.attention_share import attention_share
 
@@ -55,9 +56,9 @@ def test_layer_bands_and_bootstrap():
     bands = layer_bands(2, 9)
     assert sorted(bands) == list(range(2, 9)) and len(set(bands.values())) == 3
     assert bands[2] == "layers 2-4" and bands[8] == "layers 7-8"
-    lo, hi = bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]), 500, 0)
+    lo, hi = bootstrap_ci(np.array([1.0, 2.0, 3.0, 4.0]), n_boot=500, seed=0)
     assert 1.0 <= lo < 2.5 < hi <= 4.0
-    assert all(np.isnan(bootstrap_ci(np.array([1.0]), 500, 0)))
+    assert all(np.isnan(bootstrap_ci(np.array([1.0]), n_boot=500, seed=0)))
 
 
 def test_config_validation_names_the_fix():

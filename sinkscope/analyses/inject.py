@@ -38,6 +38,7 @@ import torch
 
 from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
 from sinkscope.errors import SinkscopeError
+from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
 from sinkscope.interventions.sink_signature import SinkSignature, first_positions, inject_sink, sink_mask_of
 from sinkscope.kinds import PAD, TokenKinds
@@ -88,14 +89,6 @@ class InjectConfig(AnalysisConfig):
 
 def model_inputs(adapter, batch) -> dict:
     return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
-
-
-def queries_after_image(kinds: TokenKinds) -> torch.Tensor:
-    """[batch, token] bool: text tokens after the row's last image token (all text when there is no image)."""
-    kind = kinds.kind
-    pos = torch.arange(kind.shape[1], device=kind.device)[None].expand_as(kind)
-    last = torch.where(kinds.visual_mask, pos, torch.full_like(pos, -1)).amax(dim=1)
-    return kinds.text_mask & (pos > last[:, None])
 
 
 def value_states(adapter, layer: int, states: torch.Tensor) -> torch.Tensor:
@@ -295,7 +288,7 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
         batch = prepare_batch(adapter, chunk)
         inputs = model_inputs(adapter, batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
-        queries = queries_after_image(kinds)
+        queries = kinds.queries_after_image()
         sign = answer_sign(chunk)
         with torch.no_grad():
             base = _forward(adapter, inputs)
@@ -409,21 +402,6 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
 # summaries
 # ---------------------------------------------------------------------------------------
 
-def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile CI of the mean over per-sample values (scipy.stats.bootstrap); NaN under 2 values."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        return math.nan, math.nan
-    if np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    res = stats.bootstrap((x,), np.mean, n_resamples=n_boot, method="percentile", vectorized=True,
-                          random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def inject_table(per: pd.DataFrame, answers: pd.DataFrame, bands: dict[int, str], n_boot: int, seed: int) -> pd.DataFrame:
     """inject.csv: treatment, group, scale, band, metric, value, ci_low, ci_high, n_samples.
 
@@ -443,7 +421,7 @@ def inject_table(per: pd.DataFrame, answers: pd.DataFrame, bands: dict[int, str]
                 ref = none.reindex(pd.MultiIndex.from_tuples([(group, band, x) for x in g.index.get_level_values("sample")]))
                 values["attention_change"] = g["attention"].to_numpy(float) - ref.to_numpy(float)
             for metric, x in values.items():
-                lo, hi = bootstrap_ci(x, n_boot, seed)
+                lo, hi = stats.bootstrap_ci(x, n_boot=n_boot, seed=seed)
                 rows.append({"treatment": treatment, "group": group, "scale": math.nan if scale < 0 else scale,
                              "band": band, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
                              "ci_high": hi, "n_samples": int(np.isfinite(x).sum())})
@@ -451,7 +429,7 @@ def inject_table(per: pd.DataFrame, answers: pd.DataFrame, bands: dict[int, str]
         a = answers.assign(scale=answers["scale"].fillna(-1.0))
         for (treatment, group, scale), g in a.groupby(["treatment", "group", "scale"]):
             x = g.groupby("sample")["logit_diff_change"].mean().to_numpy(float)
-            lo, hi = bootstrap_ci(x, n_boot, seed)
+            lo, hi = stats.bootstrap_ci(x, n_boot=n_boot, seed=seed)
             rows.append({"treatment": treatment, "group": group, "scale": math.nan if scale < 0 else scale,
                          "band": "answer", "metric": "logit_diff_change", "value": float(np.nanmean(x)) if len(x) else math.nan,
                          "ci_low": lo, "ci_high": hi, "n_samples": int(np.isfinite(x).sum())})
@@ -478,7 +456,7 @@ def sink_onset_scales(per: pd.DataFrame, layer: int, share: float = 0.5) -> pd.D
 
 def var_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     """inject_var.csv: condition, accuracy (CI, exact McNemar p vs none), logit_diff (CI), VAR's flag share."""
-    from scipy import stats
+    from scipy.stats import binomtest
 
     if per.empty:
         return pd.DataFrame()
@@ -488,11 +466,11 @@ def var_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         g = per[per["condition"] == condition].set_index("sample").reindex(base.index)
         corr = g["correct"].astype(float).to_numpy()
         diff = g["logit_diff"].to_numpy(float)
-        lo, hi = bootstrap_ci(corr, n_boot, seed)
-        dlo, dhi = bootstrap_ci(diff, n_boot, seed)
+        lo, hi = stats.bootstrap_ci(corr, n_boot=n_boot, seed=seed)
+        dlo, dhi = stats.bootstrap_ci(diff, n_boot=n_boot, seed=seed)
         b = base["correct"].astype(float).to_numpy()
         better, worse = int(np.sum(corr > b)), int(np.sum(corr < b))
-        p = float(stats.binomtest(better, better + worse, 0.5).pvalue) if condition != "none" and better + worse else math.nan
+        p = float(binomtest(better, better + worse, 0.5).pvalue) if condition != "none" and better + worse else math.nan
         flags = g["var_flags_injected"].to_numpy(float)
         taus = g["var_tau"].to_numpy(float) if "var_tau" in g else np.array([math.nan])
         rows.append({"condition": condition, "accuracy": float(np.mean(corr)), "ci_low": lo, "ci_high": hi,

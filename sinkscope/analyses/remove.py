@@ -34,8 +34,9 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
-from sinkscope.analyses.inject import bootstrap_ci, model_inputs, queries_after_image, signature_of
+from sinkscope.analyses.inject import model_inputs, signature_of
 from sinkscope.errors import SinkscopeError
+from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
 from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
 from sinkscope.kinds import PAD
@@ -134,7 +135,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
         batch = prepare_batch(adapter, chunk)
         inputs = model_inputs(adapter, batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
-        queries = queries_after_image(kinds)
+        queries = kinds.queries_after_image()
         text_only = not bool(kinds.visual_mask.any())
         answered = all(x.answer for x in chunk)
         first = kinds.bos_mask
@@ -200,7 +201,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
 
 def remove_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     """remove.csv: target, to, metric (accuracy | perplexity | nll_per_token | n_removed), value, CI, p vs none."""
-    from scipy import stats
+    from scipy.stats import binomtest, wilcoxon
 
     rows = []
     base = per[per["target"] == "none"].set_index("sample")
@@ -214,15 +215,15 @@ def remove_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
         if g["correct"].notna().all() and len(g):
             metrics["accuracy"] = (g["correct"].astype(float).to_numpy(), base["correct"].astype(float).to_numpy())
         for metric, (x, b) in metrics.items():
-            lo, hi = bootstrap_ci(x, n_boot, seed)
+            lo, hi = stats.bootstrap_ci(x, n_boot=n_boot, seed=seed)
             p = math.nan
             if target != "none" and b is not None:
                 if metric == "accuracy":
                     better, worse = int(np.sum(x > b)), int(np.sum(x < b))
-                    p = float(stats.binomtest(better, better + worse, 0.5).pvalue) if better + worse else 1.0
+                    p = float(binomtest(better, better + worse, 0.5).pvalue) if better + worse else 1.0
                 else:
                     d = x - b
-                    p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+                    p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
             rows.append({"target": target, "to": to, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
                          "ci_high": hi, "p_value": p, "n_samples": int(np.isfinite(x).sum())})
         if "nll_per_token" in metrics:
@@ -244,7 +245,7 @@ def attention_table(att: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
     rows = []
     for (target, to, key_class), g in att.groupby(["target", "to", "key_class"], sort=False):
         change = (g["attention"] - g["attention_before"]).to_numpy(float)
-        lo, hi = bootstrap_ci(change, n_boot, seed)
+        lo, hi = stats.bootstrap_ci(change, n_boot=n_boot, seed=seed)
         rows.append({"target": target, "to": to, "key_class": key_class, "attention_before": float(g["attention_before"].mean()),
                      "attention": float(g["attention"].mean()), "change": float(np.nanmean(change)),
                      "change_ci_low": lo, "change_ci_high": hi, "n_samples": len(g)})

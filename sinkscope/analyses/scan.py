@@ -116,11 +116,7 @@ def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
 
     Rows without image tokens: all text tokens (text-only measures still run).
     """
-    kinds = info.token_kinds
-    is_text = kinds.text_mask | kinds.generated_mask
-    pos = torch.arange(kinds.kind.shape[1])[None].expand_as(kinds.kind)
-    last_image = torch.where(kinds.visual_mask, pos, torch.full_like(pos, -1)).max(dim=1).values
-    return is_text & (pos > last_image[:, None])
+    return info.token_kinds.queries_after_image(include_generated=True)
 
 
 class _BosInTrace:

@@ -45,7 +45,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sinkscope.errors import SinkscopeError, UnsupportedModelError
-from sinkscope.kinds import TEXT, VISUAL, TokenKinds
+from sinkscope.kinds import TokenKinds
 
 ATTENTION_NAME = "sinkscope_edit"
 SESSION_ATTR = "_sinkscope_edit_session"
@@ -108,10 +108,7 @@ class PromptInfo:
 
     def queries_after_image(self) -> torch.Tensor:
         """[batch, prompt_len] bool: text tokens after the row's last image token (all text if no image)."""
-        kind = self.kinds.kind
-        pos = torch.arange(kind.shape[1], device=kind.device)[None].expand_as(kind)
-        last_image = torch.where(kind == VISUAL, pos, torch.full_like(pos, -1)).amax(dim=1)
-        return (kind == TEXT) & (pos > last_image[:, None])
+        return self.kinds.queries_after_image()
 
 
 @dataclass
