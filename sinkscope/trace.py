@@ -251,8 +251,7 @@ class Tracer:
         info = self.batch_info(batch, sample_ids)
         for r in reducers:
             r.begin(info)
-        inputs = {k: v.to(self.adapter.device) if torch.is_tensor(v) else v
-                  for k, v in self.adapter.forward_inputs(batch).items()}
+        inputs = self.adapter.device_inputs(batch)
         if self._envoys is None:  # module lookups once per tracer, not once per batch
             layer_envoys = self._layer_envoys()
             self._envoys = (layer_envoys, {i: self._attention_envoy(layer_envoys, i) for i in range(n)})

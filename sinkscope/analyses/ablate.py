@@ -119,14 +119,10 @@ def random_visual_keys(visual_mask: torch.Tensor, n_per_row, generators: list[to
     return keys
 
 
-def _inputs(adapter, batch):
-    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
-
-
 @torch.no_grad()
 def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
     """Per row: logit difference of the correct answer at the answer position, the parsed generated answer."""
-    inputs = _inputs(adapter, batch)
+    inputs = adapter.device_inputs(batch)
     logits = adapter.model(**inputs).logits[:, -1].float().cpu()
     diff = logits[:, yes_id] - logits[:, no_id]
     sign = torch.tensor([1.0 if y == "yes" else -1.0 for y in labels])

@@ -87,10 +87,6 @@ class InjectConfig(AnalysisConfig):
 # helpers shared with `sinkscope remove`
 # ---------------------------------------------------------------------------------------
 
-def model_inputs(adapter, batch) -> dict:
-    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
-
-
 def value_states(adapter, layer: int, states: torch.Tensor) -> torch.Tensor:
     """The value states the attention of `layer` computes from `states`: [batch, kv_head, token, head_dim].
 
@@ -142,7 +138,7 @@ def first_sink_layer(adapter, samples, sig: SinkSignature, n: int, batch_size: i
     scores = []
     for i in range(0, min(n, len(samples)), batch_size):
         chunk = samples[i: min(i + batch_size, n)]
-        inputs = model_inputs(adapter, prepare_batch(adapter, chunk))
+        inputs = adapter.device_inputs(prepare_batch(adapter, chunk))
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
         hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
         rows, first = torch.arange(len(chunk)), first_positions(kinds)
@@ -286,7 +282,7 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
     non_sink_dims = [d for d in range(adapter.hidden_size) if d not in sig.dims]
     for chunk_index, chunk in enumerate(progress(s.todo, cfg.batch_size, "inject")):
         batch = prepare_batch(adapter, chunk)
-        inputs = model_inputs(adapter, batch)
+        inputs = adapter.device_inputs(batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
         queries = kinds.queries_after_image()
         sign = answer_sign(chunk)

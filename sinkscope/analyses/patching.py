@@ -196,16 +196,12 @@ def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, 
     return summarize_patching(s.folder, cfg, figures)
 
 
-def _inputs(adapter, batch) -> dict:
-    return {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
-
-
 def _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gen) -> list[dict]:
     sources = pick_sources(chunk, s.samples)
     src_samples = [x for x, _ in sources]
     batch_t, batch_s = prepare_batch(adapter, chunk), prepare_batch(adapter, src_samples)
     check_aligned(batch_t["input_ids"], batch_s["input_ids"])
-    inp_t, inp_s = _inputs(adapter, batch_t), _inputs(adapter, batch_s)
+    inp_t, inp_s = adapter.device_inputs(batch_t), adapter.device_inputs(batch_s)
     red_t = _SinksAndHeads(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg.rho, cfg.summ,
                            cfg.start_layer)
     red_s = _SinksAndHeads(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg.rho, cfg.summ,

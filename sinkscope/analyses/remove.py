@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
-from sinkscope.analyses.inject import model_inputs, signature_of
+from sinkscope.analyses.inject import signature_of
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
@@ -96,7 +96,7 @@ def chosen_means(adapter, samples, sig, targets, layers: list[int], n: int, batc
     counts = {t: {l: 0 for l in layers} for t in targets}
     for i in range(0, min(n, len(samples)), batch_size):
         chunk = samples[i: min(i + batch_size, n)]
-        inputs = model_inputs(adapter, prepare_batch(adapter, chunk))
+        inputs = adapter.device_inputs(prepare_batch(adapter, chunk))
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
         hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
         for t in targets:
@@ -133,7 +133,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     for chunk in progress(s.todo, cfg.batch_size, "remove"):
         batch = prepare_batch(adapter, chunk)
-        inputs = model_inputs(adapter, batch)
+        inputs = adapter.device_inputs(batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
         queries = kinds.queries_after_image()
         text_only = not bool(kinds.visual_mask.any())

@@ -28,8 +28,7 @@ def generate_answers(adapter: ModelAdapter, samples: list[Sample], max_new_token
     for chunk in batches(samples, batch_size):
         images = [s.image() for s in chunk]
         batch = adapter.prepare([s.question for s in chunk], images if images[0] is not None else None)
-        inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v
-                  for k, v in adapter.forward_inputs(batch).items()}
+        inputs = adapter.device_inputs(batch)
         ids = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id, **generate_kwargs)
         new = ids[:, inputs["input_ids"].shape[1]:]

@@ -90,7 +90,7 @@ class SinkSignature:
         from sinkscope.measures.massive import discover_sink_dims
 
         adapter = as_adapter(model_or_adapter)
-        inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
+        inputs = adapter.device_inputs(batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
         hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states  # L + 1 entries
         rows = torch.arange(kinds.kind.shape[0])

@@ -372,7 +372,7 @@ def _run_layers(adapter, batches: list, on_layer) -> None:
                for l in range(adapter.num_layers)]
     try:
         for batch in batches:
-            inputs = {k: v.to(adapter.device) if torch.is_tensor(v) else v for k, v in adapter.forward_inputs(batch).items()}
+            inputs = adapter.device_inputs(batch)
             current["kinds"] = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
             adapter.model(**inputs)
     finally:

@@ -226,6 +226,11 @@ class ModelAdapter:
                 "mm_token_type_ids", "token_type_ids", "pixel_attention_mask")
         return {k: v for k, v in dict(batch).items() if k in keep}
 
+    def device_inputs(self, batch) -> dict:
+        """`forward_inputs(batch)` with every tensor moved to `self.device` (what model(...) / generate take)."""
+        device = self.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.forward_inputs(batch).items()}
+
     def describe(self) -> dict:
         return {
             "family": self.family, "name": self.name, "architecture": type(self.model).__name__,
