@@ -128,3 +128,30 @@ def test_cli_rejects_bad_options_before_loading_a_model(tmp_path):
     bad = runner.invoke(app, ["remove", "--to", "median", "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "zero, mean, chosen_mean" in bad.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_var_table_counts_unparseable_and_tests_only_parsed_pairs():
+    """inject_var.csv: unparseable answers are counted per condition and left out of McNemar's test; the accuracy
+    change is the paired mean against `none`."""
+    import numpy as np
+
+    from sinkscope.analyses.inject import _var_line, var_table
+
+    rows = []
+    for i in range(20):
+        truth = "yes" if i % 2 else "no"
+        for condition, answer in (("none", truth), ("var", None if i < 5 else truth),
+                                  ("inject", "no"), ("inject+var", truth)):
+            rows.append({"sample": i, "condition": condition, "answer": answer, "correct": answer == truth,
+                         "logit_diff": 1.0 if answer == truth else -1.0, "var_flags_injected": np.nan,
+                         "var_dims": "", "var_tau": np.nan, "n_tokens": 4})
+    table = var_table(pd.DataFrame(rows), n_boot=200, seed=0).set_index("condition")
+    assert table.loc["var", "n_unparseable"] == 5 and table.loc["none", "n_unparseable"] == 0
+    assert table.loc["var", "n_pairs"] == 15  # the 5 unparseable pairs are excluded from the test
+    assert table.loc["var", "p_value"] == 1.0  # no discordant parsed pair
+    assert table.loc["var", "accuracy_change"] == pytest.approx(-5 / 20)
+    assert table.loc["inject", "accuracy_change"] == pytest.approx(-0.5)
+    line = _var_line(table.reset_index().set_index("condition", drop=False).loc["var"].to_dict())
+    assert "5 of 20 answers unparseable" in line and "15 parsed pairs" in line
+    same = _var_line(table.reset_index().set_index("condition", drop=False).loc["inject+var"].to_dict())
+    assert "no detectable effect" in same

@@ -90,3 +90,39 @@ def test_remove_visual_sinks_of_the_organism_takes_their_attention(organism_adap
         r = att[(att["target"] == "visual_sinks") & (att["to"] == to) & (att["key_class"] == "removed")]
         assert float(r["change"].iloc[0]) < 0 and float(r["change_ci_high"].iloc[0]) < 0
     assert base > 0
+
+
+def test_remove_table_paired_change_and_findings_follow_the_rule(tmp_path):
+    """accuracy_change is the paired mean of (removed - unmodified) per sample; a change whose CI spans 0 is
+    reported as 'no detectable effect', one whose CI excludes 0 as an effect."""
+    import numpy as np
+    import pandas as pd
+
+    from sinkscope.analyses.remove import remove_table, report_findings
+
+    n = 40
+    base = np.array([1.0] * 30 + [0.0] * 10)
+    rows = []
+    for i in range(n):
+        rows.append({"sample": i, "target": "none", "to": "zero", "nll": 10.0, "n_predicted": 5, "n_removed": 0,
+                     "correct": bool(base[i])})
+        rows.append({"sample": i, "target": "first", "to": "zero", "nll": 30.0 + i % 3, "n_predicted": 5,
+                     "n_removed": 1, "correct": bool(i % 2)})  # half right: accuracy falls from 0.75 to 0.5
+        rows.append({"sample": i, "target": "visual", "to": "zero", "nll": 10.0 + (0.5 if i % 2 else -0.5),
+                     "n_predicted": 5, "n_removed": 2, "correct": bool(base[(i + 1) % n] if i < n - 1 else base[0])})
+    per = pd.DataFrame(rows)
+    table = remove_table(per, n_boot=500, seed=0)
+    change = table[(table["metric"] == "accuracy_change")].set_index("target")
+    want = np.mean(np.array([i % 2 for i in range(n)], float) - base)
+    assert change.loc["first", "value"] == pytest.approx(want)
+    assert change.loc["first", "ci_low"] <= want <= change.loc["first", "ci_high"]
+    folder = tmp_path / "r"
+    folder.mkdir()
+    table.to_csv(folder / "remove.csv", index=False)
+    found = {f.name: f for f in report_findings(folder)}
+    first = found["accuracy change, first to zero"]
+    assert first.status == "effect" and "accuracy falls" in first.sentence  # CI of -0.25 with n = 40 excludes 0
+    nll_first = found["NLL per token change, first to zero"]
+    assert nll_first.status == "effect" and "NLL per token rises" in nll_first.sentence
+    visual = found["NLL per token change, visual to zero"]
+    assert visual.status == "no detectable effect" and "no detectable effect (95% CI" in visual.sentence

@@ -40,6 +40,7 @@ from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, set
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import Estimate, effect_clause, num
 from sinkscope.interventions.sink_signature import SinkSignature, first_positions, inject_sink, sink_mask_of
 from sinkscope.kinds import PAD, TokenKinds
 from sinkscope.measures import contributions as ov
@@ -451,30 +452,44 @@ def sink_onset_scales(per: pd.DataFrame, layer: int, share: float = 0.5) -> pd.D
 
 
 def var_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
-    """inject_var.csv: condition, accuracy (CI, exact McNemar p vs none), logit_diff (CI), VAR's flag share."""
-    from scipy.stats import binomtest
-
+    """inject_var.csv: condition, accuracy (CI), its paired change against `none` (CI; exact McNemar p on the
+    pairs where both answers parse, with n_pairs), logit_diff and its paired change (CI), unparseable answers,
+    VAR's flag share."""
     if per.empty:
         return pd.DataFrame()
     base = per[per["condition"] == "none"].set_index("sample")
+    b_corr = base["correct"].astype(float).to_numpy()
+    b_diff = base["logit_diff"].to_numpy(float)
+    b_parsed = base["answer"].notna().to_numpy() if "answer" in base else np.ones(len(base), bool)
     rows = []
     for condition in ("none", "var", "inject", "inject+var"):
         g = per[per["condition"] == condition].set_index("sample").reindex(base.index)
         corr = g["correct"].astype(float).to_numpy()
         diff = g["logit_diff"].to_numpy(float)
+        parsed = g["answer"].notna().to_numpy() if "answer" in g else np.ones(len(g), bool)
         lo, hi = stats.bootstrap_ci(corr, n_boot=n_boot, seed=seed)
         dlo, dhi = stats.bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-        b = base["correct"].astype(float).to_numpy()
-        better, worse = int(np.sum(corr > b)), int(np.sum(corr < b))
-        p = float(binomtest(better, better + worse, 0.5).pvalue) if condition != "none" and better + worse else math.nan
+        row = {"condition": condition, "accuracy": float(np.mean(corr)), "ci_low": lo, "ci_high": hi}
+        if condition != "none":
+            test = stats.mcnemar_exact(corr > 0.5, b_corr > 0.5, keep=parsed & b_parsed)
+            clo, chi = stats.bootstrap_ci(corr - b_corr, n_boot=n_boot, seed=seed)
+            llo, lhi = stats.bootstrap_ci(diff - b_diff, n_boot=n_boot, seed=seed)
+            row.update(accuracy_change=float(np.mean(corr - b_corr)), accuracy_change_ci_low=clo,
+                       accuracy_change_ci_high=chi, p_value=test.p_value, n_pairs=test.n_pairs,
+                       logit_diff_change=float(np.mean(diff - b_diff)), logit_diff_change_ci_low=llo,
+                       logit_diff_change_ci_high=lhi)
+        else:
+            row.update(accuracy_change=math.nan, accuracy_change_ci_low=math.nan, accuracy_change_ci_high=math.nan,
+                       p_value=math.nan, n_pairs=len(corr), logit_diff_change=math.nan,
+                       logit_diff_change_ci_low=math.nan, logit_diff_change_ci_high=math.nan)
         flags = g["var_flags_injected"].to_numpy(float)
         taus = g["var_tau"].to_numpy(float) if "var_tau" in g else np.array([math.nan])
-        rows.append({"condition": condition, "accuracy": float(np.mean(corr)), "ci_low": lo, "ci_high": hi,
-                     "var_dims": ";".join(sorted(set(str(x) for x in g.get("var_dims", pd.Series(dtype=str)).dropna()))),
-                     "var_tau": float(np.nanmedian(taus)) if np.isfinite(taus).any() else math.nan,
-                     "p_value": p, "logit_diff": float(np.mean(diff)), "logit_diff_ci_low": dlo,
-                     "logit_diff_ci_high": dhi, "var_flags_injected": float(np.nanmean(flags)) if np.isfinite(flags).any() else math.nan,
-                     "n": len(corr)})
+        row.update({"var_dims": ";".join(sorted(set(str(x) for x in g.get("var_dims", pd.Series(dtype=str)).dropna()))),
+                    "var_tau": float(np.nanmedian(taus)) if np.isfinite(taus).any() else math.nan,
+                    "logit_diff": float(np.mean(diff)), "logit_diff_ci_low": dlo, "logit_diff_ci_high": dhi,
+                    "var_flags_injected": float(np.nanmean(flags)) if np.isfinite(flags).any() else math.nan,
+                    "n_unparseable": int(np.sum(~parsed)), "n": len(corr)})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -512,6 +527,29 @@ def _pick(table, **where):
     for k, v in where.items():
         t = t[t[k].isna()] if isinstance(v, float) and math.isnan(v) else t[t[k] == v]
     return None if t.empty else t.iloc[0]
+
+
+def _var_line(r: dict) -> str:
+    """One condition of inject_var.csv as a sentence under the findings rule: accuracy with its CI, the paired change
+    against `none` (stated only where its CI excludes 0), McNemar on the parsed pairs, unparseable answers, VAR's
+    flags."""
+    from sinkscope.findings import unparseable_clause
+
+    n = int(r["n"])
+    text = f"`{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}"
+    if r["condition"] != "none" and pd.notna(r.get("accuracy_change")):
+        _, clause = effect_clause(Estimate(r["accuracy_change"], r["accuracy_change_ci_low"],
+                                           r["accuracy_change_ci_high"], n), "accuracy rises", "accuracy falls")
+        _, logit = effect_clause(Estimate(r["logit_diff_change"], r["logit_diff_change_ci_low"],
+                                          r["logit_diff_change_ci_high"], n), "the logit difference rises",
+                                 "the logit difference falls")
+        p = "" if pd.isna(r["p_value"]) else f"; exact McNemar p = {num(r['p_value'])} on {int(r['n_pairs'])} parsed pairs"
+        text += f"; against `none`: {clause}{p}; {logit}"
+    text += f"; {unparseable_clause(r.get('n_unparseable', 0), n)}"
+    if pd.notna(r["var_flags_injected"]):
+        text += (f"; VAR calibrated to dims {r['var_dims']}, tau {num(r['var_tau'])}, flags "
+                 f"{num(r['var_flags_injected'])} of the injected tokens")
+    return text + f" (n = {n})."
 
 
 def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
@@ -559,9 +597,13 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
         if a is not None and b is not None:
             lines.append(f"  In its most attentive head: {a['value']:.3g} without injection, "
                          f"{fmt_ci(b['value'], b['ci_low'], b['ci_high'])} injected at scale {top:g}.")
-        r = _pick(table, treatment="inject", group=g, band="answer", metric="logit_diff_change", scale=top)
-        if r is not None:
-            lines.append(f"  Change of the answer's logit difference at scale {top:g}: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}.")
+        for treatment in ("inject", "random_dim"):
+            r = _pick(table, treatment=treatment, group=g, band="answer", metric="logit_diff_change", scale=top)
+            if r is not None:
+                _, clause = effect_clause(Estimate(r["value"], r["ci_low"], r["ci_high"], int(r["n_samples"])),
+                                          "the answer's logit difference rises", "the answer's logit difference falls")
+                lines.append(f"  Answer logit difference, `{treatment}` at scale {top:g} against no injection: {clause} "
+                             f"(n = {int(r['n_samples'])}).")
         for metric in ("value_norm", "contribution"):
             a = _pick(table, treatment="none", group=g, band=first_band, metric=metric, scale=math.nan)
             b = _pick(table, treatment="inject", group=g, band=first_band, metric=metric, scale=top)
@@ -575,13 +617,8 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
                      "defaults otherwise). Accuracy: greedy yes/no answers; p: exact McNemar "
                      "against `none`. `var_flags_injected`: share of injected tokens VAR's sink detector flags, mean over "
                      "VAR's layers from the injection layer on.\n")
-        for _, r in var_summary.iterrows():
-            p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
-            flag = ("" if pd.isna(r["var_flags_injected"]) else
-                    f"; VAR calibrated to dims {r['var_dims']}, tau {r['var_tau']:.3g}, flags {r['var_flags_injected']:.2f} "
-                    "of the injected tokens")
-            lines.append(f"- `{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}{p}; logit "
-                         f"difference {r['logit_diff']:.3g}{flag} (n = {int(r['n'])}).")
+        for r in var_summary.to_dict("records"):
+            lines.append(f"- {_var_line(r)}")
         lines.append("")
     if "dose" in figs:
         lines.append(f"\n![dose response]({figs['dose']})\n")
@@ -642,12 +679,24 @@ def report_findings(folder) -> list:
                                est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
                 f"Attention from the text queries after the image per token ({first_band}, mean over heads) minus "
                 f"the same token without injection: {clause}.")))
+        r = _pick(table, treatment="inject", group=o["group"], band="answer", metric="logit_diff_change", scale=top)
+        if r is not None:
+            est = Estimate(float(r["value"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+            status, clause = effect_clause(est, "the answer's logit difference rises",
+                                           "the answer's logit difference falls")
+            out.append(Finding("inject", f"answer logit-difference change, {o['group']} token injected, scale {num(top)}",
+                               est.value, est.ci_low, est.ci_high, n=est.n, status=status,
+                               sentence=f"Against the same prompt without injection: {clause}."))
     if (folder / "inject_var.csv").exists():
-        var = pd.read_csv(folder / "inject_var.csv").set_index("condition")
-        if "inject+var" in var.index:
-            r = var.loc["inject+var"]
-            out.append(Finding("inject", "share of injected background tokens VAR flags as sinks",
-                               float(r["var_flags_injected"]), n=int(r["n"]), status=MEASURED, sentence=(
-                f"Accuracy: none {num(var.loc['none', 'accuracy'])}, VAR {num(var.loc['var', 'accuracy'])}, injected "
-                f"{num(var.loc['inject', 'accuracy'])}, injected + VAR {num(r['accuracy'])} (n = {int(r['n'])}).")))
+        var = pd.read_csv(folder / "inject_var.csv")
+        for r in var[var["condition"] != "none"].to_dict("records"):
+            n_var = int(r["n"])
+            if "accuracy_change" in r and pd.notna(r["accuracy_change"]):
+                est = Estimate(float(r["accuracy_change"]), float(r["accuracy_change_ci_low"]),
+                               float(r["accuracy_change_ci_high"]), n_var)
+                status, _ = effect_clause(est, "", "")
+            else:
+                est, status = Estimate(math.nan, n=n_var), MEASURED
+            out.append(Finding("inject", f"accuracy change, {r['condition']} against none", est.value, est.ci_low,
+                               est.ci_high, n=n_var, status=status, sentence=_var_line(r)))
     return out

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, prepare_batch, setup
 from sinkscope.analyses.inject import signature_of
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
@@ -226,6 +226,11 @@ def remove_table(per: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
                     p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
             rows.append({"target": target, "to": to, "metric": metric, "value": float(np.nanmean(x)), "ci_low": lo,
                          "ci_high": hi, "p_value": p, "n_samples": int(np.isfinite(x).sum())})
+            if target != "none" and b is not None:  # the paired change against the unmodified model, same samples
+                d = x - b
+                dlo, dhi = stats.bootstrap_ci(d, n_boot=n_boot, seed=seed)
+                rows.append({"target": target, "to": to, "metric": f"{metric}_change", "value": float(np.nanmean(d)),
+                             "ci_low": dlo, "ci_high": dhi, "p_value": p, "n_samples": int(np.isfinite(d).sum())})
         if "nll_per_token" in metrics:
             # corpus perplexity: exp(total NLL / total predicted tokens); CI by resampling samples
             tot, cnt = g["nll"].to_numpy(float), g["n_predicted"].to_numpy(float)
@@ -281,25 +286,9 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
         lines.append("No samples.\n")
         folder.write_text("index.md", "\n".join(lines))
         return
-    lines.append("## Findings\n")
-    for metric, what in (("perplexity", "perplexity of the prompt text"), ("accuracy", "answer accuracy")):
-        t = table[table["metric"] == metric]
-        if t.empty:
-            continue
-        for _, r in t.iterrows():
-            n = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
-            k = float(n["value"].iloc[0]) if len(n) else math.nan
-            if r["target"] == "none":
-                lines.append(f"- {what}, unmodified: {fmt_ci(r['value'], r['ci_low'], r['ci_high'])}.")
-                continue
-            if k == 0:
-                lines.append(f"- {what}, `{r['target']}` to `{r['to']}`: no such token in any edited layer, nothing was "
-                             "removed (the model ran unmodified).")
-                continue
-            p = "" if pd.isna(r["p_value"]) else f", p = {r['p_value']:.3g}"
-            lines.append(f"- {what}, `{r['target']}` to `{r['to']}` ({k:.2g} tokens per sample edited): "
-                         f"{fmt_ci(r['value'], r['ci_low'], r['ci_high'])}{p}.")
-        lines.append("")
+    from sinkscope.findings import findings_section
+
+    lines += findings_section(report_findings(folder.path))
     if len(attention):
         first = attention[(attention["target"] == "first")]
         if len(first):
@@ -334,7 +323,7 @@ def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
 
 def report_findings(folder) -> list:
     """Findings: accuracy (or perplexity) with each removal against the unmodified model."""
-    from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Finding, num
+    from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, num
 
     folder = Path(folder)
     table = pd.read_csv(folder / "remove.csv")
@@ -355,10 +344,23 @@ def report_findings(folder) -> list:
                                    status=NOTHING_TO_TEST, sentence=f"No `{r['target']}` token in any edited layer: "
                                    "nothing was removed."))
                 continue
-            sentence = (f"Sink dims of `{r['target']}` ({num(k)} tokens per sample) set to `{r['to']}`; unmodified "
-                        f"{num(b['value'])}")
-            if metric == "accuracy" and pd.notna(r["p_value"]):
-                sentence += f"; exact McNemar p = {num(r['p_value'])} against unmodified"
-            out.append(Finding("remove", f"{metric}, {r['target']} to {r['to']}", float(r["value"]), float(r["ci_low"]),
-                               float(r["ci_high"]), n=int(r["n_samples"]), status=MEASURED, sentence=sentence + "."))
+            change = table[(table["target"] == r["target"]) & (table["to"] == r["to"])
+                           & (table["metric"] == ("accuracy_change" if metric == "accuracy" else "nll_per_token_change"))]
+            sentence = (f"Sink dims of `{r['target']}` ({num(k)} tokens per sample) set to `{r['to']}`: "
+                        f"{num(r['value'])} against {num(b['value'])} unmodified")
+            status, value, low, high = MEASURED, float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
+            if len(change):
+                c = change.iloc[0]
+                higher, lower = (("accuracy rises", "accuracy falls") if metric == "accuracy" else
+                                 ("NLL per token rises", "NLL per token falls"))
+                status, clause = effect_clause(Estimate(float(c["value"]), float(c["ci_low"]), float(c["ci_high"]),
+                                                        int(c["n_samples"])), higher, lower)
+                value, low, high = float(c["value"]), float(c["ci_low"]), float(c["ci_high"])
+                sentence += f"; paired change: {clause}"
+            if pd.notna(r["p_value"]):
+                test = "exact McNemar" if metric == "accuracy" else "Wilcoxon on NLL per token"
+                sentence += f"; {test} p = {num(r['p_value'])} against unmodified"
+            name = f"{metric if metric == 'accuracy' else 'NLL per token'} change, {r['target']} to {r['to']}"
+            out.append(Finding("remove", name, value, low, high, n=int(r["n_samples"]), status=status,
+                               sentence=sentence + "."))
     return out
