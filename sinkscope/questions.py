@@ -108,12 +108,16 @@ def knockout_answer(n_sink_tokens, contrast: Estimate | None, control: str, tau:
 
 
 def var_answer(change: Estimate | None, n_unparseable, n_questions, sink_dims: Sequence[int] | None,
-               baseline_note: str = "", baseline_accuracy: float | None = None) -> Answer:
+               baseline_note: str = "", baseline_accuracy: float | None = None,
+               baseline_yes_ratio: float | None = None) -> Answer:
     """change: accuracy of VAR minus the baseline on the question pairs where both answers parsed.
 
     n_unparseable: VAR's unparseable answers of n_questions; sink_dims: VAR's calibrated dims ([]: none,
     so VAR changes nothing). baseline_note: e.g. "baseline yes-ratio 0, F1 0", added to the evidence;
     baseline_accuracy 1: every question already right, so there is nothing VAR could improve.
+    baseline_yes_ratio 0 or 1: the baseline gives one answer to every question (it does not discriminate); a
+    change that is not detectable then says nothing about VAR, so the question is not testable (a detectable
+    change is still reported).
     """
     tail = f"; {baseline_note}" if baseline_note else ""
     if sink_dims is not None and not sink_dims:
@@ -129,6 +133,12 @@ def var_answer(change: Estimate | None, n_unparseable, n_questions, sink_dims: S
     if status == NO_CI:
         return Answer("var", NOT_TESTABLE, _with_n("fewer than two parsed pairs: no CI", change.n, "parsed pairs"),
                       "var_eval", change.n)
+    if status != EFFECT and baseline_yes_ratio is not None and baseline_yes_ratio in (0.0, 1.0):
+        one = "no" if baseline_yes_ratio == 0.0 else "yes"
+        return Answer("var", NOT_TESTABLE, f"the baseline answers {one} to every question, so its accuracy is the "
+                      f"share of '{one}' questions whatever it sees; VAR's accuracy change {num(change.value)} "
+                      f"({ci_text(change.ci_low, change.ci_high)}, {n_clause(change.n, 'parsed pairs')}) cannot "
+                      "show whether VAR helps" + tail, "var_eval", change.n)
     direction = ("better" if change.ci_low > 0 else "worse") if status == EFFECT else "no detectable change"
     text = (f"accuracy change {num(change.value)} ({ci_text(change.ci_low, change.ci_high)}; {direction}); "
             f"{n_clause(change.n, 'parsed pairs')}, {unparseable_clause(n_unparseable, n_questions, 'VAR answers')}"

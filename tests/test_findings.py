@@ -101,6 +101,12 @@ def test_questions_answered_through_their_ci():
     unparsed = q.var_answer(None, 32, 32, [507])
     assert unparsed.answer == q.NOT_TESTABLE and "32 of 32 answers unparseable" in unparsed.evidence
     assert q.var_answer(Estimate(0.0, 0.0, 0.0, 32), 0, 32, []).answer == q.NOT_TESTABLE  # no sink dims
+    # a baseline that answers "no" to everything cannot show whether VAR helps unless VAR changes something
+    flat = q.var_answer(Estimate(0.0, 0.0, 0.0, 32), 0, 32, [507], baseline_yes_ratio=0.0)
+    assert flat.answer == q.NOT_TESTABLE and "answers no to every question" in flat.evidence
+    moved = q.var_answer(Estimate(0.2, 0.05, 0.35, 32), 0, 32, [507], baseline_yes_ratio=0.0)
+    assert moved.answer == q.YES  # a detectable change is still reported
+    assert q.var_answer(Estimate(0.0, -0.1, 0.1, 32), 0, 32, [507], baseline_yes_ratio=0.4).answer == q.NO
     # patching: the whole swap must move the answer before the sinks can be asked to carry it
     swap = Estimate(-6.0, -7.0, -5.0, 16)
     assert q.patching_answer(4.0, Estimate(-3.0, -4.0, -2.0, 16), swap).answer == q.YES
@@ -329,7 +335,7 @@ def test_summary_leads_and_answers_the_nothing_report(nothing_report):
             if line.startswith("| ") and line.count(" | ") == 3 and "---" not in line and "question |" not in line}
     assert rows == {q.QUESTIONS["sink_dims"]: q.YES, q.QUESTIONS["visual_sinks"]: q.NO,
                     q.QUESTIONS["attention"]: q.NOT_TESTABLE, q.QUESTIONS["knockout"]: q.NOT_TESTABLE,
-                    q.QUESTIONS["var"]: q.NO, q.QUESTIONS["patching"]: q.NOT_TESTABLE}
+                    q.QUESTIONS["var"]: q.NOT_TESTABLE, q.QUESTIONS["patching"]: q.NOT_TESTABLE}  # baseline all "no"
 
 
 def test_summary_answers_the_planted_sinks(sinks_report):

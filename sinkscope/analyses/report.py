@@ -710,15 +710,17 @@ def _summary_answers(out: Path, done: list[str]) -> list[Answer]:
             r = pooled.loc["var"]
             change = None if not r["n_pairs"] or pd.isna(r["n_pairs"]) else Estimate(
                 float(r["accuracy_change"]), float(r["change_ci_low"]), float(r["change_ci_high"]), int(r["n_pairs"]))
-            note, base_accuracy = "", None
+            note, base_accuracy, base_yes = "", None, None
             if "baseline" in pooled.index:
                 b = pooled.loc["baseline"]
                 base_accuracy = float(b["accuracy"])
+                base_yes = float(b["yes_ratio"]) if not b["n_unparseable"] and pd.notna(b["yes_ratio"]) else None
                 same = {0.0: " (it answers no to every question)", 1.0: " (it answers yes to every question)"}
                 note = (f"baseline accuracy {num(b['accuracy'])}, yes-ratio {num(b['yes_ratio'])}, F1 {num(b['f1'])}"
                         f"{same.get(float(b['yes_ratio']), '') if not b['n_unparseable'] else ''}; VAR accuracy {num(r['accuracy'])}, yes-ratio "
                         f"{num(r['yes_ratio'])}, F1 {num(r['f1'])}")
-            answers["var"] = q.var_answer(change, int(r["n_unparseable"]), int(r["n"]), dims, note, base_accuracy)
+            answers["var"] = q.var_answer(change, int(r["n_unparseable"]), int(r["n"]), dims, note, base_accuracy,
+                                          base_yes)
     if "patching" in done:
         folder = out / "patching"
         table = pd.read_csv(folder / "patching.csv")
