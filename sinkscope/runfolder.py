@@ -68,6 +68,29 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,
+                    unresolved: tuple[str, ...] = ()) -> None:
+    """Raise when `path` holds a run of another analysis or with other parameters (limit aside) and would be
+    resumed; cheap, so commands call it before loading a model. unresolved: parameters not known yet (e.g. a
+    sink score 'auto' resolved once the model is loaded), left out of the comparison."""
+    run_json = Path(path) / "run.json"
+    if not resume or not run_json.exists():
+        return
+    try:
+        meta = json.loads(run_json.read_text())
+    except (OSError, ValueError) as err:
+        raise SinkscopeError(f"{run_json} cannot be read ({err}); use another --out, or --no-resume to start over")
+    skip = ("limit", "resume") + tuple(unresolved)
+    old = {k: v for k, v in meta.get("params", {}).items() if k not in skip}
+    # a parameter added to the config after the run was written matches while it is None
+    new = {k: v for k, v in params.items() if k not in skip and (k in old or v is not None)}
+    if meta.get("analysis") != analysis or _jsonable(old) != _jsonable(new):
+        changed = sorted(k for k in set(old) | set(new) if _jsonable(old.get(k)) != _jsonable(new.get(k)))
+        what = (f"a {meta.get('analysis')} run" if meta.get("analysis") != analysis else
+                f"a {analysis} run with other parameters ({', '.join(changed[:6])})")
+        raise SinkscopeError(f"{path} holds {what}; use another --out, or --no-resume to start over")
+
+
 class RunFolder:
     """One analysis run on disk."""
 
@@ -82,14 +105,7 @@ class RunFolder:
         resuming = run_json.exists() and resume
         if resuming:
             self.meta = json.loads(run_json.read_text())
-            old = {k: v for k, v in self.meta.get("params", {}).items() if k not in ("limit", "resume")}
-            # a parameter added to the config after the run was written matches while it is None
-            new = {k: v for k, v in params.items() if k not in ("limit", "resume") and (k in old or v is not None)}
-            if self.meta.get("analysis") != analysis or _jsonable(old) != _jsonable(new):
-                raise SinkscopeError(
-                    f"{self.path} holds a {self.meta.get('analysis')} run with other parameters; "
-                    "use another --out, or --no-resume to start over"
-                )
+            check_resumable(self.path, analysis, params, resume)
         elif run_json.exists() and not resume:
             for f in self.path.iterdir():
                 if f.is_file():

@@ -47,8 +47,8 @@ def _quiet(fn, *args, **kwargs):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     """A randomly initialised demo-architecture LLaVA + the demo processor, saved (safetensors)."""
-    from sinkscope.demo.modeling import build_model
-    from sinkscope.demo.processor import build_processor
+    from sinkscope.models.embedded.modeling import build_model
+    from sinkscope.models.embedded.processor import build_processor
 
     d = tmp_path_factory.mktemp("demo_random")
     with warnings.catch_warnings():
@@ -203,6 +203,17 @@ def test_resume_refuses_other_parameters(full_run, demo_dir, tmp_path):
     shutil.copytree(full_run, out)
     with pytest.raises(SinkscopeError, match="other parameters"):
         _scan(out, _cfg(demo_dir, rho=0.7))
+
+
+def test_other_parameters_are_refused_before_the_model_loads(full_run, tmp_path):
+    """The check reads run.json only: a model that cannot load is never reached, and the folder is untouched."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(SinkscopeError, match=r"other parameters \(.*rho") as err:
+        _scan(out, _cfg(tmp_path / "no-such-model", rho=0.7))
+    assert "no-such-model" not in str(err.value) and "--no-resume" in str(err.value)
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == before
 
 
 # -- (c) the CLI -----------------------------------------------------------------------------------

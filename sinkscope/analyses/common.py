@@ -1,6 +1,7 @@
-"""What every analysis of section 3 shares: its config fields, the run set-up (model, data, run
-folder, sink dims and tau from calibration, as in the scan), a reducer that knows each layer's
-sinks, and the cluster bootstrap over samples used for every CI.
+"""What every analysis shares: its config (one `RunConfig` plus the analysis fields every analysis
+takes), the run set-up (model, data, run folder, and the one calibration of `sinkscope.calibration`,
+or the one a report hands in), a reducer that knows each layer's sinks, and the cluster bootstrap
+over samples used for every CI.
 """
 
 from __future__ import annotations
@@ -13,62 +14,111 @@ import numpy as np
 import torch
 
 from sinkscope.analyses.data import load_data
-from sinkscope.analyses.scan import ScanConfig, calibrate, prepare_batch, text_queries_after_image
+from sinkscope.calibration import Calibration, calibrate
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample
+from sinkscope.eval.tasks import Sample, batches
 from sinkscope.measures import massive, sinks
-from sinkscope.runconfig import parse_shard, resolve_sink_score
-from sinkscope.runfolder import RunFolder
+from sinkscope.models.base import ModelAdapter
+from sinkscope.runconfig import RunConfig, parse_shard, resolve_sink_score
+from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
-           "text_queries_after_image", "fmt_ci"]
+           "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration"]
 
 
 @dataclass
-class AnalysisConfig:
-    """Fields every analysis takes (subclasses add their own)."""
+class AnalysisConfig(RunConfig):
+    """One RunConfig (model, data, limit, batch size, calibration, device, dtype, seed, sink score, tau, sink dims,
+    layers: declared and defaulted there, once) plus the fields every analysis takes; subclasses add their own."""
 
-    model: str = "demo"
-    data: str = "demo"
-    limit: int | None = 16
-    batch_size: int = 4
-    tau: float | None = None
-    sink_dims: list[int] | None = None
-    calibration: int = 8
     start_layer: int = 2
     question: str = "describe the image ."
-    image_root: str | None = None
-    device: str | None = None
-    dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
-    seed: int = 0
     n_boot: int = 1000
-    sink_score: str = "auto"  # auto (runconfig.resolve_sink_score) | rms: the paper's phi | layer: layer-relative
     remote: str | None = None  # "local": traces through nnsight's serialised dry run of NDIF (analyses that allow it)
     shard: str | None = None  # "i/n": only the samples whose index modulo n is i (merge with `sinkscope merge`)
 
     def validate(self) -> None:
-        if self.tau is not None and not self.tau > 0:
-            raise SinkscopeError(f"--tau must be > 0; got {self.tau}")
-        if self.batch_size < 1 or self.calibration < 1:
-            raise SinkscopeError("--batch-size and --calibration must be >= 1")
+        super().validate()
         if self.n_boot < 10:
             raise SinkscopeError(f"--n-boot must be >= 10 bootstrap resamples; got {self.n_boot}")
         if self.start_layer < 0:
             raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
         if self.remote not in (None, "local"):
             raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
-        if self.sink_score not in ("auto", *sinks.SINK_SCORES):
-            raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
-                                 f"got {self.sink_score!r}")
         parse_shard(self.shard, {})  # a bad --shard names the fix before the model loads
 
-    def scan_config(self) -> ScanConfig:
-        return ScanConfig(model=self.model, data=self.data, limit=self.limit, batch_size=self.batch_size, tau=self.tau,
-                          sink_dims=self.sink_dims, calibration=self.calibration, start_layer=self.start_layer,
-                          question=self.question, image_root=self.image_root, device=self.device, dtype=self.dtype,
-                          seed=self.seed,
-                          sink_score=self.sink_score, remote=self.remote)
+
+def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):
+    """Processor batch for samples (chat template, images); text-only when a sample has none."""
+    images = [s.image() for s in samples]
+    if any(im is None for im in images):
+        if not all(im is None for im in images):
+            raise SinkscopeError("a batch mixes samples with and without images; use --batch-size 1")
+        return adapter.prepare([s.question for s in samples], None)
+    return adapter.prepare([s.question for s in samples], images)
+
+
+def prepare_readable(adapter: ModelAdapter, samples: list[Sample], skipped: list[dict]):
+    """(batch, kept samples): `prepare_batch` without the samples whose image fails to load.
+
+    Images are checked when the data is loaded (eval.tasks.drop_unreadable); one that passed that
+    check but fails to decode here is left out too, and recorded in `skipped`.
+    """
+    from sinkscope.eval.tasks import skip_record
+
+    try:
+        return prepare_batch(adapter, samples), samples
+    except SinkscopeError:
+        kept = []
+        for s in samples:
+            try:
+                s.image()
+                kept.append(s)
+            except SinkscopeError as err:
+                skipped.append(skip_record(s, str(err)))
+        if len(kept) == len(samples):
+            raise
+        return (prepare_batch(adapter, kept) if kept else None), kept
+
+
+def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
+    """[batch, token] bool: prompt text (and generated) tokens after the last image token.
+
+    Rows without image tokens: all text tokens (text-only measures still run).
+    """
+    return info.token_kinds.queries_after_image(include_generated=True)
+
+
+
+def calibrate_samples(adapter: ModelAdapter, samples: list[Sample], cfg: RunConfig, tracer: Tracer | None = None,
+                      log=print) -> Calibration:
+    """The run's calibration (`sinkscope.calibration.calibrate`) on the data's first `cfg.calibration` samples
+    (an image that fails to decode is left out; the main pass records it)."""
+    chunks = []
+    for chunk in batches(list(samples)[: cfg.calibration], cfg.batch_size):
+        batch, kept = prepare_readable(adapter, chunk, [])
+        if kept:
+            chunks.append(batch)
+    return calibrate(adapter, chunks, sink_score=cfg.sink_score, tau=cfg.tau, sink_dims=cfg.sink_dims,
+                     start_layer=getattr(cfg, "start_layer", 2), tracer=tracer, remote=getattr(cfg, "remote", None),
+                     log=log)
+
+
+def open_calibration(folder: RunFolder, adapter, samples, cfg: RunConfig, tracer: Tracer,
+                     calibration: Calibration | None = None, log=print) -> Calibration:
+    """The run's sink dims and tau: resumed from the folder, else the one handed in (a report calibrates once
+    for all its steps), else calibrated here; written to sink_dims.json and run.json ("calibration")."""
+    if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
+        dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
+        tau = sinks.SinkThreshold(**folder.meta["tau"])
+        log(f"resuming with sink dims {dims.dims} and tau {tau.value:.3g}")
+        recorded = folder.meta.get("calibration") or {}
+        return Calibration(dims, tau, recorded.get("sink_score", cfg.sink_score), recorded.get("n_samples", 0))
+    cal = calibration or calibrate_samples(adapter, samples, cfg, tracer, log=log)
+    folder.write_json("sink_dims.json", cal.dims.to_dict())
+    folder.update_meta(tau=asdict(cal.tau), sink_dims=cal.dims.dims, calibration=cal.record())
+    return cal
 
 
 @dataclass
@@ -83,8 +133,9 @@ class Setup:
 
 
 def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool = True, log=print,
-          extra_meta: dict | None = None) -> Setup:
-    """Load model and data, open (or resume) the run folder, find sink dims and tau (calibration)."""
+          extra_meta: dict | None = None, calibration: Calibration | None = None) -> Setup:
+    """Load model and data, open (or resume) the run folder, find sink dims and tau (`open_calibration`: the
+    handed `calibration` when given)."""
     from sinkscope.models import load
 
     cfg.validate()
@@ -95,19 +146,16 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
             "its reducers do not yet reduce inside the trace") + f"; remote runs: {', '.join(REMOTE_ANALYSES)}, scan")
     torch.manual_seed(cfg.seed)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
+    # a folder holding another run fails before the model loads too (the sink score may still be 'auto')
+    check_resumable(out, name, asdict(cfg), resume, unresolved=("sink_score",) if cfg.sink_score == "auto" else ())
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),
                        skipped=list(getattr(samples, "skipped", [])), **(extra_meta or {}))
     tracer = Tracer(adapter)
-    if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
-        dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
-        tau = sinks.SinkThreshold(**folder.meta["tau"])
-    else:
-        dims, tau = calibrate(tracer, adapter, samples, cfg.scan_config(), log=lambda m: log(m))
-        folder.write_json("sink_dims.json", dims.to_dict())
-        folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
+    cal = open_calibration(folder, adapter, samples, cfg, tracer, calibration, log=log)
+    dims, tau = cal.dims, cal.tau
     done = folder.done_samples()
     # calibration above used the whole data's first samples, so every shard shares sink dims and tau
     shard_i, shard_n = parse_shard(getattr(cfg, "shard", None), {}) or (0, 1)

@@ -21,129 +21,41 @@ from dataclasses import asdict, dataclass, replace
 import pandas as pd
 import torch
 
+from sinkscope.analyses.common import (AnalysisConfig, open_calibration, prepare_batch,  # noqa: F401 (re-exported)
+                                       prepare_readable, text_queries_after_image)
 from sinkscope.analyses.data import load_data
+from sinkscope.calibration import Calibration
 from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
 from sinkscope.runconfig import parse_shard, resolve_sink_score
-from sinkscope.runfolder import RunFolder
+from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
 
 @dataclass
-class ScanConfig:
-    model: str = "demo"
-    data: str = "demo"
-    limit: int | None = 32
-    batch_size: int = 4
-    tau: float | None = None
-    sink_dims: list[int] | None = None  # pin instead of discovering
-    calibration: int = 16
+class ScanConfig(AnalysisConfig):
+    """The run's settings (`RunConfig`, via AnalysisConfig) and the scan's own."""
+
     top_k: int = 5
     rho: float = 0.5
     summ: float = 0.2
-    start_layer: int = 2
-    question: str = "describe the image ."
-    image_root: str | None = None
-    device: str | None = None
-    dtype: str | None = None  # float32 | bfloat16 | float16 (None: the checkpoint's)
-    seed: int = 0
     token_stats: str = "auto"  # all | sinks | auto (all while the table stays under ~2M rows)
-    # auto: rms when sqrt(hidden) >= 40, else layer (runconfig.resolve_sink_score, the report's rule) |
-    # rms: the paper's phi | layer: |x_d| over the layer's median token RMS (narrow models)
-    sink_score: str = "auto"
-    remote: str | None = None  # "local": every trace through nnsight's serialised dry run of NDIF
-    shard: str | None = None  # "i/n": this run does the samples whose index modulo n is i (merge with `merge_runs`)
 
     def validate(self) -> None:
-        if self.tau is not None and not self.tau > 0:
-            raise SinkscopeError(f"--tau must be > 0 (the paper uses 20 for hidden size >= 4096); got {self.tau}")
+        super().validate()
         if not 0 <= self.rho <= 1:
             raise SinkscopeError(f"--rho must be in [0, 1]; got {self.rho}")
         if not 0 <= self.summ <= 1:
             raise SinkscopeError(f"--summ must be in [0, 1]; got {self.summ}")
-        if self.sink_score not in ("auto", *sinks.SINK_SCORES):
-            raise SinkscopeError(f"--sink-score must be auto or one of {', '.join(sinks.SINK_SCORES)}; "
-                                 f"got {self.sink_score!r}")
         if self.token_stats not in ("all", "sinks", "auto"):
             raise SinkscopeError(f"--token-stats must be all, sinks or auto; got {self.token_stats!r}")
-        parse_shard(self.shard, {})
-        if self.remote not in (None, "local"):
-            raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
-        if self.batch_size < 1 or self.calibration < 1 or self.top_k < 1:
-            raise SinkscopeError("--batch-size, --calibration and --top-k must be >= 1")
+        if self.top_k < 1:
+            raise SinkscopeError(f"--top-k must be >= 1; got {self.top_k}")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def prepare_batch(adapter: ModelAdapter, samples: list[Sample]):
-    """Processor batch for samples (chat template, images); text-only when a sample has none."""
-    images = [s.image() for s in samples]
-    if any(im is None for im in images):
-        if not all(im is None for im in images):
-            raise SinkscopeError("a batch mixes samples with and without images; use --batch-size 1")
-        return adapter.prepare([s.question for s in samples], None)
-    return adapter.prepare([s.question for s in samples], images)
-
-
-def prepare_readable(adapter: ModelAdapter, samples: list[Sample], skipped: list[dict]):
-    """(batch, kept samples): `prepare_batch` without the samples whose image fails to load.
-
-    Images are checked when the data is loaded (eval.tasks.drop_unreadable); one that passed that
-    check but fails to decode here is left out too, and recorded in `skipped`.
-    """
-    from sinkscope.eval.tasks import skip_record
-
-    try:
-        return prepare_batch(adapter, samples), samples
-    except SinkscopeError:
-        kept = []
-        for s in samples:
-            try:
-                s.image()
-                kept.append(s)
-            except SinkscopeError as err:
-                skipped.append(skip_record(s, str(err)))
-        if len(kept) == len(samples):
-            raise
-        return (prepare_batch(adapter, kept) if kept else None), kept
-
-
-def text_queries_after_image(info: BatchInfo) -> torch.Tensor:
-    """[batch, token] bool: prompt text (and generated) tokens after the last image token.
-
-    Rows without image tokens: all text tokens (text-only measures still run).
-    """
-    return info.token_kinds.queries_after_image(include_generated=True)
-
-
-class _BosInTrace:
-    """Inside the trace: the BOS row of the residual stream, [batch, dim] float32."""
-
-    def __init__(self, bos_pos: torch.Tensor):
-        self.bos_pos = bos_pos
-
-    def residual(self, layer, states):
-        rows = torch.arange(states.shape[0], device=states.device)
-        return states[rows, self.bos_pos.to(states.device)].float().cpu()
-
-    def attention(self, layer, probs):
-        return None
-
-
-class _PhiInTrace:
-    """Inside the trace: the sink score of every token, [batch, token] float32."""
-
-    def __init__(self, dims, eps, score, real):
-        self.dims, self.eps, self.score, self.real = dims, eps, score, real
-
-    def residual(self, layer, states):
-        return sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float().cpu()
-
-    def attention(self, layer, probs):
-        return None
 
 
 class ScanLayerReduction:
@@ -207,66 +119,6 @@ class ScanLayerReduction:
             ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
         out["received"] = received
         return {k: v.cpu() for k, v in out.items()}
-
-
-class _BosReducer:
-    """Keeps the BOS token's residual state per layer: [sample, layer, dim]."""
-
-    def __init__(self):
-        self.rows: list[torch.Tensor] = []
-        self._current: list[torch.Tensor] = []
-        self._bos_pos = None
-
-    def begin(self, info):
-        self._bos_pos = info.token_kinds.bos_mask.float().argmax(dim=1)
-        self._current = []
-
-    def residual(self, layer, states):
-        self.take("residual", layer, self.in_trace().residual(layer, states))
-
-    def attention(self, layer, probs):
-        pass
-
-    def in_trace(self) -> "_BosInTrace":
-        return _BosInTrace(self._bos_pos)
-
-    def take(self, kind, layer, payload):
-        self._current.append(payload)
-
-    def end(self):
-        self.rows.append(torch.stack(self._current, dim=1))
-
-    def states(self) -> torch.Tensor:
-        return torch.cat(self.rows, dim=0)
-
-
-class _PhiReducer:
-    """phi of every token per layer, for choosing tau: list of ([batch, layer, token], kinds)."""
-
-    def __init__(self, dims, eps, score: str = "rms"):
-        self.dims, self.eps, self.score = dims, eps, score
-        self.values, self.kinds, self._cur = [], [], []
-
-    def begin(self, info):
-        self._cur = []
-        self._kinds = info.token_kinds.kind
-        self._real = info.token_kinds.real_mask
-
-    def residual(self, layer, states):
-        self.take("residual", layer, self.in_trace().residual(layer, states))
-
-    def attention(self, layer, probs):
-        pass
-
-    def in_trace(self) -> "_PhiInTrace":
-        return _PhiInTrace(self.dims, self.eps, self.score, self._real)
-
-    def take(self, kind, layer, payload):
-        self._cur.append(payload)
-
-    def end(self):
-        self.values.append(torch.stack(self._cur, dim=1))
-        self.kinds.append(self._kinds)
 
 
 class ScanReducer:
@@ -400,51 +252,16 @@ def _background_column(tokens: pd.DataFrame, samples: list[Sample]) -> pd.DataFr
     return tokens
 
 
-def calibrate(tracer: Tracer, adapter: ModelAdapter, samples: list[Sample], cfg: ScanConfig, log=print):
-    """Sink dims (discovered or pinned) and tau from the calibration samples."""
-    cfg = replace(cfg, sink_score=resolve_sink_score(cfg.sink_score, adapter.hidden_size))
-    eps = adapter.rms_norm_eps
-    calib = samples[: cfg.calibration]
-    if cfg.sink_dims:
-        dims = massive.pinned_sink_dims(cfg.sink_dims, hidden_size=adapter.hidden_size)
-    else:
-        bos = _BosReducer()
-        for chunk in progress(calib, cfg.batch_size, "sink dims"):
-            batch, chunk = prepare_readable(adapter, chunk, [])  # unreadable ones are recorded by the main pass
-            if chunk:
-                tracer.run(batch, [bos], attention=False, remote=cfg.remote)
-        dims = massive.discover_sink_dims(bos.states(), start_layer=cfg.start_layer, eps=eps)
-    log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
-    phi_red = _PhiReducer(dims.dims, eps, cfg.sink_score)
-    if dims.dims:
-        for chunk in progress(calib, cfg.batch_size, "tau"):
-            batch, chunk = prepare_readable(adapter, chunk, [])
-            if chunk:
-                tracer.run(batch, [phi_red], attention=False, remote=cfg.remote)
-        width = max(v.shape[-1] for v in phi_red.values)
-        phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
-        kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
-        phis = phis[:, cfg.start_layer:] if phis.shape[1] > cfg.start_layer else phis
-        if cfg.sink_score == "layer":
-            tau = sinks.choose_tau_layer_relative(cfg.tau)
-        else:
-            tau = sinks.choose_tau(phis, adapter.hidden_size, cfg.tau, token_kinds=kinds)
-    else:
-        value = cfg.tau if cfg.tau is not None else math.sqrt(adapter.hidden_size)
-        tau = sinks.SinkThreshold(value, "none", "no sink dims were found, so phi is 0 for every token and no "
-                                  "token is a sink at any threshold")
-    log(f"tau = {tau.value:.3g} ({tau.method}): {tau.reason}")
-    return dims, tau
-
-
 def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, resume: bool = True,
-             log=print, figures: bool = True) -> RunFolder:
-    """Run the scan and write its run folder; resumes an interrupted run in `out`."""
+             log=print, figures: bool = True, calibration: Calibration | None = None) -> RunFolder:
+    """Run the scan and write its run folder; resumes an interrupted run in `out`. calibration: sink dims and tau
+    found already (a report calibrates once for every step); default: calibrated here."""
     from sinkscope.models import load
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
+    check_resumable(out, "scan", asdict(cfg), resume, unresolved=("sink_score",) if cfg.sink_score == "auto" else ())
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)  # fail on a bad --model before touching --out
     cfg = replace(cfg, sink_score=resolve_sink_score(cfg.sink_score, adapter.hidden_size))  # run.json: the score used
     params = asdict(cfg)
@@ -456,14 +273,8 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
                        planted=("organism" in str(cfg.model)), skipped=skipped)
     tracer = Tracer(adapter)
-    if (folder.path / "sink_dims.json").exists() and folder.meta.get("tau"):
-        dims = massive.SinkDims.from_json((folder.path / "sink_dims.json").read_text())
-        tau = sinks.SinkThreshold(**folder.meta["tau"])
-        log(f"resuming with sink dims {dims.dims} and tau {tau.value:.3g}")
-    else:
-        dims, tau = calibrate(tracer, adapter, samples, cfg, log)
-        folder.write_json("sink_dims.json", dims.to_dict())
-        folder.update_meta(tau=asdict(tau), sink_dims=dims.dims)
+    cal = open_calibration(folder, adapter, samples, cfg, tracer, calibration, log=log)
+    dims, tau = cal.dims, cal.tau
     done = folder.done_samples()
     shard_i, shard_n = parse_shard(cfg.shard, {}) or (0, 1)  # calibration above: the whole data's first samples
     mine = list(samples)[shard_i::shard_n]  # sample index modulo n

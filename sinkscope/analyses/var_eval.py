@@ -42,12 +42,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sinkscope.analyses.common import AnalysisConfig
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
 from sinkscope.eval.tasks import Sample, progress
-from sinkscope.runconfig import parse_shard, sample_seed
-from sinkscope.runfolder import RunFolder
+from sinkscope.runconfig import analysis_default, parse_shard, sample_seed
+from sinkscope.runfolder import RunFolder, check_resumable
 
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
 PAPER_P, PAPER_RHO = 0.6, 0.5
@@ -58,13 +59,14 @@ SWEEP_COLUMNS = ["condition", "p", "rho", "task", "accuracy", "precision", "reca
 
 
 @dataclass
-class VarEvalConfig:
-    model: str = "demo"
-    data: str = "demo"  # demo | a POPE .jsonl (test questions)
+class VarEvalConfig(AnalysisConfig):
+    """The run's settings (`RunConfig`, via AnalysisConfig: data is demo or a POPE .jsonl of test questions, limit
+    counts test questions per task, batch size questions per generate call) and VAR's evaluation's own."""
+
+    limit: int = analysis_default("var_eval", "limit")  # test questions per task
+    batch_size: int = analysis_default("var_eval", "batch_size")
     validation: str | None = None  # a POPE .jsonl of validation questions (demo: the world's validation split)
-    image_root: str | None = None
     tasks: list[str] = field(default_factory=lambda: [f"pope-{s}" for s in STRATEGIES])  # demo tasks
-    limit: int = 100  # test questions per task
     val_limit: int = 60  # validation questions per task
     captions: int = 0  # test captions per condition for CHAIR (demo only; 0 = none)
     caption_tokens: int = 40
@@ -76,19 +78,10 @@ class VarEvalConfig:
     rho: float | None = None  # given: no tuning of rho
     summ: float = 0.2
     select_metric: str = "f1"
-    tau: float | None = None
-    sink_dims: list[int] | None = None
-    sink_score: str = "rms"
-    calibration: int = 16
-    batch_size: int = 16
-    device: str | None = None
-    dtype: str | None = None
-    seed: int = 0
-    n_boot: int = 1000
-    shard: str | None = None  # "i/n": test questions and captions whose index modulo n is i (validation: all)
+    # shard (AnalysisConfig): test questions and captions whose index modulo n is i (validation: all)
 
     def validate(self) -> None:
-        parse_shard(self.shard, {})
+        super().validate()
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or "baseline" not in self.conditions:
             raise SinkscopeError(f"--conditions must include 'baseline' and come from {', '.join(CONDITIONS)}; got "
@@ -105,10 +98,8 @@ class VarEvalConfig:
             raise SinkscopeError(f"--select-metric must be f1 or accuracy; got {self.select_metric!r}")
         if self.limit < 2 or self.val_limit < 2:
             raise SinkscopeError("--limit and --val-limit must be >= 2 questions per task")
-        if self.batch_size < 1 or self.calibration < 1 or self.n_boot < 10 or self.captions < 0:
-            raise SinkscopeError("--batch-size and --calibration must be >= 1, --n-boot >= 10, --captions >= 0")
-        if self.tau is not None and not self.tau > 0:
-            raise SinkscopeError(f"--tau must be > 0; got {self.tau}")
+        if self.captions < 0:
+            raise SinkscopeError(f"--captions must be >= 0; got {self.captions}")
         bad_tasks = [t for t in self.tasks if t not in [f"pope-{s}" for s in STRATEGIES]]
         if self.is_demo and bad_tasks:
             raise SinkscopeError(f"--tasks for the demo world are pope-random, pope-popular, pope-adversarial; got {bad_tasks}")
@@ -183,12 +174,15 @@ def _answer_rows(phase, condition, p, rho, samples, answers) -> list[dict]:
 
 
 def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True, log=print,
-                 figures: bool = True) -> RunFolder:
-    from sinkscope.interventions.var import VARConfig, calibrate
+                 figures: bool = True, calibration=None) -> RunFolder:
+    """calibration: a `sinkscope.calibration.Calibration` found already (a report calibrates once for every step);
+    default: VAR is calibrated here on the first validation questions."""
+    from sinkscope.interventions.var import VARConfig, calibration_of, with_calibration
     from sinkscope.models import load
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
+    check_resumable(out, "var_eval", asdict(cfg), resume)  # another run in --out fails before the model loads
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     val, test = eval_splits(cfg)
     folder = RunFolder(out, "var_eval", asdict(cfg), resume=resume)
@@ -198,14 +192,17 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
     if folder.meta.get("var_calibrated"):
         base = replace(base, **folder.meta["var_calibrated"])
     else:
-        calib = (val or test)[: cfg.calibration]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            base = calibrate(adapter, calib, base)
-        note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+        note, source = "", "validation" if val else "test (no validation data given)"
+        if calibration is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                calibration = calibration_of(adapter, (val or test)[: cfg.calibration], base, cfg.start_layer)
+            note = "; ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+        else:
+            source = "the report's calibration (its data's first samples, shared by every step)"
+        base = with_calibration(base, calibration)
         folder.update_meta(var_calibrated={"sink_dims": base.sink_dims, "tau": base.tau},
-                           calibration_source="validation" if val else "test (no validation data given)",
-                           calibration_note=note)
+                           calibration=calibration.record(), calibration_source=source, calibration_note=note)
         log(f"VAR calibration: sink dims {base.sink_dims}, tau {base.tau:.3g}" + (f" ({note})" if note else ""))
     done = folder.done_samples()
     # 1. validation sweep
