@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from sinkscope.demo import smolvlm, world
+from sinkscope.models.embedded import smolvlm
+from sinkscope import world
 from sinkscope.eval import stats
 from sinkscope.eval.accuracy import generate_answers, score_samples
 from sinkscope.eval.pope import parse_yes_no, pope_metrics

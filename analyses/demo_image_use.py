@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.patching import answer_ids, pick_sources
-from sinkscope.demo import smolvlm, world
+from sinkscope.models.embedded import smolvlm
+from sinkscope import world
 from sinkscope.eval import stats
 from sinkscope.eval.accuracy import generate_answers
 from sinkscope.eval.pope import parse_yes_no, pope_metrics

@@ -50,8 +50,8 @@ def child(model: str, n: int, batch_size: int, calibration: int) -> dict:
 
 
 def build_demo(directory: Path) -> None:
-    from sinkscope.demo.modeling import build_model
-    from sinkscope.demo.processor import build_processor
+    from sinkscope.models.embedded.modeling import build_model
+    from sinkscope.models.embedded.processor import build_processor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -26,7 +26,7 @@ import torch
 
 
 def _build(lora_targets: str, rank: int = 16):
-    from sinkscope.demo import smollm, smolvlm
+    from sinkscope.models.embedded import smollm, smolvlm
 
     llm_dir = smollm.ensure_cached()
     config = smolvlm.build_config(llm_dir)
@@ -58,8 +58,8 @@ def _time_step(model, make_batch, loss_fn, autocast: bool, repeats: int) -> tupl
 
 
 def main() -> None:
-    from sinkscope.demo import train_smolvlm as T
-    from sinkscope.demo.smolvlm_data import Packer
+    from scripts import train_smolvlm as T
+    from scripts.smolvlm_data import Packer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)

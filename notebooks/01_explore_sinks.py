@@ -21,7 +21,7 @@ import os
 import torch
 
 import sinkscope
-from sinkscope.demo import world
+from sinkscope import world
 from sinkscope.measures import massive, sinks
 
 torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))
@@ -74,7 +74,7 @@ for layer, pattern in sorted(r["cache"].attention.items()):
 # The organism's sink dims were planted; the discovery above must have found exactly them.
 
 # %%
-from sinkscope.demo.organism import GroundTruth
+from sinkscope.models.embedded.organism import GroundTruth
 from sinkscope.models.registry import embedded_path
 
 truth = GroundTruth.load(embedded_path("organism") / "ground_truth.json")

@@ -33,7 +33,7 @@ import torch
 
 import sinkscope
 from sinkscope import plots
-from sinkscope.demo import world
+from sinkscope import world
 from sinkscope.measures import massive, sinks
 
 torch.set_num_threads(int(os.environ.get("SINKSCOPE_THREADS", "1")))

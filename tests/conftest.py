@@ -34,7 +34,7 @@ def tiny_llava() -> tiny_models.Tiny:
     return tiny_models.build("llava")
 
 
-ORGANISM_ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+ORGANISM_ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
 
 
 def quiet(fn, *args, **kwargs):
@@ -52,5 +52,5 @@ def organism_adapter():
     from sinkscope.models import load
 
     if not (ORGANISM_ASSET / "config.json").exists():
-        pytest.skip("the organism asset is not built (python -m sinkscope.demo.organism)")
+        pytest.skip("the organism asset is not built (python -m sinkscope.models.embedded.organism)")
     return quiet(load, "organism")

@@ -54,7 +54,7 @@ def test_organism_controls_are_matched(tmp_path):
 
     from sinkscope.models import load
 
-    truth = json.loads((Path(__file__).resolve().parent.parent / "sinkscope/demo/assets/organism/ground_truth.json")
+    truth = json.loads((Path(__file__).resolve().parent.parent / "sinkscope/models/embedded/assets/organism/ground_truth.json")
                        .read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

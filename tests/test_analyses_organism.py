@@ -22,7 +22,7 @@ from sinkscope.analyses.heads import HeadsConfig, run_heads
 from sinkscope.analyses.location import LocationConfig, run_location
 from sinkscope.eval.tasks import load_samples
 
-ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
 LIMIT = 8
 
 

@@ -17,12 +17,12 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.eval import tasks
 from sinkscope.eval.tasks import load_samples
 
-ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets"
 GOOD = ("a", "c", "d")
 
 
 def _images(folder: Path) -> Path:
-    from sinkscope.demo import world
+    from sinkscope import world
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(GOOD):

@@ -234,7 +234,7 @@ def test_force_keeps_the_old_report_when_the_model_fails_to_load(tmp_path, monke
 def _demo_available() -> bool:
     import importlib.util
 
-    from sinkscope.demo import smollm
+    from sinkscope.models.embedded import smollm
 
     return importlib.util.find_spec(smollm.PACKAGE) is not None
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from sinkscope.demo import smolvlm
+from sinkscope.models.embedded import smolvlm
 
 CARD = smolvlm.ASSETS / "card.json"
 N_QUESTIONS = 40
@@ -17,7 +17,7 @@ N_QUESTIONS = 40
 @pytest.fixture(scope="module")
 def card() -> dict:
     if not CARD.exists() or not (smolvlm.ASSETS / smolvlm.TRAINED_FILE).exists():
-        pytest.skip(f"{CARD} is not written yet (python analyses/demo_card.py)")
+        pytest.skip(f"{CARD} is not written yet (python -m scripts.demo_card)")
     return json.loads(CARD.read_text())
 
 
@@ -68,7 +68,7 @@ def test_scan_rediscovers_the_cards_sink_dims_and_magnitudes(demo, card, tmp_pat
 def test_unseen_scenes_answer_as_well_as_the_card_says(demo, card):
     """Held-out: POPE-adversarial on test scenes from 1,000,000 on (never evaluated elsewhere) agrees with the
     card's test-split accuracy within noise (3 SE of the two proportions' difference)."""
-    from sinkscope.demo import world
+    from sinkscope import world
     from sinkscope.eval.accuracy import generate_answers
     from sinkscope.eval.pope import parse_yes_no
     from sinkscope.eval.tasks import Sample

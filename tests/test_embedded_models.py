@@ -1,4 +1,4 @@
-"""The embedded models ('demo', 'organism') shipped in sinkscope/demo/assets, when present.
+"""The embedded models ('demo', 'organism') shipped in sinkscope/models/embedded/assets, when present.
 
 For each: `sinkscope.models.load(name)` works offline; greedy generation is deterministic; held-out
 accuracy on a small sample of 'pope-random' and 'count' questions is within binomial noise (3
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets"
 N_QUESTIONS = 40
 TASKS = ("pope-random", "count")
 
@@ -53,7 +53,7 @@ def test_loads_offline(embedded):
     assert adapter.family == "llava" and adapter.name == name
     assert adapter.processor is not None and adapter.text_attention == "eager"
     assert not adapter.model.training
-    from sinkscope.demo import world
+    from sinkscope import world
 
     batch = adapter.prepare(["how many objects are there ?"], [world.scene("test", 0).pil()])
     tok = adapter.processor.tokenizer
@@ -91,7 +91,7 @@ def test_accuracy_matches_the_card(embedded, task):
     name, _ = embedded
     card_path = ASSETS / name / "card.json"
     if not card_path.exists():
-        pytest.skip(f"{card_path} is not written yet (python -m sinkscope.demo.card)")
+        pytest.skip(f"{card_path} is not written yet (python -m scripts.card)")
     card = json.loads(card_path.read_text())
     if task not in card.get("accuracy", {}):
         pytest.skip(f"{card_path} has no accuracy for {task!r}")

@@ -81,7 +81,7 @@ def test_load_pope_format(tmp_path):
 
 
 def test_demo_pope_splits_balanced_and_disjoint():
-    from sinkscope.demo import world
+    from sinkscope import world
 
     val, test = demo_pope("validation", "adversarial", 10), demo_pope("test", "adversarial", 10)
     assert [s.answer for s in val] == ["yes", "no"] * 5

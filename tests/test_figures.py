@@ -31,7 +31,7 @@ from matplotlib.text import Annotation  # noqa: E402
 
 from sinkscope import plots  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets"
 SNAKE = re.compile(r"\b[a-z][a-z0-9]+_[a-z0-9_]+\b")  # raw column names; x_d or W_O pass (one letter)
 LOG_DECADES = 3
 

@@ -214,10 +214,10 @@ def test_sinks_target_and_bad_input(llava):
 # -- the planted organism: ground truth ---------------------------------------------------------
 
 def test_organism_planted_heads_attend_to_injected_token(organism_adapter):
-    """PLANTED ground truth (sinkscope/demo/organism.py): the planted heads key on the planted sink dims,
+    """PLANTED ground truth (sinkscope/models/embedded/organism.py): the planted heads key on the planted sink dims,
     so writing the first token's sink-dim values into an ordinary image token makes them attend to it;
     the same added magnitude along a random non-sink dim does not."""
-    from sinkscope.demo.organism import GroundTruth
+    from sinkscope.models.embedded.organism import GroundTruth
     from sinkscope.eval.tasks import load_samples
     from conftest import ORGANISM_ASSET
 

@@ -76,7 +76,7 @@ def test_inject_on_the_organism_recovers_the_planted_mechanism(organism_adapter,
     import json
 
     from conftest import ORGANISM_ASSET
-    from sinkscope.demo.organism import GroundTruth
+    from sinkscope.models.embedded.organism import GroundTruth
 
     truth = GroundTruth.load(ORGANISM_ASSET / "ground_truth.json")
     cfg = InjectConfig(model="organism", limit=4, calibration=4, scales=[0.0, 0.1, 1.0], n_seeds=1, n_boot=200,

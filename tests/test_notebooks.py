@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-ASSETS = ROOT / "sinkscope" / "demo" / "assets"
+ASSETS = ROOT / "sinkscope" / "models" / "embedded" / "assets"
 # what each notebook must print when it ran on the test model
 EXPECT = {
     "01_explore_sinks.ipynb": ["sink dims", "discovered"],

@@ -3,7 +3,7 @@
 (a) On a tiny RANDOM demo-architecture LLaVA: install the mechanism, check it with `verify`, save
     it, scan it, and require the scan to report exactly the planted sink dims, and exactly BOS plus
     the planted sink patches as sink tokens in every layer from `massive_from_layer` on (none before).
-(b) The shipped organism (sinkscope/demo/assets/organism), when present: the same exact check
+(b) The shipped organism (sinkscope/models/embedded/assets/organism), when present: the same exact check
     through the CLI (`sinkscope scan --model organism`), and its ground_truth.json matches its
     weights (verify() holds; the edits are where the file says). Skipped while the asset is absent.
 """
@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sinkscope.demo import world
-from sinkscope.demo.organism import GroundTruth, install, measure, sink_patch_rule, verify
+from sinkscope import world
+from sinkscope.models.embedded.organism import GroundTruth, install, measure, sink_patch_rule, verify
 
 N_PATCH = (world.IMAGE_SIZE // world.PATCH_SIZE) ** 2
 LIMIT = 8
@@ -133,9 +133,9 @@ def assert_weights_match_ground_truth(model, truth: GroundTruth) -> None:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    from sinkscope.demo.modeling import build_model
-    from sinkscope.demo.processor import build_processor
-    from sinkscope.demo.train import make_batch
+    from sinkscope.models.embedded.modeling import build_model
+    from sinkscope.models.embedded.processor import build_processor
+    from sinkscope.models.embedded.tiny_data import make_batch
 
     model = build_model(seed=0)
     model.eval()
@@ -199,10 +199,10 @@ def test_scan_finds_the_planted_ground_truth(planted, tmp_path):
 
 
 def _shipped() -> Path:
-    path = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+    path = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
     if not ((path / "config.json").exists() and (path / "ground_truth.json").exists()):
         pytest.skip(f"the shipped organism is not built yet ({path} lacks config.json or ground_truth.json); "
-                    "build it with `python -m sinkscope.demo.organism`")
+                    "build it with `python -m sinkscope.models.embedded.organism`")
     return path
 
 

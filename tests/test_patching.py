@@ -12,7 +12,7 @@ import torch
 from sinkscope.errors import SinkscopeError
 from sinkscope.interventions.patching import Patch, Patcher, check_aligned, matched_heads, matched_tokens
 
-ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
 
 
 from conftest import quiet as _quiet  # noqa: E402

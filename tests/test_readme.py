@@ -101,12 +101,12 @@ def test_every_linked_file_exists():
 def test_the_headline_figure_says_what_the_demo_shows():
     after_figure = README.split("reports/demo/scan/phi_by_role.png)", 1)[1][:1200]
     assert "What the demo does and does not show" in after_figure
-    assert "sinkscope/demo/assets/demo/README.md" in after_figure  # accuracy: the model card, not a copied number
+    assert "sinkscope/models/embedded/assets/demo/README.md" in after_figure  # accuracy: the model card, not a copied number
 
 
 def test_the_readme_and_the_demo_card_agree_on_visual_sinks():
     """The README's sentence follows the card: retrain the demo, and this fails until the sentence is updated."""
-    card = (REPO / "sinkscope" / "demo" / "assets" / "demo" / "README.md").read_text()
+    card = (REPO / "sinkscope" / "models" / "embedded" / "assets" / "demo" / "README.md").read_text()
     answer = card.split("## Did visual sinks emerge?", 1)[1].strip().split()[0].strip(":.,").lower()
     assert answer in ("yes", "no"), f"the card's answer is {answer!r}"
     says_none = "no visual sink tokens emerged" in README

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkscope.demo import smollm, smolvlm
+from sinkscope.models.embedded import smollm, smolvlm
 from sinkscope.errors import SinkscopeError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None,
@@ -97,8 +97,8 @@ def test_text_only_logits_equal_plain_smollm(assembled, llm_dir):
 
 def test_chat_template_and_training_encoder_agree(assembled):
     """The ids the model was trained on equal what the processor builds for users."""
-    from sinkscope.demo import world
-    from sinkscope.demo.train_smolvlm import Encoder
+    from sinkscope import world
+    from scripts.train_smolvlm import Encoder
     from sinkscope.models.registry import adapter_for_model
 
     model, processor = assembled

@@ -8,8 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from sinkscope.demo import smollm, world
-from sinkscope.demo.smolvlm_data import IGNORE, Packer, collate, scene_questions
+from sinkscope.models.embedded import smollm
+from sinkscope import world
+from scripts.smolvlm_data import IGNORE, Packer, collate, scene_questions
 
 
 def test_scene_questions_are_true_balanced_and_deterministic():
@@ -32,8 +33,8 @@ def test_scene_questions_are_true_balanced_and_deterministic():
 
 @pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None, reason=f"{smollm.PACKAGE_SPEC} is not installed")
 def test_a_packed_question_equals_its_inference_prompt():
-    from sinkscope.demo import smolvlm
-    from sinkscope.demo.train_smolvlm import pixel_values
+    from sinkscope.models.embedded import smolvlm
+    from scripts.train_smolvlm import pixel_values
 
     llm = smollm.ensure_cached(log=lambda m: None)
     config = smolvlm.build_config(llm)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sinkscope.demo import smollm, smolvlm
-from sinkscope.demo.train_smolvlm import RecipeConfig, Stage, export_checkpoint, train
+from sinkscope.models.embedded import smollm, smolvlm
+from scripts.train_smolvlm import RecipeConfig, Stage, export_checkpoint, train
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None,
                                 reason=f"{smollm.PACKAGE_SPEC} is not installed (`make setup` installs it)")

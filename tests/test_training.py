@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sinkscope.demo import train as demo_train
-from sinkscope.demo.modeling import DemoArchitecture, build_model
-from sinkscope.demo.train import StageConfig, TrainConfig, make_batch
+from scripts import train_tiny as demo_train
+from sinkscope.models.embedded.modeling import DemoArchitecture, build_model
+from scripts.train_tiny import StageConfig, TrainConfig, make_batch
 
 SMALL = dict(text_layers=2, text_hidden=64, text_intermediate=128, text_heads=2, text_kv_heads=2,
              vision_layers=1, vision_hidden=32, vision_intermediate=64, vision_heads=2)
@@ -131,7 +131,7 @@ def test_train_end_to_end(full_run):
     adapter = load(str(out / "model"))
     assert adapter.family == "llava" and adapter.num_layers == layers and adapter.hidden_size == 64
     assert adapter.text_attention == "eager"
-    from sinkscope.demo import world
+    from sinkscope import world
 
     batch = adapter.prepare(["how many objects are there ?"], [world.scene("test", 0).pil()])
     ids = batch["input_ids"][0]

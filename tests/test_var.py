@@ -18,7 +18,7 @@ from sinkscope.interventions.attention import AttentionEdit, edit_attention
 from sinkscope.interventions.var import VARConfig, calibrate, default_layers, enable, var, var_probs
 from sinkscope.models import adapter_for_model
 
-ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
 
 
 # -- the slow literal transcription ----------------------------------------------------------

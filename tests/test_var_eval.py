@@ -15,7 +15,7 @@ import pytest
 from sinkscope.analyses.var_eval import CONDITIONS, VarEvalConfig, choose, eval_table, run_var_eval
 from sinkscope.errors import SinkscopeError
 
-ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets" / "organism"
+ORGANISM = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
 
 
 def _quiet(fn, *a, **k):
@@ -111,7 +111,7 @@ def test_organism_run_folder_all_conditions_tuned_on_validation(organism, tmp_pa
 
 
 def test_pope_files_on_tiny(tmp_path):
-    from sinkscope.demo import world
+    from sinkscope import world
     from sinkscope.models import load
 
     if not (ORGANISM.parent / "tiny" / "config.json").exists():

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from sinkscope import plots, viewer
 from sinkscope.cli import app
 
-ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "demo" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 INSTALL = ("install the browser test's needs: `apt-get install -y chromium` (Debian's package; Playwright's own "

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from sinkscope.demo import processor as demo_processor
-from sinkscope.demo import train, world
+from sinkscope.models.embedded import processor as demo_processor
+from scripts import train_tiny as train
+from sinkscope import world
 from sinkscope.eval.tasks import load_image
 from sinkscope.models import SinkscopeError
 

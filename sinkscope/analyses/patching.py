@@ -80,7 +80,7 @@ class PatchConfig(AnalysisConfig):
 
 def _demo_source(target: Sample) -> tuple[Sample, str | None]:
     """A demo scene of the target's split whose answer to the target's question is the opposite."""
-    from sinkscope.demo import world
+    import sinkscope.world as world
 
     split, scene, category = target.meta.get("split", "test"), int(target.meta["scene"]), target.meta["category"]
     want_present = (target.answer or "").lower() != "yes"

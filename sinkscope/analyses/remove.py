@@ -16,7 +16,7 @@ Measured against the unmodified model, per sample:
   - answer accuracy (greedy answers, exact match / yes-no parsing) when the samples have answers
     (`--data demo:mixed`: existence, colour, position, count);
   - perplexity of the prompt text (next-token NLL) for text prompts, e.g. `--data plain-text` (a
-    small public-domain set shipped in sinkscope/demo/assets/text/, see SOURCES.md there) with
+    small public-domain set shipped in sinkscope/world/text/, see SOURCES.md there) with
     `--model smollm2` (the demo's language model on its own).
 
 Writes: remove_per_sample.csv, remove_attention_per_sample.csv, remove.csv (CIs: percentile bootstrap
@@ -44,7 +44,7 @@ from sinkscope.measures.attention_share import attention_share
 from sinkscope.measures.perplexity import token_nll
 from sinkscope.runfolder import RunFolder
 
-PLAIN_TEXT = Path(__file__).resolve().parent.parent / "demo" / "assets" / "text" / "public_domain.txt"
+PLAIN_TEXT = Path(__file__).resolve().parent.parent / "world" / "text" / "public_domain.txt"
 CLASSES = ("first", "removed", "other_text", "image")
 
 
@@ -74,7 +74,7 @@ def named_specs(model: str, data: str) -> tuple[str, str]:
     """Names this analysis adds: --model smollm2 (the demo's language model on its own, a local folder once
     cached) and --data plain-text (the shipped public-domain text set). Other specs pass through."""
     if model == "smollm2":
-        from sinkscope.demo import smollm
+        from sinkscope.models.embedded import smollm
 
         model = str(smollm.ensure_cached())
     if data == "plain-text":

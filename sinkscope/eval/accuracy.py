@@ -54,7 +54,7 @@ def score_samples(samples: list[Sample], answers: list[str]) -> pd.DataFrame:
 def demo_accuracy(adapter: ModelAdapter, n_per_task: int = 100, batch_size: int = 50, n_pope: int | None = None,
                   **generate_kwargs) -> pd.DataFrame:
     """Accuracy per demo task on the held-out test split (POPE splits get F1 too; n_pope: their n if given)."""
-    from sinkscope.demo import world
+    import sinkscope.world as world
     from sinkscope.eval.tasks import load_samples
 
     rows = []

@@ -44,7 +44,7 @@ class ChairScores:
 def _objects(extract: Callable[[str], set[str]] | None):
     if extract is not None:
         return extract
-    from sinkscope.demo.world import chair_objects
+    from sinkscope.world import chair_objects
 
     return chair_objects
 
@@ -76,7 +76,7 @@ def chair_scores(captions: Sequence[str], truths: Sequence[set[str]],
 
 def demo_captions(split: str, n: int, start: int = 0) -> list[Sample]:
     """n caption prompts ("describe the image .") of the demo world's split; meta["objects"] = true categories."""
-    from sinkscope.demo import world
+    import sinkscope.world as world
 
     if n <= 0:
         raise SinkscopeError(f"the number of captions must be positive, got {n}")

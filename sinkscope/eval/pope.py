@@ -154,7 +154,7 @@ def demo_pope(split: str, strategy: str, n: int, start: int = 0) -> list[Sample]
     are "<split>-<scene>-pope-<strategy>-<label>"; meta holds scene, label, category and the scene's
     background patch mask [patches] (row-major, True = background).
     """
-    from sinkscope.demo import world
+    import sinkscope.world as world
 
     if strategy not in STRATEGIES:
         raise SinkscopeError(f"unknown POPE strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -93,7 +93,7 @@ def load_image(path: str | Path):
 
 
 def _demo_samples(task: str, n: int, start: int = 0) -> list[Sample]:
-    from sinkscope.demo import world
+    import sinkscope.world as world
 
     if task not in DEMO_TASKS:
         raise SinkscopeError(f"unknown demo task {task!r}; choose one of {', '.join(DEMO_TASKS)}")

@@ -65,11 +65,11 @@ def adapter_for_model(model, processor=None, name: str = "") -> ModelAdapter:
 
 def embedded_path(name: str) -> Path:
     """Directory of an embedded model's shipped files ('demo': trained parts only; 'tiny', 'organism': whole models)."""
-    path = Path(__file__).resolve().parent.parent / "demo" / "assets" / name
+    path = Path(__file__).resolve().parent / "embedded" / "assets" / name
     if not (path / "config.json").exists():
         raise SinkscopeError(
             f"the embedded model {name!r} is not in this installation ({path} has no config.json). "
-            f"Rebuild it with `python -m sinkscope.demo.{ {'demo': 'train_smolvlm', 'tiny': 'train'}.get(name, 'organism')}`."
+            f"Rebuild it with `python -m { {'demo': 'scripts.train_smolvlm', 'tiny': 'scripts.train_tiny'}.get(name, 'sinkscope.models.embedded.organism')}`."
         )
     return path
 
@@ -86,7 +86,7 @@ def _read_local_config(path: Path) -> dict:
 
 def _load_demo(device=None, dtype=None) -> ModelAdapter:
     """The embedded default: SmolLM2-135M-Instruct (from the user cache) + the shipped vision tower and projector."""
-    from sinkscope.demo import smolvlm
+    from sinkscope.models.embedded import smolvlm
 
     model, processor = smolvlm.load_demo(dtype=dtype)
     if device is not None:

@@ -4,7 +4,7 @@ Built from measurements made elsewhere (this package does not run analyses):
 - `accuracy`: `sinkscope.eval.accuracy.demo_accuracy` on the held-out test split;
 - `scan_dir`: a finished `sinkscope scan` run folder on the test split;
 - `train_dir`: the training folder (emergence.csv, train_log.csv, recipe.json).
-`analyses/demo_card.py` runs all three and calls `write_card`.
+`scripts/demo_card.py` runs all three and calls `write_card`.
 
 Writes card.json (the numbers tests re-measure), README.md and emergence.png into the assets.
 """
@@ -218,8 +218,8 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
         "GGUF file; its pretrained weights are unchanged" + (", with LoRA adapters (peft, unmerged; switch them off "
         "with `smolvlm.set_lora_enabled(model, False)`) trained in the instruction stage" if card.get("lora") else "")
         + ". The vision tower (a CLIP ViT, 64 px images, 8 px patches, 64 image tokens) and the two-layer projector "
-        "were trained from scratch by `python -m sinkscope.demo.train_smolvlm` on the synthetic world of "
-        f"`sinkscope/demo/world.py`. Trained parameters: {card['trained_parameters']:,} (the only weights shipped). "
+        "were trained from scratch by `python -m scripts.train_smolvlm` on the synthetic world of "
+        f"`sinkscope/world/__init__.py`. Trained parameters: {card['trained_parameters']:,} (the only weights shipped). "
         "Nothing targets activations or attention; nothing is planted.\n",
         "## Accuracy on the held-out test split (generation)\n",
         markdown_table(accuracy),

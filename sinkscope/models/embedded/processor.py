@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from sinkscope.demo import world
+import sinkscope.world as world
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)

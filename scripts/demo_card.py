@@ -1,6 +1,6 @@
 """Measure the embedded demo on the held-out test split and write its model card.
 
-    python analyses/demo_card.py --train-dir runs/smolvlm [--assets sinkscope/demo/assets/demo]
+    python -m scripts.demo_card --train-dir runs/smolvlm [--assets sinkscope/models/embedded/assets/demo]
 
 Accuracy per task (generation), a scan of the test split (sink dims by discovery, tau, per-layer
 sinks by role, visual sinks and their location), and the emergence curve of training, into
@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from sinkscope.analyses.scan import ScanConfig, run_scan
-from sinkscope.demo import smolvlm, smolvlm_card
+from scripts import smolvlm_card
+from sinkscope.models.embedded import smolvlm
 from sinkscope.eval.accuracy import demo_accuracy
 from sinkscope.models.registry import adapter_for_model
 

@@ -26,7 +26,7 @@ Every ``--metrics-every`` steps of stages 3-4 the emergence metrics of image tok
 whose sink score passes tau, their share of text-query attention, attention to the first token,
 and POPE accuracy on validation scenes. ``timing.json`` holds the wall time of every stage.
 
-    python -m sinkscope.demo.train_smolvlm --out runs/smolvlm           # resumes if stopped
+    python -m scripts.train_smolvlm --out runs/smolvlm           # resumes if stopped
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sinkscope.demo import smollm, smolvlm, smolvlm_data, world
+from scripts import smolvlm_data
+from sinkscope.models.embedded import smollm, smolvlm
+from sinkscope import world
 
 IGNORE = -100
 PALETTE = np.array([world.RGB[c] for c in world.COLORS], dtype=np.int16)  # [6, 3]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sinkscope.demo import smolvlm, world
+from sinkscope.models.embedded import smolvlm
+from sinkscope import world
 
 IGNORE = -100
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

@@ -1,9 +1,9 @@
 """Model card of an embedded model (tiny or organism): scan it, then write the card.
 
-    python analyses/model_card.py --model sinkscope/demo/assets/organism --kind organism
+    python -m scripts.model_card --model sinkscope/models/embedded/assets/organism --kind organism
 
 Runs `sinkscope scan` on the held-out test split (32 questions), then
-`sinkscope.demo.card.build_card` with that run folder (accuracy per task, emergence per layer,
+`scripts.card.build_card` with that run folder (accuracy per task, emergence per layer,
 visual sinks). Lives above both the demo package and the analyses: the demo package runs no analysis.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sinkscope.analyses.scan import ScanConfig, run_scan
-from sinkscope.demo.card import build_card
+from scripts.card import build_card
 from sinkscope.models import load
 
 

@@ -21,7 +21,7 @@ The mechanism mirrors what the literature describes for real LMMs (paper-notes 1
 4. *Value drain.* From layer 2 on, value projections ignore the sink dims, so sink tokens
    carry (almost) no information into the heads that attend to them.
 
-    python -m sinkscope.demo.organism --demo sinkscope/demo/assets/tiny --out sinkscope/demo/assets/organism
+    python -m sinkscope.models.embedded.organism --demo sinkscope/models/embedded/assets/tiny --out sinkscope/models/embedded/assets/organism
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sinkscope.demo import world
+import sinkscope.world as world
 
 PLANTED_NOTE = ("PLANTED: this model's sink mechanism was installed by hand-made weight edits; "
                 "it validates sinkscope against a known answer and is not a finding.")
@@ -82,7 +82,7 @@ def _least_used(values: torch.Tensor, k: int, exclude: set[int] = frozenset()) -
 
 @torch.no_grad()
 def _calibration_batch(n: int = 32):
-    from sinkscope.demo.train import make_batch
+    from sinkscope.models.embedded.tiny_data import make_batch
 
     return make_batch("finetune", "validation", list(range(n)))
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sinkscope.demo import world
+import sinkscope.world as world
 from sinkscope.errors import SinkscopeError
 
 IMAGE_TOKEN = "<image>"
@@ -109,7 +109,7 @@ def build_tokenizer(llm_dir: Path):
 def build_processor(llm_dir: Path):
     from transformers import LlavaProcessor
 
-    from sinkscope.demo.processor import build_image_processor
+    from sinkscope.models.embedded.processor import build_image_processor
 
     return LlavaProcessor(
         image_processor=build_image_processor(), tokenizer=build_tokenizer(llm_dir),
@@ -190,7 +190,7 @@ def assemble(config, llm_dir: Path, trained_state: dict | None = None, dtype=Non
         absent = sorted(expected - set(trained_state))
         if absent:
             raise SinkscopeError(f"the trained parts lack {len(absent)} tensors (e.g. {absent[:2]}): they do not "
-                                 "match this config; rebuild them with `python -m sinkscope.demo.train_smolvlm`")
+                                 "match this config; rebuild them with `python -m scripts.train_smolvlm`")
         model.load_state_dict(trained_state, strict=False)
     if dtype is not None:
         model = model.to(dtype)
@@ -228,13 +228,13 @@ def load_demo(assets: Path | str | None = None, dtype=None, log=print):
     from safetensors.torch import load_file
     from transformers import LlavaConfig
 
-    from sinkscope.demo import smollm
+    from sinkscope.models.embedded import smollm
 
     assets = Path(assets) if assets is not None else ASSETS
     if not (assets / TRAINED_FILE).exists() or not (assets / "config.json").exists():
         raise SinkscopeError(
             f"the demo's trained parts are not in {assets} (config.json, {TRAINED_FILE}). Rebuild them with "
-            "`python -m sinkscope.demo.train_smolvlm --out runs/smolvlm` and copy runs/smolvlm/model/* there."
+            "`python -m scripts.train_smolvlm --out runs/smolvlm` and copy runs/smolvlm/model/* there."
         )
     llm_dir = smollm.ensure_cached(log=log)
     config = LlavaConfig.from_pretrained(str(assets))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from sinkscope.demo import processor as demo_processor
-from sinkscope.demo import world
+from sinkscope.models.embedded import processor as demo_processor
+import sinkscope.world as world
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Model cards for the embedded models (tiny, organism), measured on the held-out test split.
 
 A library: it takes a finished `sinkscope scan` run folder of the model (this package runs no
-analysis). `analyses/model_card.py` runs the scan and calls `build_card`:
+analysis). `scripts/model_card.py` runs the scan and calls `build_card`:
 
-    python analyses/model_card.py --model sinkscope/demo/assets/organism --kind organism
+    python -m scripts.model_card --model sinkscope/models/embedded/assets/organism --kind organism
 
 Writes README.md (the card) and card.json (the numbers tests compare against) into the
-model directory. `python -m sinkscope.demo.card --model DIR --kind KIND --scan-dir RUN` does the
+model directory. `python -m scripts.card --model DIR --kind KIND --scan-dir RUN` does the
 same from a scan run folder made beforehand; `--render-only` rewrites README.md from card.json.
 """
 
@@ -24,7 +24,7 @@ from sinkscope.report import PLANTED_BANNER, markdown_table
 
 def emergence_table(model, n_samples: int = 64) -> pd.DataFrame:
     """Per layer: attention to BOS, Sink_0.3, BOS residual/value norm ratios, top activation."""
-    from sinkscope.demo.train import make_batch, sink_metrics
+    from scripts.train_tiny import make_batch, sink_metrics
 
     batch = make_batch("finetune", "test", list(range(n_samples)))
     flat = sink_metrics(model, batch)
@@ -56,7 +56,7 @@ def build_card(model_dir: str | Path, kind: str, scan_dir: str | Path, train_dir
     if not (scan_dir / "sink_summary.csv").exists():
         raise FileNotFoundError(f"{scan_dir} is not a finished scan run folder (no sink_summary.csv); run "
                                 f"`sinkscope scan --model {model_dir} --data demo --out {scan_dir}` first, or use "
-                                "analyses/model_card.py, which does both")
+                                "scripts/model_card.py, which does both")
     adapter = adapter or load(str(model_dir))
     log("accuracy ...")
     acc = demo_accuracy(adapter, n_per_task=n_per_task)
@@ -120,12 +120,12 @@ def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataF
             f"{gt.get('sink_dims')}, massive from layer {gt.get('massive_from_layer')} on (median value "
             f"{gt.get('massive_value', 0):.0f}), sink patches {gt.get('sink_patches')} ({gt.get('patch_rule')}), "
             f"sink heads {gt.get('sink_heads')} taking {gt.get('target_sink_attention')} of text-query attention, "
-            "values drained from the sink dims. See `sinkscope/demo/organism.py` for every edit.\n"
+            "values drained from the sink dims. See `sinkscope/models/embedded/organism.py` for every edit.\n"
         )
     else:
         lines.append(
             "A tiny `LlavaForConditionalGeneration` (CLIP ViT + MLP projector + LLaMA) trained by "
-            "`python -m sinkscope.demo.train` on the synthetic world of `sinkscope/demo/world.py`. Nothing in "
+            "`python -m scripts.train_tiny` on the synthetic world of `sinkscope/world/__init__.py`. Nothing in "
             "it was planted: no weight edit, no loss term on activations or attention. What it shows is "
             "what it grew.\n"
         )
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
             render(card, acc, pd.DataFrame(card["layers"]), pd.DataFrame(card["visual_sinks"])))
         return
     if not args.scan_dir:
-        parser.error("--scan-dir is required (a finished `sinkscope scan` folder); analyses/model_card.py runs the "
+        parser.error("--scan-dir is required (a finished `sinkscope scan` folder); scripts/model_card.py runs the "
                      "scan and writes the card in one go")
     build_card(args.model, args.kind, args.scan_dir, args.train_dir, args.recipes, args.n_per_task)
 
