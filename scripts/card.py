@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sinkscope.report import PLANTED_BANNER, markdown_table
+from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
 
 def emergence_table(model, n_samples: int = 64) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sinkscope.report import markdown_table
+from sinkscope.markdown import markdown_table
 
 
 def per_layer_table(scan_dir: Path) -> pd.DataFrame:

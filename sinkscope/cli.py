@@ -148,7 +148,7 @@ def _resume_command(ctx: typer.Context | None, out: str | Path | None) -> str:
 
 def _check_samples(run: RunConfig, question: str = "describe the image .") -> None:
     """Read the data's rows (no model needed), so a malformed file fails before the model loads."""
-    from sinkscope.analyses.data import load_data
+    from sinkscope.eval.data import load_data
 
     load_data(run.data, run.limit, question, run.image_root)
 

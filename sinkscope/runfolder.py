@@ -4,7 +4,7 @@ Per-sample rows are appended to ``<table>.csv`` as each sample finishes, and the
 is appended to ``samples_done.txt`` only after all its rows are written. On resume, rows of
 samples that are not in the done list (an interrupted sample) are dropped, and finished
 samples are skipped. Shards of one evaluation written to separate folders merge with
-`merge_tables` since every row carries its sample id.
+`sinkscope merge` (analyses/merge.py) since every row carries its sample id.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sinkscope.models.base import SinkscopeError
+from sinkscope.errors import SinkscopeError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -196,24 +196,6 @@ class RunFolder:
         path = self.path / name
         atomic_write_text(path, text)
         return path
-
-
-def merge_tables(folders: list[str | Path], table: str) -> pd.DataFrame:
-    """Concatenate one table from several shard folders, keeping each sample once."""
-    frames = []
-    for folder in folders:
-        rf = Path(folder)
-        done = set((rf / "samples_done.txt").read_text().split()) if (rf / "samples_done.txt").exists() else None
-        path = rf / f"{table}.csv"
-        if path.exists():
-            frame = pd.read_csv(path, dtype={"sample": str})
-            if done is not None and "sample" in frame:
-                frame = frame[frame["sample"].isin(done)]
-            frames.append(frame)
-    if not frames:
-        return pd.DataFrame()
-    merged = pd.concat(frames, ignore_index=True)
-    return merged.drop_duplicates()
 
 
 def _jsonable(obj):

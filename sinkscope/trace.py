@@ -28,7 +28,8 @@ from typing import Protocol
 
 import torch
 
-from sinkscope.models.base import ModelAdapter, SinkscopeError, TokenKinds
+from sinkscope.errors import SinkscopeError
+from sinkscope.models.base import ModelAdapter, TokenKinds
 
 
 class Reducer(Protocol):

@@ -70,14 +70,12 @@ class _ViewerReducer:
         self.phi, self.sink, self.attn, self.image_att, self.ratio = {}, {}, {}, {}, {}
 
     def begin(self, info):
-        from sinkscope.analyses.scan import text_queries_after_image
-
         kinds = info.token_kinds
         self.kinds = kinds
         self.real = kinds.real_mask
         self.visual = kinds.visual_mask & (kinds.image_index == 0)  # the first image's tokens
         self.all_visual = kinds.visual_mask
-        self.queries = text_queries_after_image(info)
+        self.queries = kinds.queries_after_image(include_generated=True)  # text queries after the image
         self.visual_pos = torch.nonzero(self.visual[0]).flatten()
         self.query_pos = torch.nonzero(self.queries[0]).flatten()
 
@@ -131,8 +129,7 @@ def _run_tables(run: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
 def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES, model: str | None = None,
             data: str | None = None, device: str | None = None, dtype: str | None = None, log=print) -> dict:
     """The viewer's data for the first `n_samples` finished samples of a scan run folder."""
-    from sinkscope.analyses.data import load_data
-    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.data import load_data
     from sinkscope.plots import SCORE_FORMULAS, score_name
     from sinkscope.trace import Tracer
 
@@ -171,7 +168,8 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
     out = []
     for s in samples:
         image = s.image()
-        batch = prepare_batch(adapter, [s])
+        image = s.image()
+        batch = adapter.prepare([s.question], None if image is None else [image])
         red = _ViewerReducer(dims, tau, score, adapter.rms_norm_eps)
         tracer.run(batch, [red], sample_ids=[s.sample_id])
         if len(red.visual_pos) == 0:

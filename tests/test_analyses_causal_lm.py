@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sinkscope.analyses.data import load_data
+from sinkscope.eval.data import load_data
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import adapter_for_model, load
 from sinkscope.trace import Tracer

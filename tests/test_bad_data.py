@@ -79,7 +79,7 @@ def test_malformed_jsonl_line_names_its_number(tmp_path):
     path.write_text("\n".join(lines[:1] + ["[1, 2]"] + lines[1:]) + "\n")
     with pytest.raises(SinkscopeError, match=r"pope\.jsonl:2 must be a JSON object"):
         load_samples(str(path))
-    from sinkscope.analyses.data import load_data  # the analyses' entry point says the same
+    from sinkscope.eval.data import load_data  # the analyses' entry point says the same
 
     with pytest.raises(SinkscopeError, match=r"pope\.jsonl:2"):
         load_data(str(path))

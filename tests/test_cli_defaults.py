@@ -245,7 +245,7 @@ def test_scan_and_report_default_to_the_same_score_and_tau_on_the_demo(tmp_path,
 
     import sinkscope.analyses.scan as scan
     import sinkscope.models
-    from sinkscope.analyses.data import load_data
+    from sinkscope.eval.data import load_data
     from sinkscope.trace import Tracer
 
     with warnings.catch_warnings():

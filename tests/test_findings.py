@@ -632,7 +632,7 @@ def test_var_eval_page_says_when_the_baseline_leaves_no_room():
 
 
 def test_a_step_page_without_readable_tables_says_so(tmp_path):
-    from sinkscope.report import step_findings_section
+    from sinkscope.analyses.pages import step_findings_section
 
     (tmp_path / "run.json").write_text(json.dumps({"n_samples": 4}))
     lines = step_findings_section("patching", tmp_path)  # no patching.csv

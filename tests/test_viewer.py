@@ -123,7 +123,7 @@ def test_browser_draws_the_run_tables(organism_run, page_path):
 
     import sinkscope
     from sinkscope.analyses.scan import prepare_batch, text_queries_after_image
-    from sinkscope.analyses.data import load_data
+    from sinkscope.eval.data import load_data
 
     tokens = _table(organism_run, "token_stats")
     heads = _table(organism_run, "head_scores_per_sample")

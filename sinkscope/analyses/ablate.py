@@ -308,7 +308,7 @@ def summarize_ablation(folder: RunFolder, cfg: AblateConfig, figures: bool = Tru
 
 
 def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Knockout: `{cfg.model}` on `{cfg.data}`\n"]
@@ -322,7 +322,7 @@ def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
     if table.empty:
         lines.append("No samples.\n")
     else:
-        from sinkscope.report import step_findings_section
+        from sinkscope.analyses.pages import step_findings_section
 
         sinks = table[(table["condition"] == "visual_sinks") & (table["metric"] == "logit_diff")]
         if len(sinks) and (sinks["n_tokens"].fillna(0) <= 0).all():

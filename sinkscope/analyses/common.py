@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sinkscope.analyses.data import load_data
+from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration, calibrate
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, batches
@@ -151,7 +151,7 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
-    folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=("organism" in str(cfg.model)),
+    folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=bool(getattr(adapter, "planted", False)),
                        skipped=list(getattr(samples, "skipped", [])), **(extra_meta or {}))
     tracer = Tracer(adapter)
     cal = open_calibration(folder, adapter, samples, cfg, tracer, calibration, log=log)

@@ -147,8 +147,8 @@ def ov_norm_line(r: pd.Series, start_layer: int) -> str:
 
 
 def _write_index(folder, cfg, summary, heads, figs) -> None:
-    from sinkscope.report import step_findings_section
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import step_findings_section
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# OV contributions: `{cfg.model}` on `{cfg.data}`\n"]

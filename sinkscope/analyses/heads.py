@@ -218,7 +218,8 @@ def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log
 
 
 def summarize_heads(folder: RunFolder, cfg: HeadsConfig, tau: float, dims: list[int], figures: bool = True) -> RunFolder:
-    from sinkscope import plots, report
+    from sinkscope import plots
+    from sinkscope.analyses import pages
 
     per_sample = folder.read("head_scores_per_sample")
     heads = head_table(per_sample, cfg.n_boot, cfg.seed) if len(per_sample) else pd.DataFrame()
@@ -259,8 +260,8 @@ def _map_layer(maps: pd.DataFrame, cfg: HeadsConfig) -> int:
 
 
 def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> None:
-    from sinkscope.report import step_findings_section
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import step_findings_section
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Heads: `{cfg.model}` on `{cfg.data}`\n"]
@@ -306,7 +307,7 @@ def per_head_lines(heads: pd.DataFrame) -> list[str]:
     overlaps its own, and the table, ranked only when there is a unique top (among ties or zeros the heads are listed
     by layer and head)."""
     from sinkscope.findings import top_clause
-    from sinkscope.report import markdown_table
+    from sinkscope.markdown import markdown_table
 
     labels = [f"L{int(l)}.H{int(h)}" for l, h in zip(heads["layer"], heads["head"])]
     lines = []

@@ -553,7 +553,7 @@ def _var_line(r: dict) -> str:
 
 
 def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Injecting the sink signature: `{cfg.model}` on `{cfg.data}`\n"]

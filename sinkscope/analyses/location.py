@@ -167,9 +167,9 @@ def summarize_location(folder: RunFolder, cfg: LocationConfig, figures: bool = T
 
 
 def _write_index(folder, cfg, table, figs) -> None:
-    from sinkscope.report import step_findings_section
+    from sinkscope.analyses.pages import step_findings_section
     from sinkscope.findings import num
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Sink location: `{cfg.model}` on `{cfg.data}`\n"]

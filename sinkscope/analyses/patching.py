@@ -311,7 +311,7 @@ def summarize_patching(folder: RunFolder, cfg: PatchConfig, figures: bool = True
 
 
 def _write_index(folder, cfg, table, figs) -> None:
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Activation patching: `{cfg.model}` on `{cfg.data}`\n"]
@@ -328,7 +328,7 @@ def _write_index(folder, cfg, table, figs) -> None:
     if table.empty:
         lines.append("No samples.\n")
     else:
-        from sinkscope.report import step_findings_section
+        from sinkscope.analyses.pages import step_findings_section
 
         lines += step_findings_section("patching", folder.path)
     if "effects" in figs:

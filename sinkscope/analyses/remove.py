@@ -270,7 +270,7 @@ def summarize_remove(folder: RunFolder, cfg: RemoveConfig, sig) -> RunFolder:
 
 
 def _write_index(folder, cfg, sig, table, attention) -> None:
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# Removing the sink signature: `{cfg.model}` on `{cfg.data}`\n"]

@@ -22,7 +22,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.findings import (EFFECT, MEASURED, NOTHING_TO_TEST, RULE_NOTE, Estimate, Finding, effect_clause,
                                 finding_line, num, nothing_clause, nothing_to_act_on, share_clause, top_clause)
 from sinkscope.questions import Answer, summary_markdown
-from sinkscope.report import PLANTED_BANNER
+from sinkscope.markdown import PLANTED_BANNER
 
 STEPS = ("scan", "heads", "ablate", "contributions", "location", "vit_sinks", "var_eval", "patching", "inject",
          "remove")
@@ -169,10 +169,6 @@ REGISTRY: dict[str, Step] = {
     "scan": Step(_run_scan, _scan_findings, ("massive_activations.png", "phi_by_role.png", "phi_vs_attention.png",
                                              "dim_profile.png", "head_nonsink_ratio.png")),
 }
-
-
-def register_step(name: str, step: Step) -> None:
-    REGISTRY[name] = step
 
 
 # ----------------------------------------------------------------------------- analysis steps
@@ -748,7 +744,7 @@ def write_index(out: Path, cfg: ReportConfig, adapter, sink_score: str, done: li
     atomic_write_csv(out / "findings.csv", table)
     arch = adapter.describe()
     lines = [f"# sinkscope report: `{cfg.model}` on `{cfg.data}`\n"]
-    if "organism" in str(cfg.model):
+    if getattr(adapter, "planted", False):
         lines.append(PLANTED_BANNER)
     lines.append(f"{arch['architecture']}, {arch['layers']} layers, hidden {arch['hidden_size']}, {arch['heads']} heads "
                  f"({arch['kv_heads']} key-value), seed {cfg.seed}. Samples per step (each step's run.json): "

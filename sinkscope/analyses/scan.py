@@ -23,12 +23,13 @@ import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, open_calibration, prepare_batch,  # noqa: F401 (re-exported)
                                        prepare_readable, text_queries_after_image)
-from sinkscope.analyses.data import load_data
+from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
 from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
-from sinkscope.models.base import KIND_NAMES, ModelAdapter, SinkscopeError
+from sinkscope.errors import SinkscopeError
+from sinkscope.models.base import KIND_NAMES, ModelAdapter
 from sinkscope.runconfig import parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
@@ -271,7 +272,7 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     for s in skipped:
         log(f"skipped sample {s['sample']}: {s['reason']}")
     folder.update_meta(model=adapter.describe(), n_samples=len(samples),
-                       planted=("organism" in str(cfg.model)), skipped=skipped)
+                       planted=bool(getattr(adapter, "planted", False)), skipped=skipped)
     tracer = Tracer(adapter)
     cal = open_calibration(folder, adapter, samples, cfg, tracer, calibration, log=log)
     dims, tau = cal.dims, cal.tau
@@ -337,7 +338,8 @@ def _profile_frame(profile: dict[int, dict], sample_id) -> pd.DataFrame:
 
 def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool = True) -> dict:
     """Aggregate per-sample tables into summaries, figures and index.md."""
-    from sinkscope import plots, report
+    from sinkscope import plots
+    from sinkscope.analyses import pages
 
     mags = folder.read("layer_magnitudes_per_sample")
     magnitudes = mags.groupby("layer")[["top1", "top2", "top3", "median"]].mean().reset_index()
@@ -369,7 +371,7 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
         if len(role_summary) and dims.dims:
             figs["roles"] = plots.phi_by_role(role_summary, tau.value, adapter.hidden_size, folder.path / "phi_by_role.png",
                                               score=score)
-    report.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
+    pages.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
                             role_summary=role_summary, text_sinks=text_sinks)
     return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}
 

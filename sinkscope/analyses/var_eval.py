@@ -187,7 +187,7 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
     val, test = eval_splits(cfg)
     folder = RunFolder(out, "var_eval", asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_validation=len(val), n_test=len(test),
-                       planted=("organism" in str(cfg.model)))
+                       planted=bool(getattr(adapter, "planted", False)))
     base = VARConfig(tau=cfg.tau, sink_dims=cfg.sink_dims, sink_score=cfg.sink_score, summ=cfg.summ, seed=cfg.seed)
     if folder.meta.get("var_calibrated"):
         base = replace(base, **folder.meta["var_calibrated"])
@@ -460,7 +460,7 @@ def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None
 
 def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
     from sinkscope.findings import RULE_NOTE
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     cal = meta.get("var_calibrated") or {}

@@ -156,8 +156,8 @@ def dim_lines(table: pd.DataFrame, dim_table: pd.DataFrame, n_samples=None, show
 
 
 def _write_index(folder, cfg, table, dim_table, figs) -> None:
-    from sinkscope.report import step_findings_section
-    from sinkscope.report import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import step_findings_section
+    from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
     lines = [f"# ViT-born sinks: `{cfg.model}` on `{cfg.data}`\n"]

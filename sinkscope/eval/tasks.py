@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from sinkscope.models.base import SinkscopeError
+from sinkscope.errors import SinkscopeError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEMO_TASKS = ("mixed", "pope-random", "pope-popular", "pope-adversarial", "color", "count", "position", "caption")

@@ -35,7 +35,6 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()  # HF class names, e.g. "LlavaForConditionalGeneration"
     model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values
-    published_sink_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
     image_token_attributes: ClassVar[tuple[str, ...]] = ("image_token_id", "image_token_index")
 
     @classmethod
@@ -54,6 +53,9 @@ class ModelAdapter:
         self.model = model
         self.processor = processor
         self.name = name or getattr(model.config, "_name_or_path", "") or self.family
+        # A mechanism was installed by hand (the organism: its folder has ground_truth.json); what the analyses
+        # find in it validates sinkscope and is no finding. `models.load` sets it from the model's files.
+        self.planted = False
 
     # -- structure ---------------------------------------------------------------------
     @property

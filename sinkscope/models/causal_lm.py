@@ -31,7 +31,6 @@ class CausalLMAdapter(ModelAdapter):
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GPTNeoXForCausalLM")
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gpt_neox")
-    published_sink_dims = {"llama-2-7b": (1415, 2533), "llama-2-13b": (2100, 4743), "qwen2-7b": (458, 2570)}
 
     @classmethod
     def model_class(cls):

@@ -9,5 +9,4 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
-    published_sink_dims = {"llava-1.5-7b": (1415, 2533), "llava-1.5-13b": (2100, 4743)}
 

@@ -20,7 +20,6 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     model_types = ("qwen2_vl",)
-    published_sink_dims = {"qwen2-vl-7b": (458, 2570)}
 
     # the forward keys the processor may return. M-RoPE needs `mm_token_type_ids` and the grids
     # whenever pixels are passed: on transformers 5.23 Qwen2-VL raises without them, and
@@ -58,7 +57,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
-    published_sink_dims = {}
 
     _forward_keys = Qwen2VLAdapter._forward_keys + ("second_per_grid_ts",)
 

@@ -6,7 +6,8 @@ import json
 import warnings
 from pathlib import Path
 
-from sinkscope.models.base import ModelAdapter, SinkscopeError, UnsupportedModelError
+from sinkscope.errors import SinkscopeError, UnsupportedModelError
+from sinkscope.models.base import ModelAdapter
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -192,5 +193,6 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
             warnings.warn(f"no processor could be loaded for {spec!r} ({processor_error}); pass token ids yourself")
     adapter = adapter_cls(model, processor, name)
     adapter.processor_error = processor_error
+    adapter.planted = Path(path, "ground_truth.json").is_file()  # the organism's planted mechanism, written down
     adapter.set_text_attention("eager")
     return adapter

@@ -1,41 +1,8 @@
-"""Markdown pages for run folders: the numbers, the figures, a short reading of both."""
+"""Pages of the analyses' run folders: a step's findings section (by the report's rule) and the scan's index.md."""
 
 from __future__ import annotations
 
-import math
-
-import pandas as pd
-
-from sinkscope.findings import num
-
-PLANTED_BANNER = (
-    "> **PLANTED MECHANISM.** `organism` is the demo model with a sink mechanism installed by "
-    "hand-made weight edits (see its model card and `ground_truth.json`). What it shows was put "
-    "there on purpose, to validate sinkscope against a known answer; it is not a finding about "
-    "any trained model.\n"
-)
-
-
-def _fmt(x, digits: int = 3) -> str:
-    """A table cell: floats to `digits` significant digits (never '-0'), NaN as 'n/a', '|' escaped."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return num(x, digits)
-    return str(x).replace("|", "\\|")
-
-
-def markdown_table(frame: pd.DataFrame, digits: int = 3, max_rows: int = 40) -> str:
-    if frame is None or frame.empty:
-        return "_(empty)_\n"
-    f = frame.head(max_rows)
-    cols = list(f.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in f.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
-    if len(frame) > max_rows:
-        lines.append(f"\n_{len(frame) - max_rows} more rows in the CSV._")
-    return "\n".join(lines) + "\n"
+from sinkscope.markdown import PLANTED_BANNER, fmt_cell, markdown_table, skipped_section
 
 
 def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
@@ -62,17 +29,6 @@ def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
     else:
         lines.append("No text token other than the first is a sink at this threshold.\n")
     return lines
-
-
-def skipped_section(skipped) -> list[str]:
-    """index.md lines listing the samples left out of a run (unreadable or missing images), or none."""
-    if not skipped:
-        return []
-    frame = pd.DataFrame(skipped, columns=["sample", "source", "reason"])
-    return [f"## Skipped samples\n",
-            f"{len(frame)} sample(s) of the data were left out; every other sample ran. Fix or remove them and "
-            "run the same command again to add them (finished samples are kept).\n",
-            markdown_table(frame, max_rows=50)]
 
 
 def step_findings_section(step: str, folder) -> list[str]:
@@ -109,8 +65,8 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
     top = magnitudes.sort_values("top1", ascending=False).iloc[0]
     lines.append("## Massive activations\n")
     lines.append(
-        f"The largest activation, averaged over samples, is {_fmt(float(top['top1']))} at layer {int(top['layer'])}, "
-        f"{_fmt(float(top['top1_over_median']))}x the median |activation| of that layer. Sun et al.'s criterion for "
+        f"The largest activation, averaged over samples, is {fmt_cell(float(top['top1']))} at layer {int(top['layer'])}, "
+        f"{fmt_cell(float(top['top1_over_median']))}x the median |activation| of that layer. Sun et al.'s criterion for "
         "*massive* is |x| > 100 and about 1000x the median; "
         + ("it is met.\n" if top["top1"] > 100 and top["top1_over_median"] >= 1000 else
            "it is **not** met in this model, so what follows concerns the largest activations it has, "
@@ -132,7 +88,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         lines.append(f"![per-dimension profile]({figs['profile']})\n")
     # sink tokens
     lines.append("## Sink tokens\n")
-    lines.append(f"Threshold tau = {_fmt(tau.value)} ({tau.method}): {tau.reason}\n")
+    lines.append(f"Threshold tau = {fmt_cell(tau.value)} ({tau.method}): {tau.reason}\n")
     if summary is not None and not summary.empty:
         vis = summary[summary["token_kind"] == "visual"]
         if vis.empty:
@@ -141,7 +97,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
             n_vis = int(vis["n_sinks"].sum())
             lines.append(
                 f"Visual sink tokens over all layers: {n_vis} "
-                f"({_fmt(float(vis['sinks_per_sample'].max()))} per image at most in one layer).\n"
+                f"({fmt_cell(float(vis['sinks_per_sample'].max()))} per image at most in one layer).\n"
             )
             if n_vis == 0:
                 lines.append("**No visual sink tokens appear in this model at this threshold.**\n")
@@ -150,8 +106,8 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
                 share = float((v["sink_background_share"] * v["n_sinks"]).sum() / max(v["n_sinks"].sum(), 1))
                 base = float(v["background_base_rate"].mean())
                 lines.append(
-                    f"{_fmt(100 * share)}% of visual sinks lie on background patches, against a base rate of "
-                    f"{_fmt(100 * base)}% of all image tokens (pooled over layers, without a CI: whether sinks favour "
+                    f"{fmt_cell(100 * share)}% of visual sinks lie on background patches, against a base rate of "
+                    f"{fmt_cell(100 * base)}% of all image tokens (pooled over layers, without a CI: whether sinks favour "
                     "background is the `location` step's finding, tested against the base rate with a CI; the paper "
                     "reports 1.04-1.09x on COCO/VOC).\n"
                 )
