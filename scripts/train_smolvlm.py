@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts import smolvlm_data
+from scripts.training import atomic_write_json, start_run, warmup_cosine_lr
 from sinkscope.models.embedded import smollm, smolvlm
 from sinkscope import world
 
@@ -372,17 +372,8 @@ def scaled_paper_tau(hidden_size: int) -> float:
 # ----------------------------------------------------------------------------- loop
 
 
-def _atomic_json(path: Path, obj) -> None:
-    from sinkscope.runfolder import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=1))
-
-
 def _lr(stage: Stage, step: int) -> float:
-    if step < stage.warmup:
-        return stage.lr * (step + 1) / stage.warmup
-    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
-    return stage.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return warmup_cosine_lr(stage.lr, stage.warmup, stage.steps, step, floor=0.05)
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -422,13 +413,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     from tqdm import tqdm
 
     config = config or RecipeConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
+    out = start_run(out, config.seed, config.threads, seed_numpy=True)
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, config.vision)
     if config.lora_rank:
@@ -460,7 +445,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
 
                 frame = pd.read_csv(path)
                 frame[frame.global_step <= progress["global_step"]].to_csv(path, index=False)
-    _atomic_json(out / "recipe.json", config.to_dict())
+    atomic_write_json(out / "recipe.json", config.to_dict())
     model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
 
     def save_checkpoint(optimizer):
@@ -471,8 +456,8 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
         os.replace(ckpt / "heads.safetensors.tmp", ckpt / "heads.safetensors")
         torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
         os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
-        _atomic_json(ckpt / "progress.json", progress)
-        _atomic_json(out / "timing.json", timing)
+        atomic_write_json(ckpt / "progress.json", progress)
+        atomic_write_json(out / "timing.json", timing)
 
     def log_metrics(stage: Stage, loss: float, seconds: float) -> None:
         model.eval()
@@ -564,7 +549,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
 
     final = out / "model"
     timing["training_seconds"] = round(sum(v["seconds"] for v in timing["stages"].values()), 1)
-    _atomic_json(out / "timing.json", timing)
+    atomic_write_json(out / "timing.json", timing)
     smolvlm.save_trained(model, processor, final, {"recipe": config.to_dict(), "timing": timing})
     log(f"trained parts written to {final} (training {timing['training_seconds']:.0f} s, "
         f"metrics {timing.get('metrics_seconds', 0):.0f} s)")

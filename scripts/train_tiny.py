@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sinkscope.models.embedded import processor as demo_processor
@@ -39,6 +36,7 @@ from sinkscope.models.embedded.tiny_data import (  # noqa: F401  (the data, re-e
 from sinkscope import world
 from sinkscope.models.embedded.modeling import DemoArchitecture, build_model
 from sinkscope.measures import emergence
+from scripts.training import atomic_write_text, start_run, warmup_cosine_lr
 
 
 @dataclass
@@ -126,12 +124,6 @@ def sink_metrics(model, batch) -> dict[str, float]:
 # ----------------------------------------------------------------------------- loop
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(out: Path, model, optimizer, progress: dict) -> None:
     from safetensors.torch import save_file
 
@@ -142,14 +134,11 @@ def _save_checkpoint(out: Path, model, optimizer, progress: dict) -> None:
     os.replace(ckpt / "model.safetensors.tmp", ckpt / "model.safetensors")
     torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
     os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
-    _atomic_write_text(ckpt / "progress.json", json.dumps(progress, indent=1))
+    atomic_write_text(ckpt / "progress.json", json.dumps(progress, indent=1))
 
 
 def _lr(stage: StageConfig, step_in_stage: int) -> float:
-    if step_in_stage < stage.warmup:
-        return stage.lr * (step_in_stage + 1) / stage.warmup
-    t = (step_in_stage - stage.warmup) / max(1, stage.steps - stage.warmup)
-    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return warmup_cosine_lr(stage.lr, stage.warmup, stage.steps, step_in_stage, floor=0.1)
 
 
 def _set_trainable(model, stage: str) -> None:
@@ -162,12 +151,7 @@ def _set_trainable(model, stage: str) -> None:
 def train(out: str | Path, config: TrainConfig | None = None, resume: bool = True, log=print) -> Path:
     """Run (or resume) the recipe; returns the directory of the final model."""
     config = config or TrainConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    out = start_run(out, config.seed, config.threads)
     model = build_model(config.architecture, seed=config.seed)
     model.set_attn_implementation({"text_config": config.train_attn, "vision_config": "eager"})
     progress = {"stage_index": 0, "step_in_stage": 0, "global_step": 0, "next_sample": 0}
@@ -180,7 +164,7 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
         optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         progress = json.loads((ckpt / "progress.json").read_text())
         log(f"resuming from global step {progress['global_step']}")
-    _atomic_write_text(out / "train_config.json", json.dumps(config.to_dict(), indent=1))
+    atomic_write_text(out / "train_config.json", json.dumps(config.to_dict(), indent=1))
     log_path = out / "train_log.csv"
     metric_batches = {
         "text": make_batch("text", "validation", list(range(32))),
@@ -197,7 +181,7 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
         at = columns.index("global_step")
         kept = [line for line in lines[1:] if line and int(line.split(",")[at]) <= progress["global_step"]]
         if len(kept) < len(lines) - 1:
-            _atomic_write_text(log_path, "\n".join([lines[0]] + kept) + "\n")
+            atomic_write_text(log_path, "\n".join([lines[0]] + kept) + "\n")
 
     while progress["stage_index"] < len(config.stages):
         stage = config.stages[progress["stage_index"]]
