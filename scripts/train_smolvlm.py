@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts import smolvlm_data
-from scripts.training import atomic_write_json, start_run, warmup_cosine_lr
+from scripts.training import atomic_write_json, optimizer_step, start_run, warmup_cosine_lr
 from sinkscope.models.embedded import smollm, smolvlm
 from sinkscope import world
 
@@ -515,12 +515,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                     loss = packed_loss(model, batch)
                     extra = {"tokens": int(batch["input_ids"].ne(packer.tok.pad_token_id).sum()),
                              "answers": int((batch["labels"] != IGNORE).sum())}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            progress["step_in_stage"] += 1
-            progress["global_step"] += 1
+            optimizer_step(optimizer, loss, params, config.grad_clip, progress)
             bar.update(1)
             done = progress["step_in_stage"] == stage.steps
             seconds = time.time() - t0

@@ -36,7 +36,7 @@ from sinkscope.models.embedded.tiny_data import (  # noqa: F401  (the data, re-e
 from sinkscope import world
 from sinkscope.models.embedded.modeling import DemoArchitecture, build_model
 from sinkscope.measures import emergence
-from scripts.training import atomic_write_text, start_run, warmup_cosine_lr
+from scripts.training import atomic_write_text, optimizer_step, start_run, warmup_cosine_lr
 
 
 @dataclass
@@ -202,12 +202,7 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
             for group in optimizer.param_groups:
                 group["lr"] = _lr(stage, step)
             loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            progress["step_in_stage"] += 1
-            progress["global_step"] += 1
+            optimizer_step(optimizer, loss, params, config.grad_clip, progress)
             done = progress["step_in_stage"] == stage.steps
             if progress["global_step"] % config.metrics_every == 0 or done:
                 which = "text" if stage.name == "text" else "image"

@@ -17,7 +17,7 @@ import torch
 
 from sinkscope.runfolder import atomic_write_text
 
-__all__ = ["start_run", "warmup_cosine_lr", "atomic_write_text", "atomic_write_json"]
+__all__ = ["start_run", "warmup_cosine_lr", "optimizer_step", "atomic_write_text", "atomic_write_json"]
 
 
 def start_run(out: str | Path, seed: int, threads: int = 0, seed_numpy: bool = False) -> Path:
@@ -40,6 +40,16 @@ def warmup_cosine_lr(lr: float, warmup: int, steps: int, step: int, floor: float
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def optimizer_step(optimizer, loss: torch.Tensor, params, grad_clip: float, progress: dict) -> None:
+    """One step on `loss` (gradients clipped to `grad_clip`), counted in `progress` (step in stage, global step)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    progress["step_in_stage"] += 1
+    progress["global_step"] += 1
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
