@@ -27,6 +27,22 @@ DATA_HELP = "'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts 
 DATA_SUFFIXES = (".jsonl", ".txt")
 
 
+# Where an analysis needs other data or sizes than RunConfig's defaults, said once here: its config class and its
+# command's --help both read this table (the CLI imports no torch, so not the analysis modules).
+ANALYSIS_DEFAULTS: dict[str, dict] = {
+    "ablate": {"data": "demo:pope-adversarial"},  # yes/no questions: the answer's logit difference
+    "patching": {"data": "demo:pope-adversarial", "batch_size": 8},
+    "inject": {"data": "demo:pope-adversarial", "limit": 8},  # a dose-response grid per sample
+    "remove": {"data": "demo:mixed", "limit": 16},
+    "var_eval": {"limit": 100, "batch_size": 16},  # limit: test questions per task; batch: questions per generate
+}
+
+
+def analysis_default(analysis: str, name: str):
+    """The default of RunConfig field `name` for `analysis` (ANALYSIS_DEFAULTS, else RunConfig's own)."""
+    return ANALYSIS_DEFAULTS.get(analysis, {}).get(name, RunConfig.__dataclass_fields__[name].default)
+
+
 @dataclass
 class RunConfig:
     """The settings every command that loops over samples shares."""
@@ -60,7 +76,7 @@ class RunConfig:
             raise SinkscopeError(f"--tau must be a number > 0 (the paper uses 20 on LLaMA-2-7B); got {self.tau}; "
                                  "leave it out to let sinkscope choose it")
         _check_indices("--sink-dims", self.sink_dims, "hidden dimensions", "1415,2533")
-        _check_indices("--layers", self.layers, "layer indices", "2,3,4")
+        self.check_layers()
         check_data(self.data, self.image_root)
         self.device_and_dtype()
         if self.device_map or self.max_memory:
@@ -68,6 +84,10 @@ class RunConfig:
 
             devices.check_device_map(devices.parse_device_map(self.device_map),
                                      devices.parse_max_memory(self.max_memory), devices.resolve_device(self.device))
+
+    def check_layers(self) -> None:
+        """--layers: layer indices (a config whose --layers means something else overrides this)."""
+        _check_indices("--layers", self.layers, "layer indices", "2,3,4")
 
     def device_and_dtype(self):
         """(device, torch dtype) as `sinkscope.devices` resolves them; raises when this machine cannot run them."""

@@ -245,6 +245,7 @@ def test_scan_and_report_default_to_the_same_score_and_tau_on_the_demo(tmp_path,
 
     import sinkscope.analyses.scan as scan
     import sinkscope.models
+    from sinkscope.analyses.common import calibrate_samples
     from sinkscope.eval.data import load_data
     from sinkscope.trace import Tracer
 
@@ -276,8 +277,8 @@ def test_scan_and_report_default_to_the_same_score_and_tau_on_the_demo(tmp_path,
     assert from_scan["sink_score"] == "layer" and from_scan["tau"] is None  # hidden 576: phi's ceiling is 24
     # and the tau each would calibrate (two samples are enough to compare: the same rule on the same data)
     samples = load_data("demo", 2)
-    taus = [scan.calibrate(Tracer(demo), demo, samples, scan.replace(configs[k], calibration=2), log=lambda m: None)[1]
-            for k in ("scan", "report")]
+    taus = [calibrate_samples(demo, samples, scan.replace(configs[k], calibration=2), Tracer(demo),
+                              log=lambda m: None).tau for k in ("scan", "report")]
     assert taus[0] == taus[1] and taus[0].value < float("inf")
 
 

@@ -155,7 +155,7 @@ def organism(organism_adapter):
     adapter = organism_adapter
     samples = load_samples("demo:pope-adversarial", limit=2) + load_samples("demo:count", limit=1)
     batch = adapter.prepare([s.question for s in samples], [s.image() for s in samples])
-    config = calibrate(adapter, batch)
+    config = calibrate(adapter, batch, VARConfig(sink_score="rms"))  # the ground truth is measured in phi
     truth = json.loads((ORGANISM / "ground_truth.json").read_text())
     return adapter, adapter.forward_inputs(batch), config, truth
 
@@ -336,8 +336,10 @@ def test_bad_input(organism):
         with var(adapter, VARConfig(tau=5.0)):
             pass
     with pytest.raises(SinkscopeError, match=r"too small for the paper's tau.*calibrate"):
-        with var(adapter, VARConfig(sink_dims=[1, 90])):
+        with var(adapter, VARConfig(sink_dims=[1, 90], sink_score="rms")):  # phi on a narrow model needs data
             pass
+    with var(adapter, VARConfig(sink_dims=[1, 90])) as run:  # auto: the layer-relative score, tau 100, as the CLI
+        assert run.resolved.config.sink_score == "layer" and run.resolved.tau == 100.0
     with pytest.raises(SinkscopeError, match=r"0\.\.5"):
         with var(adapter, VARConfig(sink_dims=[1, 90], tau=5.0, layers=[6])):
             pass

@@ -34,7 +34,7 @@ from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
 from sinkscope.eval.tasks import progress
-from sinkscope.runconfig import sample_seed
+from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder
 
 CONDITIONS = ("none", "visual_sinks", "random_visual", "top_nonsink", "bos")
@@ -42,7 +42,7 @@ CONDITIONS = ("none", "visual_sinks", "random_visual", "top_nonsink", "bos")
 
 @dataclass
 class AblateConfig(AnalysisConfig):
-    data: str = "demo:pope-adversarial"
+    data: str = analysis_default("ablate", "data")
     taus: list[float] | None = None  # default: the calibrated tau x (0.75, 1, 1.5)
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     n_random: int = 5

@@ -45,6 +45,7 @@ from sinkscope.interventions.sink_signature import SinkSignature, first_position
 from sinkscope.kinds import PAD, TokenKinds
 from sinkscope.measures import contributions as ov
 from sinkscope.measures.sinks import sink_score
+from sinkscope.runconfig import analysis_default
 from sinkscope.runfolder import RunFolder
 
 GROUPS = ("background", "object", "text")
@@ -56,8 +57,8 @@ METRICS = ("attention", "attention_max_head", "is_sink", "score", "value_norm", 
 
 @dataclass
 class InjectConfig(AnalysisConfig):
-    data: str = "demo:pope-adversarial"
-    limit: int | None = 8
+    data: str = analysis_default("inject", "data")
+    limit: int | None = analysis_default("inject", "limit")
     scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
     groups: list[str] = field(default_factory=lambda: list(GROUPS))
     treatments: list[str] = field(default_factory=lambda: list(TREATMENTS))

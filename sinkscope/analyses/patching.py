@@ -48,6 +48,7 @@ from sinkscope.eval import stats
 from sinkscope.eval.tasks import Sample, progress
 from sinkscope.interventions.patching import Patch, Patcher, check_aligned, logit_diff, matched_heads, matched_tokens
 from sinkscope.measures.heads import image_centric_from_stats, visual_attention_stats
+from sinkscope.runconfig import analysis_default
 from sinkscope.runfolder import RunFolder
 
 PER_SAMPLE_COLUMNS = ["sample", "source_sample", "source", "target", "site", "layer", "n_tokens", "ld_clean",
@@ -59,9 +60,8 @@ ALL_LAYERS = -1
 
 @dataclass
 class PatchConfig(AnalysisConfig):
-    data: str = "demo:pope-adversarial"
-    limit: int | None = 32
-    batch_size: int = 8
+    data: str = analysis_default("patching", "data")
+    batch_size: int = analysis_default("patching", "batch_size")
     layers: list[int] | None = None  # single-layer sites (default all); layer -1 rows always patch every layer
     rho: float = 0.5
     summ: float = 0.2

@@ -42,6 +42,7 @@ from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_si
 from sinkscope.kinds import PAD
 from sinkscope.measures.attention_share import attention_share
 from sinkscope.measures.perplexity import token_nll
+from sinkscope.runconfig import analysis_default
 from sinkscope.runfolder import RunFolder
 
 PLAIN_TEXT = Path(__file__).resolve().parent.parent / "world" / "text" / "public_domain.txt"
@@ -50,13 +51,17 @@ CLASSES = ("first", "removed", "other_text", "image")
 
 @dataclass
 class RemoveConfig(AnalysisConfig):
-    data: str = "demo:mixed"
-    limit: int | None = 16
+    data: str = analysis_default("remove", "data")
+    limit: int | None = analysis_default("remove", "limit")
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
     to: list[str] = field(default_factory=lambda: list(REMOVE_TO))
     layers: str = "onset"  # onset: the layer of the signature only | all: every layer from it on
     layer: int | None = None  # default: the discovery's onset layer
     max_new_tokens: int = 4
+
+    def check_layers(self) -> None:
+        if self.layers not in ("onset", "all"):
+            raise SinkscopeError(f"--layers must be 'onset' or 'all'; got {self.layers!r}")
 
     def validate(self) -> None:
         super().validate()
@@ -66,8 +71,6 @@ class RemoveConfig(AnalysisConfig):
         bad = [t for t in self.to if t not in REMOVE_TO]
         if bad or not self.to:
             raise SinkscopeError(f"--to must come from {', '.join(REMOVE_TO)}; got {self.to}")
-        if self.layers not in ("onset", "all"):
-            raise SinkscopeError(f"--layers must be 'onset' or 'all'; got {self.layers!r}")
 
 
 def named_specs(model: str, data: str) -> tuple[str, str]:

@@ -45,11 +45,12 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
                                                edit_attention)
 from sinkscope.kinds import PAD
+from sinkscope.runconfig import resolve_sink_score
 
 MODES = ("paper", "reference")
 HEAD_SELECTIONS = ("image_centric", "all", "random")
 BUDGET_TARGETS = ("image_nonsink", "text")
-SINK_SCORES = ("rms", "layer")
+SINK_SCORES = ("auto", "rms", "layer")
 PAPER_TAU = 20.0
 
 
@@ -62,7 +63,8 @@ class VARConfig:
       attention moved. summ: minimum attention to the image of a selected head. layers: None = all
       but the first two and the last. sink_dims: None = discovered by `calibrate`, or pinned.
     mode / head_selection / budget_target: see the module docstring. seed: for head_selection="random".
-    sink_score: "rms" (the paper's phi) or "layer" (the scan's layer-relative score for narrow models).
+    sink_score: "auto" (as every command: `runconfig.resolve_sink_score`, phi when sqrt(hidden) >= 40, else
+      the layer-relative score), "rms" (the paper's phi) or "layer" (the scan's layer-relative score).
     eps: RMS epsilon of phi (paper: 1e-6).
     """
 
@@ -76,7 +78,7 @@ class VARConfig:
     head_selection: str = "image_centric"
     budget_target: str = "image_nonsink"
     seed: int = 0
-    sink_score: str = "rms"
+    sink_score: str = "auto"
     eps: float = 1e-6
 
     def validate(self) -> "VARConfig":
@@ -126,19 +128,18 @@ def resolve(config: VARConfig, adapter) -> ResolvedVAR:
     dims = tuple(int(d) for d in config.sink_dims)
     if any(d >= hidden for d in dims):
         raise SinkscopeError(f"VARConfig.sink_dims {list(dims)} do not fit hidden size {hidden}: are they another model's?")
+    config = replace(config, sink_score=resolve_sink_score(config.sink_score, hidden))
     tau = config.tau
-    if tau is None:
-        if config.sink_score == "layer":
-            from sinkscope.measures.sinks import LAYER_SCORE_TAU
+    if tau is None:  # the one tau rule (measures.sinks.sink_threshold), without data
+        from sinkscope.measures.sinks import sink_threshold
 
-            tau = LAYER_SCORE_TAU
-        elif math.sqrt(hidden) >= 2 * PAPER_TAU:
-            tau = PAPER_TAU
-        else:
+        try:
+            tau = sink_threshold(config.sink_score, hidden).value
+        except ValueError:
             raise SinkscopeError(
                 f"hidden size {hidden} is too small for the paper's tau={PAPER_TAU:g} (phi <= sqrt(hidden) = "
                 f"{math.sqrt(hidden):.3g}): set VARConfig(tau=...) or call "
-                "sinkscope.interventions.var.calibrate(adapter, batch), which chooses tau as the scan does")
+                "sinkscope.interventions.var.calibrate(adapter, batch), which chooses tau as the scan does") from None
     return ResolvedVAR(config, tuple(layers), dims, float(tau))
 
 
@@ -358,85 +359,36 @@ def _as_batches(adapter, data) -> list:
     return items
 
 
-@torch.no_grad()
-def _run_layers(adapter, batches: list, on_layer) -> None:
-    """Forward each batch; on_layer(layer, states [batch, token, dim], kinds) for the state entering each layer."""
-    current = {}
-
-    def hook_for(layer):
-        def hook(module, args, kwargs):
-            on_layer(layer, _hidden(args, kwargs), current["kinds"])
-        return hook
-
-    handles = [adapter.layers[l].register_forward_pre_hook(hook_for(l), with_kwargs=True)
-               for l in range(adapter.num_layers)]
-    try:
-        for batch in batches:
-            inputs = adapter.device_inputs(batch)
-            current["kinds"] = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
-            adapter.model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def calibrate(model_or_adapter, batch_or_samples, config: VARConfig | None = None,
               start_layer: int = 2) -> VARConfig:
     """A copy of `config` with sink_dims (discovered unless pinned) and tau (chosen unless given).
 
     batch_or_samples: a processor batch, a list of batches, or a list of eval Samples.
-    Sink dims: `measures.massive.discover_sink_dims` on the BOS token's state entering each layer
-    (from `start_layer` on). tau: `measures.sinks.choose_tau` on phi of layers >= start_layer
-    (paper's 20 when sqrt(hidden) >= 40, otherwise the largest gap above the floor), or the
-    layer-relative default with sink_score="layer". Two forward passes per batch at most.
+    The one calibration of every run (`sinkscope.calibration.calibrate`: the BOS state's massive dims
+    from `start_layer` on, and the one tau rule `measures.sinks.sink_threshold`); the returned config
+    carries the resolved sink score. Two forward passes per batch at most.
     """
-    from sinkscope.measures.massive import discover_sink_dims
-    from sinkscope.measures.sinks import choose_tau, choose_tau_layer_relative, sink_score
+    config = (config or VARConfig()).validate()
+    return with_calibration(config, calibration_of(model_or_adapter, batch_or_samples, config, start_layer))
+
+
+def calibration_of(model_or_adapter, batch_or_samples, config: VARConfig | None = None, start_layer: int = 2):
+    """The `sinkscope.calibration.Calibration` that `calibrate` applies (warns when no sink dim is found)."""
+    from sinkscope.calibration import calibrate as calibrate_run
 
     adapter = as_adapter(model_or_adapter)
     config = (config or VARConfig()).validate()
     batches = _as_batches(adapter, batch_or_samples)
     if not batches:
         raise SinkscopeError("calibrate needs at least one batch (processor outputs) or sample")
-    dims = config.sink_dims
-    if dims is None:
-        bos: dict[int, list] = {}
+    cal = calibrate_run(adapter, batches, sink_score=config.sink_score, tau=config.tau, sink_dims=config.sink_dims,
+                        start_layer=start_layer, eps=config.eps, log=lambda message: None)
+    if not cal.dims.dims:
+        warnings.warn(f"calibrate found no sink dims ({cal.dims.reason}); VAR will change nothing", UserWarning)
+    return cal
 
-        def keep_bos(layer, states, kinds):
-            first = kinds.bos_mask.float().argmax(dim=1)
-            bos.setdefault(layer, []).append(states[torch.arange(states.shape[0]), first].float().cpu())
 
-        _run_layers(adapter, batches, keep_bos)
-        stacked = torch.stack([torch.cat(bos[l]) for l in range(adapter.num_layers)], dim=1)  # [S, L, D]
-        found = discover_sink_dims(stacked, start_layer=start_layer, eps=adapter.rms_norm_eps)
-        dims = list(found.dims)
-        if not dims:
-            warnings.warn(f"calibrate found no sink dims ({found.reason}); VAR will change nothing", UserWarning)
-    tau = config.tau
-    if tau is None:
-        if config.sink_score == "layer":
-            tau = choose_tau_layer_relative(None).value
-        elif math.sqrt(adapter.hidden_size) >= 2 * PAPER_TAU:
-            tau = PAPER_TAU
-        elif not dims:
-            tau = math.sqrt(adapter.hidden_size)
-        else:
-            phis: list[torch.Tensor] = []
-            kinds_all: list[torch.Tensor] = []
-            per_batch: dict[int, torch.Tensor] = {}
-
-            def keep_phi(layer, states, kinds):
-                if layer < start_layer:
-                    return
-                per_batch[layer] = sink_score(states, dims, "rms", token_mask=kinds.real_mask, eps=config.eps).cpu()
-                if layer == adapter.num_layers - 1:
-                    phis.append(torch.stack([per_batch[l] for l in sorted(per_batch)], dim=1))  # [B, L', T]
-                    kinds_all.append(kinds.kind.cpu())
-                    per_batch.clear()
-
-            _run_layers(adapter, batches, keep_phi)
-            width = max(x.shape[-1] for x in phis)
-            phi = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[-1])) for x in phis])
-            kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=PAD) for k in kinds_all])
-            tau = choose_tau(phi, adapter.hidden_size, None, token_kinds=kinds).value
-    return replace(config, sink_dims=[int(d) for d in dims], tau=float(tau))
+def with_calibration(config: VARConfig, calibration) -> VARConfig:
+    """`config` with the sink dims, tau and sink score of a `sinkscope.calibration.Calibration`."""
+    return replace(config, sink_dims=[int(d) for d in calibration.dims.dims], tau=float(calibration.tau.value),
+                   sink_score=calibration.sink_score)

@@ -204,6 +204,32 @@ def choose_tau(phi_values: torch.Tensor | None, hidden_size: int, tau: float | N
                                        f"{n_sinks} of {values.numel()} values reach tau={value:.3g}")
 
 
+def needs_phi_for_tau(score: str, hidden_size: int, tau: float | None = None) -> bool:
+    """Whether `sink_threshold` needs the calibration set's phi: only phi (rms) with tau unset on a model too
+    narrow for the paper's tau (sqrt(hidden) < 40), where the gap rule reads the data."""
+    return score == "rms" and tau is None and math.sqrt(hidden_size) < 2 * PAPER_TAU
+
+
+def sink_threshold(score: str, hidden_size: int, phi_values: torch.Tensor | None = None, tau: float | None = None,
+                   token_kinds=None, has_dims: bool = True) -> SinkThreshold:
+    """The one tau rule (the scan, every analysis, VAR and the report use it).
+
+    score: the resolved sink score, "rms" (phi) or "layer" (layer-relative); has_dims: False when no sink
+    dimension was found (phi is 0 everywhere, so no threshold makes a sink).
+    - no sink dims: the given tau, else sqrt(hidden_size) (method "none");
+    - layer-relative score: `choose_tau_layer_relative` (given, or 100);
+    - phi: `choose_tau` (given; the paper's 20 when sqrt(hidden) >= 40; else the gap rule on `phi_values`,
+      which must then be given: see `needs_phi_for_tau`).
+    """
+    if not has_dims:
+        value = float(tau) if tau is not None else math.sqrt(hidden_size)
+        return SinkThreshold(value, "none", "no sink dims were found, so phi is 0 for every token and no "
+                             "token is a sink at any threshold")
+    if score == "layer":
+        return choose_tau_layer_relative(tau)
+    return choose_tau(phi_values, hidden_size, tau, token_kinds=token_kinds)
+
+
 def sink_mask(phi_values: torch.Tensor, tau) -> torch.Tensor:
     """phi >= tau. phi_values: any shape; tau: float or SinkThreshold. Returns bool, same shape."""
     return phi_values >= _tau_value(tau)
