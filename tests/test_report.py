@@ -117,3 +117,15 @@ def test_bad_config_is_refused(organism, tmp_path):
         run_report(tmp_path, ReportConfig(model="organism", steps=("scan", "nope")), adapter=organism)
     with pytest.raises(SinkscopeError, match="sink-score"):
         run_report(tmp_path, ReportConfig(model="organism", sink_score="huge"), adapter=organism)
+
+
+def test_a_report_calibrates_once_and_every_step_records_that_calibration(tmp_path):
+    """Issue 15: one calibration per report, handed to every step; each step's run.json holds the same block."""
+    import json
+
+    from sinkscope.analyses.report import ReportConfig, run_report
+
+    out = run_report(tmp_path / "r", ReportConfig(model="tiny", limit=2, steps=("scan", "heads", "ablate")),
+                     log=lambda m: None)
+    blocks = [json.loads((out / step / "run.json").read_text())["calibration"] for step in ("scan", "heads", "ablate")]
+    assert blocks[0]["sink_score"] and all(b == blocks[0] for b in blocks[1:]), blocks

@@ -134,9 +134,9 @@ def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
     return (diff * sign).tolist(), answers
 
 
-def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, log=print,
+def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                figures: bool = True) -> RunFolder:
-    s = setup(out, "ablate", cfg, adapter, resume, log)
+    s = setup(out, "ablate", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     check_layers(cfg.layers, adapter.num_layers)
     from sinkscope.interventions.knockout import knockout, top_nonsink_image_keys

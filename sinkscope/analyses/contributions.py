@@ -89,9 +89,9 @@ def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "
             "num_mean": float(a.mean()), "den_mean": float(b.mean())}
 
 
-def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: bool = True, log=print,
+def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                       figures: bool = True) -> RunFolder:
-    s = setup(out, "contributions", cfg, adapter, resume, log)
+    s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
     for chunk in progress(s.todo, cfg.batch_size, "contributions"):

@@ -200,10 +200,10 @@ def map_overlap(maps: pd.DataFrame, top: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["sample", "layer", "head", "n_words", "top_jaccard", "top_sink_share"])
 
 
-def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log=print,
+def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log=print, calibration=None,
               figures: bool = True) -> RunFolder:
     """Run the head analysis and write its run folder (resumes an interrupted run in `out`)."""
-    s = setup(out, "heads", cfg, adapter, resume, log)
+    s = setup(out, "heads", cfg, adapter, resume, log, calibration=calibration)
     folder, adapter = s.folder, s.adapter
     map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
     for chunk in progress(s.todo, cfg.batch_size, "heads"):

@@ -259,9 +259,9 @@ def _forward(adapter, inputs):
 # the run
 # ---------------------------------------------------------------------------------------
 
-def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, log=print,
+def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                figures: bool = True) -> RunFolder:
-    s = setup(out, "inject", cfg, adapter, resume, log)
+    s = setup(out, "inject", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     sig = signature_of(s, cfg)
     known = s.folder.meta.get("signature")
@@ -634,13 +634,13 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
 # the report step
 # ---------------------------------------------------------------------------------------
 
-def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
+def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: a light grid (4 scales, one draw, at most 8 samples) so it runs in minutes."""
     config = InjectConfig(model=cfg.model, limit=min(int(cfg.limit or 8), 8), scales=[0.0, 0.01, 0.1, 1.0], n_seeds=1,
                           device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
     if cfg.data != "demo":
         config.data = cfg.data
-    run_inject(str(folder), config, adapter=adapter, log=log)
+    run_inject(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
 def report_findings(folder) -> list:

@@ -129,10 +129,10 @@ def enrichment_row(g: pd.DataFrame, n_boot: int, seed: int) -> dict:
             "background_base_rate": base, "enrichment": enr, "ci_low": lo, "ci_high": hi, "p_value_binomial": p}
 
 
-def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = True, log=print,
+def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                  figures: bool = True) -> RunFolder:
     masks = load_masks(cfg.masks) if cfg.masks else None  # bad --masks fails before the model loads
-    s = setup(out, "location", cfg, adapter, resume, log)
+    s = setup(out, "location", cfg, adapter, resume, log, calibration=calibration)
     backgrounds = {x.sample_id: background_mask(x, masks) for x in s.samples}  # every mask checked up front
     skipped = dict(s.folder.meta.get("skipped", {}))
     for chunk in progress(s.todo, cfg.batch_size, "location"):

@@ -163,9 +163,9 @@ def answer_ids(adapter) -> tuple[int, int]:
     return answer_token_ids(adapter)
 
 
-def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, log=print,
+def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                  figures: bool = True) -> RunFolder:
-    s = setup(out, "patching", cfg, adapter, resume, log)
+    s = setup(out, "patching", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     n_layers = adapter.num_layers
     layers = list(range(n_layers)) if cfg.layers is None else [int(l) for l in cfg.layers]

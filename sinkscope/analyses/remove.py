@@ -118,9 +118,9 @@ def class_masks(kinds, first_mask, removed) -> dict[str, torch.Tensor]:
             "image": kinds.visual_mask & ~removed}
 
 
-def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, log=print) -> RunFolder:
+def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, log=print, calibration=None) -> RunFolder:
     resolve_specs(cfg)
-    s = setup(out, "remove", cfg, adapter, resume, log)
+    s = setup(out, "remove", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     sig = signature_of(s, cfg)
     if adapter.text_attention != "eager":
@@ -313,7 +313,7 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
 # the report step
 # ---------------------------------------------------------------------------------------
 
-def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
+def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: every target and replacement, entering every layer from the onset on (at the onset
     alone a narrow model's first token may not yet be a sink by the rule), on the demo's mixed tasks (or the
     report's data)."""
@@ -321,7 +321,7 @@ def report_run(folder, cfg, adapter, sink_score: str, log) -> None:
                           seed=cfg.seed, tau=cfg.tau, sink_score=sink_score, layers="all")
     if cfg.data != "demo":
         config.data = cfg.data
-    run_remove(str(folder), config, adapter=adapter, log=log)
+    run_remove(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
 def report_findings(folder) -> list:

@@ -53,7 +53,7 @@ class ReportConfig:
 
 @dataclass
 class Step:
-    run: Callable  # (folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None
+    run: Callable  # (folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=) -> None
     findings: Callable  # (folder: Path) -> list[Finding]
     figures: tuple[str, ...] = field(default_factory=tuple)  # PNG names to show, in order (others are listed)
 
@@ -93,12 +93,27 @@ def resolve_sink_score(cfg: ReportConfig, adapter) -> str:
 # ----------------------------------------------------------------------------- scan step
 
 
-def _run_scan(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
-    from sinkscope.analyses.scan import ScanConfig, run_scan
+def _scan_config(cfg: ReportConfig, sink_score: str):
+    from sinkscope.analyses.scan import ScanConfig
 
-    run_scan(str(folder), ScanConfig(model=cfg.model, data=cfg.data, limit=cfg.limit, device=cfg.device,
-                                     seed=cfg.seed, tau=cfg.tau, sink_score=sink_score),
-             adapter=adapter, log=log)
+    return ScanConfig(model=cfg.model, data=cfg.data, limit=cfg.limit, device=cfg.device, seed=cfg.seed, tau=cfg.tau,
+                      sink_score=sink_score)
+
+
+def report_calibration(cfg: ReportConfig, adapter, sink_score: str, log=print):
+    """The report's one calibration (the scan's: the report data's first samples), handed to every step."""
+    from sinkscope.analyses.common import calibrate_samples
+    from sinkscope.eval.data import load_data
+
+    scan = _scan_config(cfg, sink_score)
+    samples = load_data(scan.data, scan.limit, scan.question, scan.image_root)
+    return calibrate_samples(adapter, samples, scan, log=log)
+
+
+def _run_scan(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=None) -> None:
+    from sinkscope.analyses.scan import run_scan
+
+    run_scan(str(folder), _scan_config(cfg, sink_score), adapter=adapter, log=log, calibration=calibration)
 
 
 def _scan_findings(folder: Path) -> list[Finding]:
@@ -177,7 +192,7 @@ REGISTRY: dict[str, Step] = {
 def _analysis_runner(module: str, function: str, config_class: str, **overrides):
     """A step runner calling sinkscope.analyses.<module>.<function>(folder, Config(...), adapter=...)."""
 
-    def run(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+    def run(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=None) -> None:
         import importlib
 
         mod = importlib.import_module(f"sinkscope.analyses.{module}")
@@ -185,7 +200,7 @@ def _analysis_runner(module: str, function: str, config_class: str, **overrides)
                                             tau=cfg.tau, sink_score=sink_score, **overrides)
         if cfg.data != "demo" and "data" not in overrides:
             config.data = cfg.data
-        getattr(mod, function)(str(folder), config, adapter=adapter, log=log)
+        getattr(mod, function)(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
     return run
 
@@ -394,7 +409,7 @@ def _ablate_none(diff: pd.DataFrame) -> float:
     return float(rows["value"].iloc[0]) if len(rows) else math.nan
 
 
-def _run_var_eval(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+def _run_var_eval(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=None) -> None:
     from sinkscope.analyses.var_eval import VarEvalConfig, run_var_eval
 
     config = VarEvalConfig(model=cfg.model, limit=max(8, cfg.limit // 2), val_limit=max(8, cfg.limit // 4),
@@ -402,7 +417,7 @@ def _run_var_eval(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log
                            tasks=["pope-random", "pope-adversarial"], p_grid=[0.3, 0.6], rho_grid=[0.5, 0.8])
     if cfg.data != "demo":
         config.data = cfg.data
-    run_var_eval(str(folder), config, adapter=adapter, log=log)
+    run_var_eval(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
 def _var_eval_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -513,12 +528,12 @@ def _patching_findings(folder: Path) -> list[Finding]:
     return out
 
 
-def _run_patching(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log) -> None:
+def _run_patching(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=None) -> None:
     from sinkscope.analyses.patching import PatchConfig, run_patching
 
     config = PatchConfig(model=cfg.model, limit=max(8, cfg.limit // 2), device=cfg.device, seed=cfg.seed, tau=cfg.tau,
                          sink_score=sink_score, layers=[])
-    run_patching(str(folder), config, adapter=adapter, log=log)
+    run_patching(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
 REGISTRY.update({
@@ -537,8 +552,8 @@ def _causal_step(module: str, figures: tuple[str, ...] = ()) -> Step:
     """Causal tests of the sink mechanism (sinkscope.analyses.inject / .remove): their own runner and findings."""
     import importlib
 
-    def run(*args):
-        return importlib.import_module(f"sinkscope.analyses.{module}").report_run(*args)
+    def run(*args, **kwargs):
+        return importlib.import_module(f"sinkscope.analyses.{module}").report_run(*args, **kwargs)
 
     def findings(folder):
         return importlib.import_module(f"sinkscope.analyses.{module}").report_findings(folder)
@@ -620,6 +635,7 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
     atomic_write_text(out / "report.json", json.dumps({"config": asdict(cfg), "sink_score": sink_score,
                                                        "model": adapter.describe()}, indent=1, default=str))
     done, skipped = [], {}
+    calibration = None  # calibrated once, on the first step that runs, and handed to every step
     for name in cfg.steps:
         step = REGISTRY.get(name)
         if step is None:
@@ -630,7 +646,9 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
             log(f"[{name}] finished earlier: kept")
         else:
             log(f"[{name}] running")
-            step.run(folder, cfg, adapter, sink_score, log)
+            if calibration is None:
+                calibration = report_calibration(cfg, adapter, sink_score, log=log)
+            step.run(folder, cfg, adapter, sink_score, log, calibration=calibration)
         done.append(name)
     try:
         from sinkscope import viewer

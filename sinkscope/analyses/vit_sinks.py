@@ -76,9 +76,9 @@ def _projector(adapter):
     return getattr(inner, "multi_modal_projector", None)
 
 
-def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = True, log=print,
+def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                   figures: bool = True) -> RunFolder:
-    s = setup(out, "vit_sinks", cfg, adapter, resume, log)
+    s = setup(out, "vit_sinks", cfg, adapter, resume, log, calibration=calibration)
     projector = _projector(s.adapter)
     for chunk in progress(s.todo, cfg.batch_size, "vit_sinks"):
         feats: list = []
