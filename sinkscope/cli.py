@@ -20,7 +20,7 @@ from typing import Callable, Iterator, NoReturn, Optional
 import typer
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import (RunConfig, check_data, check_out, parse_floats, parse_ints, parse_shard,
+from sinkscope.runconfig import (RunConfig, analysis_default, check_data, check_out, parse_floats, parse_ints, parse_shard,
                                  resolve_sink_score)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -39,7 +39,9 @@ def _root() -> None:
 _MODEL = typer.Option("demo", help="'demo' (SmolLM2-135M LLaVA), 'tiny', 'organism' (planted), a local model "
                       "directory (LMM or causal LM), or a hub id")
 _DATA = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts (.txt / .jsonl)")
-_LIMIT = typer.Option(16, help="number of samples (the data's first N)")
+_RUN = RunConfig()  # the one set of defaults of every command's common options (runconfig.ANALYSIS_DEFAULTS: per analysis)
+_LIMIT = typer.Option(_RUN.limit, help="number of samples (the data's first N)")
+_CALIBRATION = typer.Option(_RUN.calibration, help="samples used to discover sink dims and choose tau")
 _DEVICE = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where the model loads)")
 _DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
 _DEVICE_MAP = typer.Option(None, help="spread the model's layers over devices (accelerate): auto, balanced, "
@@ -47,10 +49,10 @@ _DEVICE_MAP = typer.Option(None, help="spread the model's layers over devices (a
 _REMOTE = typer.Option(None, help="local: every trace through nnsight's serialised dry run of NDIF (reductions run "
                        "inside the trace; only they come back)")
 _MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-_SEED = typer.Option(0, help="seed (bootstrap, random controls)")
+_SEED = typer.Option(_RUN.seed, help="seed (bootstrap, random controls)")
 _TAU = typer.Option(None, help="sink threshold (default: chosen per sink score: 20 or the gap rule for phi, "
                     "100 for the layer-relative score)")
-_BATCH = typer.Option(4, help="samples per forward pass")
+_BATCH = typer.Option(_RUN.batch_size, help="samples per forward pass")
 _DIMS = typer.Option(None, help="pin sink dims, e.g. 1415,2533 (default: discover them)")
 _SCORE = typer.Option("auto", help="auto: the paper's phi = |x_d / RMS(x)| when sqrt(hidden) >= 40, else the "
                       "layer-relative score (the same rule in every command); rms: phi, at most sqrt(hidden); "
@@ -238,11 +240,11 @@ def scan(
     model: str = _MODEL,
     out: str = typer.Option("runs/scan", help="run folder to write (resumed if it exists)"),
     data: str = _DATA,
-    limit: Optional[int] = typer.Option(32, help="number of samples (the data's first N)"),
+    limit: Optional[int] = _LIMIT,
     batch_size: int = _BATCH,
     tau: Optional[float] = _TAU,
     sink_dims: Optional[str] = _DIMS,
-    calibration: int = typer.Option(16, help="samples used to discover sink dims and choose tau"),
+    calibration: int = _CALIBRATION,
     rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
     summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
     question: str = typer.Option("describe the image .", help="question for a folder of images"),
@@ -418,9 +420,9 @@ def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: s
 
 @app.command()
 def ablate(ctx: typer.Context, model: str = _MODEL,
-           data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with answers"),
+           data: str = typer.Option(analysis_default("ablate", "data"), help="yes/no questions with answers"),
            out: str = _out("runs/ablate"), limit: Optional[int] = _LIMIT,
-           batch_size: int = typer.Option(8, help="samples per forward pass"),
+           batch_size: int = _BATCH,
            taus: Optional[str] = typer.Option(None, help="tau sweep, e.g. 10,20,40 (default: calibrated tau x 0.75, "
                                               "1, 1.5)"),
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
@@ -452,9 +454,9 @@ def ablate(ctx: typer.Context, model: str = _MODEL,
 
 @app.command()
 def patch(ctx: typer.Context, model: str = _MODEL,
-          data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with labels"),
-          out: str = _out("runs/patching"), limit: Optional[int] = typer.Option(32, help="number of questions"),
-          batch_size: int = typer.Option(8, help="questions per forward pass"),
+          data: str = typer.Option(analysis_default("patching", "data"), help="yes/no questions with labels"),
+          out: str = _out("runs/patching"), limit: Optional[int] = typer.Option(_RUN.limit, help="number of questions"),
+          batch_size: int = typer.Option(analysis_default("patching", "batch_size"), help="questions per forward pass"),
           layers: Optional[str] = typer.Option(None, help="layers patched one at a time, e.g. 2,3 (default all); "
                                               "every-layer rows are always written"),
           rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
@@ -489,7 +491,7 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              image_root: Optional[str] = typer.Option(None, help="image folder of the POPE files (default: their folder)"),
              out: str = _out("runs/var_eval"),
              tasks: str = typer.Option("pope-random,pope-popular,pope-adversarial", help="demo tasks"),
-             limit: int = typer.Option(100, help="test questions per task"),
+             limit: int = typer.Option(analysis_default("var_eval", "limit"), help="test questions per task"),
              val_limit: int = typer.Option(60, help="validation questions per task"),
              captions: int = typer.Option(0, help="test captions per condition for CHAIR (demo; 0 = none)"),
              conditions: str = typer.Option(",".join(("baseline", "var", "var_random_heads", "var_all_heads",
@@ -499,7 +501,7 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              p: Optional[float] = typer.Option(None, help="fix p (no tuning of p)"),
              rho: Optional[float] = typer.Option(None, help="fix rho (no tuning of rho)"),
              select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy"),
-             batch_size: int = typer.Option(16, help="questions per generate call"),
+             batch_size: int = typer.Option(analysis_default("var_eval", "batch_size"), help="questions per generate call"),
              tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
              dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
@@ -574,9 +576,10 @@ def _names(text: Optional[str], option: str, allowed: tuple[str, ...]) -> Option
 
 @app.command()
 def inject(ctx: typer.Context, model: str = _MODEL,
-           data: str = typer.Option("demo:pope-adversarial", help="yes/no questions with answers (for the logit "
+           data: str = typer.Option(analysis_default("inject", "data"), help="yes/no questions with answers (for the logit "
                                     "difference and VAR's accuracy)"),
-           out: str = _out("runs/inject"), limit: Optional[int] = typer.Option(8, help="number of samples"),
+           out: str = _out("runs/inject"), limit: Optional[int] = typer.Option(analysis_default("inject", "limit"),
+                                                                               help="number of samples"),
            batch_size: int = _BATCH,
            scales: Optional[str] = typer.Option(None, help="injection scales in [0, 1] (x the first token's sink-dim "
                                                 "values), default 0,0.01,0.03,0.1,0.3,1"),
@@ -620,16 +623,18 @@ def inject(ctx: typer.Context, model: str = _MODEL,
 def remove(ctx: typer.Context,
            model: str = typer.Option("demo", help="as for every command, or 'smollm2' (the demo's language model "
                                      "on its own, for perplexity)"),
-           data: str = typer.Option("demo:mixed", help="as for every command, or 'plain-text' (a small public-domain "
+           data: str = typer.Option(analysis_default("remove", "data"), help="as for every command, or 'plain-text' (a small public-domain "
                                     "text set shipped with sinkscope, for perplexity of text-only models)"),
-           out: str = _out("runs/remove"), limit: Optional[int] = _LIMIT, batch_size: int = _BATCH,
+           out: str = _out("runs/remove"), limit: Optional[int] = typer.Option(analysis_default("remove", "limit"),
+                                                                               help="number of samples"),
+           batch_size: int = _BATCH,
            targets: Optional[str] = typer.Option(None, help="first,sinks,visual_sinks (default all)"),
            to: Optional[str] = typer.Option(None, help="zero,mean,chosen_mean (default all): zero, the mean over "
                                             "ordinary tokens, or the targets' own mean (Sun et al.)"),
            layers: str = typer.Option("onset", help="onset: edit entering the onset layer only; all: every layer "
                                       "from it on"),
            layer: Optional[int] = typer.Option(None, help="the onset layer (default: from the scan's discovery)"),
-           calibration: int = typer.Option(8, help="samples for sink dims, tau and the targets' own mean"),
+           calibration: int = typer.Option(_RUN.calibration, help="samples for sink dims, tau and the targets' own mean"),
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
