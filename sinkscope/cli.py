@@ -293,6 +293,9 @@ def report(
                                         "(default: all; an unknown name lists them)"),
     sink_score: str = _SCORE,
     tau: Optional[float] = _TAU,
+    var_questions: Optional[int] = typer.Option(None, help="test questions per POPE split (random, popular, "
+                                                "adversarial) in the VAR evaluation (default: limit // 2, at least 8); "
+                                                "300 makes a 3-point change visible to McNemar's test"),
     force: bool = typer.Option(False, "--force", help="replace a report made with other settings in --out (its "
                                "step folders, index.md, findings.csv, viewer.html and report.json are deleted first); "
                                "a report with the same settings resumes either way"),
@@ -308,7 +311,7 @@ def report(
 
         chosen = tuple(s.strip() for s in steps.split(",") if s.strip()) if steps else STEPS
         cfg = ReportConfig(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed, steps=chosen,
-                           sink_score=sink_score, tau=tau)
+                           sink_score=sink_score, tau=tau, var_questions=var_questions)
         cfg.validate()  # the steps
         if not force:  # refuse another report's folder at once; with --force, run_report replaces it after every check
             check_report_folder(Path(out), cfg)

@@ -129,3 +129,20 @@ def test_a_report_calibrates_once_and_every_step_records_that_calibration(tmp_pa
                      log=lambda m: None)
     blocks = [json.loads((out / step / "run.json").read_text())["calibration"] for step in ("scan", "heads", "ablate")]
     assert blocks[0]["sink_score"] and all(b == blocks[0] for b in blocks[1:]), blocks
+
+
+def test_var_questions_sets_the_var_evaluation_size_and_the_header_gives_the_command(tmp_path):
+    """The committed reference report's VAR evaluation is larger than make report's; its header says how it was made."""
+    from sinkscope.analyses.report import ReportConfig, run_report
+    from sinkscope.errors import SinkscopeError
+
+    with pytest.raises(SinkscopeError, match="--var-questions"):
+        ReportConfig(model="tiny", var_questions=0).validate()
+    out = run_report(tmp_path / "r", ReportConfig(model="tiny", limit=2, steps=("var_eval",), var_questions=3),
+                     log=lambda m: None)
+    answers = pd.read_csv(out / "var_eval" / "var_answers.csv")
+    test = answers[answers["sample"].str.startswith("test:")]
+    per_task = test[test["condition"] == "baseline"].groupby("task").size()
+    assert set(per_task.index) == {"pope-random", "pope-popular", "pope-adversarial"} and (per_task == 3).all()
+    index = (out / "index.md").read_text()
+    assert f"Made by: `sinkscope report --model tiny --out {out} --limit 2 --var-questions 3 --steps var_eval`" in index

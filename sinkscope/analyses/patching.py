@@ -68,6 +68,12 @@ class PatchConfig(AnalysisConfig):
     p: float = 0.6  # VAR's p for the (d) sites
     var: bool = True  # run the (d) sites
 
+    def check_layers(self) -> None:
+        """--layers: single-layer sites; an empty list means whole-model sites only (layer -1 rows)."""
+        if self.layers is not None and len(self.layers) == 0:
+            return
+        super().check_layers()
+
     def validate(self) -> None:
         super().validate()
         for name in ("rho", "summ", "p"):

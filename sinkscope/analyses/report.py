@@ -40,6 +40,7 @@ class ReportConfig:
     sink_score: str = "auto"  # auto: the paper's phi, or the layer-relative score when phi saturates (hidden < 1600)
     tau: float | None = None
     viewer_samples: int = 4
+    var_questions: int | None = None  # test questions per POPE split in the VAR evaluation (default: limit // 2, >= 8)
 
     def validate(self) -> None:
         unknown = [s for s in self.steps if s not in STEPS]
@@ -49,6 +50,9 @@ class ReportConfig:
             raise SinkscopeError(f"--sink-score must be auto, rms or layer; got {self.sink_score!r}")
         if self.limit is not None and self.limit < 1:
             raise SinkscopeError(f"--limit must be >= 1; got {self.limit}")
+        if self.var_questions is not None and (isinstance(self.var_questions, bool) or self.var_questions < 1):
+            raise SinkscopeError(f"--var-questions must be a whole number >= 1 (test questions per POPE split), or "
+                                 f"left out for limit // 2; got {self.var_questions!r}")
 
 
 @dataclass
@@ -412,9 +416,11 @@ def _ablate_none(diff: pd.DataFrame) -> float:
 def _run_var_eval(folder: Path, cfg: ReportConfig, adapter, sink_score: str, log, calibration=None) -> None:
     from sinkscope.analyses.var_eval import VarEvalConfig, run_var_eval
 
-    config = VarEvalConfig(model=cfg.model, limit=max(8, cfg.limit // 2), val_limit=max(8, cfg.limit // 4),
+    limit = cfg.var_questions or max(8, cfg.limit // 2)
+    config = VarEvalConfig(model=cfg.model, limit=limit, val_limit=max(8, cfg.limit // 4),
                            device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score,
-                           tasks=["pope-random", "pope-adversarial"], p_grid=[0.3, 0.6], rho_grid=[0.5, 0.8])
+                           tasks=["pope-random", "pope-popular", "pope-adversarial"], p_grid=[0.3, 0.6],
+                           rho_grid=[0.5, 0.8])
     if cfg.data != "demo":
         config.data = cfg.data
     run_var_eval(str(folder), config, adapter=adapter, log=log, calibration=calibration)
@@ -650,12 +656,15 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
                 calibration = report_calibration(cfg, adapter, sink_score, log=log)
             step.run(folder, cfg, adapter, sink_score, log, calibration=calibration)
         done.append(name)
-    try:
-        from sinkscope import viewer
+    if is_finished(out / "scan"):  # the viewer shows the scan's samples; a report without a scan has none
+        try:
+            from sinkscope import viewer
 
-        viewer.write_viewer(out / "scan", out / "viewer.html", adapter=adapter, n_samples=cfg.viewer_samples)
-    except (ImportError, AttributeError) as err:
-        log(f"viewer not written: {err}")
+            viewer.write_viewer(out / "scan", out / "viewer.html", adapter=adapter, n_samples=cfg.viewer_samples)
+        except (ImportError, AttributeError) as err:
+            log(f"viewer not written: {err}")
+    else:
+        log("viewer not written: the report has no finished scan step")
     write_index(out, cfg, adapter, sink_score, done, skipped)
     return out
 
@@ -749,6 +758,20 @@ def _summary_answers(out: Path, done: list[str]) -> list[Answer]:
     return [answers.get(key) or q.not_run(key, steps[key]) for key in q.QUESTIONS]
 
 
+def report_command(cfg: ReportConfig, out: Path) -> str:
+    """The `sinkscope report` command line that makes this report (options that differ from the defaults)."""
+    parts = ["sinkscope report", f"--model {cfg.model}", f"--out {out}"]
+    defaults = ReportConfig()
+    for name, option in (("data", "--data"), ("limit", "--limit"), ("dtype", "--dtype"), ("seed", "--seed"),
+                         ("sink_score", "--sink-score"), ("tau", "--tau"), ("var_questions", "--var-questions")):
+        value = getattr(cfg, name)
+        if value != getattr(defaults, name):
+            parts.append(f"{option} {value}")
+    if tuple(cfg.steps) != tuple(defaults.steps):
+        parts.append(f"--steps {','.join(cfg.steps)}")
+    return " ".join(parts)
+
+
 def write_index(out: Path, cfg: ReportConfig, adapter, sink_score: str, done: list[str], skipped: dict) -> None:
     from sinkscope.runfolder import atomic_write_csv, atomic_write_text
 
@@ -767,6 +790,7 @@ def write_index(out: Path, cfg: ReportConfig, adapter, sink_score: str, done: li
     lines.append(f"{arch['architecture']}, {arch['layers']} layers, hidden {arch['hidden_size']}, {arch['heads']} heads "
                  f"({arch['kv_heads']} key-value), seed {cfg.seed}. Samples per step (each step's run.json): "
                  f"{_step_samples(out, done)}.\n")
+    lines.append(f"Made by: `{report_command(cfg, out)}`\n")
     if sink_score == "layer":
         lines.append("**Sink score.** With hidden size {h}, phi = |x_d / RMS(x)| cannot exceed sqrt({h}) = {c:.3g}, "
                      "and the paper's tau = 20 sits near that ceiling; this report uses the layer-relative score "
