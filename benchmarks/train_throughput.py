@@ -104,6 +104,23 @@ def main() -> None:
     print(f"bfloat16 / float32 (new step): tokens/s x{bf16[0] / f32[0]:.2f}")
     print(f"LoRA attention / all 7 (new step, bf16): tokens/s x{bf16[0] / rate[rows[1][0]][0]:.2f}")
     print(f"new (bf16) / old: tokens/s x{bf16[0] / old[0]:.2f}, answered questions/s x{bf16[1] / old[1]:.2f}")
+    _recipe_time(rows)
+
+
+def _recipe_time(rows) -> None:
+    """The shipped recipe's instruct stage at this run's bf16 step time, beside its measured wall time (card)."""
+    import json
+
+    from scripts.train_smolvlm import RecipeConfig
+    from sinkscope.models.embedded import smolvlm
+
+    stages = {s.name: s.steps for s in RecipeConfig().stages}
+    step = dict((name, seconds) for name, seconds, _ in rows)["new (bf16)"]
+    print(f"shipped recipe {stages}: instruct at this run's bf16 step = {stages.get('instruct', 0) * step / 60:.1f} min")
+    card = smolvlm.ASSETS / "card.json"
+    training = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
+    if training.get("minutes"):
+        print(f"measured (card.json): {training['minutes']:.1f} min of training on {training.get('machine', '?')}")
 
 
 def _turns(labels: torch.Tensor) -> int:

@@ -1,6 +1,6 @@
 """Train the embedded demo: vision tower, projector and LoRA adapters for the pretrained SmolLM2-135M.
 
-The LLaVA recipe on the synthetic world, in stages (each optional; the default runs vision then instruct):
+The LLaVA recipe on the synthetic world, in stages (each optional; the default runs vision, words, instruct):
 
 1. ``vision``: the CLIP ViT alone, from scratch, supervised on the world's ground truth (which
    categories are in the image, how many objects, each patch's colour and shape). LLaVA starts
@@ -69,7 +69,8 @@ class RecipeConfig:
     seed: int = 0
     stages: list[Stage] = field(default_factory=lambda: [
         Stage("vision", 150, 1e-3, 64, 20),
-        Stage("instruct", 50, 2e-3, 8, 20),
+        Stage("words", 30, 2e-3, 8, 20),
+        Stage("instruct", 400, 2e-3, 8, 20),
     ])
     weight_decay: float = 0.05  # vision stage; the projector and adapters train without it
     grad_clip: float = 1.0

@@ -163,15 +163,23 @@ def _load(run: RunConfig):
                 max_memory=parse_max_memory(run.max_memory))
 
 
+# The options every command that loops over samples takes, with one default each (tests/test_cli_defaults.py).
+COMMON_SETTINGS = ("calibration", "n_boot", "tau", "seed", "device", "dtype")
+
+
 def _run_analysis(ctx: typer.Context, run: RunConfig, out: str, resume: bool, build: Callable[[str], object],
                   runner: str, question: str = "describe the image .") -> None:
     """Validate (options, --out, data), then load the model, resolve the sink score, run `runner`."""
     with _one_line_errors(ctx, out):
         run.device_map = run.device_map or ctx.params.get("device_map")  # the command's --device-map, --max-memory
         run.max_memory = run.max_memory or ctx.params.get("max_memory")
+        run.calibration = ctx.params.get("calibration", run.calibration)
         run.validate()
         check_out(out)
         cfg = build(run.sink_score)
+        for name in COMMON_SETTINGS:  # the options every sample-looping command shares, whatever build() copied
+            if name in ctx.params and hasattr(cfg, name) and ctx.params[name] is not None:
+                setattr(cfg, name, ctx.params[name])
         cfg.validate()  # the analysis' own options
         _check_samples(run, question)
         adapter = _load(run)
@@ -245,6 +253,7 @@ def scan(
     tau: Optional[float] = _TAU,
     sink_dims: Optional[str] = _DIMS,
     calibration: int = _CALIBRATION,
+    n_boot: int = _NBOOT,
     rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
     summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
     question: str = typer.Option("describe the image .", help="question for a folder of images"),
@@ -326,7 +335,7 @@ def report(
 @app.command()
 def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/heads"),
           limit: Optional[int] = _LIMIT,
-          batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+          batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
           rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
           summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
@@ -353,7 +362,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
 @app.command()
 def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/contributions"),
                   limit: Optional[int] = _LIMIT, batch_size: int = _BATCH, tau: Optional[float] = _TAU,
-                  sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
+                  sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
                   device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
                   seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
                   shard: Optional[str] = _NO_SHARD):
@@ -377,7 +386,7 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
              limit: Optional[int] = _LIMIT, masks: Optional[str] = typer.Option(
                  None, help="folder with one PNG mask per image (same stem, image size, 0 = background); "
                  "default: the demo world's ground truth"),
-             batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+             batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
              sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
@@ -402,7 +411,7 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
 def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/vit_sinks"),
               limit: Optional[int] = _LIMIT, norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the "
                                                                               "image's median token norm"),
-              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS,
+              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
               device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
               device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
               sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
@@ -430,7 +439,7 @@ def ablate(ctx: typer.Context, model: str = _MODEL,
                                               "1, 1.5)"),
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
            n_random: int = typer.Option(5, help="seeds of the random image-token control"),
-           sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
+           tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
            seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
            renormalize: bool = typer.Option(True, help="renormalise knocked-out rows to sum to 1 (the paper's "
@@ -466,7 +475,7 @@ def patch(ctx: typer.Context, model: str = _MODEL,
           summ: float = typer.Option(0.2, help="minimum image attention of an image-centric head"),
           p: float = typer.Option(0.6, help="VAR's p for the VAR-through-heads sites"),
           var: bool = typer.Option(True, help="also patch VAR-edited head outputs into the baseline run"),
-          tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
+          tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE,
           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
           resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
@@ -505,7 +514,7 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              rho: Optional[float] = typer.Option(None, help="fix rho (no tuning of rho)"),
              select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy"),
              batch_size: int = typer.Option(analysis_default("var_eval", "batch_size"), help="questions per generate call"),
-             tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, device: Optional[str] = _DEVICE,
+             tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE,
              dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
              resume: bool = _RESUME, shard: Optional[str] = _SHARD):
@@ -596,7 +605,7 @@ def inject(ctx: typer.Context, model: str = _MODEL,
                                                "rule)"),
            var: bool = typer.Option(True, help="also run VAR on background tokens injected at --var-scale"),
            var_scale: float = typer.Option(1.0, help="injection scale of the VAR comparison"),
-           sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
+           sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
            resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):

@@ -408,3 +408,60 @@ def test_force_with_a_bad_input_deletes_nothing(tmp_path, monkeypatch, no_model)
     result = runner.invoke(app, ["report", "--out", "reports/demo", "--limit", "4", "--force", "--data", "nope.jsonl"])
     _one_line_error(result, "--data nope.jsonl: no such file")
     assert _snapshot(reference) == before
+
+
+SAMPLE_COMMANDS = {"scan": "scan", "heads": "heads", "contributions": "contributions", "location": "location",
+                   "vit-sinks": "vit_sinks", "ablate": "ablate", "patch": "patching", "var-eval": "var_eval",
+                   "inject": "inject", "remove": "remove"}
+SHARED_OPTIONS = ("model", "data", "out", "limit", "batch_size", "calibration", "tau", "sink_dims", "device", "dtype",
+                  "device_map", "max_memory", "seed", "n_boot", "sink_score", "resume", "shard")
+
+
+def test_every_sample_looping_command_has_the_same_options_and_defaults():
+    """Issue 15: the shared options of RunConfig on every command that loops over samples, with RunConfig's
+    defaults (per-analysis data / limit / batch size from runconfig.ANALYSIS_DEFAULTS, the one table)."""
+    import typer.main
+
+    from sinkscope.cli import app
+    from sinkscope.runconfig import RunConfig, analysis_default
+
+    commands = typer.main.get_command(app).commands
+    for command, analysis in SAMPLE_COMMANDS.items():
+        params = {p.name: p for p in commands[command].params}
+        missing = [name for name in SHARED_OPTIONS if name not in params]
+        assert not missing, f"{command} lacks {missing}"
+        for name in ("limit", "batch_size", "data"):
+            assert params[name].default == analysis_default(analysis, name), (command, name)
+        for name in ("calibration", "seed", "sink_score", "tau", "sink_dims", "device", "dtype", "device_map",
+                     "max_memory"):
+            field = RunConfig.__dataclass_fields__[name]
+            assert params[name].default == field.default, (command, name, params[name].default, field.default)
+        assert params["n_boot"].default == 1000 and params["resume"].default is True and params["shard"].default is None
+
+
+def test_calibration_reaches_every_analysis_config(tmp_path, monkeypatch):
+    """--calibration given to any sample-looping command lands in the config its analysis runs with."""
+    import importlib
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import sinkscope.cli as cli
+    from sinkscope.cli import app
+
+    seen = {}
+    monkeypatch.setattr(cli, "_load", lambda run: SimpleNamespace(hidden_size=4096))
+    runners = {"heads": "heads:run_heads", "contributions": "contributions:run_contributions",
+               "location": "location:run_location", "vit-sinks": "vit_sinks:run_vit_sinks", "ablate": "ablate:run_ablate",
+               "patch": "patching:run_patching", "var-eval": "var_eval:run_var_eval", "inject": "inject:run_inject"}
+    for command, target in runners.items():
+        module, function = target.split(":")
+
+        def capture(out, cfg, command=command, **kwargs):
+            seen[command] = cfg.calibration
+            return SimpleNamespace(path=out)
+
+        monkeypatch.setattr(importlib.import_module(f"sinkscope.analyses.{module}"), function, capture)
+        result = CliRunner().invoke(app, [command, "--calibration", "5", "--limit", "8", "--out", str(tmp_path / command)])
+        assert result.exit_code == 0, (command, result.output)
+    assert seen == {command: 5 for command in runners}, seen
