@@ -334,33 +334,40 @@ def emergence_curve(curve: pd.DataFrame, path: Path) -> str:
     axes[0].set_title("POPE (validation, yes vs no logit)", fontsize=9)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
-    axes[1].plot(x, curve["visual_sinks_per_image_max"], "s-", label="phi >= scaled paper tau (saturated)")
-    if "visual_sinks_per_image_layer_score" in curve:
-        axes[1].plot(x, curve["visual_sinks_per_image_layer_score"], "o-", label="layer-relative score >= 100")
-    axes[1].set_title("image tokens counted as sinks (busiest layer)", fontsize=9)
+    layer_score = "max_image_layer_score" in curve and curve["max_image_layer_score"].notna().any()
+    if layer_score:  # the card's rule; phi saturates on narrow models (its count would be every image token)
+        sinks_per_image = curve["visual_sinks_per_image_layer_score"]
+        axes[1].plot(x, sinks_per_image, "o-", label="layer-relative score >= 100")
+        axes[2].plot(x, curve["visual_sink_attention_layer_score"], "d-", label="to visual sinks (busiest layer)")
+    else:
+        sinks_per_image = curve["visual_sinks_per_image_max"]
+        axes[1].plot(x, sinks_per_image, "s-", label="phi >= tau")
+        axes[2].plot(x, curve["visual_sink_attention_max"], "o-", label="to image tokens with phi >= tau (max layer)")
+    if (sinks_per_image == 0).all():
+        axes[1].set_ylim(-0.5, 5)
+        axes[1].text(0.5, 0.55, "0 at every logged step", transform=axes[1].transAxes, ha="center", fontsize=8)
+    axes[1].set_title("image tokens counted as sinks (busiest layer >= 2)", fontsize=9)
     axes[1].set_ylabel("visual sinks per image")
     axes[1].legend(fontsize=7)
-    axes[2].plot(x, curve["visual_sink_attention_max"], "o-", label="to image tokens with phi >= tau (max layer)")
-    if "visual_sink_attention_layer_score" in curve:
-        axes[2].plot(x, curve["visual_sink_attention_layer_score"], "d-", label="to visual sinks, layer score (max layer)")
     axes[2].plot(x, curve["image_attention_mean"], "s-", label="to all image tokens (mean)")
     axes[2].plot(x, curve["first_token_attention_mean"], "^-", label="to the first token (mean)")
     axes[2].set_title("share of text-query attention", fontsize=9)
     axes[2].set_ylabel("attention share")
     axes[2].legend(fontsize=7)
-    if "max_image_layer_score" in curve and curve["max_image_layer_score"].notna().any():
-        axes[3].plot(x, curve["max_image_layer_score"], "o-", label="largest image score")
+    if layer_score:
+        axes[3].plot(x, curve["max_image_layer_score"], "o-", label="largest image-token score")
         axes[3].axhline(100.0, color="k", ls="--", lw=1, label="tau = 100")
-        axes[3].set_title("largest image-token layer-relative score", fontsize=9)
-        axes[3].set_ylabel(score_label("layer"))
+        axes[3].set_title("largest image-token score: max over sink dims |x_d| / median token RMS", fontsize=9)
+        axes[3].set_ylabel("layer-relative sink score")
     else:
         axes[3].plot(x, curve["max_image_phi"], "o-", label="largest image phi")
         axes[3].axhline(float(curve["tau"].iloc[0]), color="k", ls="--", lw=1, label="tau")
         axes[3].set_title("largest image-token phi", fontsize=9)
         axes[3].set_ylabel(score_label("rms"))
     axes[3].legend(fontsize=7)
+    fig.tight_layout()
     for ax in axes:
-        ax.set_xlabel("training step")
+        ax.set_xlabel("training step (all stages; first logged: start of instruct)")
         for stage, group in curve.groupby("stage", sort=False):
             ax.axvline(group["global_step"].min(), color="grey", lw=0.5)
     return _save(fig, path)
