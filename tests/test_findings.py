@@ -616,7 +616,7 @@ def test_var_eval_page_pope_accuracy_with_yes_ratio_f1_and_parse_counts(nothing_
 
 
 def test_var_eval_page_says_when_the_baseline_leaves_no_room():
-    from sinkscope.analyses.var_eval import findings as var_findings
+    from sinkscope.analyses.var_eval import finding_sentences as var_findings
 
     labels = ["yes", "no"] * 4
     answers = pd.DataFrame([{"sample": f"test:q{i}", "question_id": f"q{i}", "phase": "test", "condition": cond,
@@ -632,10 +632,11 @@ def test_var_eval_page_says_when_the_baseline_leaves_no_room():
 
 
 def test_a_step_page_without_readable_tables_says_so(tmp_path):
+    from sinkscope.analyses import patching
     from sinkscope.analyses.pages import step_findings_section
 
     (tmp_path / "run.json").write_text(json.dumps({"n_samples": 4}))
-    lines = step_findings_section("patching", tmp_path)  # no patching.csv
+    lines = step_findings_section(patching.findings, tmp_path)  # no patching.csv
     assert lines[0] == "## Findings\n" and "could not be read from the step's tables" in lines[1]
 
 

@@ -78,19 +78,8 @@ def violations(package: Path) -> list[str]:
         for imp in imported_modules(path, package):
             if imp == "scripts" or imp.startswith("scripts."):
                 bad.append(f"{module_name(path, package)} imports {imp}: the library never imports scripts/")
-    bad += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph) if not known_cycle(c)]
+    bad += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
     return bad
-
-
-# The one cycle left, within the analyses layer: a step's index.md shows its findings by the report's rule
-# (analyses.pages.step_findings_section reads analyses.report.REGISTRY), and the report runs the steps.
-# It goes when each analysis owns its `findings(run)` (issue 15, item 3); then delete KNOWN_CYCLE_EDGE.
-KNOWN_CYCLE_EDGE = ("sinkscope.analyses.pages", "sinkscope.analyses.report")
-
-
-def known_cycle(cycle: list[str]) -> bool:
-    """A cycle among analyses modules only, through the known edge pages -> report."""
-    return all(layer_of(m) == "analyses" for m in cycle) and all(m in cycle for m in KNOWN_CYCLE_EDGE)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -126,11 +115,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_import_goes_down_the_declared_layers_and_none_cycles():
     assert violations(PACKAGE) == []
-
-
-def test_the_known_cycle_is_still_there_or_the_exception_is_removed():
-    """KNOWN_CYCLE_EDGE may not outlive its cycle."""
-    assert any(known_cycle(c) for c in cycles(import_graph(PACKAGE))), "the known cycle is gone: delete KNOWN_CYCLE_EDGE"
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:

@@ -98,7 +98,7 @@ def test_remove_table_paired_change_and_findings_follow_the_rule(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from sinkscope.analyses.remove import remove_table, report_findings
+    from sinkscope.analyses.remove import findings, remove_table
 
     n = 40
     base = np.array([1.0] * 30 + [0.0] * 10)
@@ -119,7 +119,7 @@ def test_remove_table_paired_change_and_findings_follow_the_rule(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
     table.to_csv(folder / "remove.csv", index=False)
-    found = {f.name: f for f in report_findings(folder)}
+    found = {f.name: f for f in findings(folder)}
     first = found["accuracy change, first to zero"]
     assert first.status == "effect" and "accuracy falls" in first.sentence  # CI of -0.25 with n = 40 excludes 0
     nll_first = found["NLL per token change, first to zero"]

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
+                                      report_step_config, setup)
+from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import (NOTHING_TO_TEST, Estimate, Finding, effect_clause, nothing_clause, nothing_to_act_on,
+                                num)
 from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder
 
@@ -328,7 +333,7 @@ def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
         if len(sinks) and (sinks["n_tokens"].fillna(0) <= 0).all():
             lines.append("**No visual sinks found** at any tau swept: the visual-sink conditions and their matched "
                          "controls knocked out nothing (they are the unmodified model again).\n")
-        lines += step_findings_section("ablate", folder.path)
+        lines += step_findings_section(findings, folder.path)
         lines += contrast_lines(table, contrasts)
         lines.append(f"Knockout rows were {'renormalised to sum to 1' if cfg.renormalize else 'not renormalised (blocked entries zeroed only)'}.\n")
     if "curves" in figs:
@@ -368,3 +373,107 @@ def contrast_lines(table: pd.DataFrame, contrasts: pd.DataFrame | None) -> list[
                      f"{num(r['sinks_abs_change'])} against {num(r['control_abs_change'])}, Wilcoxon p = "
                      f"{num(r['p_value'], 2)} ({n_clause(r['n_samples'])}).")
     return lines + [""]
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the knockout with the report's settings (`common.report_step_config`), 3 random
+    control seeds."""
+    run_ablate(str(folder), report_step_config(AblateConfig, report_cfg, sink_score, n_random=3), adapter=adapter,
+               log=log, calibration=calibration)
+
+
+def reported_tau(folder: Path, taus) -> float:
+    """The tau the findings read: the run's own tau when it was swept, else the middle of the sweep."""
+    taus = sorted(t for t in taus if np.isfinite(t))
+    if not taus:
+        return math.nan
+    own = (run_meta(folder).get("tau") or {}).get("value")
+    return float(own) if own is not None and any(np.isclose(own, t) for t in taus) else float(taus[len(taus) // 2])
+
+
+def knocked_out_tokens(table: pd.DataFrame, condition: str, tau: float) -> float:
+    """Mean tokens knocked out per sample for `condition` at `tau` (tau-free conditions: their only rows)."""
+    rows = table[(table["condition"] == condition) & (np.isclose(table["tau"], tau) | table["tau"].isna())]
+    return float(rows["n_tokens"].iloc[0]) if len(rows) else math.nan
+
+
+def _logit_diff_change(per_sample: pd.DataFrame, condition: str, tau: float) -> Estimate:
+    """Change of the logit difference against no knockout, paired per sample (seeds averaged), mean with 95% CI."""
+    base = per_sample[per_sample["condition"] == "none"].groupby("sample")["logit_diff"].mean()
+    rows = per_sample[(per_sample["condition"] == condition)
+                      & (np.isclose(per_sample["tau"], tau) | per_sample["tau"].isna())]
+    diff = (rows.groupby("sample")["logit_diff"].mean() - base).dropna()
+    m, lo, hi = bootstrap_mean_ci(diff.values)
+    return Estimate(m, lo, hi, len(diff))
+
+
+def findings(folder: Path) -> list[Finding]:
+    """At the reported tau: sinks against each matched control, and each knockout's change of the logit difference."""
+    table = pd.read_csv(folder / "ablation.csv")
+    diff = table[table["metric"] == "logit_diff"]
+    tau = reported_tau(folder, diff["tau"].dropna().unique())
+    n_sinks = knocked_out_tokens(diff, "visual_sinks", tau)
+    out = []
+    contrasts = folder / "ablation_contrasts.csv"
+    if contrasts.exists():
+        c = pd.read_csv(contrasts)
+        for _, r in c[np.isclose(c["tau"], tau)].iterrows():
+            name = f"|logit change| sinks minus {r['control']} (tau {num(tau)})"
+            if nothing_to_act_on(n_sinks):
+                out.append(Finding("ablate", name, math.nan, n=int(r["n_samples"]), status=NOTHING_TO_TEST,
+                                   sentence=f"{nothing_clause('knock out', 'visual sinks')}; nothing to compare with "
+                                            f"{r['control']} tokens."))
+                continue
+            est = Estimate(float(r["difference"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+            status, clause = effect_clause(
+                est, f"knocking out visual sinks moves answers more than knocking out as many {r['control']} tokens",
+                f"knocking out visual sinks moves answers less than knocking out as many {r['control']} tokens")
+            out.append(Finding("ablate", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
+                f"{clause}; mean |logit change| {num(r['sinks_abs_change'])} for {num(n_sinks)} sinks per sample, "
+                f"{num(r['control_abs_change'])} for {r['control']} (Wilcoxon p = {num(r['p_value'], 2)}).")))
+    if not len(diff):
+        return out
+    per_sample_path = folder / "ablation_per_sample.csv"
+    per_sample = pd.read_csv(per_sample_path) if per_sample_path.exists() else None
+    for condition in ("none", "visual_sinks", "random_visual", "top_nonsink", "bos"):
+        rows = diff[(diff["condition"] == condition) & (np.isclose(diff["tau"], tau) | diff["tau"].isna())]
+        if not len(rows):
+            continue
+        r = rows.iloc[0]
+        n = int(r["n_samples"]) if "n_samples" in r and pd.notna(r["n_samples"]) else None
+        if condition == "none":
+            out.append(Finding("ablate", "logit difference, no knockout (the unmodified model)", float(r["value"]),
+                               float(r["ci_low"]), float(r["ci_high"]), n=n, sentence=(
+                                   "Correct-answer logit minus the other (yes/no) with nothing knocked out: the "
+                                   "reference every knockout is compared with.")))
+            continue
+        tokens = float(r["n_tokens"])
+        at = "" if pd.isna(r["tau"]) else f"tau {num(tau)}, "
+        name = f"change of the logit difference, knockout {condition} ({at}{num(tokens)} token(s) per sample)"
+        if nothing_to_act_on(tokens):
+            out.append(Finding("ablate", name, math.nan, n=n, status=NOTHING_TO_TEST,
+                               sentence=f"{nothing_clause('knock out')} (the model ran unmodified)."))
+            continue
+        p = "" if pd.isna(r["p_value"]) else f"; Wilcoxon p = {num(r['p_value'], 2)} against no knockout"
+        if per_sample is None:
+            out.append(Finding("ablate", f"logit difference, knockout {condition} ({at}{num(tokens)} token(s) per sample)",
+                               float(r["value"]), float(r["ci_low"]), float(r["ci_high"]), n=n,
+                               sentence=f"Correct-answer logit minus the other with these keys blocked{p}."))
+            continue
+        est = _logit_diff_change(per_sample, condition, tau)
+        status, clause = effect_clause(est, "knocking them out raises the correct answer's logit difference",
+                                       "knocking them out lowers the correct answer's logit difference")
+        out.append(Finding("ablate", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
+            f"Text queries after the image (and generated tokens) blocked from these keys: {clause}; logit difference "
+            f"{num(r['value'])} against {num(_unmodified(diff))} unmodified{p}.")))
+    return out
+
+
+def _unmodified(diff: pd.DataFrame) -> float:
+    rows = diff[diff["condition"] == "none"]
+    return float(rows["value"].iloc[0]) if len(rows) else math.nan

@@ -1,7 +1,7 @@
 """What every analysis shares: its config (one `RunConfig` plus the analysis fields every analysis
 takes), the run set-up (model, data, run folder, and the one calibration of `sinkscope.calibration`,
-or the one a report hands in), a reducer that knows each layer's sinks, and the cluster bootstrap
-over samples used for every CI.
+or the one a report hands in), a reducer that knows each layer's sinks, the cluster bootstrap
+over samples used for every CI, and the config a report step runs an analysis with.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
-           "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration"]
+           "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
+           "report_step_config"]
 
 
 @dataclass
@@ -163,6 +164,17 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     if shard_n > 1:
         log(f"shard {shard_i}/{shard_n}: {len(todo)} samples to go (index modulo {shard_n} = {shard_i})")
     return Setup(adapter, samples, folder, tracer, dims, tau, todo)
+
+
+def report_step_config(config_class, report_cfg, sink_score: str, **overrides):
+    """The config a `sinkscope report` step runs an analysis with: the report's model, limit, device, seed, tau and
+    resolved sink score (its dtype is not passed), the step's `overrides`, and the report's data unless it is the
+    demo's (the analysis keeps its own default data then) or an override names the data."""
+    config = config_class(model=report_cfg.model, limit=report_cfg.limit, device=report_cfg.device,
+                          seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score, **overrides)
+    if report_cfg.data != "demo" and "data" not in overrides:
+        config.data = report_cfg.data
+    return config
 
 
 REMOTE_ANALYSES = ("heads",)  # analyses (besides scan) whose reducers run inside a remote trace

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
+                                      report_step_config, setup)
+from sinkscope.analyses.step_findings import run_meta
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
 from sinkscope.measures import contributions as ov
 from sinkscope.runfolder import RunFolder
 
@@ -162,7 +166,7 @@ def _write_index(folder, cfg, summary, heads, figs) -> None:
     if pooled.empty or pooled["n_samples"].max() == 0 or math.isnan(pooled.loc["contribution", "ratio_sink_over_nonsink"]):
         lines.append("**No visual sinks found** in layers >= {0}: there is no sink / non-sink ratio to report.\n"
                      .format(cfg.start_layer))
-    lines += step_findings_section("contributions", folder.path)
+    lines += step_findings_section(findings, folder.path)
     ov_norm = ov_norm_line(pooled.loc["ov_norm"], cfg.start_layer) if "ov_norm" in pooled.index else ""
     if ov_norm:
         lines.append(ov_norm)
@@ -171,3 +175,43 @@ def _write_index(folder, cfg, summary, heads, figs) -> None:
     lines.append(markdown_table(summary, max_rows=60))
     lines.append("Tables: `contributions.csv`, `contribution_heads.csv`, `contributions_per_sample.csv`.\n")
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the OV-contributions analysis with the report's settings (`common.report_step_config`)."""
+    run_contributions(str(folder), report_step_config(ContributionsConfig, report_cfg, sink_score), adapter=adapter,
+                      log=log, calibration=calibration)
+
+
+RATIO_MEANINGS = {
+    "contribution": ("visual sinks write more into the residual stream (|| a_ij x_j W_OV ||) than other image tokens",
+                     "visual sinks write less into the residual stream (|| a_ij x_j W_OV ||) than other image tokens "
+                     "(evidence 5)"),
+    "attention": ("visual sinks receive more attention than other image tokens",
+                  "visual sinks receive less attention than other image tokens"),
+}
+
+
+def findings(folder: Path) -> list[Finding]:
+    """The sink / non-sink ratios of contribution and attention, each against 1."""
+    table = pd.read_csv(folder / "contributions.csv")
+    out = []
+    for measure, (above, below) in RATIO_MEANINGS.items():
+        rows = table[table["measure"] == measure].head(1)
+        r = rows.iloc[0] if len(rows) else None
+        name = f"sink / non-sink {measure} ratio" + (f", layers {r['layers']}" if r is not None else "")
+        if r is None or not np.isfinite(float(r["ratio_sink_over_nonsink"])):
+            n = run_meta(folder).get("n_samples")
+            out.append(Finding("contributions", name, math.nan, status=NOTHING_TO_TEST, n=n, sentence=(
+                f"No sample of {n} holds both visual sinks and other image tokens: nothing to compare.")))
+            continue
+        est = Estimate(float(r["ratio_sink_over_nonsink"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+        status, clause = effect_clause(est, above, below, null=1.0)
+        out.append(Finding("contributions", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status,
+                           sentence=f"Ratio against 1: {clause}."))
+    return out

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, prepare_batch,
-                                      setup)
+                                      report_step_config, setup)
+from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
 from sinkscope.measures import heads as head_measures
 from sinkscope.runfolder import RunFolder
 
@@ -269,7 +272,7 @@ def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> Non
         lines.append(PLANTED_BANNER)
     lines.append(f"{meta.get('n_samples')} samples; sink dims {dims}, tau = {tau:.3g}; queries: text tokens after the "
                  "image. CIs: 95% percentile bootstrap over samples.\n")
-    lines += step_findings_section("heads", folder.path)
+    lines += step_findings_section(findings, folder.path)
     lines.append("## Attention to visual sinks, per head\n")
     if heads.empty:
         lines.append("No text query follows an image in these samples: no head measure (none found).\n")
@@ -333,4 +336,56 @@ def per_head_lines(heads: pd.DataFrame) -> list[str]:
     return lines
 
 
-__all__ = ["HeadsConfig", "per_head_lines", "run_heads", "spearman_with_ci", "head_table", "map_overlap"]
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the heads analysis with the report's settings (`common.report_step_config`)."""
+    run_heads(str(folder), report_step_config(HeadsConfig, report_cfg, sink_score), adapter=adapter, log=log,
+              calibration=calibration)
+
+
+def findings(folder: Path) -> list[Finding]:
+    """The top head by attention to visual sinks, the image-centric share, and Spearman(sink score, attention)."""
+    heads = pd.read_csv(folder / "head_scores.csv")
+    n = run_meta(folder).get("n_samples")
+    out = []
+    if len(heads):
+        labels = [f"L{int(r.layer)}.H{int(r.head)}" for r in heads.itertuples()]
+        top, clause = top_clause(heads["visual_sink_attention"].to_numpy(dtype=float), labels,
+                                 "attention to visual sinks", heads["visual_sink_attention_ci_low"].to_numpy(dtype=float),
+                                 heads["visual_sink_attention_ci_high"].to_numpy(dtype=float))
+        if top is not None:
+            r = heads.iloc[top]
+            unresolved = "" if clause.endswith("has the largest attention to visual sinks") else f"; {clause}"
+            out.append(Finding("heads", f"attention to visual sinks, top head {labels[top]}",
+                               float(r["visual_sink_attention"]), float(r["visual_sink_attention_ci_low"]),
+                               float(r["visual_sink_attention_ci_high"]), n=n, sentence=(
+                                   f"The head that gives visual sinks the largest share of its text-query attention "
+                                   f"(of {len(heads)} heads){unresolved}.")))
+        else:
+            nothing = bool((heads["visual_sink_attention"].fillna(0) == 0).all())
+            out.append(Finding("heads", "attention to visual sinks, per head",
+                               math.nan if nothing else float(heads["visual_sink_attention"].max()),
+                               n=n, status=NOTHING_TO_TEST if nothing else MEASURED,
+                               sentence=f"All {len(heads)} heads give visual sinks 0 attention (there are none): no "
+                                        "head is named." if nothing else f"Heads: {clause}."))
+        out.append(Finding("heads", "image-centric heads (share of queries, mean over heads)",
+                           float(heads["image_centric"].mean()), n=n, sentence="Mean share of text queries for which a "
+                           "head is image-centric (visual non-sink ratio >= rho, image attention >= summ)."))
+    corr = pd.read_csv(folder / "phi_attention_correlation.csv")
+    if len(corr):
+        r = corr.iloc[0]
+        status, clause = effect_clause(Estimate(float(r["spearman"]), float(r["ci_low"]), float(r["ci_high"])),
+                                       above="image tokens with a higher sink score receive more attention",
+                                       below="image tokens with a higher sink score receive less attention")
+        out.append(Finding("heads", f"Spearman(sink score, attention received), image tokens, layers {r['layers']}",
+                           float(r["spearman"]), float(r["ci_low"]), float(r["ci_high"]), n=int(r["n_samples"]),
+                           status=status, sentence=f"Evidence 3: {clause}; {int(r['n_tokens'])} image tokens."))
+    return out
+
+
+__all__ = ["HeadsConfig", "per_head_lines", "run_heads", "spearman_with_ci", "head_table", "map_overlap", "FIGURES",
+           "report_step", "findings"]

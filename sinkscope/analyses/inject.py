@@ -40,7 +40,7 @@ from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, set
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
-from sinkscope.findings import Estimate, effect_clause, num
+from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
 from sinkscope.interventions.sink_signature import SinkSignature, first_positions, inject_sink, sink_mask_of
 from sinkscope.kinds import PAD, TokenKinds
 from sinkscope.measures import contributions as ov
@@ -634,8 +634,12 @@ def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
 # the report step
 # ---------------------------------------------------------------------------------------
 
-def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> None:
+FIGURES = ("dose_response.png",)  # the report shows these first, in this order
+
+
+def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: a light grid (4 scales, one draw, at most 8 samples) so it runs in minutes."""
+    cfg = report_cfg
     config = InjectConfig(model=cfg.model, limit=min(int(cfg.limit or 8), 8), scales=[0.0, 0.01, 0.1, 1.0], n_seeds=1,
                           device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
     if cfg.data != "demo":
@@ -643,13 +647,11 @@ def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> 
     run_inject(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
-def report_findings(folder) -> list:
+def findings(folder) -> list[Finding]:
     """Findings of the step: per group, the sink scale and the attention change at the largest scale vs the
     random-dim control; VAR's detection of injected sinks."""
     import json
     from pathlib import Path
-
-    from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
 
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
+                                      report_step_config, setup)
+from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, progress
+from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause, num
 from sinkscope.measures import location as loc
 from sinkscope.runfolder import RunFolder
 
@@ -168,7 +171,6 @@ def summarize_location(folder: RunFolder, cfg: LocationConfig, figures: bool = T
 
 def _write_index(folder, cfg, table, figs) -> None:
     from sinkscope.analyses.pages import step_findings_section
-    from sinkscope.findings import num
     from sinkscope.markdown import PLANTED_BANNER, markdown_table
 
     meta = folder.meta
@@ -187,7 +189,7 @@ def _write_index(folder, cfg, table, figs) -> None:
         lines.append(f"**No visual sinks found** in layers >= {cfg.start_layer}: nothing to locate. Base rate of "
                      f"background tokens: {pooled['background_base_rate']:.3g}.\n" if pooled is not None else
                      "**No visual sinks found** (no image could be located).\n")
-    lines += step_findings_section("location", folder.path)
+    lines += step_findings_section(findings, folder.path)
     if pooled is not None and pooled["n_sinks"]:
         lines.append(f"Binomial test of the sinks' background share against the base rate: p = "
                      f"{num(pooled['p_value_binomial'], 2)} (the findings' CI is the bootstrap over samples).\n")
@@ -195,3 +197,34 @@ def _write_index(folder, cfg, table, figs) -> None:
         lines.append(f"![location]({figs['bars']})\n")
     lines.append(markdown_table(table))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the location analysis with the report's settings (`common.report_step_config`)."""
+    run_location(str(folder), report_step_config(LocationConfig, report_cfg, sink_score), adapter=adapter, log=log,
+                 calibration=calibration)
+
+
+def findings(folder: Path) -> list[Finding]:
+    """The background enrichment of visual sinks against the base rate of image tokens, against 1."""
+    table = pd.read_csv(folder / "location.csv")
+    n = run_meta(folder).get("n_samples")
+    if not len(table):
+        return [Finding("location", "background enrichment", math.nan, n=n, status=NOTHING_TO_TEST,
+                        sentence="No object masks or no visual sinks: nothing to locate.")]
+    r = table.iloc[0]
+    name = f"background enrichment of visual sinks, layers {r['layers']}"
+    if not r["n_sinks"] or not np.isfinite(float(r["enrichment"])):
+        return [Finding("location", name, math.nan, n=int(r["n_samples"]), status=NOTHING_TO_TEST,
+                        sentence="No visual sinks: nothing to locate.")]
+    est = Estimate(float(r["enrichment"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+    status, clause = effect_clause(est, "visual sinks lie on background more often than image tokens do",
+                                   "visual sinks lie on background less often than image tokens do", null=1.0)
+    return [Finding("location", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
+        f"{num(100 * float(r['sink_background_share']))}% of {int(r['n_sinks'])} visual sinks lie on background against "
+        f"a base rate of {num(100 * float(r['background_base_rate']))}% of image tokens: {clause} (paper: 1.04-1.09x)."))]

@@ -1,7 +1,14 @@
-"""Pages of the analyses' run folders: a step's findings section (by the report's rule) and the scan's index.md."""
+"""Pages of the analyses' run folders: a step's findings section (by the report's rule) and the scan's index.md.
+
+It imports no analysis: a step hands in its own `findings` reader.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
+from sinkscope.findings import Finding, findings_section
 from sinkscope.markdown import PLANTED_BANNER, fmt_cell, markdown_table, skipped_section
 
 
@@ -31,23 +38,18 @@ def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
     return lines
 
 
-def step_findings_section(step: str, folder) -> list[str]:
+def step_findings_section(read_findings: Callable[[Path], list[Finding]], folder) -> list[str]:
     """The findings section of a step's own index.md: the same findings, by the same rule (sinkscope.findings), that
-    the report's index.md lists for that step (the report registry's findings reader for `step`, run on the tables
-    the step wrote to `folder`), without the step's name in each line."""
-    from pathlib import Path
-
-    from sinkscope.analyses.report import REGISTRY
-    from sinkscope.findings import findings_section
-
+    the report's index.md lists for that step (the step module's `findings` reader, passed in as `read_findings`, run
+    on the tables the step wrote to `folder`), without the step's name in each line."""
     try:
-        step_findings = REGISTRY[step].findings(Path(folder))
+        step_findings = read_findings(Path(folder))
     except (OSError, KeyError, ValueError) as err:
         return ["## Findings\n", f"_The findings could not be read from the step's tables: {err}._\n"]
     return findings_section(step_findings, with_step=False)
 
 
-def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
+def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs, read_findings,
                      role_summary=None, text_sinks=None) -> None:
     meta = folder.meta
     model = meta.get("model", {})
@@ -60,7 +62,7 @@ def write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_score
         f"{meta.get('n_samples')} samples; model {model.get('architecture')} with {model.get('layers')} layers, "
         f"hidden size {model.get('hidden_size')}, {model.get('heads')} heads. Started {meta.get('started')}.\n"
     )
-    lines += step_findings_section("scan", folder.path)
+    lines += step_findings_section(read_findings, folder.path)
     # massive activations
     top = magnitudes.sort_values("top1", ascending=False).iloc[0]
     lines.append("## Massive activations\n")

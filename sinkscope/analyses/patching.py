@@ -37,15 +37,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, prepare_batch, setup
+from sinkscope.analyses.step_findings import bootstrap_mean_ci
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import Sample, progress
+from sinkscope.findings import (EFFECT, NOTHING_TO_TEST, Estimate, Finding, effect_clause, nothing_clause,
+                                nothing_to_act_on, num, share_clause)
 from sinkscope.interventions.patching import Patch, Patcher, check_aligned, logit_diff, matched_heads, matched_tokens
 from sinkscope.measures.heads import image_centric_from_stats, visual_attention_stats
 from sinkscope.runconfig import analysis_default
@@ -336,7 +340,7 @@ def _write_index(folder, cfg, table, figs) -> None:
     else:
         from sinkscope.analyses.pages import step_findings_section
 
-        lines += step_findings_section("patching", folder.path)
+        lines += step_findings_section(findings, folder.path)
     if "effects" in figs:
         lines.append(f"![patching]({figs['effects']})\n")
     # fraction_of_full stays in patching.csv; on the page a share of the full effect is only the findings', which
@@ -345,3 +349,85 @@ def _write_index(folder, cfg, table, figs) -> None:
                  "whether or not that effect is detectable, is left out here):\n")
     lines.append(markdown_table(table.drop(columns=["fraction_of_full"], errors="ignore"), max_rows=200))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: limit // 2 questions (at least 8), whole-model sites only (layers=[])."""
+    config = PatchConfig(model=report_cfg.model, limit=max(8, report_cfg.limit // 2), device=report_cfg.device,
+                         seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score, layers=[])
+    run_patching(str(folder), config, adapter=adapter, log=log, calibration=calibration)
+
+
+def reference_effect(folder: Path, table: pd.DataFrame, source: str) -> Estimate | None:
+    """The effect a share is taken of: the whole-image swap (source other_image, from the per-sample table) or
+    VAR's whole effect (var_full); None when it was not measured."""
+    if source == "var":
+        rows = table[(table["site"] == "var_full") & (table["layer"] == -1)]
+        if not len(rows):
+            return None
+        r = rows.iloc[0]
+        return Estimate(float(r["effect"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+    path = folder / "patching_per_sample.csv"
+    if not path.exists():
+        return None
+    per_sample = pd.read_csv(path)
+    rows = per_sample[(per_sample["source"] == source) & (per_sample["layer"] == -1)]
+    if not len(rows):
+        return None
+    full = rows.groupby("sample")["full_effect"].first()
+    m, lo, hi = bootstrap_mean_ci(full.values)
+    return Estimate(m, lo, hi, len(full))
+
+
+PATCH_MEANINGS = {  # source: (above 0, below 0)
+    "other_image": ("the patch moves the answer away from the other image's", "the patch carries the other image's "
+                    "answer"),
+    "var": ("raises the correct answer's logit difference", "lowers the correct answer's logit difference"),
+}
+
+
+def _count(x) -> str:
+    """A mean count per sample: whole numbers from 100 on ('1007', not '1.01e+03')."""
+    return f"{float(x):.0f}" if np.isfinite(float(x)) and float(x) >= 100 else num(x)
+
+
+def findings(folder: Path) -> list[Finding]:
+    """The whole-image swap, then every site patched at all layers at once, with its share of the reference effect."""
+    table = pd.read_csv(folder / "patching.csv")
+    out = []
+    swap = reference_effect(folder, table, "other_image")
+    if swap is not None:
+        status, clause = effect_clause(swap, *PATCH_MEANINGS["other_image"])
+        out.append(Finding("patching", "whole image from the other_image run (the most a patch can do)", swap.value,
+                           swap.ci_low, swap.ci_high, n=swap.n, status=status, sentence=(
+                               f"Running the other image instead: {clause}.")))
+    references = {"other_image": (swap, "swapping the whole image"),
+                  "var": (reference_effect(folder, table, "var"), "VAR's whole effect")}
+    for _, r in table[table["layer"] == -1].iterrows():
+        name = f"{r['site']} from the {r['source']} run, all layers"
+        est = Estimate(float(r["effect"]), float(r["ci_low"]), float(r["ci_high"]), int(r["n_samples"]))
+        if r["source"] == "self":
+            out.append(Finding("patching", name, est.value, est.ci_low, est.ci_high, n=est.n, sentence=(
+                "Check: every image token patched from the target's own run must change nothing (0).")))
+            continue
+        if nothing_to_act_on(r["n_tokens"]):
+            what = "visual sinks" if r["site"] == "visual_sinks" else f"{r['site']} tokens"
+            out.append(Finding("patching", name, math.nan, n=est.n, status=NOTHING_TO_TEST,
+                               sentence=f"{nothing_clause('patch', what)}."))
+            continue
+        above, below = PATCH_MEANINGS.get(r["source"], ("raises the correct answer's logit difference",
+                                                        "lowers the correct answer's logit difference"))
+        status, clause = effect_clause(est, above, below)
+        reference, ref_name = references.get(r["source"], (None, ""))
+        # a share only of a detectable reference (share_clause) and only for a detectable part: no share of noise
+        share = ("" if reference is None or r["site"] == "var_full" or status != EFFECT
+                 else share_clause(est.value, reference, ref_name))
+        out.append(Finding("patching", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
+            f"Change of the correct answer's logit difference: {clause}" + (f"; {share}" if share else "")
+            + f" ({_count(r['n_tokens'])} positions or heads per question).")))
+    return out

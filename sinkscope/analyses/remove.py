@@ -38,6 +38,7 @@ from sinkscope.analyses.inject import signature_of
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, findings_section, num
 from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
 from sinkscope.kinds import PAD
 from sinkscope.measures.attention_share import attention_share
@@ -289,9 +290,7 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
         lines.append("No samples.\n")
         folder.write_text("index.md", "\n".join(lines))
         return
-    from sinkscope.findings import findings_section
-
-    lines += findings_section(report_findings(folder.path))
+    lines += findings_section(findings(folder.path))
     if len(attention):
         first = attention[(attention["target"] == "first")]
         if len(first):
@@ -313,10 +312,14 @@ def _write_index(folder, cfg, sig, table, attention) -> None:
 # the report step
 # ---------------------------------------------------------------------------------------
 
-def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> None:
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: every target and replacement, entering every layer from the onset on (at the onset
     alone a narrow model's first token may not yet be a sink by the rule), on the demo's mixed tasks (or the
     report's data)."""
+    cfg = report_cfg
     config = RemoveConfig(model=cfg.model, limit=min(int(cfg.limit or 16), 16), device=cfg.device, dtype=cfg.dtype,
                           seed=cfg.seed, tau=cfg.tau, sink_score=sink_score, layers="all")
     if cfg.data != "demo":
@@ -324,10 +327,8 @@ def report_run(folder, cfg, adapter, sink_score: str, log, calibration=None) -> 
     run_remove(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
-def report_findings(folder) -> list:
+def findings(folder) -> list[Finding]:
     """Findings: accuracy (or perplexity) with each removal against the unmodified model."""
-    from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, num
-
     folder = Path(folder)
     table = pd.read_csv(folder / "remove.csv")
     out = []

@@ -14,21 +14,25 @@ sink_tokens.csv, token_stats.csv, head_scores.csv, dim_profile.csv, figures, ind
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, open_calibration, prepare_batch,  # noqa: F401 (re-exported)
                                        prepare_readable, text_queries_after_image)
+from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
 from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import massive, sinks
 from sinkscope.errors import SinkscopeError
+from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, num
 from sinkscope.models.base import KIND_NAMES, ModelAdapter
 from sinkscope.runconfig import parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
@@ -371,8 +375,8 @@ def summarize(folder: RunFolder, dims, tau, adapter: ModelAdapter, figures: bool
         if len(role_summary) and dims.dims:
             figs["roles"] = plots.phi_by_role(role_summary, tau.value, adapter.hidden_size, folder.path / "phi_by_role.png",
                                               score=score)
-    pages.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs,
-                            role_summary=role_summary, text_sinks=text_sinks)
+    pages.write_scan_index(folder, dims, tau, adapter, magnitudes, summary, head_scores, tokens, figs, findings,
+                           role_summary=role_summary, text_sinks=text_sinks)
     return {"magnitudes": magnitudes, "head_scores": head_scores, "summary": summary}
 
 
@@ -453,3 +457,77 @@ def sink_summary(counts: pd.DataFrame) -> pd.DataFrame:
     cols = ["layer", "token_kind", "n_tokens", "n_sinks", "sinks_per_sample", "mean_phi", "max_phi",
             "mean_attention_received", "sink_attention_received", "sink_background_share", "background_base_rate"]
     return out[cols]
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES = ("massive_activations.png", "phi_by_role.png", "phi_vs_attention.png", "dim_profile.png",
+           "head_nonsink_ratio.png")  # the report shows these first, in this order
+
+
+def report_config(report_cfg, sink_score: str) -> ScanConfig:
+    """The scan a report runs: the report's model, data, limit, device, seed, tau and resolved sink score."""
+    return ScanConfig(model=report_cfg.model, data=report_cfg.data, limit=report_cfg.limit, device=report_cfg.device,
+                      seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score)
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the scan on the report's data."""
+    run_scan(str(folder), report_config(report_cfg, sink_score), adapter=adapter, log=log, calibration=calibration)
+
+
+def findings(folder: Path) -> list[Finding]:
+    """The scan's findings: sink dims, visual sinks per image, the attention they and the first token receive."""
+    run = run_meta(folder)
+    dims = json.loads((folder / "sink_dims.json").read_text())
+    n = run.get("n_samples")
+    tau = run.get("tau", {})
+    score = run.get("params", {}).get("sink_score", "rms")
+    how = (f"tau = {num(tau.get('value', math.nan))} ({tau.get('method')}, score: "
+           f"{'phi' if score == 'rms' else 'layer-relative'})")
+    out = [Finding("scan", "sink dims", float(len(dims["dims"])), n=n, sentence=(
+        f"Sink dims {dims['dims']} found by {dims['method']} on the first token; {how}." if dims["dims"] else
+        f"No sink dimension found ({dims['method']}): no activation of the first token stands out; {how}."))]
+    counts = _token_counts(folder)
+    per_image = _per_image(counts)
+    if per_image is not None:
+        out.append(Finding("scan", "visual sinks per image (busiest layer)", per_image.value, per_image.ci_low,
+                           per_image.ci_high, n=per_image.n, sentence=(
+                               "Image tokens at or above tau in the layer where they are most numerous, mean over "
+                               "images." if per_image.value > 0 else
+                               "No image token reaches tau in any layer >= 2: no visual sinks at this threshold.")))
+        vis = counts[(counts["layer"] >= 2) & (counts["token_kind"] == "visual")]
+        if per_image.value > 0:
+            m, lo, hi = bootstrap_mean_ci(vis.groupby("sample")["sum_sink_attention"].max().values)
+            out.append(Finding("scan", "text-query attention to visual sinks (busiest layer)", m, lo, hi, n=per_image.n,
+                               sentence="Share of the attention of text queries after the image that visual sinks "
+                                        "receive."))
+        else:
+            out.append(Finding("scan", "text-query attention to visual sinks", math.nan, n=per_image.n,
+                               status=NOTHING_TO_TEST, sentence="No visual sinks: no attention to them to measure."))
+    first = counts[(counts["layer"] >= 2) & (counts["token_kind"] == "bos")]
+    if len(first):
+        per_sample = first.groupby("sample")["sum_attention"].mean()
+        m, lo, hi = bootstrap_mean_ci(per_sample.values)
+        out.append(Finding("scan", "attention to the first token (mean over layers >= 2)", m, lo, hi,
+                           n=len(per_sample), sentence="Share of text-query attention that the first token receives."))
+    return out
+
+
+def _token_counts(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "token_summary_per_sample.csv")
+
+
+def visual_sinks_per_image(folder: Path) -> Estimate | None:
+    """Visual sinks per image in its busiest layer >= 2, mean over images with 95% CI; None without image tokens."""
+    return _per_image(_token_counts(folder))
+
+
+def _per_image(counts: pd.DataFrame) -> Estimate | None:
+    """counts: the scan's token_summary_per_sample.csv (sample, layer, token_kind, n_sinks, ...)."""
+    vis = counts[(counts["layer"] >= 2) & (counts["token_kind"] == "visual")]
+    if not len(vis):
+        return None
+    per_sample = vis.groupby("sample")["n_sinks"].max()
+    m, lo, hi = bootstrap_mean_ci(per_sample.values)
+    return Estimate(m, lo, hi, len(per_sample))

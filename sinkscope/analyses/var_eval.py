@@ -37,16 +37,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from sinkscope.analyses.common import AnalysisConfig
+from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
 from sinkscope.eval.tasks import Sample, progress
+from sinkscope.findings import Finding, num
 from sinkscope.runconfig import analysis_default, parse_shard, sample_seed
 from sinkscope.runfolder import RunFolder, check_resumable
 
@@ -433,9 +436,10 @@ def condition_sentence(r) -> tuple[str, str]:
                     f"{int(r['discordant_worse'])} broken (McNemar exact p = {num(r['p_value'], 2)})")
 
 
-def findings(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None = None,
-             metric: str = "f1") -> list[str]:
-    """Sentences read from var_eval.csv (pooled over tasks), each with its numbers, CI and n."""
+def finding_sentences(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFrame | None = None,
+                      metric: str = "f1") -> list[str]:
+    """The step page's findings: sentences read from var_eval.csv (pooled over tasks), each with its numbers, CI
+    and n (the report's are `findings`)."""
     out = []
     if not (meta.get("var_calibrated") or {}).get("sink_dims"):
         out.append("Calibration found **no sink dimensions**: VAR has no sinks to take attention from and leaves this "
@@ -480,7 +484,7 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
                  "accuracy_change the paired change with change_ci_low/change_ci_high.\n")
     lines.append("## Findings\n")
     lines.append(RULE_NOTE + "\n")
-    lines += [f"- {f}" for f in findings(table, chosen, meta, sweep, cfg.select_metric)] + [""]
+    lines += [f"- {f}" for f in finding_sentences(table, chosen, meta, sweep, cfg.select_metric)] + [""]
     if len(chair):
         lines.append("Captions (CHAIR, test scenes): " + "; ".join(
             f"`{r['condition']}` CHAIR_s {r['chair_s']:.3g} ({r['chair_s_ci_low']:.3g} to {r['chair_s_ci_high']:.3g}), "
@@ -498,3 +502,57 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
         lines.append("\n## chair.csv (test captions)\n")
         lines.append(markdown_table(chair))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the three POPE splits, `--var-questions` test questions per split (default
+    limit // 2, at least 8), limit // 4 (at least 8) validation questions, a 2 x 2 grid of p and rho."""
+    limit = report_cfg.var_questions or max(8, report_cfg.limit // 2)
+    config = VarEvalConfig(model=report_cfg.model, limit=limit, val_limit=max(8, report_cfg.limit // 4),
+                           device=report_cfg.device, dtype=report_cfg.dtype, seed=report_cfg.seed, tau=report_cfg.tau,
+                           sink_score=sink_score, tasks=["pope-random", "pope-popular", "pope-adversarial"],
+                           p_grid=[0.3, 0.6], rho_grid=[0.5, 0.8])
+    if report_cfg.data != "demo":
+        config.data = report_cfg.data
+    run_var_eval(str(folder), config, adapter=adapter, log=log, calibration=calibration)
+
+
+def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(var_eval.csv, var_sweep.csv); a var_eval.csv written before unparseable answers were counted apart is
+    recomputed from var_answers.csv, so its McNemar test is on parsed pairs too."""
+    table = pd.read_csv(folder / "var_eval.csv")
+    if "n_pairs" not in table.columns and (folder / "var_answers.csv").exists():
+        n_boot = int(run_meta(folder).get("params", {}).get("n_boot", 1000))
+        table = eval_table(pd.read_csv(folder / "var_answers.csv"), n_boot=n_boot)
+    sweep_path = folder / "var_sweep.csv"
+    sweep = pd.read_csv(sweep_path) if sweep_path.exists() else pd.DataFrame(columns=SWEEP_COLUMNS)
+    return table, sweep
+
+
+def findings(folder: Path) -> list[Finding]:
+    """How p and rho were chosen, and POPE accuracy of every condition on the test split (pooled over tasks)."""
+    table, sweep = read_tables(folder)
+    meta = run_meta(folder)
+    chosen = (meta.get("chosen") or {})
+    metric = meta.get("params", {}).get("select_metric", "f1")
+    out = []
+    if "p" in chosen:
+        tied, clause = choice_clause(sweep, (chosen["p"], chosen["rho"]), metric, chosen.get("how"))
+        out.append(Finding("var_eval", "VAR's p and rho", math.nan, n=meta.get("n_validation"), sentence=(
+            f"{clause}. Validation questions only; the test split was not used for any choice.")))
+    pooled = table[table["task"] == "all"] if (table["task"] == "all").any() else table
+    for _, r in pooled.iterrows():
+        status, sentence = condition_sentence(r)
+        all_unparsed = int(r["n_unparseable"]) == int(r["n"])
+        out.append(Finding("var_eval", f"POPE accuracy, {r['condition']}" + (f" (p {num(r['p'])}, rho {num(r['rho'])})"
+                                                                           if pd.notna(r.get("p")) else ""),
+                           math.nan if all_unparsed else float(r["accuracy"]),
+                           math.nan if all_unparsed else float(r["ci_low"]),
+                           math.nan if all_unparsed else float(r["ci_high"]), n=int(r["n"]), status=status,
+                           sentence=f"Test split, yes/no answers: {sentence}."))
+    return out

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
+                                      report_step_config, setup)
+from sinkscope.analyses.step_findings import run_meta
 from sinkscope.eval.tasks import progress
+from sinkscope.findings import NOTHING_TO_TEST, Finding
 from sinkscope.measures import massive
 from sinkscope.runfolder import RunFolder
 
@@ -169,10 +173,43 @@ def _write_index(folder, cfg, table, dim_table, figs) -> None:
     if table.empty:
         lines.append("No image tokens: nothing to measure (none found).\n")
     else:
-        lines += step_findings_section("vit_sinks", folder.path)
+        lines += step_findings_section(findings, folder.path)
         lines += dim_lines(table, dim_table, meta.get("n_samples"))
     if "norms" in figs:
         lines.append(f"![norms]({figs['norms']})\n")
     lines.append(markdown_table(table))
     lines.append(markdown_table(dim_table, max_rows=10))
     folder.write_text("index.md", "\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- the report step
+
+FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
+
+
+def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+    """`sinkscope report` step: the ViT-born sinks analysis with the report's settings (`common.report_step_config`)."""
+    run_vit_sinks(str(folder), report_step_config(VitSinksConfig, report_cfg, sink_score), adapter=adapter, log=log,
+                  calibration=calibration)
+
+
+def findings(folder: Path) -> list[Finding]:
+    """Per site: the share of high-norm image tokens that D_sink finds as language-model visual sinks."""
+    table = pd.read_csv(folder / "vit_sinks.csv")
+    n = run_meta(folder).get("n_samples")
+    out = []
+    for _, r in table.iterrows():
+        counts = (f"{int(r['n_high_norm'])} high-norm tokens, {int(r['n_lm_visual_sinks'])} language-model visual sinks, "
+                  f"{int(r['n_both'])} both")
+        name = f"high-norm image tokens at {r['site']} also found by D_sink"
+        if not r["n_high_norm"]:
+            out.append(Finding("vit_sinks", name, math.nan, n=n, status=NOTHING_TO_TEST,
+                               sentence=f"{counts}: no high-norm tokens, nothing to compare."))
+        elif not r["n_lm_visual_sinks"]:
+            out.append(Finding("vit_sinks", name, float(r["share_found_by_dsink"]), n=n, sentence=(
+                f"{counts}: D_sink marks no image token as a sink here, so it finds none of the high-norm tokens.")))
+        else:
+            out.append(Finding("vit_sinks", name, float(r["share_found_by_dsink"]), float(r["ci_low"]),
+                               float(r["ci_high"]), n=n, sentence=f"{counts}."))
+    return out or [Finding("vit_sinks", "high-norm image tokens", math.nan, n=n, status=NOTHING_TO_TEST,
+                           sentence="None found.")]
