@@ -202,14 +202,18 @@ _SHARD = typer.Option(None, help="i/n: only the samples whose index modulo n is 
                       "SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE when set); merge with `sinkscope merge`")
 
 
-_NO_SHARD = typer.Option(None, hidden=True, help="not for this command: only scan, ablate and var-eval shard")
+# the commands that take --shard: `sinkscope merge` merges their shards
+SHARDED = "scan, heads, contributions, location, vit-sinks, ablate, patch, var-eval, remove"
+_NO_SHARD = typer.Option(None, hidden=True, help=f"not for this command: only {SHARDED} shard")
 
 
 def _refuse_shard(command: str, shard: Optional[str]) -> None:
-    """--shard on a command whose shards cannot be merged yet: one line naming what does shard."""
+    """--shard on a command whose shards cannot be merged yet (inject: its random draws are made per batch, from one
+    generator per run, so a sample's draws depend on its shard): one line naming what does shard."""
     if shard is not None:
-        typer.echo(f"Error: {command} does not take --shard yet (its shards could not be merged): run it without "
-                   "--shard; sharded runs: scan, ablate, var-eval (merged with `sinkscope merge`)", err=True)
+        typer.echo(f"Error: {command} does not take --shard yet (its random draws depend on the batch, so its shards "
+                   "could not be merged into the unsharded run): run it without "
+                   f"--shard; sharded runs: {SHARDED} (merged with `sinkscope merge`)", err=True)
         raise typer.Exit(2)
 
 
@@ -224,8 +228,8 @@ def _shard(text: Optional[str]) -> Optional[str]:
 def merge(folders: list[str] = typer.Argument(..., help="the shards' run folders (each of 0/n..n-1/n once)"),
           out: str = typer.Option(..., help="the merged run folder to write"),
           figures: bool = typer.Option(True, help="draw the figures")):
-    """Merge the run folders of a sharded scan, ablate or var-eval (--shard i/n) into one, recomputing summaries
-    and figures."""
+    """Merge the run folders of a sharded run (--shard i/n of scan, heads, contributions, location, vit-sinks, ablate,
+    patch, var-eval or remove) into one, recomputing summaries and figures."""
     with _one_line_errors(None, out):
         from sinkscope.analyses.merge import merge_runs
 
@@ -342,9 +346,8 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
           device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
           sink_score: str = _SCORE, resume: bool = _RESUME, remote: Optional[str] = _REMOTE,
-          shard: Optional[str] = _NO_SHARD):
+          shard: Optional[str] = _SHARD):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
-    _refuse_shard("heads", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -353,8 +356,7 @@ def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str =
 
         return HeadsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
                            rho=rho, summ=summ, n_maps=n_maps, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                           remote=remote,
-                           sink_score=score)
+                           remote=remote, sink_score=score, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.heads:run_heads")
 
@@ -365,9 +367,8 @@ def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, ou
                   sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
                   device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
                   seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
-                  shard: Optional[str] = _NO_SHARD):
+                  shard: Optional[str] = _SHARD):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
-    _refuse_shard("contributions", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -376,7 +377,7 @@ def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, ou
 
         return ContributionsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
                                    sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                                   sink_score=score)
+                                   sink_score=score, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.contributions:run_contributions")
 
@@ -389,9 +390,8 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-             sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
+             sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _SHARD):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
-    _refuse_shard("location", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -402,7 +402,7 @@ def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: st
             raise SinkscopeError(f"--masks {masks} is not a folder; give a folder with one PNG mask per image")
         return LocationConfig(model=model, data=data, limit=limit, masks=masks, batch_size=batch_size, tau=tau,
                               sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                              sink_score=score)
+                              sink_score=score, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.location:run_location")
 
@@ -414,9 +414,8 @@ def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: s
               batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
               device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
               device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-              sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
+              sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _SHARD):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
-    _refuse_shard("vit-sinks", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
@@ -425,7 +424,7 @@ def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: s
 
         return VitSinksConfig(model=model, data=data, limit=limit, norm_ratio=norm_ratio, batch_size=batch_size,
                               tau=tau, sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                              sink_score=score)
+                              sink_score=score, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.vit_sinks:run_vit_sinks")
 
@@ -478,10 +477,9 @@ def patch(ctx: typer.Context, model: str = _MODEL,
           tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE,
           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
+          resume: bool = _RESUME, shard: Optional[str] = _SHARD):
     """Patch visual sinks / object tokens / image-centric heads from an image with the other answer, and
     VAR-edited heads into the baseline; effect on the answer's logit difference with CIs."""
-    _refuse_shard("patch", shard)
     run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
                       seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims, layers=layers)
 
@@ -490,7 +488,7 @@ def patch(ctx: typer.Context, model: str = _MODEL,
 
         return PatchConfig(model=model, data=data, limit=limit, batch_size=batch_size, layers=run.layers, rho=rho,
                            summ=summ, p=p, var=var, tau=tau, sink_dims=run.sink_dims, device=device, dtype=dtype,
-                           seed=seed, n_boot=n_boot, sink_score=score)
+                           seed=seed, n_boot=n_boot, sink_score=score, shard=_shard(shard))
 
     _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.patching:run_patching")
 
@@ -650,10 +648,9 @@ def remove(ctx: typer.Context,
            sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
            dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
            device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
+           resume: bool = _RESUME, shard: Optional[str] = _SHARD):
     """Take the sink signature away (first token / every sink / visual sinks, to zero or a mean): attention
     redistribution, answer accuracy, text perplexity."""
-    _refuse_shard("remove", shard)
     from sinkscope.analyses.remove import named_specs
     from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS
 
@@ -667,7 +664,7 @@ def remove(ctx: typer.Context,
 
         cfg = RemoveConfig(model=model, data=data, limit=limit, batch_size=batch_size, layers=layers, layer=layer,
                            calibration=calibration, sink_dims=run.sink_dims, tau=tau, device=device, dtype=dtype,
-                           seed=seed, n_boot=n_boot, sink_score=score)
+                           seed=seed, n_boot=n_boot, sink_score=score, shard=_shard(shard))
         for name, value in (("targets", _names(targets, "--targets", TARGETS)), ("to", _names(to, "--to", REMOVE_TO))):
             if value is not None:
                 setattr(cfg, name, value)

@@ -4,6 +4,8 @@ launcher's environment (SLURM array, torchrun)."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -48,10 +50,13 @@ def test_the_shard_comes_from_the_flag_or_the_launcher():
             parse_shard(bad, {})
 
 
-def _run_sharded(runner, app, common: list[str], tmp_path, n: int) -> None:
-    """The unsharded run in tmp_path/whole, shards 0..n-1 in tmp_path/s<i>, merged (given in reverse) into merged."""
-    whole = runner.invoke(app, common + ["--out", str(tmp_path / "whole")])
-    assert whole.exit_code == 0, whole.output
+def _run_sharded(runner, app, common: list[str], tmp_path, n: int, whole=None) -> None:
+    """The unsharded run in `whole` (tmp_path/whole; kept when it has finished), shards 0..n-1 in tmp_path/s<i>,
+    merged (given in reverse) into tmp_path/merged."""
+    whole = whole or tmp_path / "whole"
+    if not (whole / "run.json").exists() or not json.loads((whole / "run.json").read_text()).get("finished"):
+        result = runner.invoke(app, common + ["--out", str(whole)])
+        assert result.exit_code == 0, result.output
     for i in range(n):
         done = runner.invoke(app, common + ["--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/{n}"])
         assert done.exit_code == 0, done.output
@@ -60,9 +65,9 @@ def _run_sharded(runner, app, common: list[str], tmp_path, n: int) -> None:
     assert merged.exit_code == 0, merged.output
 
 
-def _assert_same_tables(tmp_path, tables) -> None:
+def _assert_same_tables(tmp_path, tables, whole=None) -> None:
     for table in tables:
-        a, b = tmp_path / "whole" / f"{table}.csv", tmp_path / "merged" / f"{table}.csv"
+        a, b = (whole or tmp_path / "whole") / f"{table}.csv", tmp_path / "merged" / f"{table}.csv"
         assert a.exists() and b.exists(), table
         left, right = pd.read_csv(a), pd.read_csv(b)
         assert len(left), table
@@ -89,7 +94,6 @@ def test_merged_shards_equal_the_unsharded_ablation(n, tmp_path):
 @pytest.mark.parametrize("n", [2, 3])
 def test_merged_shards_equal_the_unsharded_var_eval(n, tmp_path):
     """Every shard runs the whole validation sweep, so each chooses the same p and rho; the merge keeps one copy."""
-    import json
 
     from sinkscope.cli import app
 
@@ -120,6 +124,28 @@ def test_a_random_control_draw_depends_on_the_sample_alone():
     assert sample_seed(0, 7) != sample_seed(0, 8) and sample_seed(0, 7) == sample_seed(0, 7)
 
 
+def test_patching_controls_depend_on_the_sample_alone():
+    """patch's matched controls with one generator per row: a row's draw is the same alone or in a batch, padded."""
+    import torch
+
+    from sinkscope.interventions.patching import matched_heads, matched_tokens
+
+    gens = lambda: [torch.Generator().manual_seed(k) for k in (7, 8)]  # noqa: E731
+    pool = torch.tensor([[False, True, True, True, True, True], [True, True, False, True, True, False]])
+    both = matched_tokens(torch.tensor([2, 3]), pool, gens())
+    assert both.sum(1).tolist() == [2, 3] and not (both & ~pool).any()
+    alone = matched_tokens(torch.tensor([3]), pool[1:, :5], gens()[1:])  # unpadded, in a batch of its own
+    assert torch.equal(alone[0], both[1, :5])
+    chosen = torch.zeros(2, 4, 6, dtype=torch.bool)
+    chosen[0, :2, 1], chosen[1, :1, 3] = True, True
+    eligible = torch.zeros_like(chosen)
+    eligible[0, :, 1:], eligible[1, :, :5] = True, True  # row 0 left-padded by one token
+    other = matched_heads(chosen, eligible, gens())
+    assert not (other & chosen).any() and other[0, :, 1].sum() == 2 and other[1, :, 3].sum() == 1
+    alone = matched_heads(chosen[1:, :, :5], eligible[1:, :, :5], gens()[1:])
+    assert torch.equal(alone[0], other[1, :, :5])
+
+
 @pytest.mark.parametrize("command", ["ablate", "var-eval"])
 @pytest.mark.parametrize("bad,words", [("3/3", "0 <= i < n"), ("one/2", "give i/n")])
 def test_a_bad_shard_names_the_fix(command, bad, words, tmp_path):
@@ -130,11 +156,47 @@ def test_a_bad_shard_names_the_fix(command, bad, words, tmp_path):
     assert "--shard" in result.output and words in result.output and "0/4" in result.output
 
 
-@pytest.mark.parametrize("command", ["heads", "contributions", "location", "vit-sinks", "patch", "inject", "remove"])
-def test_commands_that_cannot_merge_refuse_a_shard_by_name(command, tmp_path):
+BY_SAMPLE_RUNS = {  # command -> (its own options, the tables compared)
+    "heads": ([], ("head_scores_per_sample", "token_attention", "attention_maps", "head_scores",
+                   "phi_attention_correlation", "map_overlap")),
+    "contributions": ([], ("contributions_per_sample", "contributions", "contribution_heads")),
+    "location": ([], ("location_per_sample", "location")),
+    "vit-sinks": (["--norm-ratio", "1.5"], ("vit_tokens", "vit_sinks", "vit_dims")),
+    "patch": (["--layers", "2"], ("patching_per_sample", "patching")),
+    "remove": (["--data", "demo:pope-adversarial", "--targets", "first,visual_sinks", "--to", "zero,chosen_mean"],
+               ("remove_per_sample", "remove_attention_per_sample", "remove", "remove_attention")),
+}
+
+
+@pytest.mark.parametrize("command", sorted(BY_SAMPLE_RUNS))
+def test_merged_shards_equal_the_unsharded_run_sample_by_sample(command, tmp_path):
+    """heads, contributions, location, vit-sinks (read only), patch (random controls drawn per sample) and remove (no
+    random draw): 2 and 3 shards merged equal the unsharded run, every table (per-sample and summary) exactly; batch
+    size 1 keeps padding out of the forward's last bits."""
     from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    options, tables = BY_SAMPLE_RUNS[command]
+    common = [command, "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1",
+              "--n-boot", "50", *options]
+    runner = CliRunner()
+    for n in (2, 3):
+        _run_sharded(runner, app, common, tmp_path / str(n), n, whole=tmp_path / "whole")
+        _assert_same_tables(tmp_path / str(n), tables, whole=tmp_path / "whole")
+        merged, whole = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / str(n) / "merged",
+                                                                                    tmp_path / "whole"))
+        assert merged["params"] == whole["params"] and merged["finished"]
+        keys = ("tau", "sink_dims", "n_samples", "signature", "chosen_means")
+        assert {k: merged.get(k) for k in keys} == {k: whole.get(k) for k in keys}
+
+
+@pytest.mark.parametrize("command", ["inject"])
+def test_commands_that_cannot_merge_refuse_a_shard_by_name(command, tmp_path):
+    from sinkscope.cli import SHARDED, app
 
     result = CliRunner().invoke(app, [command, "--out", str(tmp_path / "x"), "--shard", "0/2"])
     assert result.exit_code == 2, result.output
-    assert f"{command} does not take --shard" in result.output and "scan, ablate, var-eval" in result.output
+    assert f"{command} does not take --shard" in result.output and SHARDED in result.output
+    assert all(c in SHARDED for c in BY_SAMPLE_RUNS)
     assert not (tmp_path / "x").exists()

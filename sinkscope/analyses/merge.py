@@ -7,8 +7,17 @@ recomputes every summary, figure and index.md from them, as the unsharded run do
 
     merge_runs(["runs/scan-0", "runs/scan-1"], "runs/scan")
 
-Scan, ablate and var-eval runs merge. var-eval shards each ran the whole validation sweep (so each chose p
-and rho from the same answers); the merge keeps one copy of it, after checking every shard's copy is the same.
+Scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch and remove runs merge. var-eval shards each
+ran the whole validation sweep (so each chose p and rho from the same answers); the merge keeps one copy of it, after
+checking every shard's copy is the same. heads, contributions, location, vit-sinks, patch and remove merge by
+`BY_SAMPLE`: their per-sample tables concatenated, then the analysis' own summarize function on them. Random controls
+(ablate's, patch's) are drawn per sample, seeded by its index in the data; remove's chosen means and onset layer come
+from the calibration samples, the same in every shard, and it draws nothing at random. inject does not shard: its
+token draws and its control dim come from one generator per run and one dim per batch.
+
+A merged run equals the unsharded run table by table when both ran with --batch-size 1; with larger batches the
+per-sample rows are the same samples' rows (sorted by sample where the unsharded run interleaves a batch's samples),
+and padding in a batch can change a forward's last bits.
 """
 
 from __future__ import annotations
@@ -49,7 +58,48 @@ def _sample_order(folders: list[Path], metas: list[dict]) -> dict[str, int]:
     return order
 
 
-MERGEABLE = ("scan", "ablate", "var_eval")
+def _summarize_heads(folder: RunFolder, params: dict, meta: dict, figures: bool) -> None:
+    from sinkscope.analyses.heads import HeadsConfig, summarize_heads
+
+    summarize_heads(folder, HeadsConfig(**params), float(meta["tau"]["value"]), list(meta.get("sink_dims") or []),
+                    figures)
+
+
+def _summarize_with(module: str, config: str, function: str):
+    """summarize(folder, params, meta, figures) calling `module.function(folder, module.config(**params), figures)`."""
+    def summarize(folder: RunFolder, params: dict, meta: dict, figures: bool) -> None:
+        import importlib
+
+        mod = importlib.import_module(f"sinkscope.analyses.{module}")
+        getattr(mod, function)(folder, getattr(mod, config)(**params), figures)
+    return summarize
+
+
+def _summarize_remove(folder: RunFolder, params: dict, meta: dict, figures: bool) -> None:
+    from sinkscope.analyses.remove import RemoveConfig, summarize_remove
+    from sinkscope.interventions.sink_signature import SinkSignature
+
+    sig = meta["signature"]
+    summarize_remove(folder, RemoveConfig(**params), SinkSignature(tuple(sig["dims"]), int(sig["layer"]), sig["tau"],
+                                                                   sig["score"]))
+
+
+# analyses merged sample by sample: run.json's analysis -> (its per-sample tables, the summarize that recomputes the
+# rest from them, the run.json fields besides the calibration's that every shard must share, those kept from shard 0)
+BY_SAMPLE = {
+    "heads": (("head_scores_per_sample", "token_attention", "attention_maps"), _summarize_heads, (), ()),
+    "contributions": (("contributions_per_sample",),
+                      _summarize_with("contributions", "ContributionsConfig", "summarize_contributions"), (), ()),
+    "location": (("location_per_sample",), _summarize_with("location", "LocationConfig", "summarize_location"), (),
+                 ()),
+    "vit_sinks": (("vit_tokens",), _summarize_with("vit_sinks", "VitSinksConfig", "summarize_vit"), (), ()),
+    "patching": (("patching_per_sample",), _summarize_with("patching", "PatchConfig", "summarize_patching"), (),
+                 ("var_note",)),
+    "remove": (("remove_per_sample", "remove_attention_per_sample"), _summarize_remove,
+               ("signature", "edited_layers", "chosen_means"), ("plain_text_source",)),
+}
+
+MERGEABLE = ("scan", "ablate", "var_eval", *BY_SAMPLE)
 
 
 def _read_text_table(path: Path) -> pd.DataFrame:
@@ -70,15 +120,16 @@ def _concat_in_order(paths: list[Path], table: str, order: dict[str, int]) -> pd
 
 
 def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True, log=print) -> RunFolder:
-    """Merge finished scan, ablate or var-eval shards into `out`; the shards must be one run's i/n shards
-    covering 0..n-1."""
+    """Merge finished shards of one scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch or remove
+    run into `out`; the shards must be one run's i/n shards covering 0..n-1."""
     paths = [Path(f) for f in folders]
     if not paths:
         raise SinkscopeError("give the shard folders to merge")
     metas = [_read_run(p) for p in paths]
     kinds = {m.get("analysis") for m in metas}
     if len(kinds) != 1 or not kinds <= set(MERGEABLE):
-        raise SinkscopeError(f"merge takes the shards of one scan, ablate or var-eval run; got {sorted(map(str, kinds))}")
+        raise SinkscopeError(f"merge takes the shards of one {', '.join(MERGEABLE).replace('_', '-')} run; got "
+                             f"{sorted(map(str, kinds))}")
     kind = kinds.pop()
     shards = [parse_shard(m["params"].get("shard"), {}) or (0, 1) for m in metas]
     n = shards[0][1]
@@ -92,6 +143,8 @@ def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True,
         return _merge_ablate(paths, metas, shards, same[0], out, figures, log)
     if kind == "var_eval":
         return _merge_var_eval(paths, metas, shards, same[0], out, figures, log)
+    if kind in BY_SAMPLE:
+        return _merge_by_sample(kind, paths, metas, shards, same[0], out, figures, log)
     return _merge_scan(paths, metas, shards, same[0], out, figures, log)
 
 
@@ -121,7 +174,7 @@ def _merge_scan(paths, metas, shards, params, out, figures, log) -> RunFolder:
         folder.write_table("dim_profile", pd.read_csv(first / "dim_profile.csv"))
     folder.mark_done(sorted(order, key=order.get))
     base = metas[shards.index((0, n))]
-    skipped = [s for m in metas for s in m.get("skipped", [])]
+    skipped = _merged_skipped(metas)
     folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "token_stats") if k in base},
                        n_samples=len(order), skipped=skipped, merged_from=[str(p) for p in paths])
     dims = massive.SinkDims.from_json(dims_json)
@@ -141,6 +194,44 @@ def _check_same_calibration(paths: list[Path], metas: list[dict], keys: tuple[st
                              "samples (same data, --limit and --calibration?); run them again with the same settings")
 
 
+def _merged_skipped(metas: list[dict]) -> list | dict:
+    """The shards' skipped samples once each: every shard loads the whole data, so the samples skipped when it
+    loaded are in each shard's list; those skipped in its own samples are in one. Lists (records) or dicts (location's
+    sample -> reason)."""
+    if any(isinstance(m.get("skipped"), dict) for m in metas):
+        return {k: v for m in metas if isinstance(m.get("skipped"), dict) for k, v in m["skipped"].items()}
+    seen: dict[str, object] = {}
+    for m in metas:
+        for record in m.get("skipped") or []:
+            seen.setdefault(json.dumps(record, sort_keys=True), record)
+    return list(seen.values())
+
+
+def _merge_by_sample(kind, paths, metas, shards, params, out, figures, log) -> RunFolder:
+    """heads, contributions, location, vit-sinks, patch, remove: the per-sample tables of BY_SAMPLE[kind]
+    concatenated in the data's order, then the analysis' own summarize (summaries, CIs, figures, index.md) on them."""
+    n = shards[0][1]
+    tables, summarize, shared, kept = BY_SAMPLE[kind]
+    _check_same_calibration(paths, metas, ("tau", "sink_dims", *shared))
+    order = _sample_order(paths, metas)
+    folder = RunFolder(out, kind, {**params, "shard": None}, resume=False)
+    first = paths[shards.index((0, n))]
+    if (first / "sink_dims.json").exists():
+        folder.write_text("sink_dims.json", (first / "sink_dims.json").read_text())
+    for table in tables:
+        merged = _concat_in_order(paths, table, order)
+        if merged is not None:
+            folder.append_rows(table, merged)
+    folder.mark_done(sorted(order, key=order.get))
+    base = metas[shards.index((0, n))]
+    folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "calibration", "n_samples",
+                                               *shared, *kept) if k in base},
+                       skipped=_merged_skipped(metas), merged_from=[str(p) for p in paths])
+    summarize(folder, {**params, "shard": None}, folder.meta, figures)
+    log(f"merged {len(paths)} {kind.replace('_', '-')} shards ({len(order)} samples) into {folder.path}")
+    return folder
+
+
 def _merge_ablate(paths, metas, shards, params, out, figures, log) -> RunFolder:
     from sinkscope.analyses.ablate import AblateConfig, summarize_ablation
 
@@ -155,7 +246,7 @@ def _merge_ablate(paths, metas, shards, params, out, figures, log) -> RunFolder:
         folder.append_rows("ablation_per_sample", per)
     folder.mark_done(sorted(order, key=order.get))
     base = metas[shards.index((0, n))]
-    skipped = [s for m in metas for s in m.get("skipped", [])]
+    skipped = _merged_skipped(metas)
     folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "taus", "n_samples") if k in base},
                        skipped=skipped, merged_from=[str(p) for p in paths])
     summarize_ablation(folder, AblateConfig(**{**params, "shard": None}), figures)

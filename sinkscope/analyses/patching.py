@@ -27,6 +27,8 @@ Sites (layer -1 = every layer at once, otherwise the single layer named):
       var_other_heads = as many unedited heads per (layer, query). If VAR's effect runs through the
       heads it selects, var_selected_heads ~ var_full and var_other_heads ~ 0.
   self: every image token patched from the target's own run (the invariant: exactly 0).
+The random controls ((a'), other_heads, var_other_heads) are drawn per sample from a generator seeded by (seed, the
+sample's index in the data), so a sample draws the same whatever batch or shard (--shard i/n) it runs in.
 
 Writes: run.json, sink_dims.json, patching_per_sample.csv, patching.csv (source, target, site,
 layer, n_tokens, effect, ci_low, ci_high, p_value, n_samples, full_effect, fraction_of_full),
@@ -52,7 +54,7 @@ from sinkscope.findings import (EFFECT, NOTHING_TO_TEST, Estimate, Finding, effe
                                 nothing_to_act_on, num, share_clause)
 from sinkscope.interventions.patching import Patch, Patcher, check_aligned, logit_diff, matched_heads, matched_tokens
 from sinkscope.measures.heads import image_centric_from_stats, visual_attention_stats
-from sinkscope.runconfig import analysis_default
+from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder
 
 PER_SAMPLE_COLUMNS = ["sample", "source_sample", "source", "target", "site", "layer", "n_tokens", "ld_clean",
@@ -198,15 +200,17 @@ def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, 
         else:
             s.folder.update_meta(var_note="no sink dims found: VAR changes nothing, its sites are left out")
     patcher = Patcher(adapter, s.tracer.envoy)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    index = {x.sample_id: k for k, x in enumerate(s.samples)}  # the sample's index in the data: its random draws
     for chunk in progress(s.todo, cfg.batch_size, "patching"):
-        rows = _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gen)
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, index[x.sample_id])) for x in chunk]
+        rows = _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gens)
         s.folder.append_rows("patching_per_sample", pd.DataFrame(rows, columns=PER_SAMPLE_COLUMNS))
         s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_patching(s.folder, cfg, figures)
 
 
 def _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gen) -> list[dict]:
+    """The per-sample rows of one batch; gen: one generator per sample of `chunk` (its random controls' draws)."""
     sources = pick_sources(chunk, s.samples)
     src_samples = [x for x, _ in sources]
     batch_t, batch_s = prepare_batch(adapter, chunk), prepare_batch(adapter, src_samples)
@@ -427,6 +431,8 @@ def findings(folder: Path) -> list[Finding]:
         # a share only of a detectable reference (share_clause) and only for a detectable part: no share of noise
         share = ("" if reference is None or r["site"] == "var_full" or status != EFFECT
                  else share_clause(est.value, reference, ref_name))
+        if share and r["site"] == "var_selected_heads":  # the edited heads, patched in layer order, rebuild the VAR run
+            share += " (expected by construction: VAR edits only these heads)"
         out.append(Finding("patching", name, est.value, est.ci_low, est.ci_high, n=est.n, status=status, sentence=(
             f"Change of the correct answer's logit difference: {clause}" + (f"; {share}" if share else "")
             + f" ({_count(r['n_tokens'])} positions or heads per question).")))

@@ -172,22 +172,40 @@ class Patcher:
         return PatchRun(logits, dict(saved_resid), dict(saved_heads))
 
 
-def matched_heads(chosen: torch.Tensor, eligible: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _scores(where: torch.Tensor, generator) -> torch.Tensor:
+    """U(0, 1) scores at the True cells of `where` [batch, ...], 2.0 elsewhere (on the CPU).
+
+    generator: one torch.Generator (one draw over the whole tensor), or one per batch row: row b's cells are drawn
+    from generator[b] over that row's True cells only, so a sample's draw depends on its own generator (seeded by the
+    sample: `runconfig.sample_seed`), not on padding, the other rows of its batch or the shard it runs in."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(where.shape, generator=generator).masked_fill(~where.cpu(), 2.0)
+    if len(generator) != where.shape[0]:
+        raise ValueError(f"one generator per batch row: got {len(generator)} for {where.shape[0]} rows")
+    scores = torch.full(where.shape, 2.0)
+    for b, gen in enumerate(generator):
+        cells = where[b].cpu()
+        scores[b][cells] = torch.rand(int(cells.sum()), generator=gen)
+    return scores
+
+
+def matched_heads(chosen: torch.Tensor, eligible: torch.Tensor, generator) -> torch.Tensor:
     """Per (batch, query), as many heads as `chosen` selects, drawn at random among `eligible` & ~chosen.
 
     chosen, eligible: [batch, head, query] bool. Returns [batch, head, query] bool. Where fewer
     other heads exist than chosen ones, all of them are taken (the count is then smaller).
+    generator: one, or one per batch row (`_scores`).
     """
     pool = eligible & ~chosen
     count = chosen.sum(dim=1)  # [batch, query]
-    scores = torch.rand(chosen.shape, generator=generator).to(chosen.device)
-    scores = scores.masked_fill(~pool, 2.0)
+    scores = _scores(pool, generator).to(chosen.device)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return (rank < count[:, None, :]) & pool
 
 
-def matched_tokens(count: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per row, `count` [batch] tokens drawn at random from `pool` [batch, token] bool -> [batch, token] bool."""
-    scores = torch.rand(pool.shape, generator=generator).to(pool.device).masked_fill(~pool, 2.0)
+def matched_tokens(count: torch.Tensor, pool: torch.Tensor, generator) -> torch.Tensor:
+    """Per row, `count` [batch] tokens drawn at random from `pool` [batch, token] bool -> [batch, token] bool.
+    generator: one, or one per batch row (`_scores`)."""
+    scores = _scores(pool, generator).to(pool.device)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return (rank < count[:, None].to(pool.device)) & pool
