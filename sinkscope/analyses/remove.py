@@ -338,8 +338,11 @@ def findings(folder) -> list[Finding]:
         if base.empty:
             continue
         b = base.iloc[0]
+        what = ("answers scored against the questions' labels" if metric == "accuracy"
+                else "perplexity of the text, the model's own next-token predictions")
         out.append(Finding("remove", f"{metric}, unmodified", float(b["value"]), float(b["ci_low"]), float(b["ci_high"]),
-                           n=int(b["n_samples"]), status=MEASURED))
+                           n=int(b["n_samples"]), status=MEASURED,
+                           sentence=f"The unmodified model: {what}; every removal below is compared with it."))
         for _, r in t[t["target"] != "none"].iterrows():
             n_removed = table[(table["target"] == r["target"]) & (table["to"] == r["to"]) & (table["metric"] == "n_removed")]
             k = float(n_removed["value"].iloc[0]) if len(n_removed) else math.nan

@@ -1,0 +1,21 @@
+"""The demo card states which competence targets (issue 13) are met and by how much each missed one falls short."""
+
+import pandas as pd
+
+from scripts.smolvlm_card import target_gaps
+
+
+def test_target_gaps_names_met_and_missed_targets_with_their_distance():
+    table = pd.DataFrame([
+        {"task": "pope-random", "accuracy": 0.90, "yes_ratio": 0.50, "chair_i": float("nan")},
+        {"task": "pope-adversarial", "accuracy": 0.80, "yes_ratio": 0.70, "chair_i": float("nan")},
+        {"task": "count", "accuracy": 0.96, "yes_ratio": float("nan"), "chair_i": float("nan")},
+        {"task": "caption", "accuracy": 0.0, "yes_ratio": float("nan"), "chair_i": 0.25},
+    ])
+    text = target_gaps(table)
+    met, missed = text.split("**Missed**")
+    assert "pope-random accuracy 0.9" in met and "count accuracy 0.96" in met and "pope-random yes-ratio 0.5" in met
+    assert "pope-adversarial accuracy 0.8 (0.02 short of 0.82)" in missed
+    assert "caption CHAIR_i 0.25 (0.1 above 0.15)" in missed
+    assert "pope-adversarial yes-ratio 0.7 (outside 0.4-0.6)" in missed
+    assert "position" not in text  # a task the table lacks is not judged
