@@ -524,7 +524,7 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                                                               "steps": progress["step_in_stage"]}
             if progress["global_step"] % 10 == 0 or done:
                 _append_csv(out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
-                                                    "loss": float(loss), "lr": _lr(stage, step),
+                                                    "loss": float(loss.detach()), "lr": _lr(stage, step),
                                                     "seconds": round(seconds, 1), **extra})
                 bar.set_postfix(loss=f"{float(loss):.3f}")
             if stage.name in ("align", "instruct") and (progress["step_in_stage"] % config.metrics_every == 0
