@@ -526,15 +526,15 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
                 _append_csv(out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
                                                     "loss": float(loss.detach()), "lr": _lr(stage, step),
                                                     "seconds": round(seconds, 1), **extra})
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if stage.name in ("align", "instruct") and (progress["step_in_stage"] % config.metrics_every == 0
                                                         or done or progress["step_in_stage"] == 1):
                 m0 = time.time()
-                log_metrics(stage, float(loss), seconds)
+                log_metrics(stage, float(loss.detach()), seconds)
                 t0 += time.time() - m0  # metrics are not training time; timing.json records them apart
                 timing["metrics_seconds"] = round(timing.get("metrics_seconds", 0.0) + time.time() - m0, 1)
             if stage.name != "instruct" and stage.name != "align" and (progress["step_in_stage"] % 100 == 0 or done):
-                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss):.3f} "
+                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss.detach()):.3f} "
                     + " ".join(f"{k} {v:.2f}" for k, v in extra.items()) + f" {seconds:.0f}s")
             if progress["global_step"] % config.checkpoint_every == 0 and not done:
                 save_checkpoint(optimizer)

@@ -206,7 +206,7 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
             done = progress["step_in_stage"] == stage.steps
             if progress["global_step"] % config.metrics_every == 0 or done:
                 which = "text" if stage.name == "text" else "image"
-                row = {"global_step": progress["global_step"], "stage": stage.name, "loss": float(loss),
+                row = {"global_step": progress["global_step"], "stage": stage.name, "loss": float(loss.detach()),
                        "lr": _lr(stage, step), "seconds": round(time.time() - t0, 1)}
                 row.update(sink_metrics(model, metric_batches[which]))
                 if columns is None:
@@ -215,7 +215,7 @@ def train(out: str | Path, config: TrainConfig | None = None, resume: bool = Tru
                 with open(log_path, "a") as f:
                     f.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
                 bos = [row[f"bos_attention_L{i}"] for i in range(config.architecture.text_layers)]
-                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss):.3f} "
+                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss.detach()):.3f} "
                     f"acc {row['answer_token_accuracy']:.2f} bos_attn {' '.join(f'{b:.2f}' for b in bos)} "
                     f"sink0.3 {row['sink_0.3']:.2f} {time.time() - t0:.0f}s")
             if done:
