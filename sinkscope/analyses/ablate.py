@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_config, setup)
+                                      report_step_for, setup)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
@@ -380,11 +380,7 @@ def contrast_lines(table: pd.DataFrame, contrasts: pd.DataFrame | None) -> list[
 FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
 
 
-def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
-    """`sinkscope report` step: the knockout with the report's settings (`common.report_step_config`), 3 random
-    control seeds."""
-    run_ablate(str(folder), report_step_config(AblateConfig, report_cfg, sink_score, n_random=3), adapter=adapter,
-               log=log, calibration=calibration)
+report_step = report_step_for(AblateConfig, run_ablate, n_random=3)
 
 
 def reported_tau(folder: Path, taus) -> float:

@@ -177,6 +177,18 @@ def report_step_config(config_class, report_cfg, sink_score: str, **overrides):
     return config
 
 
+def report_step_for(config_class, run, **overrides):
+    """A `sinkscope report` step that runs `run(folder, report_step_config(config_class, ...), ...)`: the shape of
+    every analysis whose report step only maps the report's settings onto its own config."""
+
+    def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
+        run(str(folder), report_step_config(config_class, report_cfg, sink_score, **overrides), adapter=adapter,
+            log=log, calibration=calibration)
+
+    report_step.__doc__ = f"`sinkscope report` step: {run.__name__} with the report's settings."
+    return report_step
+
+
 REMOTE_ANALYSES = ("heads",)  # analyses (besides scan) whose reducers run inside a remote trace
 EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 

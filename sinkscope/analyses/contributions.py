@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_config, setup)
+                                      report_step_for, setup)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.eval.tasks import progress
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
@@ -182,10 +182,7 @@ def _write_index(folder, cfg, summary, heads, figs) -> None:
 FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
 
 
-def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
-    """`sinkscope report` step: the OV-contributions analysis with the report's settings (`common.report_step_config`)."""
-    run_contributions(str(folder), report_step_config(ContributionsConfig, report_cfg, sink_score), adapter=adapter,
-                      log=log, calibration=calibration)
+report_step = report_step_for(ContributionsConfig, run_contributions)
 
 
 RATIO_MEANINGS = {

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, prepare_batch,
-                                      report_step_config, setup)
+                                      report_step_for, setup)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import progress
@@ -341,10 +341,7 @@ def per_head_lines(heads: pd.DataFrame) -> list[str]:
 FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
 
 
-def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
-    """`sinkscope report` step: the heads analysis with the report's settings (`common.report_step_config`)."""
-    run_heads(str(folder), report_step_config(HeadsConfig, report_cfg, sink_score), adapter=adapter, log=log,
-              calibration=calibration)
+report_step = report_step_for(HeadsConfig, run_heads)
 
 
 def findings(folder: Path) -> list[Finding]:

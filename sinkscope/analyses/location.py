@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_config, setup)
+                                      report_step_for, setup)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, progress
@@ -216,10 +216,7 @@ def _write_index(folder, cfg, table, figs) -> None:
 FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name order
 
 
-def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
-    """`sinkscope report` step: the location analysis with the report's settings (`common.report_step_config`)."""
-    run_location(str(folder), report_step_config(LocationConfig, report_cfg, sink_score), adapter=adapter, log=log,
-                 calibration=calibration)
+report_step = report_step_for(LocationConfig, run_location)
 
 
 def findings(folder: Path) -> list[Finding]:
