@@ -181,9 +181,12 @@ def report_step_for(config_class, run, **overrides):
     """A `sinkscope report` step that runs `run(folder, report_step_config(config_class, ...), ...)`: the shape of
     every analysis whose report step only maps the report's settings onto its own config."""
 
+    import sys
+
     def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
-        run(str(folder), report_step_config(config_class, report_cfg, sink_score, **overrides), adapter=adapter,
-            log=log, calibration=calibration)
+        current = getattr(sys.modules[run.__module__], run.__name__)  # looked up when called, like a plain call
+        current(str(folder), report_step_config(config_class, report_cfg, sink_score, **overrides), adapter=adapter,
+                log=log, calibration=calibration)
 
     report_step.__doc__ = f"`sinkscope report` step: {run.__name__} with the report's settings."
     return report_step
