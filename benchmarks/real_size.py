@@ -18,7 +18,8 @@ Per sample (batch 1, prompt = BOS + 4 text + 576 image + 59 text tokens = 640), 
   - `generate` of `--new-tokens` tokens with KV cache: eager, SDPA, VAR (every layer edited, sinks
     at tau chosen so ~20 image tokens are sinks; random weights have no massive activations), and
     knockout of those sinks (every layer);
-  - peak RSS of the scan over 1 and `--samples` samples (VmHWM reset through /proc/self/clear_refs
+  - peak memory of the scan over 1 and `--samples` samples: on CUDA the allocator's peak, on the CPU
+    peak RSS (VmHWM reset through /proc/self/clear_refs
     before each; per-sample tables written to a run folder as `run_scan` does).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/real_size.py --family llava --layers 2 --dtype bfloat16
@@ -65,8 +66,8 @@ SHAPES = {
 # ----------------------------------------------------------------------------- building
 
 def _fill_random(model: torch.nn.Module, seed: int) -> None:
-    """Normal(0, 0.02) weights, unit norm scales, zero biases (in place, without autograd)."""
-    g = torch.Generator().manual_seed(seed)
+    """Normal(0, 0.02) weights, unit norm scales, zero biases (in place, without autograd, on each weight's device)."""
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for module in model.modules():
             is_norm = "norm" in type(module).__name__.lower()
@@ -76,10 +77,12 @@ def _fill_random(model: torch.nn.Module, seed: int) -> None:
                 elif is_norm:
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g))
+                    if p.device not in generators:
+                        generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                    p.normal_(0.0, 0.02, generator=generators[p.device])
 
 
-def build_llava(layers: int):
+def build_llava(layers: int, device: str = "cpu"):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     s = SHAPES["llava"]
@@ -93,7 +96,7 @@ def build_llava(layers: int):
                       vision_feature_select_strategy="default", pad_token_id=0)
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():
+    with torch.device(device), no_init_weights():  # weights allocated where they run (7B in float32: 28 GB)
         model = LlavaForConditionalGeneration(cfg)
     ids = [1] + [100 + i for i in range(N_BEFORE)] + [32000] * N_IMAGE + [200 + i for i in range(N_AFTER)]
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
@@ -101,7 +104,7 @@ def build_llava(layers: int):
     return model, batch
 
 
-def build_qwen2_vl(layers: int):
+def build_qwen2_vl(layers: int, device: str = "cpu"):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
@@ -114,7 +117,7 @@ def build_qwen2_vl(layers: int):
                   temporal_patch_size=2)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                         vision_start_token_id=151652, vision_end_token_id=151653)
-    with no_init_weights():
+    with torch.device(device), no_init_weights():
         model = Qwen2VLForConditionalGeneration(cfg)
     grid = (1, 48, 48)  # 2304 patches, merged 2x2 -> 576 image tokens
     ids = ([151644] + [100 + i for i in range(N_BEFORE - 1)] + [151652] + [151655] * N_IMAGE + [151653]
@@ -131,9 +134,9 @@ def build(family: str, layers: int, dtype: torch.dtype, device: str, seed: int =
     """(adapter, batch) of a random 7B-wide model of `family` with `layers` decoder layers."""
     from sinkscope.models import adapter_for_model
 
-    model, batch = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}[family](layers)
+    model, batch = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}[family](layers, device)
     _fill_random(model, seed)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
     adapter = adapter_for_model(model, None, f"{family}-7b-width-{layers}-layers")
     adapter.set_text_attention("eager")
     batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
@@ -162,13 +165,22 @@ def interleaved(variants: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def reset_peak() -> None:
-    """Reset this process's peak RSS (Linux: VmHWM) so the next reading covers what follows."""
+def reset_peak(device: str = "cpu") -> None:
+    """Reset the peak memory reading so the next one covers what follows: the GPU allocator's peak on CUDA,
+    this process's peak RSS (Linux: VmHWM) on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(device: str = "cpu") -> float:
+    """Peak memory in MB since the last reset_peak: GPU memory allocated on CUDA, resident set on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -200,7 +212,7 @@ def sinks_at(adapter, batch, n_sinks: int = 20) -> tuple[list[int], float, torch
     grab = Grab()
     Tracer(adapter).run(batch, [grab], layers=[adapter.num_layers - 1], attention=False)
     phi = seen[adapter.num_layers - 1][0]
-    visual = grab.kinds.visual_mask[0]
+    visual = grab.kinds.visual_mask[0].cpu()  # phi was brought to the CPU
     tau = float(phi[visual].sort(descending=True).values[n_sinks - 1])
     return dims, tau, ((phi >= tau) & visual)[None]
 
@@ -317,13 +329,14 @@ def main() -> None:
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         for n in (1, args.samples):
             folder = RunFolder(os.path.join(tmp, f"scan{n}"), "scan", {"benchmark": "real_size"}, resume=False)
-            reset_peak()
-            base = peak_rss_mb()
+            reset_peak(args.device)
+            base = peak_rss_mb(args.device)
             for i in range(n):
                 scan_pass(tracer, adapter, batch, dims, tau, folder, sample_id=i)
-            peaks[n] = (base, peak_rss_mb())
+            peaks[n] = (base, peak_rss_mb(args.device))
     (b1, p1), (bn, pn) = peaks[1], peaks[args.samples]
-    print(f"scan peak RSS: 1 sample {p1:.0f} MB (+{p1 - b1:.0f} over the model), {args.samples} samples {pn:.0f} MB "
+    what = "peak GPU memory allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"scan {what}: 1 sample {p1:.0f} MB (+{p1 - b1:.0f} over the model), {args.samples} samples {pn:.0f} MB "
           f"(+{pn - bn:.0f}); ratio {pn / p1:.3f} (flat: {'met' if pn / p1 <= 1.05 else 'NOT met'}, goal <= 1.05)")
     print(f"total {time.perf_counter() - t0:.0f}s")
 

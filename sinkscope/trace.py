@@ -223,8 +223,11 @@ class Tracer:
 
     # -- running -----------------------------------------------------------------------
     def batch_info(self, batch, sample_ids=None, prompt_length=None) -> BatchInfo:
-        ids = batch["input_ids"]
-        kinds = self.adapter.token_kinds(ids, batch.get("attention_mask"), prompt_length)
+        """The batch's ids and token kinds, on the CPU whatever device the batch is on (reducers move masks
+        to the device of the tensors they index, and build their tables on the CPU)."""
+        ids = batch["input_ids"].cpu()
+        mask = batch.get("attention_mask")
+        kinds = self.adapter.token_kinds(ids, None if mask is None else mask.cpu(), prompt_length)
         return BatchInfo(ids, kinds, list(sample_ids) if sample_ids is not None else list(range(ids.shape[0])))
 
     def run(self, batch, reducers, layers=None, residual: bool = True, attention: bool = True,

@@ -5,6 +5,7 @@ bfloat16 / float16 agree with float32 within the dtype's tolerance.
   gives the right phi, RMS-normalised value and magnitudes (ground truth in float64);
 - the scan of the planted organism in bfloat16 finds the planted sink dims and the same sink
   tokens as in float32, with phi and head scores within bfloat16's tolerance;
+- each of these with the half-precision model on the GPU too, where CUDA is (the float32 reference on the CPU);
 - knockout and VAR on the organism in bfloat16 and on the tiny LLaVA in bfloat16 and float16 (the
   organism's residual stream, 2.8e6, is past float16's range: the model itself cannot run there) change the
   logits as they do in float32, and VAR finds the same sinks and selects the same (head, query) rows.
@@ -63,10 +64,18 @@ def test_planted_massive_activation_does_not_overflow(dtype):
 # ----------------------------------------------------------------------------- the organism
 
 
-def _organism(dtype: str):
+def _organism(dtype: str, device: str | None = None):
     from sinkscope.models import load
 
-    return quiet(load, "organism", dtype=dtype)
+    return quiet(load, "organism", dtype=dtype, device=device)
+
+
+def _needs(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (runs on a GPU machine)")
+
+
+DEVICES = ["cpu", "cuda"]  # the half-precision model's device; the float32 reference runs on the CPU
 
 
 def _scan(tmp_path, name, adapter, **over):
@@ -81,11 +90,13 @@ BF16_RTOL = 5e-2  # bfloat16 keeps 8 bits of mantissa (0.4%), compounded over 6 
 # tokens' layer-relative scores (up to 1.7e6) move by up to 3.5%
 
 
-def test_scan_in_bfloat16_agrees_with_float32(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_scan_in_bfloat16_agrees_with_float32(tmp_path, device):
     import json
 
+    _needs(device)
     full = _scan(tmp_path, "f32", _organism("float32"))
-    half = _scan(tmp_path, "bf16", _organism("bfloat16"))
+    half = _scan(tmp_path, "bf16", _organism("bfloat16", device))
     dims32 = json.loads((full.path / "sink_dims.json").read_text())["dims"]
     dims16 = json.loads((half.path / "sink_dims.json").read_text())["dims"]
     assert dims32 == dims16 == [1, 90]  # the planted dims, found in both
@@ -110,10 +121,10 @@ def _logits(adapter, batch, context=None):
     import contextlib
 
     with torch.no_grad(), (context or contextlib.nullcontext()):
-        return adapter.model(**adapter.forward_inputs(batch)).logits.float()
+        return adapter.model(**adapter.device_inputs(batch)).logits.float().cpu()
 
 
-def _organism_case(dtype):
+def _organism_case(dtype, device="cpu"):
     """(float32 adapter, adapter in dtype, batch, VARConfig calibrated in float32): the planted organism.
 
     Its residual stream reaches 2.8e6 (past float16's 65,504), so the model itself runs in
@@ -128,10 +139,10 @@ def _organism_case(dtype):
     batch = prepare_batch(full, load_samples("demo", 4))
     config = var_calibrate(full, batch)
     assert list(config.sink_dims) == [1, 90]  # the planted dims
-    return full, _organism(dtype), batch, VARConfig(**{**config.__dict__, "layers": list(range(2, full.num_layers - 1))})
+    return full, _organism(dtype, device), batch, VARConfig(**{**config.__dict__, "layers": list(range(2, full.num_layers - 1))})
 
 
-def _tiny_case(dtype):
+def _tiny_case(dtype, device="cpu"):
     """The same for the tiny random LLaVA: sink dim 0 pinned, tau at the 80th percentile of phi entering layer 1."""
     import copy
 
@@ -141,7 +152,7 @@ def _tiny_case(dtype):
 
     tiny = tiny_models.build("llava")
     full = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
-    half = adapter_for_model(copy.deepcopy(tiny.model).to(getattr(torch, dtype)), tiny.processor)
+    half = adapter_for_model(copy.deepcopy(tiny.model).to(device, getattr(torch, dtype)), tiny.processor)
     batch = tiny.inputs(["describe the image", "what is in the image ?"], [[tiny.image(0)], [tiny.image(1)]])
     with torch.no_grad():
         states = full.model(**batch, output_hidden_states=True).hidden_states[1]
@@ -153,12 +164,14 @@ def _tiny_case(dtype):
 EFFECT_RTOL = {"bfloat16": 0.15, "float16": 0.03}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model,dtype", [("organism", "bfloat16"), ("tiny", "bfloat16"), ("tiny", "float16")])
-def test_knockout_and_var_in_half_precision_agree_with_float32(model, dtype):
+def test_knockout_and_var_in_half_precision_agree_with_float32(model, dtype, device):
     from sinkscope.interventions.knockout import knockout
     from sinkscope.interventions.var import var
 
-    full, half, batch, config = (_organism_case if model == "organism" else _tiny_case)(dtype)
+    _needs(device)
+    full, half, batch, config = (_organism_case if model == "organism" else _tiny_case)(dtype, device)
     base32, base16 = _logits(full, batch), _logits(half, batch)
     assert torch.isfinite(base16).all()
 
@@ -176,9 +189,9 @@ def test_knockout_and_var_in_half_precision_agree_with_float32(model, dtype):
     runs = {}
     for name, adapter in (("32", full), ("16", half)):
         with torch.no_grad(), var(adapter, config, fallback="eager") as run:  # eager: the base's path
-            logits = adapter.model(**adapter.forward_inputs(batch)).logits.float()
-            runs[name] = (logits, {l: run.sinks(l).clone() for l in config.layers},
-                          {l: run.selected(l).clone() for l in config.layers})
+            logits = adapter.model(**adapter.device_inputs(batch)).logits.float().cpu()
+            runs[name] = (logits, {l: run.sinks(l).cpu() for l in config.layers},
+                          {l: run.selected(l).cpu() for l in config.layers})
     (var32, sinks32, sel32), (var16, sinks16, sel16) = runs["32"], runs["16"]
     for layer in config.layers:
         assert torch.equal(sinks16[layer], sinks32[layer]), f"layer {layer}: VAR finds other sinks in {dtype}"
