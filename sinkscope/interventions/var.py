@@ -45,13 +45,13 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
                                                edit_attention)
 from sinkscope.kinds import PAD
+from sinkscope.measures.sinks import PAPER_TAU, needs_phi_for_tau, sink_threshold
 from sinkscope.runconfig import resolve_sink_score
 
 MODES = ("paper", "reference")
 HEAD_SELECTIONS = ("image_centric", "all", "random")
 BUDGET_TARGETS = ("image_nonsink", "text")
 SINK_SCORES = ("auto", "rms", "layer")
-PAPER_TAU = 20.0
 
 
 @dataclass
@@ -131,15 +131,12 @@ def resolve(config: VARConfig, adapter) -> ResolvedVAR:
     config = replace(config, sink_score=resolve_sink_score(config.sink_score, hidden))
     tau = config.tau
     if tau is None:  # the one tau rule (measures.sinks.sink_threshold), without data
-        from sinkscope.measures.sinks import sink_threshold
-
-        try:
-            tau = sink_threshold(config.sink_score, hidden).value
-        except ValueError:
+        if needs_phi_for_tau(config.sink_score, hidden):
             raise SinkscopeError(
                 f"hidden size {hidden} is too small for the paper's tau={PAPER_TAU:g} (phi <= sqrt(hidden) = "
                 f"{math.sqrt(hidden):.3g}): set VARConfig(tau=...) or call "
-                "sinkscope.interventions.var.calibrate(adapter, batch), which chooses tau as the scan does") from None
+                "sinkscope.interventions.var.calibrate(adapter, batch), which chooses tau as the scan does")
+        tau = sink_threshold(config.sink_score, hidden).value
     return ResolvedVAR(config, tuple(layers), dims, float(tau))
 
 
