@@ -62,9 +62,22 @@ def emergence_summary(emergence: pd.DataFrame, n_layers: int, start_layer: int =
             "first_token_attention_mean": sum(r[f"first_token_attention_L{i}"] for i in layers) / len(layers),
             "max_image_phi": max(r[f"max_image_phi_L{i}"] for i in layers),
             **_layer_score_columns(r, layers),
-            "sink_dims": r["sink_dims"], "tau": r["tau"],
+            "sink_dims": r["sink_dims"], "tau": r["tau"], "tau_rule": tau_rule(r),
         })
     return pd.DataFrame(rows)
+
+
+OLD_TAU_RULE = "scaled paper tau (logs before 2026-12-04)"  # 20 * sqrt(hidden) / 64, the rule before the shared one
+
+
+def tau_rule(r) -> str:
+    """Which rule gave a logged row's phi tau: the log's "tau_rule" (and "tau_method") columns where it has them,
+    else the scaled paper tau that `train_smolvlm` used before it called the shared rule (logs before 2026-12-04)."""
+    rule = r.get("tau_rule")
+    if not isinstance(rule, str) or not rule:  # absent, or NaN in the rows of a log that predates the column
+        return OLD_TAU_RULE
+    method = r.get("tau_method")
+    return f"{rule}, {method}" if isinstance(method, str) and method else rule
 
 
 def _layer_score_columns(r, layers) -> dict:
@@ -234,6 +247,19 @@ def target_gaps(accuracy: pd.DataFrame) -> str:
     return (f"**Targets met**: {', '.join(met) or 'none'}. **Missed**: {', '.join(missed) or 'none'}.")
 
 
+def _phi_columns_sentence(first: dict) -> str:
+    """What the emergence table's phi-based columns are, by the tau rule the training log used (a card.json
+    written before the log recorded it has no "tau_rule": the scaled paper tau)."""
+    rule = first.get("tau_rule") or OLD_TAU_RULE
+    if rule == OLD_TAU_RULE:
+        return (f"The phi-based columns (tau = {_f(first['tau'])}, the paper's 20 scaled by sqrt(576)/64) count almost "
+                "every image token as a sink at every step: that is phi's saturation in this model (see above), not "
+                "emergence.")
+    return (f"The phi-based columns use tau = {_f(first['tau'])} at the first logged step, chosen per logged step by "
+            f"the shared tau rule ({rule}) on the validation images' phi; phi saturates in this model (see above), "
+            "so read them beside the layer-relative columns.")
+
+
 def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
     arch = card["architecture"]
     acc = card["accuracy"]
@@ -288,10 +314,9 @@ def render(card: dict, accuracy: pd.DataFrame, layers: pd.DataFrame) -> str:
             f"(most in one layer >= 2, per image): {_f(last['visual_sinks_per_image_layer_score'])} at the last "
             f"step; the largest image score {_f(last['max_image_layer_score'])} (the first token's is in the "
             f"thousands); POPE random on validation (yes vs no logit) {_f(first['pope_random'])} -> "
-            f"{_f(last['pope_random'])}. The phi-based columns (tau = {_f(first['tau'])}, the paper's 20 scaled by "
-            "sqrt(576)/64) count almost every image token as a sink at every step: that is phi's saturation in "
-            "this model (see above), not emergence.\n",
-            markdown_table(pd.DataFrame(card["emergence"]).drop(columns=["sink_dims"]), max_rows=40),
+            f"{_f(last['pope_random'])}. {_phi_columns_sentence(first)}\n",
+            markdown_table(pd.DataFrame(card["emergence"]).drop(columns=["sink_dims", "tau_rule"], errors="ignore"),
+                           max_rows=40),
         ]
     if card.get("recipes_tried"):
         lines.append("## Recipes tried\n")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -302,6 +301,10 @@ def pope_accuracy(model, encoder: Encoder, split: str = "validation", n_scenes: 
     return out
 
 
+TAU_START_LAYER = 2  # layers before it take no part in the tau rule (as in `sinkscope.calibration`)
+TAU_RULE = "sinks.sink_threshold(rms)"  # the emergence log's "tau_rule": the one tau rule of sinkscope
+
+
 @torch.no_grad()
 def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | None = None) -> dict:
     """Sink statistics of image tokens on fixed validation prompts (eager attention).
@@ -309,11 +312,14 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     Per layer l (residual entering l): the LLM's sink dims (discovered from the first token),
     image tokens with phi >= tau per image, the largest image phi, the share of text-query
     attention (queries after the image) that goes to visual sinks, and to the first token.
+    tau on phi: given, else the one tau rule (`sinks.sink_threshold` with the "rms" score, as a scan
+    calibrates it) on these prompts' phi, layers >= 2; the row logs it as "tau", with "tau_rule" and
+    "tau_method" (logs before 2026-12-04 used the paper's 20 scaled by sqrt(hidden)/64 and lack both).
     """
+    from sinkscope.kinds import BOS, PAD, TEXT, VISUAL
     from sinkscope.measures import massive, sinks
 
     hidden_size = model.config.text_config.hidden_size
-    tau = tau if tau is not None else scaled_paper_tau(hidden_size)
     prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n_scenes)]
     length = max(len(p) for p in prompts)
     ids = torch.full((n_scenes, length), encoder.tok.pad_token_id)
@@ -339,8 +345,16 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     is_image = ids == encoder.image_token_id
     image_end = torch.where(is_image, torch.arange(length), -1).max(1).values
     text_query = (torch.arange(length)[None] > image_end[:, None]) & mask.bool()  # [B, T]
-    row = {"sink_dims": " ".join(map(str, dims.dims)), "tau": tau, "tau_layer": sinks.LAYER_SCORE_TAU}
     phi = sinks.phi(states, dims.dims) if dims.dims else torch.zeros(states.shape[:3])  # [B, L, T]
+    kinds = torch.full(ids.shape, TEXT)
+    kinds[is_image] = VISUAL
+    kinds[rows, first] = BOS
+    kinds[~mask.bool()] = PAD
+    tau_phi = phi[:, TAU_START_LAYER:] if n_layers > TAU_START_LAYER else phi
+    threshold = sinks.sink_threshold("rms", hidden_size, tau_phi, tau, token_kinds=kinds, has_dims=bool(dims.dims))
+    tau = threshold.value
+    row = {"sink_dims": " ".join(map(str, dims.dims)), "tau": tau, "tau_rule": TAU_RULE,
+           "tau_method": threshold.method, "tau_layer": sinks.LAYER_SCORE_TAU}
     score = sinks.phi_layer_relative(states, dims.dims, mask.bool())  # [B, L, T], no ceiling
     for layer in range(n_layers):
         layer_sink = is_image & (score[:, layer] >= sinks.LAYER_SCORE_TAU)
@@ -365,9 +379,6 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     return row
 
 
-def scaled_paper_tau(hidden_size: int) -> float:
-    """The paper's tau = 20 at sqrt(hidden) = 64 (LLaMA-2-7B), scaled to this model's phi ceiling."""
-    return 20.0 * math.sqrt(hidden_size) / 64.0
 
 
 # ----------------------------------------------------------------------------- loop

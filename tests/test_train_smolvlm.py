@@ -52,3 +52,50 @@ def test_a_short_recipe_trains_resumes_exactly_and_ships_only_trained_parts(tmp_
     assert log["global_step"].is_unique and {"pope_random", "visual_sinks_layer_score_L2"} <= set(log.columns)
     exported = export_checkpoint(tmp_path / "split", log=quiet)  # the same parts, from the last checkpoint
     assert all(torch.equal(smolvlm.trained_state_from_dir(exported)[k], state[k]) for k in state)
+
+
+def test_emergence_tau_is_the_shared_rule_on_the_same_phi():
+    """emergence_metrics takes phi's tau from `sinks.sink_threshold` ("rms") on its own phi (layers >= 2, BOS and
+    padding left out) and logs which rule gave it; a given tau is passed through the same rule."""
+    from scripts.train_smolvlm import TAU_RULE, TAU_START_LAYER, Encoder, emergence_metrics, pixel_values
+    from sinkscope import world
+    from sinkscope.kinds import BOS, PAD, TEXT, VISUAL
+    from sinkscope.measures import sinks
+
+    torch.manual_seed(0)
+    llm_dir = smollm.ensure_cached(log=lambda m: None)
+    model = smolvlm.assemble(smolvlm.build_config(llm_dir, _config().vision), llm_dir).eval()
+    encoder = Encoder(smolvlm.build_processor(llm_dir).tokenizer, model.config.image_token_id)
+    n = 2
+    row = emergence_metrics(model, encoder, n_scenes=n)
+    assert row["tau_rule"] == TAU_RULE == "sinks.sink_threshold(rms)"
+
+    # the same prompts and forward pass, phi recomputed here, then the shared rule
+    prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n)]
+    length = max(len(p) for p in prompts)
+    ids = torch.full((n, length), encoder.tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = torch.tensor(p)
+        mask[r, length - len(p):] = 1
+    pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n)])
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})  # as emergence_metrics runs
+    with torch.no_grad():
+        out = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel, output_hidden_states=True)
+    hidden = model.config.text_config.hidden_size
+    states = torch.stack(out.hidden_states[:model.config.text_config.num_hidden_layers], 1)
+    dims = [int(d) for d in str(row["sink_dims"]).split()] if isinstance(row["sink_dims"], str) else []
+    phi = sinks.phi(states, dims) if dims else torch.zeros(states.shape[:3])
+    kinds = torch.full(ids.shape, TEXT)
+    kinds[ids == encoder.image_token_id] = VISUAL
+    kinds[torch.arange(n), mask.float().argmax(1)] = BOS
+    kinds[mask == 0] = PAD
+    expected = sinks.sink_threshold("rms", hidden, phi[:, TAU_START_LAYER:], token_kinds=kinds, has_dims=bool(dims))
+    assert row["tau_method"] == expected.method
+    assert row["tau"] == pytest.approx(expected.value, rel=1e-5)
+    if dims and hidden < 1600:  # SmolLM2-135M: sqrt(576) = 24 < 40, so the rule reads phi (the gap rule)
+        assert row["tau_method"] == "gap"
+
+    given = emergence_metrics(model, encoder, n_scenes=n, tau=5.0)
+    assert given["tau"] == 5.0 and given["tau_method"] == (sinks.sink_threshold("rms", hidden, tau=5.0).method
+                                                            if dims else "none")
