@@ -75,27 +75,14 @@ class ScanLayerReduction:
     ratio and image-centric share [batch, head].
     """
 
-    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool,
-                 to_host: bool = True):
+    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score, self.kinds, self.queries, self.profile = score, kinds, queries, profile
-        self.to_host = to_host  # False: payloads stay on the model's device (no host sync inside the trace)
         self.phi: dict = {}
-        self._on_device: dict = {}
-
-    def _masks(self, device) -> tuple:
-        """(token kinds, text queries) on `device`, copied once per device rather than once per layer."""
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = (self.kinds.to(device), self.queries.to(device))
-        return self._on_device[key]
-
-    def _out(self, out: dict) -> dict:
-        return {k: v.cpu() for k, v in out.items()} if self.to_host else out
 
     def residual(self, layer, states):
         x = states.detach().float()
-        kinds, _ = self._masks(x.device)
+        kinds = self.kinds.to(x.device)
         real = kinds.real_mask
         batch, n_tok, dim = x.shape
         rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, token]
@@ -103,9 +90,8 @@ class ScanLayerReduction:
         top = mags.topk(min(self.top_k, n_tok * dim), dim=1)
         position = torch.div(top.indices, dim, rounding_mode="floor")
         k3 = mags.topk(min(3, n_tok * dim), dim=1).values
-        # median |x| over the row's real tokens (the lower median, as Tensor.median; NaN for a row without any)
-        median = mags.masked_fill((~real[..., None]).expand(-1, -1, dim).reshape(batch, -1),
-                                  float("nan")).nanmedian(dim=1).values
+        median = torch.stack([x[b].abs()[real[b]].median() if real[b].any() else x.new_tensor(float("nan"))
+                              for b in range(batch)])
         phi = sinks.sink_score(states, self.dims, self.score, real, self.eps).float()
         self.phi[layer] = phi
         out = {"phi": phi, "top_value": x.reshape(batch, -1).gather(1, top.indices), "top_position": position,
@@ -120,12 +106,13 @@ class ScanLayerReduction:
                 out["profile_visual"], out["profile_visual_position"] = normed[pos], pos
             if text.any():
                 out["profile_text_median"] = normed[text].median(dim=0).values
-        return self._out(out)
+        return {k: v.cpu() for k, v in out.items()}
 
     def attention(self, layer, probs):
         probs = probs.detach().float()
-        kinds, queries = self._masks(probs.device)
+        kinds = self.kinds.to(probs.device)
         sink = (self.phi[layer].to(probs.device) >= self.tau) & kinds.real_mask  # phi: where the layer input was
+        queries = self.queries.to(probs.device)
         n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
         received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
         stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & kinds.visual_mask, queries)
@@ -136,7 +123,7 @@ class ScanLayerReduction:
             ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
             ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
         out["received"] = received
-        return self._out(out)
+        return {k: v.cpu() for k, v in out.items()}
 
 
 class ScanReducer:
@@ -176,19 +163,17 @@ class ScanReducer:
             self.roles.append(sinks.token_roles(names, text))
         self._local = None  # this batch's in-trace part, when the trace runs here
 
-    def in_trace(self, to_host: bool = True) -> ScanLayerReduction:
+    def in_trace(self) -> ScanLayerReduction:
         return ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps, self.score,
-                                  self.kinds, self.queries, self.want_profile, to_host=to_host)
+                                  self.kinds, self.queries, self.want_profile)
 
-    # Run here, the reductions stay on the model's device and the tables are built in end(), after the forward:
-    # no host sync between layers, so a GPU runs the whole forward while Python queues it.
     def residual(self, layer: int, states: torch.Tensor):
         if getattr(self, "_local", None) is None:
-            self._local, self._pending = self.in_trace(to_host=False), []
-        self._pending.append(("residual", layer, self._local.residual(layer, states)))
+            self._local = self.in_trace()
+        self.take("residual", layer, self._local.residual(layer, states))
 
     def attention(self, layer: int, probs: torch.Tensor):
-        self._pending.append(("attention", layer, self._local.attention(layer, probs)))
+        self.take("attention", layer, self._local.attention(layer, probs))
 
     def take(self, kind: str, layer: int, payload: dict) -> None:
         """Tables from one layer's reductions (ScanLayerReduction), here or after a remote trace."""
@@ -252,9 +237,7 @@ class ScanReducer:
             }))
 
     def end(self):
-        for kind, layer, payload in getattr(self, "_pending", None) or ():
-            self.take(kind, layer, {k: v.cpu() for k, v in payload.items()})
-        self._pending = []
+        pass
 
 
 # ----------------------------------------------------------------------------- scan
