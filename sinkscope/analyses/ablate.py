@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_for, setup)
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, answer_token_ids, cluster_bootstrap,
+                                      prepare_batch, report_step_for, setup, yes_no_labels)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.pope import parse_yes_no
@@ -75,17 +75,6 @@ def check_layers(layers, n_layers: int) -> None:
         raise SinkscopeError(f"knockout layers {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1}); "
                              "pass --layers within that range, or leave it out to knock out in every layer")
 
-
-def answer_token_ids(adapter) -> tuple[int, int]:
-    """(yes id, no id): the first token of each word as the model would write it."""
-    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
-    ids = []
-    for word in ("yes", "no"):
-        enc = tok(word, add_special_tokens=False).input_ids
-        if not enc:
-            raise SinkscopeError(f"the tokenizer cannot encode {word!r}; ablation needs yes/no answers")
-        ids.append(int(enc[0]))
-    return ids[0], ids[1]
 
 
 class _PhiAttention(SinkAwareReducer):
@@ -146,11 +135,7 @@ def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, l
     check_layers(cfg.layers, adapter.num_layers)
     from sinkscope.interventions.knockout import knockout, top_nonsink_image_keys
 
-    labels_all = {x.sample_id: (x.answer or "").strip().lower() for x in s.samples}
-    bad = [sid for sid, a in labels_all.items() if a not in ("yes", "no")]
-    if bad:
-        raise SinkscopeError(f"ablation needs yes/no questions with a reference answer; {len(bad)} samples have none "
-                             f"(e.g. {bad[0]}). Use --data demo:pope-adversarial or a POPE .jsonl with 'label'")
+    labels_all = yes_no_labels(s.samples, "ablation")
     yes_id, no_id = answer_token_ids(adapter)
     taus = cfg.taus or [s.tau.value * f for f in (0.75, 1.0, 1.5)]
     s.folder.update_meta(taus=taus)
@@ -313,12 +298,10 @@ def summarize_ablation(folder: RunFolder, cfg: AblateConfig, figures: bool = Tru
 
 
 def _write_index(folder, cfg, table, figs, contrasts=None) -> None:
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Knockout: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Knockout")
     lines.append(f"{meta.get('n_samples')} samples; sink dims {meta.get('sink_dims')}; taus {meta.get('taus')}; knockout "
                  f"layers {cfg.layers or 'all'}; queries: text after the image and generated tokens; random control: "
                  f"{cfg.n_random} seeds of image tokens only, matched counts, one set for every layer. CIs: 95% percentile "

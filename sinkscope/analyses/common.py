@@ -16,7 +16,7 @@ import torch
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration, calibrate
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, batches
+from sinkscope.eval.tasks import Sample, batches, progress
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import ModelAdapter
 from sinkscope.runconfig import RunConfig, parse_shard, resolve_sink_score
@@ -25,7 +25,7 @@ from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
-           "report_step_config"]
+           "report_step_config", "traced_chunks", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -282,3 +282,39 @@ def fmt_ci(value: float, low: float, high: float, digits: int = 3) -> str:
     def f(x):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
     return f"{f(value)} (95% CI {f(low)} to {f(high)})"
+
+
+# ----------------------------------------------------------------------------- the per-chunk loop, yes/no answers
+
+def traced_chunks(s: Setup, batch_size: int, name: str, make_reducer: Callable[[], object], **trace_kw):
+    """The loop of an analysis that traces one reducer per chunk: for each chunk of `s.todo` (progress bar `name`), a
+    fresh `make_reducer()` traced over the chunk's batch (`trace_kw`: Tracer.run's options), yielded as
+    (chunk, reducer) for the caller to store its rows; the chunk is marked done when the caller asks for the next."""
+    for chunk in progress(s.todo, batch_size, name):
+        red = make_reducer()
+        s.tracer.run(prepare_batch(s.adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk], **trace_kw)
+        yield chunk, red
+        s.folder.mark_done([x.sample_id for x in chunk])
+
+
+def yes_no_labels(samples: list[Sample], what: str) -> dict[str, str]:
+    """Each sample's reference answer, "yes" or "no" (stripped, lower case), by sample id; an error that names the
+    fix when a sample has none. what: the analysis, for the message."""
+    labels = {x.sample_id: (x.answer or "").strip().lower() for x in samples}
+    bad = [sid for sid, a in labels.items() if a not in ("yes", "no")]
+    if bad:
+        raise SinkscopeError(f"{what} needs yes/no questions with a reference answer; {len(bad)} samples have none "
+                             f"(e.g. {bad[0]}). Use --data demo:pope-adversarial or a POPE .jsonl with 'label'")
+    return labels
+
+
+def answer_token_ids(adapter) -> tuple[int, int]:
+    """(yes id, no id): the first token of each word as the model would write it."""
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    ids = []
+    for word in ("yes", "no"):
+        enc = tok(word, add_special_tokens=False).input_ids
+        if not enc:
+            raise SinkscopeError(f"the tokenizer cannot encode {word!r}; ablation needs yes/no answers")
+        ids.append(int(enc[0]))
+    return ids[0], ids[1]

@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_for, setup)
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, report_step_for, setup,
+                                      traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
-from sinkscope.eval.tasks import progress
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
 from sinkscope.measures import contributions as ov
 from sinkscope.runfolder import RunFolder
@@ -98,12 +97,10 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
     s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
-    for chunk in progress(s.todo, cfg.batch_size, "contributions"):
-        red = ContributionReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads)
-        s.tracer.run(prepare_batch(adapter, chunk), [red], values=True, sample_ids=[x.sample_id for x in chunk])
+    for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
+            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads), values=True):
         if red.rows:
             s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
-        s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_contributions(s.folder, cfg, figures)
 
 
@@ -151,15 +148,12 @@ def ov_norm_line(r: pd.Series, start_layer: int) -> str:
 
 
 def _write_index(folder, cfg, summary, heads, figs) -> None:
-    from sinkscope.analyses.pages import step_findings_section
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head, step_findings_section, tau_text
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# OV contributions: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "OV contributions")
     lines.append(f"{meta.get('n_samples')} samples; sink dims {meta.get('sink_dims')}, tau = "
-                 f"{meta.get('tau', {}).get('value', float('nan')):.3g}. Contribution of key j to query i in head h: "
+                 f"{tau_text(meta)}. Contribution of key j to query i in head h: "
                  "a_ij ||W_O^h v_j|| (residual-stream units), averaged over text queries after the image, heads and "
                  "each class's tokens. CIs: 95% percentile bootstrap over samples.\n")
     pooled = summary[(summary["layers"] == f">= {cfg.start_layer}")].set_index("measure") if len(summary) else summary

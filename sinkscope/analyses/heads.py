@@ -25,11 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, prepare_batch,
-                                      report_step_for, setup)
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, report_step_for,
+                                      setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import progress
 from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
 from sinkscope.measures import heads as head_measures
 from sinkscope.runfolder import RunFolder
@@ -209,14 +208,13 @@ def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log
     s = setup(out, "heads", cfg, adapter, resume, log, calibration=calibration)
     folder, adapter = s.folder, s.adapter
     map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
-    for chunk in progress(s.todo, cfg.batch_size, "heads"):
-        red = HeadsReducer(s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings)
-        s.tracer.run(prepare_batch(adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk], remote=cfg.remote)
+    for _, red in traced_chunks(s, cfg.batch_size, "heads", lambda: HeadsReducer(
+            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings),
+            remote=cfg.remote):
         for table, rows in (("head_scores_per_sample", red.head_rows), ("token_attention", red.token_rows),
                             ("attention_maps", red.map_rows)):
             if rows:
                 folder.append_rows(table, pd.concat(rows, ignore_index=True))
-        folder.mark_done([x.sample_id for x in chunk])
     return summarize_heads(folder, cfg, s.tau.value, s.dims.dims, figures)
 
 
@@ -264,12 +262,10 @@ def _map_layer(maps: pd.DataFrame, cfg: HeadsConfig) -> int:
 
 def write_heads_index(folder, cfg, heads, corr, overlap, figs, tau, dims) -> None:
     from sinkscope.analyses.pages import step_findings_section
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Heads: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Heads")
     lines.append(f"{meta.get('n_samples')} samples; sink dims {dims}, tau = {tau:.3g}; queries: text tokens after the "
                  "image. CIs: 95% percentile bootstrap over samples.\n")
     lines += step_findings_section(findings, folder.path)

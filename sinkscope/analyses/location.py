@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_for, setup)
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, report_step_for, setup,
+                                      traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, progress
+from sinkscope.eval.tasks import Sample
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause, num
 from sinkscope.measures import location as loc
 from sinkscope.runfolder import RunFolder
@@ -148,15 +148,14 @@ def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = Tru
     s = setup(out, "location", cfg, adapter, resume, log, calibration=calibration)
     backgrounds = {x.sample_id: background_mask(x, masks) for x in s.samples}  # every mask checked up front
     skipped = skip_records(s.folder.meta.get("skipped"))  # the data's own skips (setup), then the location's
-    for chunk in progress(s.todo, cfg.batch_size, "location"):
-        red = LocationReducer(s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage)
-        s.tracer.run(prepare_batch(s.adapter, chunk), [red], attention=False, sample_ids=[x.sample_id for x in chunk])
+    for _, red in traced_chunks(s, cfg.batch_size, "location", lambda: LocationReducer(
+            s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage),
+            attention=False):
         s.folder.append_rows("location_per_sample", pd.DataFrame(
             red.rows, columns=["sample", "layer", "n_visual", "n_background", "n_sinks", "n_sinks_background"]))
         seen = {r["sample"] for r in skipped}
         skipped += [{"sample": sid, "reason": reason} for sid, reason in red.skipped.items() if sid not in seen]
         s.folder.update_meta(skipped=skipped)
-        s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_location(s.folder, cfg, figures)
 
 
@@ -181,16 +180,13 @@ def summarize_location(folder: RunFolder, cfg: LocationConfig, figures: bool = T
 
 
 def _write_index(folder, cfg, table, figs) -> None:
-    from sinkscope.analyses.pages import step_findings_section
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head, step_findings_section, tau_text
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Sink location: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Sink location")
     src = f"masks from `{cfg.masks}`" if cfg.masks else "the demo world's ground-truth masks"
     lines.append(f"{meta.get('n_samples')} samples, {src}; sink dims {meta.get('sink_dims')}, tau = "
-                 f"{meta.get('tau', {}).get('value', float('nan')):.3g}. A token is background when objects cover "
+                 f"{tau_text(meta)}. A token is background when objects cover "
                  f"< {cfg.min_object_coverage:g} of it. CI: 95% percentile bootstrap over samples.\n")
     skipped = skip_records(meta.get("skipped"))
     if skipped:

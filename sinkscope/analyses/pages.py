@@ -38,6 +38,21 @@ def _role_section(role_summary, text_sinks, figs, tokens) -> list[str]:
     return lines
 
 
+def index_head(folder, cfg, title: str) -> tuple[dict, list[str]]:
+    """The run's meta and the first lines of an analysis' index.md: "# title: `model` on `data`" and, for a planted
+    model, the banner that says so."""
+    meta = folder.meta
+    lines = [f"# {title}: `{cfg.model}` on `{cfg.data}`\n"]
+    if meta.get("planted"):
+        lines.append(PLANTED_BANNER)
+    return meta, lines
+
+
+def tau_text(meta: dict) -> str:
+    """The run's tau as an index.md shows it: 3 significant digits, nan when the run recorded none."""
+    return f"{meta.get('tau', {}).get('value', float('nan')):.3g}"
+
+
 def step_findings_section(read_findings: Callable[[Path], list[Finding]], folder) -> list[str]:
     """The findings section of a step's own index.md: the same findings, by the same rule (sinkscope.findings), that
     the report's index.md lists for that step (the step module's `findings` reader, passed in as `read_findings`, run

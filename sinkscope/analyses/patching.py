@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, SinkAwareReducer, prepare_batch, setup
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, answer_token_ids, prepare_batch, setup,
+                                      yes_no_labels)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
@@ -169,12 +170,6 @@ def object_tokens(samples: list[Sample], visual: torch.Tensor) -> torch.Tensor |
 # ----------------------------------------------------------------------------- the run
 
 
-def answer_ids(adapter) -> tuple[int, int]:
-    from sinkscope.analyses.ablate import answer_token_ids
-
-    return answer_token_ids(adapter)
-
-
 def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                  figures: bool = True) -> RunFolder:
     s = setup(out, "patching", cfg, adapter, resume, log, calibration=calibration)
@@ -184,12 +179,8 @@ def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, 
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise SinkscopeError(f"--layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    labels = {x.sample_id: (x.answer or "").strip().lower() for x in s.samples}
-    missing = [k for k, v in labels.items() if v not in ("yes", "no")]
-    if missing:
-        raise SinkscopeError(f"patching needs yes/no questions with labels; {len(missing)} samples have none "
-                             f"(e.g. {missing[0]}). Use --data demo:pope-adversarial or a POPE .jsonl with 'label'")
-    yes_id, no_id = answer_ids(adapter)
+    yes_no_labels(s.samples, "patching")  # every question needs its yes/no answer (the rows read it from the sample)
+    yes_id, no_id = answer_token_ids(adapter)
     var_cfg = None
     if cfg.var:
         from sinkscope.interventions.var import VARConfig
@@ -325,12 +316,10 @@ def summarize_patching(folder: RunFolder, cfg: PatchConfig, figures: bool = True
 
 
 def _write_index(folder, cfg, table, figs) -> None:
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Activation patching: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Activation patching")
     lines.append(f"{meta.get('n_samples')} questions; sink dims {meta.get('sink_dims')}; tau "
                  f"{(meta.get('tau') or {}).get('value')}. Each question is also asked about another image with the "
                  "opposite answer where known; effect = change of the correct answer's logit difference "

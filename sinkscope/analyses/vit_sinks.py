@@ -160,15 +160,12 @@ def dim_lines(table: pd.DataFrame, dim_table: pd.DataFrame, n_samples=None, show
 
 
 def _write_index(folder, cfg, table, dim_table, figs) -> None:
-    from sinkscope.analyses.pages import step_findings_section
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head, step_findings_section, tau_text
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# ViT-born sinks: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "ViT-born sinks")
     lines.append(f"{meta.get('n_samples')} samples; language-model sink dims {meta.get('sink_dims')}, tau = "
-                 f"{meta.get('tau', {}).get('value', float('nan')):.3g}; high-norm: norm >= {cfg.norm_ratio:g}x the "
+                 f"{tau_text(meta)}; high-norm: norm >= {cfg.norm_ratio:g}x the "
                  "image's median token norm. CI: 95% percentile bootstrap over samples.\n")
     if table.empty:
         lines.append("No image tokens: nothing to measure (none found).\n")
