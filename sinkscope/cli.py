@@ -9,19 +9,23 @@ imported inside the commands, so `sinkscope --help` answers at once.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import shlex
 import sys
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import (RunConfig, analysis_default, check_data, check_out, parse_floats, parse_ints, parse_shard,
-                                 resolve_sink_score)
+from sinkscope.runconfig import (CLI_FIELDS, INDEX_EXAMPLES, RunConfig, analysis_default, check_data, check_out,
+                                 parse_floats, parse_ints, parse_shard, resolve_sink_score)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual attention sinks in large multimodal models: scan, ablate, redistribute.")
@@ -36,33 +40,93 @@ def _root() -> None:
 
 # ----------------------------------------------------------------------------- options every command shares
 
-_MODEL = typer.Option("demo", help="'demo' (SmolLM2-135M LLaVA), 'tiny', 'organism' (planted), a local model "
-                      "directory (LMM or causal LM), or a hub id")
-_DATA = typer.Option("demo", help="'demo[:task]', a POPE-style .jsonl, a folder of images, or prompts (.txt / .jsonl)")
-_RUN = RunConfig()  # the one set of defaults of every command's common options (runconfig.ANALYSIS_DEFAULTS: per analysis)
-_LIMIT = typer.Option(_RUN.limit, help="number of samples (the data's first N)")
-_CALIBRATION = typer.Option(_RUN.calibration, help="samples used to discover sink dims and choose tau")
-_DEVICE = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu, where the model loads)")
-_DTYPE = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-_DEVICE_MAP = typer.Option(None, help="spread the model's layers over devices (accelerate): auto, balanced, "
-                           "balanced_low_0, sequential, or a JSON file {module name: device}; instead of --device")
+@dataclass
+class RunOptions:
+    """What a command that loops over samples takes besides its RunConfig: the run folder and how it is filled."""
+
+    out: str  # default per command: runs/<analysis>
+    n_boot: int = 1000
+    resume: bool = True
+    shard: Optional[str] = None
+
+
+# --help of RunOptions' options; RunConfig's come from runconfig.CLI_FIELDS
+RUN_OPTIONS_HELP = {
+    "out": "run folder to write (resumed if it exists)",
+    "n_boot": "bootstrap resamples for CIs",
+    "resume": "resume an interrupted run in --out",
+    "shard": "i/n: only the samples whose index modulo n is i (default: from SLURM_ARRAY_TASK_ID/COUNT or "
+             "RANK/WORLD_SIZE when set); merge with `sinkscope merge`",
+}
 _REMOTE = typer.Option(None, help="local: every trace through nnsight's serialised dry run of NDIF (reductions run "
                        "inside the trace; only they come back)")
-_MAX_MEMORY = typer.Option(None, help="per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-_SEED = typer.Option(_RUN.seed, help="seed (bootstrap, random controls)")
-_TAU = typer.Option(None, help="sink threshold (default: chosen per sink score: 20 or the gap rule for phi, "
-                    "100 for the layer-relative score)")
-_BATCH = typer.Option(_RUN.batch_size, help="samples per forward pass")
-_DIMS = typer.Option(None, help="pin sink dims, e.g. 1415,2533 (default: discover them)")
-_SCORE = typer.Option("auto", help="auto: the paper's phi = |x_d / RMS(x)| when sqrt(hidden) >= 40, else the "
-                      "layer-relative score (the same rule in every command); rms: phi, at most sqrt(hidden); "
-                      "layer: |x_d| / the layer's median token RMS")
-_RESUME = typer.Option(True, help="resume an interrupted run in --out")
-_NBOOT = typer.Option(1000, help="bootstrap resamples for CIs")
 
 
-def _out(default: str):
-    return typer.Option(default, help="run folder to write (resumed if it exists)")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_list(hint) -> bool:
+    return any(typing.get_origin(a) is list for a in (hint, *typing.get_args(hint)))
+
+
+def _option_type(hint):
+    """The option's type for a field typed `hint`: the same, Optional when it may be None; a list is given as text
+    (comma-separated, parsed by `_run_config`)."""
+    if _is_list(hint):
+        return Optional[str]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return Optional[next(a for a in args if a is not type(None))]
+    return hint
+
+
+def field_option(name: str, analysis: str = "", help: Optional[str] = None):
+    """The option of RunConfig field `name`: default analysis_default(analysis, name), --help from CLI_FIELDS."""
+    return typer.Option(analysis_default(analysis, name), help=help or CLI_FIELDS[name])
+
+
+def _shared_parameters(analysis: str, out: str, help: dict[str, str]) -> list[inspect.Parameter]:
+    """RunConfig's CLI options (runconfig.CLI_FIELDS, in its order), then RunOptions' (--out defaulting to `out`)."""
+    run_types, opt_types = typing.get_type_hints(RunConfig), typing.get_type_hints(RunOptions)
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(run_types[name]),
+                                default=field_option(name, analysis, help.get(name))) for name in CLI_FIELDS]
+    for f in fields(RunOptions):
+        default = out if f.name == "out" else f.default
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=opt_types[f.name],
+                                        default=typer.Option(default, help=help.get(f.name, RUN_OPTIONS_HELP[f.name]))))
+    return params
+
+
+def run_options(analysis: str, out: str, **help: str) -> Callable:
+    """The options every command that loops over samples shares, declared once: the decorated command's signature
+    (what typer reads) is ctx, RunConfig's CLI options with `analysis`'s defaults (runconfig.ANALYSIS_DEFAULTS),
+    --out (default `out`), --n-boot, --resume and --shard, then the command's own options; the body is called as
+    body(ctx, run: RunConfig, opts: RunOptions, **own). help: --help for this command where it differs."""
+
+    def decorate(body: Callable) -> Callable:
+        hints = typing.get_type_hints(body)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(body).parameters.values() if p.name not in ("ctx", "run", "opts")]
+        shared = _shared_parameters(analysis, out, help)
+        clash = {p.name for p in own} & {p.name for p in shared}
+        if clash:
+            raise TypeError(f"{body.__name__} declares shared options {sorted(clash)} itself")
+        names = [f.name for f in fields(RunOptions)]
+
+        @functools.wraps(body)
+        def command(ctx: typer.Context, **values):
+            opts = RunOptions(**{name: values.pop(name) for name in names})
+            run = _run_config(**{name: values.pop(name) for name in CLI_FIELDS})
+            return body(ctx, run, opts, **values)
+
+        ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        command.__signature__ = inspect.Signature([ctx, *shared, *own])
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        command.analysis, command.own_options = analysis, tuple(p.name for p in own)
+        return command
+
+    return decorate
 
 
 # ----------------------------------------------------------------------------- one order for every command
@@ -163,58 +227,48 @@ def _load(run: RunConfig):
                 max_memory=parse_max_memory(run.max_memory))
 
 
-# The options every command that loops over samples takes, with one default each (tests/test_cli_defaults.py).
-COMMON_SETTINGS = ("calibration", "n_boot", "tau", "seed", "device", "dtype")
+def _config(cls, run: RunConfig, opts: RunOptions, sink_score: str, **own):
+    """An analysis config (an AnalysisConfig: a RunConfig and more) from the run's settings, --n-boot, --shard and
+    the command's own options."""
+    settings = {f.name: getattr(run, f.name) for f in fields(RunConfig)}
+    return cls(**{**settings, "n_boot": opts.n_boot, "shard": _shard(opts.shard), **own, "sink_score": sink_score})
 
 
-def _run_analysis(ctx: typer.Context, run: RunConfig, out: str, resume: bool, build: Callable[[str], object],
+def _run_analysis(ctx: typer.Context, run: RunConfig, opts: RunOptions, build: Callable[[str], object],
                   runner: str, question: str = "describe the image .") -> None:
     """Validate (options, --out, data), then load the model, resolve the sink score, run `runner`."""
+    out = opts.out
     with _one_line_errors(ctx, out):
-        run.device_map = run.device_map or ctx.params.get("device_map")  # the command's --device-map, --max-memory
-        run.max_memory = run.max_memory or ctx.params.get("max_memory")
-        run.calibration = ctx.params.get("calibration", run.calibration)
         run.validate()
         check_out(out)
         cfg = build(run.sink_score)
-        for name in COMMON_SETTINGS:  # the options every sample-looping command shares, whatever build() copied
-            if name in ctx.params and hasattr(cfg, name) and ctx.params[name] is not None:
-                setattr(cfg, name, ctx.params[name])
+        for name in ("device_map", "max_memory"):  # where the model is placed: the config (and run.json) record it
+            if hasattr(cfg, name) and getattr(run, name) is not None:
+                setattr(cfg, name, getattr(run, name))
         cfg.validate()  # the analysis' own options
         _check_samples(run, question)
         adapter = _load(run)
         cfg.sink_score = resolve_sink_score(run.sink_score, adapter.hidden_size)
         module, function = runner.split(":")
-        folder = getattr(importlib.import_module(module), function)(out, cfg, adapter=adapter, resume=resume,
+        folder = getattr(importlib.import_module(module), function)(out, cfg, adapter=adapter, resume=opts.resume,
                                                                      log=typer.echo)
     typer.echo(f"wrote {folder.path}/index.md")
 
 
-def _run_config(**fields) -> RunConfig:
-    """A RunConfig from CLI strings: --sink-dims and --layers parsed, each with its own message."""
+def _indices(name: str, text: Optional[str]) -> Optional[list[int]]:
+    """A list field's option ('2,3' -> [2, 3]), a bad one in one line naming its option."""
     with _one_line_errors(None, None):
-        fields["sink_dims"] = parse_ints(fields.get("sink_dims"), "--sink-dims", "1415,2533")
-        fields["layers"] = parse_ints(fields.get("layers"), "--layers", "2,3,4")
-        return RunConfig(**fields)
+        return parse_ints(text, _flag(name), INDEX_EXAMPLES.get(name, "2,3,4"))
 
 
-_SHARD = typer.Option(None, help="i/n: only the samples whose index modulo n is i (default: from "
-                      "SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE when set); merge with `sinkscope merge`")
+def _run_config(**values) -> RunConfig:
+    """A RunConfig from CLI values: its list fields (--sink-dims) parsed, each with its own message."""
+    hints = typing.get_type_hints(RunConfig)
+    return RunConfig(**{name: _indices(name, v) if _is_list(hints[name]) else v for name, v in values.items()})
 
 
 # the commands that take --shard: `sinkscope merge` merges their shards
-SHARDED = "scan, heads, contributions, location, vit-sinks, ablate, patch, var-eval, remove"
-_NO_SHARD = typer.Option(None, hidden=True, help=f"not for this command: only {SHARDED} shard")
-
-
-def _refuse_shard(command: str, shard: Optional[str]) -> None:
-    """--shard on a command whose shards cannot be merged yet (inject: its random draws are made per batch, from one
-    generator per run, so a sample's draws depend on its shard): one line naming what does shard."""
-    if shard is not None:
-        typer.echo(f"Error: {command} does not take --shard yet (its random draws depend on the batch, so its shards "
-                   "could not be merged into the unsharded run): run it without "
-                   f"--shard; sharded runs: {SHARDED} (merged with `sinkscope merge`)", err=True)
-        raise typer.Exit(2)
+SHARDED = "scan, heads, contributions, location, vit-sinks, ablate, patch, var-eval, remove, inject"
 
 
 def _shard(text: Optional[str]) -> Optional[str]:
@@ -229,7 +283,7 @@ def merge(folders: list[str] = typer.Argument(..., help="the shards' run folders
           out: str = typer.Option(..., help="the merged run folder to write"),
           figures: bool = typer.Option(True, help="draw the figures")):
     """Merge the run folders of a sharded run (--shard i/n of scan, heads, contributions, location, vit-sinks, ablate,
-    patch, var-eval or remove) into one, recomputing summaries and figures."""
+    patch, var-eval, remove or inject) into one, recomputing summaries and figures."""
     with _one_line_errors(None, out):
         from sinkscope.analyses.merge import merge_runs
 
@@ -247,65 +301,44 @@ def default_report_out(model: str) -> str:
 
 
 @app.command()
+@run_options("scan", out="runs/scan")
 def scan(
-    ctx: typer.Context,
-    model: str = _MODEL,
-    out: str = typer.Option("runs/scan", help="run folder to write (resumed if it exists)"),
-    data: str = _DATA,
-    limit: Optional[int] = _LIMIT,
-    batch_size: int = _BATCH,
-    tau: Optional[float] = _TAU,
-    sink_dims: Optional[str] = _DIMS,
-    calibration: int = _CALIBRATION,
-    n_boot: int = _NBOOT,
+    ctx: typer.Context, run: RunConfig, opts: RunOptions,
     rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
     summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
     question: str = typer.Option("describe the image .", help="question for a folder of images"),
     image_root: Optional[str] = typer.Option(None, help="root for relative image paths in a .jsonl file"),
-    device: Optional[str] = _DEVICE,
-    dtype: Optional[str] = _DTYPE,
-    device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-    seed: int = typer.Option(0, help="torch seed set before the run"),
     token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
                                     "or auto (all while under ~2M rows)"),
-    resume: bool = _RESUME,
-    sink_score: str = _SCORE,
     remote: Optional[str] = _REMOTE,
-    shard: Optional[str] = typer.Option(None, help="i/n: only the samples whose index modulo n is i (default: from "
-                                        "SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE when set); merge with "
-                                        "`sinkscope merge`"),
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, calibration=calibration,
-                      device=device, dtype=dtype, seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims,
-                      image_root=image_root)
+    run.image_root = image_root
 
     def build(score: str):
         from sinkscope.analyses.scan import ScanConfig
 
-        return ScanConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
-                          calibration=calibration, rho=rho, summ=summ, question=question, image_root=image_root,
-                          device=device, dtype=dtype, seed=seed, token_stats=token_stats, sink_score=score,
-                          remote=remote, shard=_shard(shard))
+        return _config(ScanConfig, run, opts, score, rho=rho, summ=summ, question=question, token_stats=token_stats,
+                       remote=remote)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.scan:run_scan", question)
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.scan:run_scan", question)
 
 
 @app.command()
 def report(
     ctx: typer.Context,
-    model: str = _MODEL,
+    model: str = field_option("model"),
     out: Optional[str] = typer.Option(None, help="report folder (default: runs/report-MODEL); every finished step "
                                       "in it is kept, an interrupted one resumes"),
-    data: str = _DATA,
+    data: str = field_option("data"),
     limit: int = typer.Option(32, help="samples per step"),
-    device: Optional[str] = _DEVICE,
-    dtype: Optional[str] = _DTYPE,
+    device: Optional[str] = field_option("device"),
+    dtype: Optional[str] = field_option("dtype"),
     seed: int = typer.Option(0, help="seed for random controls and bootstrap"),
     steps: Optional[str] = typer.Option(None, help="comma-separated subset of the report's steps, e.g. scan,heads "
                                         "(default: all; an unknown name lists them)"),
-    sink_score: str = _SCORE,
-    tau: Optional[float] = _TAU,
+    sink_score: str = field_option("sink_score"),
+    tau: Optional[float] = field_option("tau"),
     var_questions: Optional[int] = typer.Option(None, help="test questions per POPE split (random, popular, "
                                                 "adversarial) in the VAR evaluation (default: limit // 2, at least 8); "
                                                 "300 makes a 3-point change visible to McNemar's test"),
@@ -337,171 +370,121 @@ def report(
 
 
 @app.command()
-def heads(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/heads"),
-          limit: Optional[int] = _LIMIT,
-          batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
+@run_options("heads", out="runs/heads")
+def heads(ctx: typer.Context, run: RunConfig, opts: RunOptions,
           rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
           summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
-          device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
-          device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          sink_score: str = _SCORE, resume: bool = _RESUME, remote: Optional[str] = _REMOTE,
-          shard: Optional[str] = _SHARD):
+          remote: Optional[str] = _REMOTE):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
     def build(score: str):
         from sinkscope.analyses.heads import HeadsConfig
 
-        return HeadsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
-                           rho=rho, summ=summ, n_maps=n_maps, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                           remote=remote, sink_score=score, shard=_shard(shard))
+        return _config(HeadsConfig, run, opts, score, rho=rho, summ=summ, n_maps=n_maps, remote=remote)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.heads:run_heads")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.heads:run_heads")
 
 
 @app.command()
-def contributions(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/contributions"),
-                  limit: Optional[int] = _LIMIT, batch_size: int = _BATCH, tau: Optional[float] = _TAU,
-                  sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
-                  device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-                  seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
-                  shard: Optional[str] = _SHARD):
+@run_options("contributions", out="runs/contributions")
+def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
     def build(score: str):
         from sinkscope.analyses.contributions import ContributionsConfig
 
-        return ContributionsConfig(model=model, data=data, limit=limit, batch_size=batch_size, tau=tau,
-                                   sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                                   sink_score=score, shard=_shard(shard))
+        return _config(ContributionsConfig, run, opts, score)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.contributions:run_contributions")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.contributions:run_contributions")
 
 
 @app.command()
-def location(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/location"),
-             limit: Optional[int] = _LIMIT, masks: Optional[str] = typer.Option(
-                 None, help="folder with one PNG mask per image (same stem, image size, 0 = background); "
-                 "default: the demo world's ground truth"),
-             batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
-             device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
-             device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-             sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _SHARD):
+@run_options("location", out="runs/location")
+def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
+             masks: Optional[str] = typer.Option(None, help="folder with one PNG mask per image (same stem, image "
+                                                 "size, 0 = background); default: the demo world's ground truth")):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
     def build(score: str):
         from sinkscope.analyses.location import LocationConfig
 
         if masks is not None and not Path(masks).is_dir():
             raise SinkscopeError(f"--masks {masks} is not a folder; give a folder with one PNG mask per image")
-        return LocationConfig(model=model, data=data, limit=limit, masks=masks, batch_size=batch_size, tau=tau,
-                              sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                              sink_score=score, shard=_shard(shard))
+        return _config(LocationConfig, run, opts, score, masks=masks)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.location:run_location")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.location:run_location")
 
 
 @app.command("vit-sinks")
-def vit_sinks(ctx: typer.Context, model: str = _MODEL, data: str = _DATA, out: str = _out("runs/vit_sinks"),
-              limit: Optional[int] = _LIMIT, norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the "
-                                                                              "image's median token norm"),
-              batch_size: int = _BATCH, tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION,
-              device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT,
-              device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-              sink_score: str = _SCORE, resume: bool = _RESUME, shard: Optional[str] = _SHARD):
+@run_options("vit_sinks", out="runs/vit_sinks")
+def vit_sinks(ctx: typer.Context, run: RunConfig, opts: RunOptions,
+              norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the image's median token norm")):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims)
 
     def build(score: str):
         from sinkscope.analyses.vit_sinks import VitSinksConfig
 
-        return VitSinksConfig(model=model, data=data, limit=limit, norm_ratio=norm_ratio, batch_size=batch_size,
-                              tau=tau, sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                              sink_score=score, shard=_shard(shard))
+        return _config(VitSinksConfig, run, opts, score, norm_ratio=norm_ratio)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.vit_sinks:run_vit_sinks")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.vit_sinks:run_vit_sinks")
 
 
 @app.command()
-def ablate(ctx: typer.Context, model: str = _MODEL,
-           data: str = typer.Option(analysis_default("ablate", "data"), help="yes/no questions with answers"),
-           out: str = _out("runs/ablate"), limit: Optional[int] = _LIMIT,
-           batch_size: int = _BATCH,
+@run_options("ablate", out="runs/ablate", data="yes/no questions with answers")
+def ablate(ctx: typer.Context, run: RunConfig, opts: RunOptions,
            taus: Optional[str] = typer.Option(None, help="tau sweep, e.g. 10,20,40 (default: calibrated tau x 0.75, "
                                               "1, 1.5)"),
            layers: Optional[str] = typer.Option(None, help="knockout layers, e.g. 2,3,4 (default all)"),
            n_random: int = typer.Option(5, help="seeds of the random image-token control"),
-           tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE,
-           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE, resume: bool = _RESUME,
            renormalize: bool = typer.Option(True, help="renormalise knocked-out rows to sum to 1 (the paper's "
                                             "knockout); --no-renormalize only zeroes the blocked entries, removing "
-                                            "what those keys write and nothing else"),
-           shard: Optional[str] = _SHARD):
+                                            "what those keys write and nothing else")):
     """Knock out attention to visual sinks vs matched random / top non-sink image tokens / BOS; sweep tau."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, sink_dims=sink_dims, layers=layers)
+    run.layers = _indices("layers", layers)
 
     def build(score: str):
         from sinkscope.analyses.ablate import AblateConfig
 
-        return AblateConfig(model=model, data=data, limit=limit, batch_size=batch_size,
-                            taus=parse_floats(taus, "--taus", "10,20,40"), layers=run.layers, n_random=n_random,
-                            sink_dims=run.sink_dims, device=device, dtype=dtype, seed=seed, n_boot=n_boot,
-                            sink_score=score, renormalize=renormalize, shard=_shard(shard))
+        return _config(AblateConfig, run, opts, score, taus=parse_floats(taus, "--taus", "10,20,40"),
+                       n_random=n_random, renormalize=renormalize)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.ablate:run_ablate")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.ablate:run_ablate")
 
 
 # ----------------------------------------------------------------------------- causal patching
 
 
 @app.command()
-def patch(ctx: typer.Context, model: str = _MODEL,
-          data: str = typer.Option(analysis_default("patching", "data"), help="yes/no questions with labels"),
-          out: str = _out("runs/patching"), limit: Optional[int] = typer.Option(_RUN.limit, help="number of questions"),
-          batch_size: int = typer.Option(analysis_default("patching", "batch_size"), help="questions per forward pass"),
+@run_options("patching", out="runs/patching", data="yes/no questions with labels", limit="number of questions",
+             batch_size="questions per forward pass")
+def patch(ctx: typer.Context, run: RunConfig, opts: RunOptions,
           layers: Optional[str] = typer.Option(None, help="layers patched one at a time, e.g. 2,3 (default all); "
                                               "every-layer rows are always written"),
           rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
           summ: float = typer.Option(0.2, help="minimum image attention of an image-centric head"),
           p: float = typer.Option(0.6, help="VAR's p for the VAR-through-heads sites"),
-          var: bool = typer.Option(True, help="also patch VAR-edited head outputs into the baseline run"),
-          tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE,
-          dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
-          device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-          resume: bool = _RESUME, shard: Optional[str] = _SHARD):
+          var: bool = typer.Option(True, help="also patch VAR-edited head outputs into the baseline run")):
     """Patch visual sinks / object tokens / image-centric heads from an image with the other answer, and
     VAR-edited heads into the baseline; effect on the answer's logit difference with CIs."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims, layers=layers)
+    run.layers = _indices("layers", layers)
 
     def build(score: str):
         from sinkscope.analyses.patching import PatchConfig
 
-        return PatchConfig(model=model, data=data, limit=limit, batch_size=batch_size, layers=run.layers, rho=rho,
-                           summ=summ, p=p, var=var, tau=tau, sink_dims=run.sink_dims, device=device, dtype=dtype,
-                           seed=seed, n_boot=n_boot, sink_score=score, shard=_shard(shard))
+        return _config(PatchConfig, run, opts, score, rho=rho, summ=summ, p=p, var=var)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.patching:run_patching")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.patching:run_patching")
 
 
 @app.command("var-eval")
-def var_eval(ctx: typer.Context, model: str = _MODEL,
-             data: str = typer.Option("demo", help="'demo' (the world's POPE splits) or a POPE question .jsonl (test)"),
+@run_options("var_eval", out="runs/var_eval", data="'demo' (the world's POPE splits) or a POPE question .jsonl (test)",
+             limit="test questions per task", batch_size="questions per generate call")
+def var_eval(ctx: typer.Context, run: RunConfig, opts: RunOptions,
              validation: Optional[str] = typer.Option(None, help="POPE .jsonl of validation questions for choosing p and "
                                                       "rho (demo: the world's validation split); without it nothing is tuned"),
              image_root: Optional[str] = typer.Option(None, help="image folder of the POPE files (default: their folder)"),
-             out: str = _out("runs/var_eval"),
              tasks: str = typer.Option("pope-random,pope-popular,pope-adversarial", help="demo tasks"),
-             limit: int = typer.Option(analysis_default("var_eval", "limit"), help="test questions per task"),
              val_limit: int = typer.Option(60, help="validation questions per task"),
              captions: int = typer.Option(0, help="test captions per condition for CHAIR (demo; 0 = none)"),
              conditions: str = typer.Option(",".join(("baseline", "var", "var_random_heads", "var_all_heads",
@@ -510,31 +493,23 @@ def var_eval(ctx: typer.Context, model: str = _MODEL,
              rho_grid: str = typer.Option("0.3,0.5,0.8", help="rho values tried on validation"),
              p: Optional[float] = typer.Option(None, help="fix p (no tuning of p)"),
              rho: Optional[float] = typer.Option(None, help="fix rho (no tuning of rho)"),
-             select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy"),
-             batch_size: int = typer.Option(analysis_default("var_eval", "batch_size"), help="questions per generate call"),
-             tau: Optional[float] = _TAU, sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, device: Optional[str] = _DEVICE,
-             dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
-             device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-             resume: bool = _RESUME, shard: Optional[str] = _SHARD):
+             select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy")):
     """POPE (and CHAIR) with baseline, VAR and its controls; p and rho chosen on validation, reported on test."""
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, tau=tau, sink_dims=sink_dims, image_root=image_root)
+    run.image_root = image_root
 
     def build(score: str):
         from sinkscope.analyses.var_eval import VarEvalConfig
 
         if validation is not None:
             check_data(validation, image_root, option="--validation")
-        return VarEvalConfig(model=model, data=data, validation=validation, image_root=image_root,
-                             tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit, val_limit=val_limit,
-                             captions=captions, conditions=[c.strip() for c in conditions.split(",") if c.strip()],
-                             p_grid=parse_floats(p_grid, "--p-grid", "0.3,0.6"),
-                             rho_grid=parse_floats(rho_grid, "--rho-grid", "0.5,0.8"), p=p, rho=rho,
-                             select_metric=select_metric, batch_size=batch_size, tau=tau, sink_dims=run.sink_dims,
-                             device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=score,
-                             shard=_shard(shard))
+        return _config(VarEvalConfig, run, opts, score, validation=validation,
+                       tasks=[t.strip() for t in tasks.split(",") if t.strip()], val_limit=val_limit,
+                       captions=captions, conditions=[c.strip() for c in conditions.split(",") if c.strip()],
+                       p_grid=parse_floats(p_grid, "--p-grid", "0.3,0.6"),
+                       rho_grid=parse_floats(rho_grid, "--rho-grid", "0.5,0.8"), p=p, rho=rho,
+                       select_metric=select_metric)
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.var_eval:run_var_eval")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.var_eval:run_var_eval")
 
 
 # ----------------------------------------------------------------------------- sink viewer
@@ -585,12 +560,9 @@ def _names(text: Optional[str], option: str, allowed: tuple[str, ...]) -> Option
 
 
 @app.command()
-def inject(ctx: typer.Context, model: str = _MODEL,
-           data: str = typer.Option(analysis_default("inject", "data"), help="yes/no questions with answers (for the logit "
-                                    "difference and VAR's accuracy)"),
-           out: str = _out("runs/inject"), limit: Optional[int] = typer.Option(analysis_default("inject", "limit"),
-                                                                               help="number of samples"),
-           batch_size: int = _BATCH,
+@run_options("inject", out="runs/inject", data="yes/no questions with answers (for the logit difference and VAR's "
+             "accuracy)", limit="number of samples")
+def inject(ctx: typer.Context, run: RunConfig, opts: RunOptions,
            scales: Optional[str] = typer.Option(None, help="injection scales in [0, 1] (x the first token's sink-dim "
                                                 "values), default 0,0.01,0.03,0.1,0.3,1"),
            groups: Optional[str] = typer.Option(None, help="token groups: background,object,text (default all)"),
@@ -602,75 +574,55 @@ def inject(ctx: typer.Context, model: str = _MODEL,
                                                "discovery's onset on, where the first token is a sink by the scan's "
                                                "rule)"),
            var: bool = typer.Option(True, help="also run VAR on background tokens injected at --var-scale"),
-           var_scale: float = typer.Option(1.0, help="injection scale of the VAR comparison"),
-           sink_dims: Optional[str] = _DIMS, calibration: int = _CALIBRATION, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
-           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
-           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           resume: bool = _RESUME, shard: Optional[str] = _NO_SHARD):
+           var_scale: float = typer.Option(1.0, help="injection scale of the VAR comparison")):
     """Write the sink signature into background / object / text tokens: dose-response with controls, VAR on it."""
-    _refuse_shard("inject", shard)
     from sinkscope.analyses.inject import GROUPS, TREATMENTS
-
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
-                      seed=seed, sink_score=sink_score, sink_dims=sink_dims, tau=tau)
 
     def build(score: str):
         from sinkscope.analyses.inject import InjectConfig
 
-        cfg = InjectConfig(model=model, data=data, limit=limit, batch_size=batch_size, n_tokens=n_tokens,
-                           n_seeds=n_seeds, layer=layer, var=var, var_scale=var_scale, sink_dims=run.sink_dims,
-                           tau=tau, device=device, dtype=dtype, seed=seed, n_boot=n_boot, sink_score=score)
+        cfg = _config(InjectConfig, run, opts, score, n_tokens=n_tokens, n_seeds=n_seeds, layer=layer, var=var,
+                      var_scale=var_scale)
         for name, value in (("scales", _scales(scales)), ("groups", _names(groups, "--groups", GROUPS)),
                             ("treatments", _names(treatments, "--treatments", TREATMENTS))):
             if value is not None:
                 setattr(cfg, name, value)
         return cfg
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.inject:run_inject")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.inject:run_inject")
 
 
 @app.command()
-def remove(ctx: typer.Context,
-           model: str = typer.Option("demo", help="as for every command, or 'smollm2' (the demo's language model "
-                                     "on its own, for perplexity)"),
-           data: str = typer.Option(analysis_default("remove", "data"), help="as for every command, or 'plain-text' (a small public-domain "
-                                    "text set shipped with sinkscope, for perplexity of text-only models)"),
-           out: str = _out("runs/remove"), limit: Optional[int] = typer.Option(analysis_default("remove", "limit"),
-                                                                               help="number of samples"),
-           batch_size: int = _BATCH,
+@run_options("remove", out="runs/remove",
+             model="as for every command, or 'smollm2' (the demo's language model on its own, for perplexity)",
+             data="as for every command, or 'plain-text' (a small public-domain text set shipped with sinkscope, "
+             "for perplexity of text-only models)", limit="number of samples",
+             calibration="samples for sink dims, tau and the targets' own mean")
+def remove(ctx: typer.Context, run: RunConfig, opts: RunOptions,
            targets: Optional[str] = typer.Option(None, help="first,sinks,visual_sinks (default all)"),
            to: Optional[str] = typer.Option(None, help="zero,mean,chosen_mean (default all): zero, the mean over "
                                             "ordinary tokens, or the targets' own mean (Sun et al.)"),
            layers: str = typer.Option("onset", help="onset: edit entering the onset layer only; all: every layer "
                                       "from it on"),
-           layer: Optional[int] = typer.Option(None, help="the onset layer (default: from the scan's discovery)"),
-           calibration: int = typer.Option(_RUN.calibration, help="samples for sink dims, tau and the targets' own mean"),
-           sink_dims: Optional[str] = _DIMS, tau: Optional[float] = _TAU, device: Optional[str] = _DEVICE,
-           dtype: Optional[str] = _DTYPE, seed: int = _SEED, n_boot: int = _NBOOT, sink_score: str = _SCORE,
-           device_map: Optional[str] = _DEVICE_MAP, max_memory: Optional[str] = _MAX_MEMORY,
-           resume: bool = _RESUME, shard: Optional[str] = _SHARD):
+           layer: Optional[int] = typer.Option(None, help="the onset layer (default: from the scan's discovery)")):
     """Take the sink signature away (first token / every sink / visual sinks, to zero or a mean): attention
     redistribution, answer accuracy, text perplexity."""
     from sinkscope.analyses.remove import named_specs
     from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS
 
-    with _one_line_errors(ctx, out):
-        model, data = named_specs(model, data)
-    run = _run_config(model=model, data=data, limit=limit, batch_size=batch_size, calibration=calibration,
-                      device=device, dtype=dtype, seed=seed, sink_score=sink_score, sink_dims=sink_dims, tau=tau)
+    with _one_line_errors(ctx, opts.out):
+        run.model, run.data = named_specs(run.model, run.data)
 
     def build(score: str):
         from sinkscope.analyses.remove import RemoveConfig
 
-        cfg = RemoveConfig(model=model, data=data, limit=limit, batch_size=batch_size, layers=layers, layer=layer,
-                           calibration=calibration, sink_dims=run.sink_dims, tau=tau, device=device, dtype=dtype,
-                           seed=seed, n_boot=n_boot, sink_score=score, shard=_shard(shard))
+        cfg = _config(RemoveConfig, run, opts, score, layers=layers, layer=layer)
         for name, value in (("targets", _names(targets, "--targets", TARGETS)), ("to", _names(to, "--to", REMOVE_TO))):
             if value is not None:
                 setattr(cfg, name, value)
         return cfg
 
-    _run_analysis(ctx, run, out, resume, build, "sinkscope.analyses.remove:run_remove")
+    _run_analysis(ctx, run, opts, build, "sinkscope.analyses.remove:run_remove")
 
 
 def main() -> None:  # pragma: no cover

@@ -38,6 +38,34 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
 }
 
 
+# The options every command that loops over samples takes, one per RunConfig field named here, in this order, with
+# its --help: sinkscope.cli generates them from this table, each with the default analysis_default(the command's
+# analysis, field), so a field added here is an option of every such command. (layers and image_root mean something
+# per command: the commands that take them declare them.)
+CLI_FIELDS: dict[str, str] = {
+    "model": "'demo' (SmolLM2-135M LLaVA), 'tiny', 'organism' (planted), a local model directory (LMM or causal LM), "
+             "or a hub id",
+    "data": DATA_HELP,
+    "limit": "number of samples (the data's first N)",
+    "batch_size": "samples per forward pass",
+    "calibration": "samples used to discover sink dims and choose tau",
+    "tau": "sink threshold (default: chosen per sink score: 20 or the gap rule for phi, 100 for the layer-relative "
+           "score)",
+    "sink_dims": "pin sink dims, e.g. 1415,2533 (default: discover them)",
+    "sink_score": "auto: the paper's phi = |x_d / RMS(x)| when sqrt(hidden) >= 40, else the layer-relative score (the "
+                  "same rule in every command); rms: phi, at most sqrt(hidden); layer: |x_d| / the layer's median "
+                  "token RMS",
+    "device": "cpu, cuda, cuda:N or mps (default: cpu, where the model loads)",
+    "dtype": "float32, bfloat16 or float16 (default: the checkpoint's)",
+    "device_map": "spread the model's layers over devices (accelerate): auto, balanced, balanced_low_0, sequential, "
+                  "or a JSON file {module name: device}; instead of --device",
+    "max_memory": "per-device caps for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB",
+    "seed": "seed set before the run (torch, bootstrap, random controls)",
+}
+# The example a list field's messages show (its option takes comma-separated integers).
+INDEX_EXAMPLES = {"sink_dims": "1415,2533", "layers": "2,3,4"}
+
+
 def analysis_default(analysis: str, name: str):
     """The default of RunConfig field `name` for `analysis` (ANALYSIS_DEFAULTS, else RunConfig's own)."""
     return ANALYSIS_DEFAULTS.get(analysis, {}).get(name, RunConfig.__dataclass_fields__[name].default)
@@ -75,7 +103,7 @@ class RunConfig:
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
             raise SinkscopeError(f"--tau must be a number > 0 (the paper uses 20 on LLaMA-2-7B); got {self.tau}; "
                                  "leave it out to let sinkscope choose it")
-        _check_indices("--sink-dims", self.sink_dims, "hidden dimensions", "1415,2533")
+        _check_indices("--sink-dims", self.sink_dims, "hidden dimensions", INDEX_EXAMPLES["sink_dims"])
         self.check_layers()
         check_data(self.data, self.image_root)
         self.device_and_dtype()
@@ -87,7 +115,7 @@ class RunConfig:
 
     def check_layers(self) -> None:
         """--layers: layer indices (a config whose --layers means something else overrides this)."""
-        _check_indices("--layers", self.layers, "layer indices", "2,3,4")
+        _check_indices("--layers", self.layers, "layer indices", INDEX_EXAMPLES["layers"])
 
     def device_and_dtype(self):
         """(device, torch dtype) as `sinkscope.devices` resolves them; raises when this machine cannot run them."""
