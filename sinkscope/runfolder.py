@@ -68,11 +68,16 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# how the model's layers were spread over devices: run.json records it, but a run may resume (and its shards merge)
+# under another placement, as it did before run.json recorded it
+PLACEMENT = ("device_map", "max_memory")
+
+
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,
                     unresolved: tuple[str, ...] = ()) -> None:
-    """Raise when `path` holds a run of another analysis or with other parameters (limit aside) and would be
-    resumed; cheap, so commands call it before loading a model. unresolved: parameters not known yet (e.g. a
-    sink score 'auto' resolved once the model is loaded), left out of the comparison."""
+    """Raise when `path` holds a run of another analysis or with other parameters (limit and the device map aside)
+    and would be resumed; cheap, so commands call it before loading a model. unresolved: parameters not known yet
+    (e.g. a sink score 'auto' resolved once the model is loaded), left out of the comparison."""
     run_json = Path(path) / "run.json"
     if not resume or not run_json.exists():
         return
@@ -80,7 +85,7 @@ def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool 
         meta = json.loads(run_json.read_text())
     except (OSError, ValueError) as err:
         raise SinkscopeError(f"{run_json} cannot be read ({err}); use another --out, or --no-resume to start over")
-    skip = ("limit", "resume") + tuple(unresolved)
+    skip = ("limit", "resume") + PLACEMENT + tuple(unresolved)
     old = {k: v for k, v in meta.get("params", {}).items() if k not in skip}
     # a parameter added to the config after the run was written matches while it is None
     new = {k: v for k, v in params.items() if k not in skip and (k in old or v is not None)}

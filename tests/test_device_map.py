@@ -193,3 +193,137 @@ def test_cli_scan_with_a_device_map_file_equals_one_device(tmp_path):
                                       pd.read_csv(tmp_path / "split" / f"{table}.csv"))
     bad = runner.invoke(app, common + ["--out", str(tmp_path / "bad"), "--device-map", "everywhere"])
     assert bad.exit_code == 2 and "--device-map 'everywhere'" in bad.output and not (tmp_path / "bad").exists()
+
+
+# command -> the module and run function `_run_analysis` calls for it
+ANALYSIS_RUNNERS = {"scan": ("scan", "run_scan"), "heads": ("heads", "run_heads"),
+                    "contributions": ("contributions", "run_contributions"), "location": ("location", "run_location"),
+                    "vit-sinks": ("vit_sinks", "run_vit_sinks"), "ablate": ("ablate", "run_ablate"),
+                    "patch": ("patching", "run_patching"), "var-eval": ("var_eval", "run_var_eval"),
+                    "inject": ("inject", "run_inject"), "remove": ("remove", "run_remove")}
+
+
+def _cpu_map_file(tmp_path) -> str:
+    """A device map JSON file placing every module of the organism on "cpu" (layer by layer, as a split map does)."""
+    placed = {k: "cpu" for k in _split_map(6)}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(placed))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", sorted(ANALYSIS_RUNNERS))
+def test_every_analysis_command_hands_its_device_map_to_the_config_and_the_model(command, tmp_path, monkeypatch):
+    """--device-map and --max-memory of every analysis command reach the analysis config (so run.json records them)
+    and the model load, parsed (the map file's {module: device}, accelerate's max_memory)."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    import sinkscope.models
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    module, function = ANALYSIS_RUNNERS[command]
+    seen, real_load = {}, sinkscope.models.load
+
+    def load(*args, **kwargs):
+        seen.update(load_map=kwargs.get("device_map"), load_memory=kwargs.get("max_memory"))
+        return real_load(*args, **kwargs)
+
+    def runner(out, cfg, adapter=None, **kwargs):
+        seen.update(device_map=cfg.device_map, max_memory=cfg.max_memory)
+        return type("Folder", (), {"path": tmp_path / "out"})()
+
+    monkeypatch.setattr(sinkscope.models, "load", load)
+    monkeypatch.setattr(importlib.import_module(f"sinkscope.analyses.{module}"), function, runner)
+    map_file = _cpu_map_file(tmp_path)
+    result = CliRunner().invoke(app, [command, "--model", "organism", "--out", str(tmp_path / "out"),
+                                      "--device-map", map_file, "--max-memory", "cpu=8GiB"])
+    assert result.exit_code == 0, result.output
+    assert seen["device_map"] == map_file and seen["max_memory"] == "cpu=8GiB"
+    assert seen["load_map"] == json.loads((tmp_path / "map.json").read_text())
+    assert seen["load_memory"] == {"cpu": "8GiB"}
+
+
+@pytest.mark.parametrize("command,options", [
+    ("scan", ["--calibration", "2"]),
+    ("ablate", ["--calibration", "2", "--n-random", "1", "--n-boot", "20", "--layers", "2"]),
+])
+def test_run_json_records_the_device_map_of_the_command_line(command, options, tmp_path):
+    """A real run with a device map file: its run.json's params hold --device-map and --max-memory as given, and a
+    run without them holds None for both."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    map_file = _cpu_map_file(tmp_path)
+    common = [command, "--model", "organism", "--limit", "2", "--batch-size", "2", *options]
+    runner = CliRunner()
+    split = runner.invoke(app, common + ["--out", str(tmp_path / "split"), "--device-map", map_file,
+                                         "--max-memory", "cpu=8GiB"])
+    assert split.exit_code == 0, split.output
+    params = json.loads((tmp_path / "split" / "run.json").read_text())["params"]
+    assert params["device_map"] == map_file and params["max_memory"] == "cpu=8GiB"
+    one = runner.invoke(app, common + ["--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    params = json.loads((tmp_path / "one" / "run.json").read_text())["params"]
+    assert params["device_map"] is None and params["max_memory"] is None
+
+
+def test_a_run_resumes_and_its_shards_merge_under_another_device_map(tmp_path):
+    """The device map is where the model runs, not what is computed: a finished shard resumed with another
+    --max-memory resumes (run.json then records the new one), and shards placed differently merge into the tables of
+    the unsharded one-device run."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    map_file = _cpu_map_file(tmp_path)
+    common = ["scan", "--model", "organism", "--limit", "3", "--calibration", "2", "--batch-size", "1"]
+    runner = CliRunner()
+    placed = ["--device-map", map_file, "--max-memory", "cpu=8GiB"]
+    for args in (["--out", str(tmp_path / "whole")], ["--out", str(tmp_path / "s0"), "--shard", "0/2", *placed],
+                 ["--out", str(tmp_path / "s1"), "--shard", "1/2"]):
+        result = runner.invoke(app, common + args)
+        assert result.exit_code == 0, result.output
+    again = runner.invoke(app, common + ["--out", str(tmp_path / "s0"), "--shard", "0/2", "--device-map", map_file,
+                                         "--max-memory", "cpu=9GiB"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "s0" / "run.json").read_text())["params"]["max_memory"] == "cpu=9GiB"
+    merged = runner.invoke(app, ["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged"),
+                                 "--no-figures"])
+    assert merged.exit_code == 0, merged.output
+    for table in ("head_scores", "token_stats", "sink_tokens", "massive_activations"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / f"{table}.csv"),
+                                      pd.read_csv(tmp_path / "merged" / f"{table}.csv"), obj=table)
+    other = runner.invoke(app, common + ["--out", str(tmp_path / "s0"), "--shard", "0/2", "--dtype", "bfloat16"])
+    assert other.exit_code == 2 and "other parameters (dtype)" in other.output  # what is computed still must match
+
+
+def test_an_analysis_config_places_the_model_it_loads(tmp_path, monkeypatch):
+    """The Python API: an analysis given no adapter loads its model with the config's device map and max memory
+    (parsed as the CLI parses them), and run.json records them."""
+    import sinkscope.models
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    seen, real_load = {}, sinkscope.models.load
+
+    def load(*args, **kwargs):
+        seen.update(device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sinkscope.models, "load", load)
+    map_file = _cpu_map_file(tmp_path)
+    cfg = ContributionsConfig(model="organism", limit=2, calibration=2, batch_size=2, n_boot=20, device_map=map_file,
+                              max_memory="cpu=8GiB")
+    quiet(run_contributions, str(tmp_path / "run"), cfg, log=lambda m: None)
+    assert seen == {"device_map": json.loads((tmp_path / "map.json").read_text()), "max_memory": {"cpu": "8GiB"}}
+    params = json.loads((tmp_path / "run" / "run.json").read_text())["params"]
+    assert params["device_map"] == map_file and params["max_memory"] == "cpu=8GiB"

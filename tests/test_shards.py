@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import ORGANISM_ASSET
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import parse_shard
+from sinkscope.runconfig import parse_shard, sample_seed
 
 TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_summary_per_sample", "token_stats",
           "sink_tokens", "role_phi_per_sample", "head_scores_per_sample", "dim_profile", "layer_magnitudes",
@@ -191,12 +191,60 @@ def test_merged_shards_equal_the_unsharded_run_sample_by_sample(command, tmp_pat
         assert {k: merged.get(k) for k in keys} == {k: whole.get(k) for k in keys}
 
 
-@pytest.mark.parametrize("command", ["inject"])
-def test_commands_that_cannot_merge_refuse_a_shard_by_name(command, tmp_path):
+INJECT_TABLES = ("inject_per_sample", "inject_heads_per_sample", "inject_answers_per_sample", "inject_var_per_sample",
+                 "inject", "inject_heads", "inject_sink_scales", "inject_var")
+
+
+def test_merged_shards_equal_the_unsharded_inject(tmp_path):
+    """inject's token draws come from a generator per sample (seeded by its index in the data) and its control dims
+    from the seed alone, drawn before the samples: 2 and 3 shards merged equal the unsharded run, every table
+    (per-sample and summary) exactly, with the same injection layer and control dims in run.json; batch size 1 keeps
+    padding out of the forward's last bits."""
     from sinkscope.cli import SHARDED, app
 
-    result = CliRunner().invoke(app, [command, "--out", str(tmp_path / "x"), "--shard", "0/2"])
-    assert result.exit_code == 2, result.output
-    assert f"{command} does not take --shard" in result.output and SHARDED in result.output
-    assert all(c in SHARDED for c in BY_SAMPLE_RUNS)
-    assert not (tmp_path / "x").exists()
+    if not (ORGANISM_ASSET / "config.json").exists():
+        pytest.skip("the organism asset is not built")
+    assert all(c in SHARDED for c in (*BY_SAMPLE_RUNS, "inject"))
+    common = ["inject", "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1",
+              "--n-boot", "50", "--scales", "0.1,1", "--n-seeds", "2"]
+    runner = CliRunner()
+    for n in (2, 3):
+        _run_sharded(runner, app, common, tmp_path / str(n), n, whole=tmp_path / "whole")
+        _assert_same_tables(tmp_path / str(n), INJECT_TABLES, whole=tmp_path / "whole")
+        merged, whole = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / str(n) / "merged",
+                                                                                    tmp_path / "whole"))
+        assert merged["params"] == whole["params"] and merged["finished"]
+        keys = ("tau", "sink_dims", "n_samples", "signature", "control_dims")
+        assert {k: merged.get(k) for k in keys} == {k: whole.get(k) for k in keys}
+    per = pd.read_csv(tmp_path / "whole" / "inject_per_sample.csv")
+    assert {"inject", "random_dim", "rescale", "none"} <= set(per["treatment"]) and per["sample"].nunique() == 5
+    assert set(pd.read_csv(tmp_path / "whole" / "inject_var_per_sample.csv")["condition"]) == {
+        "none", "var", "inject", "inject+var"}
+    dims = json.loads((tmp_path / "whole" / "run.json").read_text())
+    assert len(dims["control_dims"]) == 3 * 2 and not set(dims["control_dims"].values()) & set(dims["sink_dims"])
+
+
+def test_inject_draws_depend_on_the_sample_alone():
+    """A row's tokens drawn with its own generator are the same alone (unpadded) or in a padded batch; the control
+    dims depend on the seed and the sink dims only (never a sink dim)."""
+    import torch
+
+    from sinkscope.analyses.inject import InjectConfig, draw_control_dims, draw_tokens
+    from sinkscope.interventions.sink_signature import SinkSignature
+
+    gens = lambda: [torch.Generator().manual_seed(sample_seed(0, k, "text", 0)) for k in (7, 8)]  # noqa: E731
+    pool = torch.tensor([[False, True, True, True, True, True], [False, False, True, True, False, True]])
+    both, ok = draw_tokens(pool, 2, gens())
+    assert ok.tolist() == [True, True] and both.sum(1).tolist() == [2, 2] and not (both & ~pool).any()
+    alone, _ = draw_tokens(pool[1:, 2:], 2, gens()[1:])  # the second sample unpadded, in a batch of its own
+    assert torch.equal(alone[0], both[1, 2:])
+    few, ok = draw_tokens(pool, 5, gens())  # too few eligible tokens: an empty mask, never a smaller set
+    assert ok.tolist() == [True, False] and few[1].sum() == 0 and few[0].sum() == 5
+    sig = SinkSignature((1, 90), 2)
+    cfg = InjectConfig(groups=["text", "object"], n_seeds=3)
+    first = draw_control_dims(cfg, 128, sig)
+    assert first == draw_control_dims(cfg, 128, sig) and sorted(first) == sorted(
+        (g, s) for g in ("text", "object") for s in range(3))
+    assert not set(first.values()) & {1, 90} and all(0 <= d < 128 for d in first.values())
+    other = draw_control_dims(InjectConfig(groups=["text", "object"], n_seeds=3, seed=1), 128, sig)
+    assert other != first

@@ -149,7 +149,11 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     # a folder holding another run fails before the model loads too (the sink score may still be 'auto')
     check_resumable(out, name, asdict(cfg), resume, unresolved=("sink_score",) if cfg.sink_score == "auto" else ())
-    adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if adapter is None:  # placed as the config says, a device map included (the CLI hands its loaded model)
+        from sinkscope.devices import parse_device_map, parse_max_memory
+
+        adapter = load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=parse_device_map(cfg.device_map),
+                       max_memory=parse_max_memory(cfg.max_memory))
     cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=bool(getattr(adapter, "planted", False)),

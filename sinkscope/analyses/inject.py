@@ -22,9 +22,15 @@ What VAR does to injected sinks (`var=True`): background tokens injected at `var
 same sink dims and tau) with and without the injection: the share of injected tokens VAR's sink
 detector flags, and yes/no accuracy from greedy answers, beside VAR on the uninjected model.
 
+Random draws: a sample's tokens (per group and draw, and for the VAR comparison) come from its own generator,
+seeded from (--seed, the sample's index in the data), so they do not depend on the batch or shard the sample runs
+in; the control's random dims (one per group and draw) come from a generator seeded by --seed alone, drawn once
+before the samples (run.json: control_dims), the same in every shard.
+
 Writes: inject_per_sample.csv, inject_heads_per_sample.csv, inject_answers_per_sample.csv, inject.csv
 (CIs: percentile bootstrap over samples, scipy), inject_heads.csv, inject_var_per_sample.csv,
 inject_var.csv, dose_response.png, index.md.
+Sharded (--shard i/n: the samples whose index modulo n is i): `sinkscope merge` joins the shards.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from sinkscope.interventions.sink_signature import SinkSignature, first_position
 from sinkscope.kinds import PAD, TokenKinds
 from sinkscope.measures import contributions as ov
 from sinkscope.measures.sinks import sink_score
-from sinkscope.runconfig import analysis_default
+from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder
 
 GROUPS = ("background", "object", "text")
@@ -168,18 +174,28 @@ def background_mask(samples, kinds: TokenKinds) -> torch.Tensor | None:
     return out
 
 
-def draw_tokens(pool: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_tokens(pool: torch.Tensor, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n tokens of each row drawn uniformly from pool [batch, token] bool, without replacement.
+
+    generator: one torch.Generator per row (a list), or one for every row in turn. A row's draw is a permutation
+    of its own eligible tokens only (not of every position), so padding and the other rows of the batch do not
+    change it: with a generator per row seeded from the sample (`runconfig.sample_seed`), a sample draws the same
+    tokens whatever batch or shard it runs in. Every row draws once, eligible or not.
 
     Returns (mask [batch, token] bool, ok [batch] bool); rows with fewer than n eligible tokens get an
     empty mask and ok False (never a smaller set: counts stay matched across groups).
     """
-    scores = torch.rand(pool.shape, generator=generator).masked_fill(~pool, -1.0)
-    top = scores.argsort(dim=1, descending=True)[:, :n]
-    mask = torch.zeros_like(pool)
-    mask.scatter_(1, top, True)
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * pool.shape[0]
+    if len(gens) != pool.shape[0]:
+        raise SinkscopeError(f"draw_tokens got {len(gens)} generators for {pool.shape[0]} rows")
+    mask = torch.zeros_like(pool, dtype=torch.bool)
     ok = pool.sum(dim=1) >= n
-    return mask & pool & ok[:, None], ok
+    for b, gen in enumerate(gens):
+        where = pool[b].nonzero().flatten()
+        order = torch.randperm(len(where), generator=gen)
+        if ok[b]:
+            mask[b, where[order[:n]]] = True
+    return mask, ok
 
 
 def text_pool(ordinary_text: torch.Tensor, queries: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,9 +296,10 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
     from sinkscope.analyses.ablate import answer_token_ids
 
     yes_no = answer_token_ids(adapter)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    non_sink_dims = [d for d in range(adapter.hidden_size) if d not in sig.dims]
-    for chunk_index, chunk in enumerate(progress(s.todo, cfg.batch_size, "inject")):
+    control_dims = draw_control_dims(cfg, adapter.hidden_size, sig)
+    s.folder.update_meta(control_dims={f"{g}/{seed}": d for (g, seed), d in control_dims.items()})
+    index = {x.sample_id: k for k, x in enumerate(s.samples)}  # the sample's index in the data: its random draws
+    for chunk in progress(s.todo, cfg.batch_size, "inject"):
         batch = prepare_batch(adapter, chunk)
         inputs = adapter.device_inputs(batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
@@ -320,11 +337,12 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
 
         for group in cfg.groups:
             for seed in range(cfg.n_seeds):
-                mask, ok = draw_tokens(pools[group], cfg.n_tokens, rng)
+                gens = _sample_generators(cfg.seed, chunk, index, group, seed)
+                mask, ok = draw_tokens(pools[group], cfg.n_tokens, gens)
                 if not ok.any():
                     continue
                 record("none", group, seed, math.nan, base, state.cpu(), mask, ok)
-                control_dim = non_sink_dims[int(torch.randint(len(non_sink_dims), (1,), generator=rng))]
+                control_dim = control_dims[(group, seed)]
                 for treatment in cfg.treatments:
                     for scale in cfg.scales:
                         control = None if treatment == "inject" else treatment
@@ -334,7 +352,8 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
                             output = _forward(adapter, inputs)
                             edited = session.memory(session.edits[-1])["states"][sig.layer].cpu()
                         record(treatment, group, seed, float(scale), output, edited, mask, ok)
-        var_rows = _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, yes_no) if cfg.var else []
+        var_rows = (_var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools,
+                              _sample_generators(cfg.seed, chunk, index, "var"), sign, yes_no) if cfg.var else [])
         s.folder.append_rows("inject_per_sample", pd.DataFrame(layer_rows))
         s.folder.append_rows("inject_heads_per_sample", pd.DataFrame(head_rows))
         s.folder.append_rows("inject_answers_per_sample", pd.DataFrame(answer_rows))
@@ -344,8 +363,24 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
     return summarize_inject(s.folder, cfg, sig, adapter.num_layers, figures)
 
 
+def draw_control_dims(cfg: InjectConfig, hidden_size: int, sig: SinkSignature) -> dict[tuple[str, int], int]:
+    """(group, draw) -> the random non-sink dim of the `random_dim` control, drawn once per run from a generator
+    seeded by --seed alone: it depends on the seed and the calibration's sink dims only, so every shard of a
+    sharded run (and a resumed run) uses the same dims."""
+    non_sink_dims = [d for d in range(hidden_size) if d not in sig.dims]
+    gen = torch.Generator().manual_seed(sample_seed(cfg.seed, "control_dim"))
+    return {(group, seed): non_sink_dims[int(torch.randint(len(non_sink_dims), (1,), generator=gen))]
+            for group in cfg.groups for seed in range(cfg.n_seeds)}
+
+
+def _sample_generators(seed: int, chunk, index: dict[str, int], *keys) -> list[torch.Generator]:
+    """One generator per sample of the chunk, seeded by (--seed, the sample's index in the whole data, keys): a
+    sample's draws are the same whatever batch or shard it runs in."""
+    return [torch.Generator().manual_seed(sample_seed(seed, index[x.sample_id], *keys)) for x in chunk]
+
+
 @torch.no_grad()
-def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, yes_no) -> list[dict]:
+def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign, yes_no) -> list[dict]:
     """none / var / inject / inject+var on background tokens: answers, logit difference, VAR's detection.
 
     VAR is calibrated (`interventions.var.calibrate`: sink dims and tau) on the batch as the model sees it:
@@ -359,7 +394,7 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, rng, sign, 
     pool = pools.get("background")
     if pool is None or sign is None:
         return []
-    mask, ok = draw_tokens(pool, cfg.n_tokens, rng)
+    mask, ok = draw_tokens(pool, cfg.n_tokens, gens)
     from sinkscope.interventions.var import calibrate
 
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)

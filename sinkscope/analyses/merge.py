@@ -7,13 +7,13 @@ recomputes every summary, figure and index.md from them, as the unsharded run do
 
     merge_runs(["runs/scan-0", "runs/scan-1"], "runs/scan")
 
-Scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch and remove runs merge. var-eval shards each
-ran the whole validation sweep (so each chose p and rho from the same answers); the merge keeps one copy of it, after
-checking every shard's copy is the same. heads, contributions, location, vit-sinks, patch and remove merge by
-`BY_SAMPLE`: their per-sample tables concatenated, then the analysis' own summarize function on them. Random controls
-(ablate's, patch's) are drawn per sample, seeded by its index in the data; remove's chosen means and onset layer come
-from the calibration samples, the same in every shard, and it draws nothing at random. inject does not shard: its
-token draws and its control dim come from one generator per run and one dim per batch.
+Scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch, remove and inject runs merge. var-eval
+shards each ran the whole validation sweep (so each chose p and rho from the same answers); the merge keeps one copy
+of it, after checking every shard's copy is the same. heads, contributions, location, vit-sinks, patch, remove and
+inject merge by `BY_SAMPLE`: their per-sample tables concatenated, then the analysis' own summarize function on them.
+Random controls (ablate's, patch's) and inject's token draws are drawn per sample, seeded by its index in the data;
+remove's chosen means and onset layer and inject's injection layer come from the calibration samples, and inject's
+control dims from the seed and the sink dims alone, the same in every shard (the merge checks they are).
 
 A merged run equals the unsharded run table by table when both ran with --batch-size 1; with larger batches the
 per-sample rows are the same samples' rows (sorted by sample where the unsharded run interleaves a batch's samples),
@@ -30,7 +30,7 @@ import pandas as pd
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.runconfig import parse_shard
-from sinkscope.runfolder import RunFolder
+from sinkscope.runfolder import PLACEMENT, RunFolder
 
 SCAN_TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_summary_per_sample", "token_stats",
                "sink_tokens", "role_phi_per_sample", "head_scores_per_sample")
@@ -84,6 +84,15 @@ def _summarize_remove(folder: RunFolder, params: dict, meta: dict, figures: bool
                                                                    sig["score"]))
 
 
+def _summarize_inject(folder: RunFolder, params: dict, meta: dict, figures: bool) -> None:
+    from sinkscope.analyses.inject import InjectConfig, summarize_inject
+    from sinkscope.interventions.sink_signature import SinkSignature
+
+    sig = meta["signature"]
+    summarize_inject(folder, InjectConfig(**params), SinkSignature(tuple(sig["dims"]), int(sig["layer"]), sig["tau"],
+                                                                   sig["score"]), int(meta["model"]["layers"]), figures)
+
+
 # analyses merged sample by sample: run.json's analysis -> (its per-sample tables, the summarize that recomputes the
 # rest from them, the run.json fields besides the calibration's that every shard must share, those kept from shard 0)
 BY_SAMPLE = {
@@ -97,6 +106,8 @@ BY_SAMPLE = {
                  ("var_note",)),
     "remove": (("remove_per_sample", "remove_attention_per_sample"), _summarize_remove,
                ("signature", "edited_layers", "chosen_means"), ("plain_text_source",)),
+    "inject": (("inject_per_sample", "inject_heads_per_sample", "inject_answers_per_sample", "inject_var_per_sample"),
+               _summarize_inject, ("signature", "control_dims"), ("groups_note",)),
 }
 
 MERGEABLE = ("scan", "ablate", "var_eval", *BY_SAMPLE)
@@ -120,8 +131,8 @@ def _concat_in_order(paths: list[Path], table: str, order: dict[str, int]) -> pd
 
 
 def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True, log=print) -> RunFolder:
-    """Merge finished shards of one scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch or remove
-    run into `out`; the shards must be one run's i/n shards covering 0..n-1."""
+    """Merge finished shards of one scan, ablate, var-eval, heads, contributions, location, vit-sinks, patch, remove or
+    inject run into `out`; the shards must be one run's i/n shards covering 0..n-1."""
     paths = [Path(f) for f in folders]
     if not paths:
         raise SinkscopeError("give the shard folders to merge")
@@ -137,7 +148,8 @@ def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True,
         raise SinkscopeError(f"the folders hold shards {sorted(f'{i}/{k}' for i, k in shards)}: give each of "
                              f"0/{n}..{n - 1}/{n} once")
     same = [{k: v for k, v in m["params"].items() if k != "shard"} for m in metas]
-    if any(p != same[0] for p in same[1:]):
+    settings = [{k: v for k, v in p.items() if k not in PLACEMENT} for p in same]  # the shards may spread the model
+    if any(p != settings[0] for p in settings[1:]):  # over devices differently (the first folder's map is kept)
         raise SinkscopeError("the shards were run with different settings (other than --shard); they are not one run")
     if kind == "ablate":
         return _merge_ablate(paths, metas, shards, same[0], out, figures, log)
@@ -208,7 +220,7 @@ def _merged_skipped(metas: list[dict]) -> list | dict:
 
 
 def _merge_by_sample(kind, paths, metas, shards, params, out, figures, log) -> RunFolder:
-    """heads, contributions, location, vit-sinks, patch, remove: the per-sample tables of BY_SAMPLE[kind]
+    """heads, contributions, location, vit-sinks, patch, remove, inject: the per-sample tables of BY_SAMPLE[kind]
     concatenated in the data's order, then the analysis' own summarize (summaries, CIs, figures, index.md) on them."""
     n = shards[0][1]
     tables, summarize, shared, kept = BY_SAMPLE[kind]
