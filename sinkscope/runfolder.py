@@ -68,9 +68,9 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# how the model's layers were spread over devices: run.json records it, but a run may resume (and its shards merge)
-# under another placement, as it did before run.json recorded it
-PLACEMENT = ("device_map", "max_memory")
+# where the model runs, not what is computed: run.json records it, but a run may resume (and its shards merge) under
+# another placement: torchrun gives each rank its own --device cuda:$LOCAL_RANK; a map spreads the layers otherwise
+PLACEMENT = ("device", "device_map", "max_memory")
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,

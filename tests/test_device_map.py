@@ -275,8 +275,8 @@ def test_run_json_records_the_device_map_of_the_command_line(command, options, t
 
 def test_a_run_resumes_and_its_shards_merge_under_another_device_map(tmp_path):
     """The device map is where the model runs, not what is computed: a finished shard resumed with another
-    --max-memory resumes (run.json then records the new one), and shards placed differently merge into the tables of
-    the unsharded one-device run."""
+    --max-memory resumes (run.json then records the new one), and shards placed differently (a device map; an explicit
+    --device, as torchrun ranks get) merge into the tables of the unsharded one-device run."""
     from typer.testing import CliRunner
 
     from sinkscope.cli import app
@@ -288,7 +288,7 @@ def test_a_run_resumes_and_its_shards_merge_under_another_device_map(tmp_path):
     runner = CliRunner()
     placed = ["--device-map", map_file, "--max-memory", "cpu=8GiB"]
     for args in (["--out", str(tmp_path / "whole")], ["--out", str(tmp_path / "s0"), "--shard", "0/2", *placed],
-                 ["--out", str(tmp_path / "s1"), "--shard", "1/2"]):
+                 ["--out", str(tmp_path / "s1"), "--shard", "1/2", "--device", "cpu"]):  # torchrun: a device per rank
         result = runner.invoke(app, common + args)
         assert result.exit_code == 0, result.output
     again = runner.invoke(app, common + ["--out", str(tmp_path / "s0"), "--shard", "0/2", "--device-map", map_file,
