@@ -285,13 +285,7 @@ def pope_accuracy(model, encoder: Encoder, split: str = "validation", n_scenes: 
         correct = 0
         for b in range(0, len(qs), 8):
             chunk = qs[b:b + 8]
-            prompts = [encoder.prompt(q.question) for q in chunk]
-            length = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), length), encoder.tok.pad_token_id)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(prompts):  # left padding: the answer position is the last
-                ids[row, length - len(p):] = torch.tensor(p)
-                mask[row, length - len(p):] = 1
+            ids, mask = left_padded([encoder.prompt(q.question) for q in chunk], encoder.tok.pad_token_id)
             pixel = torch.stack([pixel_values(world.scene(split, q.scene_index).image) for q in chunk])
             hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel).last_hidden_state[:, -1]
             logits = model.lm_head(hidden)
@@ -303,6 +297,25 @@ def pope_accuracy(model, encoder: Encoder, split: str = "validation", n_scenes: 
 
 TAU_START_LAYER = 2  # layers before it take no part in the tau rule (as in `sinkscope.calibration`)
 TAU_RULE = "sinks.sink_threshold(rms)"  # the emergence log's "tau_rule": the one tau rule of sinkscope
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([batch, length] ids, [batch, length] attention mask) of token-id prompts, padded on the left so that
+    every row's last position is its prompt's last token (where the answer's logits are read)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = torch.tensor(p)
+        mask[row, length - len(p):] = 1
+    return ids, mask
+
+
+def emergence_prompts(encoder: "Encoder", n_scenes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation prompts the emergence metrics read (one POPE question on each of the first
+    n_scenes validation scenes), left-padded: (ids, mask) [n_scenes, length]."""
+    prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n_scenes)]
+    return left_padded(prompts, encoder.tok.pad_token_id)
 
 
 @torch.no_grad()
@@ -320,13 +333,8 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     from sinkscope.measures import massive, sinks
 
     hidden_size = model.config.text_config.hidden_size
-    prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n_scenes)]
-    length = max(len(p) for p in prompts)
-    ids = torch.full((n_scenes, length), encoder.tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, length - len(p):] = torch.tensor(p)
-        mask[row, length - len(p):] = 1
+    ids, mask = emergence_prompts(encoder, n_scenes)
+    length = ids.shape[1]
     pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n_scenes)])
     previous = {"text_config": model.config.text_config._attn_implementation,
                 "vision_config": model.config.vision_config._attn_implementation}

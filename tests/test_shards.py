@@ -173,13 +173,19 @@ def test_merged_shards_equal_the_unsharded_run_sample_by_sample(command, tmp_pat
     """heads, contributions, location, vit-sinks (read only), patch (random controls drawn per sample) and remove (no
     random draw): 2 and 3 shards merged equal the unsharded run, every table (per-sample and summary) exactly; batch
     size 1 keeps padding out of the forward's last bits."""
-    from sinkscope.cli import app
-
     if not (ORGANISM_ASSET / "config.json").exists():
         pytest.skip("the organism asset is not built")
     options, tables = BY_SAMPLE_RUNS[command]
     common = [command, "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1",
               "--n-boot", "50", *options]
+    _assert_2_and_3_shards_merge_equal(common, tables, ("tau", "sink_dims", "n_samples", "signature", "chosen_means"),
+                                       tmp_path)
+
+
+def _assert_2_and_3_shards_merge_equal(common: list[str], tables, keys, tmp_path) -> None:
+    """Run `common` whole, then as 2 and as 3 shards merged: every table and run.json's params and `keys` equal."""
+    from sinkscope.cli import app
+
     runner = CliRunner()
     for n in (2, 3):
         _run_sharded(runner, app, common, tmp_path / str(n), n, whole=tmp_path / "whole")
@@ -187,7 +193,6 @@ def test_merged_shards_equal_the_unsharded_run_sample_by_sample(command, tmp_pat
         merged, whole = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / str(n) / "merged",
                                                                                     tmp_path / "whole"))
         assert merged["params"] == whole["params"] and merged["finished"]
-        keys = ("tau", "sink_dims", "n_samples", "signature", "chosen_means")
         assert {k: merged.get(k) for k in keys} == {k: whole.get(k) for k in keys}
 
 
@@ -200,22 +205,15 @@ def test_merged_shards_equal_the_unsharded_inject(tmp_path):
     from the seed alone, drawn before the samples: 2 and 3 shards merged equal the unsharded run, every table
     (per-sample and summary) exactly, with the same injection layer and control dims in run.json; batch size 1 keeps
     padding out of the forward's last bits."""
-    from sinkscope.cli import SHARDED, app
+    from sinkscope.cli import SHARDED
 
     if not (ORGANISM_ASSET / "config.json").exists():
         pytest.skip("the organism asset is not built")
     assert all(c in SHARDED for c in (*BY_SAMPLE_RUNS, "inject"))
     common = ["inject", "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1",
               "--n-boot", "50", "--scales", "0.1,1", "--n-seeds", "2"]
-    runner = CliRunner()
-    for n in (2, 3):
-        _run_sharded(runner, app, common, tmp_path / str(n), n, whole=tmp_path / "whole")
-        _assert_same_tables(tmp_path / str(n), INJECT_TABLES, whole=tmp_path / "whole")
-        merged, whole = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / str(n) / "merged",
-                                                                                    tmp_path / "whole"))
-        assert merged["params"] == whole["params"] and merged["finished"]
-        keys = ("tau", "sink_dims", "n_samples", "signature", "control_dims")
-        assert {k: merged.get(k) for k in keys} == {k: whole.get(k) for k in keys}
+    _assert_2_and_3_shards_merge_equal(common, INJECT_TABLES, ("tau", "sink_dims", "n_samples", "signature",
+                                                               "control_dims"), tmp_path)
     per = pd.read_csv(tmp_path / "whole" / "inject_per_sample.csv")
     assert {"inject", "random_dim", "rescale", "none"} <= set(per["treatment"]) and per["sample"].nunique() == 5
     assert set(pd.read_csv(tmp_path / "whole" / "inject_var_per_sample.csv")["condition"]) == {

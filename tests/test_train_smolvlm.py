@@ -57,7 +57,8 @@ def test_a_short_recipe_trains_resumes_exactly_and_ships_only_trained_parts(tmp_
 def test_emergence_tau_is_the_shared_rule_on_the_same_phi():
     """emergence_metrics takes phi's tau from `sinks.sink_threshold` ("rms") on its own phi (layers >= 2, BOS and
     padding left out) and logs which rule gave it; a given tau is passed through the same rule."""
-    from scripts.train_smolvlm import TAU_RULE, TAU_START_LAYER, Encoder, emergence_metrics, pixel_values
+    from scripts.train_smolvlm import (TAU_RULE, TAU_START_LAYER, Encoder, emergence_metrics, emergence_prompts,
+                                       pixel_values)
     from sinkscope import world
     from sinkscope.kinds import BOS, PAD, TEXT, VISUAL
     from sinkscope.measures import sinks
@@ -71,13 +72,7 @@ def test_emergence_tau_is_the_shared_rule_on_the_same_phi():
     assert row["tau_rule"] == TAU_RULE == "sinks.sink_threshold(rms)"
 
     # the same prompts and forward pass, phi recomputed here, then the shared rule
-    prompts = [encoder.prompt(world.pope_questions("validation", "random", 1, i)[0].question) for i in range(n)]
-    length = max(len(p) for p in prompts)
-    ids = torch.full((n, length), encoder.tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, length - len(p):] = torch.tensor(p)
-        mask[r, length - len(p):] = 1
+    ids, mask = emergence_prompts(encoder, n)
     pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n)])
     model.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})  # as emergence_metrics runs
     with torch.no_grad():
