@@ -17,7 +17,7 @@ import shlex
 import sys
 import typing
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional
 
@@ -332,13 +332,20 @@ def report(
                                       "in it is kept, an interrupted one resumes"),
     data: str = field_option("data"),
     limit: int = typer.Option(32, help="samples per step"),
+    batch_size: Optional[int] = typer.Option(None, help="samples per forward pass in every step (default: each step's "
+                                             "own: 4; patching 8; the VAR evaluation 16)"),
+    calibration: int = field_option("calibration", help="samples the report's one calibration (sink dims, tau) uses; "
+                                    "every step gets its result"),
     device: Optional[str] = field_option("device"),
     dtype: Optional[str] = field_option("dtype"),
+    device_map: Optional[str] = field_option("device_map"),
+    max_memory: Optional[str] = field_option("max_memory"),
     seed: int = typer.Option(0, help="seed for random controls and bootstrap"),
     steps: Optional[str] = typer.Option(None, help="comma-separated subset of the report's steps, e.g. scan,heads "
                                         "(default: all; an unknown name lists them)"),
     sink_score: str = field_option("sink_score"),
     tau: Optional[float] = field_option("tau"),
+    sink_dims: Optional[str] = field_option("sink_dims"),
     var_questions: Optional[int] = typer.Option(None, help="test questions per POPE split (random, popular, "
                                                 "adversarial) in the VAR evaluation (default: limit // 2, at least 8); "
                                                 "300 makes a 3-point change visible to McNemar's test"),
@@ -348,17 +355,17 @@ def report(
 ):
     """Every analysis on one model -> one index.md that leads with the findings, plus viewer.html."""
     out = out or default_report_out(model)
-    run = _run_config(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed,
-                      sink_score=sink_score, tau=tau)
     with _one_line_errors(ctx, out):
-        run.validate()
+        run = _run_config(model=model, data=data, limit=limit, calibration=calibration, device=device, dtype=dtype,
+                          device_map=device_map, max_memory=max_memory, seed=seed, sink_score=sink_score, tau=tau,
+                          sink_dims=sink_dims, **({} if batch_size is None else {"batch_size": batch_size}))
+        run.validate()  # before torch is imported: a typo costs a second
         check_out(out)
         from sinkscope.analyses.report import STEPS, ReportConfig, check_report_folder, run_report
 
         chosen = tuple(s.strip() for s in steps.split(",") if s.strip()) if steps else STEPS
-        cfg = ReportConfig(model=model, data=data, limit=limit, device=device, dtype=dtype, seed=seed, steps=chosen,
-                           sink_score=sink_score, tau=tau, var_questions=var_questions)
-        cfg.validate()  # the steps
+        cfg = ReportConfig(**{**asdict(run), "batch_size": batch_size}, steps=chosen, var_questions=var_questions)
+        cfg.validate()  # the steps, --var-questions
         if not force:  # refuse another report's folder at once; with --force, run_report replaces it after every check
             check_report_folder(Path(out), cfg)
         _check_samples(run)

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from sinkscope.errors import SinkscopeError
@@ -90,13 +91,15 @@ class RunConfig:
     sink_dims: list[int] | None = None  # None: discovered
     layers: list[int] | None = None  # None: all
     image_root: str | None = None
+    # a config that runs several analyses (the report) may leave batch_size None: each analysis' own default
+    BATCH_SIZE_OPTIONAL: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise SinkscopeError on the first bad setting; the message names the option and the fix."""
         if not isinstance(self.model, str) or not self.model.strip():
             raise SinkscopeError("--model is empty; give 'demo', 'tiny', 'organism', a local model folder or a hub id")
         _check_count("--limit", self.limit, "samples", allow_none=True)
-        _check_count("--batch-size", self.batch_size, "samples per forward pass")
+        _check_count("--batch-size", self.batch_size, "samples per forward pass", allow_none=self.BATCH_SIZE_OPTIONAL)
         _check_count("--calibration", self.calibration, "calibration samples")
         if self.sink_score not in SINK_SCORES:
             raise SinkscopeError(f"--sink-score must be one of {', '.join(SINK_SCORES)}; got {self.sink_score!r}")

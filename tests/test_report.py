@@ -146,3 +146,47 @@ def test_var_questions_sets_the_var_evaluation_size_and_the_header_gives_the_com
     assert set(per_task.index) == {"pope-random", "pope-popular", "pope-adversarial"} and (per_task == 3).all()
     index = (out / "index.md").read_text()
     assert f"Made by: `sinkscope report --model tiny --out {out} --limit 2 --var-questions 3 --steps var_eval`" in index
+
+
+def test_the_report_is_one_run_config_and_every_step_gets_its_settings(organism, tmp_path):
+    """Issue 15: ReportConfig is a RunConfig (one validate(), the same messages as every command); its calibration
+    size, pinned sink dims and batch size reach every step's config and run.json (batch size left out: each step's
+    own); the header's command names them; --layers, meaningless for a report, is refused with the fix."""
+    from typer.testing import CliRunner
+
+    from sinkscope.analyses.report import report_command
+    from sinkscope.cli import app
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.runconfig import RunConfig
+
+    assert issubclass(ReportConfig, RunConfig)
+    for bad, words in (({"calibration": 0}, "--calibration"), ({"batch_size": 0}, "--batch-size"),
+                       ({"sink_dims": [-1]}, "--sink-dims"), ({"layers": [2]}, "--layers 2,3")):
+        with pytest.raises(SinkscopeError, match=words):
+            ReportConfig(model="organism", **bad).validate()
+    ReportConfig(model="organism").validate()  # batch size None: each step's own
+
+    steps = ("scan", "heads", "patching")
+    cfg = ReportConfig(model="organism", limit=4, calibration=3, sink_dims=[1, 90], batch_size=2, steps=steps,
+                       viewer_samples=1)
+    out = run_report(tmp_path / "r", cfg, adapter=organism, log=lambda m: None)
+    for step in steps:
+        run = json.loads((out / step / "run.json").read_text())
+        assert (run["params"]["calibration"], run["params"]["sink_dims"], run["params"]["batch_size"]) == (3, [1, 90], 2)
+        assert run["calibration"]["n_samples"] == 3 and run["calibration"]["sink_dims"] == [1, 90]
+        assert run["calibration"]["sink_dims_method"] != "auto-gap"  # pinned, not discovered
+    assert json.loads((out / "report.json").read_text())["config"]["calibration"] == 3
+    assert "--calibration 3" in report_command(cfg, out) and "--sink-dims 1,90" in report_command(cfg, out)
+
+    own = run_report(tmp_path / "own", ReportConfig(model="organism", limit=4, steps=steps, viewer_samples=1),
+                     adapter=organism, log=lambda m: None)
+    sizes = {s: json.loads((own / s / "run.json").read_text())["params"]["batch_size"] for s in steps}
+    assert sizes == {"scan": 4, "heads": 4, "patching": 8}
+
+    result = CliRunner().invoke(app, ["report", "--model", "organism", "--out", str(tmp_path / "cli"), "--limit", "2",
+                                      "--steps", "scan", "--calibration", "2", "--sink-dims", "1,90"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "cli" / "scan" / "run.json").read_text())
+    assert run["params"]["calibration"] == 2 and run["params"]["sink_dims"] == [1, 90]
+    bad = CliRunner().invoke(app, ["report", "--model", "organism", "--out", str(tmp_path / "bad"), "--calibration", "0"])
+    assert bad.exit_code == 2 and "--calibration" in bad.output and not (tmp_path / "bad").exists()

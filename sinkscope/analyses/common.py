@@ -170,15 +170,23 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     return Setup(adapter, samples, folder, tracer, dims, tau, todo)
 
 
+# The report's settings every step gets (besides its limit, its sink score resolved on the model and its data)
+REPORT_SETTINGS = ("model", "calibration", "device", "dtype", "device_map", "max_memory", "seed", "tau", "sink_dims",
+                   "image_root")
+
+
 def report_step_config(config_class, report_cfg, sink_score: str, **overrides):
-    """The config a `sinkscope report` step runs an analysis with: the report's model, limit, device, seed, tau and
-    resolved sink score (its dtype is not passed), the step's `overrides`, and the report's data unless it is the
-    demo's (the analysis keeps its own default data then) or an override names the data."""
-    config = config_class(model=report_cfg.model, limit=report_cfg.limit, device=report_cfg.device,
-                          seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score, **overrides)
-    if report_cfg.data != "demo" and "data" not in overrides:
-        config.data = report_cfg.data
-    return config
+    """The config a `sinkscope report` step runs an analysis with: the report's REPORT_SETTINGS, limit and resolved sink
+    score, its batch size when it gives one (else the analysis' own), its data unless it is the demo's (the analysis
+    keeps its own default data then), and the step's `overrides` (its own sample count, grids, layers, data)."""
+    values = {name: getattr(report_cfg, name) for name in REPORT_SETTINGS}
+    values.update(limit=report_cfg.limit, sink_score=sink_score)
+    if report_cfg.batch_size is not None:
+        values["batch_size"] = report_cfg.batch_size
+    if report_cfg.data != "demo":
+        values["data"] = report_cfg.data
+    values.update(overrides)
+    return config_class(**values)
 
 
 def report_step_for(config_class, run, **overrides):

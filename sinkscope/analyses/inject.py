@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, report_step_config, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
@@ -674,11 +674,8 @@ FIGURES = ("dose_response.png",)  # the report shows these first, in this order
 
 def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: a light grid (4 scales, one draw, at most 8 samples) so it runs in minutes."""
-    cfg = report_cfg
-    config = InjectConfig(model=cfg.model, limit=min(int(cfg.limit or 8), 8), scales=[0.0, 0.01, 0.1, 1.0], n_seeds=1,
-                          device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, tau=cfg.tau, sink_score=sink_score)
-    if cfg.data != "demo":
-        config.data = cfg.data
+    config = report_step_config(InjectConfig, report_cfg, sink_score, limit=min(int(report_cfg.limit or 8), 8),
+                                scales=[0.0, 0.01, 0.1, 1.0], n_seeds=1)
     run_inject(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 

@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, answer_token_ids, prepare_batch, setup,
-                                      yes_no_labels)
+from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, answer_token_ids, prepare_batch,
+                                      report_step_config, setup, yes_no_labels)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
@@ -351,8 +351,8 @@ FIGURES: tuple[str, ...] = ()  # the report shows the step's figures in name ord
 
 def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:
     """`sinkscope report` step: limit // 2 questions (at least 8), whole-model sites only (layers=[])."""
-    config = PatchConfig(model=report_cfg.model, limit=max(8, report_cfg.limit // 2), device=report_cfg.device,
-                         seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score, layers=[])
+    config = report_step_config(PatchConfig, report_cfg, sink_score, limit=max(8, report_cfg.limit // 2), layers=[],
+                                data=PatchConfig.data)  # its own yes/no pairs, whatever the report's data
     run_patching(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 

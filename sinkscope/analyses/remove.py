@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, prepare_batch, setup
+from sinkscope.analyses.common import AnalysisConfig, prepare_batch, report_step_config, setup
 from sinkscope.analyses.inject import signature_of
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
@@ -319,11 +319,8 @@ def report_step(folder, report_cfg, adapter, sink_score: str, log, calibration=N
     """`sinkscope report` step: every target and replacement, entering every layer from the onset on (at the onset
     alone a narrow model's first token may not yet be a sink by the rule), on the demo's mixed tasks (or the
     report's data)."""
-    cfg = report_cfg
-    config = RemoveConfig(model=cfg.model, limit=min(int(cfg.limit or 16), 16), device=cfg.device, dtype=cfg.dtype,
-                          seed=cfg.seed, tau=cfg.tau, sink_score=sink_score, layers="all")
-    if cfg.data != "demo":
-        config.data = cfg.data
+    config = report_step_config(RemoveConfig, report_cfg, sink_score, limit=min(int(report_cfg.limit or 16), 16),
+                                layers="all")
     run_remove(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 

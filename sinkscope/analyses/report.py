@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,10 @@ from sinkscope.analyses import (ablate, contributions, heads, inject, location, 
                                 vit_sinks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
+from sinkscope.runfolder import PLACEMENT
 from sinkscope.findings import RULE_NOTE, Estimate, Finding, finding_line, num
 from sinkscope.questions import Answer, summary_markdown
+from sinkscope.runconfig import RunConfig
 from sinkscope.markdown import PLANTED_BANNER
 
 
@@ -46,16 +48,18 @@ STEPS = tuple(REGISTRY)
 
 
 @dataclass
-class ReportConfig:
-    model: str = "demo"
-    data: str = "demo"
-    limit: int = 32
-    device: str | None = None
-    dtype: str | None = None
-    seed: int = 0
+class ReportConfig(RunConfig):
+    """The report's run settings (a RunConfig, checked by its one validate(); every step gets them through
+    `common.report_step_config`, each with its own sample count) and the report's own.
+
+    batch_size None: each step's own default (patching 8, the VAR evaluation 16, the others 4); layers: refused
+    (each step chooses its layers); device, device_map and max_memory place the model and may change on resume.
+    """
+
+    BATCH_SIZE_OPTIONAL: ClassVar[bool] = True
+    limit: int = 32  # samples per step (each step's own rule: patching limit // 2, inject at most 8, ...)
+    batch_size: int | None = None
     steps: tuple[str, ...] = STEPS
-    sink_score: str = "auto"  # auto: the paper's phi, or the layer-relative score when phi saturates (hidden < 1600)
-    tau: float | None = None
     viewer_samples: int = 4
     var_questions: int | None = None  # test questions per POPE split in the VAR evaluation (default: limit // 2, >= 8)
 
@@ -63,10 +67,12 @@ class ReportConfig:
         unknown = [s for s in self.steps if s not in STEPS]
         if unknown:
             raise SinkscopeError(f"unknown report steps {unknown}; choose from {', '.join(STEPS)}")
-        if self.sink_score not in ("auto", "rms", "layer"):
-            raise SinkscopeError(f"--sink-score must be auto, rms or layer; got {self.sink_score!r}")
-        if self.limit is not None and self.limit < 1:
-            raise SinkscopeError(f"--limit must be >= 1; got {self.limit}")
+        if self.limit is None:
+            raise SinkscopeError("--limit: a report needs a number of samples per step (default 32)")
+        super().validate()
+        if self.layers is not None:
+            raise SinkscopeError("--layers: a report runs each step on the layers it studies; give --layers to a "
+                                 "single analysis command (sinkscope heads --layers 2,3) instead")
         if self.var_questions is not None and (isinstance(self.var_questions, bool) or self.var_questions < 1):
             raise SinkscopeError(f"--var-questions must be a whole number >= 1 (test questions per POPE split), or "
                                  f"left out for limit // 2; got {self.var_questions!r}")
@@ -106,7 +112,7 @@ def report_calibration(cfg: ReportConfig, adapter, sink_score: str, log=print):
 
 
 REPORT_FILES = ("report.json", "index.md", "findings.csv", "viewer.html")
-SETTINGS_FREE_TO_CHANGE = ("device", "steps", "viewer_samples")  # they change no number of a finished step
+SETTINGS_FREE_TO_CHANGE = PLACEMENT + ("steps", "viewer_samples")  # they change no number of a finished step
 
 
 def report_folder_conflict(out: Path, cfg: ReportConfig) -> str | None:
@@ -124,6 +130,9 @@ def report_folder_conflict(out: Path, cfg: ReportConfig) -> str | None:
     except (OSError, json.JSONDecodeError):
         old = {"report.json": "unreadable"}
     new = json.loads(json.dumps(asdict(cfg), default=str))
+    # a setting the recorded report lacks (it was made before the setting existed) had its default
+    defaults = json.loads(json.dumps(asdict(ReportConfig()), default=str))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     problems = differing_settings(old, new, ignore=SETTINGS_FREE_TO_CHANGE)
     dropped = [s for s in old.get("steps", []) if s not in cfg.steps]
     if dropped:
@@ -165,7 +174,11 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
     replace = force and report_folder_conflict(out, cfg) is not None
     if not replace:
         check_report_folder(out, cfg)  # before the model loads
-    adapter = adapter or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if adapter is None:
+        from sinkscope.devices import parse_device_map, parse_max_memory
+
+        adapter = load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=parse_device_map(cfg.device_map),
+                       max_memory=parse_max_memory(cfg.max_memory))
     if replace:  # only once the model has loaded: a failed load leaves the old report in place
         clear_report(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,11 +307,12 @@ def report_command(cfg: ReportConfig, out: Path) -> str:
     """The `sinkscope report` command line that makes this report (options that differ from the defaults)."""
     parts = ["sinkscope report", f"--model {cfg.model}", f"--out {out}"]
     defaults = ReportConfig()
-    for name, option in (("data", "--data"), ("limit", "--limit"), ("dtype", "--dtype"), ("seed", "--seed"),
-                         ("sink_score", "--sink-score"), ("tau", "--tau"), ("var_questions", "--var-questions")):
+    for name in ("data", "limit", "batch_size", "calibration", "dtype", "device_map", "max_memory", "seed", "sink_score",
+                 "tau", "sink_dims", "image_root", "var_questions"):
         value = getattr(cfg, name)
         if value != getattr(defaults, name):
-            parts.append(f"{option} {value}")
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            parts.append(f"--{name.replace('_', '-')} {shown}")
     if tuple(cfg.steps) != tuple(defaults.steps):
         parts.append(f"--steps {','.join(cfg.steps)}")
     return " ".join(parts)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import (AnalysisConfig, open_calibration, prepare_batch,  # noqa: F401 (re-exported)
-                                       prepare_readable, text_queries_after_image)
+                                       prepare_readable, report_step_config, text_queries_after_image)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
@@ -466,9 +466,8 @@ FIGURES = ("massive_activations.png", "phi_by_role.png", "phi_vs_attention.png",
 
 
 def report_config(report_cfg, sink_score: str) -> ScanConfig:
-    """The scan a report runs: the report's model, data, limit, device, seed, tau and resolved sink score."""
-    return ScanConfig(model=report_cfg.model, data=report_cfg.data, limit=report_cfg.limit, device=report_cfg.device,
-                      seed=report_cfg.seed, tau=report_cfg.tau, sink_score=sink_score)
+    """The scan a report runs (and calibrates the report with): the report's settings (`report_step_config`)."""
+    return report_step_config(ScanConfig, report_cfg, sink_score)
 
 
 def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibration=None) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig
+from sinkscope.analyses.common import AnalysisConfig, report_step_config
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
@@ -513,12 +513,10 @@ def report_step(folder: Path, report_cfg, adapter, sink_score: str, log, calibra
     """`sinkscope report` step: the three POPE splits, `--var-questions` test questions per split (default
     limit // 2, at least 8), limit // 4 (at least 8) validation questions, a 2 x 2 grid of p and rho."""
     limit = report_cfg.var_questions or max(8, report_cfg.limit // 2)
-    config = VarEvalConfig(model=report_cfg.model, limit=limit, val_limit=max(8, report_cfg.limit // 4),
-                           device=report_cfg.device, dtype=report_cfg.dtype, seed=report_cfg.seed, tau=report_cfg.tau,
-                           sink_score=sink_score, tasks=["pope-random", "pope-popular", "pope-adversarial"],
-                           p_grid=[0.3, 0.6], rho_grid=[0.5, 0.8])
-    if report_cfg.data != "demo":
-        config.data = report_cfg.data
+    config = report_step_config(VarEvalConfig, report_cfg, sink_score, limit=limit,
+                                val_limit=max(8, report_cfg.limit // 4),
+                                tasks=["pope-random", "pope-popular", "pope-adversarial"], p_grid=[0.3, 0.6],
+                                rho_grid=[0.5, 0.8])
     run_var_eval(str(folder), config, adapter=adapter, log=log, calibration=calibration)
 
 
