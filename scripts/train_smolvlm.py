@@ -329,12 +329,11 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     calibrates it) on these prompts' phi, layers >= 2; the row logs it as "tau", with "tau_rule" and
     "tau_method" (logs before 2026-12-04 used the paper's 20 scaled by sqrt(hidden)/64 and lack both).
     """
-    from sinkscope.kinds import BOS, PAD, TEXT, VISUAL
+    from sinkscope.kinds import token_kinds_from_ids
     from sinkscope.measures import massive, sinks
 
     hidden_size = model.config.text_config.hidden_size
     ids, mask = emergence_prompts(encoder, n_scenes)
-    length = ids.shape[1]
     pixel = torch.stack([pixel_values(world.scene("validation", i).image) for i in range(n_scenes)])
     previous = {"text_config": model.config.text_config._attn_implementation,
                 "vision_config": model.config.vision_config._attn_implementation}
@@ -350,14 +349,11 @@ def emergence_metrics(model, encoder: Encoder, n_scenes: int = 8, tau: float | N
     rows = torch.arange(n_scenes)
     first_states = states[rows, :, first]  # [B, L, D]
     dims = massive.discover_sink_dims(first_states)
-    is_image = ids == encoder.image_token_id
-    image_end = torch.where(is_image, torch.arange(length), -1).max(1).values
-    text_query = (torch.arange(length)[None] > image_end[:, None]) & mask.bool()  # [B, T]
+    token_kinds = token_kinds_from_ids(ids, {encoder.image_token_id}, mask)  # BOS = first real token, as scans see it
+    is_image = token_kinds.visual_mask
+    text_query = token_kinds.queries_after_image()  # [B, T] the text queries after the image
     phi = sinks.phi(states, dims.dims) if dims.dims else torch.zeros(states.shape[:3])  # [B, L, T]
-    kinds = torch.full(ids.shape, TEXT)
-    kinds[is_image] = VISUAL
-    kinds[rows, first] = BOS
-    kinds[~mask.bool()] = PAD
+    kinds = token_kinds.kind
     tau_phi = phi[:, TAU_START_LAYER:] if n_layers > TAU_START_LAYER else phi
     threshold = sinks.sink_threshold("rms", hidden_size, tau_phi, tau, token_kinds=kinds, has_dims=bool(dims.dims))
     tau = threshold.value

@@ -150,6 +150,18 @@ class _CacheReducer:
         pass
 
 
+def envoy_at(root_envoy, root_module: torch.nn.Module, target: torch.nn.Module, what: str = ""):
+    """The nnsight envoy of `target`, a submodule of `root_module` (wrapped by `root_envoy`): found by identity in
+    the module tree and reached along its dotted name (numeric parts index a ModuleList)."""
+    for name, module in root_module.named_modules():
+        if module is target:
+            envoy = root_envoy
+            for part in name.split(".") if name else []:
+                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+            return envoy
+    raise SinkscopeError(f"could not locate {what or type(target).__name__} inside the model")
+
+
 class Tracer:
     """Wraps an adapter's model in nnsight and streams per-layer tensors to reducers."""
 
@@ -164,25 +176,11 @@ class Tracer:
     # -- locating the probabilities ----------------------------------------------------
     def _layer_envoys(self):
         """The envoys of the decoder layers (same path as the adapter's module tree)."""
-        target = self.adapter.layers
-        for name, module in self.adapter.model.named_modules():
-            if module is target:
-                envoy = self.envoy
-                for part in name.split("."):
-                    envoy = getattr(envoy, part) if not part.isdigit() else envoy[int(part)]
-                return envoy
-        raise SinkscopeError("could not locate the decoder layers inside the model")
+        return envoy_at(self.envoy, self.adapter.model, self.adapter.layers, "the decoder layers")
 
     def _attention_envoy(self, layers_envoy, layer: int):
-        attn_module = self.adapter.attention(layer)
-        layer_module = self.adapter.layers[layer]
-        for name, module in layer_module.named_modules():
-            if module is attn_module:
-                envoy = layers_envoy[layer]
-                for part in name.split("."):
-                    envoy = getattr(envoy, part)
-                return envoy
-        raise SinkscopeError(f"attention module of layer {layer} not found")
+        return envoy_at(layers_envoy[layer], self.adapter.layers[layer], self.adapter.attention(layer),
+                        f"the attention module of layer {layer}")
 
     @staticmethod
     def _find_probability_op(attn_envoy) -> tuple[str, str]:

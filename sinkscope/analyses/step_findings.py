@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sinkscope.eval import stats
+
 
 def run_meta(folder: Path) -> dict:
     """A step's run.json ({} when missing or unreadable)."""
@@ -22,15 +24,13 @@ def run_meta(folder: Path) -> dict:
 
 
 def bootstrap_mean_ci(values, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap CI (scipy), NaN CI for fewer than 2 values."""
-    from scipy import stats
-
+    """Mean and 95% percentile-bootstrap CI (`eval.stats.bootstrap_ci`, 2000 resamples) of the finite values;
+    a single value (or a constant sample) gives the value as both bounds, none gives NaN."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) == 0:
         return math.nan, math.nan, math.nan
     if len(x) < 2 or np.all(x == x[0]):
         return float(x.mean()), float(x.mean()), float(x.mean())
-    res = stats.bootstrap((x,), np.mean, n_resamples=2000, confidence_level=0.95, method="percentile",
-                          random_state=np.random.default_rng(seed))
-    return float(x.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
+    low, high = stats.bootstrap_ci(x, np.mean, n_boot=2000, level=0.95, seed=seed)
+    return float(x.mean()), low, high

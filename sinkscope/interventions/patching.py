@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.trace import envoy_at
 
 SITES = ("residual", "heads")
 
@@ -82,16 +83,6 @@ def logit_diff(logits: torch.Tensor, yes_id: int, no_id: int, sign: torch.Tensor
     return d if sign is None else d * sign.to(d)
 
 
-def _envoy_at(root_envoy, root_module, target):
-    for name, module in root_module.named_modules():
-        if module is target:
-            envoy = root_envoy
-            for part in name.split(".") if name else []:
-                envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-            return envoy
-    raise SinkscopeError(f"module {type(target).__name__} not found in the model")
-
-
 class Patcher:
     """Reads and writes residual streams and head outputs of an adapter's language model with nnsight."""
 
@@ -105,7 +96,7 @@ class Patcher:
 
     def _layer(self, i: int):
         if self._layers is None:
-            self._layers = _envoy_at(self.envoy, self.adapter.model, self.adapter.layers)
+            self._layers = envoy_at(self.envoy, self.adapter.model, self.adapter.layers, "the decoder layers")
         return self._layers[i]
 
     def _out_proj(self, i: int):
@@ -114,7 +105,7 @@ class Patcher:
             if not isinstance(getattr(module, "base_layer", module), torch.nn.Linear):  # LoRA wraps a Linear
                 raise SinkscopeError(f"layer {i}'s output projection is a {type(module).__name__}, not a Linear; "
                                      "head patching needs the per-head input of o_proj")
-            self._o_proj[i] = _envoy_at(self.envoy, self.adapter.model, module)
+            self._o_proj[i] = envoy_at(self.envoy, self.adapter.model, module)
         return self._o_proj[i]
 
     def _check(self, patches: Sequence[Patch], batch: int, tokens: int) -> None:
