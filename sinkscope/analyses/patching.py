@@ -40,12 +40,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, answer_token_ids, prepare_batch,
+from sinkscope.analyses.common import (AnalysisConfig, Setup, SinkAwareReducer, answer_token_ids, prepare_batch,
                                       report_step_config, setup, yes_no_labels)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci
 from sinkscope.errors import SinkscopeError
@@ -57,6 +58,9 @@ from sinkscope.interventions.patching import Patch, Patcher, check_aligned, logi
 from sinkscope.measures.heads import image_centric_from_stats, visual_attention_stats
 from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder
+
+if TYPE_CHECKING:
+    from sinkscope.interventions.var import VARConfig
 
 PER_SAMPLE_COLUMNS = ["sample", "source_sample", "source", "target", "site", "layer", "n_tokens", "ld_clean",
                       "ld_patched", "effect", "full_effect"]
@@ -190,18 +194,34 @@ def run_patching(out: str, cfg: PatchConfig, adapter=None, resume: bool = True, 
                                 sink_score=cfg.sink_score, seed=cfg.seed)
         else:
             s.folder.update_meta(var_note="no sink dims found: VAR changes nothing, its sites are left out")
-    patcher = Patcher(adapter, s.tracer.envoy)
+    ctx = _PatchContext(s, cfg, Patcher(adapter, s.tracer.envoy), layers, yes_id, no_id, var_cfg)
     index = {x.sample_id: k for k, x in enumerate(s.samples)}  # the sample's index in the data: its random draws
     for chunk in progress(s.todo, cfg.batch_size, "patching"):
         gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, index[x.sample_id])) for x in chunk]
-        rows = _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gens)
+        rows = _patch_batch(ctx, chunk, gens)
         s.folder.append_rows("patching_per_sample", pd.DataFrame(rows, columns=PER_SAMPLE_COLUMNS))
         s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_patching(s.folder, cfg, figures)
 
 
-def _patch_batch(adapter, s, cfg, chunk, patcher, layers, yes_id, no_id, var_cfg, gen) -> list[dict]:
+@dataclass(frozen=True)
+class _PatchContext:
+    """What every batch of one patching run shares: set once in `run_patching`, read by `_patch_batch`."""
+
+    s: Setup  # adapter, samples (the sources' pool), tracer, sink dims and tau
+    cfg: PatchConfig
+    patcher: Patcher
+    layers: list[int]  # the layers patched one by one (besides all of them at once)
+    yes_id: int
+    no_id: int
+    var_cfg: VARConfig | None  # None: no VAR sites (--no-var, or no sink dims found)
+
+
+def _patch_batch(ctx: _PatchContext, chunk: list[Sample], gen: list[torch.Generator]) -> list[dict]:
     """The per-sample rows of one batch; gen: one generator per sample of `chunk` (its random controls' draws)."""
+    s, cfg, patcher, layers = ctx.s, ctx.cfg, ctx.patcher, ctx.layers
+    yes_id, no_id, var_cfg = ctx.yes_id, ctx.no_id, ctx.var_cfg
+    adapter = s.adapter
     sources = pick_sources(chunk, s.samples)
     src_samples = [x for x, _ in sources]
     batch_t, batch_s = prepare_batch(adapter, chunk), prepare_batch(adapter, src_samples)
