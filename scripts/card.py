@@ -108,11 +108,15 @@ def build_card(model_dir: str | Path, kind: str, scan_dir: str | Path, train_dir
     return card
 
 
-def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataFrame) -> str:
+def _has_visual_sinks(visual: pd.DataFrame) -> bool:
+    return bool(len(visual) and visual["n_sinks"].sum() > 0)
+
+
+def _intro_section(card: dict) -> list[str]:
+    """Title, what the model is (the planted banner and ground truth, or how it was trained), its size."""
     arch = card["architecture"]
-    planted = card["planted"]
     lines = [f"# sinkscope `{card['kind']}` model card\n"]
-    if planted:
+    if card["planted"]:
         lines.append(PLANTED_BANNER)
         gt = card.get("ground_truth", {})
         lines.append(
@@ -133,82 +137,118 @@ def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataF
         f"{card['parameters'] / 1e6:.2f}M parameters; language model: {arch['layers']} layers, hidden "
         f"{arch['hidden_size']}, {arch['heads']} heads; 64 image tokens (8x8 patches of a 64 px image).\n"
     )
-    lines.append("## Accuracy on the held-out test split (greedy answers, exact match)\n")
-    lines.append(markdown_table(acc))
-    lines.append("## Sink statistics per layer (64 test dialogues)\n")
-    lines.append(
+    return lines
+
+
+def _accuracy_section(acc: pd.DataFrame) -> list[str]:
+    return ["## Accuracy on the held-out test split (greedy answers, exact match)\n", markdown_table(acc)]
+
+
+def _layers_section(layers: pd.DataFrame) -> list[str]:
+    return [
+        "## Sink statistics per layer (64 test dialogues)\n",
         "bos_attention: mean attention paid to BOS over heads and queries; sink_0.3: share of heads whose mean "
         "attention to BOS exceeds 0.3 (Gu et al.); bos_residual_ratio / bos_value_ratio: BOS residual (value) "
-        "norm over the median token's; top_activation_ratio: largest |activation| over the median.\n"
-    )
-    lines.append(markdown_table(layers))
-    lines.append("## Visual sink tokens (`sinkscope scan`, 32 test questions)\n")
+        "norm over the median token's; top_activation_ratio: largest |activation| over the median.\n",
+        markdown_table(layers),
+    ]
+
+
+def _visual_sinks_section(card: dict, visual: pd.DataFrame) -> list[str]:
+    """The sink dims and tau the scan found, and the visual sink tokens per layer (or that there are none)."""
+    arch = card["architecture"]
     tau = card.get("tau") or {}
     dims = card["sink_dims"]
-    lines.append(f"Sink dims found: {dims.get('dims')} ({dims.get('method')}): {dims.get('reason')}\n")
     tau_value = tau.get("value")
-    lines.append(
+    lines = [
+        "## Visual sink tokens (`sinkscope scan`, 32 test questions)\n",
+        f"Sink dims found: {dims.get('dims')} ({dims.get('method')}): {dims.get('reason')}\n",
         f"Threshold tau = {tau_value:.3g} ({tau.get('method')}): {str(tau.get('reason', '')).rstrip('.')}. With hidden size "
         f"{arch['hidden_size']}, phi cannot exceed sqrt({arch['hidden_size']}) = {arch['hidden_size'] ** 0.5:.1f}, "
-        "so the paper's tau = 20 is out of reach and the threshold is set on the model's own scale.\n"
-    )
-    if len(visual) and visual["n_sinks"].sum() > 0:
+        "so the paper's tau = 20 is out of reach and the threshold is set on the model's own scale.\n",
+    ]
+    if _has_visual_sinks(visual):
         cols = [c for c in ("layer", "n_sinks", "sinks_per_sample", "mean_phi", "max_phi", "sink_background_share",
                             "background_base_rate", "sink_attention_received", "mean_attention_received")
                 if c in visual]
         lines.append(markdown_table(visual[cols]))
     else:
         lines.append("**No visual sink tokens: this model grew none.**\n")
+    return lines
+
+
+def _recipes_section(card: dict) -> list[str]:
+    """The training recipes tried (none: no section)."""
     recipes = card.get("recipes_tried") or []
-    if recipes:
-        frame = pd.DataFrame(recipes)
-        lines.append("## Recipes tried\n")
-        if "optimizer" in frame:
-            lines.append(f"All: {frame['optimizer'].iloc[0]}. Numbers at the last logged step, on 32 validation "
-                         "dialogues; answer_token_accuracy is teacher-forced (first answer token).\n")
-            frame = frame.drop(columns=["optimizer"])
-        lines.append(markdown_table(frame, max_rows=50))
+    if not recipes:
+        return []
+    frame = pd.DataFrame(recipes)
+    lines = ["## Recipes tried\n"]
+    if "optimizer" in frame:
+        lines.append(f"All: {frame['optimizer'].iloc[0]}. Numbers at the last logged step, on 32 validation "
+                     "dialogues; answer_token_accuracy is teacher-forced (first answer token).\n")
+        frame = frame.drop(columns=["optimizer"])
+    lines.append(markdown_table(frame, max_rows=50))
+    lines.append(
+        "Earlier trials recorded in the project's notes (a 21-minute two-stage recipe at 2M parameters; "
+        "Bigram-Backcopy models of 1-4 layers) grew no sink either, except a 1-layer 1-head model on "
+        "Bigram-Backcopy text. Recipe D above is that shape on this world's text: it grew none in 3,000 steps.\n"
+    )
+    return lines
+
+
+def _not_emerged_section(card: dict, layers: pd.DataFrame, visual: pd.DataFrame) -> list[str]:
+    """For a model that was not planted: which aimed-for phenomena did not appear, and what was noticed instead."""
+    if card["planted"]:
+        return []
+    lines = ["## What did not emerge\n"]
+    bos = layers["bos_attention"]
+    late = layers[layers["layer"] >= 2]
+    said = []
+    if (late["bos_attention"] < 0.3).sum() > len(late) / 2:
+        said.append(f"no BOS attention sink (mean attention to BOS {bos.min():.2f}-{bos.max():.2f} per layer; "
+                    "aim was >= 0.3 in most layers after the first two)")
+    if late["bos_residual_ratio"].max() < 10:
+        said.append(f"no BOS residual-state peak (BOS norm at most {late['bos_residual_ratio'].max():.1f}x the "
+                    "median; aim was >= 10x)")
+    if late["top_activation_ratio"].max() < 100:
+        said.append(f"no massive activation (largest activation at most {late['top_activation_ratio'].max():.0f}x "
+                    "the median; Sun et al.'s massive activations are ~1000x)")
+    if not _has_visual_sinks(visual):
+        said.append("no visual sink tokens")
+    lines.append(("; ".join(said) + ".\n") if said else "All the aimed-for phenomena appeared.\n")
+    trend = card.get("bos_attention_trend")
+    if trend:
         lines.append(
-            "Earlier trials recorded in the project's notes (a 21-minute two-stage recipe at 2M parameters; "
-            "Bigram-Backcopy models of 1-4 layers) grew no sink either, except a 1-layer 1-head model on "
-            "Bigram-Backcopy text. Recipe D above is that shape on this world's text: it grew none in 3,000 steps.\n"
+            f"Noticed: during the finetune stage, mean attention to BOS in layer {trend['layer']} rose from "
+            f"{trend['start']:.3f} to {trend['end']:.3f} (its strongest head {trend['end_max_head']:.3f}) and was still "
+            "rising when training stopped.\n"
         )
-    if not planted:
-        lines.append("## What did not emerge\n")
-        bos = layers["bos_attention"]
-        late = layers[layers["layer"] >= 2]
-        said = []
-        if (late["bos_attention"] < 0.3).sum() > len(late) / 2:
-            said.append(f"no BOS attention sink (mean attention to BOS {bos.min():.2f}-{bos.max():.2f} per layer; "
-                        "aim was >= 0.3 in most layers after the first two)")
-        if late["bos_residual_ratio"].max() < 10:
-            said.append(f"no BOS residual-state peak (BOS norm at most {late['bos_residual_ratio'].max():.1f}x the "
-                        "median; aim was >= 10x)")
-        if late["top_activation_ratio"].max() < 100:
-            said.append(f"no massive activation (largest activation at most {late['top_activation_ratio'].max():.0f}x "
-                        "the median; Sun et al.'s massive activations are ~1000x)")
-        if not (len(visual) and visual["n_sinks"].sum() > 0):
-            said.append("no visual sink tokens")
-        lines.append(("; ".join(said) + ".\n") if said else "All the aimed-for phenomena appeared.\n")
-        trend = card.get("bos_attention_trend")
-        if trend:
-            lines.append(
-                f"Noticed: during the finetune stage, mean attention to BOS in layer {trend['layer']} rose from "
-                f"{trend['start']:.3f} to {trend['end']:.3f} (its strongest head {trend['end_max_head']:.3f}) and was still "
-                "rising when training stopped.\n"
-            )
-        cont = card.get("continuation")
-        if cont:
-            lines.append(
-                f"A continuation of that run ({cont['steps']} more finetune steps at lr {cont['lr']:g}, not shipped) "
-                f"did not take it further: layer {cont['layer']} attention to BOS {cont['range']} at its logged steps, "
-                f"Sink_0.3 = {cont['sink_0.3']:g}.\n"
-            )
-    if "training" in card:
-        lines.append("## Training recipe (as run)\n")
-        lines.append("```json\n" + json.dumps(card["training"], indent=1) + "\n```\n")
-        lines.append("![training curves](training_curves.png)\n")
-    return "\n".join(lines)
+    cont = card.get("continuation")
+    if cont:
+        lines.append(
+            f"A continuation of that run ({cont['steps']} more finetune steps at lr {cont['lr']:g}, not shipped) "
+            f"did not take it further: layer {cont['layer']} attention to BOS {cont['range']} at its logged steps, "
+            f"Sink_0.3 = {cont['sink_0.3']:g}.\n"
+        )
+    return lines
+
+
+def _training_section(card: dict) -> list[str]:
+    """The training recipe as run, and its curves (no training record: no section)."""
+    if "training" not in card:
+        return []
+    return ["## Training recipe (as run)\n",
+            "```json\n" + json.dumps(card["training"], indent=1) + "\n```\n",
+            "![training curves](training_curves.png)\n"]
+
+
+def render(card: dict, acc: pd.DataFrame, layers: pd.DataFrame, visual: pd.DataFrame) -> str:
+    """The model card's markdown: its sections in order, joined by blank lines."""
+    sections = [_intro_section(card), _accuracy_section(acc), _layers_section(layers),
+                _visual_sinks_section(card, visual), _recipes_section(card),
+                _not_emerged_section(card, layers, visual), _training_section(card)]
+    return "\n".join(line for section in sections for line in section)
 
 
 def main(argv=None) -> None:
