@@ -94,57 +94,84 @@ def _hidden(model, batch):
     return out
 
 
-@torch.no_grad()
-def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tuple[int, int]] | None = None,
-            massive_from_layer: int = 2, target_sink_attention: float = 0.6, ratio_to_median: float = 1000.0,
-            batch=None) -> GroundTruth:
-    """Edit a LlavaForConditionalGeneration in place; returns the ground truth.
+@dataclass
+class _Probe:
+    """The calibration batch and what the unedited model does on it: every choice of `install` is read from it."""
 
-    sink_heads: (layer, head) pairs whose queries should attend to sink tokens (None: one
-    head per layer in layers 2..L-2, the one paying least attention to image tokens).
-    """
+    batch: dict
+    ids: torch.Tensor  # [batch, token]
+    real: torch.Tensor  # [batch, token] bool: not padding
+    is_image: torch.Tensor  # [batch, token] bool
+    sink_tokens: torch.Tensor  # [batch, token] bool: BOS and the image tokens at the sink patches
+    base: object  # the unedited model's output (hidden states and attentions)
+    resid: torch.Tensor  # [layer+1, batch, token, dim]: its residual stream
 
-    lm = model.model.language_model
-    vision = model.model.vision_tower
-    projector = model.model.multi_modal_projector
-    cfg = model.config.text_config
-    hidden, n_heads = cfg.hidden_size, cfg.num_attention_heads
-    head_dim = hidden // n_heads
-    n_layers = cfg.num_hidden_layers
-    if massive_from_layer < 1 or massive_from_layer >= n_layers:
-        raise ValueError(f"massive_from_layer must be in 1..{n_layers - 1}")
-    batch = batch if batch is not None else _calibration_batch()
-    image_id = model.config.image_token_id
-    bos_id = cfg.bos_token_id
+
+@dataclass
+class _Sites:
+    """Where the mechanism is planted: the least-used dims, channel, unit and neuron of the demo model."""
+
+    flag_dim: int  # text dim carrying the flag
+    d1: int  # the sink dims: +A and -A/2
+    d2: int
+    channel: int  # vision channel carrying the flag
+    unit: int  # projector unit turning the vision flag into the text flag
+    mlp_layer: int  # the layer whose MLP neuron writes the massive values
+    neuron: int
+
+
+@dataclass
+class _VisionFlag:
+    """The sink-patch flag as the projector reads it: vision features at the flag channel and how to split them."""
+
+    feats: torch.Tensor  # [batch, patches]
+    is_sink_patch: torch.Tensor  # [patches] bool
+    threshold: float
+    slope: float
+
+
+def _probe(model, batch, sink_patches: list[int]) -> _Probe:
+    """Run the unedited model once on the calibration batch."""
     ids = batch["input_ids"]
     real = batch["attention_mask"].bool()
-    is_image = ids == image_id
-    n_img = int(is_image[0].sum())
-    first_img = int(is_image[0].float().argmax())
-
+    image_id, bos_id = model.config.image_token_id, model.config.text_config.bos_token_id
     base = _hidden(model, batch)
-    # -- choose dims, unit and neuron by a stated rule: the least used ones -------------
-    resid = torch.stack(base.hidden_states)  # [layer+1, batch, token, dim]
-    mean_abs = resid[:, real].abs().mean(dim=(0, 1))  # [dim]
+    return _Probe(batch=batch, ids=ids, real=real, is_image=ids == image_id,
+                  sink_tokens=_sink_token_mask(ids, real, image_id, bos_id, sink_patches), base=base,
+                  resid=torch.stack(base.hidden_states))
+
+
+def _choose_sites(model, probe: _Probe, massive_from_layer: int) -> _Sites:
+    """Choose dims, channel, unit and neuron by a stated rule: the least used ones, so the edits disturb little."""
+    mean_abs = probe.resid[:, probe.real].abs().mean(dim=(0, 1))  # [dim]
     flag_dim, d1, d2 = _least_used(mean_abs, 3)
-    vis_states = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+    vis_states = model.model.vision_tower(probe.batch["pixel_values"], output_hidden_states=True).hidden_states
     vis_mean = torch.stack(vis_states).abs().mean(dim=(0, 1, 2))
     channel = _least_used(vis_mean, 1)[0]
-    unit = _least_used(projector.linear_2.weight.norm(dim=0), 1)[0]
+    unit = _least_used(model.model.multi_modal_projector.linear_2.weight.norm(dim=0), 1)[0]
     mlp_layer = massive_from_layer - 1
-    mlp = lm.layers[mlp_layer].mlp
+    mlp = model.model.language_model.layers[mlp_layer].mlp
     neuron = _least_used(mlp.down_proj.weight.norm(dim=0), 1)[0]
-    median_abs = float(resid[massive_from_layer][real].abs().median())
-    massive_value = max(100.0, ratio_to_median * median_abs)
+    return _Sites(flag_dim=flag_dim, d1=d1, d2=d2, channel=channel, unit=unit, mlp_layer=mlp_layer, neuron=neuron)
 
-    if sink_heads is None:
-        sink_heads = []
-        for layer in range(massive_from_layer, n_layers - 1):
-            att = base.attentions[layer]  # [batch, head, query, key]
-            img_share = (att * is_image[:, None, None, :]).sum(-1)[:, :, first_img + n_img:].mean(dim=(0, 2))
-            sink_heads.append((layer, int(img_share.argmin())))
 
-    # -- 1. vision flag channel -----------------------------------------------------------
+def _least_image_heads(probe: _Probe, massive_from_layer: int, n_layers: int) -> list[tuple[int, int]]:
+    """The default sink heads: per layer from `massive_from_layer` to L-2, the head whose text queries after
+    the image pay least attention to image tokens."""
+    n_img = int(probe.is_image[0].sum())
+    first_img = int(probe.is_image[0].float().argmax())
+    heads = []
+    for layer in range(massive_from_layer, n_layers - 1):
+        att = probe.base.attentions[layer]  # [batch, head, query, key]
+        img_share = (att * probe.is_image[:, None, None, :]).sum(-1)[:, :, first_img + n_img:].mean(dim=(0, 2))
+        heads.append((layer, int(img_share.argmin())))
+    return heads
+
+
+def _plant_vision_flag(model, probe: _Probe, channel: int, sink_patches: list[int]) -> _VisionFlag:
+    """Step 1: the CLIP position embedding of the sink patches writes into vision channel `channel`, which
+    nothing else in the vision tower writes or reads, so the flag reaches the projector untouched."""
+    vision = model.model.vision_tower
     emb = vision.embeddings
     emb.patch_embedding.weight[channel] = 0.0
     emb.class_embedding[channel] = 0.0
@@ -163,43 +190,52 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
         layer.self_attn.out_proj.bias[channel] = 0.0
         layer.mlp.fc2.weight[channel] = 0.0
         layer.mlp.fc2.bias[channel] = 0.0
-    feats = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[
+    feats = model.model.vision_tower(probe.batch["pixel_values"], output_hidden_states=True).hidden_states[
         model.config.vision_feature_layer][:, 1:, channel]  # [batch, patches]
     is_sink_patch = torch.zeros(feats.shape[1], dtype=torch.bool)
     is_sink_patch[sink_patches] = True
     lo, hi = float(feats[:, ~is_sink_patch].max()), float(feats[:, is_sink_patch].min())
     if not hi > lo:
         raise RuntimeError(f"vision flag does not separate sink patches ({hi} <= {lo})")
-    threshold = (lo + hi) / 2
-    slope = 30.0 / (hi - lo)
+    return _VisionFlag(feats=feats, is_sink_patch=is_sink_patch, threshold=(lo + hi) / 2, slope=30.0 / (hi - lo))
 
-    # -- 2. projector unit: flag channel -> text flag dim ---------------------------------
+
+def _plant_projector_unit(model, probe: _Probe, sites: _Sites, flag: _VisionFlag) -> None:
+    """Step 2: a repurposed projector unit fires on the vision flag only and writes the text flag dim,
+    at half the median image token's norm: big enough to read exactly (every other token has 0), small
+    enough that the sink patches keep working in the layers before the massive ones."""
+    projector = model.model.multi_modal_projector
+    channel, unit, flag_dim, slope = sites.channel, sites.unit, sites.flag_dim, flag.slope
     l1, l2 = projector.linear_1, projector.linear_2
     l1.weight[:, channel] = 0.0
     l1.weight[unit] = 0.0
     l1.weight[unit, channel] = slope
-    l1.bias[unit] = -slope * threshold
+    l1.bias[unit] = -slope * flag.threshold
     l2.weight[:, unit] = 0.0
     l2.weight[flag_dim] = 0.0
     l2.bias[flag_dim] = 0.0
-    # the flag is half the token's own norm: big enough to read exactly (everyone else has 0),
-    # small enough that BOS and the sink patches keep working in the layers before the massive ones
-    image_norm = float(resid[0][is_image & real].norm(dim=-1).median())
-    bos_norm = float(resid[0][:, 0].norm(dim=-1).median())
+    image_norm = float(probe.resid[0][probe.is_image & probe.real].norm(dim=-1).median())
     flag_value = 0.5 * image_norm
-    unit_at_sink = torch.nn.functional.gelu(slope * (feats[:, is_sink_patch] - threshold)).median()
+    unit_at_sink = torch.nn.functional.gelu(slope * (flag.feats[:, flag.is_sink_patch] - flag.threshold)).median()
     l2.weight[flag_dim, unit] = flag_value / float(unit_at_sink)
 
-    # -- 3. text flag dim: only BOS and the projector write it; only one MLP neuron reads it
+
+def _route_text_flag(model, probe: _Probe, sites: _Sites) -> None:
+    """Step 3a: in the text model only BOS's embedding (at half BOS's norm) and the projector write the flag
+    dim, and only the chosen MLP neuron reads it; that neuron writes +1 into d1 and -1/2 into d2."""
+    lm = model.model.language_model
+    flag_dim, mlp_layer, neuron = sites.flag_dim, sites.mlp_layer, sites.neuron
+    bos_norm = float(probe.resid[0][:, 0].norm(dim=-1).median())
     embed = lm.embed_tokens.weight
     embed[:, flag_dim] = 0.0
-    embed[bos_id, flag_dim] = 0.5 * bos_norm
+    embed[model.config.text_config.bos_token_id, flag_dim] = 0.5 * bos_norm
     for i, layer in enumerate(lm.layers):
         layer.self_attn.o_proj.weight[flag_dim] = 0.0
         layer.mlp.down_proj.weight[flag_dim] = 0.0
         layer.input_layernorm.weight[flag_dim] = 0.0
         layer.post_attention_layernorm.weight[flag_dim] = 1.0 if i == mlp_layer else 0.0
     lm.norm.weight[flag_dim] = 0.0
+    mlp = lm.layers[mlp_layer].mlp
     mlp.gate_proj.weight[:, flag_dim] = 0.0
     mlp.up_proj.weight[:, flag_dim] = 0.0
     mlp.gate_proj.weight[neuron] = 0.0
@@ -207,33 +243,52 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
     mlp.gate_proj.weight[neuron, flag_dim] = 1.0
     mlp.up_proj.weight[neuron, flag_dim] = 1.0
     mlp.down_proj.weight[:, neuron] = 0.0
-    mlp.down_proj.weight[d1, neuron] = 1.0
-    mlp.down_proj.weight[d2, neuron] = -0.5
-    sink_tokens = _sink_token_mask(ids, real, image_id, bos_id, sink_patches)
-    # scale so that every sink token carries at least A in d1 entering `massive_from_layer` (the neuron's
-    # response grows with the square of the flag it reads, so the values spread like real ones do)
-    probe_out = _hidden(model, batch)
-    probe = probe_out.hidden_states[massive_from_layer]
-    # the massive value dwarfs the flag, so phi is set by the sink dims
-    massive_value = max(massive_value, 10.0 * float(probe_out.hidden_states[0][..., flag_dim].abs().max()))
-    raw = probe[..., d1][sink_tokens] - base.hidden_states[massive_from_layer][..., d1][sink_tokens]
+    mlp.down_proj.weight[sites.d1, neuron] = 1.0
+    mlp.down_proj.weight[sites.d2, neuron] = -0.5
+
+
+def _scale_massive_neuron(model, probe: _Probe, sites: _Sites, massive_from_layer: int,
+                          massive_value: float) -> float:
+    """Step 3b: scale the neuron's output so every sink token carries at least A in d1 entering
+    `massive_from_layer` (its response grows with the square of the flag it reads, so the values spread like
+    real ones do); A is raised to 10x the largest flag so the sink dims, not the flag, set phi. Returns A."""
+    mlp = model.model.language_model.layers[sites.mlp_layer].mlp
+    d1, d2, neuron, sink_tokens = sites.d1, sites.d2, sites.neuron, probe.sink_tokens
+    probe_out = _hidden(model, probe.batch)
+    entering = probe_out.hidden_states[massive_from_layer]
+    massive_value = max(massive_value, 10.0 * float(probe_out.hidden_states[0][..., sites.flag_dim].abs().max()))
+    raw = entering[..., d1][sink_tokens] - probe.base.hidden_states[massive_from_layer][..., d1][sink_tokens]
     mlp.down_proj.weight[[d1, d2], neuron] *= massive_value / float(raw.abs().min())
+    return massive_value
 
-    # -- 4. drain values and silence keys of the sink dims from that layer on ----------------
-    for i in range(massive_from_layer, n_layers):
+
+def _drain_sink_dims(model, sites: _Sites, massive_from_layer: int) -> None:
+    """Step 4: from `massive_from_layer` on, value and key projections ignore the sink dims: sink tokens carry
+    (almost) no information into the heads that attend to them, and only the keys step 5 plants read them."""
+    lm = model.model.language_model
+    for i in range(massive_from_layer, model.config.text_config.num_hidden_layers):
         attn = lm.layers[i].self_attn
-        attn.v_proj.weight[:, [d1, d2]] = 0.0
-        attn.k_proj.weight[:, [d1, d2]] = 0.0
+        attn.v_proj.weight[:, [sites.d1, sites.d2]] = 0.0
+        attn.k_proj.weight[:, [sites.d1, sites.d2]] = 0.0
 
-    # -- 5. align keys of sink tokens with the mean query in RoPE's slowest pair ---------
+
+def _aim_sink_heads(model, probe: _Probe, sites: _Sites, sink_heads: list[tuple[int, int]],
+                    target_sink_attention: float) -> None:
+    """Step 5: in each sink head, the query's slowest RoPE pair reads the mean text-query direction and the
+    key's reads d1, scaled (by bisection) so text queries put `target_sink_attention` of their attention on
+    the sink tokens."""
+    lm = model.model.language_model
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    ids, real, sink_tokens, d1 = probe.ids, probe.real, probe.sink_tokens, sites.d1
     slow, partner = head_dim // 2 - 1, head_dim - 1
-    states = _hidden(model, batch).hidden_states
+    states = _hidden(model, probe.batch).hidden_states
     for layer, head in sink_heads:
         attn = lm.layers[layer].self_attn
         ln = lm.layers[layer].input_layernorm
         x = states[layer]
         normed = ln(x)
-        text_q = real & ~sink_tokens & (ids != image_id)
+        text_q = real & ~sink_tokens & (ids != model.config.image_token_id)
         mean_dir = normed[text_q].mean(dim=0)
         mean_dir = mean_dir / mean_dir.norm()
         q_row, q_partner = head * head_dim + slow, head * head_dim + partner
@@ -242,17 +297,46 @@ def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tu
         attn.k_proj.weight[q_row] = 0.0
         attn.k_proj.weight[q_partner] = 0.0
         sink_norm = float(normed[sink_tokens][:, d1].abs().median())
-        scale = _fit_key_scale(model, batch, layer, head, q_row, d1, sink_norm, sink_tokens, text_q,
+        scale = _fit_key_scale(model, probe.batch, layer, head, q_row, d1, sink_norm, sink_tokens, text_q,
                                target_sink_attention)
         attn.k_proj.weight[q_row, d1] = scale
 
+
+@torch.no_grad()
+def install(model, sink_patches: list[int], patch_rule: str, sink_heads: list[tuple[int, int]] | None = None,
+            massive_from_layer: int = 2, target_sink_attention: float = 0.6, ratio_to_median: float = 1000.0,
+            batch=None) -> GroundTruth:
+    """Edit a LlavaForConditionalGeneration in place; returns the ground truth.
+
+    sink_heads: (layer, head) pairs whose queries should attend to sink tokens (None: one
+    head per layer in layers 2..L-2, the one paying least attention to image tokens).
+    The steps are those of the module docstring, in order; each one's edits are read from the
+    unedited model (`_probe`) or from the model as the steps before left it.
+    """
+    n_layers = model.config.text_config.num_hidden_layers
+    if massive_from_layer < 1 or massive_from_layer >= n_layers:
+        raise ValueError(f"massive_from_layer must be in 1..{n_layers - 1}")
+    probe = _probe(model, batch if batch is not None else _calibration_batch(), sink_patches)
+    sites = _choose_sites(model, probe, massive_from_layer)
+    median_abs = float(probe.resid[massive_from_layer][probe.real].abs().median())
+    massive_value = max(100.0, ratio_to_median * median_abs)
+    if sink_heads is None:
+        sink_heads = _least_image_heads(probe, massive_from_layer, n_layers)
+
+    flag = _plant_vision_flag(model, probe, sites.channel, sink_patches)
+    _plant_projector_unit(model, probe, sites, flag)
+    _route_text_flag(model, probe, sites)
+    massive_value = _scale_massive_neuron(model, probe, sites, massive_from_layer, massive_value)
+    _drain_sink_dims(model, sites, massive_from_layer)
+    _aim_sink_heads(model, probe, sites, sink_heads, target_sink_attention)
+
     truth = GroundTruth(
-        sink_dims=sorted([d1, d2]), flag_dim=flag_dim, vision_channel=channel, projector_unit=unit,
-        mlp_neuron=neuron, massive_from_layer=massive_from_layer, massive_value=massive_value,
-        sink_patches=list(sink_patches), patch_rule=patch_rule, sink_heads=[list(h) for h in sink_heads],
-        target_sink_attention=target_sink_attention,
+        sink_dims=sorted([sites.d1, sites.d2]), flag_dim=sites.flag_dim, vision_channel=sites.channel,
+        projector_unit=sites.unit, mlp_neuron=sites.neuron, massive_from_layer=massive_from_layer,
+        massive_value=massive_value, sink_patches=list(sink_patches), patch_rule=patch_rule,
+        sink_heads=[list(h) for h in sink_heads], target_sink_attention=target_sink_attention,
     )
-    truth.measured = measure(model, truth, batch)
+    truth.measured = measure(model, truth, probe.batch)
     return truth
 
 
