@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -423,13 +424,29 @@ def _stage_params(model, heads, stage: Stage, config: RecipeConfig) -> list[dict
     return groups
 
 
-def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = True, log=print) -> Path:
-    """Run (or resume) the recipe; returns the directory with the shippable parts."""
-    from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """What one training run's steps share: the model and its data makers, where it writes, how far it got."""
 
-    config = config or RecipeConfig()
-    out = start_run(out, config.seed, config.threads, seed_numpy=True)
+    out: Path
+    config: RecipeConfig
+    model: torch.nn.Module
+    processor: object
+    encoder: Encoder
+    packer: smolvlm_data.Packer
+    heads: VisionHeads
+    log: Callable[[str], None]
+    progress: dict = field(default_factory=lambda: {"stage_index": 0, "step_in_stage": 0, "global_step": 0})
+    timing: dict = field(default_factory=lambda: {"stages": {}})
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoint"
+
+
+def _build_run(out: Path, config: RecipeConfig, log) -> _Run:
+    """The model (SmolLM2 with a fresh vision tower, projector and LoRA adapters, all frozen), its processor,
+    the batch makers and the vision stage's heads."""
     llm_dir = smollm.ensure_cached(log=log)
     model_config = smolvlm.build_config(llm_dir, config.vision)
     if config.lora_rank:
@@ -441,130 +458,192 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     heads = VisionHeads(config.vision.hidden)
     for p in model.parameters():
         p.requires_grad_(False)
-    progress = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
-    timing = {"stages": {}}
-    ckpt = out / "checkpoint"
-    optimizer_state = None
-    if resume and (ckpt / "progress.json").exists():
-        state = load_file(str(ckpt / "trained.safetensors"))
-        model.load_state_dict(state, strict=False)
-        heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
-        optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        progress = json.loads((ckpt / "progress.json").read_text())
-        if (out / "timing.json").exists():
-            timing = json.loads((out / "timing.json").read_text())
-        log(f"resuming at global step {progress['global_step']}")
-        for name in ("train_log.csv", "emergence.csv"):  # drop rows of steps about to be redone
-            path = out / name
-            if path.exists():
-                import pandas as pd
+    return _Run(out, config, model, processor, encoder, packer, heads, log)
 
-                frame = pd.read_csv(path)
-                frame[frame.global_step <= progress["global_step"]].to_csv(path, index=False)
-    atomic_write_json(out / "recipe.json", config.to_dict())
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
 
-    def save_checkpoint(optimizer):
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_file(smolvlm.trained_state(model), str(ckpt / "trained.safetensors.tmp"))
-        os.replace(ckpt / "trained.safetensors.tmp", ckpt / "trained.safetensors")
-        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(ckpt / "heads.safetensors.tmp"))
-        os.replace(ckpt / "heads.safetensors.tmp", ckpt / "heads.safetensors")
-        torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
-        os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
-        atomic_write_json(ckpt / "progress.json", progress)
-        atomic_write_json(out / "timing.json", timing)
+def _resume(run: _Run) -> dict | None:
+    """Load the last checkpoint (weights, progress, timing) if there is one, drop the log rows of the steps
+    about to be redone; returns the optimizer state to restore (None: nothing to resume)."""
+    from safetensors.torch import load_file
 
-    def log_metrics(stage: Stage, loss: float, seconds: float) -> None:
-        model.eval()
-        row = {"global_step": progress["global_step"], "stage": stage.name,
-               "samples_seen": progress["step_in_stage"] * stage.batch_size}
-        row.update(pope_accuracy(model, encoder, n_scenes=config.metric_scenes))
-        row.update(emergence_metrics(model, encoder, n_scenes=min(8, config.metric_scenes)))
-        model.train()
-        _append_csv(out / "emergence.csv", row)
-        snapshots = out / "snapshots"  # the projector at every logged step, to re-measure the curve later
-        snapshots.mkdir(exist_ok=True)
-        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                   if k.startswith("model.multi_modal_projector.")},
-                  str(snapshots / f"projector_step{progress['global_step']}.safetensors"))
-        n_l = model.config.text_config.num_hidden_layers
-        vs = [row[f"visual_sinks_layer_score_L{i}"] for i in range(2, n_l)]
-        log(f"[{stage.name}] step {progress['global_step']} loss {loss:.3f} "
+    ckpt, out = run.ckpt, run.out
+    if not (ckpt / "progress.json").exists():
+        return None
+    state = load_file(str(ckpt / "trained.safetensors"))
+    run.model.load_state_dict(state, strict=False)
+    run.heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
+    optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    run.progress = json.loads((ckpt / "progress.json").read_text())
+    if (out / "timing.json").exists():
+        run.timing = json.loads((out / "timing.json").read_text())
+    run.log(f"resuming at global step {run.progress['global_step']}")
+    for name in ("train_log.csv", "emergence.csv"):  # drop rows of steps about to be redone
+        path = out / name
+        if path.exists():
+            import pandas as pd
+
+            frame = pd.read_csv(path)
+            frame[frame.global_step <= run.progress["global_step"]].to_csv(path, index=False)
+    return optimizer_state
+
+
+def _save_checkpoint(run: _Run, optimizer) -> None:
+    """Trained parts, vision heads, optimizer state, progress and timing, each written atomically."""
+    from safetensors.torch import save_file
+
+    ckpt = run.ckpt
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file(smolvlm.trained_state(run.model), str(ckpt / "trained.safetensors.tmp"))
+    os.replace(ckpt / "trained.safetensors.tmp", ckpt / "trained.safetensors")
+    save_file({k: v.contiguous() for k, v in run.heads.state_dict().items()}, str(ckpt / "heads.safetensors.tmp"))
+    os.replace(ckpt / "heads.safetensors.tmp", ckpt / "heads.safetensors")
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt.tmp")
+    os.replace(ckpt / "optimizer.pt.tmp", ckpt / "optimizer.pt")
+    atomic_write_json(ckpt / "progress.json", run.progress)
+    atomic_write_json(run.out / "timing.json", run.timing)
+
+
+def _log_metrics(run: _Run, stage: Stage, loss: float, seconds: float) -> None:
+    """One emergence.csv row (POPE, emergence metrics), a projector snapshot and a log line."""
+    from safetensors.torch import save_file
+
+    model, progress, config = run.model, run.progress, run.config
+    model.eval()
+    row = {"global_step": progress["global_step"], "stage": stage.name,
+           "samples_seen": progress["step_in_stage"] * stage.batch_size}
+    row.update(pope_accuracy(model, run.encoder, n_scenes=config.metric_scenes))
+    row.update(emergence_metrics(model, run.encoder, n_scenes=min(8, config.metric_scenes)))
+    model.train()
+    _append_csv(run.out / "emergence.csv", row)
+    snapshots = run.out / "snapshots"  # the projector at every logged step, to re-measure the curve later
+    snapshots.mkdir(exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if k.startswith("model.multi_modal_projector.")},
+              str(snapshots / f"projector_step{progress['global_step']}.safetensors"))
+    n_l = model.config.text_config.num_hidden_layers
+    vs = [row[f"visual_sinks_layer_score_L{i}"] for i in range(2, n_l)]
+    run.log(f"[{stage.name}] step {progress['global_step']} loss {loss:.3f} "
             f"pope r/a {row['pope_random']:.2f}/{row['pope_adversarial']:.2f} "
             f"visual sinks/image (layer score, max over layers >= 2) {max(vs):.1f} {seconds:.0f}s")
 
-    while progress["stage_index"] < len(config.stages):
-        stage = config.stages[progress["stage_index"]]
-        if stage.name not in STAGE_NAMES:
-            raise SystemExit(f"unknown stage {stage.name!r}: use one of {', '.join(STAGE_NAMES)}")
-        groups = _stage_params(model, heads, stage, config)
-        params = [p for g in groups for p in g["params"]]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
-        base_lrs = [g["lr"] for g in groups]
-        if optimizer_state is not None and progress["step_in_stage"] > 0:
-            optimizer.load_state_dict(optimizer_state)
-        optimizer_state = None
-        model.train()
-        bar = tqdm(total=stage.steps, initial=progress["step_in_stage"], desc=stage.name, mininterval=10)
-        spent = timing["stages"].get(str(progress["stage_index"]), {}).get("seconds", 0.0)
-        t0 = time.time() - spent
-        while progress["step_in_stage"] < stage.steps:
-            step = progress["step_in_stage"]
-            # samples are a pure function of (stage, step): resuming replays exactly
-            offset = SAMPLE_OFFSETS[stage.name]
-            indices = list(range(offset + step * stage.batch_size, offset + (step + 1) * stage.batch_size))
-            factor = _lr(stage, step) / stage.lr
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            with config.autocast():
-                if stage.name == "vision":
-                    batch = vision_batch("train", indices)
-                    loss, extra = heads(vision_features(model, batch["pixel_values"]), batch)
-                else:
-                    batch = packed_batch(packer, "train", indices, config.max_turns, stage.name == "words",
-                                         config.caption_probability)
-                    loss = packed_loss(model, batch)
-                    extra = {"tokens": int(batch["input_ids"].ne(packer.tok.pad_token_id).sum()),
-                             "answers": int((batch["labels"] != IGNORE).sum())}
-            optimizer_step(optimizer, loss, params, config.grad_clip, progress)
-            bar.update(1)
-            done = progress["step_in_stage"] == stage.steps
-            seconds = time.time() - t0
-            timing["stages"][str(progress["stage_index"])] = {"name": stage.name, "seconds": round(seconds, 1),
-                                                              "steps": progress["step_in_stage"]}
-            if progress["global_step"] % 10 == 0 or done:
-                _append_csv(out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
-                                                    "loss": float(loss.detach()), "lr": _lr(stage, step),
-                                                    "seconds": round(seconds, 1), **extra})
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if stage.name in ("align", "instruct") and (progress["step_in_stage"] % config.metrics_every == 0
-                                                        or done or progress["step_in_stage"] == 1):
-                m0 = time.time()
-                log_metrics(stage, float(loss.detach()), seconds)
-                t0 += time.time() - m0  # metrics are not training time; timing.json records them apart
-                timing["metrics_seconds"] = round(timing.get("metrics_seconds", 0.0) + time.time() - m0, 1)
-            if stage.name != "instruct" and stage.name != "align" and (progress["step_in_stage"] % 100 == 0 or done):
-                log(f"[{stage.name}] step {progress['global_step']} loss {float(loss.detach()):.3f} "
-                    + " ".join(f"{k} {v:.2f}" for k, v in extra.items()) + f" {seconds:.0f}s")
-            if progress["global_step"] % config.checkpoint_every == 0 and not done:
-                save_checkpoint(optimizer)
-        bar.close()
-        progress["stage_index"] += 1
-        progress["step_in_stage"] = 0
-        save_checkpoint(optimizer)
 
-    final = out / "model"
+def _stage_optimizer(run: _Run, stage: Stage, optimizer_state: dict | None):
+    """Unfreeze the stage's parameters (only those) and make its optimizer, restoring `optimizer_state` when
+    resuming mid-stage; returns (optimizer, trained parameters, base learning rates of its groups)."""
+    if stage.name not in STAGE_NAMES:
+        raise SystemExit(f"unknown stage {stage.name!r}: use one of {', '.join(STAGE_NAMES)}")
+    groups = _stage_params(run.model, run.heads, stage, run.config)
+    params = [p for g in groups for p in g["params"]]
+    for p in run.model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98))
+    base_lrs = [g["lr"] for g in groups]
+    if optimizer_state is not None and run.progress["step_in_stage"] > 0:
+        optimizer.load_state_dict(optimizer_state)
+    return optimizer, params, base_lrs
+
+
+def _stage_loss(run: _Run, stage: Stage, step: int) -> tuple[torch.Tensor, dict]:
+    """The loss of one step's batch (and what to log beside it); the batch is a pure function of
+    (stage, step), so resuming replays exactly."""
+    offset = SAMPLE_OFFSETS[stage.name]
+    indices = list(range(offset + step * stage.batch_size, offset + (step + 1) * stage.batch_size))
+    config = run.config
+    with config.autocast():
+        if stage.name == "vision":
+            batch = vision_batch("train", indices)
+            loss, extra = run.heads(vision_features(run.model, batch["pixel_values"]), batch)
+        else:
+            batch = packed_batch(run.packer, "train", indices, config.max_turns, stage.name == "words",
+                                 config.caption_probability)
+            loss = packed_loss(run.model, batch)
+            extra = {"tokens": int(batch["input_ids"].ne(run.packer.tok.pad_token_id).sum()),
+                     "answers": int((batch["labels"] != IGNORE).sum())}
+    return loss, extra
+
+
+def _log_step(run: _Run, stage: Stage, step: int, loss: torch.Tensor, extra: dict, seconds: float, bar) -> float:
+    """After a step: train_log.csv every 10 steps, the emergence metrics (align, instruct) every
+    `metrics_every` steps, a log line (vision, words) every 100; returns the seconds the metrics took
+    (not training time)."""
+    progress, config = run.progress, run.config
+    done = progress["step_in_stage"] == stage.steps
+    if progress["global_step"] % 10 == 0 or done:
+        _append_csv(run.out / "train_log.csv", {"global_step": progress["global_step"], "stage": stage.name,
+                                                "loss": float(loss.detach()), "lr": _lr(stage, step),
+                                                "seconds": round(seconds, 1), **extra})
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    metrics_seconds = 0.0
+    if stage.name in ("align", "instruct") and (progress["step_in_stage"] % config.metrics_every == 0
+                                                or done or progress["step_in_stage"] == 1):
+        m0 = time.time()
+        _log_metrics(run, stage, float(loss.detach()), seconds)
+        metrics_seconds = time.time() - m0
+        run.timing["metrics_seconds"] = round(run.timing.get("metrics_seconds", 0.0) + time.time() - m0, 1)
+    if stage.name != "instruct" and stage.name != "align" and (progress["step_in_stage"] % 100 == 0 or done):
+        run.log(f"[{stage.name}] step {progress['global_step']} loss {float(loss.detach()):.3f} "
+                + " ".join(f"{k} {v:.2f}" for k, v in extra.items()) + f" {seconds:.0f}s")
+    return metrics_seconds
+
+
+def _train_stage(run: _Run, stage: Stage, optimizer_state: dict | None) -> None:
+    """Run the current stage from its current step to its end, checkpointing every `checkpoint_every` steps
+    and at its end, then move the progress to the next stage."""
+    from tqdm import tqdm
+
+    progress, timing = run.progress, run.timing
+    optimizer, params, base_lrs = _stage_optimizer(run, stage, optimizer_state)
+    run.model.train()
+    bar = tqdm(total=stage.steps, initial=progress["step_in_stage"], desc=stage.name, mininterval=10)
+    spent = timing["stages"].get(str(progress["stage_index"]), {}).get("seconds", 0.0)
+    t0 = time.time() - spent
+    while progress["step_in_stage"] < stage.steps:
+        step = progress["step_in_stage"]
+        factor = _lr(stage, step) / stage.lr
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        loss, extra = _stage_loss(run, stage, step)
+        optimizer_step(optimizer, loss, params, run.config.grad_clip, progress)
+        bar.update(1)
+        done = progress["step_in_stage"] == stage.steps
+        seconds = time.time() - t0
+        timing["stages"][str(progress["stage_index"])] = {"name": stage.name, "seconds": round(seconds, 1),
+                                                          "steps": progress["step_in_stage"]}
+        t0 += _log_step(run, stage, step, loss, extra, seconds, bar)  # metrics are not training time
+        if progress["global_step"] % run.config.checkpoint_every == 0 and not done:
+            _save_checkpoint(run, optimizer)
+    bar.close()
+    progress["stage_index"] += 1
+    progress["step_in_stage"] = 0
+    _save_checkpoint(run, optimizer)
+
+
+def _ship(run: _Run) -> Path:
+    """Write the total timing and the shippable parts (out/model)."""
+    final = run.out / "model"
+    timing = run.timing
     timing["training_seconds"] = round(sum(v["seconds"] for v in timing["stages"].values()), 1)
-    atomic_write_json(out / "timing.json", timing)
-    smolvlm.save_trained(model, processor, final, {"recipe": config.to_dict(), "timing": timing})
-    log(f"trained parts written to {final} (training {timing['training_seconds']:.0f} s, "
-        f"metrics {timing.get('metrics_seconds', 0):.0f} s)")
+    atomic_write_json(run.out / "timing.json", timing)
+    smolvlm.save_trained(run.model, run.processor, final, {"recipe": run.config.to_dict(), "timing": timing})
+    run.log(f"trained parts written to {final} (training {timing['training_seconds']:.0f} s, "
+            f"metrics {timing.get('metrics_seconds', 0):.0f} s)")
     return final
+
+
+def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = True, log=print) -> Path:
+    """Run (or resume) the recipe; returns the directory with the shippable parts."""
+    config = config or RecipeConfig()
+    out = start_run(out, config.seed, config.threads, seed_numpy=True)
+    run = _build_run(out, config, log)
+    optimizer_state = _resume(run) if resume else None
+    atomic_write_json(out / "recipe.json", config.to_dict())
+    run.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    while run.progress["stage_index"] < len(config.stages):
+        _train_stage(run, config.stages[run.progress["stage_index"]], optimizer_state)
+        optimizer_state = None  # only the stage resumed into restores the optimizer
+    return _ship(run)
 
 
 def export_checkpoint(out: str | Path, log=print) -> Path:
