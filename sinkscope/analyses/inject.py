@@ -589,12 +589,10 @@ def _var_line(r: dict) -> str:
 
 
 def _write_index(folder, cfg, sig, table, onsets, var_summary, figs) -> None:
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Injecting the sink signature: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Injecting the sink signature")
     lines.append(f"{meta.get('n_samples')} samples. At the residual stream entering layer {sig.layer} "
                  f"({meta.get('signature', {}).get('layer_reason', 'given')}), the sink dims {list(sig.dims)} "
                  f"of {cfg.n_tokens} tokens per sample and group were set to scale x the first token's values, scales "

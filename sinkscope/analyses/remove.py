@@ -274,12 +274,10 @@ def summarize_remove(folder: RunFolder, cfg: RemoveConfig, sig) -> RunFolder:
 
 
 def _write_index(folder, cfg, sig, table, attention) -> None:
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
-    lines = [f"# Removing the sink signature: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
+    meta, lines = index_head(folder, cfg, "Removing the sink signature")
     where = f"layer {sig.layer}" if cfg.layers == "onset" else f"every layer from {sig.layer} on"
     lines.append(f"{meta.get('n_samples')} samples. Sink dims {list(sig.dims)} of the target tokens set to zero, to the "
                  f"mean over ordinary tokens (`mean`) or to the targets' own mean over {cfg.calibration} calibration "

@@ -464,13 +464,11 @@ def finding_sentences(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFra
 
 def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
     from sinkscope.findings import RULE_NOTE
-    from sinkscope.markdown import PLANTED_BANNER, markdown_table
+    from sinkscope.analyses.pages import index_head
+    from sinkscope.markdown import markdown_table
 
-    meta = folder.meta
+    meta, lines = index_head(folder, cfg, "VAR evaluation")
     cal = meta.get("var_calibrated") or {}
-    lines = [f"# VAR evaluation: `{cfg.model}` on `{cfg.data}`\n"]
-    if meta.get("planted"):
-        lines.append(PLANTED_BANNER)
     lines.append(f"{meta.get('n_validation')} validation and {meta.get('n_test')} test questions "
                  f"({', '.join(cfg.tasks) if cfg.is_demo else cfg.data}); greedy answers of at most {cfg.max_new_tokens} "
                  f"tokens, parsed as yes/no. VAR calibrated on {meta.get('calibration_source', 'validation')}: sink dims "
