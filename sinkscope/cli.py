@@ -395,13 +395,13 @@ def heads(ctx: typer.Context, run: RunConfig, opts: RunOptions,
 
 @app.command()
 @run_options("contributions", out="runs/contributions")
-def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions):
+def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions, remote: Optional[str] = _REMOTE):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
 
     def build(score: str):
         from sinkscope.analyses.contributions import ContributionsConfig
 
-        return _config(ContributionsConfig, run, opts, score)
+        return _config(ContributionsConfig, run, opts, score, remote=remote)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.contributions:run_contributions")
 

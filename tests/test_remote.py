@@ -89,19 +89,23 @@ def test_reducers_that_need_full_tensors_refuse_to_run_remotely(organism_adapter
         Tracer(organism_adapter).run(batch, [], remote="ndif")
 
 
+def _adapter_and_data(lm: str, organism_adapter, tmp_path):
+    """(adapter, data) of the LMM (the organism on the demo world) or a tiny text-only Qwen2 on 4 prompts."""
+    if lm == "organism":
+        return organism_adapter, "demo"
+    from tiny_text_models import build_text, write_prompts
+
+    from sinkscope.models import adapter_for_model
+
+    model, tok = build_text("qwen2")
+    return adapter_for_model(model, tok, "tiny-qwen2"), str(write_prompts(tmp_path / "p.jsonl", 4, jsonl=True))
+
+
 @pytest.mark.parametrize("lm", ["organism", "text"])
 def test_remote_local_heads_equal_the_local_heads(lm, organism_adapter, tmp_path):
     from sinkscope.analyses.heads import HeadsConfig, run_heads
 
-    if lm == "organism":
-        adapter, data = organism_adapter, "demo"
-    else:
-        from tiny_text_models import build_text, write_prompts
-
-        from sinkscope.models import adapter_for_model
-
-        model, tok = build_text("qwen2")
-        adapter, data = adapter_for_model(model, tok, "tiny-qwen2"), str(write_prompts(tmp_path / "p.jsonl", 4, jsonl=True))
+    adapter, data = _adapter_and_data(lm, organism_adapter, tmp_path)
     folders = []
     for name, remote in (("here", None), ("there", "local")):
         cfg = HeadsConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50, remote=remote)
@@ -113,10 +117,31 @@ def test_remote_local_heads_equal_the_local_heads(lm, organism_adapter, tmp_path
     assert (here.path / "head_scores.csv").exists()
 
 
-def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+@pytest.mark.parametrize("lm", ["organism", "text"])
+def test_remote_local_contributions_equal_the_local_contributions(lm, organism_adapter, tmp_path):
+    """contributions' in-trace part (values kept for the layer's attention, per-class means out) gives the same
+    tables remotely as here, for an LMM and a text-only causal LM."""
     from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
 
-    cfg = ContributionsConfig(model="organism", data="demo", limit=2, remote="local")
-    with pytest.raises(SinkscopeError, match="contributions cannot run remotely"):
-        run_contributions(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
+    adapter, data = _adapter_and_data(lm, organism_adapter, tmp_path)
+    folders = []
+    for name, remote in (("here", None), ("there", "local")):
+        cfg = ContributionsConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50,
+                                  remote=remote)
+        folders.append(quiet(run_contributions, str(tmp_path / name), cfg, adapter=adapter, log=lambda m: None,
+                             figures=False))
+    here, there = folders
+    for table in ("contributions_per_sample", "contributions", "contribution_heads"):
+        pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"),
+                                      obj=table)
+    per = pd.read_csv(here.path / "contributions_per_sample.csv")
+    assert len(per) and (lm == "text" or {"visual_sink", "visual_nonsink"} <= set(per["token_class"]))
+
+
+def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+    from sinkscope.analyses.location import LocationConfig, run_location
+
+    cfg = LocationConfig(model="organism", data="demo", limit=2, remote="local")
+    with pytest.raises(SinkscopeError, match="location cannot run remotely"):
+        run_location(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
     assert not (tmp_path / "c").exists()

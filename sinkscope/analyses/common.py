@@ -25,7 +25,7 @@ from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
-           "report_step_config", "traced_chunks", "yes_no_labels", "answer_token_ids"]
+           "report_step_config", "traced_chunks", "InTraceReducer", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -204,7 +204,7 @@ def report_step_for(config_class, run, **overrides):
     return report_step
 
 
-REMOTE_ANALYSES = ("heads",)  # analyses (besides scan) whose reducers run inside a remote trace
+REMOTE_ANALYSES = ("heads", "contributions")  # analyses (besides scan) whose reducers run inside a remote trace
 EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 
 
@@ -263,6 +263,35 @@ class SinkAwareReducer:
 
     def end(self) -> None:
         pass
+
+
+class InTraceReducer(SinkAwareReducer):
+    """A sink-aware reducer whose per-layer work is an in-trace part (`in_trace()`, torch only) and whose tables come
+    from its payloads (`take(kind, layer, payload)`): run here, each call goes through the part and straight to
+    take; run remotely, the tracer sends the part and hands the payloads back to take."""
+
+    def begin(self, info: BatchInfo) -> None:
+        super().begin(info)
+        self._part = None  # this batch's in-trace part, when the trace runs here
+
+    def in_trace(self):
+        raise NotImplementedError
+
+    def take(self, kind: str, layer: int, payload) -> None:
+        raise NotImplementedError
+
+    def residual(self, layer: int, states: torch.Tensor) -> None:
+        if self._part is None:
+            self._part = self.in_trace()
+        self.take("residual", layer, self._part.residual(layer, states))
+
+    def values(self, layer: int, v: torch.Tensor) -> None:
+        payload = self._part.values(layer, v) if hasattr(self._part, "values") else None
+        if payload is not None:
+            self.take("values", layer, payload)
+
+    def attention(self, layer: int, probs: torch.Tensor) -> None:
+        self.take("attention", layer, self._part.attention(layer, probs))
 
 
 def cluster_bootstrap(n_groups: int, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,

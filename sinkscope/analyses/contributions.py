@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, report_step_for, setup,
-                                      traced_chunks)
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap,
+                                      report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
 from sinkscope.measures import contributions as ov
@@ -38,37 +38,72 @@ class ContributionsConfig(AnalysisConfig):
     pass
 
 
-class ContributionReducer(SinkAwareReducer):
+class ContributionReducer(InTraceReducer):
+    """Per (sample, layer, head, token class) rows of contributions_per_sample, from ContributionLayerReduction's
+    payloads (computed here, or inside a remote trace)."""
+
     def __init__(self, dims, tau, eps, score, o_weights: dict, num_heads: int):
         super().__init__(dims, tau, eps, score)
         self.o_weights, self.num_heads = o_weights, num_heads
         self.rows: list[pd.DataFrame] = []
-        self._values: dict[int, torch.Tensor] = {}
+
+    def in_trace(self) -> "ContributionLayerReduction":
+        return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
+                                          self.kinds.bos_mask, self.queries, self.o_weights, self.num_heads)
+
+    def take(self, kind: str, layer: int, payload) -> None:
+        """Rows from one layer's reductions: phi (residual) or the per-class means (attention)."""
+        if kind == "residual":
+            self._take_phi(layer, payload)
+            return
+        if kind != "attention":
+            return
+        n_queries = self.queries.sum(dim=1)
+        for name in CLASSES:
+            p = payload[name]
+            for b, sid in enumerate(self.info.sample_ids):
+                if int(p["n_tokens"][b]) == 0 or int(n_queries[b]) == 0:
+                    continue
+                self.rows.append(pd.DataFrame({
+                    "sample": sid, "layer": layer, "head": range(p["attention"].shape[1]), "token_class": name,
+                    "n_tokens": int(p["n_tokens"][b]), "attention": p["attention"][b].numpy(),
+                    "ov_norm": p["ov_norm"][b].numpy(), "contribution": p["contribution"][b].numpy(),
+                }))
+
+
+class ContributionLayerReduction(SinkScores):
+    """The contribution analysis' per-layer reductions, torch only (inside the trace, also remotely).
+
+    values -> kept for the layer's attention; attention -> per token class (visual sink, visual non-sink, BOS):
+    the mean attention, mean ||W_O v_j|| and mean contribution a_ij ||W_O v_j|| per (query, token) over the text
+    queries after the image [batch, head], and the class's token count [batch]. No [head, query, key] map leaves
+    it. It carries each layer's W_O (float32, as the adapter gives it, LoRA included): a remote request uploads them.
+    """
+
+    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, o_weights: dict, num_heads: int):
+        super().__init__(dims, eps, score, real)
+        self.tau, self.visual, self.bos, self.queries = tau, visual, bos, queries
+        self.o_weights, self.num_heads = o_weights, num_heads
+        self._values: dict = {}
 
     def values(self, layer, v):
         self._values[layer] = v.detach().float().cpu()
+        return None
 
     def attention(self, layer, probs):
         probs = probs.detach().float().cpu()
         norms = ov.ov_norms(self._values.pop(layer), self.o_weights[layer], self.num_heads)  # [batch, head, key]
         contrib = ov.ov_contributions(probs, norms)
-        masks = {"visual_sink": self.visual_sink[layer], "visual_nonsink": self.visual & ~self.sink[layer],
-                 "bos": self.kinds.bos_mask}
-        q = self.queries
-        for name, keys in masks.items():
-            # mean per token of the class: attention and contribution averaged over queries and the class's tokens
-            att = ov.class_means(probs, keys, q)  # [batch, head]
-            con = ov.class_means(contrib, keys, q)
+        sink = (self.phi[layer].cpu() >= self.tau) & self.real.cpu()
+        visual = self.visual.cpu()
+        q = self.queries.cpu()
+        out = {}
+        for name, keys in (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", self.bos.cpu())):
             n_k = keys.sum(dim=1)
-            norm = (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]
-            for b, sid in enumerate(self.info.sample_ids):
-                if int(n_k[b]) == 0 or int(q[b].sum()) == 0:
-                    continue
-                self.rows.append(pd.DataFrame({
-                    "sample": sid, "layer": layer, "head": range(probs.shape[1]), "token_class": name,
-                    "n_tokens": int(n_k[b]), "attention": att[b].numpy(), "ov_norm": norm[b].numpy(),
-                    "contribution": con[b].numpy(),
-                }))
+            out[name] = {"attention": ov.class_means(probs, keys, q), "contribution": ov.class_means(contrib, keys, q),
+                         "ov_norm": (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None],
+                         "n_tokens": n_k}
+        return out
 
 
 def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",
@@ -98,7 +133,8 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
     adapter = s.adapter
     o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
-            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads), values=True):
+            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads), values=True,
+            remote=cfg.remote):
         if red.rows:
             s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
     return summarize_contributions(s.folder, cfg, figures)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, SinkScores, cluster_bootstrap, report_step_for,
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, report_step_for,
                                       setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
@@ -48,7 +48,7 @@ class HeadsConfig(AnalysisConfig):
             raise SinkscopeError(f"--rho and --summ must be in [0, 1]; got {self.rho}, {self.summ}")
 
 
-class HeadsReducer(SinkAwareReducer):
+class HeadsReducer(InTraceReducer):
     def __init__(self, dims, tau, eps, score, cfg: HeadsConfig, map_ids: set, token_strings):
         super().__init__(dims, tau, eps, score)
         self.cfg, self.map_ids, self.token_strings = cfg, map_ids, token_strings
@@ -59,20 +59,11 @@ class HeadsReducer(SinkAwareReducer):
         self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.visual_rank = self.visual.long().cumsum(dim=1) - 1
         self.strings = self.token_strings(info.input_ids) if self.token_strings else None
-        self._part = None  # this batch's in-trace part, when the trace runs here
 
     def in_trace(self) -> "HeadsLayerReduction":
         rows = [b for b, sid in enumerate(self.info.sample_ids) if sid in self.map_ids]
         return HeadsLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual, self.queries,
                                    self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words)
-
-    def residual(self, layer, states):
-        if self._part is None:
-            self._part = self.in_trace()
-        self.take("residual", layer, self._part.residual(layer, states))
-
-    def attention(self, layer, probs):
-        self.take("attention", layer, self._part.attention(layer, probs))
 
     def take(self, kind: str, layer: int, payload) -> None:
         """Tables from one layer's reductions (HeadsLayerReduction), here or after a remote trace."""
