@@ -131,4 +131,5 @@ def test_scan_reducer_keeps_no_attention(long_batch):
         kept_tables.append((reducer.token_rows, reducer.head_rows, reducer.massive_rows))
         del reducer
         assert _attention_maps_alive(T) == 0
-    assert len(kept_tables[0][1]) == 2 * LAYERS  # head rows: per sample and layer
+    head_rows = sum(len(frame) for frame in kept_tables[0][1])
+    assert head_rows == 2 * LAYERS * HEADS  # head rows: per sample, layer and head

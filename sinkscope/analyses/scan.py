@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -126,8 +127,18 @@ class ScanLayerReduction:
         return {k: v.cpu() for k, v in out.items()}
 
 
+MASSIVE_COLUMNS = ("sample", "layer", "position", "token_kind", "dim", "value", "rms_value", "ratio_to_median", "rank")
+MAGNITUDE_COLUMNS = ("sample", "layer", "top1", "top2", "top3", "median")
+
+
 class ScanReducer:
-    """Per-layer measures of one batch, streamed; `frames()` gives per-sample tables."""
+    """Per-layer measures of one batch, streamed; its tables (`token_rows`, `head_rows`, `massive_rows`,
+    `magnitude_rows`: lists of frames) are built once the forward has ended.
+
+    During the trace a layer costs its torch reductions (`ScanLayerReduction`) and keeping their small CPU
+    payloads; rows, strings and pandas are made in `end()`, in one vectorised pass per table, so no
+    per-layer host work beyond that sits between a layer and the next (on a GPU the forward is not held up).
+    """
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
                  samples: list[Sample], want_profile: bool, token_strings=None, score: str = "rms"):
@@ -140,6 +151,7 @@ class ScanReducer:
         self.token_rows: list[pd.DataFrame] = []
         self.head_rows: list[pd.DataFrame] = []
         self.profile: dict[int, dict] = {}
+        self._payloads: dict[str, list[tuple[int, dict]]] = {"residual": [], "attention": []}
         self._phi: dict[int, torch.Tensor] = {}
         self.token_strings = token_strings  # callable: [batch, token] ids -> decoded strings
 
@@ -152,15 +164,8 @@ class ScanReducer:
         self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.queries = text_queries_after_image(info)
         self.sample_ids = info.sample_ids
-        # decoded tokens and roles (first / delimiter / text / visual), per row over its real tokens
-        strings = self.token_strings(info.input_ids) if self.token_strings else None
-        self.tokens, self.roles = [], []
-        for b in range(info.input_ids.shape[0]):
-            pos = torch.nonzero(self.real[b]).flatten().tolist()
-            names = [KIND_NAMES[int(self.kinds.kind[b, p])] for p in pos]
-            text = [strings[b][p] if strings and names[i] != "visual" else "" for i, p in enumerate(pos)]
-            self.tokens.append(text)
-            self.roles.append(sinks.token_roles(names, text))
+        self._payloads = {"residual": [], "attention": []}
+        self._phi = {}
         self._local = None  # this batch's in-trace part, when the trace runs here
 
     def in_trace(self) -> ScanLayerReduction:
@@ -176,68 +181,117 @@ class ScanReducer:
         self.take("attention", layer, self._local.attention(layer, probs))
 
     def take(self, kind: str, layer: int, payload: dict) -> None:
-        """Tables from one layer's reductions (ScanLayerReduction), here or after a remote trace."""
+        """Keep one layer's reductions (ScanLayerReduction), made here or by a remote trace; tables in `end()`."""
+        if kind not in self._payloads:
+            return
+        self._payloads[kind].append((layer, payload))
         if kind == "residual":
-            self._take_residual(layer, payload)
-        elif kind == "attention":
-            self._take_attention(layer, payload)
+            self._phi[layer] = payload["phi"]
+            if self.want_profile and "profile_bos" in payload:
+                self.profile[layer] = self._profile_entry(payload)
 
-    def _take_residual(self, layer: int, p: dict) -> None:
-        rows, mags = [], []
-        for b, sid in enumerate(self.sample_ids):
-            n_real = int(p["n_real"][b])
-            if n_real == 0:
-                continue
-            median = float(p["median"][b])
-            for rank in range(p["top_value"].shape[1]):
-                pos, value = int(p["top_position"][b, rank]), float(p["top_value"][b, rank])
-                rows.append({"sample": sid, "layer": layer, "position": int(self.real_pos[b, pos]),
-                             "token_kind": KIND_NAMES.get(int(self.kinds.kind[b, pos]), str(int(self.kinds.kind[b, pos]))),
-                             "dim": int(p["top_dim"][b, rank]), "value": value,
-                             "rms_value": value / float(p["top_rms"][b, rank]),
-                             "ratio_to_median": abs(value) / max(median, 1e-12), "rank": rank + 1})
-            top3 = p["top3"][b].tolist() + [float("nan")] * (3 - p["top3"].shape[1])
-            mags.append({"sample": sid, "layer": layer, "top1": top3[0], "top2": top3[1], "top3": top3[2],
-                         "median": median})
-        self.massive_rows.append(pd.DataFrame(rows, columns=["sample", "layer", "position", "token_kind", "dim",
-                                                             "value", "rms_value", "ratio_to_median", "rank"]))
-        self.magnitude_rows.append(pd.DataFrame(mags, columns=["sample", "layer", "top1", "top2", "top3", "median"]))
-        self._phi[layer] = p["phi"]
-        if self.want_profile and "profile_bos" in p:
-            entry = {"bos": p["profile_bos"]}
-            if "profile_visual" in p:
-                pos = int(p["profile_visual_position"])
-                entry.update(visual=p["profile_visual"], visual_position=int(self.real_pos[0, pos]),
-                             visual_phi=float(p["phi"][0, pos]))
-            if "profile_text_median" in p:
-                entry["text_median"] = p["profile_text_median"]
-            self.profile[layer] = entry
-
-    def _take_attention(self, layer: int, p: dict) -> None:
-        phi = self._phi[layer]
-        sink = (phi >= self.tau) & self.real
-        received = p["received"]
-        for b, sid in enumerate(self.sample_ids):
-            real = self.real[b]
-            pos = torch.nonzero(real).flatten()
-            self.token_rows.append(pd.DataFrame({
-                "sample": sid, "layer": layer, "position": self.real_pos[b, pos].numpy(),
-                "token_kind": [KIND_NAMES[int(k)] for k in self.kinds.kind[b, pos]],
-                "role": self.roles[b], "token": self.tokens[b],
-                "image_index": self.kinds.image_index[b, pos].numpy(),
-                "phi": phi[b, pos].numpy(), "is_sink": sink[b, pos].numpy(),
-                "attention_received": received[b, pos].numpy(),
-            }))
-        n_queries = self.queries.sum(dim=1)
-        names = ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric")
-        for b, sid in enumerate(self.sample_ids):
-            self.head_rows.append(pd.DataFrame({
-                "sample": sid, "layer": layer, "head": range(p["image_attention"].shape[1]),
-                **{name: p[name][b].numpy() for name in names}, "n_queries": int(n_queries[b]),
-            }))
+    def _profile_entry(self, p: dict) -> dict:
+        entry = {"bos": p["profile_bos"]}
+        if "profile_visual" in p:
+            pos = int(p["profile_visual_position"])
+            entry.update(visual=p["profile_visual"], visual_position=int(self.real_pos[0, pos]),
+                         visual_phi=float(p["phi"][0, pos]))
+        if "profile_text_median" in p:
+            entry["text_median"] = p["profile_text_median"]
+        return entry
 
     def end(self):
-        pass
+        """Build the batch's tables from the kept payloads (layer order as traced, then sample, then rank)."""
+        self._sample_columns()
+        if self._payloads["residual"]:
+            self._residual_tables(self._payloads["residual"])
+        if self._payloads["attention"]:
+            self.token_rows.append(self._token_table(self._payloads["attention"]))
+            self.head_rows.append(self._head_table(self._payloads["attention"]))
+        self._payloads = {"residual": [], "attention": []}
+
+    def _sample_columns(self) -> None:
+        """Per sample, the columns of its token rows that no layer changes (positions, kinds, roles, strings)."""
+        strings = self.token_strings(self.info.input_ids) if self.token_strings else None
+        kind_codes = self.kinds.kind.tolist()
+        self._static = []
+        for b in range(self.info.input_ids.shape[0]):
+            pos = torch.nonzero(self.real[b]).flatten()
+            names = [KIND_NAMES[kind_codes[b][p]] for p in pos.tolist()]
+            text = [strings[b][p] if strings and names[i] != "visual" else "" for i, p in enumerate(pos.tolist())]
+            self._static.append({"pos": pos, "position": self.real_pos[b, pos].numpy(), "token_kind": names,
+                                 "role": sinks.token_roles(names, text), "token": text,
+                                 "image_index": self.kinds.image_index[b, pos].numpy()})
+
+    def _residual_tables(self, payloads: list[tuple[int, dict]]) -> None:
+        """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
+        the top 3 and the median |activation|. Samples without real tokens get no rows."""
+        massive = {name: [] for name in MASSIVE_COLUMNS}
+        magnitude = {name: [] for name in MAGNITUDE_COLUMNS}
+        kind_codes = self.kinds.kind
+        for layer, p in payloads:
+            n_real = p["n_real"].tolist()
+            keep = [b for b in range(len(self.sample_ids)) if n_real[b] > 0]
+            k = p["top_value"].shape[1]
+            for b in keep:
+                top_pos = p["top_position"][b]
+                massive["sample"] += [self.sample_ids[b]] * k
+                massive["position"] += self.real_pos[b, top_pos].tolist()
+                massive["token_kind"] += [KIND_NAMES.get(c, str(c)) for c in kind_codes[b, top_pos].tolist()]
+            value = p["top_value"][keep].double().numpy().reshape(-1)
+            median = p["median"][keep].double().numpy()
+            massive["layer"] += [layer] * (k * len(keep))
+            massive["dim"] += p["top_dim"][keep].reshape(-1).tolist()
+            massive["value"] += value.tolist()
+            massive["rms_value"] += (value / p["top_rms"][keep].double().numpy().reshape(-1)).tolist()
+            massive["ratio_to_median"] += (abs(value) / median.repeat(k).clip(min=1e-12)).tolist()
+            massive["rank"] += list(range(1, k + 1)) * len(keep)
+            top3 = [row + [float("nan")] * (3 - len(row)) for row in p["top3"][keep].tolist()]
+            magnitude["sample"] += [self.sample_ids[b] for b in keep]
+            magnitude["layer"] += [layer] * len(keep)
+            for i, name in enumerate(("top1", "top2", "top3")):
+                magnitude[name] += [row[i] for row in top3]
+            magnitude["median"] += median.tolist()
+        self.massive_rows.append(pd.DataFrame(massive, columns=list(MASSIVE_COLUMNS)))
+        self.magnitude_rows.append(pd.DataFrame(magnitude, columns=list(MAGNITUDE_COLUMNS)))
+
+    def _token_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
+        """One row per (layer, sample, real token): phi, sink or not, attention received from the text queries."""
+        columns: dict[str, list] = {name: [] for name in ("sample", "layer", "position", "token_kind", "role", "token",
+                                                          "image_index", "phi", "is_sink", "attention_received")}
+        for layer, p in payloads:
+            phi = self._phi[layer]
+            sink = (phi >= self.tau) & self.real
+            for b, sid in enumerate(self.sample_ids):
+                static = self._static[b]
+                pos, n = static["pos"], len(static["token"])
+                columns["sample"] += [sid] * n
+                columns["layer"] += [layer] * n
+                for name in ("token_kind", "role", "token"):
+                    columns[name] += static[name]
+                for name in ("position", "image_index"):
+                    columns[name].append(static[name])
+                columns["phi"].append(phi[b, pos].numpy())
+                columns["is_sink"].append(sink[b, pos].numpy())
+                columns["attention_received"].append(p["received"][b, pos].numpy())
+        for name in ("position", "image_index", "phi", "is_sink", "attention_received"):
+            columns[name] = np.concatenate(columns[name])
+        return pd.DataFrame(columns)
+
+    def _head_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
+        """One row per (layer, sample, head): the head's visual-attention measures over the sample's text queries."""
+        names = ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric")
+        n_queries = self.queries.sum(dim=1).tolist()
+        n_heads = payloads[0][1]["image_attention"].shape[1]
+        n_samples = len(self.sample_ids)
+        layers = [layer for layer, _ in payloads]
+        return pd.DataFrame({
+            "sample": [sid for _ in layers for sid in self.sample_ids for _ in range(n_heads)],
+            "layer": [layer for layer in layers for _ in range(n_samples * n_heads)],
+            "head": list(range(n_heads)) * (n_samples * len(layers)),
+            **{name: torch.cat([p[name] for _, p in payloads]).reshape(-1).numpy() for name in names},
+            "n_queries": [int(n) for _ in layers for n in n_queries for _ in range(n_heads)],
+        })
 
 
 # ----------------------------------------------------------------------------- scan
