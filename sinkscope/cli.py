@@ -220,11 +220,9 @@ def _check_samples(run: RunConfig, question: str = "describe the image .") -> No
 
 
 def _load(run: RunConfig):
-    from sinkscope.devices import parse_device_map, parse_max_memory
-    from sinkscope.models import load
+    from sinkscope.models import load_placed
 
-    return load(run.model, device=run.device, dtype=run.dtype, device_map=parse_device_map(run.device_map),
-                max_memory=parse_max_memory(run.max_memory))
+    return load_placed(run)
 
 
 def _config(cls, run: RunConfig, opts: RunOptions, sink_score: str, **own):

@@ -220,7 +220,7 @@ def test_force_keeps_the_old_report_when_the_model_fails_to_load(tmp_path, monke
     def unloadable(*args, **kwargs):
         raise SinkscopeError("no such model")
 
-    monkeypatch.setattr(sinkscope.models, "load", unloadable)
+    monkeypatch.setattr(sinkscope.models.registry, "load", unloadable)
     reference = _plant_reference_report(tmp_path)
     before = _snapshot(reference)
     with pytest.raises(SinkscopeError, match="no such model"):
@@ -252,7 +252,7 @@ def test_scan_and_report_default_to_the_same_score_and_tau_on_the_demo(tmp_path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         demo = sinkscope.models.load("demo")
-    monkeypatch.setattr(sinkscope.models, "load", lambda *a, **k: demo)
+    monkeypatch.setattr(sinkscope.models.registry, "load", lambda *a, **k: demo)
     configs = {}
 
     class Stop(Exception):
@@ -346,7 +346,7 @@ def test_interrupted_before_anything_is_saved(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sinkscope.models, "load", interrupted)
+    monkeypatch.setattr(sinkscope.models.registry, "load", interrupted)
     result = runner.invoke(app, ["heads", "--model", "tiny", "--out", str(tmp_path / "h"), "--no-resume"])
     assert result.exit_code == 130
     assert _last_line(result.stderr) == (f"interrupted: nothing was saved yet; resume with: sinkscope heads --model tiny "

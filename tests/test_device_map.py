@@ -235,7 +235,7 @@ def test_every_analysis_command_hands_its_device_map_to_the_config_and_the_model
         seen.update(device_map=cfg.device_map, max_memory=cfg.max_memory)
         return type("Folder", (), {"path": tmp_path / "out"})()
 
-    monkeypatch.setattr(sinkscope.models, "load", load)
+    monkeypatch.setattr(sinkscope.models.registry, "load", load)
     monkeypatch.setattr(importlib.import_module(f"sinkscope.analyses.{module}"), function, runner)
     map_file = _cpu_map_file(tmp_path)
     result = CliRunner().invoke(app, [command, "--model", "organism", "--out", str(tmp_path / "out"),
@@ -319,7 +319,7 @@ def test_an_analysis_config_places_the_model_it_loads(tmp_path, monkeypatch):
         seen.update(device_map=kwargs.get("device_map"), max_memory=kwargs.get("max_memory"))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(sinkscope.models, "load", load)
+    monkeypatch.setattr(sinkscope.models.registry, "load", load)
     map_file = _cpu_map_file(tmp_path)
     cfg = ContributionsConfig(model="organism", limit=2, calibration=2, batch_size=2, n_boot=20, device_map=map_file,
                               max_memory="cpu=8GiB")

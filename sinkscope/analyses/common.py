@@ -137,7 +137,7 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
           extra_meta: dict | None = None, calibration: Calibration | None = None) -> Setup:
     """Load model and data, open (or resume) the run folder, find sink dims and tau (`open_calibration`: the
     handed `calibration` when given)."""
-    from sinkscope.models import load
+    from sinkscope.models import load_placed
 
     cfg.validate()
     if cfg.remote and name not in REMOTE_ANALYSES:
@@ -150,10 +150,7 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     # a folder holding another run fails before the model loads too (the sink score may still be 'auto')
     check_resumable(out, name, asdict(cfg), resume, unresolved=("sink_score",) if cfg.sink_score == "auto" else ())
     if adapter is None:  # placed as the config says, a device map included (the CLI hands its loaded model)
-        from sinkscope.devices import parse_device_map, parse_max_memory
-
-        adapter = load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=parse_device_map(cfg.device_map),
-                       max_memory=parse_max_memory(cfg.max_memory))
+        adapter = load_placed(cfg)
     cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
     folder = RunFolder(out, name, asdict(cfg), resume=resume)
     folder.update_meta(model=adapter.describe(), n_samples=len(samples), planted=bool(getattr(adapter, "planted", False)),

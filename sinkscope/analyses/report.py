@@ -166,7 +166,7 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
     A folder of another report (other settings) is refused before the model loads; `force` replaces it
     (its files are deleted once the model has loaded).
     """
-    from sinkscope.models import load
+    from sinkscope.models import load_placed
     from sinkscope.runfolder import atomic_write_text
 
     cfg.validate()
@@ -175,10 +175,7 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
     if not replace:
         check_report_folder(out, cfg)  # before the model loads
     if adapter is None:
-        from sinkscope.devices import parse_device_map, parse_max_memory
-
-        adapter = load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=parse_device_map(cfg.device_map),
-                       max_memory=parse_max_memory(cfg.max_memory))
+        adapter = load_placed(cfg)
     if replace:  # only once the model has loaded: a failed load leaves the old report in place
         clear_report(out)
     out.mkdir(parents=True, exist_ok=True)

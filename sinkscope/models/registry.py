@@ -97,6 +97,15 @@ def _load_demo(device=None, dtype=None) -> ModelAdapter:
     return adapter
 
 
+def load_placed(settings) -> ModelAdapter:
+    """`load` with a run's placement: `settings` has model, device, dtype, device_map, max_memory as a run
+    records them (RunConfig or an analysis config; device_map and max_memory as the CLI's strings)."""
+    from sinkscope.devices import parse_device_map, parse_max_memory
+
+    return load(settings.model, device=settings.device, dtype=settings.dtype,
+                device_map=parse_device_map(settings.device_map), max_memory=parse_max_memory(settings.max_memory))
+
+
 def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bool = False,
          device_map=None, load_processor: bool = True, max_memory: dict | None = None,
          offload_folder: str | None = None) -> ModelAdapter:
