@@ -77,7 +77,8 @@ class ContributionLayerReduction(SinkScores):
     values -> kept for the layer's attention; attention -> per token class (visual sink, visual non-sink, BOS):
     the mean attention, mean ||W_O v_j|| and mean contribution a_ij ||W_O v_j|| per (query, token) over the text
     queries after the image [batch, head], and the class's token count [batch]. No [head, query, key] map leaves
-    it. It carries each layer's W_O (float32, as the adapter gives it, LoRA included): a remote request uploads them.
+    it, and nothing moves to the host but those means: they are computed on the device of the layer's probabilities.
+    It carries each layer's W_O (as the adapter gives it, LoRA included; float32 on the host for a remote request).
     """
 
     def __init__(self, dims, tau, eps, score, real, visual, bos, queries, o_weights: dict, num_heads: int):
@@ -87,22 +88,24 @@ class ContributionLayerReduction(SinkScores):
         self._values: dict = {}
 
     def values(self, layer, v):
-        self._values[layer] = v.detach().float().cpu()
+        self._values[layer] = v.detach()  # stays on its layer's device until the layer's attention
         return None
 
     def attention(self, layer, probs):
-        probs = probs.detach().float().cpu()
-        norms = ov.ov_norms(self._values.pop(layer), self.o_weights[layer], self.num_heads)  # [batch, head, key]
+        """Reduced on the probabilities' device (no [head, query, key] tensor moves); the small results come back."""
+        probs = probs.detach().float()
+        device = probs.device
+        norms = ov.ov_norms(self._values.pop(layer).to(device), self.o_weights[layer], self.num_heads)  # [batch, head, key]
         contrib = ov.ov_contributions(probs, norms)
-        sink = (self.phi[layer].cpu() >= self.tau) & self.real.cpu()
-        visual = self.visual.cpu()
-        q = self.queries.cpu()
+        sink = (self.phi[layer].to(device) >= self.tau) & self.real.to(device)
+        visual, bos, q = self.visual.to(device), self.bos.to(device), self.queries.to(device)
         out = {}
-        for name, keys in (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", self.bos.cpu())):
+        for name, keys in (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", bos)):
             n_k = keys.sum(dim=1)
-            out[name] = {"attention": ov.class_means(probs, keys, q), "contribution": ov.class_means(contrib, keys, q),
-                         "ov_norm": (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None],
-                         "n_tokens": n_k}
+            out[name] = {"attention": ov.class_means(probs, keys, q).cpu(),
+                         "contribution": ov.class_means(contrib, keys, q).cpu(),
+                         "ov_norm": ((norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]).cpu(),
+                         "n_tokens": n_k.cpu()}
         return out
 
 
@@ -131,7 +134,11 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
                       figures: bool = True) -> RunFolder:
     s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
-    o_weights = {i: adapter.output_weight(i).detach().float().cpu() for i in range(adapter.num_layers)}
+    # W_O per layer: where the layer sits for a local trace (cast to float32 a layer at a time); float32 on the
+    # host for a remote one, which uploads them with the request
+    o_weights = {i: adapter.output_weight(i).detach() for i in range(adapter.num_layers)}
+    if cfg.remote:
+        o_weights = {i: w.float().cpu() for i, w in o_weights.items()}
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
             s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads), values=True,
             remote=cfg.remote):
