@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.patching import answer_ids, pick_sources
+from sinkscope.analyses.common import answer_token_ids
+from sinkscope.analyses.patching import pick_sources
 from sinkscope.models.embedded import smolvlm
 from sinkscope import world
 from sinkscope.eval import stats
@@ -73,7 +74,7 @@ def knocked_out_answers(adapter, samples: list[Sample], batch_size: int = 50) ->
 @torch.no_grad()
 def answer_logit_diff(adapter, samples: list[Sample], batch_size: int = 50) -> np.ndarray:
     """[n] logit(yes) - logit(no) at the answer position."""
-    yes, no = answer_ids(adapter)
+    yes, no = answer_token_ids(adapter)
     out = []
     for chunk in batches(samples, batch_size):
         batch = adapter.prepare([s.question for s in chunk], [s.image() for s in chunk])
