@@ -68,9 +68,9 @@ class Stage:
 class RecipeConfig:
     seed: int = 0
     stages: list[Stage] = field(default_factory=lambda: [
-        Stage("vision", 150, 1e-3, 64, 20),
+        Stage("vision", 1500, 1e-3, 64, 20),
         Stage("words", 30, 2e-3, 8, 20),
-        Stage("instruct", 400, 2e-3, 8, 20),
+        Stage("instruct", 600, 2e-3, 8, 20),
     ])
     weight_decay: float = 0.05  # vision stage; the projector and adapters train without it
     grad_clip: float = 1.0
