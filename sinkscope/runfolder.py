@@ -96,6 +96,22 @@ def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool 
         raise SinkscopeError(f"{path} holds {what}; use another --out, or --no-resume to start over")
 
 
+def check_same_weights(path: str | Path, fingerprint: str, resume: bool = True) -> None:
+    """Raise when `path` holds a run made with other weights of the model (a retrained or edited checkpoint under
+    the same name) and would be resumed: its rows and the new ones would mix two models. Runs written before
+    fingerprints were recorded pass (nothing to compare)."""
+    run_json = Path(path) / "run.json"
+    if not resume or not run_json.exists():
+        return
+    try:
+        old = json.loads(run_json.read_text()).get("model_fingerprint")
+    except (OSError, ValueError):
+        return  # check_resumable names an unreadable run.json
+    if old is not None and old != fingerprint:
+        raise SinkscopeError(f"{path} holds a run made with other weights of this model (weights fingerprint {old}, "
+                             f"now {fingerprint}); use another --out, or --no-resume to start over")
+
+
 class RunFolder:
     """One analysis run on disk."""
 

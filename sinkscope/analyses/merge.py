@@ -151,6 +151,10 @@ def merge_runs(folders: list[str | Path], out: str | Path, figures: bool = True,
     settings = [{k: v for k, v in p.items() if k not in PLACEMENT} for p in same]  # the shards may spread the model
     if any(p != settings[0] for p in settings[1:]):  # over devices differently (the first folder's map is kept)
         raise SinkscopeError("the shards were run with different settings (other than --shard); they are not one run")
+    fingerprints = sorted({m["model_fingerprint"] for m in metas if m.get("model_fingerprint")})
+    if len(fingerprints) > 1:
+        raise SinkscopeError(f"the shards were run with different weights of the model (weights fingerprints "
+                             f"{', '.join(fingerprints)}); they are not one run: re-run the odd shards on the same checkpoint")
     if kind == "ablate":
         return _merge_ablate(paths, metas, shards, same[0], out, figures, log)
     if kind == "var_eval":
@@ -187,7 +191,7 @@ def _merge_scan(paths, metas, shards, params, out, figures, log) -> RunFolder:
     folder.mark_done(sorted(order, key=order.get))
     base = metas[shards.index((0, n))]
     skipped = _merged_skipped(metas)
-    folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "token_stats") if k in base},
+    folder.update_meta(**{k: base[k] for k in ("model", "model_fingerprint", "planted", "tau", "sink_dims", "token_stats") if k in base},
                        n_samples=len(order), skipped=skipped, merged_from=[str(p) for p in paths])
     dims = massive.SinkDims.from_json(dims_json)
     tau = sinks.SinkThreshold(**base["tau"])
@@ -236,7 +240,7 @@ def _merge_by_sample(kind, paths, metas, shards, params, out, figures, log) -> R
             folder.append_rows(table, merged)
     folder.mark_done(sorted(order, key=order.get))
     base = metas[shards.index((0, n))]
-    folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "calibration", "n_samples",
+    folder.update_meta(**{k: base[k] for k in ("model", "model_fingerprint", "planted", "tau", "sink_dims", "calibration", "n_samples",
                                                *shared, *kept) if k in base},
                        skipped=_merged_skipped(metas), merged_from=[str(p) for p in paths])
     summarize(folder, {**params, "shard": None}, folder.meta, figures)
@@ -259,7 +263,7 @@ def _merge_ablate(paths, metas, shards, params, out, figures, log) -> RunFolder:
     folder.mark_done(sorted(order, key=order.get))
     base = metas[shards.index((0, n))]
     skipped = _merged_skipped(metas)
-    folder.update_meta(**{k: base[k] for k in ("model", "planted", "tau", "sink_dims", "taus", "n_samples") if k in base},
+    folder.update_meta(**{k: base[k] for k in ("model", "model_fingerprint", "planted", "tau", "sink_dims", "taus", "n_samples") if k in base},
                        skipped=skipped, merged_from=[str(p) for p in paths])
     summarize_ablation(folder, AblateConfig(**{**params, "shard": None}), figures)
     log(f"merged {len(paths)} ablate shards ({len(order)} samples) into {folder.path}")
@@ -314,7 +318,7 @@ def _merge_var_eval(paths, metas, shards, params, out, figures, log) -> RunFolde
         folder.append_rows(table, frame)
     folder.mark_done(sorted(order, key=order.get))
     base = metas[first]
-    folder.update_meta(**{k: base[k] for k in ("model", "n_validation", "n_test", "planted", "var_calibrated",
+    folder.update_meta(**{k: base[k] for k in ("model", "model_fingerprint", "n_validation", "n_test", "planted", "var_calibrated",
                                                "calibration_source", "calibration_note", "chosen") if k in base},
                        merged_from=[str(p) for p in paths])
     c = base["chosen"]

@@ -148,6 +148,19 @@ def check_report_folder(out: Path, cfg: ReportConfig) -> None:
                              "or add --force to replace it")
 
 
+def recorded_fingerprint(out: Path) -> str | None:
+    """The weights fingerprint a report in `out` was made with (report.json, else its steps' run.json); None when
+    none is recorded (no report, or one made before fingerprints were)."""
+    for path in (out / "report.json", *sorted(out.glob("*/run.json"))):
+        try:
+            value = json.loads(path.read_text()).get("model_fingerprint")
+        except (OSError, ValueError):
+            continue
+        if value:
+            return value
+    return None
+
+
 def clear_report(out: Path) -> None:
     """Delete a report's own files in `out` (step folders, report.json, index.md, findings.csv, viewer.html)."""
     import shutil
@@ -176,12 +189,20 @@ def run_report(out: str | Path, cfg: ReportConfig, adapter=None, log=print, forc
         check_report_folder(out, cfg)  # before the model loads
     if adapter is None:
         adapter = load_placed(cfg)
+    fingerprint = adapter.weights_fingerprint()
+    old_fingerprint = recorded_fingerprint(out)
+    if old_fingerprint not in (None, fingerprint):  # same settings, other weights (e.g. a retrained demo)
+        if not force:
+            raise SinkscopeError(f"--out {out} holds a report made with other weights of {cfg.model} (weights fingerprint "
+                                 f"{old_fingerprint}, now {fingerprint}); add --force to replace it, or give another --out")
+        replace = True
     if replace:  # only once the model has loaded: a failed load leaves the old report in place
         clear_report(out)
     out.mkdir(parents=True, exist_ok=True)
     sink_score = resolve_sink_score(cfg, adapter)
     atomic_write_text(out / "report.json", json.dumps({"config": asdict(cfg), "sink_score": sink_score,
-                                                       "model": adapter.describe()}, indent=1, default=str))
+                                                       "model": adapter.describe(), "model_fingerprint": fingerprint},
+                                                      indent=1, default=str))
     done, skipped = [], {}
     calibration = None  # calibrated once, on the first step that runs, and handed to every step
     for name in cfg.steps:

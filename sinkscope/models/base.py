@@ -233,6 +233,22 @@ class ModelAdapter:
         device = self.device
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.forward_inputs(batch).items()}
 
+    def weights_fingerprint(self) -> str:
+        """16 hex digits that change when the weights do: sha256 over every parameter's name, shape, dtype and
+        up to 64 of its values (evenly strided). Offloaded parameters (on the meta device) count by shape.
+        One small copy per parameter, so cheap at 7B; runs record it so a resume never mixes two models' rows."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+                if param.device.type != "meta" and param.numel():
+                    flat = param.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 64)][:64]
+                    digest.update(sample.float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def describe(self) -> dict:
         return {
             "family": self.family, "name": self.name, "architecture": type(self.model).__name__,
