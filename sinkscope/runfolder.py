@@ -96,26 +96,13 @@ def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool 
         raise SinkscopeError(f"{path} holds {what}; use another --out, or --no-resume to start over")
 
 
-def check_same_weights(path: str | Path, fingerprint: str, resume: bool = True) -> None:
-    """Raise when `path` holds a run made with other weights of the model (a retrained or edited checkpoint under
-    the same name) and would be resumed: its rows and the new ones would mix two models. Runs written before
-    fingerprints were recorded pass (nothing to compare)."""
-    run_json = Path(path) / "run.json"
-    if not resume or not run_json.exists():
-        return
-    try:
-        old = json.loads(run_json.read_text()).get("model_fingerprint")
-    except (OSError, ValueError):
-        return  # check_resumable names an unreadable run.json
-    if old is not None and old != fingerprint:
-        raise SinkscopeError(f"{path} holds a run made with other weights of this model (weights fingerprint {old}, "
-                             f"now {fingerprint}); use another --out, or --no-resume to start over")
-
-
 class RunFolder:
-    """One analysis run on disk."""
+    """One analysis run on disk. fingerprint: the model's `weights_fingerprint()`, recorded in run.json; resuming
+    a run made with other weights of the model (a retrained checkpoint under the same name) is refused, as its
+    rows and the new ones would mix two models (runs written before fingerprints were recorded pass)."""
 
-    def __init__(self, path: str | Path, analysis: str, params: dict, resume: bool = True):
+    def __init__(self, path: str | Path, analysis: str, params: dict, resume: bool = True,
+                 fingerprint: str | None = None):
         self.path = Path(path)
         self.analysis = analysis
         run_json = self.path / "run.json"
@@ -127,12 +114,19 @@ class RunFolder:
         if resuming:
             self.meta = json.loads(run_json.read_text())
             check_resumable(self.path, analysis, params, resume)
+            recorded = self.meta.get("model_fingerprint")
+            if fingerprint and recorded and recorded != fingerprint:
+                raise SinkscopeError(f"{self.path} holds a run made with other weights of this model (weights "
+                                     f"fingerprint {recorded}, now {fingerprint}); use another --out, or --no-resume "
+                                     "to start over")
         elif run_json.exists() and not resume:
             for f in self.path.iterdir():
                 if f.is_file():
                     f.unlink()
         self.meta.setdefault("analysis", analysis)
         self.meta["params"] = _jsonable(params)
+        if fingerprint:
+            self.meta["model_fingerprint"] = fingerprint
         self.meta.setdefault("started", now())
         self.meta["resumed"] = bool(self.done_samples())
         self.meta["versions"] = package_versions()

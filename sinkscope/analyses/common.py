@@ -20,7 +20,7 @@ from sinkscope.eval.tasks import Sample, batches, progress
 from sinkscope.measures import massive, sinks
 from sinkscope.models.base import ModelAdapter
 from sinkscope.runconfig import RunConfig, parse_shard, resolve_sink_score
-from sinkscope.runfolder import RunFolder, check_resumable, check_same_weights
+from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
@@ -152,10 +152,8 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     if adapter is None:  # placed as the config says, a device map included (the CLI hands its loaded model)
         adapter = load_placed(cfg)
     cfg.sink_score = resolve_sink_score(cfg.sink_score, adapter.hidden_size)  # the analysis and run.json: the score used
-    fingerprint = adapter.weights_fingerprint()
-    check_same_weights(out, fingerprint, resume)
-    folder = RunFolder(out, name, asdict(cfg), resume=resume)
-    folder.update_meta(model=adapter.describe(), model_fingerprint=fingerprint, n_samples=len(samples),
+    folder = RunFolder(out, name, asdict(cfg), resume=resume, fingerprint=adapter.weights_fingerprint())
+    folder.update_meta(model=adapter.describe(), n_samples=len(samples),
                        planted=bool(getattr(adapter, "planted", False)), skipped=list(getattr(samples, "skipped", [])),
                        **(extra_meta or {}))
     tracer = Tracer(adapter)

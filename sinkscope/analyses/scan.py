@@ -36,7 +36,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, num
 from sinkscope.models.base import KIND_NAMES, ModelAdapter
 from sinkscope.runconfig import parse_shard, resolve_sink_score
-from sinkscope.runfolder import RunFolder, check_resumable, check_same_weights
+from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
 
@@ -322,16 +322,14 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     check_resumable(out, "scan", asdict(cfg), resume, unresolved=("sink_score",) if cfg.sink_score == "auto" else ())
     adapter = adapter or load_placed(cfg)  # fail on a bad --model before touching --out
-    fingerprint = adapter.weights_fingerprint()
-    check_same_weights(out, fingerprint, resume)
     cfg = replace(cfg, sink_score=resolve_sink_score(cfg.sink_score, adapter.hidden_size))  # run.json: the score used
     params = asdict(cfg)
-    folder = RunFolder(out, "scan", params, resume=resume)
+    folder = RunFolder(out, "scan", params, resume=resume, fingerprint=adapter.weights_fingerprint())
     skipped = list(getattr(samples, "skipped", []))  # unreadable or missing images: left out, reported
     n_load_skipped = len(skipped)
     for s in skipped:
         log(f"skipped sample {s['sample']}: {s['reason']}")
-    folder.update_meta(model=adapter.describe(), model_fingerprint=fingerprint, n_samples=len(samples),
+    folder.update_meta(model=adapter.describe(), n_samples=len(samples),
                        planted=bool(getattr(adapter, "planted", False)), skipped=skipped)
     tracer = Tracer(adapter)
     cal = open_calibration(folder, adapter, samples, cfg, tracer, calibration, log=log)

@@ -51,7 +51,7 @@ from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, 
 from sinkscope.eval.tasks import Sample, progress
 from sinkscope.findings import Finding, num
 from sinkscope.runconfig import analysis_default, parse_shard, sample_seed
-from sinkscope.runfolder import RunFolder, check_resumable, check_same_weights
+from sinkscope.runfolder import RunFolder, check_resumable
 
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")
 PAPER_P, PAPER_RHO = 0.6, 0.5
@@ -187,11 +187,9 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
     torch.manual_seed(cfg.seed)
     check_resumable(out, "var_eval", asdict(cfg), resume)  # another run in --out fails before the model loads
     adapter = adapter or load_placed(cfg)
-    fingerprint = adapter.weights_fingerprint()
-    check_same_weights(out, fingerprint, resume)
     val, test = eval_splits(cfg)
-    folder = RunFolder(out, "var_eval", asdict(cfg), resume=resume)
-    folder.update_meta(model=adapter.describe(), model_fingerprint=fingerprint, n_validation=len(val), n_test=len(test),
+    folder = RunFolder(out, "var_eval", asdict(cfg), resume=resume, fingerprint=adapter.weights_fingerprint())
+    folder.update_meta(model=adapter.describe(), n_validation=len(val), n_test=len(test),
                        planted=bool(getattr(adapter, "planted", False)))
     base = VARConfig(tau=cfg.tau, sink_dims=cfg.sink_dims, sink_score=cfg.sink_score, summ=cfg.summ, seed=cfg.seed)
     if folder.meta.get("var_calibrated"):
