@@ -99,14 +99,16 @@ class ContributionLayerReduction(SinkScores):
         contrib = ov.ov_contributions(probs, norms)
         sink = (self.phi[layer].to(device) >= self.tau) & self.real.to(device)
         visual, bos, q = self.visual.to(device), self.bos.to(device), self.queries.to(device)
-        out = {}
-        for name, keys in (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", bos)):
+        classes = (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", bos))
+        means, counts = [], []
+        for _, keys in classes:
             n_k = keys.sum(dim=1)
-            out[name] = {"attention": ov.class_means(probs, keys, q).cpu(),
-                         "contribution": ov.class_means(contrib, keys, q).cpu(),
-                         "ov_norm": ((norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]).cpu(),
-                         "n_tokens": n_k.cpu()}
-        return out
+            means += [ov.class_means(probs, keys, q), ov.class_means(contrib, keys, q),
+                      (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]]
+            counts.append(n_k)
+        means, counts = torch.stack(means).cpu(), torch.stack(counts).cpu()  # one transfer each, [9 | 3, batch, ...]
+        return {name: {"attention": means[3 * i], "contribution": means[3 * i + 1], "ov_norm": means[3 * i + 2],
+                       "n_tokens": counts[i]} for i, (name, _) in enumerate(classes)}
 
 
 def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",
