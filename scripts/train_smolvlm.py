@@ -84,6 +84,7 @@ class RecipeConfig:
     dtype: str = "bfloat16"  # autocast dtype while training: bfloat16 | float32 (no autocast)
     caption_probability: float = 0.25  # share of scenes whose questions include a caption
     metric_scenes: int = 12  # validation scenes for the POPE metric (emergence uses at most 8)
+    vision_from: str | None = None  # a trained model folder whose vision tower starts the run (skip "vision")
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
 
     def to_dict(self) -> dict:
@@ -461,6 +462,23 @@ def _build_run(out: Path, config: RecipeConfig, log) -> _Run:
     return _Run(out, config, model, processor, encoder, packer, heads, log)
 
 
+def _load_vision_tower(run: _Run, directory: str) -> None:
+    """Start from the vision tower of a trained model folder (`save_trained`), so that runs can share one
+    vision stage; the projector and adapters keep their initialisation. The architectures must match."""
+    from sinkscope.errors import SinkscopeError
+
+    prefix = "model.vision_tower."
+    tower = {k: v for k, v in smolvlm.trained_state_from_dir(Path(directory)).items() if k.startswith(prefix)}
+    own = {k: v for k, v in run.model.state_dict().items() if k.startswith(prefix)}
+    mismatched = sorted(k for k in own if k not in tower or tower[k].shape != own[k].shape)
+    if mismatched or len(tower) != len(own):
+        raise SinkscopeError(f"the vision tower in {directory} does not match this recipe's vision architecture "
+                             f"({len(mismatched)} tensors differ, e.g. {mismatched[:2]}): pass the same --vision "
+                             "settings it was trained with, or train the vision stage")
+    run.model.load_state_dict(tower, strict=False)
+    run.log(f"vision tower from {directory}")
+
+
 def _resume(run: _Run) -> dict | None:
     """Load the last checkpoint (weights, progress, timing) if there is one, drop the log rows of the steps
     about to be redone; returns the optimizer state to restore (None: nothing to resume)."""
@@ -637,6 +655,8 @@ def train(out: str | Path, config: RecipeConfig | None = None, resume: bool = Tr
     config = config or RecipeConfig()
     out = start_run(out, config.seed, config.threads, seed_numpy=True)
     run = _build_run(out, config, log)
+    if config.vision_from:
+        _load_vision_tower(run, config.vision_from)  # a checkpoint resumed below holds the same tower
     optimizer_state = _resume(run) if resume else None
     atomic_write_json(out / "recipe.json", config.to_dict())
     run.model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
@@ -690,6 +710,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast dtype while training (float32: no autocast)")
     parser.add_argument("--max-turns", type=int, default=16, help="question branches per packed sequence")
     parser.add_argument("--metric-scenes", type=int, default=12, help="validation scenes for POPE in emergence.csv")
+    parser.add_argument("--vision-from", default=None, metavar="DIR",
+                        help="start from the vision tower of a trained model folder (e.g. the shipped demo's assets) "
+                        "and leave the vision stage out of --stages: variants then share one vision stage")
     parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
                         "(for a run stopped before its last step)")
     args = parser.parse_args(argv)
@@ -698,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every,
                           lora_rank=args.lora_rank, lora_targets=args.lora_targets, dtype=args.dtype,
-                          max_turns=args.max_turns, metric_scenes=args.metric_scenes)
+                          max_turns=args.max_turns, metric_scenes=args.metric_scenes, vision_from=args.vision_from)
     if args.stages:
         config.stages = _parse_stages(args.stages)
     train(args.out, config, resume=not args.no_resume, log=lambda m: print(m, flush=True))

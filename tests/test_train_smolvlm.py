@@ -94,3 +94,29 @@ def test_emergence_tau_is_the_shared_rule_on_the_same_phi():
     given = emergence_metrics(model, encoder, n_scenes=n, tau=5.0)
     assert given["tau"] == 5.0 and given["tau_method"] == (sinks.sink_threshold("rms", hidden, tau=5.0).method
                                                             if dims else "none")
+
+
+def test_a_run_can_start_from_another_runs_vision_tower(tmp_path):
+    """--vision-from: the tower comes from the given folder and stays as it was (frozen after its stage), the
+    projector starts fresh; a tower of another architecture is refused with the fix named."""
+    from sinkscope.errors import SinkscopeError
+
+    quiet = lambda m: None  # noqa: E731
+    first = _config()
+    first.stages = [Stage("vision", 2, 1e-3, 4, 1)]
+    shared = smolvlm.trained_state_from_dir(train(tmp_path / "vision", first, log=quiet))
+    second = _config()
+    second.stages = [Stage("instruct", 1, 1e-3, 2, 1)]
+    second.vision_from = str(tmp_path / "vision" / "model")
+    state = smolvlm.trained_state_from_dir(train(tmp_path / "variant", second, log=quiet))
+    tower = [k for k in shared if k.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(state[k], shared[k]) for k in tower)
+    projector = [k for k in shared if k.startswith("model.multi_modal_projector.")]
+    assert any(not torch.equal(state[k], shared[k]) for k in projector)  # trained by the variant's instruct step
+
+    wider = _config()
+    wider.stages = [Stage("instruct", 1, 1e-3, 2, 1)]
+    wider.vision = smolvlm.VisionArchitecture(hidden=64, layers=1, heads=2, intermediate=64)
+    wider.vision_from = second.vision_from
+    with pytest.raises(SinkscopeError, match="vision architecture"):
+        train(tmp_path / "wider", wider, log=quiet)
