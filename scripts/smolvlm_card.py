@@ -99,7 +99,7 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
     phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau.
     extras: measured elsewhere, shown as given: `training` (command, wall time, machine), `image_use`
     (analyses/demo_image_use.py summary), `heldout` (accuracy table on unseen test scenes, as records),
-    `variants` (the pre-registered emergence runs, as records)."""
+    `variants` (the pre-registered emergence runs, as records), `errors` (analyses/demo_errors.py summary)."""
     from sinkscope import plots
 
     assets, scan_dir = Path(assets), Path(scan_dir)
@@ -181,7 +181,8 @@ def _tau_paragraphs(card: dict) -> list[str]:
 
 
 def _extra_sections(card: dict) -> list[str]:
-    """Training command and time, image use (knockout, swap), held-out accuracy, pre-registered variants."""
+    """Training command and time, image use (knockout, swap), error analysis, held-out accuracy, pre-registered
+    variants."""
     out = []
     tr = card.get("training")
     if tr:
@@ -206,6 +207,11 @@ def _extra_sections(card: dict) -> list[str]:
                 f"(CI [{_f(sw['flip_ci'][0])}, {_f(sw['flip_ci'][1])}]), {_f(sw['flip_rate_when_target_correct'])} "
                 f"of the {sw['n_target_correct']} pairs the model answered correctly. "
                 "(`python analyses/demo_image_use.py`)\n"]
+    errors = card.get("errors")
+    if errors:
+        out += ["## What its errors are\n", card.get("errors_text", "") + "\n",
+                "".join(f"- {line}\n" for line in errors["lines"]),
+                "(`python analyses/demo_errors.py`; rates with 95% bootstrap CIs and n)\n"]
     held = card.get("heldout")
     if held:
         out += ["## Held-out check\n", card.get("heldout_text", "") + "\n", markdown_table(pd.DataFrame(held))]

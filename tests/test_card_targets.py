@@ -19,3 +19,13 @@ def test_target_gaps_names_met_and_missed_targets_with_their_distance():
     assert "caption CHAIR_i 0.25 (0.1 above 0.15)" in missed
     assert "pope-adversarial yes-ratio 0.7 (outside 0.4-0.6)" in missed
     assert "position" not in text  # a task the table lacks is not judged
+
+
+def test_the_error_analysis_appears_in_the_card_as_measured():
+    from scripts.smolvlm_card import _extra_sections
+
+    lines = ["color: accuracy 0.83 [0.77, 0.88] (n 170)", "caption: hallucinated objects 71"]
+    text = "".join(_extra_sections({"errors": {"lines": lines}, "errors_text": "All are binding errors."}))
+    assert "## What its errors are" in text and "All are binding errors." in text
+    assert all(f"- {line}\n" in text for line in lines)
+    assert "What its errors are" not in "".join(_extra_sections({}))  # not measured: no section
