@@ -32,9 +32,7 @@ from sinkscope.eval.pope import parse_yes_no
 
 def is_conjunction(scene: world.Scene, category: str) -> bool:
     """True when `category` ("colour shape") is absent but its colour and its shape are both in the scene."""
-    colour, shape = category.split()
-    return (category not in scene.categories and colour in {o.color for o in scene.objects}
-            and shape in {o.shape for o in scene.objects})
+    return category in world.conjunction_categories(scene)
 
 
 def classify_answer(scene: world.Scene, task: str, truth: str, answer: str) -> str:

@@ -23,12 +23,16 @@ IGNORE = -100
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
-def scene_questions(split: str, index: int, caption_probability: float = 0.25, salt: int = 5) -> list[world.Question]:
+def scene_questions(split: str, index: int, caption_probability: float = 0.25, salt: int = 5,
+                    conjunction_share: float = 0.0) -> list[world.Question]:
     """Every kind of question about one scene, balanced yes/no, shuffled (a pure function of split, index).
 
-    Existence: POPE's three negative strategies, as many negatives as positives (each present
-    category once); colour of each object whose shape is unique; position of every object; the
-    count; a caption with probability `caption_probability`.
+    Existence: as many negatives as positives (each present category once). Of the negatives,
+    ceil(`conjunction_share` x positives) are binding negatives (`world.conjunction_categories`:
+    an absent colour-shape pair whose colour and shape are both in the scene) where the scene has
+    that many; the rest follow POPE's three strategies in turn. `conjunction_share` = 0 draws
+    exactly the questions of the recipes before it existed. Then: colour of each object whose shape
+    is unique; position of every object; the count; a caption with probability `caption_probability`.
     """
     s = world.scene(split, index)
     rng = np.random.default_rng([world.SPLIT_SEEDS[split] + index, salt])
@@ -36,6 +40,10 @@ def scene_questions(split: str, index: int, caption_probability: float = 0.25, s
     qs: list[world.Question] = [
         world.Question(split, index, "existence", f"is there a {c} in the image ?", "yes", "", "yes", c) for c in cats]
     negatives: list[str] = []
+    if conjunction_share > 0:
+        binding = world.conjunction_categories(s)
+        n_binding = min(int(np.ceil(conjunction_share * len(cats))), len(binding))
+        negatives += [str(c) for c in rng.choice(binding, size=n_binding, replace=False)] if n_binding else []
     strategies = ["random", "popular", "adversarial"]
     for k in range(3 * len(cats)):
         if len(negatives) == len(cats):

@@ -83,9 +83,17 @@ class RecipeConfig:
     lora_lr_scale: float = 0.5
     dtype: str = "bfloat16"  # autocast dtype while training: bfloat16 | float32 (no autocast)
     caption_probability: float = 0.25  # share of scenes whose questions include a caption
+    conjunction_share: float = 0.0  # share of existence negatives that are binding negatives (smolvlm_data)
     metric_scenes: int = 12  # validation scenes for the POPE metric (emergence uses at most 8)
     vision_from: str | None = None  # a trained model folder whose vision tower starts the run (skip "vision")
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
+
+    def __post_init__(self):
+        from sinkscope.errors import SinkscopeError
+
+        for name in ("caption_probability", "conjunction_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SinkscopeError(f"{name} = {getattr(self, name)} is out of range: give a share between 0 and 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,11 +262,12 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
 
 
 def packed_batch(packer: smolvlm_data.Packer, split: str, indices: list[int], max_turns: int,
-                 words: bool, caption_probability: float) -> dict:
+                 words: bool, caption_probability: float, conjunction_share: float = 0.0) -> dict:
     """One packed sequence per scene (see `smolvlm_data`); `pixel_values` only when the prefix is the image."""
     seqs = []
     for i in indices:
-        qs = smolvlm_data.scene_questions(split, i, caption_probability)[:max_turns]
+        qs = smolvlm_data.scene_questions(split, i, caption_probability,
+                                          conjunction_share=conjunction_share)[:max_turns]
         seqs.append(packer.pack(qs, world.scene_text(world.scene(split, i)) if words else None))
     batch = smolvlm_data.collate(seqs, packer.tok.pad_token_id)
     batch["pixel_values"] = None if words else torch.stack([pixel_values(world.scene(split, i).image) for i in indices])
@@ -575,7 +584,7 @@ def _stage_loss(run: _Run, stage: Stage, step: int) -> tuple[torch.Tensor, dict]
             loss, extra = run.heads(vision_features(run.model, batch["pixel_values"]), batch)
         else:
             batch = packed_batch(run.packer, "train", indices, config.max_turns, stage.name == "words",
-                                 config.caption_probability)
+                                 config.caption_probability, config.conjunction_share)
             loss = packed_loss(run.model, batch)
             extra = {"tokens": int(batch["input_ids"].ne(run.packer.tok.pad_token_id).sum()),
                      "answers": int((batch["labels"] != IGNORE).sum())}
@@ -713,6 +722,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-from", default=None, metavar="DIR",
                         help="start from the vision tower of a trained model folder (e.g. the shipped demo's assets) "
                         "and leave the vision stage out of --stages: variants then share one vision stage")
+    parser.add_argument("--conjunction-share", type=float, default=0.0, metavar="P",
+                        help="share of the existence negatives drawn as binding negatives: absent colour-shape "
+                        "pairs whose colour and shape are both in the scene (0: POPE's strategies only)")
     parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
                         "(for a run stopped before its last step)")
     args = parser.parse_args(argv)
@@ -721,7 +733,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every,
                           lora_rank=args.lora_rank, lora_targets=args.lora_targets, dtype=args.dtype,
-                          max_turns=args.max_turns, metric_scenes=args.metric_scenes, vision_from=args.vision_from)
+                          max_turns=args.max_turns, metric_scenes=args.metric_scenes, vision_from=args.vision_from,
+                          conjunction_share=args.conjunction_share)
     if args.stages:
         config.stages = _parse_stages(args.stages)
     train(args.out, config, resume=not args.no_resume, log=lambda m: print(m, flush=True))

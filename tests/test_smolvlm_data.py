@@ -3,7 +3,9 @@ exactly as the inference prompt the processor builds."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from sinkscope.models.embedded import smollm
 from sinkscope import world
 from scripts.smolvlm_data import IGNORE, Packer, collate, scene_questions
+from scripts.train_smolvlm import RecipeConfig
+from sinkscope.errors import SinkscopeError
 
 
 def test_scene_questions_are_true_balanced_and_deterministic():
@@ -29,6 +33,39 @@ def test_scene_questions_are_true_balanced_and_deterministic():
                 assert any(o.category == q.category and o.position_words == q.answer for o in s.objects)
             if q.task == "color":
                 assert [o.color for o in s.objects if o.shape == q.question.split()[-2]] == [q.answer]
+
+
+def test_without_binding_negatives_the_questions_are_those_of_the_shipped_recipe():
+    # sha256 of the questions of train scenes 0-199, computed with scene_questions as it was before
+    # conjunction_share existed (commit 94185a9): the shipped recipe's data must not move.
+    digest = hashlib.sha256()
+    for i in range(200):
+        for q in scene_questions("train", i, conjunction_share=0.0):
+            digest.update(repr((q.task, q.question, q.answer, q.label, q.category)).encode())
+    assert digest.hexdigest() == "504d8004add0bd352c9557f6915047eb6100f730d3247bbb8ecbac7029f03ab0"
+
+
+def test_binding_negatives_are_absent_pairings_of_present_colours_and_shapes():
+    n_binding_scenes = 0
+    for i in range(120):
+        s = world.scene("train", i)
+        colours, shapes = {o.color for o in s.objects}, {o.shape for o in s.objects}
+        available = set(world.conjunction_categories(s))
+        assert available == {f"{c} {h}" for c in colours for h in shapes} - s.categories
+        qs = scene_questions("train", i, conjunction_share=0.5)
+        existence = [q for q in qs if q.task == "existence"]
+        negatives = [q.category for q in existence if q.answer == "no"]
+        assert len(negatives) == len(set(negatives)) == sum(q.answer == "yes" for q in existence)
+        assert not set(negatives) & s.categories
+        wanted = min(math.ceil(0.5 * len(s.categories)), len(available))
+        assert len(set(negatives) & available) >= wanted  # POPE's strategies may add more by chance
+        n_binding_scenes += wanted > 0
+    assert n_binding_scenes > 30  # the check above was not vacuous
+
+
+def test_a_share_out_of_range_is_refused_with_the_fix():
+    with pytest.raises(SinkscopeError, match="between 0 and 1"):
+        RecipeConfig(conjunction_share=1.5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None, reason=f"{smollm.PACKAGE_SPEC} is not installed")

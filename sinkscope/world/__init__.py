@@ -209,6 +209,17 @@ def category_statistics(n_scenes: int = 4000) -> tuple[dict[str, int], dict[str,
     return freq, cooc
 
 
+def conjunction_categories(s: Scene) -> list[str]:
+    """Absent categories whose colour and shape both occur in the scene, on different objects (sorted).
+
+    E.g. a red circle and a blue square make "red square" and "blue circle": saying "yes" to
+    these is a binding error (colour and shape seen, not seen together).
+    """
+    colours = {o.color for o in s.objects}
+    shapes = {o.shape for o in s.objects}
+    return sorted(f"{c} {h}" for c in colours for h in shapes if f"{c} {h}" not in s.categories)
+
+
 def negative_category(s: Scene, strategy: str, rng: np.random.Generator) -> str:
     """A category absent from the scene, drawn by POPE's `strategy`.
 
