@@ -323,3 +323,23 @@ def test_load_image_errors_name_the_file(tmp_path):
     Image.fromarray(np.full((30, 40), 128, dtype=np.uint8)).save(grey)
     im = load_image(grey)
     assert im.mode == "RGB" and im.size == (40, 30)
+
+
+def test_patch_owner_is_the_object_whose_paint_covers_the_patch():
+    """Checked against the pixels: where objects have distinct colours, a patch owned by object k holds more of
+    k's palette colour than of any other object's, and exactly the covered patches have an owner."""
+    checked = 0
+    for i in range(N_SCENES):
+        s = world.scene("test", i)
+        assert s.patch_owner.shape == (N_PATCH, N_PATCH)
+        assert np.array_equal(s.patch_owner >= 0, s.patch_object_mask)
+        colours = [o.color for o in s.objects]
+        if len(set(colours)) < len(colours) or len(s.objects) < 2:
+            continue
+        paint = np.stack([(s.image == world.RGB[c]).all(-1) for c in colours])  # [objects, H, W]
+        per_patch = paint.reshape(len(colours), N_PATCH, world.PATCH_SIZE, N_PATCH, world.PATCH_SIZE).sum(axis=(2, 4))
+        owned = s.patch_owner >= 0
+        assert np.array_equal(per_patch.argmax(0)[owned], s.patch_owner[owned]), i
+        assert set(np.unique(s.patch_owner[owned])) == set(range(len(s.objects)))  # every object owns a patch
+        checked += 1
+    assert checked > 10

@@ -81,6 +81,8 @@ class Scene:
     image: np.ndarray  # [height, width, 3] uint8
     patch_object_mask: np.ndarray  # [patches_h, patches_w] bool: True where an object covers
     theme: int = 0
+    patch_owner: np.ndarray | None = None  # [patches_h, patches_w] int: index into objects of the object
+    # covering most of the patch where it covers >= 10% (as patch_object_mask), else -1
     extra: dict = field(default_factory=dict)
 
     @property
@@ -172,8 +174,9 @@ def _scene_cached(split: str, index: int) -> Scene:
     background = str(rng.choice(BACKGROUNDS))
     img = _background(background, rng)
     covered = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    visible = np.full((IMAGE_SIZE, IMAGE_SIZE), -1)  # which object's paint is on top at each pixel
     cell_px = IMAGE_SIZE / GRID
-    for obj in objects:
+    for k_obj, obj in enumerate(objects):
         size_px = 18 if obj.size == "large" else 11
         jitter = rng.integers(-2, 3, size=2)
         cy = int(cell_px * (obj.row + 0.5) - size_px / 2) + int(jitter[0])
@@ -184,11 +187,15 @@ def _scene_cached(split: str, index: int) -> Scene:
         region = img[cy : cy + size_px, cx : cx + size_px]
         region[mask] = RGB[obj.color]
         covered[cy : cy + size_px, cx : cx + size_px] |= mask
+        visible[cy : cy + size_px, cx : cx + size_px][mask] = k_obj
     image = np.clip(img, 0, 255).astype(np.uint8)
     n_patch = IMAGE_SIZE // PATCH_SIZE
     coverage = covered.reshape(n_patch, PATCH_SIZE, n_patch, PATCH_SIZE).mean(axis=(1, 3))
     patch_object_mask = coverage >= 0.1
-    return Scene(split, index, objects, background, image, patch_object_mask, theme_id)
+    per_object = np.stack([(visible == k).reshape(n_patch, PATCH_SIZE, n_patch, PATCH_SIZE).mean(axis=(1, 3))
+                           for k in range(len(objects))])  # [objects, patches_h, patches_w]
+    patch_owner = np.where(patch_object_mask & (per_object.max(0) > 0), per_object.argmax(0), -1)
+    return Scene(split, index, objects, background, image, patch_object_mask, theme_id, patch_owner=patch_owner)
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -1,0 +1,166 @@
+"""Where does the demo look when it answers "what color is the circle ?" or "where is the red circle ?"
+
+    python analyses/demo_readout.py --out runs/readout [--assets DIR] [--n 200]
+
+A test of where the demo's binding errors arise (`analyses/demo_errors.py`: its wrong colours and positions
+are mostly another object's). At the last prompt token (the position whose next token is the answer), the
+attention each layer gives to the image tokens of the *asked* object, of the object whose colour / position
+the model *named* (when the answer is another object's), of the other objects and of the background (heads
+averaged; patches assigned by the world's exact `Scene.patch_owner`). On scenes with 2-4 objects:
+- asked share = attention to the asked object's tokens / attention to all object tokens; a readout that
+  selects the asked object puts this above its share of the object tokens (the `token share` baseline);
+- for binding errors, the named object's share beside the asked one's: if the last token looks more at the
+  named object, the question selected the wrong object (the pairing is lost in the readout); if it looks at
+  the asked object and still names another's colour, what it reads there is wrong.
+Answers come from greedy generation, as in the card (`eval.accuracy`).
+
+Writes attention.csv (question x layer), summary.json, readout.png; prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sinkscope import world
+from sinkscope.eval import stats
+from sinkscope.eval.accuracy import normalize_answer
+
+TASKS = ("color", "position")
+
+
+def asked_and_named(scene: world.Scene, task: str, question: str, category: str, answer: str) -> tuple[int, list[int]]:
+    """(index of the asked object, indices of the *other* objects whose colour / position the answer names)."""
+    if task == "color":
+        shape = question.split()[-2]  # "what color is the circle ?"
+        asked = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
+    else:
+        asked = next(k for k, o in enumerate(scene.objects) if o.category == category)
+    said = normalize_answer(answer)
+    value = (lambda o: o.color) if task == "color" else (lambda o: o.position_words)
+    named = [k for k, o in enumerate(scene.objects) if k != asked and normalize_answer(value(o)) == said]
+    return asked, named
+
+
+def attention_masses(image_attention: np.ndarray, owner: np.ndarray, asked: int, named: list[int]) -> dict:
+    """Split one layer's head-averaged attention to the image tokens by what the tokens show.
+
+    image_attention: [image tokens] (row-major patches); owner: [image tokens] object index or -1.
+    Returns the masses (asked, named, other objects, background) and the shares of object attention.
+    """
+    is_asked, is_named = owner == asked, np.isin(owner, named)
+    is_object = owner >= 0
+    objects = float(image_attention[is_object].sum())
+    out = {"asked": float(image_attention[is_asked].sum()), "named": float(image_attention[is_named].sum()),
+           "other_objects": float(image_attention[is_object & ~is_asked & ~is_named].sum()),
+           "background": float(image_attention[~is_object].sum()), "image": float(image_attention.sum())}
+    out["asked_share"] = out["asked"] / objects if objects > 0 else np.nan
+    out["named_share"] = out["named"] / objects if objects > 0 and named else np.nan
+    out["asked_token_share"] = float(is_asked.sum() / is_object.sum())
+    out["named_token_share"] = float(is_named.sum() / is_object.sum()) if named else np.nan
+    return out
+
+
+def summarize(frame: pd.DataFrame) -> list[dict]:
+    """Per task, outcome (correct / binding error) and layer: mean shares with 95% bootstrap CIs."""
+    rows = []
+    for (task, outcome, layer), g in frame.groupby(["task", "outcome", "layer"]):
+        row = {"task": task, "outcome": outcome, "layer": int(layer), "n": len(g)}
+        for col in ("asked_share", "named_share", "asked_token_share", "image"):
+            values = g[col].dropna().to_numpy()
+            row[col] = float(values.mean()) if len(values) else np.nan
+            low, high = stats.bootstrap_ci(values) if len(values) >= 2 else (np.nan, np.nan)
+            row[col + "_low"], row[col + "_high"] = low, high
+        rows.append(row)
+    return rows
+
+
+def summary_lines(table: pd.DataFrame) -> list[str]:
+    """Per task: the layer where correct answers look most at the asked object, and both outcomes there."""
+    lines = []
+    for task in TASKS:
+        t = table[table.task == task]
+        right, wrong = t[t.outcome == "correct"], t[t.outcome == "binding error"]
+        if right.empty:
+            continue
+        best = right.loc[(right.asked_share - right.asked_token_share).idxmax()]
+        line = (f"{task}: at layer {best.layer} (where right answers look most at the asked object) right answers "
+                f"give it {best.asked_share:.2f} [{best.asked_share_low:.2f}, {best.asked_share_high:.2f}] of object "
+                f"attention (its token share {best.asked_token_share:.2f}, n {best.n})")
+        w = wrong[wrong.layer == best.layer]
+        if len(w):
+            w = w.iloc[0]
+            line += (f"; binding errors give the asked object {w.asked_share:.2f} [{w.asked_share_low:.2f}, "
+                     f"{w.asked_share_high:.2f}] and the named one {w.named_share:.2f} [{w.named_share_low:.2f}, "
+                     f"{w.named_share_high:.2f}] (n {w.n})")
+        lines.append(line)
+    return lines
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from sinkscope import plots
+    from sinkscope.analyses.common import prepare_batch
+    from sinkscope.eval.accuracy import generate_answers
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.models.embedded import smolvlm
+    from sinkscope.models.registry import adapter_for_model
+    from sinkscope.trace import Tracer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--assets", default=str(smolvlm.ASSETS))
+    parser.add_argument("--n", type=int, default=200, help="questions per task (the card's first n)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    model, processor = smolvlm.load_demo(args.assets)
+    adapter = adapter_for_model(model, processor, "demo")
+    adapter.set_text_attention("eager")
+    tracer = Tracer(adapter)
+    records = []
+    for task in TASKS:
+        samples = [s for s in load_samples(f"demo:{task}", args.n)
+                   if len(world.scene("test", s.meta["scene"]).objects) > 1]
+        answers = generate_answers(adapter, samples, max_new_tokens=4, batch_size=50)
+        for start in range(0, len(samples), args.batch_size):
+            chunk = samples[start:start + args.batch_size]
+            batch = prepare_batch(adapter, chunk)
+            with torch.no_grad():
+                cache = tracer.run_with_cache(batch)
+            visual = adapter.token_kinds(batch["input_ids"]).visual_mask  # [batch, token]
+            for i, sample in enumerate(chunk):
+                scene = world.scene("test", sample.meta["scene"])
+                answer = answers[start + i]
+                asked, named = asked_and_named(scene, task, sample.question, sample.meta.get("category", ""), answer)
+                correct = normalize_answer(answer) == normalize_answer(sample.answer)
+                outcome = "correct" if correct else ("binding error" if named else "other error")
+                positions = visual[i].nonzero().squeeze(-1)
+                for layer, pattern in sorted(cache.attention.items()):
+                    image_attention = pattern[i, :, -1, positions].float().mean(0).numpy()  # left padding: -1 is last
+                    records.append({"task": task, "scene": sample.meta["scene"], "question": sample.question,
+                                    "answer": answer.strip(), "truth": sample.answer, "outcome": outcome,
+                                    "n_objects": len(scene.objects), "layer": layer,
+                                    **attention_masses(image_attention, scene.patch_owner.reshape(-1), asked, named)})
+        print(f"{task}: {len(samples)} questions on 2-4 object scenes", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(records)
+    frame.to_csv(out / "attention.csv", index=False)
+    table = pd.DataFrame(summarize(frame))
+    table.to_csv(out / "summary.csv", index=False)
+    lines = summary_lines(table)
+    counts = frame[frame.layer == frame.layer.min()].groupby(["task", "outcome"]).size().to_dict()
+    (out / "summary.json").write_text(json.dumps({"assets": str(args.assets), "lines": lines,
+                                                  "questions": {f"{k[0]} {k[1]}": int(v) for k, v in counts.items()}},
+                                                 indent=1))
+    plots.readout_shares(table, out / "readout.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
