@@ -57,6 +57,12 @@ def conjunction_chance(scene: world.Scene) -> float:
     return float(np.mean([is_conjunction(scene, c) for c in absent]))
 
 
+def _small_beside_large(scene: world.Scene, category: str) -> bool:
+    """True when the asked object (by category) is small and another object in the scene is large."""
+    asked = next(o for o in scene.objects if o.category == category)
+    return asked.size == "small" and any(o.size == "large" for o in scene.objects if o is not asked)
+
+
 def _rate(values) -> dict:
     values = np.asarray(values, dtype=float)
     if not len(values):
@@ -76,10 +82,14 @@ def summarize(answers: pd.DataFrame) -> list[dict]:
         kind = np.array(kind)
         many = frame.n_objects.to_numpy() > 1
         wrong = kind != "correct"
+        small_beside_large = np.array([_small_beside_large(world.scene("test", int(r.scene)), r.category)
+                                       for r in frame.itertuples()])
         rows.append({"task": task, "accuracy": _rate(kind == "correct"),
                      "accuracy, 1 object": _rate(kind[~many] == "correct"),
                      "accuracy, 2-4 objects": _rate(kind[many] == "correct"),
                      "accuracy, 4 objects": _rate(kind[frame.n_objects.to_numpy() == 4] == "correct"),
+                     "accuracy, asked object small beside a large one": _rate(kind[small_beside_large] == "correct"),
+                     "accuracy, other 2-4 object scenes": _rate(kind[many & ~small_beside_large] == "correct"),
                      "wrong answers naming another object's": _rate(kind[wrong] == "other object")})
     for task in ("pope-popular", "pope-adversarial"):
         frame = answers[(answers.task == task) & (answers.truth.map(normalize_answer) == "no")]

@@ -7,11 +7,13 @@ are mostly another object's). At the last prompt token (the position whose next 
 attention each layer gives to the image tokens of the *asked* object, of the object whose colour / position
 the model *named* (when the answer is another object's), of the other objects and of the background (heads
 averaged; patches assigned by the world's exact `Scene.patch_owner`). On scenes with 2-4 objects:
-- asked share = attention to the asked object's tokens / attention to all object tokens; a readout that
-  selects the asked object puts this above its share of the object tokens (the `token share` baseline);
-- for binding errors, the named object's share beside the asked one's: if the last token looks more at the
-  named object, the question selected the wrong object (the pairing is lost in the readout); if it looks at
-  the asked object and still names another's colour, what it reads there is wrong.
+- asked share = attention to the asked object's tokens / attention to all object tokens, and its
+  selectivity = asked share / the asked object's share of the object tokens (1: no more than uniform
+  attention would give, which matters because objects differ in size);
+- for binding errors, the named object's selectivity beside the asked one's: if the last token looks more at
+  the named object, the question selected the wrong object (the pairing is lost in the readout); if it looks
+  at the asked object and still names another's value, what it reads there is wrong; if it selects neither,
+  the answer is not read by this position's attention at all.
 Answers come from greedy generation, as in the card (`eval.accuracy`).
 
 Writes attention.csv (question x layer), summary.json, readout.png; prints the summary.
@@ -33,13 +35,10 @@ from sinkscope.eval.accuracy import normalize_answer
 TASKS = ("color", "position")
 
 
-def asked_and_named(scene: world.Scene, task: str, question: str, category: str, answer: str) -> tuple[int, list[int]]:
-    """(index of the asked object, indices of the *other* objects whose colour / position the answer names)."""
-    if task == "color":
-        shape = question.split()[-2]  # "what color is the circle ?"
-        asked = next(k for k, o in enumerate(scene.objects) if o.shape == shape)
-    else:
-        asked = next(k for k, o in enumerate(scene.objects) if o.category == category)
+def asked_and_named(scene: world.Scene, task: str, category: str, answer: str) -> tuple[int, list[int]]:
+    """(index of the asked object, by its category; indices of the *other* objects whose colour / position
+    the answer names)."""
+    asked = next(k for k, o in enumerate(scene.objects) if o.category == category)
     said = normalize_answer(answer)
     value = (lambda o: o.color) if task == "color" else (lambda o: o.position_words)
     named = [k for k, o in enumerate(scene.objects) if k != asked and normalize_answer(value(o)) == said]
@@ -62,6 +61,8 @@ def attention_masses(image_attention: np.ndarray, owner: np.ndarray, asked: int,
     out["named_share"] = out["named"] / objects if objects > 0 and named else np.nan
     out["asked_token_share"] = float(is_asked.sum() / is_object.sum())
     out["named_token_share"] = float(is_named.sum() / is_object.sum()) if named else np.nan
+    out["asked_selectivity"] = out["asked_share"] / out["asked_token_share"]  # 1: no more than uniform
+    out["named_selectivity"] = out["named_share"] / out["named_token_share"] if named else np.nan
     return out
 
 
@@ -70,7 +71,8 @@ def summarize(frame: pd.DataFrame) -> list[dict]:
     rows = []
     for (task, outcome, layer), g in frame.groupby(["task", "outcome", "layer"]):
         row = {"task": task, "outcome": outcome, "layer": int(layer), "n": len(g)}
-        for col in ("asked_share", "named_share", "asked_token_share", "image"):
+        for col in ("asked_share", "named_share", "asked_token_share", "named_token_share", "asked_selectivity",
+                    "named_selectivity", "image"):
             values = g[col].dropna().to_numpy()
             row[col] = float(values.mean()) if len(values) else np.nan
             low, high = stats.bootstrap_ci(values) if len(values) >= 2 else (np.nan, np.nan)
@@ -80,23 +82,26 @@ def summarize(frame: pd.DataFrame) -> list[dict]:
 
 
 def summary_lines(table: pd.DataFrame) -> list[str]:
-    """Per task: the layer where correct answers look most at the asked object, and both outcomes there."""
+    """Per task: the layer where right answers attend most selectively to the asked object, and both
+    outcomes there (selectivity = share of object attention / share of object tokens; 1 = uniform)."""
+    def ci(row, col: str) -> str:
+        return f"{row[col]:.2f} [{row[col + '_low']:.2f}, {row[col + '_high']:.2f}]"
     lines = []
     for task in TASKS:
         t = table[table.task == task]
         right, wrong = t[t.outcome == "correct"], t[t.outcome == "binding error"]
         if right.empty:
             continue
-        best = right.loc[(right.asked_share - right.asked_token_share).idxmax()]
-        line = (f"{task}: at layer {best.layer} (where right answers look most at the asked object) right answers "
-                f"give it {best.asked_share:.2f} [{best.asked_share_low:.2f}, {best.asked_share_high:.2f}] of object "
-                f"attention (its token share {best.asked_token_share:.2f}, n {best.n})")
+        best = right.loc[right.asked_selectivity.idxmax()]
+        line = (f"{task}: at layer {best.layer} (where right answers are most selective) right answers attend to "
+                f"the asked object {ci(best, 'asked_selectivity')} times uniform ({best.asked_share:.2f} of object "
+                f"attention on {best.asked_token_share:.2f} of object tokens, n {best.n})")
         w = wrong[wrong.layer == best.layer]
         if len(w):
             w = w.iloc[0]
-            line += (f"; binding errors give the asked object {w.asked_share:.2f} [{w.asked_share_low:.2f}, "
-                     f"{w.asked_share_high:.2f}] and the named one {w.named_share:.2f} [{w.named_share_low:.2f}, "
-                     f"{w.named_share_high:.2f}] (n {w.n})")
+            line += (f"; binding errors attend to the asked object {ci(w, 'asked_selectivity')} times uniform and to "
+                     f"the object whose value they name {ci(w, 'named_selectivity')} (object-token shares "
+                     f"{w.asked_token_share:.2f} and {w.named_token_share:.2f}, n {w.n})")
         lines.append(line)
     return lines
 
@@ -136,7 +141,7 @@ def main(argv=None) -> None:
             for i, sample in enumerate(chunk):
                 scene = world.scene("test", sample.meta["scene"])
                 answer = answers[start + i]
-                asked, named = asked_and_named(scene, task, sample.question, sample.meta.get("category", ""), answer)
+                asked, named = asked_and_named(scene, task, sample.meta["category"], answer)
                 correct = normalize_answer(answer) == normalize_answer(sample.answer)
                 outcome = "correct" if correct else ("binding error" if named else "other error")
                 positions = visual[i].nonzero().squeeze(-1)

@@ -762,32 +762,30 @@ def dose_response(table: pd.DataFrame, path: Path, metric: str = "attention") ->
 
 
 def readout_shares(table: pd.DataFrame, path: Path) -> str:
-    """Per task, per layer: the asked object's share of the answer position's attention to object tokens, for
-    right answers and binding errors, the named (wrong) object's share, and the asked object's token share.
+    """Per task, per layer: how selectively the answer position attends to the asked object (its share of
+    the attention to object tokens over its share of the object tokens; 1 = uniform), for right answers and
+    binding errors, and to the object whose value a binding error names.
 
-    table: rows of task, outcome, layer, n, asked_share, named_share, asked_token_share (+ _low/_high CIs).
+    table: rows of task, outcome, layer, n, asked_selectivity, named_selectivity (+ _low/_high CIs).
     """
     tasks = list(dict.fromkeys(table.task))
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 3.6), sharey=True, squeeze=False)
-    styles = [("correct", "asked_share", "asked object, right answers", "#2ca02c"),
-              ("binding error", "asked_share", "asked object, binding errors", "#1f77b4"),
-              ("binding error", "named_share", "named (other) object, binding errors", "#d62728")]
+    styles = [("correct", "asked_selectivity", "asked object, right answers", "#2ca02c"),
+              ("binding error", "asked_selectivity", "asked object, binding errors", "#1f77b4"),
+              ("binding error", "named_selectivity", "object the error names, binding errors", "#d62728")]
     for ax, task in zip(axes[0], tasks):
         t = table[table.task == task]
         for outcome, col, label, colour in styles:
             g = t[t.outcome == outcome].sort_values("layer")
             if g.empty:
                 continue
-            n = int(g.n.iloc[0])
-            ax.plot(g.layer, g[col], color=colour, label=f"{label} (n {n})")
+            ax.plot(g.layer, g[col], color=colour, label=f"{label} (n {int(g.n.iloc[0])})")
             ax.fill_between(g.layer, g[col + "_low"], g[col + "_high"], color=colour, alpha=0.2, linewidth=0)
-        right = t[t.outcome == "correct"].sort_values("layer")
-        if not right.empty:
-            ax.plot(right.layer, right.asked_token_share, color="grey", linestyle="--",
-                    label="asked object's share of object tokens (uniform attention)")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="uniform over object tokens")
         ax.set_title(readable(task))
         ax.set_xlabel("layer")
-        ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("share of the answer position's\nattention to object tokens")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes[0][0].set_ylabel("attention to the object per token,\nrelative to uniform over object tokens")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    axes[0][-1].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7,
+                       loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(fig, path)

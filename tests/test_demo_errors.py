@@ -67,7 +67,8 @@ def test_summary_rates_count_the_planted_errors():
     conj = f"{a.color} {b.shape}"
     other_shape = next(sh for sh in world.SHAPES if sh not in {o.shape for o in s.objects})
     plain = f"{unused} {other_shape}"
-    rows = [("color", a.color, a.color, ""), ("color", a.color, b.color, ""), ("color", a.color, unused, ""),
+    rows = [("color", a.color, a.color, a.category), ("color", a.color, b.color, a.category),
+            ("color", a.color, unused, a.category),
             ("pope-adversarial", "no", "Yes", conj), ("pope-adversarial", "no", "no", plain)]
     frame = pd.DataFrame([{"task": t, "scene": s.index, "category": c, "question": "", "truth": truth, "answer": ans,
                            "n_objects": 2} for t, truth, ans, c in rows])
@@ -76,6 +77,9 @@ def test_summary_rates_count_the_planted_errors():
     assert colour["accuracy"]["rate"] == pytest.approx(1 / 3) and colour["accuracy"]["n"] == 3
     assert colour["accuracy, 1 object"]["n"] == 0 and colour["accuracy, 2-4 objects"]["n"] == 3
     assert colour["wrong answers naming another object's"]["rate"] == pytest.approx(0.5)
+    small_beside_large = a.size == "small" and b.size == "large"
+    assert colour["accuracy, asked object small beside a large one"]["n"] == 3 * small_beside_large
+    assert colour["accuracy, other 2-4 object scenes"]["n"] == 3 * (not small_beside_large)
     pope = summary["pope-adversarial"]
     assert pope["said yes, conjunction"]["rate"] == 1.0 and pope["said yes, not a conjunction"]["rate"] == 0.0
     assert pope["false yes that are conjunctions"]["rate"] == 1.0

@@ -28,10 +28,10 @@ def _two_object_scene() -> world.Scene:
 def test_the_asked_and_the_named_object_come_from_the_scene():
     s = _two_object_scene()
     a, b = s.objects
-    assert readout.asked_and_named(s, "color", f"what color is the {a.shape} ?", "", a.color) == (0, [])
-    assert readout.asked_and_named(s, "color", f"what color is the {a.shape} ?", "", b.color) == (0, [1])
-    assert readout.asked_and_named(s, "position", "where is the x ?", b.category, a.position_words) == (1, [0])
-    assert readout.asked_and_named(s, "color", f"what color is the {b.shape} ?", "", "chartreuse") == (1, [])
+    assert readout.asked_and_named(s, "color", a.category, a.color) == (0, [])
+    assert readout.asked_and_named(s, "color", a.category, b.color) == (0, [1])
+    assert readout.asked_and_named(s, "position", b.category, a.position_words) == (1, [0])
+    assert readout.asked_and_named(s, "color", b.category, "chartreuse") == (1, [])
 
 
 def test_planted_attention_is_split_by_patch_owner():
@@ -46,9 +46,12 @@ def test_planted_attention_is_split_by_patch_owner():
     assert np.isclose(m["other_objects"], 0.0) and np.isclose(m["image"], 0.6)
     assert np.isclose(m["asked_share"], 0.25) and np.isclose(m["named_share"], 0.75)
     assert np.isclose(m["asked_token_share"], (owner == 0).sum() / (owner >= 0).sum())
+    assert np.isclose(m["asked_selectivity"], 0.25 / m["asked_token_share"])
+    assert np.isclose(m["named_selectivity"], 0.75 / m["named_token_share"])
     # uniform attention over the image gives each object its token share
     uniform = readout.attention_masses(np.full(owner.size, 1 / owner.size), owner, asked=0, named=[])
     assert np.isclose(uniform["asked_share"], uniform["asked_token_share"]) and np.isnan(uniform["named_share"])
+    assert np.isclose(uniform["asked_selectivity"], 1.0)
 
 
 def test_the_summary_reports_the_most_selective_layer_of_right_answers():
@@ -56,10 +59,14 @@ def test_the_summary_reports_the_most_selective_layer_of_right_answers():
     for layer, share in enumerate([0.3, 0.9, 0.4]):
         for k in range(4):
             rows.append({"task": "position", "outcome": "correct", "layer": layer, "asked_share": share,
-                         "named_share": np.nan, "asked_token_share": 0.3, "image": 0.5})
+                         "named_share": np.nan, "asked_token_share": 0.3, "named_token_share": np.nan,
+                         "asked_selectivity": share / 0.3, "named_selectivity": np.nan, "image": 0.5})
             rows.append({"task": "position", "outcome": "binding error", "layer": layer, "asked_share": 0.2,
-                         "named_share": 0.7, "asked_token_share": 0.3, "image": 0.5})
+                         "named_share": 0.7, "asked_token_share": 0.4, "named_token_share": 0.35,
+                         "asked_selectivity": 0.5, "named_selectivity": 2.0, "image": 0.5})
     table = pd.DataFrame(readout.summarize(pd.DataFrame(rows)))
     lines = readout.summary_lines(table)
     assert len(lines) == 1 and lines[0].startswith("position: at layer 1 ")
-    assert "give it 0.90 [0.90, 0.90]" in lines[0] and "named one 0.70" in lines[0] and "(n 4)" in lines[0]
+    assert "asked object 3.00 [3.00, 3.00] times uniform" in lines[0] and "(0.90 of object attention" in lines[0]
+    assert "asked object 0.50 [0.50, 0.50] times uniform" in lines[0] and "name 2.00 [2.00, 2.00]" in lines[0]
+    assert lines[0].endswith("0.40 and 0.35, n 4)")
