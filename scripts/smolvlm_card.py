@@ -99,7 +99,8 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
     phi_scan_dir: the same scan with the paper's phi, for the phi-by-role view and its tau.
     extras: measured elsewhere, shown as given: `training` (command, wall time, machine), `image_use`
     (analyses/demo_image_use.py summary), `heldout` (accuracy table on unseen test scenes, as records),
-    `variants` (the pre-registered emergence runs, as records), `errors` (analyses/demo_errors.py summary)."""
+    `variants` (the pre-registered emergence runs, as records), `errors` (analyses/demo_errors.py summary),
+    `readout` (analyses/demo_readout.py summary; its `figure`, a path, is copied beside the card as readout.png)."""
     from sinkscope import plots
 
     assets, scan_dir = Path(assets), Path(scan_dir)
@@ -116,6 +117,9 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         phi_view = {"tau": phi_run.get("tau"), "per_role": per_role.to_dict("records")}
         if (Path(phi_scan_dir) / "phi_by_role.png").exists():
             shutil.copy(Path(phi_scan_dir) / "phi_by_role.png", assets / "phi_by_role.png")
+    readout_figure = ((extras or {}).get("readout") or {}).get("figure")
+    if readout_figure:
+        shutil.copy(readout_figure, assets / "readout.png")
     text_sinks = pd.read_csv(scan_dir / "text_sink_tokens.csv") if (scan_dir / "text_sink_tokens.csv").exists() else None
     card = {
         "kind": "demo", "planted": False, "architecture": describe,
@@ -212,6 +216,14 @@ def _extra_sections(card: dict) -> list[str]:
         out += ["## What its errors are\n", card.get("errors_text", "") + "\n",
                 "".join(f"- {line}\n" for line in errors["lines"]),
                 "(`python analyses/demo_errors.py`; rates with 95% bootstrap CIs and n)\n"]
+    readout = card.get("readout")
+    if readout:
+        out += ["## Where the answer position looks\n", card.get("readout_text", "") + "\n",
+                "".join(f"- {line}\n" for line in readout["lines"]),
+                "(`python analyses/demo_readout.py`; heads averaged, 95% bootstrap CIs and n)\n"]
+        if readout.get("figure"):
+            out.append("![attention of the answer position to the asked object and to the object a wrong answer "
+                       "names, per layer](readout.png)\n")
     held = card.get("heldout")
     if held:
         out += ["## Held-out check\n", card.get("heldout_text", "") + "\n", markdown_table(pd.DataFrame(held))]

@@ -29,3 +29,14 @@ def test_the_error_analysis_appears_in_the_card_as_measured():
     assert "## What its errors are" in text and "All are binding errors." in text
     assert all(f"- {line}\n" in text for line in lines)
     assert "What its errors are" not in "".join(_extra_sections({}))  # not measured: no section
+
+
+def test_the_readout_appears_in_the_card_with_its_figure(tmp_path):
+    from scripts.smolvlm_card import _extra_sections
+
+    lines = ["position: at layer 22 right answers attend to the asked object 2.28 [2.05, 2.52] times uniform"]
+    text = "".join(_extra_sections({"readout": {"lines": lines, "figure": "x/readout.png"}, "readout_text": "Selects."}))
+    assert "## Where the answer position looks" in text and "Selects." in text and f"- {lines[0]}\n" in text
+    assert "(readout.png)" in text
+    assert "readout.png" not in "".join(_extra_sections({"readout": {"lines": lines}}))  # no figure given: none shown
+    assert "Where the answer" not in "".join(_extra_sections({}))
