@@ -220,7 +220,7 @@ def _extra_sections(card: dict) -> list[str]:
     if readout:
         out += ["## Where the answer position looks\n", card.get("readout_text", "") + "\n",
                 "".join(f"- {line}\n" for line in readout["lines"]),
-                "(`python analyses/demo_readout.py`; heads averaged, 95% bootstrap CIs and n)\n"]
+                "(`python analyses/demo_readout.py` and `python analyses/demo_readout_knockout.py`; 95% bootstrap CIs and n)\n"]
         if readout.get("figure"):
             out.append("![attention of the answer position to the asked object and to the object a wrong answer "
                        "names, per layer](readout.png)\n")
