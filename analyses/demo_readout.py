@@ -16,7 +16,10 @@ averaged; patches assigned by the world's exact `Scene.patch_owner`). On scenes 
   the answer is not read by this position's attention at all.
 Answers come from greedy generation, as in the card (`eval.accuracy`).
 
-Writes attention.csv (question x layer), summary.json, readout.png; prints the summary.
+Per head as well (head_selectivity.csv): the heads whose right answers single out the asked object most, since
+an average over heads can hide a few selective ones.
+
+Writes attention.csv (question x layer), head_selectivity.csv, summary.json, readout.png; prints the summary.
 """
 
 from __future__ import annotations
@@ -64,6 +67,33 @@ def attention_masses(image_attention: np.ndarray, owner: np.ndarray, asked: int,
     out["asked_selectivity"] = out["asked_share"] / out["asked_token_share"]  # 1: no more than uniform
     out["named_selectivity"] = out["named_share"] / out["named_token_share"] if named else np.nan
     return out
+
+
+def head_selectivity(head_attention: np.ndarray, owner: np.ndarray, asked: int) -> np.ndarray:
+    """[heads] asked-object selectivity per head (share of the head's object attention on the asked object over
+    the asked object's share of object tokens). head_attention: [heads, image tokens]; owner: [image tokens]."""
+    is_object = owner >= 0
+    objects = head_attention[:, is_object].sum(-1)
+    share = np.divide(head_attention[:, owner == asked].sum(-1), objects, out=np.full(len(objects), np.nan),
+                      where=objects > 0)
+    return share / ((owner == asked).sum() / is_object.sum())
+
+
+def top_heads(frame: pd.DataFrame, k: int = 3) -> list[str]:
+    """Per task, the k (layer, head) pairs whose right answers attend most selectively to the asked object, with
+    the same heads' selectivity in binding errors. frame: rows of task, outcome, layer, head, asked_selectivity."""
+    lines = []
+    means = frame.groupby(["task", "outcome", "layer", "head"]).asked_selectivity.mean()
+    for task in TASKS:
+        if (task, "correct") not in means.index.droplevel([2, 3]):
+            continue
+        best = means.loc[(task, "correct")].sort_values(ascending=False).head(k)
+        parts = []
+        for (layer, head), value in best.items():
+            err = means.get((task, "binding error", layer, head), np.nan)
+            parts.append(f"L{layer}.H{head} {value:.2f} (binding errors {err:.2f})")
+        lines.append(f"{task}, most selective heads for right answers (times uniform): " + ", ".join(parts))
+    return lines
 
 
 def summarize(frame: pd.DataFrame) -> list[dict]:
@@ -127,7 +157,7 @@ def main(argv=None) -> None:
     adapter = adapter_for_model(model, processor, "demo")
     adapter.set_text_attention("eager")
     tracer = Tracer(adapter)
-    records = []
+    records, head_records = [], []
     for task in TASKS:
         samples = [s for s in load_samples(f"demo:{task}", args.n)
                    if len(world.scene("test", s.meta["scene"]).objects) > 1]
@@ -146,7 +176,11 @@ def main(argv=None) -> None:
                 outcome = "correct" if correct else ("binding error" if named else "other error")
                 positions = visual[i].nonzero().squeeze(-1)
                 for layer, pattern in sorted(cache.attention.items()):
-                    image_attention = pattern[i, :, -1, positions].float().mean(0).numpy()  # left padding: -1 is last
+                    per_head = pattern[i, :, -1, positions].float().numpy()  # [heads, image]; left padding: -1 is last
+                    image_attention = per_head.mean(0)
+                    for head, value in enumerate(head_selectivity(per_head, scene.patch_owner.reshape(-1), asked)):
+                        head_records.append({"task": task, "outcome": outcome, "layer": layer, "head": head,
+                                             "asked_selectivity": float(value)})
                     records.append({"task": task, "scene": sample.meta["scene"], "question": sample.question,
                                     "answer": answer.strip(), "truth": sample.answer, "outcome": outcome,
                                     "n_objects": len(scene.objects), "layer": layer,
@@ -158,7 +192,10 @@ def main(argv=None) -> None:
     frame.to_csv(out / "attention.csv", index=False)
     table = pd.DataFrame(summarize(frame))
     table.to_csv(out / "summary.csv", index=False)
-    lines = summary_lines(table)
+    heads = pd.DataFrame(head_records)
+    heads.groupby(["task", "outcome", "layer", "head"]).asked_selectivity.agg(["mean", "count"]).reset_index().to_csv(
+        out / "head_selectivity.csv", index=False)
+    lines = summary_lines(table) + top_heads(heads)
     counts = frame[frame.layer == frame.layer.min()].groupby(["task", "outcome"]).size().to_dict()
     (out / "summary.json").write_text(json.dumps({"assets": str(args.assets), "lines": lines,
                                                   "questions": {f"{k[0]} {k[1]}": int(v) for k, v in counts.items()}},

@@ -70,3 +70,17 @@ def test_the_summary_reports_the_most_selective_layer_of_right_answers():
     assert "asked object 3.00 [3.00, 3.00] times uniform" in lines[0] and "(0.90 of object attention" in lines[0]
     assert "asked object 0.50 [0.50, 0.50] times uniform" in lines[0] and "name 2.00 [2.00, 2.00]" in lines[0]
     assert lines[0].endswith("0.40 and 0.35, n 4)")
+
+
+def test_per_head_selectivity_finds_the_one_selective_head():
+    s = _two_object_scene()
+    owner = s.patch_owner.reshape(-1)
+    heads = np.full((3, owner.size), 1 / owner.size)  # heads 0 and 2 uniform
+    heads[1] = np.where(owner == 0, 1.0, 0.0) / (owner == 0).sum()  # head 1 looks only at object 0
+    selectivity = readout.head_selectivity(heads, owner, asked=0)
+    token_share = (owner == 0).sum() / (owner >= 0).sum()
+    assert np.allclose(selectivity, [1.0, 1 / token_share, 1.0])
+    rows = [{"task": "color", "outcome": o, "layer": 4, "head": h, "asked_selectivity": v}
+            for o in ("correct", "binding error") for h, v in enumerate(selectivity)]
+    line = readout.top_heads(pd.DataFrame(rows), k=1)[0]
+    assert line.startswith(f"color, most selective heads for right answers (times uniform): L4.H1 {1 / token_share:.2f}")
