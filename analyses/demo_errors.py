@@ -41,8 +41,7 @@ def classify_answer(scene: world.Scene, task: str, truth: str, answer: str) -> s
     said = normalize_answer(answer)
     if said == normalize_answer(truth):
         return "correct"
-    values = {o.color if task == "color" else o.position_words for o in scene.objects}
-    return "other object" if said in {normalize_answer(v) for v in values} else "absent"
+    return "other object" if scene.objects_answering(task, said) else "absent"
 
 
 def caption_hallucinations(scene: world.Scene, caption: str) -> list[dict]:
@@ -59,7 +58,7 @@ def conjunction_chance(scene: world.Scene) -> float:
 
 def _small_beside_large(scene: world.Scene, category: str) -> bool:
     """True when the asked object (by category) is small and another object in the scene is large."""
-    asked = next(o for o in scene.objects if o.category == category)
+    asked = scene.objects[scene.index_of(category)]
     return asked.size == "small" and any(o.size == "large" for o in scene.objects if o is not asked)
 
 

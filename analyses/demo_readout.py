@@ -41,11 +41,8 @@ TASKS = ("color", "position")
 def asked_and_named(scene: world.Scene, task: str, category: str, answer: str) -> tuple[int, list[int]]:
     """(index of the asked object, by its category; indices of the *other* objects whose colour / position
     the answer names)."""
-    asked = next(k for k, o in enumerate(scene.objects) if o.category == category)
-    said = normalize_answer(answer)
-    value = (lambda o: o.color) if task == "color" else (lambda o: o.position_words)
-    named = [k for k, o in enumerate(scene.objects) if k != asked and normalize_answer(value(o)) == said]
-    return asked, named
+    asked = scene.index_of(category)
+    return asked, [k for k in scene.objects_answering(task, normalize_answer(answer)) if k != asked]
 
 
 def attention_masses(image_attention: np.ndarray, owner: np.ndarray, asked: int, named: list[int]) -> dict:

@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     import torch
 
     from sinkscope.eval.accuracy import generate_answers
-    from sinkscope.eval.tasks import _demo_samples
+    from sinkscope.eval.tasks import load_samples
     from sinkscope.interventions.knockout import knockout
     from sinkscope.models.embedded import smolvlm
     from sinkscope.models.registry import adapter_for_model
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(args.seed)
     records = []
     for task in TASKS:
-        samples = [s for s in _demo_samples(task, args.n, start=args.start)
+        samples = [s for s in load_samples(f"demo:{task}", args.n, start=args.start)
                    if len(world.scene("test", s.meta["scene"]).objects) > 1]
         for start in range(0, len(samples), args.batch_size):
             chunk = samples[start:start + args.batch_size]
@@ -123,8 +123,7 @@ def main(argv=None) -> None:
             masks = {"asked": torch.zeros_like(visual), "control": torch.zeros_like(visual)}
             for i, s in enumerate(chunk):
                 scene = world.scene("test", s.meta["scene"])
-                asked = next(k for k, o in enumerate(scene.objects) if o.category == s.meta["category"])
-                asked_mask, control = object_keys(scene.patch_owner.reshape(-1), asked, rng)
+                asked_mask, control = object_keys(scene.patch_owner.reshape(-1), scene.index_of(s.meta["category"]), rng)
                 positions = visual[i].nonzero().squeeze(-1)
                 masks["asked"][i, positions] = torch.from_numpy(asked_mask)
                 masks["control"][i, positions] = torch.from_numpy(control)
@@ -141,13 +140,11 @@ def main(argv=None) -> None:
                     with knockout(adapter, spec[0], query_mask=answer_position, layers=spec[1]):
                         answers = generate_answers(adapter, chunk, max_new_tokens=4, batch_size=len(chunk))
                 for s, answer in zip(chunk, answers):
-                    scene = world.scene("test", s.meta["scene"])
-                    value = (lambda o: o.color) if task == "color" else (lambda o: o.position_words)
                     said = normalize_answer(answer)
+                    correct = said == normalize_answer(s.answer)
+                    named = world.scene("test", s.meta["scene"]).objects_answering(task, said)
                     records.append({"task": task, "condition": condition, "key": s.sample_id, "answer": answer.strip(),
-                                    "truth": s.answer, "correct": said == normalize_answer(s.answer),
-                                    "other_object": said != normalize_answer(s.answer) and said in {
-                                        normalize_answer(value(o)) for o in scene.objects}})
+                                    "truth": s.answer, "correct": correct, "other_object": not correct and bool(named)})
         print(f"{task}: {len(samples)} questions", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -117,9 +117,10 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         phi_view = {"tau": phi_run.get("tau"), "per_role": per_role.to_dict("records")}
         if (Path(phi_scan_dir) / "phi_by_role.png").exists():
             shutil.copy(Path(phi_scan_dir) / "phi_by_role.png", assets / "phi_by_role.png")
-    readout_figure = ((extras or {}).get("readout") or {}).get("figure")
-    if readout_figure:
-        shutil.copy(readout_figure, assets / "readout.png")
+    readout = (extras or {}).get("readout")
+    if readout and readout.get("figure"):  # the card names the copy beside it, not the run folder it came from
+        shutil.copy(readout["figure"], assets / "readout.png")
+        extras = {**extras, "readout": {**readout, "figure": "readout.png"}}
     text_sinks = pd.read_csv(scan_dir / "text_sink_tokens.csv") if (scan_dir / "text_sink_tokens.csv").exists() else None
     card = {
         "kind": "demo", "planted": False, "architecture": describe,

@@ -122,3 +122,12 @@ def test_image_that_fails_only_when_decoded_is_skipped_at_run_time(tmp_path, mon
     assert meta["n_samples"] == 3
     assert sorted((run / "samples_done.txt").read_text().split()) == sorted(GOOD)
     assert "## Skipped samples" in (run / "index.md").read_text()
+
+
+def test_demo_samples_start_where_asked_and_a_start_for_a_file_is_refused(tmp_path):
+    later = load_samples("demo:position", 5, start=200)
+    assert [s.meta["scene"] for s in later] == list(range(200, 205))
+    assert load_samples("demo:position", 5)[0].meta["scene"] == 0
+    (tmp_path / "q.jsonl").write_text("")
+    with pytest.raises(SinkscopeError, match="demo data only"):
+        load_samples(str(tmp_path / "q.jsonl"), 5, start=3)

@@ -343,3 +343,15 @@ def test_patch_owner_is_the_object_whose_paint_covers_the_patch():
         assert set(np.unique(s.patch_owner[owned])) == set(range(len(s.objects)))  # every object owns a patch
         checked += 1
     assert checked > 10
+
+
+def test_objects_are_found_by_category_and_by_the_value_an_answer_names():
+    for i in range(40):
+        s = world.scene("test", i)
+        for k, o in enumerate(s.objects):
+            assert s.index_of(o.category) == k
+            assert k in s.objects_answering("color", o.color) and k in s.objects_answering("position", o.position_words)
+        assert s.objects_answering("color", "chartreuse") == []
+        absent = next(c for c in world.all_categories() if c not in s.categories)
+        with pytest.raises(ValueError, match="no '"):
+            s.index_of(absent)

@@ -158,14 +158,17 @@ def _jsonl_samples(path: Path, image_root: Path | None) -> list[Sample]:
 
 
 def load_samples(spec: str = "demo", limit: int | None = None, question: str = "describe the image .",
-                 image_root: str | None = None) -> list[Sample]:
-    """Samples for a data spec (see module docstring); `limit` keeps the first N."""
+                 image_root: str | None = None, start: int = 0) -> list[Sample]:
+    """Samples for a data spec (see module docstring); `limit` keeps the first N; `start`: the first demo
+    scene (demo specs only)."""
     n = limit if limit is not None else 64
     if limit is not None and limit <= 0:
         raise SinkscopeError(f"--limit must be positive, got {limit}")
     if spec == "demo" or spec.startswith("demo:"):
         task = spec.split(":", 1)[1] if ":" in spec else "mixed"
-        return _demo_samples(task, n)
+        return _demo_samples(task, n, start)
+    if start:
+        raise SinkscopeError(f"start = {start} applies to demo data only; for {spec!r} select samples in the file")
     path = Path(spec).expanduser()
     if not path.exists():
         raise SinkscopeError(

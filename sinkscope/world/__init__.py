@@ -94,6 +94,18 @@ class Scene:
         """[patches_h * patches_w] bool, row-major: the order of image tokens."""
         return ~self.patch_object_mask.reshape(-1)
 
+    def index_of(self, category: str) -> int:
+        """Index in `objects` of the object of this category (categories are unique within a scene)."""
+        for k, o in enumerate(self.objects):
+            if o.category == category:
+                return k
+        raise ValueError(f"no {category!r} in scene {self.split}/{self.index}: it holds {sorted(self.categories)}")
+
+    def objects_answering(self, task: str, said: str) -> list[int]:
+        """Indices of the objects whose colour (task "color") or position words ("position") equal `said`
+        (lower case, single spaces: the form `eval.accuracy.normalize_answer` gives)."""
+        return [k for k, o in enumerate(self.objects) if (o.color if task == "color" else o.position_words) == said]
+
     def pil(self):
         from PIL import Image
 
