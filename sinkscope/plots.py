@@ -775,17 +775,19 @@ def readout_shares(table: pd.DataFrame, path: Path) -> str:
               ("binding error", "named_selectivity", "object the error names, binding errors", "#d62728")]
     for ax, task in zip(axes[0], tasks):
         t = table[table.task == task]
+        counts = t.groupby("outcome").n.first()
         for outcome, col, label, colour in styles:
             g = t[t.outcome == outcome].sort_values("layer")
             if g.empty:
                 continue
-            ax.plot(g.layer, g[col], color=colour, label=f"{label} (n {int(g.n.iloc[0])})")
+            ax.plot(g.layer, g[col], color=colour, label=label)
             ax.fill_between(g.layer, g[col + "_low"], g[col + "_high"], color=colour, alpha=0.2, linewidth=0)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="uniform over object tokens")
-        ax.set_title(readable(task))
+        ax.set_title(f"{readable(task)} (right answers n {int(counts.get('correct', 0))}, "
+                     f"binding errors n {int(counts.get('binding error', 0))})", fontsize=10)
         ax.set_xlabel("layer")
-    axes[0][0].set_ylabel("attention to the object per token,\nrelative to uniform over object tokens")
+    axes[0][0].set_ylabel("answer position's attention to the object\nper token, relative to uniform (heads averaged)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     axes[0][-1].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7,
-                       loc="upper left", bbox_to_anchor=(1.02, 1))
+                       loc="upper left", bbox_to_anchor=(1.02, 1), title="shaded: 95% bootstrap CI", title_fontsize=7)
     return _save(fig, path)
