@@ -68,6 +68,48 @@ def test_a_share_out_of_range_is_refused_with_the_fix():
         RecipeConfig(conjunction_share=1.5)
 
 
+def test_owner_shapes_label_each_object_patch_with_its_owners_shape():
+    """The vision stage's 'objects' shape labels, against a literal loop over the patches of the scene."""
+    from scripts.train_smolvlm import owner_shapes
+
+    n_background = n_object = 0
+    for i in range(30):
+        s = world.scene("train", i)
+        labels = owner_shapes(s)
+        for patch, owner in enumerate(s.patch_owner.reshape(-1)):
+            expected = 0 if owner < 0 else world.SHAPES.index(s.objects[owner].shape) + 1
+            assert labels[patch] == expected
+            n_background += owner < 0
+            n_object += owner >= 0
+    assert n_background and n_object
+
+
+def test_the_objects_shape_loss_ignores_background_patches():
+    """shape_loss "objects": cross-entropy over object patches only (a loop oracle), untouched by any logit on a
+    background patch; "all" stays the cross-entropy over every patch against the cell-centre labels."""
+    from scripts.train_smolvlm import VisionHeads, vision_batch
+
+    torch.manual_seed(0)
+    batch = vision_batch("train", [0, 1, 2, 3])
+    shape_logits = torch.randn(4, 64, 1 + len(world.SHAPES))
+    objects = VisionHeads(8, "objects")
+    loss = objects._shape_term(shape_logits, batch)
+    terms = [torch.nn.functional.cross_entropy(shape_logits[b, p][None], batch["owner_shape"][b, p][None])
+             for b in range(4) for p in range(64) if batch["owner_shape"][b, p] > 0]
+    assert terms and torch.allclose(loss, torch.stack(terms).mean())
+    moved = shape_logits.clone()
+    moved[batch["owner_shape"] == 0] = torch.randn_like(moved[batch["owner_shape"] == 0]) * 10
+    assert torch.equal(objects._shape_term(moved, batch), loss)
+    everything = VisionHeads(8, "all")._shape_term(shape_logits, batch)
+    assert torch.allclose(everything, torch.nn.functional.cross_entropy(shape_logits.flatten(0, 1),
+                                                                        batch["shape"].flatten()))
+
+
+def test_an_unknown_shape_loss_is_refused_with_the_choices():
+    with pytest.raises(SinkscopeError, match="all, objects"):
+        RecipeConfig(shape_loss="edges")
+
+
 @pytest.mark.skipif(importlib.util.find_spec(smollm.PACKAGE) is None, reason=f"{smollm.PACKAGE_SPEC} is not installed")
 def test_a_packed_question_equals_its_inference_prompt():
     from sinkscope.models.embedded import smolvlm
