@@ -100,7 +100,8 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
     extras: measured elsewhere, shown as given: `training` (command, wall time, machine), `image_use`
     (analyses/demo_image_use.py summary), `heldout` (accuracy table on unseen test scenes, as records),
     `variants` (the pre-registered emergence runs, as records), `errors` (analyses/demo_errors.py summary),
-    `readout` (analyses/demo_readout.py summary; its `figure`, a path, is copied beside the card as readout.png)."""
+    `readout` (analyses/demo_readout.py summary), `probe` (analyses/demo_probe.py summary); their `figure`, a path,
+    is copied beside the card as readout.png / probes.png."""
     from sinkscope import plots
 
     assets, scan_dir = Path(assets), Path(scan_dir)
@@ -117,10 +118,11 @@ def write_card(assets: Path, accuracy: pd.DataFrame, scan_dir: Path, train_dir: 
         phi_view = {"tau": phi_run.get("tau"), "per_role": per_role.to_dict("records")}
         if (Path(phi_scan_dir) / "phi_by_role.png").exists():
             shutil.copy(Path(phi_scan_dir) / "phi_by_role.png", assets / "phi_by_role.png")
-    readout = (extras or {}).get("readout")
-    if readout and readout.get("figure"):  # the card names the copy beside it, not the run folder it came from
-        shutil.copy(readout["figure"], assets / "readout.png")
-        extras = {**extras, "readout": {**readout, "figure": "readout.png"}}
+    for key, name in (("readout", "readout.png"), ("probe", "probes.png")):
+        section = (extras or {}).get(key)
+        if section and section.get("figure"):  # the card names the copy beside it, not the run folder it came from
+            shutil.copy(section["figure"], assets / name)
+            extras = {**extras, key: {**section, "figure": name}}
     text_sinks = pd.read_csv(scan_dir / "text_sink_tokens.csv") if (scan_dir / "text_sink_tokens.csv").exists() else None
     card = {
         "kind": "demo", "planted": False, "architecture": describe,
@@ -225,6 +227,15 @@ def _extra_sections(card: dict) -> list[str]:
         if readout.get("figure"):
             out.append("![attention of the answer position to the asked object and to the object a wrong answer "
                        "names, per layer](readout.png)\n")
+    probe = card.get("probe")
+    if probe:
+        out += ["## What its image tokens carry\n", card.get("probe_text", "") + "\n",
+                "".join(f"- {line}\n" for line in probe["lines"]),
+                "(`python analyses/demo_probe.py`: multinomial logistic regression, fitted and scored on disjoint "
+                "test scenes)\n"]
+        if probe.get("figure"):
+            out.append("![linear-probe accuracy of each object patch's shape and colour, from the vision features "
+                       "to the LLM's last layer](probes.png)\n")
     held = card.get("heldout")
     if held:
         out += ["## Held-out check\n", card.get("heldout_text", "") + "\n", markdown_table(pd.DataFrame(held))]

@@ -791,3 +791,29 @@ def readout_shares(table: pd.DataFrame, path: Path) -> str:
     axes[0][-1].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7,
                        loc="upper left", bbox_to_anchor=(1.02, 1), title="shaded: 95% bootstrap CI", title_fontsize=7)
     return _save(fig, path)
+
+
+def probe_accuracies(table: pd.DataFrame, path: Path) -> str:
+    """Linear-probe accuracy of each object patch's shape and colour, from the vision features to the LLM's
+    last layer; solid: all object patches, dashed: small objects in multi-object scenes, dotted: the majority
+    class rate.
+
+    table: rows of site ("vision" | "layer L"), target, subset, accuracy, n, majority (`analyses/demo_probe.py`).
+    """
+    sites = list(dict.fromkeys(table.site))
+    x = np.arange(len(sites))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colours = {"shape": "#9467bd", "colour": "#ff7f0e"}
+    for target, colour in colours.items():
+        for subset, style in (("all", "-"), ("small object, multi-object scene", "--")):
+            g = table[(table.target == target) & (table.subset == subset)].set_index("site").loc[sites]
+            ax.plot(x, g.accuracy, style, color=colour, marker="o", markersize=3,
+                    label=f"{target}, {'all object patches' if subset == 'all' else subset} (n {int(g.n.iloc[0])})")
+        base = table[(table.target == target) & (table.subset == "all")].majority.iloc[0]
+        ax.axhline(base, color=colour, linestyle=":", linewidth=1, label=f"{target}, majority class")
+    ax.set_xticks(x, ["vision\nfeatures" if s == "vision" else s.replace("layer ", "L") for s in sites], fontsize=8)
+    ax.set_xlabel("where the image tokens are read (L0: the LLM's input, after the projector)")
+    ax.set_ylabel("held-out probe accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, path)

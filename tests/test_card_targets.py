@@ -40,3 +40,14 @@ def test_the_readout_appears_in_the_card_with_its_figure(tmp_path):
     assert "(readout.png)" in text
     assert "readout.png" not in "".join(_extra_sections({"readout": {"lines": lines}}))  # no figure given: none shown
     assert "Where the answer" not in "".join(_extra_sections({}))
+
+
+def test_the_probe_appears_in_the_card_with_its_figure():
+    from scripts.smolvlm_card import _extra_sections
+
+    lines = ["owner's shape read linearly from the image tokens: vision features 0.977, LLM input 0.95"]
+    text = "".join(_extra_sections({"probe": {"lines": lines, "figure": "probes.png"}, "probe_text": "Carries."}))
+    assert "## What its image tokens carry" in text and "Carries." in text and f"- {lines[0]}\n" in text
+    assert "(probes.png)" in text
+    assert "probes.png" not in "".join(_extra_sections({"probe": {"lines": lines}}))
+    assert "image tokens carry" not in "".join(_extra_sections({}))
