@@ -181,7 +181,9 @@ class VisionHeads(torch.nn.Module):
 
     shape_loss "all": every patch's shape class by the cell-centre rule (`patch_labels`), background 0;
     "objects": only the object patches, each labelled with its owner's shape (`owner_shapes`), so that the
-    background (about three quarters of the patches) no longer dilutes the shape signal.
+    background (about three quarters of the patches) no longer dilutes the shape signal. Logged accuracies:
+    `shape_acc` over every patch against the cell-centre labels (meaningful for "all" only: an "objects" head
+    never learns the background class), `shape_acc_objects` over object patches against the owner's shape.
     """
 
     def __init__(self, hidden: int, shape_loss: str = "all"):
