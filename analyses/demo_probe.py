@@ -112,7 +112,7 @@ def _features(model, adapter, start: int, n: int, layers: list[int], batch_size:
         visual = adapter.token_kinds(batch["input_ids"]).visual_mask
         for i, sample in enumerate(chunk):
             frame = object_patch_targets(world.scene("test", sample.meta["scene"]))
-            keep = torch.from_numpy(frame.patch.to_numpy())
+            keep = torch.tensor(frame.patch.to_numpy(), dtype=torch.long)  # a copy: pandas hands out read-only arrays
             positions = visual[i].nonzero().squeeze(-1)[keep]
             sites["vision"].append(patches[i, keep].float().numpy())
             for l in layers:
