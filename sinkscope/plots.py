@@ -802,7 +802,7 @@ def probe_accuracies(table: pd.DataFrame, path: Path) -> str:
     """
     sites = list(dict.fromkeys(table.site))
     x = np.arange(len(sites))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colours = {"shape": "#9467bd", "colour": "#ff7f0e"}
     for target, colour in colours.items():
         for subset, style in (("all", "-"), ("small object, multi-object scene", "--")):
@@ -815,5 +815,5 @@ def probe_accuracies(table: pd.DataFrame, path: Path) -> str:
     ax.set_xlabel("where the image tokens are read (L0: the LLM's input, after the projector)")
     ax.set_ylabel("held-out probe accuracy")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)  # below: the axes keep the width
     return _save(fig, path)
