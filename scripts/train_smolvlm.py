@@ -65,6 +65,7 @@ class Stage:
 
 
 SHAPE_LOSSES = ("all", "objects")  # see VisionHeads
+POSITION_LOSSES = ("none", "objects")  # see VisionHeads
 
 
 @dataclass
@@ -88,6 +89,7 @@ class RecipeConfig:
     caption_probability: float = 0.25  # share of scenes whose questions include a caption
     conjunction_share: float = 0.0  # share of existence negatives that are binding negatives (smolvlm_data)
     shape_loss: str = "all"  # vision stage: "all" patches, cell-centre labels | "objects": object patches only, owner's shape
+    position_loss: str = "none"  # vision stage: "none" | "objects": each object patch classifies its owner's grid cell
     metric_scenes: int = 12  # validation scenes for the POPE metric (emergence uses at most 8)
     vision_from: str | None = None  # a trained model folder whose vision tower starts the run (skip "vision")
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
@@ -100,6 +102,9 @@ class RecipeConfig:
                 raise SinkscopeError(f"{name} = {getattr(self, name)} is out of range: give a share between 0 and 1")
         if self.shape_loss not in SHAPE_LOSSES:
             raise SinkscopeError(f"shape_loss = {self.shape_loss!r} is unknown: give one of {', '.join(SHAPE_LOSSES)}")
+        if self.position_loss not in POSITION_LOSSES:
+            raise SinkscopeError(f"position_loss = {self.position_loss!r} is unknown: "
+                                 f"give one of {', '.join(POSITION_LOSSES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +161,14 @@ def owner_shapes(s: world.Scene) -> np.ndarray:
     return shapes[owner]  # owner -1 (background) picks the trailing 0
 
 
+def owner_cells(s: world.Scene) -> np.ndarray:
+    """[patches] int64, row-major: 1 + the grid cell (row * GRID + col) of the object that owns the patch
+    (`world.Scene.patch_owner`), 0 on background patches."""
+    owner = s.patch_owner.reshape(-1)
+    cells = np.array([o.row * world.GRID + o.col + 1 for o in s.objects] + [0], dtype=np.int64)
+    return cells[owner]
+
+
 CATEGORIES = world.all_categories()
 
 
@@ -171,6 +184,7 @@ def vision_batch(split: str, indices: list[int]) -> dict:
         "colour": torch.from_numpy(np.stack([c for c, _ in labels])),
         "shape": torch.from_numpy(np.stack([sh for _, sh in labels])),
         "owner_shape": torch.from_numpy(np.stack([owner_shapes(s) for s in scenes])),
+        "owner_cell": torch.from_numpy(np.stack([owner_cells(s) for s in scenes])),
         "present": present,
         "count": torch.tensor([len(s.objects) for s in scenes]),
     }
@@ -184,15 +198,19 @@ class VisionHeads(torch.nn.Module):
     background (about three quarters of the patches) no longer dilutes the shape signal. Logged accuracies:
     `shape_acc` over every patch against the cell-centre labels (meaningful for "all" only: an "objects" head
     never learns the background class), `shape_acc_objects` over object patches against the owner's shape.
+    position_loss "objects" adds a head that classifies each object patch's owner's grid cell (`owner_cells`, one
+    of GRID x GRID; background patches take no part), logged as `cell_acc_objects`; "none" makes no such head,
+    so the default recipe's parameters and random draws stay as they were.
     """
 
-    def __init__(self, hidden: int, shape_loss: str = "all"):
+    def __init__(self, hidden: int, shape_loss: str = "all", position_loss: str = "none"):
         super().__init__()
         self.shape_loss = shape_loss
         self.colour = torch.nn.Linear(hidden, 1 + len(world.COLORS))
         self.shape = torch.nn.Linear(hidden, 1 + len(world.SHAPES))
         self.present = torch.nn.Linear(hidden, len(CATEGORIES))
         self.count = torch.nn.Linear(hidden, len(world.COUNT_WORDS))
+        self.cell = torch.nn.Linear(hidden, world.GRID * world.GRID) if position_loss == "objects" else None
 
     def forward(self, patches: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         pooled = patches.mean(1)
@@ -212,7 +230,17 @@ class VisionHeads(torch.nn.Module):
         }
         on_objects = batch["owner_shape"] > 0
         acc["shape_acc_objects"] = float((shape.argmax(-1) == batch["owner_shape"])[on_objects].float().mean())
+        if self.cell is not None:
+            cell = self.cell(patches)
+            loss = loss + self._cell_term(cell, batch)
+            acc["cell_acc_objects"] = float((cell.argmax(-1) + 1 == batch["owner_cell"])[on_objects].float().mean())
         return loss, acc
+
+    @staticmethod
+    def _cell_term(cell: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Cross-entropy of [batch, patches, GRID * GRID] cell logits against the owner's cell, object patches only."""
+        target = batch["owner_cell"].flatten() - 1  # background -> -1, ignored
+        return F.cross_entropy(cell.flatten(0, 1), target, ignore_index=-1)
 
     def _shape_term(self, shape: torch.Tensor, batch: dict) -> torch.Tensor:
         if self.shape_loss == "objects":  # background patches (target 0) take no part
@@ -495,7 +523,7 @@ def _build_run(out: Path, config: RecipeConfig, log) -> _Run:
     processor = smolvlm.build_processor(llm_dir)
     encoder = Encoder(processor.tokenizer, model.config.image_token_id)
     packer = smolvlm_data.Packer(processor.tokenizer, model.config.image_token_id)
-    heads = VisionHeads(config.vision.hidden, config.shape_loss)
+    heads = VisionHeads(config.vision.hidden, config.shape_loss, config.position_loss)
     for p in model.parameters():
         p.requires_grad_(False)
     return _Run(out, config, model, processor, encoder, packer, heads, log)
@@ -758,6 +786,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape-loss", default="all", choices=list(SHAPE_LOSSES),
                         help="vision stage's shape supervision: every patch by the cell-centre rule (all) or only "
                         "the object patches, each with its owner's shape (objects)")
+    parser.add_argument("--position-loss", default="none", choices=list(POSITION_LOSSES),
+                        help="vision stage: also classify each object patch's owner's grid cell (objects) or not (none)")
     parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
                         "(for a run stopped before its last step)")
     args = parser.parse_args(argv)
@@ -767,7 +797,8 @@ def main(argv: list[str] | None = None) -> None:
     config = RecipeConfig(seed=args.seed, threads=args.threads, metrics_every=args.metrics_every,
                           lora_rank=args.lora_rank, lora_targets=args.lora_targets, dtype=args.dtype,
                           max_turns=args.max_turns, metric_scenes=args.metric_scenes, vision_from=args.vision_from,
-                          conjunction_share=args.conjunction_share, shape_loss=args.shape_loss)
+                          conjunction_share=args.conjunction_share, shape_loss=args.shape_loss,
+                          position_loss=args.position_loss)
     if args.stages:
         config.stages = _parse_stages(args.stages)
     train(args.out, config, resume=not args.no_resume, log=lambda m: print(m, flush=True))

@@ -142,3 +142,51 @@ def test_a_packed_question_equals_its_inference_prompt():
             assert torch.allclose(hidden[0, where], reference, atol=1e-3, rtol=1e-4)
             target = batch["labels"][0, where]
             assert target != IGNORE and processor.tokenizer.decode([int(target)]).strip() == q.answer.split()[0]
+
+
+def test_owner_cells_label_each_object_patch_with_its_owners_grid_cell():
+    """The vision stage's position labels, against a literal loop over the patches of the scene."""
+    from scripts.train_smolvlm import owner_cells
+
+    seen_cells = set()
+    for i in range(30):
+        s = world.scene("train", i)
+        labels = owner_cells(s)
+        for patch, owner in enumerate(s.patch_owner.reshape(-1)):
+            expected = 0 if owner < 0 else s.objects[owner].row * world.GRID + s.objects[owner].col + 1
+            assert labels[patch] == expected
+            seen_cells.add(int(labels[patch]))
+    assert seen_cells == set(range(world.GRID * world.GRID + 1))  # every cell and the background occur
+
+
+def test_the_position_loss_is_a_cross_entropy_over_object_patches_and_off_by_default():
+    """position_loss "objects": the cell head's loss equals a loop oracle over object patches, ignores every logit
+    on a background patch and adds to the other terms; "none" makes no head (the default recipe's parameters)."""
+    from scripts.train_smolvlm import VisionHeads, vision_batch
+
+    torch.manual_seed(0)
+    batch = vision_batch("train", [0, 1, 2, 3])
+    cell_logits = torch.randn(4, 64, world.GRID * world.GRID)
+    loss = VisionHeads._cell_term(cell_logits, batch)
+    terms = [torch.nn.functional.cross_entropy(cell_logits[b, p][None], batch["owner_cell"][b, p][None] - 1)
+             for b in range(4) for p in range(64) if batch["owner_cell"][b, p] > 0]
+    assert terms and torch.allclose(loss, torch.stack(terms).mean())
+    moved = cell_logits.clone()
+    background = batch["owner_cell"] == 0
+    moved[background] = torch.randn_like(moved[background]) * 10
+    assert torch.equal(VisionHeads._cell_term(moved, batch), loss)
+
+    plain, with_cells = VisionHeads(8, "objects"), VisionHeads(8, "objects", "objects")
+    assert plain.cell is None and "cell.weight" not in dict(plain.named_parameters())
+    with_cells.load_state_dict({**plain.state_dict(), **{k: v for k, v in with_cells.state_dict().items()
+                                                         if k.startswith("cell.")}})
+    patches = torch.randn(4, 64, 8)
+    base, _ = plain(patches, batch)
+    total, acc = with_cells(patches, batch)
+    assert torch.allclose(total, base + VisionHeads._cell_term(with_cells.cell(patches), batch))
+    assert 0.0 <= acc["cell_acc_objects"] <= 1.0
+
+
+def test_an_unknown_position_loss_is_refused_with_the_choices():
+    with pytest.raises(SinkscopeError, match="none, objects"):
+        RecipeConfig(position_loss="pixels")
