@@ -153,20 +153,20 @@ def patch_labels(s: world.Scene) -> tuple[np.ndarray, np.ndarray]:
     return colour.astype(np.int64), shape
 
 
+def _owner_labels(s: world.Scene, per_object: list[int]) -> np.ndarray:
+    """[patches] int64, row-major: per_object[k] on the patches object k owns (`world.Scene.patch_owner`, exact),
+    0 on background patches."""
+    return np.array(per_object + [0], dtype=np.int64)[s.patch_owner.reshape(-1)]  # owner -1 picks the trailing 0
+
+
 def owner_shapes(s: world.Scene) -> np.ndarray:
-    """[patches] int64, row-major: 1 + the shape index of the object that owns the patch
-    (`world.Scene.patch_owner`, exact), 0 on background patches."""
-    owner = s.patch_owner.reshape(-1)
-    shapes = np.array([world.SHAPES.index(o.shape) + 1 for o in s.objects] + [0], dtype=np.int64)
-    return shapes[owner]  # owner -1 (background) picks the trailing 0
+    """[patches]: 1 + the shape index of the patch's owner, 0 on background."""
+    return _owner_labels(s, [world.SHAPES.index(o.shape) + 1 for o in s.objects])
 
 
 def owner_cells(s: world.Scene) -> np.ndarray:
-    """[patches] int64, row-major: 1 + the grid cell (row * GRID + col) of the object that owns the patch
-    (`world.Scene.patch_owner`), 0 on background patches."""
-    owner = s.patch_owner.reshape(-1)
-    cells = np.array([o.row * world.GRID + o.col + 1 for o in s.objects] + [0], dtype=np.int64)
-    return cells[owner]
+    """[patches]: 1 + the grid cell (row * GRID + col) of the patch's owner, 0 on background."""
+    return _owner_labels(s, [o.row * world.GRID + o.col + 1 for o in s.objects])
 
 
 CATEGORIES = world.all_categories()
