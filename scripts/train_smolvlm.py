@@ -74,7 +74,7 @@ class RecipeConfig:
     stages: list[Stage] = field(default_factory=lambda: [
         Stage("vision", 1500, 1e-3, 64, 20),
         Stage("words", 30, 2e-3, 8, 20),
-        Stage("instruct", 600, 2e-3, 8, 20),
+        Stage("instruct", 300, 2e-3, 8, 20),
     ])
     weight_decay: float = 0.05  # vision stage; the projector and adapters train without it
     grad_clip: float = 1.0
@@ -88,8 +88,8 @@ class RecipeConfig:
     dtype: str = "bfloat16"  # autocast dtype while training: bfloat16 | float32 (no autocast)
     caption_probability: float = 0.25  # share of scenes whose questions include a caption
     conjunction_share: float = 0.0  # share of existence negatives that are binding negatives (smolvlm_data)
-    shape_loss: str = "all"  # vision stage: "all" patches, cell-centre labels | "objects": object patches only, owner's shape
-    position_loss: str = "none"  # vision stage: "none" | "objects": each object patch classifies its owner's grid cell
+    shape_loss: str = "objects"  # vision stage: "objects": object patches only, owner's shape | "all" patches, cell-centre labels
+    position_loss: str = "objects"  # vision stage: "objects": each object patch classifies its owner's grid cell | "none"
     metric_scenes: int = 12  # validation scenes for the POPE metric (emergence uses at most 8)
     vision_from: str | None = None  # a trained model folder whose vision tower starts the run (skip "vision")
     vision: smolvlm.VisionArchitecture = field(default_factory=smolvlm.VisionArchitecture)
@@ -783,10 +783,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conjunction-share", type=float, default=0.0, metavar="P",
                         help="share of the existence negatives drawn as binding negatives: absent colour-shape "
                         "pairs whose colour and shape are both in the scene (0: POPE's strategies only)")
-    parser.add_argument("--shape-loss", default="all", choices=list(SHAPE_LOSSES),
+    parser.add_argument("--shape-loss", default=RecipeConfig.shape_loss, choices=list(SHAPE_LOSSES),
                         help="vision stage's shape supervision: every patch by the cell-centre rule (all) or only "
                         "the object patches, each with its owner's shape (objects)")
-    parser.add_argument("--position-loss", default="none", choices=list(POSITION_LOSSES),
+    parser.add_argument("--position-loss", default=RecipeConfig.position_loss, choices=list(POSITION_LOSSES),
                         help="vision stage: also classify each object patch's owner's grid cell (objects) or not (none)")
     parser.add_argument("--export", action="store_true", help="only write out/model from the last checkpoint "
                         "(for a run stopped before its last step)")

@@ -159,9 +159,9 @@ def test_owner_cells_label_each_object_patch_with_its_owners_grid_cell():
     assert seen_cells == set(range(world.GRID * world.GRID + 1))  # every cell and the background occur
 
 
-def test_the_position_loss_is_a_cross_entropy_over_object_patches_and_off_by_default():
-    """position_loss "objects": the cell head's loss equals a loop oracle over object patches, ignores every logit
-    on a background patch and adds to the other terms; "none" makes no head (the default recipe's parameters)."""
+def test_the_position_loss_is_a_cross_entropy_over_object_patches_and_none_makes_no_head():
+    """position_loss "objects" (the default recipe's): the cell head's loss equals a loop oracle over object patches,
+    ignores every logit on a background patch and adds to the other terms; "none" makes no head and no parameters."""
     from scripts.train_smolvlm import VisionHeads, vision_batch
 
     torch.manual_seed(0)
