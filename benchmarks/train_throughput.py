@@ -120,7 +120,8 @@ def _recipe_time(rows) -> None:
     card = smolvlm.ASSETS / "card.json"
     training = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
     if training.get("minutes"):
-        print(f"measured (card.json): {training['minutes']:.1f} min of training on {training.get('machine', '?')}")
+        scope = training.get("scope", "of training")
+        print(f"measured (card.json): {training['minutes']:.1f} min {scope} on {training.get('machine', '?')}")
 
 
 def _turns(labels: torch.Tensor) -> int:
