@@ -190,3 +190,18 @@ def test_the_position_loss_is_a_cross_entropy_over_object_patches_and_none_makes
 def test_an_unknown_position_loss_is_refused_with_the_choices():
     with pytest.raises(SinkscopeError, match="none, objects"):
         RecipeConfig(position_loss="pixels")
+
+
+def test_the_command_line_defaults_are_the_recipe_the_shipped_demo_was_trained_with(monkeypatch):
+    """`python -m scripts.train_smolvlm --out DIR --threads 2` (the card's command) builds exactly the recipe recorded
+    beside the shipped weights (llm.json), so the card's command reproduces the shipped demo."""
+    import json
+
+    import scripts.train_smolvlm as train_smolvlm
+    from sinkscope.models.embedded import smolvlm
+
+    recorded = json.loads((smolvlm.ASSETS / "llm.json").read_text())["recipe"]
+    seen = {}
+    monkeypatch.setattr(train_smolvlm, "train", lambda out, config, **kw: seen.update(config=config))
+    train_smolvlm.main(["--out", "unused", "--threads", "2"])
+    assert seen["config"].to_dict() == recorded
