@@ -767,20 +767,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="training folder (checkpoints, logs, model/)")
     parser.add_argument("--stages", default=None, help="name:steps:lr:batch,... (default: the shipped recipe)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=RecipeConfig.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--metrics-every", type=int, default=50)
+    parser.add_argument("--metrics-every", type=int, default=RecipeConfig.metrics_every)
     parser.add_argument("--no-resume", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the LLM (0: frozen)")
-    parser.add_argument("--lora-targets", default="attention", choices=["attention", "all"])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+    parser.add_argument("--lora-rank", type=int, default=RecipeConfig.lora_rank, help="LoRA rank on the LLM (0: frozen)")
+    parser.add_argument("--lora-targets", default=RecipeConfig.lora_targets, choices=["attention", "all"])
+    parser.add_argument("--dtype", default=RecipeConfig.dtype, choices=["bfloat16", "float32"],
                         help="autocast dtype while training (float32: no autocast)")
-    parser.add_argument("--max-turns", type=int, default=16, help="question branches per packed sequence")
-    parser.add_argument("--metric-scenes", type=int, default=12, help="validation scenes for POPE in emergence.csv")
+    parser.add_argument("--max-turns", type=int, default=RecipeConfig.max_turns, help="question branches per packed sequence")
+    parser.add_argument("--metric-scenes", type=int, default=RecipeConfig.metric_scenes, help="validation scenes for POPE in emergence.csv")
     parser.add_argument("--vision-from", default=None, metavar="DIR",
                         help="start from the vision tower of a trained model folder (e.g. the shipped demo's assets) "
                         "and leave the vision stage out of --stages: variants then share one vision stage")
-    parser.add_argument("--conjunction-share", type=float, default=0.0, metavar="P",
+    parser.add_argument("--conjunction-share", type=float, default=RecipeConfig.conjunction_share, metavar="P",
                         help="share of the existence negatives drawn as binding negatives: absent colour-shape "
                         "pairs whose colour and shape are both in the scene (0: POPE's strategies only)")
     parser.add_argument("--shape-loss", default=RecipeConfig.shape_loss, choices=list(SHAPE_LOSSES),
