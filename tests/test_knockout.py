@@ -108,12 +108,14 @@ def test_knockout_chosen_layers_and_generate_with_cache(llava):
     inputs, kinds = _batch(tiny, adapter)
     keys = kinds.visual_mask
     t = keys.shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True, return_dict_in_generate=True)
     with torch.no_grad():
-        base = tiny.model(**inputs, output_attentions=True)
+        # the oracle is generate itself: its prefill places a left-padded row's positions from the attention mask,
+        # which a plain forward does not, so the two differ in the last bits (1.5e-8 on an AVX2-only CPU)
+        base = tiny.model.generate(**inputs, **kw)
         with knockout(adapter, keys, layers=[1]):
-            gen = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                                      output_attentions=True, return_dict_in_generate=True)
-    assert torch.equal(gen.attentions[0][0], base.attentions[0])  # layer 0 untouched
+            gen = tiny.model.generate(**inputs, **kw)
+    assert torch.equal(gen.attentions[0][0], base.attentions[0][0])  # layer 0 untouched
     for step in gen.attentions[1:]:  # decode steps: every generated query is knocked out
         a = step[1]
         assert a.shape[2] == 1 and torch.all(a[..., :t][keys[:, None, None, :].expand_as(a[..., :t])] == 0)
