@@ -348,3 +348,71 @@ def test_token_detail_does_not_change_summaries(tmp_path):
     assert (summary["n_tokens"] == direct["n"]).all() and (summary["n_sinks"] == direct["sinks"]).all()
     assert np.allclose(summary["mean_phi"], direct["phi"])
     assert int(summary["n_sinks"].sum()) == len(frames["all"]["sink_tokens"]) > 0
+
+
+# -- the per-layer reductions never wait for the device --------------------------------------------
+
+def _planted_kinds():
+    """Three rows: left padding, right padding, and padding inside (real tokens not in one block)."""
+    from sinkscope.kinds import BOS, PAD, TEXT, VISUAL, TokenKinds
+
+    kind = torch.tensor([[PAD, PAD, BOS, TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT],
+                         [BOS, TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT, PAD, PAD],
+                         [BOS, TEXT, PAD, VISUAL, VISUAL, VISUAL, TEXT, TEXT, TEXT]])
+    return TokenKinds(kind, torch.where(kind == VISUAL, 0, -1))
+
+
+def _reduction(kinds, host):
+    from sinkscope.analyses.scan import ScanLayerReduction
+
+    return ScanLayerReduction([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, "rms", kinds, kinds.queries_after_image(), True,
+                              host=host)
+
+
+def test_scan_reductions_read_nothing_back_from_the_device():
+    """Run on the meta device, where no value exists to read, the per-layer reductions complete, leave every
+    payload on the device, and copy nothing from the host after the batch's first layer: no host sync between
+    layers, so a GPU is never left idle waiting for the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Crossings(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            if {t.device.type for t in tensors if t.dim()} == {"cpu", "meta"} or (
+                    func._schema.name == "aten::_to_copy" and tensors[0].device.type == "cpu"):
+                self.ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    kinds = _planted_kinds()
+    kinds = type(kinds)(kinds.kind[:2], kinds.image_index[:2])  # the padding of a real batch: left or right
+    reduction = _reduction(kinds, host=False)
+    for layer in range(3):
+        with Crossings() as crossings:
+            payload = {**reduction.residual(layer, torch.empty(2, 9, 16, device="meta")),
+                       **reduction.attention(layer, torch.empty(2, 4, 9, 9, device="meta"))}
+        assert {v.device.type for v in payload.values()} == {"meta"}
+        assert len(crossings.ops) == (5 if layer == 0 else 0), crossings.ops  # kinds, queries, text rows, dims: once
+
+
+def test_scan_reductions_kept_on_the_device_equal_those_sent_per_layer():
+    """host=False (the local scan: payloads moved after the forward) gives what host=True (a remote trace) does,
+    and the median |x| of each row is the median over its real tokens, whatever the padding."""
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(3, 9, 16, generator=g) * torch.linspace(0.5, 3.0, 16)
+    states[:, :, 3] += 40.0 * (kinds.kind == 0)  # a sink dim on BOS
+    probs = torch.softmax(torch.randn(3, 4, 9, 9, generator=g), dim=-1)
+    kept, sent = _reduction(kinds, host=False), _reduction(kinds, host=True)
+    a = {**kept.residual(0, states), **kept.attention(0, probs)}
+    b = {**sent.residual(0, states), **sent.attention(0, probs)}
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].cpu(), b[key]), key
+    real = kinds.real_mask
+    for row in range(3):
+        assert torch.equal(a["median"][row], states[row][real[row]].abs().median())
+    assert torch.equal(a["profile_bos"], (states[0, 2] / states[0, 2].pow(2).mean().add(1e-6).sqrt()))

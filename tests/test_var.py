@@ -348,3 +348,120 @@ def test_bad_input(organism):
             pass
     assert adapter.text_attention == "eager"
     assert math.isclose(VARConfig().p, 0.6) and VARConfig().rho == 0.5 and VARConfig().summ == 0.2
+
+
+class Steps(AttentionEdit):
+    """Records, at every forward step, the probabilities of its layers and the step's key masks."""
+
+    def __init__(self, layers):
+        self._layers, self.seen = set(layers), []
+
+    def layers(self, n_layers):
+        return self._layers
+
+    def edit(self, probs, *, layer, query_positions, state):
+        self.seen.append((layer, state.past_length, probs.clone()))
+        return probs
+
+
+def test_decode_steps_edit_the_prompt_keys_as_the_general_path(organism):
+    """At a decode step VAR reads and scales only the prompt's keys, with masks built once per prompt; its result
+    equals var_probs on the whole row (generated keys: neither sink nor image) and the paper's literal equations."""
+    adapter, inputs, config, _ = organism
+    layers = [2, 3]
+    before, after = Steps(layers), Steps(layers)
+    with torch.no_grad(), edit_attention(adapter, before):
+        with var(adapter, config) as run, edit_attention(adapter, after):
+            adapter.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+            sinks = {layer: run.sinks(layer) for layer in layers}
+    kinds = adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
+    decode = [(b, a) for b, a in zip(before.seen, after.seen) if b[1] > 0]
+    assert len(decode) == 3 * len(layers)
+    n_selected = 0
+    for (layer, past, probs), (_, _, edited) in decode:
+        n_keys = probs.shape[-1]
+        pad = n_keys - sinks[layer].shape[1]
+        S = torch.nn.functional.pad(sinks[layer], (0, pad))
+        I = torch.nn.functional.pad(kinds.visual_mask, (0, pad))
+        Q = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool)
+        general, sel = var_probs(probs, S, I, Q, p=config.p, rho=config.rho, summ=config.summ)
+        literal, literal_sel = literal_var(probs, S, I, Q, p=config.p, rho=config.rho, summ=config.summ)
+        assert torch.equal(sel, literal_sel)
+        assert torch.allclose(edited, general, atol=1e-6, rtol=0)
+        assert torch.allclose(edited.double(), literal, atol=1e-6, rtol=0)
+        assert torch.equal(edited[~sel], probs[~sel])  # unselected rows bitwise unchanged
+        rows = sel[..., None] & S[:, None, None, :]
+        assert torch.equal(edited[rows], probs[rows] * (1 - config.p))  # sinks keep exactly 1 - p
+        assert torch.equal(edited[..., -pad:], probs[..., -pad:])  # generated keys untouched
+        n_selected += int(sel.sum())
+    assert n_selected > 0
+
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::equal")
+
+
+def _reads_back(func, args) -> bool:
+    """Whether an op needs a device value on the host: a scalar read, or a shape that depends on the data
+    (boolean-mask indexing is `aten::index` with a bool index)."""
+    name = func._schema.name
+    if name in SYNC_OPS:
+        return True
+    if name in ("aten::index", "aten::index_put_", "aten::index_put"):
+        indices = args[1] if len(args) > 1 else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return False
+
+
+def _syncs_in_attention(adapter, inputs, context, new_tokens):
+    """Host-sync ops dispatched from sinkscope's attention function and edits, per forward step (0 = prefill)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inside = ("interventions/attention.py", "interventions/var.py", "interventions/knockout.py")
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.step, self.found = -1, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if _reads_back(func, args):
+                stack = traceback.extract_stack()
+                frames = [f"{f.filename}:{f.lineno}" for f in stack if any(f.filename.endswith(s) for s in inside)]
+                if frames and not any(f.name == "begin_forward" for f in stack):  # its one sync per prefill is allowed
+                    self.found.setdefault(self.step, []).append((func._schema.name, frames[-1]))
+            return func(*args, **(kwargs or {}))
+
+    watch = Syncs()
+
+    def count_step(module, args, kwargs):
+        watch.step += 1
+
+    with torch.no_grad(), context():
+        handle = adapter.model.register_forward_pre_hook(count_step, with_kwargs=True)
+        try:
+            with watch:
+                adapter.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                        pad_token_id=0)
+        finally:
+            handle.remove()
+    return watch.step, watch.found
+
+
+@pytest.mark.parametrize("which", ["var", "var_random_heads", "knockout"])
+def test_attention_edits_never_wait_for_the_device(organism, which):
+    """The attention function runs once per layer per step: neither it nor VAR or knockout reads a device value
+    back (no .item(), no boolean indexing, no data-dependent shapes), at prefill or at any decode step."""
+    from sinkscope.interventions.knockout import knockout
+
+    adapter, inputs, config, _ = organism
+    kinds = adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
+    contexts = {
+        "var": lambda: var(adapter, config),
+        "var_random_heads": lambda: var(adapter, VARConfig(**{**config.__dict__, "head_selection": "random"})),
+        "knockout": lambda: knockout(adapter, kinds.bos_mask),
+    }
+    steps, found = _syncs_in_attention(adapter, inputs, contexts[which], new_tokens=3)
+    assert steps == 2  # prefill and two decode steps were watched
+    assert found == {}

@@ -74,16 +74,50 @@ class ScanLayerReduction:
     attention -> attention each token receives from the text queries after the image (mean over heads)
     [batch, token]; per head, the query-averaged image attention, visual-sink attention, visual non-sink
     ratio and image-centric share [batch, head].
+
+    host: payloads are moved to the CPU as each layer ends (what a remote trace sends back); with
+    host=False they stay on the model's device and the caller moves them after the forward, so a layer
+    never waits for the device: the token kinds are known on the host (`kinds` is a CPU TokenKinds), so
+    every choice that depends on them (which rows of a sample are real, where its BOS is) is made here,
+    in Python, and no reduction reads a device value back (no host sync between layers).
     """
 
-    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool):
+    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
-        self.score, self.kinds, self.queries, self.profile = score, kinds, queries, profile
+        self.score, self.kinds, self.queries, self.profile, self.host = score, kinds, queries, profile, host
         self.phi: dict = {}
+        self._on: dict = {}  # device -> (kinds, queries) there, copied once per batch
+        kinds = kinds.to("cpu")
+        real = kinds.real_mask
+        self.spans = [_span(real[b]) for b in range(real.shape[0])]  # real tokens of each row, from the host
+        self.bos_position = _first(kinds.bos_mask[0])
+        self.has_visual = bool(kinds.visual_mask[0].any())
+        self.text_positions = torch.nonzero(kinds.text_mask[0]).flatten()
+
+    def _device(self, device, width: int | None = None):
+        """(kinds, queries, text positions of row 0, sink-dim index) on `device`, copied there once per batch."""
+        if device not in self._on:
+            if width is not None:
+                sinks._dims_index(self.dims, torch.empty(0, width))  # checks the dims against the width, on the host
+            dims = torch.tensor(sinks._dims_list(self.dims), dtype=torch.long)
+            self._on[device] = (self.kinds.to(device), self.queries.to(device), self.text_positions.to(device),
+                                dims.to(device))
+        return self._on[device]
+
+    def _median(self, x: torch.Tensor, real: torch.Tensor, b: int) -> torch.Tensor:
+        """The median |x| over row b's real tokens (x: [batch, token, dim] float32); nan without any."""
+        span = self.spans[b]
+        if span is None:  # real tokens not in one block (neither left nor right padding): a masked pick
+            return x[b].abs()[real[b]].median() if bool(real[b].any()) else x.new_tensor(float("nan"))
+        start, stop = span
+        return x[b, start:stop].abs().median() if stop > start else x.new_tensor(float("nan"))
+
+    def _out(self, out: dict) -> dict:
+        return {k: v.cpu() for k, v in out.items()} if self.host else out
 
     def residual(self, layer, states):
         x = states.detach().float()
-        kinds = self.kinds.to(x.device)
+        kinds, _, text_positions, dims = self._device(x.device, x.shape[-1])
         real = kinds.real_mask
         batch, n_tok, dim = x.shape
         rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, token]
@@ -91,29 +125,27 @@ class ScanLayerReduction:
         top = mags.topk(min(self.top_k, n_tok * dim), dim=1)
         position = torch.div(top.indices, dim, rounding_mode="floor")
         k3 = mags.topk(min(3, n_tok * dim), dim=1).values
-        median = torch.stack([x[b].abs()[real[b]].median() if real[b].any() else x.new_tensor(float("nan"))
-                              for b in range(batch)])
-        phi = sinks.sink_score(states, self.dims, self.score, real, self.eps).float()
+        median = torch.stack([self._median(x, real, b) for b in range(batch)])
+        phi = sinks.sink_score(states, dims, self.score, real, self.eps).float()
         self.phi[layer] = phi
         out = {"phi": phi, "top_value": x.reshape(batch, -1).gather(1, top.indices), "top_position": position,
                "top_dim": top.indices % dim, "top_rms": rms.gather(1, position), "top3": k3, "median": median,
                "n_real": real.sum(dim=1)}
         if self.profile:
             normed = massive.rms_normalize(x[0:1], self.eps)[0]  # [token, dim]
-            out["profile_bos"] = normed[kinds.bos_mask[0]][0]
-            visual, text = kinds.visual_mask[0], kinds.text_mask[0]
-            if visual.any():
-                pos = torch.where(visual, phi[0], torch.full_like(phi[0], -1.0)).argmax()
-                out["profile_visual"], out["profile_visual_position"] = normed[pos], pos
-            if text.any():
-                out["profile_text_median"] = normed[text].median(dim=0).values
-        return {k: v.cpu() for k, v in out.items()}
+            if self.bos_position is not None:
+                out["profile_bos"] = normed[self.bos_position]
+            if self.has_visual:
+                pos = torch.where(kinds.visual_mask[0], phi[0], torch.full_like(phi[0], -1.0)).argmax()
+                out["profile_visual"], out["profile_visual_position"] = normed.index_select(0, pos[None])[0], pos
+            if text_positions.numel():
+                out["profile_text_median"] = normed.index_select(0, text_positions).median(dim=0).values
+        return self._out(out)
 
     def attention(self, layer, probs):
         probs = probs.detach().float()
-        kinds = self.kinds.to(probs.device)
+        kinds, queries, _, _ = self._device(probs.device)
         sink = (self.phi[layer].to(probs.device) >= self.tau) & kinds.real_mask  # phi: where the layer input was
-        queries = self.queries.to(probs.device)
         n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
         received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
         stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & kinds.visual_mask, queries)
@@ -124,7 +156,21 @@ class ScanLayerReduction:
             ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
             ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
         out["received"] = received
-        return {k: v.cpu() for k, v in out.items()}
+        return self._out(out)
+
+
+def _span(real_row: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) of a [token] bool row's True entries when they form one block ((0, 0) when none), else None."""
+    where = torch.nonzero(real_row).flatten().tolist()
+    if not where:
+        return (0, 0)
+    start, stop = where[0], where[-1] + 1
+    return (start, stop) if stop - start == len(where) else None
+
+
+def _first(mask_row: torch.Tensor) -> int | None:
+    where = torch.nonzero(mask_row).flatten().tolist()
+    return where[0] if where else None
 
 
 MASSIVE_COLUMNS = ("sample", "layer", "position", "token_kind", "dim", "value", "rms_value", "ratio_to_median", "rank")
@@ -135,9 +181,10 @@ class ScanReducer:
     """Per-layer measures of one batch, streamed; its tables (`token_rows`, `head_rows`, `massive_rows`,
     `magnitude_rows`: lists of frames) are built once the forward has ended.
 
-    During the trace a layer costs its torch reductions (`ScanLayerReduction`) and keeping their small CPU
-    payloads; rows, strings and pandas are made in `end()`, in one vectorised pass per table, so no
-    per-layer host work beyond that sits between a layer and the next (on a GPU the forward is not held up).
+    During the trace a layer costs its torch reductions (`ScanLayerReduction`), whose small payloads stay on
+    the model's device; `end()` brings them to the CPU and makes rows, strings and pandas in one vectorised
+    pass per table, so nothing between a layer and the next waits for the device (on a GPU the host can
+    queue the next layers' kernels while the device works).
     """
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
@@ -168,13 +215,13 @@ class ScanReducer:
         self._phi = {}
         self._local = None  # this batch's in-trace part, when the trace runs here
 
-    def in_trace(self) -> ScanLayerReduction:
+    def in_trace(self, host: bool = True) -> ScanLayerReduction:
         return ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps, self.score,
-                                  self.kinds, self.queries, self.want_profile)
+                                  self.kinds, self.queries, self.want_profile, host=host)
 
     def residual(self, layer: int, states: torch.Tensor):
         if getattr(self, "_local", None) is None:
-            self._local = self.in_trace()
+            self._local = self.in_trace(host=False)  # payloads stay on the device until end()
         self.take("residual", layer, self._local.residual(layer, states))
 
     def attention(self, layer: int, probs: torch.Tensor):
@@ -182,13 +229,8 @@ class ScanReducer:
 
     def take(self, kind: str, layer: int, payload: dict) -> None:
         """Keep one layer's reductions (ScanLayerReduction), made here or by a remote trace; tables in `end()`."""
-        if kind not in self._payloads:
-            return
-        self._payloads[kind].append((layer, payload))
-        if kind == "residual":
-            self._phi[layer] = payload["phi"]
-            if self.want_profile and "profile_bos" in payload:
-                self.profile[layer] = self._profile_entry(payload)
+        if kind in self._payloads:
+            self._payloads[kind].append((layer, payload))
 
     def _profile_entry(self, p: dict) -> dict:
         entry = {"bos": p["profile_bos"]}
@@ -201,13 +243,20 @@ class ScanReducer:
         return entry
 
     def end(self):
-        """Build the batch's tables from the kept payloads (layer order as traced, then sample, then rank)."""
+        """Bring the kept payloads to the CPU (the one wait for the device per batch) and build the batch's tables
+        (layer order as traced, then sample, then rank)."""
+        payloads = {kind: [(layer, {k: v.cpu() for k, v in p.items()}) for layer, p in kept]
+                    for kind, kept in self._payloads.items()}
+        for layer, p in payloads["residual"]:
+            self._phi[layer] = p["phi"]
+            if self.want_profile and "profile_bos" in p:
+                self.profile[layer] = self._profile_entry(p)
         self._sample_columns()
-        if self._payloads["residual"]:
-            self._residual_tables(self._payloads["residual"])
-        if self._payloads["attention"]:
-            self.token_rows.append(self._token_table(self._payloads["attention"]))
-            self.head_rows.append(self._head_table(self._payloads["attention"]))
+        if payloads["residual"]:
+            self._residual_tables(payloads["residual"])
+        if payloads["attention"]:
+            self.token_rows.append(self._token_table(payloads["attention"]))
+            self.head_rows.append(self._head_table(payloads["attention"]))
         self._payloads = {"residual": [], "attention": []}
 
     def _sample_columns(self) -> None:

@@ -155,6 +155,74 @@ def _random_heads(count: torch.Tensor, eligible: torch.Tensor, generator: torch.
     return (rank < count[:, None, :]) & eligible
 
 
+@dataclass(frozen=True)
+class KeyLayout:
+    """What VAR needs of a layer's keys, as float 0/1 matrices (built once per prompt and layer).
+
+    columns [batch, 1, key, 5]: image, non-sink image, sink, visual sink, budget target (the target
+      column is 0 in a row without any sink: such a row has no budget). probs @ columns gives each
+      row's masses. placement [batch, 1, 3, key]: sink, target, other (exactly one 1 per key), so
+      factors [keep, gain, 1] @ placement is the per-entry factor, exact. has_visual_sink [batch, 1, 1].
+    """
+
+    columns: torch.Tensor
+    placement: torch.Tensor
+    has_visual_sink: torch.Tensor
+
+
+def key_layout(sink_mask: torch.Tensor, image_mask: torch.Tensor, budget_target: str = "image_nonsink",
+               dtype: torch.dtype = torch.float32, device=None) -> KeyLayout:
+    """KeyLayout of [batch, key] bool masks: sinks S (any kind) and image tokens."""
+    device = sink_mask.device if device is None else device
+    sink = sink_mask.to(device).bool()
+    image = image_mask.to(device).bool()
+    nonsink_image = image & ~sink
+    target = nonsink_image if budget_target == "image_nonsink" else ~image & ~sink
+    other = ~sink & ~target
+    budget = target & sink.any(dim=-1, keepdim=True)  # no sink in the row: no budget, nothing selected
+    columns = torch.stack([image, nonsink_image, sink, image & sink, budget], dim=-1).to(dtype)  # [B, K, 5]
+    placement = torch.stack([sink, target, other], dim=1).to(dtype)  # [B, 3, K]
+    return KeyLayout(columns[:, None], placement[:, None], (image & sink).any(dim=-1)[:, None, None])
+
+
+def var_factors(masses: torch.Tensor, query_mask: torch.Tensor | None, has_visual_sink: torch.Tensor, *,
+                p: float = 0.6, rho: float = 0.5, summ: float = 0.2, mode: str = "paper",
+                head_selection: str = "image_centric", generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection and per-row factors of VAR from a row's masses (probs @ KeyLayout.columns).
+
+    masses: [batch, head, query, 5]; query_mask: [batch, query] bool, or None when every query may be
+    edited (decode steps); has_visual_sink: [batch, 1, 1] bool.
+    Returns (factors [batch, head, query, 3] = (keep, gain, 1), selected [batch, head, query] bool).
+    Unselected rows get (1, 1, 1). Elementwise on [batch, head, query]: no loops, no host syncs.
+    """
+    image_att, nonsink_att, sink_att, vsink_att, target_att = masses.unbind(-1)
+    eligible = target_att > 0
+    queries = None if query_mask is None else query_mask.to(masses.device).bool()[:, None, :]
+    if queries is not None:
+        eligible = eligible & queries
+    enough = image_att >= summ
+    if not summ > 0:  # with summ > 0, image_att >= summ already implies image_att > 0
+        enough = enough & (image_att > 0)
+    safe_image = image_att.clamp_min(1e-30)
+    if mode == "paper":
+        centric = enough & (nonsink_att / safe_image >= rho)
+    else:
+        centric = enough & (vsink_att / safe_image <= rho) & has_visual_sink
+    if head_selection == "image_centric":
+        selected = centric & eligible
+    elif head_selection == "all":
+        selected = eligible
+    else:
+        chosen = centric if queries is None else centric & queries
+        selected = _random_heads(chosen.sum(dim=1), eligible, generator)
+    drained = p if mode == "paper" else 1.0 - p
+    one = torch.ones((), dtype=masses.dtype, device=masses.device)
+    keep = torch.where(selected, 1.0 - drained, one)
+    gain = torch.where(selected, 1.0 + drained * sink_att / target_att.clamp_min(1e-30), one)
+    return torch.stack([keep, gain, one.expand_as(keep)], dim=-1), selected
+
+
 def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Tensor, query_mask: torch.Tensor, *,
               p: float = 0.6, rho: float = 0.5, summ: float = 0.2, mode: str = "paper",
               head_selection: str = "image_centric", budget_target: str = "image_nonsink",
@@ -171,38 +239,14 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     sample has no sink.
 
     Cost: two small matrix products against [batch, key, 5] and [batch, 3, key] masks (the row masses,
-    and the per-entry factor) and one elementwise product; no loops, no host syncs.
+    and the per-entry factor), a few elementwise ops on [batch, head, query] and one elementwise
+    product; no loops, no host syncs.
     """
-    dtype = probs.dtype
-    sink = sink_mask.to(probs.device).bool()
-    image = image_mask.to(probs.device).bool()
-    nonsink_image = image & ~sink
-    target = nonsink_image if budget_target == "image_nonsink" else ~image & ~sink
-    columns = torch.stack([image, nonsink_image, sink, image & sink, target], dim=-1).to(dtype)  # [B, K, 5]
-    image_att, nonsink_att, sink_att, vsink_att, target_att = torch.matmul(probs, columns[:, None]).unbind(-1)
-    queries = query_mask.to(probs.device).bool()[:, None, :]
-    eligible = queries & (target_att > 0) & sink.any(dim=-1)[:, None, None]
-    enough = (image_att >= summ) & (image_att > 0)
-    safe_image = image_att.clamp_min(1e-30)
-    if mode == "paper":
-        centric = enough & (nonsink_att / safe_image >= rho)
-    else:
-        has_visual_sink = (image & sink).any(dim=-1)[:, None, None]
-        centric = enough & (vsink_att / safe_image <= rho) & has_visual_sink
-    if head_selection == "image_centric":
-        selected = centric & eligible
-    elif head_selection == "all":
-        selected = eligible
-    else:
-        selected = _random_heads((centric & queries).sum(dim=1), eligible, generator)
-    drained = p if mode == "paper" else 1.0 - p
-    one = torch.ones((), dtype=dtype, device=probs.device)
-    keep = torch.where(selected, 1.0 - drained, one)
-    gain = torch.where(selected, 1.0 + drained * sink_att / target_att.clamp_min(1e-30), one)
-    factors = torch.stack([keep, gain, one.expand_as(keep)], dim=-1)  # [B, H, Q, 3]
-    other = ~sink & ~target
-    placement = torch.stack([sink, target, other], dim=1).to(dtype)  # [B, 3, K]
-    return probs * torch.matmul(factors, placement[:, None]), selected
+    layout = key_layout(sink_mask, image_mask, budget_target, probs.dtype, probs.device)
+    factors, selected = var_factors(torch.matmul(probs, layout.columns), query_mask, layout.has_visual_sink, p=p,
+                                    rho=rho, summ=summ, mode=mode, head_selection=head_selection,
+                                    generator=generator)
+    return probs * torch.matmul(factors, layout.placement), selected
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,6 +278,7 @@ class VAREdit(AttentionEdit):
         memory = session.memory(self)
         memory["sinks"] = {}
         memory["selected"] = {}
+        memory["layouts"] = {}
 
     def detect(self, states: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """[batch, token, dim] residual states entering a layer -> [batch, token] bool sinks (pad never)."""
@@ -259,22 +304,44 @@ class VAREdit(AttentionEdit):
         n_keys, n_queries = probs.shape[-1], probs.shape[2]
         c = self.config
         start = min(state.default_query_start, n_queries)  # queries before it are never VAR queries
-        tail, selected_tail = var_probs(
-            probs[:, :, start:], state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
-            state.default_query_mask()[:, start:], p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
-            head_selection=c.head_selection, budget_target=c.budget_target,
-            generator=self._generator(memory, probs.device) if c.head_selection == "random" else None)
-        if start == 0:
-            out, selected = tail, selected_tail
-        else:
-            selected = torch.nn.functional.pad(selected_tail, (start, 0), value=False)
-            if probs.requires_grad:
+        generator = self._generator(memory, probs.device) if c.head_selection == "random" else None
+        if n_keys >= state.total_length >= prompt.length and not probs.requires_grad:
+            # the cache holds every key since the prompt, so the prompt's keys are the first prompt.length and
+            # every later key is a generated token (neither sink nor image: factor 1). Only the prompt's keys are
+            # read and scaled, in place, with the layout built once per prompt; at a decode step every query is
+            # a generated token, so no query mask either.
+            layout = self._layout(memory, layer, sinks, prompt, probs)
+            region = probs[:, :, start:, : prompt.length]
+            queries = None if state.past_length >= prompt.length else state.default_query_mask()[:, start:]
+            factors, selected_tail = var_factors(
+                torch.matmul(region, layout.columns), queries, layout.has_visual_sink, p=c.p, rho=c.rho, summ=c.summ,
+                mode=c.mode, head_selection=c.head_selection, generator=generator)
+            region.mul_(torch.matmul(factors, layout.placement))
+            out = probs
+        else:  # sliding-window caches, a prompt fed in chunks, or autograd: the general path
+            tail, selected_tail = var_probs(
+                probs[:, :, start:], state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
+                state.default_query_mask()[:, start:], p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+                head_selection=c.head_selection, budget_target=c.budget_target, generator=generator)
+            if start == 0:
+                out = tail
+            elif probs.requires_grad:
                 out = torch.cat([probs[:, :, :start], tail], dim=2)
             else:
                 probs[:, :, start:] = tail
                 out = probs
+        selected = selected_tail if start == 0 else torch.nn.functional.pad(selected_tail, (start, 0), value=False)
         memory["selected"][layer] = selected
         return out
+
+    def _layout(self, memory: dict, layer: int, sinks: torch.Tensor, prompt, probs: torch.Tensor) -> KeyLayout:
+        """The KeyLayout of `layer` over the prompt's keys, made at its first use after each prefill."""
+        layouts = memory.setdefault("layouts", {})
+        key = (layer, probs.dtype, str(probs.device))
+        if key not in layouts:
+            layouts[key] = key_layout(sinks, prompt.kinds.visual_mask, self.config.budget_target, probs.dtype,
+                                      probs.device)
+        return layouts[key]
 
 
 class _SinkDetector:

@@ -30,23 +30,36 @@ def _dims_list(sink_dims) -> list[int]:
     return [int(d) for d in dims]
 
 
+def _dims_index(sink_dims, states: torch.Tensor) -> torch.Tensor | None:
+    """The sink dims as a long index on the states' device (None when there are none); a list is checked
+    against the width, a tensor is taken as is (see `phi`)."""
+    if isinstance(sink_dims, torch.Tensor):
+        return sink_dims.to(states.device) if sink_dims.numel() else None
+    dims = _dims_list(sink_dims)
+    if not dims:
+        return None
+    dim = states.shape[-1]
+    bad = [d for d in dims if not 0 <= d < dim]
+    if bad:
+        raise ValueError(f"sink dims {bad} are outside [0, {dim}): do they belong to another model?")
+    return torch.tensor(dims, dtype=torch.long, device=states.device)
+
+
 def phi(states: torch.Tensor, sink_dims, eps: float = 1e-6) -> torch.Tensor:
     """Sink score of each token: max over d in sink_dims of |x_d / RMS(x)|.
 
     states: [..., dim] raw residual states (e.g. [batch, layer, token, dim]).
-    sink_dims: list of dims or a SinkDims. Empty -> all zeros (no token can be a sink).
+    sink_dims: list of dims or a SinkDims (checked against the width), or a long tensor of dims already on the
+      states' device (taken as is: a per-layer caller builds it once, so no index crosses to the device per call).
+      Empty -> all zeros (no token can be a sink).
     Returns float32 [...]; units: multiples of the token RMS, in [0, sqrt(dim)].
     """
-    dims = _dims_list(sink_dims)
-    dim = states.shape[-1]
-    if not dims:
+    index = _dims_index(sink_dims, states)
+    if index is None:
         return torch.zeros(states.shape[:-1], dtype=torch.float32, device=states.device)
-    bad = [d for d in dims if not 0 <= d < dim]
-    if bad:
-        raise ValueError(f"sink dims {bad} are outside [0, {dim}): do they belong to another model?")
     x = states.float()
     rms = torch.sqrt(x.pow(2).mean(dim=-1) + eps)
-    return x[..., dims].abs().amax(dim=-1) / rms
+    return x.index_select(-1, index).abs().amax(dim=-1) / rms
 
 
 SINK_SCORES = ("rms", "layer")
@@ -66,13 +79,9 @@ def phi_layer_relative(states: torch.Tensor, sink_dims, token_mask: torch.Tensor
     states: [batch, token, dim] or [batch, layer, token, dim]; token_mask: [batch, token] bool
     (real tokens; padding is left out of the median). Returns float32 [batch, (layer,) token].
     """
-    dims = _dims_list(sink_dims)
-    if not dims:
+    index = _dims_index(sink_dims, states)
+    if index is None:
         return torch.zeros(states.shape[:-1], dtype=torch.float32, device=states.device)
-    dim = states.shape[-1]
-    bad = [d for d in dims if not 0 <= d < dim]
-    if bad:
-        raise ValueError(f"sink dims {bad} are outside [0, {dim}): do they belong to another model?")
     x = states.float()
     rms = torch.sqrt(x.pow(2).mean(dim=-1) + eps)  # [batch, (layer,) token]
     if token_mask is not None:
@@ -83,7 +92,7 @@ def phi_layer_relative(states: torch.Tensor, sink_dims, token_mask: torch.Tensor
     else:
         rms_for_median = rms
     typical = torch.nanmedian(rms_for_median, dim=-1, keepdim=True).values.clamp_min(eps)
-    return x[..., dims].abs().amax(dim=-1) / typical
+    return x.index_select(-1, index).abs().amax(dim=-1) / typical
 
 
 def sink_score(states: torch.Tensor, sink_dims, score: str = "rms", token_mask: torch.Tensor | None = None,

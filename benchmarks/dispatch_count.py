@@ -1,0 +1,164 @@
+"""Operations dispatched per layer and per step, and host reads: what sinkscope adds where a GPU waits on the host.
+
+At batch 1 a 7B decode step on a GPU is launch-bound: each operation costs a kernel launch and Python
+dispatch (~10-20 us) whatever its size, so the number of operations per layer predicts the time ratios
+there (the H200 of 2026-12-04 gave VAR generate / eager 1.86x when the operation counts below gave 1.72x).
+A host read (`.item()`, a boolean-mask index, `nonzero`) makes the host wait for the device, so the
+next layer's kernels cannot be queued in advance. Both are counted here on the CPU, exactly, with a
+TorchDispatchMode: no GPU needed, and the counts do not depend on the width, so a narrow model of
+LLaVA-1.5's structure (Llama layers, 576 image tokens, 640-token prompt) stands in for the 7B one.
+
+Per layer: the difference between models of `--layers` and 2 layers, divided by the difference in layers;
+per decode step: the difference between generating 3 and 2 tokens. View and metadata operations
+(`view`, `transpose`, `slice`, ...) are left out: they launch nothing.
+
+    .venv/bin/python benchmarks/dispatch_count.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_size  # noqa: E402  (the same LLaVA-1.5 builder, at a narrow width)
+
+VIEWS = {"view", "_unsafe_view", "expand", "transpose", "t", "unsqueeze", "squeeze", "slice", "select", "permute",
+         "as_strided", "alias", "detach", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape"}
+READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "equal"}
+
+
+class Count(TorchDispatchMode):
+    """Counts launching operations, and host reads made from sinkscope's own code."""
+
+    def __init__(self, within: tuple[str, ...] = ()):
+        super().__init__()
+        self.within = within  # count reads only under these functions (empty: anywhere in sinkscope)
+        self.ops: collections.Counter = collections.Counter()
+        self.reads: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[1]
+        if name not in VIEWS:
+            self.ops[name] += 1
+        bool_index = name in ("index", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
+        if name in READS or bool_index:
+            stack = [f for f in traceback.extract_stack() if "/torch/" not in f.filename]
+            frames = [f for f in stack if "/sinkscope/" in f.filename]
+            mine = bool(frames) and stack[-2] is frames[-1]  # the read is made by sinkscope's code, not the model's
+            if mine and (not self.within or any(f.name in self.within for f in frames)):
+                self.reads[f"{name} at {frames[-1].filename.split('/sinkscope/')[-1]}:{frames[-1].lineno}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted(fn, within: tuple[str, ...] = ()) -> Count:
+    with Count(within) as c:
+        fn()
+    return c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=6)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    real_size.SHAPES["narrow"] = real_size.Shape(hidden=128, heads=4, kv_heads=4, intermediate=256, vocab=32064)
+    from sinkscope.interventions.knockout import knockout
+    from sinkscope.interventions.var import VARConfig, var
+    from sinkscope.trace import Tracer
+
+    real_size.SHAPES["llava"], saved = real_size.SHAPES["narrow"], real_size.SHAPES["llava"]
+    try:
+        built = {n: real_size.build("llava", n, torch.float32, "cpu") for n in (2, args.layers)}
+    finally:
+        real_size.SHAPES["llava"] = saved
+    per_layer = args.layers - 2
+
+    def variants(adapter, dims, tau, sink_mask, n_layers):
+        @contextlib.contextmanager
+        def attention(name):
+            adapter.set_text_attention(name)
+            try:
+                yield
+            finally:
+                adapter.set_text_attention("eager")
+        layers = list(range(n_layers))
+        return {"eager": lambda: attention("eager"), "sdpa": lambda: attention("sdpa"),
+                "VAR": lambda: var(adapter, VARConfig(sink_dims=dims, tau=tau, layers=layers)),
+                "knockout": lambda: knockout(adapter, sink_mask, layers=layers)}
+
+    step: dict[int, dict[str, Count]] = {}
+    scan: dict[int, dict[str, Count]] = {}
+    with torch.no_grad():
+        for n, (adapter, batch) in built.items():
+            inputs = adapter.forward_inputs(batch)
+            dims, tau, sink_mask = real_size.sinks_at(adapter, batch)
+
+            def generate(k):
+                return lambda: adapter.model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                                      pad_token_id=0)
+            step[n] = {}
+            for name, context in variants(adapter, dims, tau, sink_mask, n).items():
+                with context():
+                    two, three = counted(generate(2)), counted(generate(3))
+                diff = Count()
+                diff.ops, diff.reads = three.ops - two.ops, three.reads - two.reads
+                step[n][name] = diff
+            tracer = Tracer(adapter)
+            real_size.scan_pass(tracer, adapter, batch, dims, tau)  # locate the ops once
+            scan[n] = {"forward": counted(lambda: adapter.model(**inputs)),
+                       # reads during the trace only: the tables are built on the CPU after the forward
+                       "scan": counted(lambda: real_size.scan_pass(tracer, adapter, batch, dims, tau),
+                                       within=("residual", "attention", "values", "run"))}
+
+    def total(c: Count) -> int:
+        return sum(c.ops.values())
+
+    big, small = args.layers, 2
+    print(f"LLaVA-1.5 structure (Llama layers, {real_size.N_IMAGE} image tokens, prompt "
+          f"{real_size.N_BEFORE + 1 + real_size.N_IMAGE + real_size.N_AFTER} tokens), hidden 128; per layer = "
+          f"({big} layers - {small} layers) / {per_layer}; torch {torch.__version__}")
+    print("one decode step of generate (batch 1):")
+    eager = total(step[big]["eager"])
+    for name in ("eager", "sdpa", "VAR", "knockout"):
+        t_big, t_small = total(step[big][name]), total(step[small][name])
+        layer = (t_big - t_small) / per_layer
+        reads = sum(step[big][name].reads.values())
+        print(f"  {name:<9} {t_big:5d} ops ({layer:5.1f} per layer), host reads in sinkscope code: {reads}")
+    e_layer = (total(step[big]["eager"]) - total(step[small]["eager"])) / per_layer
+    s_layer = (total(step[big]["sdpa"]) - total(step[small]["sdpa"])) / per_layer
+    v_layer = (total(step[big]["VAR"]) - total(step[small]["VAR"])) / per_layer
+    k_layer = (total(step[big]["knockout"]) - total(step[small]["knockout"])) / per_layer
+    print(f"  VAR adds {v_layer - e_layer:.1f} ops per layer to eager, {v_layer - s_layer:.1f} to SDPA; knockout adds "
+          f"{k_layer - e_layer:.1f} to eager")
+    fixed_e = total(step[big]["eager"]) - big * e_layer
+    fixed_s = total(step[big]["sdpa"]) - big * s_layer
+    fixed_v = total(step[big]["VAR"]) - big * v_layer
+    var_step = fixed_v + 32 * v_layer
+    print(f"  operation ratios of a decode step at 32 layers (the launch-bound proxy): VAR / eager = "
+          f"{var_step / (fixed_e + 32 * e_layer):.3f} (goal 1.10), VAR / SDPA = {var_step / (fixed_s + 32 * s_layer):.3f} "
+          f"(goal 1.3)")
+    f_layer = (total(scan[big]["forward"]) - total(scan[small]["forward"])) / per_layer
+    c_layer = (total(scan[big]["scan"]) - total(scan[small]["scan"])) / per_layer
+    reads_big = scan[big]["scan"].reads
+    reads_layer = (sum(reads_big.values()) - sum(scan[small]["scan"].reads.values())) / per_layer
+    print("scan of one sample (prefill, every layer traced):")
+    print(f"  plain eager forward {f_layer:.1f} ops per layer; scan {c_layer:.1f} per layer "
+          f"(ratio {c_layer / f_layer:.2f}); host reads during the trace: {reads_layer:.1f} per layer, "
+          f"{sum(reads_big.values())} per sample")
+    for where, k in sorted(reads_big.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"    {k:4d}  {where}")
+
+
+if __name__ == "__main__":
+    main()
