@@ -34,6 +34,8 @@ import real_size  # noqa: E402  (the same LLaVA-1.5 builder, at a narrow width)
 VIEWS = {"view", "_unsafe_view", "expand", "transpose", "t", "unsqueeze", "squeeze", "slice", "select", "permute",
          "as_strided", "alias", "detach", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape"}
 READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "equal"}
+ALLOCATIONS = {"empty", "empty_strided", "empty_like"}  # the allocator, no kernel
+MAYBE_NOTHING = {"aten::to", "aten::dropout", "aten::contiguous"}  # launch nothing when they have no children
 
 
 class Count(TorchDispatchMode):
@@ -58,6 +60,29 @@ class Count(TorchDispatchMode):
             if mine and (not self.within or any(f.name in self.within for f in frames)):
                 self.reads[f"{name} at {frames[-1].filename.split('/sinkscope/')[-1]}:{frames[-1].lineno}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def profiled(fn) -> int:
+    """Operations that launch work, by torch.profiler: top-level aten operations (views, allocations and no-ops left
+    out) plus the kernels of compiled regions (inductor's kernel profile). The way to count a torch.compile'd edit, which runs no
+    aten operations a dispatch mode could see (and refuses to run under one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        name = event.name
+        if name.startswith("graph_") and "_fused_" in name:
+            count += 1
+        elif name.startswith("aten::") and name.split("::")[1] not in VIEWS | ALLOCATIONS:
+            if name in MAYBE_NOTHING and not event.cpu_children:
+                continue  # a no-op: same dtype and device, dropout at p = 0
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
 
 
 def counted(fn, within: tuple[str, ...] = ()) -> Count:
@@ -97,6 +122,10 @@ def main() -> None:
                 "VAR": lambda: var(adapter, VARConfig(sink_dims=dims, tau=tau, layers=layers)),
                 "knockout": lambda: knockout(adapter, sink_mask, layers=layers)}
 
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # compiled kernels appear in the profiler by name
+    profiled_step: dict[int, dict[str, int]] = {}
     step: dict[int, dict[str, Count]] = {}
     scan: dict[int, dict[str, Count]] = {}
     with torch.no_grad():
@@ -107,13 +136,20 @@ def main() -> None:
             def generate(k):
                 return lambda: adapter.model.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                                       pad_token_id=0)
-            step[n] = {}
-            for name, context in variants(adapter, dims, tau, sink_mask, n).items():
+            step[n], profiled_step[n] = {}, {}
+            contexts = variants(adapter, dims, tau, sink_mask, n)
+            for name, context in contexts.items():
                 with context():
                     two, three = counted(generate(2)), counted(generate(3))
                 diff = Count()
                 diff.ops, diff.reads = three.ops - two.ops, three.reads - two.reads
                 step[n][name] = diff
+            contexts["VAR compiled"] = lambda: var(adapter, VARConfig(sink_dims=dims, tau=tau, layers=list(range(n))),
+                                                   compile=True)
+            for name in ("eager", "sdpa", "VAR", "VAR compiled"):
+                with contexts[name]():
+                    generate(3)()  # compiles, for the compiled variant
+                    profiled_step[n][name] = profiled(generate(3)) - profiled(generate(2))
             tracer = Tracer(adapter)
             real_size.scan_pass(tracer, adapter, batch, dims, tau)  # locate the ops once
             scan[n] = {"forward": counted(lambda: adapter.model(**inputs)),
@@ -148,6 +184,14 @@ def main() -> None:
     print(f"  operation ratios of a decode step at 32 layers (the launch-bound proxy): VAR / eager = "
           f"{var_step / (fixed_e + 32 * e_layer):.3f} (goal 1.10), VAR / SDPA = {var_step / (fixed_s + 32 * s_layer):.3f} "
           f"(goal 1.3)")
+    print("the same by torch.profiler (top-level operations and compiled kernels), to include VAR compiled:")
+    p_layer = {name: (profiled_step[big][name] - profiled_step[small][name]) / per_layer for name in profiled_step[big]}
+    fixed = {name: profiled_step[big][name] - big * p_layer[name] for name in p_layer}
+    at32 = {name: fixed[name] + 32 * p_layer[name] for name in p_layer}
+    for name in ("VAR", "VAR compiled"):
+        print(f"  {name:<13} {p_layer[name]:5.1f} per layer (eager {p_layer['eager']:.1f}, SDPA {p_layer['sdpa']:.1f}); "
+              f"at 32 layers VAR / eager = {at32[name] / at32['eager']:.3f} (goal 1.10), VAR / SDPA = "
+              f"{at32[name] / at32['sdpa']:.3f} (goal 1.3)")
     f_layer = (total(scan[big]["forward"]) - total(scan[small]["forward"])) / per_layer
     c_layer = (total(scan[big]["scan"]) - total(scan[small]["scan"])) / per_layer
     reads_big = scan[big]["scan"].reads
@@ -155,7 +199,7 @@ def main() -> None:
     print("scan of one sample (prefill, every layer traced):")
     print(f"  plain eager forward {f_layer:.1f} ops per layer; scan {c_layer:.1f} per layer "
           f"(ratio {c_layer / f_layer:.2f}); host reads during the trace: {reads_layer:.1f} per layer, "
-          f"{sum(reads_big.values())} per sample")
+          f"{sum(reads_big.values())} per sample (those not per layer read the token kinds, which live on the host)")
     for where, k in sorted(reads_big.items(), key=lambda kv: -kv[1])[:6]:
         print(f"    {k:4d}  {where}")
 

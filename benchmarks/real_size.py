@@ -17,7 +17,7 @@ Per sample (batch 1, prompt = BOS + 4 text + 576 image + 59 text tokens = 640), 
     `--calibration` samples of a run, not a per-sample cost);
   - `generate` of `--new-tokens` tokens with KV cache: eager, SDPA, VAR (every layer edited, sinks
     at tau chosen so ~20 image tokens are sinks; random weights have no massive activations), and
-    knockout of those sinks (every layer);
+    knockout of those sinks (every layer); with `--compile`, VAR with compile=True too;
   - peak memory of the scan over 1 and `--samples` samples: on CUDA the allocator's peak, on the CPU
     peak RSS (VmHWM reset through /proc/self/clear_refs
     before each; per-sample tables written to a run folder as `run_scan` does).
@@ -249,6 +249,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--samples", type=int, default=3, help="samples of the second peak-memory scan")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time VAR with compile=True (each layer's edit fused by torch.compile; compiled in the "
+                         "warm-up run, which is not timed)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.threads:
@@ -295,6 +298,11 @@ def main() -> None:
             run_info["selected"] = int(handle.selected(layers[-1]).sum())
             run_info["sinks"] = int(handle.sinks(layers[-1]).sum())
 
+    @contextlib.contextmanager
+    def with_var_compiled():
+        with var(adapter, VARConfig(sink_dims=dims, tau=tau, layers=layers), compile=True):
+            yield
+
     def with_knockout():
         return knockout(adapter, sink_mask.to(args.device), layers=layers)
 
@@ -307,12 +315,15 @@ def main() -> None:
             "scan": (contextlib.nullcontext, lambda: scan_pass(tracer, adapter, batch, dims, tau)),
             "forward knockout": (with_knockout, forward),
         }, args.repeats))
-        r.update(interleaved({
+        generates = {
             "generate eager": (lambda: attention("eager"), generate),
             "generate sdpa": (lambda: attention("sdpa"), generate),
             "generate var": (with_var, generate),
             "generate knockout": (with_knockout, generate),
-        }, args.repeats))
+        }
+        if args.compile:
+            generates["generate var compiled"] = (with_var_compiled, generate)
+        r.update(interleaved(generates, args.repeats))
     n_sel, n_sinks = run_info["selected"], run_info["sinks"]
     for k, v in r.items():
         print(f"  {k:<20} {v * 1000:9.1f} ms")
@@ -322,6 +333,9 @@ def main() -> None:
     print(f"scan / plain eager forward       = {verdict(r['scan'] / e, 1.2)}   (scan / SDPA forward = {r['scan'] / d:.3f})")
     print(f"VAR generate / eager generate    = {verdict(r['generate var'] / r['generate eager'], 1.10)}")
     print(f"VAR generate / SDPA generate     = {verdict(r['generate var'] / r['generate sdpa'], 1.3)}")
+    if args.compile:
+        print(f"VAR compiled / eager generate    = {verdict(r['generate var compiled'] / r['generate eager'], 1.10)}")
+        print(f"VAR compiled / SDPA generate     = {verdict(r['generate var compiled'] / r['generate sdpa'], 1.3)}")
     print(f"knockout forward / eager forward = {r['forward knockout'] / e:.3f}   knockout generate / eager generate = "
           f"{r['generate knockout'] / r['generate eager']:.3f}")
     # peak memory of the scan: 1 sample vs --samples samples, tables written as run_scan writes them

@@ -4,6 +4,7 @@ planted truth, generate with KV cache on every family, batching, calibration and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -465,3 +466,71 @@ def test_attention_edits_never_wait_for_the_device(organism, which):
     steps, found = _syncs_in_attention(adapter, inputs, contexts[which], new_tokens=3)
     assert steps == 2  # prefill and two decode steps were watched
     assert found == {}
+
+
+def test_compiled_var_is_the_same_edit(organism):
+    """compile=True fuses each layer's edit with torch.compile (here inductor's C++ backend): at prefill and at every
+    decode step it selects the same rows and gives the same probabilities as the unfused edit (sinks still keep
+    exactly 1 - p), and generate picks the same tokens."""
+    adapter, inputs, config, _ = organism
+    layers = list(config.layers or default_layers(adapter.num_layers))
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    runs = {}
+    with torch.no_grad():
+        for compiled in (False, True):
+            before, after = Steps(layers), Steps(layers)
+            with edit_attention(adapter, before), var(adapter, config, compile=compiled) as run, \
+                    edit_attention(adapter, after):
+                out = adapter.model.generate(**inputs, **kw)
+                sinks = {layer: run.sinks(layer) for layer in layers}
+                selected = {layer: run.selected(layer) for layer in layers}  # at the last decode step
+            assert (run.edit._compiled is not None) == compiled and getattr(run.edit, "_compiled_ok", False) == compiled
+            runs[compiled] = (out.sequences, before.seen, after.seen, sinks, selected)
+    (tokens, _, seen, sinks, selected), (tokens_c, seen_before_c, seen_c, sinks_c, selected_c) = runs[False], runs[True]
+    assert torch.equal(tokens, tokens_c)
+    assert len(seen) == len(seen_c) == 3 * len(layers)  # prefill and two decode steps
+    for layer in layers:
+        assert torch.equal(sinks[layer], sinks_c[layer]) and torch.equal(selected[layer], selected_c[layer])
+    assert any(s.any() for s in selected_c.values())
+    for (layer, past, probs), (_, past_c, probs_c), (_, _, raw) in zip(seen, seen_c, seen_before_c):
+        assert past == past_c
+        assert torch.allclose(probs, probs_c, atol=1e-7, rtol=0), (layer, past, float((probs - probs_c).abs().max()))
+        sink_keys = torch.nn.functional.pad(sinks_c[layer], (0, raw.shape[-1] - sinks_c[layer].shape[1]))
+        moved = (probs_c != raw) & sink_keys[:, None, None, :]
+        assert moved.any() and torch.equal(probs_c[moved], raw[moved] * (1 - config.p))  # exactly 1 - p
+
+
+def test_compile_refuses_random_heads(organism):
+    adapter, _, config, _ = organism
+    with pytest.raises(SinkscopeError, match="compile=True cannot draw random heads"):
+        with var(adapter, VARConfig(**{**config.__dict__, "head_selection": "random"}), compile=True):
+            pass
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_var_on_a_tiny_llava(device):
+    """compile=True on the device the model sits on (inductor's C++ backend on the CPU, Triton on a GPU; the CUDA
+    case runs where a GPU is present): the same selections and probabilities as the unfused edit, prefill and decode."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    tiny = tiny_models.build("llava")
+    model = tiny.model.to(device)
+    adapter = adapter_for_model(model, tiny.processor)
+    batch = tiny.inputs(["what is in the image", "describe"], [[tiny.image(0)], [tiny.image(1)]])
+    inputs = {k: v.to(device) for k, v in adapter.forward_inputs(batch).items()}
+    layers = list(range(adapter.num_layers))
+    config = VARConfig(sink_dims=[0, 1], tau=1.5, sink_score="rms", layers=layers, summ=0.05, rho=0.3)
+    seen = {}
+    with torch.no_grad():
+        for compiled in (None, False, True):  # None: no VAR
+            after = Steps(layers)
+            with (contextlib.nullcontext() if compiled is None else var(adapter, config, compile=compiled)), \
+                    edit_attention(adapter, after):
+                adapter.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+            seen[compiled] = after.seen
+    assert len(seen[True]) == len(seen[False]) == 3 * len(layers)
+    edited = 0
+    for (layer, past, probs), (_, _, probs_c), (_, _, plain) in zip(seen[False], seen[True], seen[None]):
+        assert torch.allclose(probs, probs_c, atol=1e-6, rtol=0), (device, layer, past)
+        edited += int((probs_c[..., : plain.shape[-1]] != plain).any(dim=-1).sum()) if past == 0 else 0
+    assert edited > 0  # VAR changed rows at prefill (the decode steps then see different tokens' states)

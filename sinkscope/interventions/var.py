@@ -42,8 +42,8 @@ from typing import Iterator
 import torch
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
-                                               edit_attention)
+from sinkscope.interventions.attention import (SESSION_ATTR, AttentionEdit, EditHandle, EditSession, StepState,
+                                               as_adapter, edit_attention)
 from sinkscope.kinds import PAD
 from sinkscope.measures.sinks import PAPER_TAU, needs_phi_for_tau, sink_threshold
 from sinkscope.runconfig import resolve_sink_score
@@ -249,6 +249,21 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     return probs * torch.matmul(factors, layout.placement), selected
 
 
+def var_region(region: torch.Tensor, columns: torch.Tensor, placement: torch.Tensor, has_visual_sink: torch.Tensor,
+               query_mask: torch.Tensor | None, *, p: float, rho: float, summ: float, mode: str,
+               head_selection: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on a block of rows whose keys are exactly a KeyLayout's: (edited copy, selected).
+
+    region: [batch, head, query, key] float32; columns, placement, has_visual_sink: a KeyLayout's;
+    query_mask: [batch, query] bool or None (every query). The whole edit in one function of tensors,
+    so that `torch.compile` can fuse it (VAREdit with compile=True): no generator, so not for
+    head_selection="random".
+    """
+    factors, selected = var_factors(torch.matmul(region, columns), query_mask, has_visual_sink, p=p, rho=rho,
+                                    summ=summ, mode=mode, head_selection=head_selection)
+    return region * torch.matmul(factors, placement), selected
+
+
 # ---------------------------------------------------------------------------------------
 # the edit
 # ---------------------------------------------------------------------------------------
@@ -260,9 +275,23 @@ def _hidden(args, kwargs) -> torch.Tensor:
 class VAREdit(AttentionEdit):
     """VAR on the layers of a ResolvedVAR; sinks found by pre-hooks on those decoder layers at prefill."""
 
-    def __init__(self, resolved: ResolvedVAR):
+    def __init__(self, resolved: ResolvedVAR, compile: bool = False):
         self.resolved = resolved
         self.config = resolved.config
+        self._compiled = None
+        if compile:
+            c = self.config
+            if c.head_selection == "random":
+                raise SinkscopeError("compile=True cannot draw random heads (torch.compile does not trace a "
+                                     "torch.Generator): use compile=False with head_selection='random'")
+            constants = dict(p=c.p, rho=c.rho, summ=c.summ, mode=c.mode, head_selection=c.head_selection)
+
+            def region_edit(region, columns, placement, has_visual_sink, query_mask):
+                return var_region(region, columns, placement, has_visual_sink, query_mask, **constants)
+            # dynamic: one graph for every prompt length and decode step; fullgraph: a break would bring back
+            # the separate operations this exists to fuse
+            self._compiled = torch.compile(region_edit, dynamic=True, fullgraph=True)
+            self._compiled_ok = False
 
     def layers(self, n_layers: int) -> set[int]:
         return set(self.resolved.layers)
@@ -313,10 +342,14 @@ class VAREdit(AttentionEdit):
             layout = self._layout(memory, layer, sinks, prompt, probs)
             region = probs[:, :, start:, : prompt.length]
             queries = None if state.past_length >= prompt.length else state.default_query_mask()[:, start:]
-            factors, selected_tail = var_factors(
-                torch.matmul(region, layout.columns), queries, layout.has_visual_sink, p=c.p, rho=c.rho, summ=c.summ,
-                mode=c.mode, head_selection=c.head_selection, generator=generator)
-            region.mul_(torch.matmul(factors, layout.placement))
+            if self._compiled is not None:
+                edited, selected_tail = self._run_compiled(region, layout, queries)
+                region.copy_(edited)
+            else:
+                factors, selected_tail = var_factors(
+                    torch.matmul(region, layout.columns), queries, layout.has_visual_sink, p=c.p, rho=c.rho,
+                    summ=c.summ, mode=c.mode, head_selection=c.head_selection, generator=generator)
+                region.mul_(torch.matmul(factors, layout.placement))
             out = probs
         else:  # sliding-window caches, a prompt fed in chunks, or autograd: the general path
             tail, selected_tail = var_probs(
@@ -333,6 +366,19 @@ class VAREdit(AttentionEdit):
         selected = selected_tail if start == 0 else torch.nn.functional.pad(selected_tail, (start, 0), value=False)
         memory["selected"][layer] = selected
         return out
+
+    def _run_compiled(self, region: torch.Tensor, layout: KeyLayout, queries):
+        """The compiled region edit; its first call compiles (seconds), and a failure to compile names the way out."""
+        if self._compiled_ok:
+            return self._compiled(region, layout.columns, layout.placement, layout.has_visual_sink, queries)
+        try:
+            result = self._compiled(region, layout.columns, layout.placement, layout.has_visual_sink, queries)
+        except Exception as error:  # the backend's own errors vary with the device and toolchain
+            raise SinkscopeError(f"VAR with compile=True: torch.compile failed on {region.device} ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''}); on the CPU it needs a C++ "
+                                 "compiler, on a GPU Triton. Run with compile=False (the same edit, unfused)") from error
+        self._compiled_ok = True
+        return result
 
     def _layout(self, memory: dict, layer: int, sinks: torch.Tensor, prompt, probs: torch.Tensor) -> KeyLayout:
         """The KeyLayout of `layer` over the prompt's keys, made at its first use after each prefill."""
@@ -370,16 +416,27 @@ class VARRun:
 
     def sinks(self, layer: int) -> torch.Tensor:
         """[batch, prompt_len] bool: the sinks found at prefill entering `layer`."""
-        return self.session.memory(self.edit)["sinks"][layer]
+        return self._memory("sinks", layer)["sinks"][layer]
 
     def selected(self, layer: int) -> torch.Tensor:
         """[batch, head, query] bool: the (head, query) VAR edited in `layer` at the last forward step."""
-        return self.session.memory(self.edit)["selected"][layer]
+        return self._memory("selected", layer)["selected"][layer]
+
+    def _memory(self, key: str, layer: int) -> dict:
+        """This run's memory of the edit, or, when another edit block is open inside this one (its session runs
+        VAR too, and keeps its own memory), that session's."""
+        memory = self.session.memory(self.edit)
+        if layer in memory.get(key, {}):
+            return memory
+        current = getattr(self.session.adapter.attention(layer), SESSION_ATTR, None)
+        if current is not None and current is not self.session and self.edit in current.edits:
+            return current.memory(self.edit)
+        return memory
 
 
 @contextlib.contextmanager
 def var(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
-        fallback: str = "sdpa") -> Iterator[VARRun]:
+        fallback: str = "sdpa", compile: bool = False) -> Iterator[VARRun]:
     """VAR on the language model inside the block (any `model(...)` / `model.generate(...)`).
 
     config: VARConfig (default: paper defaults; sink_dims must be pinned or calibrated).
@@ -387,26 +444,29 @@ def var(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
       lacks sink_dims or tau, `calibrate` fills them first.
     fallback: how layers VAR does not edit are computed ("sdpa", or "eager" for bitwise comparisons
       with an eager model). Yields a VARRun. The model is restored on exit, also after an exception.
+    compile: fuse the edit of each layer (masses, selection, factors, product) with `torch.compile`: one
+      kernel instead of ~19 operations per layer and step, for GPUs where a decode step waits on kernel
+      launches. The first call compiles (seconds to a minute); not with head_selection="random".
     """
     adapter = as_adapter(model_or_adapter)
     config = (config or VARConfig()).validate()
     if calibration is not None and (config.sink_dims is None or config.tau is None):
         config = calibrate(adapter, calibration, config)
     resolved = resolve(config, adapter)
-    edit = VAREdit(resolved)
+    edit = VAREdit(resolved, compile=compile)
     with edit_attention(adapter, edit, fallback=fallback) as session:
         yield VARRun(resolved, edit, session)
 
 
 def enable(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
-           fallback: str = "sdpa") -> EditHandle:
+           fallback: str = "sdpa", compile: bool = False) -> EditHandle:
     """Switch VAR on for a loaded model until `handle.disable()`.
 
     For pipelines that call the model themselves: the language model's attention implementation
     becomes "sinkscope_edit" (ATTENTION_NAME) with VAR attached to this model instance; other
     models are untouched. `handle.session` is the EditSession.
     """
-    return EditHandle(var(model_or_adapter, config, calibration=calibration, fallback=fallback))
+    return EditHandle(var(model_or_adapter, config, calibration=calibration, fallback=fallback, compile=compile))
 
 
 # ---------------------------------------------------------------------------------------
