@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import sys
 import traceback
@@ -97,28 +96,18 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    real_size.SHAPES["narrow"] = real_size.Shape(hidden=128, heads=4, kv_heads=4, intermediate=256, vocab=32064)
+    narrow = real_size.Shape(hidden=128, heads=4, kv_heads=4, intermediate=256, vocab=32064)
     from sinkscope.interventions.knockout import knockout
     from sinkscope.interventions.var import VARConfig, var
     from sinkscope.trace import Tracer
 
-    real_size.SHAPES["llava"], saved = real_size.SHAPES["narrow"], real_size.SHAPES["llava"]
-    try:
-        built = {n: real_size.build("llava", n, torch.float32, "cpu") for n in (2, args.layers)}
-    finally:
-        real_size.SHAPES["llava"] = saved
+    built = {n: real_size.build("llava", n, torch.float32, "cpu", shape=narrow) for n in (2, args.layers)}
     per_layer = args.layers - 2
 
     def variants(adapter, dims, tau, sink_mask, n_layers):
-        @contextlib.contextmanager
-        def attention(name):
-            adapter.set_text_attention(name)
-            try:
-                yield
-            finally:
-                adapter.set_text_attention("eager")
         layers = list(range(n_layers))
-        return {"eager": lambda: attention("eager"), "sdpa": lambda: attention("sdpa"),
+        return {"eager": lambda: real_size.attention_as(adapter, "eager"),
+                "sdpa": lambda: real_size.attention_as(adapter, "sdpa"),
                 "VAR": lambda: var(adapter, VARConfig(sink_dims=dims, tau=tau, layers=layers)),
                 "knockout": lambda: knockout(adapter, sink_mask, layers=layers)}
 

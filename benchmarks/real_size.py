@@ -82,10 +82,10 @@ def _fill_random(model: torch.nn.Module, seed: int) -> None:
                     p.normal_(0.0, 0.02, generator=generators[p.device])
 
 
-def build_llava(layers: int, device: str = "cpu"):
+def build_llava(layers: int, device: str = "cpu", shape: Shape | None = None):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    s = SHAPES["llava"]
+    s = shape or SHAPES["llava"]
     text = LlamaConfig(hidden_size=s.hidden, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                        intermediate_size=s.intermediate, vocab_size=s.vocab, num_hidden_layers=layers,
                        max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -104,11 +104,11 @@ def build_llava(layers: int, device: str = "cpu"):
     return model, batch
 
 
-def build_qwen2_vl(layers: int, device: str = "cpu"):
+def build_qwen2_vl(layers: int, device: str = "cpu", shape: Shape | None = None):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    s = SHAPES["qwen2_vl"]
+    s = shape or SHAPES["qwen2_vl"]
     text = dict(hidden_size=s.hidden, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                 intermediate_size=s.intermediate, vocab_size=s.vocab, num_hidden_layers=layers,
                 max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -130,11 +130,11 @@ def build_qwen2_vl(layers: int, device: str = "cpu"):
     return model, batch
 
 
-def build(family: str, layers: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """(adapter, batch) of a random 7B-wide model of `family` with `layers` decoder layers."""
+def build(family: str, layers: int, dtype: torch.dtype, device: str, seed: int = 0, shape: Shape | None = None):
+    """(adapter, batch) of a random 7B-wide model of `family` with `layers` decoder layers (`shape`: another width)."""
     from sinkscope.models import adapter_for_model
 
-    model, batch = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}[family](layers, device)
+    model, batch = {"llava": build_llava, "qwen2_vl": build_qwen2_vl}[family](layers, device, shape)
     _fill_random(model, seed)
     model = model.to(dtype=dtype).eval()
     adapter = adapter_for_model(model, None, f"{family}-7b-width-{layers}-layers")
@@ -235,6 +235,16 @@ def scan_pass(tracer, adapter, batch, dims, tau, folder=None, sample_id=0) -> No
         folder.mark_done([sample_id])
 
 
+@contextlib.contextmanager
+def attention_as(adapter, name: str):
+    """The language model's attention implementation set to `name` inside the block, back to eager after it."""
+    adapter.set_text_attention(name)
+    try:
+        yield
+    finally:
+        adapter.set_text_attention("eager")
+
+
 def verdict(value: float, goal: float) -> str:
     return f"{value:.3f} (goal <= {goal:g}: {'met' if value <= goal else 'NOT met'})"
 
@@ -283,13 +293,8 @@ def main() -> None:
     tracer = Tracer(adapter)
     run_info: dict = {}
 
-    @contextlib.contextmanager
     def attention(name):
-        adapter.set_text_attention(name)
-        try:
-            yield
-        finally:
-            adapter.set_text_attention("eager")
+        return attention_as(adapter, name)
 
     @contextlib.contextmanager
     def with_var():
