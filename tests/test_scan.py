@@ -362,11 +362,11 @@ def _planted_kinds():
     return TokenKinds(kind, torch.where(kind == VISUAL, 0, -1))
 
 
-def _reduction(kinds, host):
+def _reduction(kinds, host, defer=False, score="rms", block_bytes=2**29):
     from sinkscope.analyses.scan import ScanLayerReduction
 
-    return ScanLayerReduction([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, "rms", kinds, kinds.queries_after_image(), True,
-                              host=host)
+    return ScanLayerReduction([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, score, kinds, kinds.queries_after_image(), True,
+                              host=host, defer=defer, block_bytes=block_bytes)
 
 
 def test_scan_reductions_read_nothing_back_from_the_device():
@@ -416,3 +416,68 @@ def test_scan_reductions_kept_on_the_device_equal_those_sent_per_layer():
     for row in range(3):
         assert torch.equal(a["median"][row], states[row][real[row]].abs().median())
     assert torch.equal(a["profile_bos"], (states[0, 2] / states[0, 2].pow(2).mean().add(1e-6).sqrt()))
+
+
+@pytest.mark.parametrize("score", ["rms", "layer"])
+@pytest.mark.parametrize("block_bytes", [2**29, 1])
+def test_deferred_reductions_in_blocks_of_layers_equal_the_per_layer_ones(score, block_bytes):
+    """The local scan keeps each layer's state and query rows and reduces them in blocks of layers after the
+    forward (block_bytes=1: one layer per block); every payload equals the one reduced as its layer ran."""
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(1)
+    n_layers = 4
+    states = [torch.randn(3, 9, 16, generator=g) * torch.linspace(0.5, 3.0, 16) for _ in range(n_layers)]
+    for layer, s in enumerate(states):
+        s[:, :, 3] += (10.0 + 20 * layer) * (kinds.kind == 0)  # a sink dim on BOS, growing
+        s[:, 5, 1] += 6.0 * layer  # and an image token that grows one
+    probs = [torch.softmax(torch.randn(3, 4, 9, 9, generator=g) * 2, dim=-1) for _ in range(n_layers)]
+    now, later = _reduction(kinds, host=True, score=score), _reduction(kinds, host=False, defer=True, score=score,
+                                                                       block_bytes=block_bytes)
+    expected = {}
+    for layer in range(n_layers):
+        expected[("residual", layer)] = now.residual(layer, states[layer])
+        expected[("attention", layer)] = now.attention(layer, probs[layer])
+        assert later.residual(layer, states[layer]) is None and later.attention(layer, probs[layer]) is None
+    got = later.finish()
+    assert [(kind, layer) for kind, layer, _ in got] == ([("residual", l) for l in range(n_layers)]
+                                                         + [("attention", l) for l in range(n_layers)])
+    for kind, layer, payload in got:
+        want = expected[(kind, layer)]
+        assert payload.keys() == want.keys()
+        for key in want:
+            assert payload[key].shape == want[key].shape, (kind, layer, key)
+            if payload[key].dtype.is_floating_point:
+                assert torch.allclose(payload[key], want[key], rtol=1e-6, atol=1e-7, equal_nan=True), (kind, layer, key)
+            else:
+                assert torch.equal(payload[key], want[key]), (kind, layer, key)
+    sinks = [expected[("residual", l)]["phi"] >= 2.0 for l in range(n_layers)]
+    assert any(s[:, 5].any() for s in sinks) and all(s[:, 2].any() or s[:, 0].any() for s in sinks)  # sinks exist
+
+
+def test_deferred_reductions_do_two_copies_per_layer_during_the_trace():
+    """Deferred (the local scan), a layer costs one copy of its state and one of its query rows while the forward
+    runs; everything else waits for finish(), which also runs on the meta device (reads nothing back)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[1]
+            if name not in ("view", "slice", "detach", "alias", "as_strided", "unsqueeze", "expand", "empty",
+                            "empty_like", "empty_strided"):  # views and allocations launch nothing
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    kinds = _planted_kinds()
+    kinds = type(kinds)(kinds.kind[:2], kinds.image_index[:2])
+    reduction = _reduction(kinds, host=False, defer=True)
+    for layer in range(3):
+        with Ops() as ops:
+            reduction.residual(layer, torch.empty(2, 9, 16, device="meta"))
+            reduction.attention(layer, torch.empty(2, 4, 9, 9, device="meta"))
+        assert ops.names == ["clone", "clone"], ops.names
+    payloads = reduction.finish()
+    assert len(payloads) == 6 and all(v.device.type == "meta" for _, _, p in payloads for v in p.values())

@@ -75,17 +75,27 @@ class ScanLayerReduction:
     [batch, token]; per head, the query-averaged image attention, visual-sink attention, visual non-sink
     ratio and image-centric share [batch, head].
 
-    host: payloads are moved to the CPU as each layer ends (what a remote trace sends back); with
-    host=False they stay on the model's device and the caller moves them after the forward, so a layer
-    never waits for the device: the token kinds are known on the host (`kinds` is a CPU TokenKinds), so
-    every choice that depends on them (which rows of a sample are real, where its BOS is) is made here,
-    in Python, and no reduction reads a device value back (no host sync between layers).
+    Every measure is computed for a block of layers at once ([batch, layer, ...]); the two ways to run:
+    - per layer (`defer=False`, what a remote trace runs): each call reduces its own layer and returns its
+      payload, moved to the CPU when `host` (what the remote trace sends back);
+    - deferred (`defer=True`, the local scan): a call keeps the layer's residual state and the query rows of
+      its attention (one copy each) and returns None; `finish()` then reduces the kept layers in blocks of
+      layers after the forward and returns every payload, on the model's device. The per-layer work in the
+      forward is then two copies, instead of ~90 operations, for a GPU whose batch-1 forward waits on launches.
+    Neither reads a device value back: the token kinds are known on the host (`kinds` is a CPU TokenKinds), so
+    every choice that depends on them (which rows of a sample are real, where its BOS is, which rows are
+    queries) is made here, in Python.
+    block_bytes: the largest float32 block (layers x batch x tokens x width, or x heads x query rows x keys)
+    `finish()` reduces at once.
     """
 
-    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True):
+    def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True,
+                 defer: bool = False, block_bytes: int = 2**29):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score, self.kinds, self.queries, self.profile, self.host = score, kinds, queries, profile, host
+        self.defer, self.block_bytes = defer, block_bytes
         self.phi: dict = {}
+        self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
         self._on: dict = {}  # device -> (kinds, queries) there, copied once per batch
         kinds = kinds.to("cpu")
         real = kinds.real_mask
@@ -93,6 +103,8 @@ class ScanLayerReduction:
         self.bos_position = _first(kinds.bos_mask[0])
         self.has_visual = bool(kinds.visual_mask[0].any())
         self.text_positions = torch.nonzero(kinds.text_mask[0]).flatten()
+        rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
+        self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
 
     def _device(self, device, width: int | None = None):
         """(kinds, queries, text positions of row 0, sink-dim index) on `device`, copied there once per batch."""
@@ -115,48 +127,102 @@ class ScanLayerReduction:
     def _out(self, out: dict) -> dict:
         return {k: v.cpu() for k, v in out.items()} if self.host else out
 
+    # -- the two ways to run -----------------------------------------------------------
     def residual(self, layer, states):
-        x = states.detach().float()
-        kinds, _, text_positions, dims = self._device(x.device, x.shape[-1])
-        real = kinds.real_mask
-        batch, n_tok, dim = x.shape
-        rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, token]
-        mags = x.abs().masked_fill(~real[..., None], -1.0).reshape(batch, -1)
-        top = mags.topk(min(self.top_k, n_tok * dim), dim=1)
-        position = torch.div(top.indices, dim, rounding_mode="floor")
-        k3 = mags.topk(min(3, n_tok * dim), dim=1).values
-        median = torch.stack([self._median(x, real, b) for b in range(batch)])
-        phi = sinks.sink_score(states, dims, self.score, real, self.eps).float()
-        self.phi[layer] = phi
-        out = {"phi": phi, "top_value": x.reshape(batch, -1).gather(1, top.indices), "top_position": position,
-               "top_dim": top.indices % dim, "top_rms": rms.gather(1, position), "top3": k3, "median": median,
-               "n_real": real.sum(dim=1)}
-        if self.profile:
-            normed = massive.rms_normalize(x[0:1], self.eps)[0]  # [token, dim]
-            if self.bos_position is not None:
-                out["profile_bos"] = normed[self.bos_position]
-            if self.has_visual:
-                pos = torch.where(kinds.visual_mask[0], phi[0], torch.full_like(phi[0], -1.0)).argmax()
-                out["profile_visual"], out["profile_visual_position"] = normed.index_select(0, pos[None])[0], pos
-            if text_positions.numel():
-                out["profile_text_median"] = normed.index_select(0, text_positions).median(dim=0).values
-        return self._out(out)
+        if self.defer:
+            self._kept["residual"][layer] = states.detach().clone()
+            return None
+        block = self._residual_block(states.detach()[:, None])
+        self.phi[layer] = block["phi"][:, 0]
+        return self._out(_layer_of(block, 0))
 
     def attention(self, layer, probs):
-        probs = probs.detach().float()
+        first, stop = self.query_rows
+        if self.defer:
+            self._kept["attention"][layer] = probs.detach()[:, :, first:stop].clone()
+            return None
+        phi = self.phi[layer].to(probs.device)[:, None]  # phi: where the layer input was
+        return self._out(_layer_of(self._attention_block(probs.detach()[:, None, :, first:stop], phi), 0))
+
+    def finish(self) -> list[tuple[str, int, dict]]:
+        """The kept layers' payloads (kind, layer, payload), reduced in blocks of layers; empties the store."""
+        out = []
+        layers = sorted(self._kept["residual"])
+        for block_layers in self._blocks(layers, self._kept["residual"]):
+            block = self._residual_block(torch.stack([self._kept["residual"].pop(l) for l in block_layers], dim=1))
+            for i, layer in enumerate(block_layers):
+                self.phi[layer] = block["phi"][:, i]
+                out.append(("residual", layer, self._out(_layer_of(block, i))))
+        layers = sorted(self._kept["attention"])
+        for block_layers in self._blocks(layers, self._kept["attention"]):
+            probs = torch.stack([self._kept["attention"].pop(l) for l in block_layers], dim=1)
+            phi = torch.stack([self.phi[l].to(probs.device) for l in block_layers], dim=1)
+            block = self._attention_block(probs, phi)
+            out += [("attention", layer, self._out(_layer_of(block, i))) for i, layer in enumerate(block_layers)]
+        return out
+
+    def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
+        if not layers:
+            return []
+        per_layer = 4 * kept[layers[0]].numel()  # float32 bytes of one layer
+        size = max(1, self.block_bytes // max(1, per_layer))
+        return [layers[i: i + size] for i in range(0, len(layers), size)]
+
+    # -- the measures, on a block of layers ----------------------------------------------
+    def _residual_block(self, states: torch.Tensor) -> dict:
+        """states [batch, layer, token, dim] -> payload tensors [batch, layer, ...] (profile ones [layer, ...])."""
+        x = states.float()
+        kinds, _, text_positions, dims = self._device(x.device, x.shape[-1])
+        real = kinds.real_mask
+        batch, n_layers, n_tok, dim = x.shape
+        rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, layer, token]
+        mags = x.abs().masked_fill(~real[:, None, :, None], -1.0).reshape(batch, n_layers, -1)
+        top = mags.topk(min(self.top_k, n_tok * dim), dim=-1)
+        position = torch.div(top.indices, dim, rounding_mode="floor")
+        k3 = mags.topk(min(3, n_tok * dim), dim=-1).values
+        median = torch.stack([torch.stack([self._median(x[:, i], real, b) for i in range(n_layers)])
+                              for b in range(batch)])
+        phi = sinks.sink_score(states, dims, self.score, real, self.eps).float()  # [batch, layer, token]
+        out = {"phi": phi, "top_value": x.reshape(batch, n_layers, -1).gather(-1, top.indices),
+               "top_position": position, "top_dim": top.indices % dim, "top_rms": rms.gather(-1, position),
+               "top3": k3, "median": median, "n_real": real.sum(dim=1)[:, None].expand(batch, n_layers)}
+        if self.profile:
+            normed = massive.rms_normalize(x[0], self.eps)  # [layer, token, dim]
+            if self.bos_position is not None:
+                out["profile_bos"] = normed[:, self.bos_position]
+            if self.has_visual:
+                pos = torch.where(kinds.visual_mask[0], phi[0], torch.full_like(phi[0], -1.0)).argmax(dim=-1)
+                out["profile_visual"] = normed[torch.arange(n_layers, device=x.device), pos]
+                out["profile_visual_position"] = pos
+            if text_positions.numel():
+                out["profile_text_median"] = normed.index_select(1, text_positions).median(dim=1).values
+        return out
+
+    def _attention_block(self, probs: torch.Tensor, phi: torch.Tensor) -> dict:
+        """probs [batch, layer, head, query row, key] (the rows `query_rows`), phi [batch, layer, key] ->
+        payload tensors [batch, layer, ...]."""
+        probs = probs.float()
         kinds, queries, _, _ = self._device(probs.device)
-        sink = (self.phi[layer].to(probs.device) >= self.tau) & kinds.real_mask  # phi: where the layer input was
-        n_q = queries.sum(dim=1).clamp_min(1)  # [batch]
-        received = (probs.mean(dim=1) * queries[:, :, None].float()).sum(dim=1) / n_q[:, None]  # [batch, key]
-        stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & kinds.visual_mask, queries)
+        first, stop = self.query_rows
+        queries = queries[:, first:stop]  # [batch, query row]
+        real, visual = kinds.real_mask[:, None, :], kinds.visual_mask[:, None, :]
+        sink = (phi >= self.tau) & real  # [batch, layer, key]
+        qf = queries.float()
+        denom = qf.sum(dim=-1).clamp_min(1)  # [batch]
+        received = (probs.mean(dim=2) * qf[:, None, :, None]).sum(dim=2) / denom[:, None, None]  # [batch, layer, key]
+        stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & visual, queries)
         centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
-        qf = queries[:, None, :].float()  # [batch, 1, query]
-        denom = qf.sum(dim=-1).clamp_min(1)
-        out = {name: (value.float() * qf).sum(-1) / denom for name, value in (  # [batch, head]
+        weights = qf[:, None, None, :]  # [batch, 1, 1, query row]
+        out = {name: (value.float() * weights).sum(-1) / denom[:, None, None] for name, value in (  # [batch, layer, head]
             ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
             ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
         out["received"] = received
-        return self._out(out)
+        return out
+
+
+def _layer_of(block: dict, i: int) -> dict:
+    """Layer i's payload from a block's: [batch, layer, ...] -> [batch, ...]; profile rows [layer, ...] -> [...]."""
+    return {k: (v[i] if k.startswith("profile") else v[:, i]) for k, v in block.items()}
 
 
 def _span(real_row: torch.Tensor) -> tuple[int, int] | None:
@@ -221,11 +287,13 @@ class ScanReducer:
 
     def residual(self, layer: int, states: torch.Tensor):
         if getattr(self, "_local", None) is None:
-            self._local = self.in_trace(host=False)  # payloads stay on the device until end()
-        self.take("residual", layer, self._local.residual(layer, states))
+            self._local = ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps,
+                                             self.score, self.kinds, self.queries, self.want_profile, host=False,
+                                             defer=True)  # kept per layer, reduced after the forward
+        self._local.residual(layer, states)
 
     def attention(self, layer: int, probs: torch.Tensor):
-        self.take("attention", layer, self._local.attention(layer, probs))
+        self._local.attention(layer, probs)
 
     def take(self, kind: str, layer: int, payload: dict) -> None:
         """Keep one layer's reductions (ScanLayerReduction), made here or by a remote trace; tables in `end()`."""
@@ -243,8 +311,11 @@ class ScanReducer:
         return entry
 
     def end(self):
-        """Bring the kept payloads to the CPU (the one wait for the device per batch) and build the batch's tables
-        (layer order as traced, then sample, then rank)."""
+        """Reduce what the local trace kept (in blocks of layers), bring the payloads to the CPU (the one wait for
+        the device per batch) and build the batch's tables (layer order as traced, then sample, then rank)."""
+        if getattr(self, "_local", None) is not None:
+            for kind, layer, payload in self._local.finish():
+                self.take(kind, layer, payload)
         payloads = {kind: [(layer, {k: v.cpu() for k, v in p.items()}) for layer, p in kept]
                     for kind, kept in self._payloads.items()}
         for layer, p in payloads["residual"]:

@@ -46,38 +46,46 @@ def visual_attention_stats(attn: torch.Tensor, image_mask: torch.Tensor, sink_ma
                            query_mask: torch.Tensor | None = None) -> VisualAttentionStats:
     """Image, visual-sink and visual-non-sink attention of every query of every head.
 
-    attn: [batch, head, query, key] post-softmax attention of one layer.
-    image_mask: [batch, key] bool, image tokens. sink_mask: [batch, key] bool, sink tokens of
-      this layer (any kind; only those that are image tokens count as visual sinks).
+    attn: [batch, head, query, key] post-softmax attention of one layer, or [batch, layer, head, query, key]
+      for several layers at once (any leading dims before head, matched by the masks').
+    image_mask: [batch, key] bool, image tokens. sink_mask: [batch, key] bool (or [batch, layer, key]), sink
+      tokens of the layer (any kind; only those that are image tokens count as visual sinks).
     query_mask: [batch, query] bool (default all).
-    Returns VisualAttentionStats; visual_nonsink_ratio is 0 where image_attention is 0.
+    Returns VisualAttentionStats ([batch, (layer,) head, query]); visual_nonsink_ratio is 0 where image_attention
+    is 0. The three sums are one product with a [key, 3] column matrix.
     """
-    if attn.dim() != 4:
+    if attn.dim() < 4:
         raise ValueError(f"attn must be [batch, head, query, key], got {tuple(attn.shape)}")
-    batch, _, n_q, n_k = attn.shape
+    batch, n_q, n_k = attn.shape[0], attn.shape[-2], attn.shape[-1]
+    lead = tuple(attn.shape[:-3])  # (batch,) or (batch, layer)
     for name, m in (("image_mask", image_mask), ("sink_mask", sink_mask)):
-        if tuple(m.shape) != (batch, n_k):
+        if tuple(m.shape) not in ((batch, n_k), lead + (n_k,)):
             raise ValueError(f"{name} must be [batch, key] = {(batch, n_k)}, got {tuple(m.shape)}")
     if query_mask is None:
         query_mask = torch.ones(batch, n_q, dtype=torch.bool, device=attn.device)
     elif tuple(query_mask.shape) != (batch, n_q):
         raise ValueError(f"query_mask must be [batch, query] = {(batch, n_q)}, got {tuple(query_mask.shape)}")
     a = attn.float()
+    extra = (1,) * (len(lead) - 1)  # a [batch, key] mask over every layer
     image = image_mask.to(a.device).bool()
     sink = sink_mask.to(a.device).bool()
-    image_att = torch.einsum("bhqk,bk->bhq", a, image.float())
-    vsink_att = torch.einsum("bhqk,bk->bhq", a, (image & sink).float())
-    nonsink_att = torch.einsum("bhqk,bk->bhq", a, (image & ~sink).float())
+    image = image.reshape(image.shape[:1] + extra + image.shape[1:]) if image.dim() == 2 else image
+    sink = sink.reshape(sink.shape[:1] + extra + sink.shape[1:]) if sink.dim() == 2 else sink
+    columns = torch.stack(torch.broadcast_tensors(image, image & sink, image & ~sink), dim=-1).float()
+    masses = torch.matmul(a, columns.unsqueeze(-3))  # [..., head, query, 3]
+    image_att, vsink_att, nonsink_att = masses.unbind(-1)
     ratio = torch.where(image_att > 0, nonsink_att / image_att.clamp_min(1e-30), torch.zeros_like(image_att))
     return VisualAttentionStats(image_att, vsink_att, nonsink_att, ratio.clamp(0.0, 1.0),
                                 query_mask.to(a.device).bool())
 
 
 def image_centric_from_stats(stats: VisualAttentionStats, rho: float, summ: float) -> torch.Tensor:
-    """`image_centric_mask` from stats already computed: bool [batch, head, query]."""
+    """`image_centric_mask` from stats already computed: bool [batch, (layer,) head, query]."""
     _check_rho_summ(rho, summ)
+    queries = stats.query_mask.reshape(stats.query_mask.shape[:1] + (1,) * (stats.image_attention.dim() - 2)
+                                       + stats.query_mask.shape[1:])
     return ((stats.image_attention >= summ) & (stats.image_attention > 0) & (stats.visual_nonsink_ratio >= rho)
-            & stats.query_mask[:, None, :])
+            & queries)
 
 
 def image_centric_mask(attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: torch.Tensor, rho: float = 0.5,
