@@ -14,7 +14,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("measures", ("measures",)),
     ("world", ("world",)),
     ("models", ("models",)),
-    ("trace", ("trace", "calibration")),
+    ("trace", ("trace", "calibration", "eager")),
     ("interventions", ("interventions",)),
     ("eval", ("eval",)),
     ("presentation", ("findings", "questions", "plots", "markdown", "viewer")),

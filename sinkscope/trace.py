@@ -3,8 +3,10 @@
 For each requested layer of the language model, one forward pass exposes
   - the residual stream entering the layer: [batch, token, dim] (= `output_hidden_states[l]`);
   - the post-softmax attention probabilities: [batch, head, query, key] (= eager
-    `output_attentions[l]`), read from the op that follows softmax inside the attention
-    function, found by inspection (nnsight op labels change between versions).
+    `output_attentions[l]`): in a local run, handed over by sinkscope's own eager attention function
+    (`sinkscope.eager.capturing`, bitwise eager); in a remote run, or when value states are asked
+    for too, read through nnsight from the op that follows softmax inside the attention function,
+    found by inspection (nnsight op labels change between versions).
 
 Reducers receive these tensors layer by layer while the forward pass runs and keep only what
 they need, so a scan over N samples never holds N samples of attention maps:
@@ -229,7 +231,8 @@ class Tracer:
         return BatchInfo(ids, kinds, list(sample_ids) if sample_ids is not None else list(range(ids.shape[0])))
 
     def run(self, batch, reducers, layers=None, residual: bool = True, attention: bool = True,
-            sample_ids=None, return_logits: bool = False, values: bool = False, remote: str | None = None):
+            sample_ids=None, return_logits: bool = False, values: bool = False, remote: str | None = None,
+            via_source: bool = False):
         """One forward pass; feed each requested layer's tensors to every reducer.
 
         batch: processor output (input_ids, attention_mask, pixel_values, ...).
@@ -239,6 +242,8 @@ class Tracer:
         any repeat for grouped-query attention), read from that call's inputs.
         remote: None (run here) or "local" (nnsight's serialised dry run of NDIF): every reducer must be a
         `RemoteReducer`; only its in-trace part's payloads come back.
+        via_source: read the probabilities through nnsight's `.source` also in a local run (as remote runs and
+        runs with `values` do; a local run otherwise takes them from `sinkscope.eager.capturing`).
         """
         if attention and self.adapter.text_attention != "eager":
             raise SinkscopeError(
@@ -260,17 +265,25 @@ class Tracer:
         layer_envoys, attn_envoys = self._envoys
         if values and self._labels is None and layers:
             # locate the ops once in a pass of their own: the call's inputs come before its inner ops
-            self.run(batch, [], layers=[layers[0]], residual=False, attention=True)
+            self.run(batch, [], layers=[layers[0]], residual=False, attention=True, via_source=True)
         if remote:
             if return_logits:
                 raise SinkscopeError("a remote trace brings back reductions only, not the logits")
             if (attention or values) and self._labels is None and layers:
-                self.run(batch, [], layers=[layers[0]], residual=False, attention=True)  # locate the ops here
+                self.run(batch, [], layers=[layers[0]], residual=False, attention=True,
+                         via_source=True)  # locate the ops here
             self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
             for r in reducers:
                 r.end()
             return None
         holder: dict = {}
+        if attention and not values and not via_source:
+            # the probabilities come from sinkscope's capture function, not from nnsight's `.source` (which would
+            # wrap every operation of every attention forward): the same tensor eager attention multiplies V with
+            self._run_captured(inputs, reducers, layers, residual, holder if return_logits else None)
+            for r in reducers:
+                r.end()
+            return holder.get("logits")
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
                 if residual:
@@ -294,6 +307,29 @@ class Tracer:
         for r in reducers:
             r.end()
         return holder.get("logits")
+
+    def _run_captured(self, inputs, reducers, layers, residual: bool, holder: dict | None) -> None:
+        """A local trace whose attention probabilities come from `eager.capturing`: residual states through nnsight
+        (the layer's input), probabilities handed over by the registered capture function as each layer computes
+        them, so a reducer sees layer i's residual, then its attention, then layer i + 1's."""
+        from sinkscope.eager import capturing
+
+        wanted = set(layers)
+        layer_envoys, _ = self._envoys
+
+        def hand(layer, probs):
+            if layer in wanted:
+                for r in reducers:
+                    r.attention(layer, probs)
+
+        with capturing(self.adapter, hand), torch.no_grad(), self.envoy.trace(**inputs):
+            if residual:
+                for i in layers:
+                    states = layer_envoys[i].input
+                    for r in reducers:
+                        r.residual(i, states)
+            if holder is not None:
+                holder["logits"] = self.envoy.output.logits.detach().clone()
 
     def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
         """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire."""

@@ -189,3 +189,49 @@ def test_left_padded_batch_equals_single_runs(traced):
             torch.testing.assert_close(probs[:, real][:, :, real], alone.attention[layer][0], atol=1e-5, rtol=0)
             assert float(probs[:, real][:, :, ~real].abs().sum()) < 1e-6  # real queries ignore padding
         torch.testing.assert_close(cache.logits[row][real], alone.logits[0], atol=1e-5, rtol=0)
+
+
+class _Keep:
+    def __init__(self):
+        self.probs, self.states = {}, {}
+
+    def begin(self, info):
+        pass
+
+    def residual(self, layer, states):
+        self.states[layer] = states.detach().clone()
+
+    def attention(self, layer, probs):
+        self.probs[layer] = probs.detach().clone()
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_probabilities_come_from_the_capture_function_bitwise_as_through_source(tiny, dtype):
+    """A local run takes the probabilities from sinkscope's registered eager function instead of nnsight's
+    `.source` (which wraps every attention operation): the same tensors bit for bit, in float32 and bfloat16, with
+    reducers called residual, attention, residual, ... per layer; the model comes back on eager attention."""
+    import copy
+
+    model = copy.deepcopy(tiny.model).to(dtype)  # the session's tiny model stays as it is
+    adapter = adapter_for_model(model, tiny.processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    captured, sourced, order = _Keep(), _Keep(), _Recorder()
+    tracer = Tracer(adapter)
+    tracer.run(batch, [captured, order])
+    assert tracer._labels is None  # `.source` was never opened
+    Tracer(adapter).run(batch, [sourced], via_source=True)
+    assert adapter.text_attention == "eager"
+    assert sorted(captured.probs) == sorted(sourced.probs) == list(range(LAYERS))
+    for layer in range(LAYERS):
+        assert captured.probs[layer].dtype == sourced.probs[layer].dtype == dtype
+        assert torch.equal(captured.probs[layer], sourced.probs[layer]), layer
+        assert torch.equal(captured.states[layer], sourced.states[layer]), layer
+    expected = [("begin",)] + [c for layer in range(LAYERS) for c in (
+        ("residual", layer, tuple(captured.states[layer].shape)),
+        ("attention", layer, tuple(captured.probs[layer].shape)))] + [("end",)]
+    assert order.calls == expected

@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from sinkscope.eager import eager_probabilities, kv_groups, repeat_kv
 from sinkscope.errors import SinkscopeError, UnsupportedModelError
 from sinkscope.kinds import TokenKinds
 
@@ -310,38 +311,6 @@ class EditSession:
 # the attention function
 # ---------------------------------------------------------------------------------------
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[batch, kv_head, token, dim] -> [batch, kv_head * n_rep, token, dim] (each kv head repeated n_rep times)."""
-    if n_rep == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None, :, :].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
-
-
-def _groups(module, query: torch.Tensor, key: torch.Tensor) -> int:
-    return int(getattr(module, "num_key_value_groups", None) or query.shape[1] // key.shape[1])
-
-
-def eager_probabilities(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                        scaling: float | None, softcap: float | None = None) -> torch.Tensor:
-    """Post-softmax attention in float32, by the operations of transformers' eager attention.
-
-    query: [batch, head, query, dim]; key: [batch, kv_head, key, dim]; attention_mask: additive
-    [batch, 1, query, >=key] or None. Returns [batch, head, query, key] float32.
-    """
-    if scaling is None:
-        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    key_states = _repeat_kv(key, _groups(module, query, key))
-    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
-        scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
-    return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
-
-
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -378,7 +347,7 @@ def sinkscope_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
             probs = e.edit(probs, layer=layer, query_positions=positions, state=step)
     probs = probs.to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, _repeat_kv(value, _groups(module, query, value)))
+    out = torch.matmul(probs, repeat_kv(value, kv_groups(module, query, value)))
     return out.transpose(1, 2).contiguous(), probs
 
 

@@ -1,0 +1,108 @@
+"""Eager attention, computed by sinkscope: the probabilities, and a registered function that hands them over.
+
+`eager_probabilities` is transformers' eager attention up to the softmax (GQA by repeating the key
+heads, softcapping where the module passes one, the model's own additive mask), in float32. The
+attention edits (`interventions/attention.py`) run on it, and so does the capture below.
+
+`capturing(adapter, hand)` is how a local trace reads each layer's probabilities without nnsight's
+`.source` (which wraps every operation of every attention forward, ~170 interleaver calls per layer):
+inside the block the language model's attention is `CAPTURE_NAME`, which computes exactly what
+transformers' eager attention computes (the same operations in the same order, so the output is
+bitwise eager) and calls `hand(layer, probs)` with the probabilities that multiply V ([batch, head,
+query, key], in the query's dtype, as eager attention holds them). The hand is set on the model's
+attention modules for the block only; nothing is kept at module level but the registered function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+CAPTURE_NAME = "sinkscope_capture"
+CAPTURE_ATTR = "_sinkscope_capture"
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_head, token, dim] -> [batch, kv_head * n_rep, token, dim] (each kv head repeated n_rep times)."""
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def kv_groups(module, query: torch.Tensor, key: torch.Tensor) -> int:
+    """Query heads per key-value head."""
+    return int(getattr(module, "num_key_value_groups", None) or query.shape[1] // key.shape[1])
+
+
+def eager_probabilities(module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                        scaling: float | None, softcap: float | None = None) -> torch.Tensor:
+    """Post-softmax attention in float32, by the operations of transformers' eager attention.
+
+    query: [batch, head, query, dim]; key: [batch, kv_head, key, dim]; attention_mask: additive
+    [batch, 1, query, >=key] or None. Returns [batch, head, query, key] float32.
+    """
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    key_states = repeat_kv(key, kv_groups(module, query, key))
+    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+        scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
+    return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+def capture_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered capture function (eager signature): eager attention that hands its probabilities over.
+
+    Returns (attn_output [batch, query, head, dim], probabilities [batch, head, query, key]).
+    """
+    probs = eager_probabilities(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
+    probs = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+    hand = getattr(module, CAPTURE_ATTR, None)
+    if hand is not None:
+        hand(getattr(module, "layer_idx", None), probs)
+    out = torch.matmul(probs, repeat_kv(value, kv_groups(module, query, value)))
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def register() -> str:
+    """Register the capture function and its (eager, additive) mask with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(CAPTURE_NAME, capture_attention)
+    if CAPTURE_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(CAPTURE_NAME, eager_mask)
+    return CAPTURE_NAME
+
+
+register()
+
+
+@contextlib.contextmanager
+def capturing(adapter, hand: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Inside the block the language model's attention is the capture function and `hand(layer, probs)` gets
+    every layer's probabilities; the previous implementation and attributes come back on exit (also after an
+    exception). The model must be on eager attention (a trace's requirement) and its attention modules must know
+    their `layer_idx`."""
+    modules = [adapter.attention(i) for i in range(adapter.num_layers)]
+    previous = adapter.text_attention
+    try:
+        for m in modules:
+            setattr(m, CAPTURE_ATTR, hand)
+        adapter.set_text_attention(CAPTURE_NAME)
+        yield
+    finally:
+        for m in modules:
+            if CAPTURE_ATTR in m.__dict__:
+                delattr(m, CAPTURE_ATTR)
+        if adapter.text_attention != previous:
+            adapter.set_text_attention(previous)
