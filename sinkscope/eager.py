@@ -57,6 +57,17 @@ def eager_probabilities(module, query: torch.Tensor, key: torch.Tensor, attentio
     return torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
 
 
+def eager_output(module, probs: torch.Tensor, query: torch.Tensor, value: torch.Tensor,
+                 dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of eager attention from float32 probabilities: cast to the query's dtype, dropout, times V.
+
+    Returns (attn_output [batch, query, head, dim], the probabilities that multiplied V [batch, head, query, key]).
+    """
+    probs = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+    out = torch.matmul(probs, repeat_kv(value, kv_groups(module, query, value)))
+    return out.transpose(1, 2).contiguous(), probs
+
+
 def capture_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,26 +76,26 @@ def capture_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     Returns (attn_output [batch, query, head, dim], probabilities [batch, head, query, key]).
     """
     probs = eager_probabilities(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
-    probs = torch.nn.functional.dropout(probs.to(query.dtype), p=dropout, training=module.training)
+    out, probs = eager_output(module, probs, query, value, dropout)
     hand = getattr(module, CAPTURE_ATTR, None)
     if hand is not None:
         hand(getattr(module, "layer_idx", None), probs)
-    out = torch.matmul(probs, repeat_kv(value, kv_groups(module, query, value)))
-    return out.transpose(1, 2).contiguous(), probs
+    return out, probs
 
 
-def register() -> str:
-    """Register the capture function and its (eager, additive) mask with transformers; idempotent."""
+def register_attention(name: str, function) -> str:
+    """Register an attention function (eager signature) and the eager additive mask under `name` with
+    transformers; idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(CAPTURE_NAME, capture_attention)
-    if CAPTURE_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(CAPTURE_NAME, eager_mask)
-    return CAPTURE_NAME
+    AttentionInterface.register(name, function)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, eager_mask)
+    return name
 
 
-register()
+register_attention(CAPTURE_NAME, capture_attention)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from sinkscope.eager import eager_probabilities, kv_groups, repeat_kv
+from sinkscope.eager import eager_output, eager_probabilities, register_attention
 from sinkscope.errors import SinkscopeError, UnsupportedModelError
 from sinkscope.kinds import TokenKinds
 
@@ -345,21 +345,12 @@ def sinkscope_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
         positions = step.query_positions(probs.device)
         for e in edits:
             probs = e.edit(probs, layer=layer, query_positions=positions, state=step)
-    probs = probs.to(query.dtype)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, repeat_kv(value, kv_groups(module, query, value)))
-    return out.transpose(1, 2).contiguous(), probs
+    return eager_output(module, probs, query, value, dropout)
 
 
 def register() -> str:
     """Register the attention function and its (eager, additive) mask with transformers; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(ATTENTION_NAME, sinkscope_attention)
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
-    return ATTENTION_NAME
+    return register_attention(ATTENTION_NAME, sinkscope_attention)
 
 
 register()
