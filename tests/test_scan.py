@@ -481,3 +481,58 @@ def test_deferred_reductions_do_two_copies_per_layer_during_the_trace():
         assert ops.names == ["clone", "clone"], ops.names
     payloads = reduction.finish()
     assert len(payloads) == 6 and all(v.device.type == "meta" for _, _, p in payloads for v in p.values())
+
+
+def _literal_residual_tables(reducer, payloads):
+    """The residual tables one (layer, sample) at a time, as the scan built them before they were vectorised."""
+    from sinkscope.analyses.scan import MAGNITUDE_COLUMNS, MASSIVE_COLUMNS
+    from sinkscope.models.base import KIND_NAMES
+
+    massive = {name: [] for name in MASSIVE_COLUMNS}
+    magnitude = {name: [] for name in MAGNITUDE_COLUMNS}
+    for layer, p in payloads:
+        keep = [b for b, n in enumerate(p["n_real"].tolist()) if n > 0]
+        k = p["top_value"].shape[1]
+        for b in keep:
+            for rank in range(k):
+                pos = int(p["top_position"][b, rank])
+                value = float(p["top_value"][b, rank].double())
+                massive["sample"].append(reducer.sample_ids[b])
+                massive["layer"].append(layer)
+                massive["position"].append(int(reducer.real_pos[b, pos]))
+                massive["token_kind"].append(KIND_NAMES[int(reducer.kinds.kind[b, pos])])
+                massive["dim"].append(int(p["top_dim"][b, rank]))
+                massive["value"].append(value)
+                massive["rms_value"].append(value / float(p["top_rms"][b, rank].double()))
+                massive["ratio_to_median"].append(abs(value) / max(float(p["median"][b].double()), 1e-12))
+                massive["rank"].append(rank + 1)
+            top = [float(v) for v in p["top3"][b].double()] + [float("nan")] * 3
+            magnitude["sample"].append(reducer.sample_ids[b])
+            magnitude["layer"].append(layer)
+            for i, name in enumerate(("top1", "top2", "top3")):
+                magnitude[name].append(top[i])
+            magnitude["median"].append(float(p["median"][b].double()))
+    return pd.DataFrame(massive), pd.DataFrame(magnitude)
+
+
+def test_residual_tables_equal_the_literal_per_layer_per_sample_build():
+    """The massive-activation and magnitude tables, built in one vectorised pass over layers, equal a literal
+    loop over (layer, sample, rank): a left-padded, a right-padded and an inner-padded row, 3 layers, top 5."""
+    from sinkscope.analyses.scan import ScanReducer
+    from sinkscope.trace import BatchInfo
+
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(2)
+    reduction = _reduction(kinds, host=True)
+    payloads = []
+    for layer in range(3):
+        states = torch.randn(3, 9, 16, generator=g)
+        states[:, :, 3] += (5.0 + 10 * layer) * (kinds.kind == 0)
+        payloads.append((layer, reduction.residual(layer, states)))
+    reducer = ScanReducer([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False)
+    reducer.begin(BatchInfo(torch.zeros(3, 9, dtype=torch.long), kinds, ["a", "b", "c"]))
+    reducer._residual_tables(payloads)
+    massive, magnitude = _literal_residual_tables(reducer, payloads)
+    pd.testing.assert_frame_equal(reducer.massive_rows[0], massive, check_exact=True)
+    pd.testing.assert_frame_equal(reducer.magnitude_rows[0], magnitude, check_exact=True)
+    assert len(massive) == 3 * 3 * 5 and set(massive["token_kind"]) >= {"bos"}

@@ -345,33 +345,43 @@ class ScanReducer:
 
     def _residual_tables(self, payloads: list[tuple[int, dict]]) -> None:
         """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
-        the top 3 and the median |activation|. Samples without real tokens get no rows."""
-        massive = {name: [] for name in MASSIVE_COLUMNS}
-        magnitude = {name: [] for name in MAGNITUDE_COLUMNS}
-        kind_codes = self.kinds.kind
-        for layer, p in payloads:
-            n_real = p["n_real"].tolist()
-            keep = [b for b in range(len(self.sample_ids)) if n_real[b] > 0]
-            k = p["top_value"].shape[1]
-            for b in keep:
-                top_pos = p["top_position"][b]
-                massive["sample"] += [self.sample_ids[b]] * k
-                massive["position"] += self.real_pos[b, top_pos].tolist()
-                massive["token_kind"] += [KIND_NAMES.get(c, str(c)) for c in kind_codes[b, top_pos].tolist()]
-            value = p["top_value"][keep].double().numpy().reshape(-1)
-            median = p["median"][keep].double().numpy()
-            massive["layer"] += [layer] * (k * len(keep))
-            massive["dim"] += p["top_dim"][keep].reshape(-1).tolist()
-            massive["value"] += value.tolist()
-            massive["rms_value"] += (value / p["top_rms"][keep].double().numpy().reshape(-1)).tolist()
-            massive["ratio_to_median"] += (abs(value) / median.repeat(k).clip(min=1e-12)).tolist()
-            massive["rank"] += list(range(1, k + 1)) * len(keep)
-            top3 = [row + [float("nan")] * (3 - len(row)) for row in p["top3"][keep].tolist()]
-            magnitude["sample"] += [self.sample_ids[b] for b in keep]
-            magnitude["layer"] += [layer] * len(keep)
-            for i, name in enumerate(("top1", "top2", "top3")):
-                magnitude[name] += [row[i] for row in top3]
-            magnitude["median"] += median.tolist()
+        the top 3 and the median |activation|. Samples without real tokens get no rows. One vectorised pass over
+        every layer of the batch (rows in layer, sample, rank order)."""
+        layers = [layer for layer, _ in payloads]
+        keep = [b for b, n in enumerate(payloads[0][1]["n_real"].tolist()) if n > 0]  # the same in every layer
+        if not keep:
+            self.massive_rows.append(pd.DataFrame(columns=list(MASSIVE_COLUMNS)))
+            self.magnitude_rows.append(pd.DataFrame(columns=list(MAGNITUDE_COLUMNS)))
+            return
+        rows = torch.tensor(keep, dtype=torch.long)
+
+        def stacked(key: str) -> torch.Tensor:  # [layer, kept sample, ...]
+            return torch.stack([p[key] for _, p in payloads]).index_select(1, rows)
+
+        top_position = stacked("top_position")  # [layer, sample, k]
+        n_layers, n_kept, k = top_position.shape
+        value = stacked("top_value").double().numpy().reshape(-1)
+        median = stacked("median").double().numpy()  # [layer, sample]
+        codes = torch.gather(self.kinds.kind.index_select(0, rows).expand(n_layers, -1, -1), 2, top_position)
+        kind_names = np.array([KIND_NAMES.get(c, str(c)) for c in range(min(KIND_NAMES), max(KIND_NAMES) + 1)])
+        sample_ids = [self.sample_ids[b] for b in keep]
+        massive = {
+            "sample": np.tile(np.repeat(np.asarray(sample_ids), k), n_layers),
+            "layer": np.repeat(np.array(layers), n_kept * k),
+            "position": torch.gather(self.real_pos.index_select(0, rows).expand(n_layers, -1, -1), 2,
+                                     top_position).reshape(-1).numpy(),
+            "token_kind": kind_names[(codes - min(KIND_NAMES)).reshape(-1).numpy()],
+            "dim": stacked("top_dim").reshape(-1).numpy(),
+            "value": value,
+            "rms_value": value / stacked("top_rms").double().numpy().reshape(-1),
+            "ratio_to_median": np.abs(value) / np.repeat(median.reshape(-1), k).clip(min=1e-12),
+            "rank": np.tile(np.arange(1, k + 1), n_layers * n_kept),
+        }
+        top3 = stacked("top3").double().numpy().reshape(n_layers * n_kept, -1)
+        top3 = np.concatenate([top3, np.full((top3.shape[0], 3 - top3.shape[1]), np.nan)], axis=1)
+        magnitude = {"sample": np.tile(np.asarray(sample_ids), n_layers),
+                     "layer": np.repeat(np.array(layers), n_kept),
+                     "top1": top3[:, 0], "top2": top3[:, 1], "top3": top3[:, 2], "median": median.reshape(-1)}
         self.massive_rows.append(pd.DataFrame(massive, columns=list(MASSIVE_COLUMNS)))
         self.magnitude_rows.append(pd.DataFrame(magnitude, columns=list(MAGNITUDE_COLUMNS)))
 
