@@ -96,7 +96,7 @@ class ScanLayerReduction:
         self.defer, self.block_bytes = defer, block_bytes
         self.phi: dict = {}
         self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
-        self._on: dict = {}  # device -> (kinds, queries) there, copied once per batch
+        self._on: dict = {}  # device -> (kinds, queries, text positions) there, and the sink-dim index
         kinds = kinds.to("cpu")
         real = kinds.real_mask
         self.spans = [_span(real[b]) for b in range(real.shape[0])]  # real tokens of each row, from the host
@@ -106,15 +106,20 @@ class ScanLayerReduction:
         rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
         self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
 
-    def _device(self, device, width: int | None = None):
-        """(kinds, queries, text positions of row 0, sink-dim index) on `device`, copied there once per batch."""
+    def _device(self, device):
+        """(kinds, queries, text positions of row 0) on `device`, copied there once per batch."""
         if device not in self._on:
-            if width is not None:
-                sinks._dims_index(self.dims, torch.empty(0, width))  # checks the dims against the width, on the host
-            dims = torch.tensor(sinks._dims_list(self.dims), dtype=torch.long)
-            self._on[device] = (self.kinds.to(device), self.queries.to(device), self.text_positions.to(device),
-                                dims.to(device))
+            self._on[device] = (self.kinds.to(device), self.queries.to(device), self.text_positions.to(device))
         return self._on[device]
+
+    def _dims_on(self, states: torch.Tensor):
+        """The sink dims as an index on the states' device (checked against their width), made once per batch;
+        the list itself when there are none."""
+        key = ("dims", states.device)
+        if key not in self._on:
+            index = sinks._dims_index(self.dims, states)
+            self._on[key] = self.dims if index is None else index
+        return self._on[key]
 
     def _median(self, x: torch.Tensor, real: torch.Tensor, b: int) -> torch.Tensor:
         """The median |x| over row b's real tokens (x: [batch, token, dim] float32); nan without any."""
@@ -172,7 +177,8 @@ class ScanLayerReduction:
     def _residual_block(self, states: torch.Tensor) -> dict:
         """states [batch, layer, token, dim] -> payload tensors [batch, layer, ...] (profile ones [layer, ...])."""
         x = states.float()
-        kinds, _, text_positions, dims = self._device(x.device, x.shape[-1])
+        kinds, _, text_positions = self._device(x.device)
+        dims = self._dims_on(x)
         real = kinds.real_mask
         batch, n_layers, n_tok, dim = x.shape
         rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, layer, token]
@@ -202,7 +208,7 @@ class ScanLayerReduction:
         """probs [batch, layer, head, query row, key] (the rows `query_rows`), phi [batch, layer, key] ->
         payload tensors [batch, layer, ...]."""
         probs = probs.float()
-        kinds, queries, _, _ = self._device(probs.device)
+        kinds, queries, _ = self._device(probs.device)
         first, stop = self.query_rows
         queries = queries[:, first:stop]  # [batch, query row]
         real, visual = kinds.real_mask[:, None, :], kinds.visual_mask[:, None, :]
@@ -247,10 +253,10 @@ class ScanReducer:
     """Per-layer measures of one batch, streamed; its tables (`token_rows`, `head_rows`, `massive_rows`,
     `magnitude_rows`: lists of frames) are built once the forward has ended.
 
-    During the trace a layer costs its torch reductions (`ScanLayerReduction`), whose small payloads stay on
-    the model's device; `end()` brings them to the CPU and makes rows, strings and pandas in one vectorised
-    pass per table, so nothing between a layer and the next waits for the device (on a GPU the host can
-    queue the next layers' kernels while the device works).
+    Run here, a layer costs two copies during the trace (its state and the query rows of its attention,
+    `ScanLayerReduction(defer=True)`); `end()` reduces the kept layers in blocks, brings the payloads to the
+    CPU once and makes rows, strings and pandas in one vectorised pass per table, so nothing between a layer
+    and the next waits for the device. Run remotely, the payloads arrive per layer through `take`.
     """
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
@@ -281,15 +287,13 @@ class ScanReducer:
         self._phi = {}
         self._local = None  # this batch's in-trace part, when the trace runs here
 
-    def in_trace(self, host: bool = True) -> ScanLayerReduction:
+    def in_trace(self, host: bool = True, defer: bool = False) -> ScanLayerReduction:
         return ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps, self.score,
-                                  self.kinds, self.queries, self.want_profile, host=host)
+                                  self.kinds, self.queries, self.want_profile, host=host, defer=defer)
 
     def residual(self, layer: int, states: torch.Tensor):
         if getattr(self, "_local", None) is None:
-            self._local = ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps,
-                                             self.score, self.kinds, self.queries, self.want_profile, host=False,
-                                             defer=True)  # kept per layer, reduced after the forward
+            self._local = self.in_trace(host=False, defer=True)  # kept per layer, reduced after the forward
         self._local.residual(layer, states)
 
     def attention(self, layer: int, probs: torch.Tensor):
