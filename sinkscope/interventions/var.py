@@ -42,8 +42,8 @@ from typing import Iterator
 import torch
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.interventions.attention import (SESSION_ATTR, AttentionEdit, EditHandle, EditSession, StepState,
-                                               as_adapter, edit_attention)
+from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
+                                               edit_attention)
 from sinkscope.kinds import PAD
 from sinkscope.measures.sinks import PAPER_TAU, needs_phi_for_tau, sink_threshold
 from sinkscope.runconfig import resolve_sink_score
@@ -243,25 +243,25 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     product; no loops, no host syncs.
     """
     layout = key_layout(sink_mask, image_mask, budget_target, probs.dtype, probs.device)
-    factors, selected = var_factors(torch.matmul(probs, layout.columns), query_mask, layout.has_visual_sink, p=p,
-                                    rho=rho, summ=summ, mode=mode, head_selection=head_selection,
-                                    generator=generator)
-    return probs * torch.matmul(factors, layout.placement), selected
+    return var_region(probs, layout.columns, layout.placement, layout.has_visual_sink, query_mask, p=p, rho=rho,
+                      summ=summ, mode=mode, head_selection=head_selection, generator=generator)
 
 
 def var_region(region: torch.Tensor, columns: torch.Tensor, placement: torch.Tensor, has_visual_sink: torch.Tensor,
                query_mask: torch.Tensor | None, *, p: float, rho: float, summ: float, mode: str,
-               head_selection: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAR on a block of rows whose keys are exactly a KeyLayout's: (edited copy, selected).
+               head_selection: str, generator: torch.Generator | None = None,
+               inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on a block of rows whose keys are exactly a KeyLayout's: (edited rows, selected).
 
     region: [batch, head, query, key] float32; columns, placement, has_visual_sink: a KeyLayout's;
-    query_mask: [batch, query] bool or None (every query). The whole edit in one function of tensors,
-    so that `torch.compile` can fuse it (VAREdit with compile=True): no generator, so not for
-    head_selection="random".
+    query_mask: [batch, query] bool or None (every query). inplace: scale `region` itself (returned) instead
+    of a copy. The whole edit is one function of tensors, so that `torch.compile` can fuse it (VAREdit with
+    compile=True, which passes no generator: not for head_selection="random").
     """
     factors, selected = var_factors(torch.matmul(region, columns), query_mask, has_visual_sink, p=p, rho=rho,
-                                    summ=summ, mode=mode, head_selection=head_selection)
-    return region * torch.matmul(factors, placement), selected
+                                    summ=summ, mode=mode, head_selection=head_selection, generator=generator)
+    scale = torch.matmul(factors, placement)
+    return (region.mul_(scale) if inplace else region * scale), selected
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class VAREdit(AttentionEdit):
     def __init__(self, resolved: ResolvedVAR, compile: bool = False):
         self.resolved = resolved
         self.config = resolved.config
-        self._compiled = None
+        self._compiled, self._compiled_ok = None, False
         if compile:
             c = self.config
             if c.head_selection == "random":
@@ -291,7 +291,6 @@ class VAREdit(AttentionEdit):
             # dynamic: one graph for every prompt length and decode step; fullgraph: a break would bring back
             # the separate operations this exists to fuse
             self._compiled = torch.compile(region_edit, dynamic=True, fullgraph=True)
-            self._compiled_ok = False
 
     def layers(self, n_layers: int) -> set[int]:
         return set(self.resolved.layers)
@@ -346,10 +345,9 @@ class VAREdit(AttentionEdit):
                 edited, selected_tail = self._run_compiled(region, layout, queries)
                 region.copy_(edited)
             else:
-                factors, selected_tail = var_factors(
-                    torch.matmul(region, layout.columns), queries, layout.has_visual_sink, p=c.p, rho=c.rho,
-                    summ=c.summ, mode=c.mode, head_selection=c.head_selection, generator=generator)
-                region.mul_(torch.matmul(factors, layout.placement))
+                _, selected_tail = var_region(region, layout.columns, layout.placement, layout.has_visual_sink,
+                                              queries, p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+                                              head_selection=c.head_selection, generator=generator, inplace=True)
             out = probs
         else:  # sliding-window caches, a prompt fed in chunks, or autograd: the general path
             tail, selected_tail = var_probs(
@@ -416,22 +414,11 @@ class VARRun:
 
     def sinks(self, layer: int) -> torch.Tensor:
         """[batch, prompt_len] bool: the sinks found at prefill entering `layer`."""
-        return self._memory("sinks", layer)["sinks"][layer]
+        return self.session.memory(self.edit)["sinks"][layer]
 
     def selected(self, layer: int) -> torch.Tensor:
         """[batch, head, query] bool: the (head, query) VAR edited in `layer` at the last forward step."""
-        return self._memory("selected", layer)["selected"][layer]
-
-    def _memory(self, key: str, layer: int) -> dict:
-        """This run's memory of the edit, or, when another edit block is open inside this one (its session runs
-        VAR too, and keeps its own memory), that session's."""
-        memory = self.session.memory(self.edit)
-        if layer in memory.get(key, {}):
-            return memory
-        current = getattr(self.session.adapter.attention(layer), SESSION_ATTR, None)
-        if current is not None and current is not self.session and self.edit in current.edits:
-            return current.memory(self.edit)
-        return memory
+        return self.session.memory(self.edit)["selected"][layer]
 
 
 @contextlib.contextmanager
