@@ -257,7 +257,7 @@ def test_organism_planted_heads_attend_to_injected_token(organism_adapter):
 
 
 def test_nested_blocks_rewrite_once(llava):
-    """A block nested inside another edit block re-installs the outer edits; the sink edit still applies once
+    """A block nested inside another edit block runs the outer edits through the outer session; the sink edit applies once
     (the random-dim control adds its magnitude once, not twice)."""
     from sinkscope.interventions.knockout import knockout
 

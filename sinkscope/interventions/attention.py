@@ -39,7 +39,7 @@ taken from `input_ids` at prefill and kept for the decode steps that follow.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -236,12 +236,17 @@ def check_not_a_missed_decode_step(query_length: int, n_keys: int, past_seen: bo
 class EditSession:
     """The edits active on one model, the hooks that feed them, and the current step."""
 
-    def __init__(self, adapter, edits: Sequence[AttentionEdit], fallback: str = "sdpa"):
+    def __init__(self, adapter, edits: Sequence[AttentionEdit], fallback: str = "sdpa",
+                 outer: "EditSession | None" = None):
+        """edits: this block's own edits; outer: the session of an enclosing block on the same model, whose edits
+        run first here and keep their hooks, prompt handling and memory there (nothing of theirs runs twice)."""
         if fallback not in FALLBACKS:
             raise SinkscopeError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.adapter = adapter
         self.model = adapter.model
-        self.edits = list(edits)
+        self.outer = outer
+        self.own_edits = list(edits)
+        self.edits = (outer.edits if outer is not None else []) + self.own_edits
         self.fallback = fallback
         n = adapter.num_layers
         self.layer_edits: dict[int, tuple[AttentionEdit, ...]] = {}
@@ -260,6 +265,9 @@ class EditSession:
         self._memory: dict[int, dict] = {}
 
     def memory(self, edit: AttentionEdit) -> dict:
+        """Scratch space of `edit`: the enclosing block's for its edits (one memory per edit however blocks nest)."""
+        if self.outer is not None and any(edit is e for e in self.outer.edits):
+            return self.outer.memory(edit)
         return self._memory.setdefault(id(edit), {})
 
     def edits_at(self, layer) -> tuple[AttentionEdit, ...]:
@@ -267,6 +275,13 @@ class EditSession:
 
     # -- the top-level hook: what this forward call is ---------------------------------
     def begin_forward(self, module, args, kwargs) -> None:
+        if self.outer is not None:  # the enclosing block's hook ran first on this same call: take its reading
+            self.prompt = self.outer.prompt
+            self.step = replace(self.outer.step, session=self, _memo={})
+            if self.step.prefill and self.prompt is not None:
+                for e in self.own_edits:
+                    e.begin_prompt(self, self.prompt)
+            return
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -283,7 +298,7 @@ class EditSession:
             if input_ids is not None:
                 kinds = self.adapter.token_kinds(input_ids, mask if mask is not None and mask.dim() == 2 else None)
                 self.prompt = PromptInfo(kinds.to(input_ids.device), mask)
-                for e in self.edits:
+                for e in self.own_edits:
                     e.begin_prompt(self, self.prompt)
         elif self.prompt is not None and self.prompt.batch_size != batch:
             raise SinkscopeError(f"a decode step has batch {batch} but the prompt had {self.prompt.batch_size} rows")
@@ -298,7 +313,7 @@ class EditSession:
         """Hooks of the session: the top-level forward pre-hook and the edits' own."""
         handles = [self.model.register_forward_pre_hook(self.begin_forward, with_kwargs=True)]
         try:
-            for e in self.edits:
+            for e in self.own_edits:
                 handles += list(e.attach(self))
         except BaseException:
             for h in handles:
@@ -412,7 +427,7 @@ def edit_attention(model_or_adapter, *edits: AttentionEdit, fallback: str = "sdp
     adapter = as_adapter(model_or_adapter)
     modules = _attention_modules(adapter)
     outer: EditSession | None = getattr(modules[0], SESSION_ATTR, None) if modules else None
-    session = EditSession(adapter, (outer.edits if outer else []) + list(edits), fallback)
+    session = EditSession(adapter, list(edits), fallback, outer=outer)
     previous = adapter.text_attention
     handles = session.install()
     try:

@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.interventions.attention import SESSION_ATTR, AttentionEdit, EditSession, as_adapter, edit_attention
+from sinkscope.interventions.attention import AttentionEdit, EditSession, as_adapter, edit_attention
 from sinkscope.kinds import PAD, TokenKinds
 
 TARGETS = ("first", "sinks", "visual_sinks")
@@ -337,9 +337,6 @@ class _Rewrite:
         step = self.session.step
         if step is None:
             raise SinkscopeError("sink edits need the model's top-level forward (model(...) or model.generate)")
-        active = getattr(self.session.adapter.attention(self.layer), SESSION_ATTR, None)
-        if active is not self.session:
-            return None  # a nested block re-installs this edit in its own session: rewrite once, there
         if not step.prefill:
             return None  # decode steps: the prompt's edited keys/values are in the cache; new tokens stay as they are
         prompt = step.require_prompt()
