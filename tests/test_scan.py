@@ -536,3 +536,74 @@ def test_residual_tables_equal_the_literal_per_layer_per_sample_build():
     pd.testing.assert_frame_equal(reducer.massive_rows[0], massive, check_exact=True)
     pd.testing.assert_frame_equal(reducer.magnitude_rows[0], magnitude, check_exact=True)
     assert len(massive) == 3 * 3 * 5 and set(massive["token_kind"]) >= {"bos"}
+
+
+def _literal_token_and_head_tables(reducer, payloads):
+    """The token and head tables one (layer, sample, token or head) at a time, as the scan built them before they
+    were vectorised."""
+    from sinkscope.measures import sinks
+    from sinkscope.models.base import KIND_NAMES
+
+    strings = reducer.token_strings(reducer.info.input_ids)
+    tokens = {name: [] for name in ("sample", "layer", "position", "token_kind", "role", "token", "image_index",
+                                    "phi", "is_sink", "attention_received")}
+    heads = {name: [] for name in ("sample", "layer", "head", "image_attention", "visual_sink_attention",
+                                   "visual_nonsink_ratio", "image_centric", "n_queries")}
+    for layer, p in payloads:
+        phi = reducer._phi[layer]
+        for b, sid in enumerate(reducer.sample_ids):
+            positions = [t for t in range(reducer.real.shape[1]) if reducer.real[b, t]]
+            names = [KIND_NAMES[int(reducer.kinds.kind[b, t])] for t in positions]
+            text = [strings[b][t] if name != "visual" else "" for name, t in zip(names, positions)]
+            for t, name, word, role in zip(positions, names, text, sinks.token_roles(names, text)):
+                tokens["sample"].append(sid)
+                tokens["layer"].append(layer)
+                tokens["position"].append(int(reducer.real_pos[b, t]))
+                tokens["token_kind"].append(name)
+                tokens["role"].append(role)
+                tokens["token"].append(word)
+                tokens["image_index"].append(int(reducer.kinds.image_index[b, t]))
+                tokens["phi"].append(phi[b, t].numpy())
+                tokens["is_sink"].append(bool(phi[b, t] >= reducer.tau))
+                tokens["attention_received"].append(p["received"][b, t].numpy())
+            for head in range(p["image_attention"].shape[1]):
+                heads["sample"].append(sid)
+                heads["layer"].append(layer)
+                heads["head"].append(head)
+                for name in ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"):
+                    heads[name].append(p[name][b, head].numpy())
+                heads["n_queries"].append(int(reducer.queries[b].sum()))
+    tokens = pd.DataFrame({k: (np.array(v) if k in ("phi", "attention_received") else v) for k, v in tokens.items()})
+    heads = pd.DataFrame({k: (np.array(v) if isinstance(v[0], np.ndarray) else v) for k, v in heads.items()})
+    return tokens, heads
+
+
+def test_token_and_head_tables_equal_the_literal_per_layer_per_sample_build():
+    """The token and head tables, built in one vectorised pass over layers, equal a literal loop over (layer,
+    sample, token) and (layer, sample, head), dtypes included: a left-padded, a right-padded and an inner-padded
+    row, token strings, 3 layers."""
+    from sinkscope.analyses.scan import ScanReducer
+    from sinkscope.trace import BatchInfo
+
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(3)
+    reduction = _reduction(kinds, host=True)
+    reducer = ScanReducer([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False,
+                          token_strings=lambda ids: [[f"w{b}.{t}" for t in range(ids.shape[1])]
+                                                     for b in range(ids.shape[0])])
+    reducer.begin(BatchInfo(torch.zeros(3, 9, dtype=torch.long), kinds, ["a", "b", "c"]))
+    payloads = []
+    for layer in range(3):
+        states = torch.randn(3, 9, 16, generator=g)
+        states[:, :, 3] += (5.0 + 10 * layer) * (kinds.kind == 0)
+        states[:, 5, 1] += 8.0 * layer  # an image token that becomes a sink
+        reducer.take("residual", layer, reduction.residual(layer, states))
+        payloads.append((layer, reduction.attention(layer, torch.softmax(torch.randn(3, 4, 9, 9, generator=g), -1))))
+        reducer.take("attention", layer, payloads[-1][1])
+    reducer.end()
+    tokens, heads = _literal_token_and_head_tables(reducer, payloads)
+    pd.testing.assert_frame_equal(reducer.token_rows[0], tokens, check_exact=True)
+    pd.testing.assert_frame_equal(reducer.head_rows[0], heads, check_exact=True)
+    assert len(tokens) == 3 * (7 + 7 + 8) and len(heads) == 3 * 3 * 4
+    assert tokens["is_sink"].any() and not tokens["is_sink"].all()
+    assert (tokens.loc[tokens.token_kind == "visual", "token"] == "").all() and "w2.8" in set(tokens["token"])

@@ -98,8 +98,6 @@ class ScanLayerReduction:
         self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
         self._on: dict = {}  # device -> (kinds, queries, text positions) there, and the sink-dim index
         kinds = kinds.to("cpu")
-        real = kinds.real_mask
-        self.spans = [_span(real[b]) for b in range(real.shape[0])]  # real tokens of each row, from the host
         self.bos_position = _first(kinds.bos_mask[0])
         self.has_visual = bool(kinds.visual_mask[0].any())
         self.text_positions = torch.nonzero(kinds.text_mask[0]).flatten()
@@ -120,14 +118,6 @@ class ScanLayerReduction:
             index = sinks._dims_index(self.dims, states)
             self._on[key] = self.dims if index is None else index
         return self._on[key]
-
-    def _median(self, x: torch.Tensor, real: torch.Tensor, b: int) -> torch.Tensor:
-        """The median |x| over row b's real tokens (x: [batch, token, dim] float32); nan without any."""
-        span = self.spans[b]
-        if span is None:  # real tokens not in one block (neither left nor right padding): a masked pick
-            return x[b].abs()[real[b]].median() if bool(real[b].any()) else x.new_tensor(float("nan"))
-        start, stop = span
-        return x[b, start:stop].abs().median() if stop > start else x.new_tensor(float("nan"))
 
     def _out(self, out: dict) -> dict:
         return {k: v.cpu() for k, v in out.items()} if self.host else out
@@ -182,12 +172,15 @@ class ScanLayerReduction:
         real = kinds.real_mask
         batch, n_layers, n_tok, dim = x.shape
         rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, layer, token]
-        mags = x.abs().masked_fill(~real[:, None, :, None], -1.0).reshape(batch, n_layers, -1)
+        padding = ~real[:, None, :, None]
+        absolute = x.abs().masked_fill(padding, -1.0)  # [batch, layer, token, dim]; -1 only on padding
+        mags = absolute.reshape(batch, n_layers, -1)
         top = mags.topk(min(self.top_k, n_tok * dim), dim=-1)
         position = torch.div(top.indices, dim, rounding_mode="floor")
         k3 = mags.topk(min(3, n_tok * dim), dim=-1).values
-        median = torch.stack([torch.stack([self._median(x[:, i], real, b) for i in range(n_layers)])
-                              for b in range(batch)])
+        # the (lower) median over each row's real tokens, every (sample, layer) in one call: padding made nan and
+        # left out (a row without real tokens: nan; a nan in the states themselves is left out too)
+        median = absolute.masked_fill_(padding, float("nan")).reshape(batch, n_layers, -1).nanmedian(dim=-1).values
         phi = sinks.sink_score(states, dims, self.score, real, self.eps).float()  # [batch, layer, token]
         out = {"phi": phi, "top_value": x.reshape(batch, n_layers, -1).gather(-1, top.indices),
                "top_position": position, "top_dim": top.indices % dim, "top_rms": rms.gather(-1, position),
@@ -229,15 +222,6 @@ class ScanLayerReduction:
 def _layer_of(block: dict, i: int) -> dict:
     """Layer i's payload from a block's: [batch, layer, ...] -> [batch, ...]; profile rows [layer, ...] -> [...]."""
     return {k: (v[i] if k.startswith("profile") else v[:, i]) for k, v in block.items()}
-
-
-def _span(real_row: torch.Tensor) -> tuple[int, int] | None:
-    """(start, stop) of a [token] bool row's True entries when they form one block ((0, 0) when none), else None."""
-    where = torch.nonzero(real_row).flatten().tolist()
-    if not where:
-        return (0, 0)
-    start, stop = where[0], where[-1] + 1
-    return (start, stop) if stop - start == len(where) else None
 
 
 def _first(mask_row: torch.Tensor) -> int | None:
@@ -335,17 +319,21 @@ class ScanReducer:
         self._payloads = {"residual": [], "attention": []}
 
     def _sample_columns(self) -> None:
-        """Per sample, the columns of its token rows that no layer changes (positions, kinds, roles, strings)."""
+        """The columns of a layer's token rows that no layer changes (sample, positions, kinds, roles, strings),
+        one row per real token in (sample, position) order."""
         strings = self.token_strings(self.info.input_ids) if self.token_strings else None
         kind_codes = self.kinds.kind.tolist()
-        self._static = []
-        for b in range(self.info.input_ids.shape[0]):
-            pos = torch.nonzero(self.real[b]).flatten()
-            names = [KIND_NAMES[kind_codes[b][p]] for p in pos.tolist()]
-            text = [strings[b][p] if strings and names[i] != "visual" else "" for i, p in enumerate(pos.tolist())]
-            self._static.append({"pos": pos, "position": self.real_pos[b, pos].numpy(), "token_kind": names,
-                                 "role": sinks.token_roles(names, text), "token": text,
-                                 "image_index": self.kinds.image_index[b, pos].numpy()})
+        columns: dict[str, list] = {name: [] for name in ("sample", "token_kind", "role", "token")}
+        for b, sid in enumerate(self.sample_ids):
+            pos = torch.nonzero(self.real[b]).flatten().tolist()
+            names = [KIND_NAMES[kind_codes[b][p]] for p in pos]
+            text = [strings[b][p] if strings and name != "visual" else "" for name, p in zip(names, pos)]
+            columns["sample"] += [sid] * len(pos)
+            columns["token_kind"] += names
+            columns["role"] += sinks.token_roles(names, text)
+            columns["token"] += text
+        self._static = {**columns, "position": self.real_pos[self.real].numpy(),
+                        "image_index": self.kinds.image_index[self.real].numpy()}
 
     def _residual_tables(self, payloads: list[tuple[int, dict]]) -> None:
         """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
@@ -390,27 +378,24 @@ class ScanReducer:
         self.magnitude_rows.append(pd.DataFrame(magnitude, columns=list(MAGNITUDE_COLUMNS)))
 
     def _token_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
-        """One row per (layer, sample, real token): phi, sink or not, attention received from the text queries."""
-        columns: dict[str, list] = {name: [] for name in ("sample", "layer", "position", "token_kind", "role", "token",
-                                                          "image_index", "phi", "is_sink", "attention_received")}
-        for layer, p in payloads:
-            phi = self._phi[layer]
-            sink = (phi >= self.tau) & self.real
-            for b, sid in enumerate(self.sample_ids):
-                static = self._static[b]
-                pos, n = static["pos"], len(static["token"])
-                columns["sample"] += [sid] * n
-                columns["layer"] += [layer] * n
-                for name in ("token_kind", "role", "token"):
-                    columns[name] += static[name]
-                for name in ("position", "image_index"):
-                    columns[name].append(static[name])
-                columns["phi"].append(phi[b, pos].numpy())
-                columns["is_sink"].append(sink[b, pos].numpy())
-                columns["attention_received"].append(p["received"][b, pos].numpy())
-        for name in ("position", "image_index", "phi", "is_sink", "attention_received"):
-            columns[name] = np.concatenate(columns[name])
-        return pd.DataFrame(columns)
+        """One row per (layer, sample, real token): phi, sink or not, attention received from the text queries.
+        One vectorised pass: a [layer, sample, token] stack indexed by the real-token mask gives every layer's
+        rows in (sample, position) order."""
+        layers = [layer for layer, _ in payloads]
+        n_layers, static = len(layers), self._static
+        phi = torch.stack([self._phi[layer] for layer in layers])  # [layer, sample, token]
+        received = torch.stack([p["received"] for _, p in payloads])
+        sink = (phi >= self.tau) & self.real
+        return pd.DataFrame({
+            "sample": static["sample"] * n_layers,
+            "layer": np.repeat(np.array(layers, dtype=np.int64), len(static["sample"])),
+            "position": np.tile(static["position"], n_layers),
+            **{name: static[name] * n_layers for name in ("token_kind", "role", "token")},
+            "image_index": np.tile(static["image_index"], n_layers),
+            "phi": phi[:, self.real].reshape(-1).numpy(),
+            "is_sink": sink[:, self.real].reshape(-1).numpy(),
+            "attention_received": received[:, self.real].reshape(-1).numpy(),
+        })
 
     def _head_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
         """One row per (layer, sample, head): the head's visual-attention measures over the sample's text queries."""
@@ -420,11 +405,11 @@ class ScanReducer:
         n_samples = len(self.sample_ids)
         layers = [layer for layer, _ in payloads]
         return pd.DataFrame({
-            "sample": [sid for _ in layers for sid in self.sample_ids for _ in range(n_heads)],
-            "layer": [layer for layer in layers for _ in range(n_samples * n_heads)],
-            "head": list(range(n_heads)) * (n_samples * len(layers)),
+            "sample": [sid for sid in self.sample_ids for _ in range(n_heads)] * len(layers),
+            "layer": np.repeat(np.array(layers, dtype=np.int64), n_samples * n_heads),
+            "head": np.tile(np.arange(n_heads, dtype=np.int64), n_samples * len(layers)),
             **{name: torch.cat([p[name] for _, p in payloads]).reshape(-1).numpy() for name in names},
-            "n_queries": [int(n) for _ in layers for n in n_queries for _ in range(n_heads)],
+            "n_queries": np.tile(np.repeat(np.array(n_queries, dtype=np.int64), n_heads), len(layers)),
         })
 
 
