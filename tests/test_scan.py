@@ -607,3 +607,36 @@ def test_token_and_head_tables_equal_the_literal_per_layer_per_sample_build():
     assert len(tokens) == 3 * (7 + 7 + 8) and len(heads) == 3 * 3 * 4
     assert tokens["is_sink"].any() and not tokens["is_sink"].all()
     assert (tokens.loc[tokens.token_kind == "visual", "token"] == "").all() and "w2.8" in set(tokens["token"])
+
+
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_deferred_payloads_reach_the_host_once_per_block_not_once_per_layer(n_layers):
+    """The local scan's payloads leave the device once per block of layers: a device-to-host copy is a wait for
+    the device, so the number of copies must not grow with the layers. Run on the meta device with every copy to
+    the CPU counted (and made an empty CPU tensor, as meta holds no values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.to_host = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "cpu" \
+                    and args[0].device.type == "meta":
+                self.to_host += 1
+                return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            return func(*args, **kwargs)
+
+    kinds = _planted_kinds()
+    reduction = _reduction(kinds, host=True, defer=True)
+    for layer in range(n_layers):
+        reduction.residual(layer, torch.empty(3, 9, 16, device="meta"))
+        reduction.attention(layer, torch.empty(3, 4, 9, 9, device="meta"))
+    with Copies() as copies:
+        payloads = reduction.finish()
+    assert len(payloads) == 2 * n_layers
+    assert all(v.device.type == "cpu" for _, _, p in payloads for v in p.values())
+    keys = {kind: len(p) for kind, _, p in payloads}
+    assert copies.to_host == keys["residual"] + keys["attention"], (copies.to_host, keys)  # one block of each kind

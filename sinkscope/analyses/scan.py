@@ -80,8 +80,9 @@ class ScanLayerReduction:
       payload, moved to the CPU when `host` (what the remote trace sends back);
     - deferred (`defer=True`, the local scan): a call keeps the layer's residual state and the query rows of
       its attention (one copy each) and returns None; `finish()` then reduces the kept layers in blocks of
-      layers after the forward and returns every payload, on the model's device. The per-layer work in the
-      forward is then two copies, instead of ~90 operations, for a GPU whose batch-1 forward waits on launches.
+      layers after the forward and returns every payload, moved to the CPU once per block when `host` (one
+      copy per measure and block, not per layer). The per-layer work in the forward is then two copies,
+      instead of ~90 operations, for a GPU whose batch-1 forward waits on launches.
     Neither reads a device value back: the token kinds are known on the host (`kinds` is a CPU TokenKinds), so
     every choice that depends on them (which rows of a sample are real, where its BOS is, which rows are
     queries) is made here, in Python.
@@ -146,14 +147,15 @@ class ScanLayerReduction:
         for block_layers in self._blocks(layers, self._kept["residual"]):
             block = self._residual_block(torch.stack([self._kept["residual"].pop(l) for l in block_layers], dim=1))
             for i, layer in enumerate(block_layers):
-                self.phi[layer] = block["phi"][:, i]
-                out.append(("residual", layer, self._out(_layer_of(block, i))))
+                self.phi[layer] = block["phi"][:, i]  # where the states were, for the attention blocks
+            block = self._out(block)  # to the host once per block and measure, not once per layer
+            out += [("residual", layer, _layer_of(block, i)) for i, layer in enumerate(block_layers)]
         layers = sorted(self._kept["attention"])
         for block_layers in self._blocks(layers, self._kept["attention"]):
             probs = torch.stack([self._kept["attention"].pop(l) for l in block_layers], dim=1)
             phi = torch.stack([self.phi[l].to(probs.device) for l in block_layers], dim=1)
-            block = self._attention_block(probs, phi)
-            out += [("attention", layer, self._out(_layer_of(block, i))) for i, layer in enumerate(block_layers)]
+            block = self._out(self._attention_block(probs, phi))
+            out += [("attention", layer, _layer_of(block, i)) for i, layer in enumerate(block_layers)]
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
@@ -238,8 +240,8 @@ class ScanReducer:
     `magnitude_rows`: lists of frames) are built once the forward has ended.
 
     Run here, a layer costs two copies during the trace (its state and the query rows of its attention,
-    `ScanLayerReduction(defer=True)`); `end()` reduces the kept layers in blocks, brings the payloads to the
-    CPU once and makes rows, strings and pandas in one vectorised pass per table, so nothing between a layer
+    `ScanLayerReduction(defer=True)`); `end()` reduces the kept layers in blocks, brings each block's payload to
+    the CPU at once and makes rows, strings and pandas in one vectorised pass per table, so nothing between a layer
     and the next waits for the device. Run remotely, the payloads arrive per layer through `take`.
     """
 
@@ -277,7 +279,7 @@ class ScanReducer:
 
     def residual(self, layer: int, states: torch.Tensor):
         if getattr(self, "_local", None) is None:
-            self._local = self.in_trace(host=False, defer=True)  # kept per layer, reduced after the forward
+            self._local = self.in_trace(defer=True)  # kept per layer, reduced (and sent to the host) after the forward
         self._local.residual(layer, states)
 
     def attention(self, layer: int, probs: torch.Tensor):
@@ -299,13 +301,13 @@ class ScanReducer:
         return entry
 
     def end(self):
-        """Reduce what the local trace kept (in blocks of layers), bring the payloads to the CPU (the one wait for
-        the device per batch) and build the batch's tables (layer order as traced, then sample, then rank)."""
+        """Reduce what the local trace kept (in blocks of layers, brought to the CPU once per block: the only waits
+        for the device in a batch) and build the batch's tables (layer order as traced, then sample, then rank).
+        Every payload is on the CPU here, local or remote."""
         if getattr(self, "_local", None) is not None:
             for kind, layer, payload in self._local.finish():
                 self.take(kind, layer, payload)
-        payloads = {kind: [(layer, {k: v.cpu() for k, v in p.items()}) for layer, p in kept]
-                    for kind, kept in self._payloads.items()}
+        payloads = self._payloads
         for layer, p in payloads["residual"]:
             self._phi[layer] = p["phi"]
             if self.want_profile and "profile_bos" in p:
