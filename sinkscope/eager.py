@@ -103,17 +103,25 @@ def capturing(adapter, hand: Callable[[int, torch.Tensor], None]) -> Iterator[No
     """Inside the block the language model's attention is the capture function and `hand(layer, probs)` gets
     every layer's probabilities; the previous implementation and attributes come back on exit (also after an
     exception). The model must be on eager attention (a trace's requirement) and its attention modules must know
-    their `layer_idx`."""
+    their `layer_idx`.
+
+    The switch sets `_attn_implementation` on the configs the attention modules read (and the text config),
+    which is what they and the mask builder look up at each forward: O(1) per block, where
+    `set_attn_implementation` walks every module of the model (0.6 ms per switch at 18 layers, two per trace).
+    """
     modules = [adapter.attention(i) for i in range(adapter.num_layers)]
-    previous = adapter.text_attention
+    configs = list({id(c): c for c in [adapter.text_config, *(getattr(m, "config", None) for m in modules)]
+                    if c is not None}.values())
+    previous = [c._attn_implementation for c in configs]
     try:
         for m in modules:
             setattr(m, CAPTURE_ATTR, hand)
-        adapter.set_text_attention(CAPTURE_NAME)
+        for c in configs:
+            c._attn_implementation = CAPTURE_NAME
         yield
     finally:
         for m in modules:
             if CAPTURE_ATTR in m.__dict__:
                 delattr(m, CAPTURE_ATTR)
-        if adapter.text_attention != previous:
-            adapter.set_text_attention(previous)
+        for c, name in zip(configs, previous):
+            c._attn_implementation = name

@@ -235,3 +235,27 @@ def test_local_probabilities_come_from_the_capture_function_bitwise_as_through_s
         ("residual", layer, tuple(captured.states[layer].shape)),
         ("attention", layer, tuple(captured.probs[layer].shape)))] + [("end",)]
     assert order.calls == expected
+
+
+def test_capturing_switches_only_inside_its_block_and_restores_after_an_error(tiny):
+    """The capture switch sets the implementation on the configs the attention modules read: inside the block
+    every text attention module sees the capture function and holds the hand; after the block (also one left by
+    an exception) they are back on their implementation, without the hand, and the vision tower was not touched."""
+    import copy
+
+    from sinkscope.eager import CAPTURE_ATTR, CAPTURE_NAME, capturing
+
+    adapter = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
+    modules = [adapter.attention(i) for i in range(adapter.num_layers)]
+    vision = getattr(adapter.model.config, "vision_config", None)
+    vision_before = None if vision is None else vision._attn_implementation
+    for attempt in range(2):
+        with pytest.raises(RuntimeError, match="stop"):
+            with capturing(adapter, lambda layer, probs: None):
+                assert adapter.text_attention == CAPTURE_NAME
+                assert all(m.config._attn_implementation == CAPTURE_NAME and hasattr(m, CAPTURE_ATTR)
+                           for m in modules)
+                assert vision is None or vision._attn_implementation == vision_before
+                raise RuntimeError("stop")
+        assert adapter.text_attention == "eager"
+        assert all(m.config._attn_implementation == "eager" and CAPTURE_ATTR not in m.__dict__ for m in modules)
