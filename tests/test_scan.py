@@ -22,7 +22,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sinkscope.analyses.scan import ScanConfig, ScanReducer, prepare_batch, run_scan, text_queries_after_image
+from sinkscope.analyses.scan import (ScanConfig, ScanReducer, block_of, joined, layer_of, prepare_batch, run_scan,
+                                     text_queries_after_image)
 from sinkscope.cli import app
 from sinkscope.eval.tasks import Sample, load_samples
 from sinkscope.models import SinkscopeError
@@ -419,14 +420,16 @@ def test_scan_reductions_kept_on_the_device_equal_those_sent_per_layer():
 
 
 @pytest.mark.parametrize("score", ["rms", "layer"])
-@pytest.mark.parametrize("block_bytes", [2**29, 1])
+@pytest.mark.parametrize("block_bytes", [2**29, 1, 7000])
 def test_deferred_reductions_in_blocks_of_layers_equal_the_per_layer_ones(score, block_bytes):
     """The local scan keeps each layer's state and query rows and reduces them in blocks of layers after the
-    forward (block_bytes=1: one layer per block); every payload equals the one reduced as its layer ran."""
+    forward (block_bytes=1: one layer per block; 7000: residual blocks of 2 layers, one attention block of 4, so
+    the attention block takes phi from two residual blocks); every payload equals the one reduced as its layer
+    ran."""
     kinds = _planted_kinds()
     g = torch.Generator().manual_seed(1)
     n_layers = 4
-    states = [torch.randn(3, 9, 16, generator=g) * torch.linspace(0.5, 3.0, 16) for _ in range(n_layers)]
+    states = [torch.randn(3, 9, 32, generator=g) * torch.linspace(0.5, 3.0, 32) for _ in range(n_layers)]
     for layer, s in enumerate(states):
         s[:, :, 3] += (10.0 + 20 * layer) * (kinds.kind == 0)  # a sink dim on BOS, growing
         s[:, 5, 1] += 6.0 * layer  # and an image token that grows one
@@ -438,7 +441,12 @@ def test_deferred_reductions_in_blocks_of_layers_equal_the_per_layer_ones(score,
         expected[("residual", layer)] = now.residual(layer, states[layer])
         expected[("attention", layer)] = now.attention(layer, probs[layer])
         assert later.residual(layer, states[layer]) is None and later.attention(layer, probs[layer]) is None
-    got = later.finish()
+    blocks = later.finish()
+    sizes = {kind: [len(block_layers) for k, block_layers, _ in blocks if k == kind] for kind in ("residual", "attention")}
+    assert sizes == {2**29: {"residual": [4], "attention": [4]}, 1: {"residual": [1] * 4, "attention": [1] * 4},
+                     7000: {"residual": [2, 2], "attention": [4]}}[block_bytes]
+    got = [(kind, layer, layer_of(block, i)) for kind, block_layers, block in blocks
+           for i, layer in enumerate(block_layers)]
     assert [(kind, layer) for kind, layer, _ in got] == ([("residual", l) for l in range(n_layers)]
                                                          + [("attention", l) for l in range(n_layers)])
     for kind, layer, payload in got:
@@ -479,8 +487,9 @@ def test_deferred_reductions_do_two_copies_per_layer_during_the_trace():
             reduction.residual(layer, torch.empty(2, 9, 16, device="meta"))
             reduction.attention(layer, torch.empty(2, 4, 9, 9, device="meta"))
         assert ops.names == ["clone", "clone"], ops.names
-    payloads = reduction.finish()
-    assert len(payloads) == 6 and all(v.device.type == "meta" for _, _, p in payloads for v in p.values())
+    blocks = reduction.finish()
+    assert [(kind, layers) for kind, layers, _ in blocks] == [("residual", [0, 1, 2]), ("attention", [0, 1, 2])]
+    assert all(v.device.type == "meta" for _, _, p in blocks for v in p.values())
 
 
 def _literal_residual_tables(reducer, payloads):
@@ -531,14 +540,14 @@ def test_residual_tables_equal_the_literal_per_layer_per_sample_build():
         payloads.append((layer, reduction.residual(layer, states)))
     reducer = ScanReducer([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False)
     reducer.begin(BatchInfo(torch.zeros(3, 9, dtype=torch.long), kinds, ["a", "b", "c"]))
-    reducer._residual_tables(payloads)
+    reducer._residual_tables([0, 1, 2], joined([([layer], block_of(p)) for layer, p in payloads])[1])
     massive, magnitude = _literal_residual_tables(reducer, payloads)
     pd.testing.assert_frame_equal(reducer.massive_rows[0], massive, check_exact=True)
     pd.testing.assert_frame_equal(reducer.magnitude_rows[0], magnitude, check_exact=True)
     assert len(massive) == 3 * 3 * 5 and set(massive["token_kind"]) >= {"bos"}
 
 
-def _literal_token_and_head_tables(reducer, payloads):
+def _literal_token_and_head_tables(reducer, payloads, phi_of):
     """The token and head tables one (layer, sample, token or head) at a time, as the scan built them before they
     were vectorised."""
     from sinkscope.measures import sinks
@@ -550,7 +559,7 @@ def _literal_token_and_head_tables(reducer, payloads):
     heads = {name: [] for name in ("sample", "layer", "head", "image_attention", "visual_sink_attention",
                                    "visual_nonsink_ratio", "image_centric", "n_queries")}
     for layer, p in payloads:
-        phi = reducer._phi[layer]
+        phi = phi_of[layer]
         for b, sid in enumerate(reducer.sample_ids):
             positions = [t for t in range(reducer.real.shape[1]) if reducer.real[b, t]]
             names = [KIND_NAMES[int(reducer.kinds.kind[b, t])] for t in positions]
@@ -592,16 +601,18 @@ def test_token_and_head_tables_equal_the_literal_per_layer_per_sample_build():
                           token_strings=lambda ids: [[f"w{b}.{t}" for t in range(ids.shape[1])]
                                                      for b in range(ids.shape[0])])
     reducer.begin(BatchInfo(torch.zeros(3, 9, dtype=torch.long), kinds, ["a", "b", "c"]))
-    payloads = []
+    payloads, phi_of = [], {}
     for layer in range(3):
         states = torch.randn(3, 9, 16, generator=g)
         states[:, :, 3] += (5.0 + 10 * layer) * (kinds.kind == 0)
         states[:, 5, 1] += 8.0 * layer  # an image token that becomes a sink
-        reducer.take("residual", layer, reduction.residual(layer, states))
+        residual = reduction.residual(layer, states)
+        phi_of[layer] = residual["phi"]
+        reducer.take("residual", layer, residual)
         payloads.append((layer, reduction.attention(layer, torch.softmax(torch.randn(3, 4, 9, 9, generator=g), -1))))
         reducer.take("attention", layer, payloads[-1][1])
     reducer.end()
-    tokens, heads = _literal_token_and_head_tables(reducer, payloads)
+    tokens, heads = _literal_token_and_head_tables(reducer, payloads, phi_of)
     pd.testing.assert_frame_equal(reducer.token_rows[0], tokens, check_exact=True)
     pd.testing.assert_frame_equal(reducer.head_rows[0], heads, check_exact=True)
     assert len(tokens) == 3 * (7 + 7 + 8) and len(heads) == 3 * 3 * 4
@@ -635,8 +646,9 @@ def test_deferred_payloads_reach_the_host_once_per_block_not_once_per_layer(n_la
         reduction.residual(layer, torch.empty(3, 9, 16, device="meta"))
         reduction.attention(layer, torch.empty(3, 4, 9, 9, device="meta"))
     with Copies() as copies:
-        payloads = reduction.finish()
-    assert len(payloads) == 2 * n_layers
-    assert all(v.device.type == "cpu" for _, _, p in payloads for v in p.values())
-    keys = {kind: len(p) for kind, _, p in payloads}
+        blocks = reduction.finish()
+    assert [(kind, layers) for kind, layers, _ in blocks] == [("residual", list(range(n_layers))),
+                                                               ("attention", list(range(n_layers)))]
+    assert all(v.device.type == "cpu" for _, _, p in blocks for v in p.values())
+    keys = {kind: len(p) for kind, _, p in blocks}
     assert copies.to_host == keys["residual"] + keys["attention"], (copies.to_host, keys)  # one block of each kind

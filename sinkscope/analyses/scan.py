@@ -130,7 +130,7 @@ class ScanLayerReduction:
             return None
         block = self._residual_block(states.detach()[:, None])
         self.phi[layer] = block["phi"][:, 0]
-        return self._out(_layer_of(block, 0))
+        return self._out(layer_of(block, 0))
 
     def attention(self, layer, probs):
         first, stop = self.query_rows
@@ -138,24 +138,27 @@ class ScanLayerReduction:
             self._kept["attention"][layer] = probs.detach()[:, :, first:stop].clone()
             return None
         phi = self.phi[layer].to(probs.device)[:, None]  # phi: where the layer input was
-        return self._out(_layer_of(self._attention_block(probs.detach()[:, None, :, first:stop], phi), 0))
+        return self._out(layer_of(self._attention_block(probs.detach()[:, None, :, first:stop], phi), 0))
 
-    def finish(self) -> list[tuple[str, int, dict]]:
-        """The kept layers' payloads (kind, layer, payload), reduced in blocks of layers; empties the store."""
+    def finish(self) -> list[tuple[str, list[int], dict]]:
+        """The kept layers' payloads as blocks (kind, layers, payload [batch, layer, ...]; profile rows [layer,
+        ...]), reduced in blocks of layers, never split per layer (`layer_of` gives one); empties the store."""
         out = []
         layers = sorted(self._kept["residual"])
+        phi = {}  # block of layers -> phi [batch, layer, token] where the states were, for the attention blocks
         for block_layers in self._blocks(layers, self._kept["residual"]):
             block = self._residual_block(torch.stack([self._kept["residual"].pop(l) for l in block_layers], dim=1))
-            for i, layer in enumerate(block_layers):
-                self.phi[layer] = block["phi"][:, i]  # where the states were, for the attention blocks
-            block = self._out(block)  # to the host once per block and measure, not once per layer
-            out += [("residual", layer, _layer_of(block, i)) for i, layer in enumerate(block_layers)]
+            phi[tuple(block_layers)] = block["phi"]
+            out.append(("residual", block_layers, self._out(block)))  # to the host once per block and measure
         layers = sorted(self._kept["attention"])
         for block_layers in self._blocks(layers, self._kept["attention"]):
             probs = torch.stack([self._kept["attention"].pop(l) for l in block_layers], dim=1)
-            phi = torch.stack([self.phi[l].to(probs.device) for l in block_layers], dim=1)
-            block = self._out(self._attention_block(probs, phi))
-            out += [("attention", layer, _layer_of(block, i)) for i, layer in enumerate(block_layers)]
+            block_phi = phi.get(tuple(block_layers))  # the residual blocks are the same when both kinds were kept
+            if block_phi is None:
+                by_layer = {l: p[:, i] for ls, p in phi.items() for i, l in enumerate(ls)}
+                block_phi = torch.stack([by_layer[l] for l in block_layers], dim=1)
+            block = self._attention_block(probs, block_phi.to(probs.device))
+            out.append(("attention", block_layers, self._out(block)))
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
@@ -221,9 +224,23 @@ class ScanLayerReduction:
         return out
 
 
-def _layer_of(block: dict, i: int) -> dict:
+def layer_of(block: dict, i: int) -> dict:
     """Layer i's payload from a block's: [batch, layer, ...] -> [batch, ...]; profile rows [layer, ...] -> [...]."""
     return {k: (v[i] if k.startswith("profile") else v[:, i]) for k, v in block.items()}
+
+
+def block_of(payload: dict) -> dict:
+    """One layer's payload as a block of one layer (the inverse of `layer_of(block, 0)`)."""
+    return {k: (v[None] if k.startswith("profile") else v[:, None]) for k, v in payload.items()}
+
+
+def joined(chunks: list[tuple[list[int], dict]]) -> tuple[list[int], dict]:
+    """Blocks of layers (layers, payload) joined along the layer dim, in the order given."""
+    if len(chunks) == 1:
+        return chunks[0]
+    layers = [layer for block_layers, _ in chunks for layer in block_layers]
+    return layers, {k: torch.cat([block[k] for _, block in chunks], dim=0 if k.startswith("profile") else 1)
+                    for k in chunks[0][1]}
 
 
 def _first(mask_row: torch.Tensor) -> int | None:
@@ -256,8 +273,7 @@ class ScanReducer:
         self.token_rows: list[pd.DataFrame] = []
         self.head_rows: list[pd.DataFrame] = []
         self.profile: dict[int, dict] = {}
-        self._payloads: dict[str, list[tuple[int, dict]]] = {"residual": [], "attention": []}
-        self._phi: dict[int, torch.Tensor] = {}
+        self._payloads: dict[str, list[tuple[list[int], dict]]] = {"residual": [], "attention": []}  # blocks
         self.token_strings = token_strings  # callable: [batch, token] ids -> decoded strings
 
     def begin(self, info: BatchInfo):
@@ -270,7 +286,6 @@ class ScanReducer:
         self.queries = text_queries_after_image(info)
         self.sample_ids = info.sample_ids
         self._payloads = {"residual": [], "attention": []}
-        self._phi = {}
         self._local = None  # this batch's in-trace part, when the trace runs here
 
     def in_trace(self, host: bool = True, defer: bool = False) -> ScanLayerReduction:
@@ -286,9 +301,9 @@ class ScanReducer:
         self._local.attention(layer, probs)
 
     def take(self, kind: str, layer: int, payload: dict) -> None:
-        """Keep one layer's reductions (ScanLayerReduction), made here or by a remote trace; tables in `end()`."""
+        """Keep one layer's reductions (ScanLayerReduction), sent by a remote trace; tables in `end()`."""
         if kind in self._payloads:
-            self._payloads[kind].append((layer, payload))
+            self._payloads[kind].append(([layer], block_of(payload)))
 
     def _profile_entry(self, p: dict) -> dict:
         entry = {"bos": p["profile_bos"]}
@@ -305,19 +320,23 @@ class ScanReducer:
         for the device in a batch) and build the batch's tables (layer order as traced, then sample, then rank).
         Every payload is on the CPU here, local or remote."""
         if getattr(self, "_local", None) is not None:
-            for kind, layer, payload in self._local.finish():
-                self.take(kind, layer, payload)
-        payloads = self._payloads
-        for layer, p in payloads["residual"]:
-            self._phi[layer] = p["phi"]
-            if self.want_profile and "profile_bos" in p:
-                self.profile[layer] = self._profile_entry(p)
+            for kind, layers, block in self._local.finish():
+                self._payloads[kind].append((layers, block))
         self._sample_columns()
-        if payloads["residual"]:
-            self._residual_tables(payloads["residual"])
-        if payloads["attention"]:
-            self.token_rows.append(self._token_table(payloads["attention"]))
-            self.head_rows.append(self._head_table(payloads["attention"]))
+        phi_at, phi = {}, None  # layer -> its index in the residual block, and that block's phi
+        if self._payloads["residual"]:
+            layers, block = joined(self._payloads["residual"])
+            if self.want_profile and "profile_bos" in block:
+                self.profile.update({layer: self._profile_entry(layer_of(block, i)) for i, layer in enumerate(layers)})
+            self._residual_tables(layers, block)
+            phi_at = {layer: i for i, layer in enumerate(layers)}
+            phi = block["phi"]
+        if self._payloads["attention"]:
+            layers, block = joined(self._payloads["attention"])
+            at = [phi_at[layer] for layer in layers]
+            at_phi = phi if at == list(range(phi.shape[1])) else phi[:, at]  # [batch, layer, token]
+            self.token_rows.append(self._token_table(layers, block, at_phi))
+            self.head_rows.append(self._head_table(layers, block))
         self._payloads = {"residual": [], "attention": []}
 
     def _sample_columns(self) -> None:
@@ -337,12 +356,11 @@ class ScanReducer:
         self._static = {**columns, "position": self.real_pos[self.real].numpy(),
                         "image_index": self.kinds.image_index[self.real].numpy()}
 
-    def _residual_tables(self, payloads: list[tuple[int, dict]]) -> None:
+    def _residual_tables(self, layers: list[int], block: dict) -> None:
         """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
         the top 3 and the median |activation|. Samples without real tokens get no rows. One vectorised pass over
-        every layer of the batch (rows in layer, sample, rank order)."""
-        layers = [layer for layer, _ in payloads]
-        keep = [b for b, n in enumerate(payloads[0][1]["n_real"].tolist()) if n > 0]  # the same in every layer
+        every layer of the batch (rows in layer, sample, rank order). block: [batch, layer, ...] payloads."""
+        keep = [b for b, n in enumerate(block["n_real"][:, 0].tolist()) if n > 0]  # the same in every layer
         if not keep:
             self.massive_rows.append(pd.DataFrame(columns=list(MASSIVE_COLUMNS)))
             self.magnitude_rows.append(pd.DataFrame(columns=list(MAGNITUDE_COLUMNS)))
@@ -350,7 +368,7 @@ class ScanReducer:
         rows = torch.tensor(keep, dtype=torch.long)
 
         def stacked(key: str) -> torch.Tensor:  # [layer, kept sample, ...]
-            return torch.stack([p[key] for _, p in payloads]).index_select(1, rows)
+            return block[key].index_select(0, rows).transpose(0, 1)
 
         top_position = stacked("top_position")  # [layer, sample, k]
         n_layers, n_kept, k = top_position.shape
@@ -379,14 +397,14 @@ class ScanReducer:
         self.massive_rows.append(pd.DataFrame(massive, columns=list(MASSIVE_COLUMNS)))
         self.magnitude_rows.append(pd.DataFrame(magnitude, columns=list(MAGNITUDE_COLUMNS)))
 
-    def _token_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
+    def _token_table(self, layers: list[int], block: dict, phi: torch.Tensor) -> pd.DataFrame:
         """One row per (layer, sample, real token): phi, sink or not, attention received from the text queries.
-        One vectorised pass: a [layer, sample, token] stack indexed by the real-token mask gives every layer's
-        rows in (sample, position) order."""
-        layers = [layer for layer, _ in payloads]
+        block: [batch, layer, ...] payloads, phi [batch, layer, token] of the same layers. One vectorised pass: a
+        [layer, sample, token] view indexed by the real-token mask gives every layer's rows in (sample, position)
+        order."""
         n_layers, static = len(layers), self._static
-        phi = torch.stack([self._phi[layer] for layer in layers])  # [layer, sample, token]
-        received = torch.stack([p["received"] for _, p in payloads])
+        phi = phi.transpose(0, 1)  # [layer, sample, token]
+        received = block["received"].transpose(0, 1)
         sink = (phi >= self.tau) & self.real
         return pd.DataFrame({
             "sample": static["sample"] * n_layers,
@@ -399,18 +417,18 @@ class ScanReducer:
             "attention_received": received[:, self.real].reshape(-1).numpy(),
         })
 
-    def _head_table(self, payloads: list[tuple[int, dict]]) -> pd.DataFrame:
-        """One row per (layer, sample, head): the head's visual-attention measures over the sample's text queries."""
+    def _head_table(self, layers: list[int], block: dict) -> pd.DataFrame:
+        """One row per (layer, sample, head): the head's visual-attention measures over the sample's text queries.
+        block: [batch, layer, head] payloads."""
         names = ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric")
         n_queries = self.queries.sum(dim=1).tolist()
-        n_heads = payloads[0][1]["image_attention"].shape[1]
+        n_heads = block["image_attention"].shape[2]
         n_samples = len(self.sample_ids)
-        layers = [layer for layer, _ in payloads]
         return pd.DataFrame({
             "sample": [sid for sid in self.sample_ids for _ in range(n_heads)] * len(layers),
             "layer": np.repeat(np.array(layers, dtype=np.int64), n_samples * n_heads),
             "head": np.tile(np.arange(n_heads, dtype=np.int64), n_samples * len(layers)),
-            **{name: torch.cat([p[name] for _, p in payloads]).reshape(-1).numpy() for name in names},
+            **{name: block[name].transpose(0, 1).reshape(-1).numpy() for name in names},
             "n_queries": np.tile(np.repeat(np.array(n_queries, dtype=np.int64), n_heads), len(layers)),
         })
 
