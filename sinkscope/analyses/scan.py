@@ -156,17 +156,22 @@ class ScanLayerReduction:
             block_phi = phi.get(tuple(block_layers))  # the residual blocks are the same when both kinds were kept
             if block_phi is None:
                 by_layer = {l: p[:, i] for ls, p in phi.items() for i, l in enumerate(ls)}
-                block_phi = torch.stack([by_layer[l] for l in block_layers], dim=1)
+                block_phi = torch.stack([by_layer[l].to(probs.device) for l in block_layers], dim=1)
             block = self._attention_block(probs, block_phi.to(probs.device))
             out.append(("attention", block_layers, self._out(block)))
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
-        if not layers:
-            return []
-        per_layer = 4 * kept[layers[0]].numel()  # float32 bytes of one layer
-        size = max(1, self.block_bytes // max(1, per_layer))
-        return [layers[i: i + size] for i in range(0, len(layers), size)]
+        """Runs of consecutive layers kept on one device (a model split across GPUs keeps each layer where it
+        ran), of at most `block_bytes` float32 bytes each."""
+        blocks: list[list[int]] = []
+        for layer in layers:
+            size = max(1, self.block_bytes // max(1, 4 * kept[layer].numel()))  # layers per block
+            if blocks and len(blocks[-1]) < size and kept[blocks[-1][0]].device == kept[layer].device:
+                blocks[-1].append(layer)
+            else:
+                blocks.append([layer])
+        return blocks
 
     # -- the measures, on a block of layers ----------------------------------------------
     def _residual_block(self, states: torch.Tensor) -> dict:
