@@ -131,8 +131,11 @@ class ActivationCache:
         return store[int(layer)]
 
     def stacked_residual(self) -> torch.Tensor:
-        """[layer, batch, token, dim] over the cached layers, in layer order."""
-        return torch.stack([self.residual[i] for i in sorted(self.residual)])
+        """[layer, batch, token, dim] over the cached layers, in layer order, on the first cached layer's device (a
+        model split across GPUs leaves each layer's states where it ran)."""
+        layers = sorted(self.residual)
+        device = self.residual[layers[0]].device if layers else None
+        return torch.stack([self.residual[i].to(device) for i in layers])
 
 
 class _CacheReducer:

@@ -259,3 +259,16 @@ def test_capturing_switches_only_inside_its_block_and_restores_after_an_error(ti
                 raise RuntimeError("stop")
         assert adapter.text_attention == "eager"
         assert all(m.config._attn_implementation == "eager" and CAPTURE_ATTR not in m.__dict__ for m in modules)
+
+
+def test_stacked_residual_gathers_layers_from_several_devices():
+    """A model split across devices leaves each layer's cached states where the layer ran; stacking them puts
+    every layer on the first layer's device (here the meta device, then the CPU) instead of raising."""
+    from sinkscope.kinds import TokenKinds
+    from sinkscope.trace import ActivationCache, BatchInfo
+
+    kinds = TokenKinds(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), -1))
+    cache = ActivationCache(BatchInfo(torch.zeros(1, 3, dtype=torch.long), kinds, [0]))
+    cache.residual = {1: torch.ones(1, 3, 4), 0: torch.zeros(1, 3, 4, device="meta")}
+    stacked = cache.stacked_residual()
+    assert stacked.device.type == "meta" and stacked.shape == (2, 1, 3, 4)
