@@ -1,4 +1,4 @@
-"""Run a model once and hand what the measures need to streaming reducers (nnsight).
+"""Run a model once and hand what the measures need to streaming reducers (torch hooks here, nnsight remotely).
 
 For each requested layer of the language model, one forward pass exposes
   - the residual stream entering the layer: [batch, token, dim] (= `output_hidden_states[l]`);
@@ -25,6 +25,7 @@ those reductions after the trace. A local run goes through the same split, so bo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -168,15 +169,32 @@ def envoy_at(root_envoy, root_module: torch.nn.Module, target: torch.nn.Module, 
 
 
 class Tracer:
-    """Wraps an adapter's model in nnsight and streams per-layer tensors to reducers."""
+    """Streams per-layer tensors of an adapter's model to reducers: in a local run through torch hooks and the
+    capture function, in a remote run (or one reading `.source`) through nnsight."""
 
     def __init__(self, adapter: ModelAdapter):
-        from nnsight import NNsight
-
         self.adapter = adapter
-        self.envoy = NNsight(adapter.model)
+        self._envoy = None
         self._labels: tuple[str, str] | None = None  # (attention call, probabilities op)
         self._envoys = None  # (decoder-layer envoys, {layer: attention envoy})
+
+    @property
+    def envoy(self):
+        """The model wrapped by nnsight, made on first use: wrapping patches every module's forward for good (~75
+        Python calls per layer on each later forward), so a tracer that only runs locally never wraps it."""
+        if self._envoy is None:
+            from nnsight import NNsight
+
+            self._envoy = NNsight(self.adapter.model)
+        return self._envoy
+
+    def _envoys_of_layers(self):
+        """(decoder-layer envoys, {layer: attention envoy}): module lookups once per tracer, not once per batch."""
+        if self._envoys is None:
+            layer_envoys = self._layer_envoys()
+            self._envoys = (layer_envoys, {i: self._attention_envoy(layer_envoys, i)
+                                           for i in range(self.adapter.num_layers)})
+        return self._envoys
 
     # -- locating the probabilities ----------------------------------------------------
     def _layer_envoys(self):
@@ -262,10 +280,6 @@ class Tracer:
         for r in reducers:
             r.begin(info)
         inputs = self.adapter.device_inputs(batch)
-        if self._envoys is None:  # module lookups once per tracer, not once per batch
-            layer_envoys = self._layer_envoys()
-            self._envoys = (layer_envoys, {i: self._attention_envoy(layer_envoys, i) for i in range(n)})
-        layer_envoys, attn_envoys = self._envoys
         if values and self._labels is None and layers:
             # locate the ops once in a pass of their own: the call's inputs come before its inner ops
             self.run(batch, [], layers=[layers[0]], residual=False, attention=True, via_source=True)
@@ -280,13 +294,14 @@ class Tracer:
                 r.end()
             return None
         holder: dict = {}
-        if attention and not values and not via_source:
-            # the probabilities come from sinkscope's capture function, not from nnsight's `.source` (which would
-            # wrap every operation of every attention forward): the same tensor eager attention multiplies V with
-            self._run_captured(inputs, reducers, layers, residual, holder if return_logits else None)
+        if not values and not via_source:
+            # torch hooks, and the probabilities from sinkscope's capture function rather than nnsight's `.source`
+            # (which would wrap every operation of every attention forward): the tensor eager attention multiplies V
+            self._run_captured(inputs, reducers, layers, residual, attention, holder if return_logits else None)
             for r in reducers:
                 r.end()
             return holder.get("logits")
+        layer_envoys, attn_envoys = self._envoys_of_layers()
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
                 if residual:
@@ -311,28 +326,40 @@ class Tracer:
             r.end()
         return holder.get("logits")
 
-    def _run_captured(self, inputs, reducers, layers, residual: bool, holder: dict | None) -> None:
-        """A local trace whose attention probabilities come from `eager.capturing`: residual states through nnsight
-        (the layer's input), probabilities handed over by the registered capture function as each layer computes
-        them, so a reducer sees layer i's residual, then its attention, then layer i + 1's."""
+    def _run_captured(self, inputs, reducers, layers, residual: bool, attention: bool, holder: dict | None) -> None:
+        """A local run: the residual state entering each layer from a forward pre-hook on the decoder layer, the
+        probabilities handed over by the registered capture function as each layer computes them, so a reducer
+        sees layer i's residual, then its attention, then layer i + 1's. Plain torch hooks and one plain forward:
+        nnsight's interleaver (which checks every module's inputs and outputs, ~40 calls per layer) is only
+        needed for a remote run or a `.source` read."""
         from sinkscope.eager import capturing
 
         wanted = set(layers)
-        layer_envoys, _ = self._envoys
 
         def hand(layer, probs):
             if layer in wanted:
                 for r in reducers:
                     r.attention(layer, probs)
 
-        with capturing(self.adapter, hand), torch.no_grad(), self.envoy.trace(**inputs):
+        def residual_hook(layer):
+            def hook(module, args, kwargs):
+                states = args[0] if args else next(iter(kwargs.values()))  # the layer's first input, as nnsight's
+                for r in reducers:
+                    r.residual(layer, states)
+            return hook
+
+        handles = []
+        try:
             if residual:
-                for i in layers:
-                    states = layer_envoys[i].input
-                    for r in reducers:
-                        r.residual(i, states)
-            if holder is not None:
-                holder["logits"] = self.envoy.output.logits.detach().clone()
+                handles = [self.adapter.layers[i].register_forward_pre_hook(residual_hook(i), with_kwargs=True)
+                           for i in layers]
+            with capturing(self.adapter, hand) if attention else contextlib.nullcontext(), torch.no_grad():
+                out = self.adapter.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        if holder is not None:
+            holder["logits"] = out.logits.detach()
 
     def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
         """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire."""
@@ -344,7 +371,7 @@ class Tracer:
                                  "and this reducer needs the full tensors (give it in_trace() and take(); see "
                                  "sinkscope.trace.RemoteReducer), or run without --remote")
         parts = [r.in_trace() for r in reducers]
-        layer_envoys, attn_envoys = self._envoys
+        layer_envoys, attn_envoys = self._envoys_of_layers()
         layer_at = {i: layer_envoys[i] for i in layers}
         attn_at = {i: attn_envoys[i] for i in layers}
         call, op = self._labels or (None, None)

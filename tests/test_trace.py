@@ -223,7 +223,7 @@ def test_local_probabilities_come_from_the_capture_function_bitwise_as_through_s
     captured, sourced, order = _Keep(), _Keep(), _Recorder()
     tracer = Tracer(adapter)
     tracer.run(batch, [captured, order])
-    assert tracer._labels is None  # `.source` was never opened
+    assert tracer._labels is None and tracer._envoy is None  # `.source` never opened, the model never wrapped
     Tracer(adapter).run(batch, [sourced], via_source=True)
     assert adapter.text_attention == "eager"
     assert sorted(captured.probs) == sorted(sourced.probs) == list(range(LAYERS))
@@ -272,3 +272,31 @@ def test_stacked_residual_gathers_layers_from_several_devices():
     cache.residual = {1: torch.ones(1, 3, 4), 0: torch.zeros(1, 3, 4, device="meta")}
     stacked = cache.stacked_residual()
     assert stacked.device.type == "meta" and stacked.shape == (2, 1, 3, 4)
+
+
+def test_local_residual_only_runs_use_hooks_and_leave_none_behind(tiny):
+    """A local run without attention takes the residual states from forward pre-hooks: the same tensors as
+    nnsight's `.input`; the hooks go away after the run, also when a reducer raises, and the model is never
+    wrapped by nnsight."""
+    import copy
+
+    adapter = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    hooked, sourced = _Keep(), _Keep()
+    tracer = Tracer(adapter)
+    tracer.run(batch, [hooked], attention=False, layers=[1])
+    assert tracer._envoy is None
+    Tracer(adapter).run(batch, [sourced], attention=False, layers=[1], via_source=True)
+    assert sorted(hooked.states) == sorted(sourced.states) == [1] and not hooked.probs
+    assert torch.equal(hooked.states[1], sourced.states[1])
+
+    class Fails(_Keep):
+        def residual(self, layer, states):
+            raise RuntimeError("reducer failed")
+
+    with pytest.raises(RuntimeError, match="reducer failed"):
+        tracer.run(batch, [Fails()])
+    assert all(not layer._forward_pre_hooks for layer in adapter.layers)
+    assert adapter.text_attention == "eager"
