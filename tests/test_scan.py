@@ -670,3 +670,26 @@ def test_deferred_blocks_never_mix_devices():
     assert [(kind, layers, {v.device.type for v in block.values()}) for kind, layers, block in blocks] == [
         ("residual", [0, 1, 2], {"cpu"}), ("residual", [3, 4], {"meta"}),
         ("attention", [0, 1], {"cpu"}), ("attention", [2, 3, 4], {"meta"})]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_states_give_the_exact_median_over_real_tokens(dtype):
+    """A model in 16 bits hands 16-bit states: the scan's median |x| of each (sample, layer) is then taken from a
+    histogram of bit patterns, and equals torch's median over the row's real tokens, left, right and inner padding,
+    per layer and deferred in a block of layers."""
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(5)
+    states = [(torch.randn(3, 9, 16, generator=g) * torch.linspace(0.5, 3.0, 16) * (layer + 1)).to(dtype)
+              for layer in range(3)]
+    now, later = _reduction(kinds, host=True), _reduction(kinds, host=True, defer=True)
+    real = kinds.real_mask
+    for layer, s in enumerate(states):
+        median = now.residual(layer, s)["median"]
+        later.residual(layer, s)
+        for row in range(3):
+            assert torch.equal(median[row], s[row][real[row]].float().abs().median()), (layer, row)
+    (kind, layers, block), = later.finish()
+    assert (kind, layers) == ("residual", [0, 1, 2])
+    for layer, s in enumerate(states):
+        for row in range(3):
+            assert torch.equal(block["median"][row, layer], s[row][real[row]].float().abs().median())

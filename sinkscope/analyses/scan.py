@@ -183,14 +183,11 @@ class ScanLayerReduction:
         batch, n_layers, n_tok, dim = x.shape
         rms = torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)  # [batch, layer, token]
         padding = ~real[:, None, :, None]
-        absolute = x.abs().masked_fill(padding, -1.0)  # [batch, layer, token, dim]; -1 only on padding
-        mags = absolute.reshape(batch, n_layers, -1)
+        mags = x.abs().masked_fill(padding, -1.0).reshape(batch, n_layers, -1)  # -1 only on padding
         top = mags.topk(min(self.top_k, n_tok * dim), dim=-1)
         position = torch.div(top.indices, dim, rounding_mode="floor")
         k3 = mags.topk(min(3, n_tok * dim), dim=-1).values
-        # the (lower) median over each row's real tokens, every (sample, layer) in one call: padding made nan and
-        # left out (a row without real tokens: nan; a nan in the states themselves is left out too)
-        median = absolute.masked_fill_(padding, float("nan")).reshape(batch, n_layers, -1).nanmedian(dim=-1).values
+        median = massive.row_median_abs(states, real[:, None, :, None], row_dims=2)  # [batch, layer], real tokens
         phi = sinks.sink_score(states, dims, self.score, real, self.eps).float()  # [batch, layer, token]
         out = {"phi": phi, "top_value": x.reshape(batch, n_layers, -1).gather(-1, top.indices),
                "top_position": position, "top_dim": top.indices % dim, "top_rms": rms.gather(-1, position),

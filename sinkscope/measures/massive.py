@@ -115,6 +115,36 @@ def _median_abs(states: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return mags.median()
 
 
+def row_median_abs(x: torch.Tensor, valid: torch.Tensor, row_dims: int = 1) -> torch.Tensor:
+    """The (lower) median |x| over each row's valid entries, exactly. x: its first `row_dims` dims index rows,
+    the rest hold a row's entries (e.g. [batch, layer, token, dim] with row_dims=2), any float dtype; valid: bool,
+    broadcastable to x -> float32 [rows...], nan for a row without valid entries.
+
+    16-bit x (float16, bfloat16: what a GPU model holds) goes through a histogram of its bit patterns: |x|
+    has at most 2^15 values, ordered as their patterns, so counting the patterns per row (one bincount for every
+    row) and finding where the running count passes the middle gives the median exactly, reading x once. A
+    median along a dim on CUDA runs one thread block per row (slow for rows of millions of entries) and a
+    median of a whole tensor sorts it; this costs neither. Other dtypes: a NaN-masked `nanmedian` along the row
+    (a NaN entry of x is then left out; the histogram counts it above infinity).
+    """
+    shape = x.shape[:row_dims]
+    rows = math.prod(shape)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        masked = x.float().abs().masked_fill_(~valid, float("nan"))
+        return masked.reshape(rows, -1).nanmedian(dim=-1).values.reshape(shape)
+    n_bins = 1 << 15  # non-negative 16-bit patterns; one more bin takes the entries that are not valid
+    patterns = x.contiguous().view(torch.int16).to(torch.int32).bitwise_and_(n_bins - 1)  # the pattern of |x|
+    patterns = patterns.masked_fill_(~valid, n_bins).reshape(rows, -1)
+    patterns.add_(torch.arange(rows, device=x.device, dtype=torch.int32)[:, None] * (n_bins + 1))
+    counts = torch.bincount(patterns.flatten(), minlength=rows * (n_bins + 1)).view(rows, n_bins + 1)[:, :n_bins]
+    running = counts.cumsum(dim=1)  # [rows, pattern]
+    n_valid = running[:, -1]
+    middle = torch.div(n_valid - 1, 2, rounding_mode="floor") + 1  # entries up to the lower median
+    pattern = torch.searchsorted(running, middle[:, None].clamp_min(1)).squeeze(1).clamp_max(n_bins - 1)
+    median = pattern.to(torch.int16).view(x.dtype).float()
+    return torch.where(n_valid > 0, median, torch.full_like(median, float("nan"))).reshape(shape)
+
+
 _TOP_COLUMNS = ["sample", "layer", "position", "token_kind", "dim", "value", "rms_value",
                 "ratio_to_median", "rank"]
 
