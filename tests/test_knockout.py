@@ -198,3 +198,41 @@ def test_top_nonsink_image_keys():
     assert out[1].nonzero().flatten().tolist() == [5]
     with pytest.raises(SinkscopeError, match="non-sink image tokens"):
         top_nonsink_image_keys(received, kinds.visual_mask, sinks, torch.tensor([4, 1]))
+
+
+def _knockout_as_first_written(probs, key_mask, query_mask, renormalize=True):
+    """The knockout formula as first written (two masks, an extra guard), kept as the oracle of the leaner one."""
+    blocked = key_mask[:, None, None, :]
+    kept = probs.masked_fill(blocked, 0.0)
+    removed = (probs * blocked).sum(dim=-1, keepdim=True)
+    touched = query_mask[:, None, :, None] & (removed > 0)
+    if not renormalize:
+        return torch.where(touched, kept, probs)
+    remaining = kept.sum(dim=-1, keepdim=True)
+    renormalised = torch.where(remaining > 0, kept / remaining.clamp_min(torch.finfo(probs.dtype).tiny), kept)
+    return torch.where(touched, renormalised, probs)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_knockout_probs_equals_the_first_formula_bitwise(renormalize):
+    """The leaner knockout (no guard on an empty remainder, no query mask when every query is edited) gives the
+    first formula's tensors bit for bit: ordinary rows, a row whose whole mass is on blocked keys, a row left with
+    a subnormal remainder, rows with nothing blocked; query_mask=None equals an all-True mask."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 5, 8, generator=g) * 3, dim=-1)
+    keys = torch.zeros(2, 8, dtype=torch.bool)
+    keys[0, [1, 4]] = True
+    keys[1, 0] = True
+    probs[0, 0, 0] = 0.0
+    probs[0, 0, 0, [1, 4]] = 0.5  # all mass on blocked keys
+    probs[0, 1, 1] = 0.0
+    probs[0, 1, 1, 1] = 1.0
+    probs[0, 1, 1, 2] = 1e-41  # a subnormal remainder
+    probs[1, 2, 3, 0] = 0.0  # nothing on the blocked key
+    queries = torch.rand(2, 5, generator=g) > 0.3
+    got = knockout_probs(probs, keys, queries, renormalize)
+    assert torch.equal(got, _knockout_as_first_written(probs, keys, queries, renormalize))
+    every = knockout_probs(probs, keys, None, renormalize)
+    assert torch.equal(every, _knockout_as_first_written(probs, keys, torch.ones(2, 5, dtype=torch.bool), renormalize))
+    if renormalize:
+        assert torch.equal(got[0, 0, 0], torch.zeros(8)) or not queries[0, 0]

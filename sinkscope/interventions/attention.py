@@ -152,14 +152,15 @@ class StepState:
         """Scratch space of `edit` for this session (kept across steps, reset by nothing)."""
         return self.session.memory(edit)
 
-    def _cached(self, key, make):
+    def cached(self, key, make):
+        """`make()`, made once per step (forward call) under `key` and shared by every layer's edit."""
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
 
     def query_positions(self, device) -> torch.Tensor:
         """[query] long absolute positions of this step's queries."""
-        return self._cached(("qpos", str(device)), lambda: torch.arange(
+        return self.cached(("qpos", str(device)), lambda: torch.arange(
             self.past_length, self.total_length, device=device))
 
     def key_mask(self, prompt_mask: torch.Tensor, n_keys: int, fill: bool = False) -> torch.Tensor:
@@ -194,7 +195,7 @@ class StepState:
         def make():
             prompt = self.require_prompt()
             return self.prompt_query_mask(prompt.queries_after_image(), generated=True)
-        return self._cached("default_queries", make)
+        return self.cached("default_queries", make)
 
 
 def find_cache(args: tuple, kwargs: dict):

@@ -30,12 +30,12 @@ def _codes(token_kinds) -> torch.Tensor:
     return token_kinds.kind if isinstance(token_kinds, TokenKinds) else torch.as_tensor(token_kinds)
 
 
-def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor,
+def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.Tensor | None,
                    renormalize: bool = True) -> torch.Tensor:
     """Block attention of selected queries to selected keys (and, by default, renormalise those rows).
 
     probs: [batch, head, query, key] post-softmax; key_mask: [batch, key] bool (keys to block);
-    query_mask: [batch, query] bool (queries the knockout applies to).
+    query_mask: [batch, query] bool (queries the knockout applies to), None for every query.
     Returns probs where, for rows of selected queries that had mass on blocked keys, blocked
     entries are 0 and the others are divided by the remaining mass; other rows are unchanged.
     renormalize=False zeroes the blocked entries only (the row then sums to less than 1): the
@@ -44,12 +44,13 @@ def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torc
     """
     blocked = key_mask[:, None, None, :].to(probs.device)
     kept = probs.masked_fill(blocked, 0.0)
-    removed = (probs * blocked).sum(dim=-1, keepdim=True)
-    touched = query_mask[:, None, :, None].to(probs.device) & (removed > 0)
+    touched = (probs * blocked).sum(dim=-1, keepdim=True) > 0  # the row had mass on a blocked key
+    if query_mask is not None:
+        touched = touched & query_mask[:, None, :, None].to(probs.device)
     if not renormalize:
         return torch.where(touched, kept, probs)
-    remaining = kept.sum(dim=-1, keepdim=True)
-    renormalised = torch.where(remaining > 0, kept / remaining.clamp_min(torch.finfo(probs.dtype).tiny), kept)
+    # a row left with no mass stays all zero: its kept entries are 0, and 0 / tiny = 0
+    renormalised = kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
     return torch.where(touched, renormalised, probs)
 
 
@@ -95,15 +96,18 @@ class KnockoutEdit(AttentionEdit):
 
     def edit(self, probs, *, layer, query_positions, state: StepState):
         memory = state.memory(self)
-        if "keys" not in memory:
-            state.require_prompt()
-        keys = state.key_mask(memory["keys"], probs.shape[-1])
-        if memory["queries"] is None:
+        if state.past_length >= state.require_prompt().length:  # a decode step: every query is a generated token
+            if not self.generated_queries:
+                return probs
+            queries = None
+        elif memory["queries"] is None:
             queries = state.default_query_mask()
             if not self.generated_queries and not state.prefill:
                 queries = torch.zeros_like(queries)
         else:
             queries = state.prompt_query_mask(memory["queries"], generated=self.generated_queries)
+        n_keys = probs.shape[-1]  # once per step for the layers (a sliding-window layer has its own n_keys)
+        keys = state.cached(("knockout keys", id(self), n_keys), lambda: state.key_mask(memory["keys"], n_keys))
         return knockout_probs(probs, keys, queries, self.renormalize)
 
 
