@@ -180,7 +180,7 @@ class Tracer:
 
     @property
     def envoy(self):
-        """The model wrapped by nnsight, made on first use: wrapping patches every module's forward for good (~75
+        """The model wrapped by nnsight, made on first use: wrapping patches every module's forward for good (~50
         Python calls per layer on each later forward), so a tracer that only runs locally never wraps it."""
         if self._envoy is None:
             from nnsight import NNsight
@@ -297,7 +297,7 @@ class Tracer:
         if not values and not via_source:
             # torch hooks, and the probabilities from sinkscope's capture function rather than nnsight's `.source`
             # (which would wrap every operation of every attention forward): the tensor eager attention multiplies V
-            self._run_captured(inputs, reducers, layers, residual, attention, holder if return_logits else None)
+            self._run_local(inputs, reducers, layers, residual, attention, holder if return_logits else None)
             for r in reducers:
                 r.end()
             return holder.get("logits")
@@ -326,7 +326,7 @@ class Tracer:
             r.end()
         return holder.get("logits")
 
-    def _run_captured(self, inputs, reducers, layers, residual: bool, attention: bool, holder: dict | None) -> None:
+    def _run_local(self, inputs, reducers, layers, residual: bool, attention: bool, holder: dict | None) -> None:
         """A local run: the residual state entering each layer from a forward pre-hook on the decoder layer, the
         probabilities handed over by the registered capture function as each layer computes them, so a reducer
         sees layer i's residual, then its attention, then layer i + 1's. Plain torch hooks and one plain forward:
