@@ -405,13 +405,17 @@ def test_layer_relative_score_against_a_literal_loop():
         sink_score(states, [3], "bogus")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries(dtype):
+def test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries(dtype, device):
     """The per-row median |x| (16-bit dtypes through a histogram of bit patterns, others a masked nanmedian) equals
     torch's median of the row's valid entries exactly: values over 6 decades, a massive one, ties, negative zero,
     subnormals, rows with one, two or no valid entries, rows given as [batch, layer, token, dim] with a token mask
-    broadcast over layers and dims."""
+    broadcast over layers and dims; on the GPU too (its bincount and search), where one is present."""
     from sinkscope.measures.massive import row_median_abs
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (runs on a GPU machine)")
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 4, 9, 16, generator=g) * torch.logspace(-3, 3, 16)).to(dtype)
@@ -424,7 +428,7 @@ def test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries(dtype):
     real[1, :] = False
     real[1, 4] = True  # one valid token (16 entries)
     real[2, :] = False  # no valid entries: nan
-    got = row_median_abs(x, real[:, None, :, None], row_dims=2)
+    got = row_median_abs(x.to(device), real[:, None, :, None].to(device), row_dims=2).cpu()
     assert got.shape == (3, 4) and got.dtype == torch.float32
     for b in range(3):
         for layer in range(4):
@@ -433,8 +437,9 @@ def test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries(dtype):
                 assert torch.isnan(got[b, layer])
             else:
                 assert torch.equal(got[b, layer], entries.median()), (b, layer)
-    two = row_median_abs(torch.tensor([[3.0, -1.0, 7.0]], dtype=dtype), torch.tensor([[True, True, False]]))
-    assert torch.equal(two, torch.tensor([1.0]))  # the lower of the two middle values, as torch.median
+    two = row_median_abs(torch.tensor([[3.0, -1.0, 7.0]], dtype=dtype, device=device),
+                         torch.tensor([[True, True, False]], device=device))
+    assert torch.equal(two.cpu(), torch.tensor([1.0]))  # the lower of the two middle values, as torch.median
 
 
 def test_row_median_abs_of_16_bit_values_equals_the_float32_path():
