@@ -142,6 +142,11 @@ class StepState:
     def prefill(self) -> bool:
         return self.past_length == 0
 
+    @property
+    def only_generated(self) -> bool:
+        """Every query of this call is a generated token: the whole prompt is in the cache (needs the prompt)."""
+        return self.past_length >= self.require_prompt().length
+
     def require_prompt(self) -> PromptInfo:
         if self.prompt is None:
             raise SinkscopeError("this attention edit needs the prompt's token ids: call the model with input_ids "

@@ -96,7 +96,7 @@ class KnockoutEdit(AttentionEdit):
 
     def edit(self, probs, *, layer, query_positions, state: StepState):
         memory = state.memory(self)
-        if state.past_length >= state.require_prompt().length:  # a decode step: every query is a generated token
+        if state.only_generated:  # a decode step
             if not self.generated_queries:
                 return probs
             queries = None

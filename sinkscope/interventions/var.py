@@ -340,7 +340,7 @@ class VAREdit(AttentionEdit):
             # a generated token, so no query mask either.
             layout = self._layout(memory, layer, sinks, prompt, probs)
             region = probs[:, :, start:, : prompt.length]
-            queries = None if state.past_length >= prompt.length else state.default_query_mask()[:, start:]
+            queries = None if state.only_generated else state.default_query_mask()[:, start:]
             if self._compiled is not None:
                 edited, selected_tail = self._run_compiled(region, layout, queries)
                 region.copy_(edited)
