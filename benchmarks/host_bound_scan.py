@@ -11,7 +11,8 @@ turns, the minimum over `--repeats` (the least disturbed run):
   - `Tracer.run` with a reducer that does nothing (what tracing itself costs: hooks, capture function);
   - the scan's reducer without its `end()` (the per-layer copies during the forward);
   - the scan's reducer with its tables (`ScanReducer.end`: block reductions, copies to the host, pandas);
-  - `real_size.scan_pass`: the scan's whole per-sample work;
+  - `real_size.scan_pass`: the scan's whole per-sample work (its summaries and CSV rows included since
+    the commit that added `scan_tables.py`; earlier results stopped at the reducer's tables);
 and prints each at every layer count, per layer (the slope between the first and last count), and the
 scan over the plain forward. The goal (issue 17) is scan <= 1.2x a plain eager forward.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -79,13 +81,16 @@ def variants(adapter, batch, dims, tau) -> dict:
     def reducer(cls):
         return cls(dims, tau, 5, 0.5, 0.2, adapter.rms_norm_eps, [], want_profile=False, score="rms")
 
+    from sinkscope.runfolder import RunFolder
+
     tracer = Tracer(adapter)
     inputs = adapter.forward_inputs(batch)
+    folder = RunFolder(tempfile.mkdtemp(prefix="host_bound_scan_"), "scan", {"benchmark": "host_bound"}, resume=False)
     return {"plain forward": lambda: adapter.model(**inputs),
             "trace, empty reducer": lambda: tracer.run(batch, [_Nothing()]),
             "scan reducer, no tables": lambda: tracer.run(batch, [reducer(WithoutTables)], sample_ids=[0]),
             "scan reducer": lambda: tracer.run(batch, [reducer(ScanReducer)], sample_ids=[0]),
-            "scan (scan_pass)": lambda: real_size.scan_pass(tracer, adapter, batch, dims, tau)}
+            "scan (scan_pass)": lambda: real_size.scan_pass(tracer, adapter, batch, dims, tau, folder)}
 
 
 def main(argv=None) -> None:

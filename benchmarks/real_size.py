@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -218,21 +219,19 @@ def sinks_at(adapter, batch, n_sinks: int = 20) -> tuple[list[int], float, torch
 
 
 def scan_pass(tracer, adapter, batch, dims, tau, folder=None, sample_id=0) -> None:
-    """The scan's per-sample work: one traced forward with its reducer, then its tables."""
-    import pandas as pd
+    """The scan's per-sample work, as `run_scan` does it: one traced forward with its reducer, the batch's tables
+    (`batch_tables`, every token row kept) and, given a run folder, their rows appended to its CSVs
+    and the sample marked done."""
+    from sinkscope.analyses.scan import ScanReducer, batch_tables
 
-    from sinkscope.analyses.scan import ScanReducer, role_phi, token_counts
-
-    reducer = ScanReducer(dims, tau, 5, 0.5, 0.2, adapter.rms_norm_eps, [], want_profile=False, score="rms")
-    tracer.run(batch, [reducer], sample_ids=[sample_id])
-    tokens = pd.concat(reducer.token_rows, ignore_index=True)
-    tokens["on_background"] = None
+    reducer = ScanReducer(dims, tau, 5, 0.5, 0.2, adapter.rms_norm_eps, [], want_profile=False, score="rms",
+                          token_strings=adapter.token_strings)
+    tracer.run(batch, [reducer], sample_ids=[str(sample_id)])
+    tables = batch_tables(reducer, "all")
     if folder is not None:
-        folder.append_rows("massive_activations", pd.concat(reducer.massive_rows, ignore_index=True))
-        folder.append_rows("token_summary_per_sample", token_counts(tokens))
-        folder.append_rows("role_phi_per_sample", role_phi(tokens))
-        folder.append_rows("head_scores_per_sample", pd.concat(reducer.head_rows, ignore_index=True))
-        folder.mark_done([sample_id])
+        for table, frame in tables.items():
+            folder.append_rows(table, frame)
+        folder.mark_done([str(sample_id)])
 
 
 @contextlib.contextmanager
@@ -313,11 +312,13 @@ def main() -> None:
 
     forward = lambda: model(**inputs)  # noqa: E731
     generate = lambda: model.generate(**inputs, **tok_kw)  # noqa: E731
+    scan_folder = RunFolder(tempfile.mkdtemp(prefix="real_size_scan_"), "scan", {"benchmark": "real_size"},
+                            resume=False)  # the timed scan writes its rows, as run_scan does
     with torch.no_grad():
         r.update(interleaved({
             "forward eager": (lambda: attention("eager"), forward),
             "forward sdpa": (lambda: attention("sdpa"), forward),
-            "scan": (contextlib.nullcontext, lambda: scan_pass(tracer, adapter, batch, dims, tau)),
+            "scan": (contextlib.nullcontext, lambda: scan_pass(tracer, adapter, batch, dims, tau, scan_folder)),
             "forward knockout": (with_knockout, forward),
         }, args.repeats))
         generates = {
@@ -329,6 +330,7 @@ def main() -> None:
         if args.compile:
             generates["generate var compiled"] = (with_var_compiled, generate)
         r.update(interleaved(generates, args.repeats))
+    shutil.rmtree(scan_folder.path, ignore_errors=True)
     n_sel, n_sinks = run_info["selected"], run_info["sinks"]
     for k, v in r.items():
         print(f"  {k:<20} {v * 1000:9.1f} ms")

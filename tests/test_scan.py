@@ -554,8 +554,9 @@ def _literal_token_and_head_tables(reducer, payloads, phi_of):
     from sinkscope.models.base import KIND_NAMES
 
     strings = reducer.token_strings(reducer.info.input_ids)
+    masks = {s.sample_id: s.meta.get("background_patches") for s in reducer.samples}
     tokens = {name: [] for name in ("sample", "layer", "position", "token_kind", "role", "token", "image_index",
-                                    "phi", "is_sink", "attention_received")}
+                                    "phi", "is_sink", "attention_received", "visual_rank", "on_background")}
     heads = {name: [] for name in ("sample", "layer", "head", "image_attention", "visual_sink_attention",
                                    "visual_nonsink_ratio", "image_centric", "n_queries")}
     for layer, p in payloads:
@@ -575,6 +576,13 @@ def _literal_token_and_head_tables(reducer, payloads, phi_of):
                 tokens["phi"].append(phi[b, t].numpy())
                 tokens["is_sink"].append(bool(phi[b, t] >= reducer.tau))
                 tokens["attention_received"].append(p["received"][b, t].numpy())
+                image = int(reducer.kinds.image_index[b, t])  # rank: earlier real tokens of the same image
+                rank = -1 if image < 0 else sum(int(reducer.kinds.image_index[b, u]) == image
+                                                and bool(reducer.real[b, u]) for u in range(t))
+                tokens["visual_rank"].append(rank)
+                mask = masks.get(sid)
+                tokens["on_background"].append(None if rank < 0 or mask is None or rank >= len(mask)
+                                               else bool(mask[rank]))
             for head in range(p["image_attention"].shape[1]):
                 heads["sample"].append(sid)
                 heads["layer"].append(layer)
@@ -582,7 +590,8 @@ def _literal_token_and_head_tables(reducer, payloads, phi_of):
                 for name in ("image_attention", "visual_sink_attention", "visual_nonsink_ratio", "image_centric"):
                     heads[name].append(p[name][b, head].numpy())
                 heads["n_queries"].append(int(reducer.queries[b].sum()))
-    tokens = pd.DataFrame({k: (np.array(v) if k in ("phi", "attention_received") else v) for k, v in tokens.items()})
+    tokens = pd.DataFrame({k: (np.array(v) if k in ("phi", "attention_received") else
+                               np.array(v, dtype=object) if k == "on_background" else v) for k, v in tokens.items()})
     heads = pd.DataFrame({k: (np.array(v) if isinstance(v[0], np.ndarray) else v) for k, v in heads.items()})
     return tokens, heads
 
@@ -597,7 +606,10 @@ def test_token_and_head_tables_equal_the_literal_per_layer_per_sample_build():
     kinds = _planted_kinds()
     g = torch.Generator().manual_seed(3)
     reduction = _reduction(kinds, host=True)
-    reducer = ScanReducer([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False,
+    samples = [Sample(sample_id="a", question="q", meta={"background_patches": [True, False, True]}),
+               Sample(sample_id="b", question="q", meta={"background_patches": [False, True]}),  # shorter than image
+               Sample(sample_id="c", question="q")]  # no mask
+    reducer = ScanReducer([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, samples, want_profile=False,
                           token_strings=lambda ids: [[f"w{b}.{t}" for t in range(ids.shape[1])]
                                                      for b in range(ids.shape[0])])
     reducer.begin(BatchInfo(torch.zeros(3, 9, dtype=torch.long), kinds, ["a", "b", "c"]))
@@ -618,6 +630,9 @@ def test_token_and_head_tables_equal_the_literal_per_layer_per_sample_build():
     assert len(tokens) == 3 * (7 + 7 + 8) and len(heads) == 3 * 3 * 4
     assert tokens["is_sink"].any() and not tokens["is_sink"].all()
     assert (tokens.loc[tokens.token_kind == "visual", "token"] == "").all() and "w2.8" in set(tokens["token"])
+    visual = tokens[tokens.token_kind == "visual"]
+    assert visual["visual_rank"].tolist() == [0, 1, 2] * 9  # three image tokens per row, in every layer
+    assert visual["on_background"].tolist() == [True, False, True, False, True, None, None, None, None] * 3
 
 
 @pytest.mark.parametrize("n_layers", [2, 6])

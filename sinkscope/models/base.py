@@ -220,7 +220,7 @@ class ModelAdapter:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if tokenizer is None or not hasattr(tokenizer, "batch_decode"):
             return [[""] * input_ids.shape[1] for _ in range(input_ids.shape[0])]
-        return [tokenizer.batch_decode([[int(t)] for t in row]) for row in input_ids]
+        return [tokenizer.batch_decode([[t] for t in row]) for row in input_ids.tolist()]
 
     def forward_inputs(self, batch) -> dict:
         """The keys of a processor batch that the model's forward takes."""

@@ -1,0 +1,150 @@
+"""Host time of the scan's per-sample tables at LLaVA-1.5-7B shape: the work after a forward that no GPU does.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scan_tables.py [--layers 32] [--heads 32] [--repeats 15]
+
+A 7B forward takes ~30 ms on an H200 at batch 1 (benchmarks/results/h200-2026-12-04); the scan then turns its
+reductions into rows: one per (layer, sample, real token), 20,480 per LLaVA sample, and appends them to its
+CSVs. That work is pandas and text on the host, the same on any accelerator, so it is timed here on the CPU. The
+model is a random LLaVA with the real prompt shape (576 image tokens + 64 text, 32 layers of 32 heads) at width
+64, traced once; the reductions it left are then turned into tables again and again, the steps taking turns,
+minimum over `--repeats`:
+  - reducer tables: `ScanReducer.end()` on the kept reductions (their rows and pandas frames, each image token's
+    rank in its image and background mark included);
+  - batch_tables: per-sample summaries (`analyses.scan.batch_tables`), with every token row kept (--token-stats all) or only
+    BOS, sinks and the top image tokens (sinks: what `auto` picks past 2M token rows, ~100 LLaVA samples);
+  - append: the rows appended to a run folder's CSVs and the sample marked done, by Arrow's CSV writer (what
+    `RunFolder.append_rows` uses) and, for the ratio, by pandas' `to_csv`.
+Token strings are made by a cheap stand-in, not a tokenizer's decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from unittest import mock
+
+import torch
+
+IMAGE_TOKEN = 999
+
+
+def build(n_layers: int, n_heads: int, text_tokens: int):
+    """(adapter, batch): a random LLaVA-1.5-shaped model (336 px, patch 14: 576 image tokens) at width 64."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from sinkscope.models import adapter_for_model
+
+    text = LlamaConfig(hidden_size=2 * n_heads, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                       intermediate_size=128, vocab_size=1000, num_hidden_layers=n_layers, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=336, patch_size=14, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    ids = [1, 5, 6, 7] + [IMAGE_TOKEN] * 576 + [8 + i % 900 for i in range(text_tokens - 4)]
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "pixel_values": torch.randn(1, 3, 336, 336)}
+    adapter = adapter_for_model(model, None, "scan-tables")
+    adapter.set_text_attention("eager")
+    return adapter, batch
+
+
+def token_strings(input_ids: torch.Tensor) -> list[list[str]]:
+    return [[f"t{t}" for t in row] for row in input_ids.tolist()]
+
+
+class _Sample:
+    sample_id = "s0"
+    meta = {"background_patches": [i % 3 == 0 for i in range(576)]}  # as the demo world marks them
+
+
+def main(argv=None) -> None:
+    from sinkscope.analyses.scan import ScanReducer, batch_tables
+    from sinkscope.runfolder import RunFolder
+    from sinkscope.trace import Tracer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    adapter, batch = build(args.layers, args.heads, args.text_tokens)
+    samples = [_Sample()]
+
+    class Keep(ScanReducer):
+        def end(self):  # keep the reductions the trace left, make the tables later
+            self.kept = list(self._local.finish())
+
+    def reducer(kept=None) -> ScanReducer:
+        r = ScanReducer([0, 1], 3.0, 5, 0.5, 0.2, 1e-6, samples, want_profile=False, token_strings=token_strings)
+        if kept is not None:
+            r.begin(info)
+            for kind, layers, block in kept:
+                r._payloads[kind].append((layers, block))
+        return r
+
+    with torch.no_grad():
+        keep = Keep([0, 1], 3.0, 5, 0.5, 0.2, 1e-6, samples, want_profile=False, token_strings=token_strings)
+        Tracer(adapter).run(batch, [keep], sample_ids=["s0"])
+    info = keep.info
+
+    done = reducer(keep.kept)
+    done.end()
+    tables = {detail: batch_tables(done, detail) for detail in ("all", "sinks")}
+    folder = RunFolder(tempfile.mkdtemp(prefix="scan_tables_"), "scan", {"benchmark": "scan_tables"}, resume=False)
+
+    def append(detail: str, writer: str):
+        def run():
+            if writer == "pandas":
+                with mock.patch("sinkscope.runfolder.arrow_csv", return_value=None):
+                    run_with()
+            else:
+                run_with()
+
+        def run_with():
+            for table, frame in tables[detail].items():
+                folder.append_rows(f"{table}_{detail}_{writer}", frame)
+            folder.mark_done(["s0"])
+        return run
+
+    steps = {
+        "reducer tables": lambda: reducer(keep.kept).end(),
+        "batch_tables all": lambda: batch_tables(done, "all"),
+        "batch_tables sinks": lambda: batch_tables(done, "sinks"),
+        "append all (Arrow)": append("all", "arrow"),
+        "append all (pandas)": append("all", "pandas"),
+        "append sinks (Arrow)": append("sinks", "arrow"),
+        "append sinks (pandas)": append("sinks", "pandas"),
+    }
+    times = {name: [] for name in steps}
+    for i in range(args.repeats + 1):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    best = {name: min(t) * 1e3 for name, t in times.items()}
+    n_rows = len(tables["all"]["token_stats"])
+    print(f"scan tables per sample: LLaVA-1.5 shape ({batch['input_ids'].shape[1]} tokens, 576 image; {args.layers} "
+          f"layers of {args.heads} heads; {n_rows} token rows), 1 thread, torch {torch.__version__}; minimum of "
+          f"{args.repeats} runs, steps taking turns")
+    for name, ms in best.items():
+        print(f"  {name:<24} {ms:8.1f} ms")
+    common = best["reducer tables"]
+    for detail in ("all", "sinks"):
+        arrow = common + best[f"batch_tables {detail}"] + best[f"append {detail} (Arrow)"]
+        pandas = common + best[f"batch_tables {detail}"] + best[f"append {detail} (pandas)"]
+        print(f"per-sample host work after the forward, token stats {detail}: {arrow:.1f} ms "
+              f"(with pandas' writer {pandas:.1f} ms; append Arrow / pandas = "
+              f"{best[f'append {detail} (Arrow)'] / best[f'append {detail} (pandas)']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Per-sample rows written by Arrow's CSV writer read back as pandas' own writer's rows do."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sinkscope.runfolder import RunFolder, arrow_csv
+
+
+def _frame(n: int, seed: int) -> pd.DataFrame:
+    """Every column kind the run folders hold, with the values CSV text gets wrong most easily."""
+    rng = np.random.default_rng(seed)
+    scales = rng.choice([1e-30, 1e-7, 1e-3, 1.0, 7.0, 2500.0, 1e12, 1e30], n)
+    f64 = rng.standard_normal(n) * scales
+    f64[:6] = [np.nan, np.inf, -np.inf, -0.0, 5e-324, 0.1 + 0.2][: min(6, n)]
+    f32 = (rng.standard_normal(n) * scales).astype(np.float32)
+    f32[:4] = np.array([np.nan, 1e-45, 3.4e38, 1 / 3], dtype=np.float32)[: min(4, n)]
+    texts = np.array(["s,1", 'say "no"', "line\nbreak", "", "NA", "ünï", " padded ", "plain", "-1", "True"],
+                     dtype=object)
+    text = texts[rng.integers(0, len(texts), n)]
+    text[::7] = None
+    flags = np.array(rng.choice([True, False, None], n), dtype=object)
+    return pd.DataFrame({
+        "sample": [f"s{i % 3}" for i in range(n)], "layer": rng.integers(-3, 40, n),
+        "big": rng.integers(-2**62, 2**62, n), "f64": f64, "f32": f32, "is_sink": rng.random(n) < 0.3,
+        "token": pd.array(text, dtype="str"), "token_object": text, "on_background": flags,
+        "all_none": np.full(n, None, dtype=object),
+    })
+
+
+def _through_pandas(frame: pd.DataFrame) -> pd.DataFrame:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    return pd.read_csv(io.StringIO(buf.getvalue()), dtype={"sample": str})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_arrow_rows_read_back_as_pandas_rows(seed, tmp_path):
+    frame = _frame(200, seed)
+    assert arrow_csv(frame, header=True) is not None  # the fast path is the one taken
+    folder = RunFolder(tmp_path / "run", "scan", {}, resume=False)
+    folder.append_rows("t", frame.iloc[:120])
+    folder.append_rows("t", frame.iloc[120:])
+    got = pd.read_csv(tmp_path / "run" / "t.csv", dtype={"sample": str})
+    pd.testing.assert_frame_equal(got, _through_pandas(frame), check_exact=True)
+
+
+def test_rows_appended_by_either_writer_read_back_as_one_table(tmp_path):
+    """A run resumed by this version after an older one wrote its first rows with pandas."""
+    frame = _frame(60, 9)
+    path = tmp_path / "run" / "t.csv"
+    folder = RunFolder(tmp_path / "run", "scan", {}, resume=False)
+    frame.iloc[:30].to_csv(path, index=False)
+    folder.append_rows("t", frame.iloc[30:])
+    got = pd.read_csv(path, dtype={"sample": str})
+    pd.testing.assert_frame_equal(got, _through_pandas(frame), check_exact=True)
+
+
+@pytest.mark.parametrize("column", [
+    pd.Series([1, "a", 2.5], dtype=object),                      # mixed objects: Arrow cannot type them
+    pd.Series(pd.to_datetime(["2026-01-01", "2026-01-02", None])),  # Arrow writes another date format
+    pd.Series(pd.Categorical(["a", "b", "a"])),
+])
+def test_columns_arrow_would_write_differently_go_to_pandas(column, tmp_path):
+    frame = pd.DataFrame({"sample": ["a", "b", "c"], "value": column})
+    assert arrow_csv(frame, header=True) is None
+    folder = RunFolder(tmp_path / "run", "scan", {}, resume=False)
+    folder.append_rows("t", frame)
+    got = pd.read_csv(tmp_path / "run" / "t.csv", dtype={"sample": str})
+    pd.testing.assert_frame_equal(got, _through_pandas(frame), check_exact=True)
+
+
+def test_a_frame_without_rows_writes_its_header_once(tmp_path):
+    folder = RunFolder(tmp_path / "run", "scan", {}, resume=False)
+    empty = pd.DataFrame({"sample": pd.Series([], dtype=str), "phi": pd.Series([], dtype=np.float32)})
+    folder.append_rows("t", empty)
+    folder.append_rows("t", empty)
+    folder.append_rows("t", pd.DataFrame({"sample": ["a"], "phi": np.array([1.5], dtype=np.float32)}))
+    got = pd.read_csv(tmp_path / "run" / "t.csv", dtype={"sample": str})
+    assert list(got.columns) == ["sample", "phi"] and got["phi"].tolist() == [1.5]
