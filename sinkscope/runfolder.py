@@ -43,8 +43,8 @@ def arrow_csv(frame: pd.DataFrame, header: bool) -> bytes | None:
     """`frame` as CSV by Arrow's C++ writer (~5x pandas' `to_csv` on a scan's 20k token rows per LLaVA sample,
     which is the per-sample cost that matters next to a 30 ms forward on a GPU), or None where a column is not
     plain bool, integer, float or text (pandas writes those). pandas reads the text back to the frame pandas'
-    own writer gives (tests/test_runfolder.py): strings are quoted, booleans `true`/`false`, missing values
-    empty."""
+    own writer gives (tests/test_runfolder.py; floats bit for bit where its parser is exact, pandas 3's default):
+    strings are quoted, booleans `true`/`false`, missing values empty."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 

@@ -438,14 +438,16 @@ class ScanReducer:
         [layer, sample, token] view indexed by the real-token mask gives every layer's rows in (sample, position)
         order."""
         n_layers, static = len(layers), self._static
+        every_layer = np.tile(np.arange(len(static["sample"])), n_layers)  # the static rows, once per layer
         phi = phi.transpose(0, 1)  # [layer, sample, token]
         received = block["received"].transpose(0, 1)
         sink = (phi >= self.tau) & self.real
         return pd.DataFrame({
-            "sample": static["sample"] * n_layers,
+            # text columns: one pandas array per batch, repeated by a take (no per-row Python strings)
+            "sample": pd.Series(static["sample"]).array.take(every_layer),
             "layer": np.repeat(np.array(layers, dtype=np.int64), len(static["sample"])),
             "position": np.tile(static["position"], n_layers),
-            **{name: static[name] * n_layers for name in ("token_kind", "role", "token")},
+            **{name: pd.Series(static[name]).array.take(every_layer) for name in ("token_kind", "role", "token")},
             "image_index": np.tile(static["image_index"], n_layers),
             "phi": phi[:, self.real].reshape(-1).numpy(),
             "is_sink": sink[:, self.real].reshape(-1).numpy(),
