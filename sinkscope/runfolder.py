@@ -57,7 +57,10 @@ def arrow_csv(frame: pd.DataFrame, header: bool) -> bytes | None:
     if not all(any(kind(field.type) for kind in plain) for field in table.schema):
         return None
     out = io.BytesIO()
-    pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=header))
+    try:
+        pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=header))
+    except pa.ArrowException:  # a type the writer cannot format (e.g. float16 in some versions)
+        return None
     return out.getvalue()
 
 

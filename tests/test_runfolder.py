@@ -90,3 +90,15 @@ def test_a_frame_without_rows_writes_its_header_once(tmp_path):
     folder.append_rows("t", pd.DataFrame({"sample": ["a"], "phi": np.array([1.5], dtype=np.float32)}))
     got = _read(tmp_path / "run" / "t.csv")
     assert list(got.columns) == ["sample", "phi"] and got["phi"].tolist() == [1.5]
+
+
+def test_half_precision_columns_read_back_to_their_values(tmp_path):
+    """float16 reads back to the same float16 values. Older Arrow writers cannot format it (pandas writes it
+    then); pandas writes the shortest text that is the same float16 (65504 as 65500.0), Arrow the exact value."""
+    values = np.array([1.5, 2.25, 65504, -0.0001], dtype=np.float16)
+    frame = pd.DataFrame({"sample": ["a", "b", "c", "d"], "h": values})
+    folder = RunFolder(tmp_path / "run", "scan", {}, resume=False)
+    folder.append_rows("t", frame)
+    got = _read(tmp_path / "run" / "t.csv")
+    assert got["h"].to_numpy().astype(np.float16).tobytes() == values.tobytes()
+    assert got["sample"].tolist() == ["a", "b", "c", "d"]

@@ -390,7 +390,6 @@ class ScanReducer:
                         "image_index": image_index[self.real].numpy(), "visual_rank": visual_rank[self.real].numpy()}
         self._static["on_background"] = _on_background(self._static, self.samples)
 
-
     def _residual_tables(self, layers: list[int], block: dict) -> None:
         """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
         the top 3 and the median |activation|. Samples without real tokens get no rows. One vectorised pass over
