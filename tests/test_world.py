@@ -51,6 +51,21 @@ def test_scene_is_a_pure_function_of_split_and_index(split):
         assert world.training_dialogue(split, index) == world.training_dialogue(split, index)
 
 
+def test_category_statistics_count_the_rendered_scenes_categories():
+    """The statistics read scene layouts without drawing images; they equal a count over the drawn scenes."""
+    n = 300
+    freq = {c: 0 for c in world.all_categories()}
+    cooc = {c: {d: 0 for d in world.all_categories()} for c in world.all_categories()}
+    for i in range(n):
+        cats = world.scene("train", i).categories
+        for c in cats:
+            freq[c] += 1
+            for d in cats - {c}:
+                cooc[c][d] += 1
+    assert world.category_statistics.__wrapped__(n) == (freq, cooc)
+    assert sum(freq.values()) > n  # scenes hold one to four objects
+
+
 def test_splits_differ():
     for index in (0, 1, 2, 3):
         images = [world.scene(split, index).image.tobytes() for split in sorted(world.SPLIT_SEEDS)]

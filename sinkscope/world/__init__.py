@@ -161,8 +161,9 @@ def scene(split: str, index: int) -> Scene:
     return _scene_cached(split, int(index))
 
 
-@lru_cache(maxsize=4096)
-def _scene_cached(split: str, index: int) -> Scene:
+def _layout(split: str, index: int) -> tuple[int, list[SceneObject], np.random.Generator]:
+    """The scene's theme and objects (what its categories and questions depend on), drawn first from its random
+    stream; returned with that stream, which the scene's rendering goes on drawing from."""
     rng = _rng(split, index)
     theme_id = int(rng.choice(len(THEMES), p=THEME_WEIGHTS))
     theme = THEMES[theme_id]
@@ -183,6 +184,12 @@ def _scene_cached(split: str, index: int) -> Scene:
         used.add(f"{color} {shape}")
         size = str(rng.choice(SIZES))
         objects.append(SceneObject(shape, color, size, int(cell) // GRID, int(cell) % GRID))
+    return theme_id, objects, rng
+
+
+@lru_cache(maxsize=4096)
+def _scene_cached(split: str, index: int) -> Scene:
+    theme_id, objects, rng = _layout(split, index)
     background = str(rng.choice(BACKGROUNDS))
     img = _background(background, rng)
     covered = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
@@ -215,11 +222,12 @@ def _scene_cached(split: str, index: int) -> Scene:
 
 @lru_cache(maxsize=1)
 def category_statistics(n_scenes: int = 4000) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """Category frequencies and co-occurrence counts over the first training scenes."""
+    """Category frequencies and co-occurrence counts over the first training scenes (their layouts: no image is
+    drawn)."""
     freq = {c: 0 for c in all_categories()}
     cooc = {c: {d: 0 for d in all_categories()} for c in all_categories()}
     for i in range(n_scenes):
-        cats = sorted(scene("train", i).categories)
+        cats = sorted({o.category for o in _layout("train", i)[1]})
         for c in cats:
             freq[c] += 1
             for d in cats:
