@@ -1,6 +1,6 @@
 """Host time of the scan's per-sample tables at LLaVA-1.5-7B shape: the work after a forward that no GPU does.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scan_tables.py [--layers 32] [--heads 32] [--repeats 15]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scan_tables.py [--layers 32] [--heads 32] [--repeats 15] [--head-tables]
 
 A 7B forward takes ~30 ms on an H200 at batch 1 (benchmarks/results/h200-2026-12-04); the scan then turns its
 reductions into rows: one per (layer, sample, real token), 20,480 per LLaVA sample, and appends them to its
@@ -14,7 +14,9 @@ minimum over `--repeats`:
     BOS, sinks and the top image tokens (sinks: what `auto` picks past 2M token rows, ~100 LLaVA samples);
   - append: the rows appended to a run folder's CSVs and the sample marked done, by Arrow's CSV writer (what
     `RunFolder.append_rows` uses) and, for the ratio, by pandas' `to_csv`.
-Token strings are made by a cheap stand-in, not a tokenizer's decode.
+Token strings are made by a cheap stand-in, not a tokenizer's decode. `--head-tables` also times the head analysis'
+tables (`HeadsReducer.take` of every layer's kept payload, then `end`) for a sample without and with its
+attention maps (the first `--n-maps` samples of a run keep them: 33 x 4 x 576 rows per layer).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--head-tables", action="store_true", help="also time the head analysis' tables")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -144,6 +147,46 @@ def main(argv=None) -> None:
         print(f"per-sample host work after the forward, token stats {detail}: {arrow:.1f} ms "
               f"(with pandas' writer {pandas:.1f} ms; append Arrow / pandas = "
               f"{best[f'append {detail} (Arrow)'] / best[f'append {detail} (pandas)']:.3f})")
+    if args.head_tables:
+        heads_tables(adapter, batch, args.repeats)
+
+
+def heads_tables(adapter, batch, repeats: int) -> None:
+    """The head analysis' per-sample tables from one trace's payloads, replayed: without and with maps."""
+    from sinkscope.analyses.heads import HeadsConfig, HeadsReducer
+    from sinkscope.trace import Tracer
+
+    cfg = HeadsConfig(model="scan-tables")
+    kept: list = []
+
+    class Keep(HeadsReducer):
+        def take(self, kind, layer, payload):
+            kept.append((kind, layer, payload))
+            super().take(kind, layer, payload)
+
+    def reducer(cls, maps: bool):
+        return cls([0, 1], 3.0, 1e-6, "rms", cfg, {"s0"} if maps else set(), token_strings)
+
+    with torch.no_grad():
+        keep = reducer(Keep, maps=True)
+        Tracer(adapter).run(batch, [keep], sample_ids=["s0"])
+
+    def replay(maps: bool):
+        r = reducer(HeadsReducer, maps)
+        r.begin(keep.info)
+        for kind, layer, payload in kept:
+            r.take(kind, layer, payload if maps or kind == "residual" else {**payload, "maps": {}})
+        r.end()
+
+    times = {"heads tables, no maps": [], "heads tables, with maps": []}
+    for i in range(repeats + 1):
+        for name, maps in (("heads tables, no maps", False), ("heads tables, with maps", True)):
+            start = time.perf_counter()
+            replay(maps)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    for name, t in times.items():
+        print(f"  {name:<24} {min(t) * 1e3:8.1f} ms")
 
 
 if __name__ == "__main__":

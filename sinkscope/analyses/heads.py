@@ -49,6 +49,11 @@ class HeadsConfig(AnalysisConfig):
 
 
 class HeadsReducer(InTraceReducer):
+    """The head analysis' tables of one batch: `head_rows` (per layer, sample, head), `token_rows` (per layer,
+    sample, image token) and `map_rows` (per layer, map sample, head, query word, image token), each a list of
+    frames. `take` keeps each layer's payload as arrays; `end` makes one frame per table (and one per layer and
+    map sample for the maps), with no Python loop over heads, queries or tokens."""
+
     def __init__(self, dims, tau, eps, score, cfg: HeadsConfig, map_ids: set, token_strings):
         super().__init__(dims, tau, eps, score)
         self.cfg, self.map_ids, self.token_strings = cfg, map_ids, token_strings
@@ -59,6 +64,8 @@ class HeadsReducer(InTraceReducer):
         self.real_pos = self.real.long().cumsum(dim=1) - 1
         self.visual_rank = self.visual.long().cumsum(dim=1) - 1
         self.strings = self.token_strings(info.input_ids) if self.token_strings else None
+        self._heads: list[dict] = []  # per (layer, sample): columns of its head rows
+        self._tokens: list[dict] = []  # per (layer, sample): columns of its image-token rows
 
     def in_trace(self) -> "HeadsLayerReduction":
         rows = [b for b, sid in enumerate(self.info.sample_ids) if sid in self.map_ids]
@@ -66,7 +73,7 @@ class HeadsReducer(InTraceReducer):
                                    self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words)
 
     def take(self, kind: str, layer: int, payload) -> None:
-        """Tables from one layer's reductions (HeadsLayerReduction), here or after a remote trace."""
+        """Keep one layer's reductions (HeadsLayerReduction), here or after a remote trace; frames in `end`."""
         if kind == "residual":
             self._take_phi(layer, payload)
             return
@@ -75,30 +82,48 @@ class HeadsReducer(InTraceReducer):
             n_queries = int(q[b].sum())
             if n_queries == 0:
                 continue
-            self.head_rows.append(pd.DataFrame({
-                "sample": sid, "layer": layer, "head": range(p["image_attention"].shape[1]),
-                **{name: p[name][b].numpy() for name in HeadsLayerReduction.PER_HEAD}, "n_queries": n_queries,
-            }))
+            n_heads = p["image_attention"].shape[1]
+            self._heads.append({
+                "sample": [sid] * n_heads, "layer": np.full(n_heads, layer, dtype=np.int64),
+                "head": np.arange(n_heads, dtype=np.int64),
+                **{name: p[name][b].numpy() for name in HeadsLayerReduction.PER_HEAD},
+                "n_queries": np.full(n_heads, n_queries, dtype=np.int64),
+            })
             vis = torch.nonzero(self.visual[b]).flatten()
             if len(vis):
-                self.token_rows.append(pd.DataFrame({
-                    "sample": sid, "layer": layer, "position": self.real_pos[b, vis].numpy(),
-                    "visual_rank": self.visual_rank[b, vis].numpy(), "token_kind": "visual",
-                    "phi": self.phi[layer][b, vis].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
-                    "attention_received": p["received"][b, vis].numpy(),
-                }))
+                self._tokens.append({
+                    "sample": [sid] * len(vis), "layer": np.full(len(vis), layer, dtype=np.int64),
+                    "position": self.real_pos[b, vis].numpy(), "visual_rank": self.visual_rank[b, vis].numpy(),
+                    "token_kind": ["visual"] * len(vis), "phi": self.phi[layer][b, vis].numpy(),
+                    "is_sink": self.sink[layer][b, vis].numpy(), "attention_received": p["received"][b, vis].numpy(),
+                })
             if b in p["maps"] and len(vis):
-                queries = torch.nonzero(q[b]).flatten()[: self.cfg.map_words]
-                a = p["maps"][b]  # [head + 1, query, visual], last = head mean
-                heads = list(range(a.shape[0] - 1)) + ["mean"]
-                for hi, head in enumerate(heads):
-                    for qi, qpos in enumerate(queries.tolist()):
-                        word = self.strings[b][qpos] if self.strings else str(qpos)
-                        self.map_rows.append(pd.DataFrame({
-                            "sample": sid, "layer": layer, "head": str(head), "query_position": int(self.real_pos[b, qpos]),
-                            "query_token": word, "visual_rank": np.arange(len(vis)),
-                            "attention": a[hi, qi].numpy(), "is_sink": self.sink[layer][b, vis].numpy(),
-                        }))
+                self.map_rows.append(self._map_frame(sid, layer, b, p["maps"][b], vis))
+
+    def _map_frame(self, sid, layer: int, b: int, a: torch.Tensor, vis: torch.Tensor) -> pd.DataFrame:
+        """One layer's map of sample b as rows (head, then query word, then image token): a [head + 1, query,
+        visual], the last head the mean over heads."""
+        queries = torch.nonzero(self.queries[b]).flatten()[: self.cfg.map_words].tolist()
+        n_heads, n_queries, n_visual = a.shape[0], len(queries), len(vis)
+        heads = pd.Series([str(h) for h in range(n_heads - 1)] + ["mean"]).array
+        words = pd.Series([self.strings[b][t] if self.strings else str(t) for t in queries]).array
+        head_of_row = np.repeat(np.arange(n_heads), n_queries * n_visual)
+        query_of_row = np.tile(np.repeat(np.arange(n_queries), n_visual), n_heads)
+        return pd.DataFrame({
+            "sample": sid, "layer": layer, "head": heads.take(head_of_row),
+            "query_position": self.real_pos[b, queries].numpy()[query_of_row], "query_token": words.take(query_of_row),
+            "visual_rank": np.tile(np.arange(n_visual), n_heads * n_queries), "attention": a.reshape(-1).numpy(),
+            "is_sink": np.tile(self.sink[layer][b, vis].numpy(), n_heads * n_queries),
+        })
+
+    def end(self) -> None:
+        for parts, rows in ((self._heads, self.head_rows), (self._tokens, self.token_rows)):
+            if parts:  # text columns as flat lists (pandas infers them as a scalar per frame was), the rest as arrays
+                rows.append(pd.DataFrame({
+                    name: ([x for part in parts for x in part[name]] if name in ("sample", "token_kind")
+                           else np.concatenate([part[name] for part in parts]))
+                    for name in parts[0]}))
+        self._heads, self._tokens = [], []
 
 
 class HeadsLayerReduction(SinkScores):
