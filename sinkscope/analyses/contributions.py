@@ -51,8 +51,12 @@ class ContributionReducer(InTraceReducer):
         return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
                                           self.kinds.bos_mask, self.queries, self.o_weights, self.num_heads)
 
+    def begin(self, info) -> None:
+        super().begin(info)
+        self._parts: list[dict] = []  # per (layer, class, sample): the columns of its head rows
+
     def take(self, kind: str, layer: int, payload) -> None:
-        """Rows from one layer's reductions: phi (residual) or the per-class means (attention)."""
+        """Keep one layer's reductions: phi (residual) or the per-class means (attention); rows in `end`."""
         if kind == "residual":
             self._take_phi(layer, payload)
             return
@@ -62,13 +66,25 @@ class ContributionReducer(InTraceReducer):
         for name in CLASSES:
             p = payload[name]
             for b, sid in enumerate(self.info.sample_ids):
-                if int(p["n_tokens"][b]) == 0 or int(n_queries[b]) == 0:
+                n_tokens = int(p["n_tokens"][b])
+                if n_tokens == 0 or int(n_queries[b]) == 0:
                     continue
-                self.rows.append(pd.DataFrame({
-                    "sample": sid, "layer": layer, "head": range(p["attention"].shape[1]), "token_class": name,
-                    "n_tokens": int(p["n_tokens"][b]), "attention": p["attention"][b].numpy(),
+                n_heads = p["attention"].shape[1]
+                self._parts.append({
+                    "sample": [sid] * n_heads, "layer": np.full(n_heads, layer, dtype=np.int64),
+                    "head": np.arange(n_heads, dtype=np.int64), "token_class": [name] * n_heads,
+                    "n_tokens": np.full(n_heads, n_tokens, dtype=np.int64), "attention": p["attention"][b].numpy(),
                     "ov_norm": p["ov_norm"][b].numpy(), "contribution": p["contribution"][b].numpy(),
-                }))
+                })
+
+    def end(self) -> None:
+        """One frame of the batch's rows (layer, class, sample, head order), text columns as flat lists."""
+        if self._parts:
+            self.rows.append(pd.DataFrame({
+                name: ([x for part in self._parts for x in part[name]] if name in ("sample", "token_class")
+                       else np.concatenate([part[name] for part in self._parts]))
+                for name in self._parts[0]}))
+        self._parts = []
 
 
 class ContributionLayerReduction(SinkScores):

@@ -1,6 +1,7 @@
-"""The head analysis' per-batch tables, built from arrays once per batch, equal the literal build: one frame per
-(layer, sample) for heads and image tokens, and one per (layer, map sample, head, query word) for the maps, as
-`HeadsReducer.take` made them before it was vectorised. Both reducers read the same trace of the organism."""
+"""The head and contribution analyses' per-batch tables, built from arrays once per batch, equal the literal build
+as their reducers' `take` made it before: one frame per (layer, sample) for heads and image tokens, one per
+(layer, map sample, head, query word) for the maps, one per (layer, token class, sample) for contributions. Each
+pair of reducers reads the same trace of the organism."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.common import prepare_batch
+from sinkscope.analyses.contributions import CLASSES, ContributionReducer
 from sinkscope.analyses.heads import HeadsConfig, HeadsLayerReduction, HeadsReducer
 from sinkscope.eval.tasks import load_samples
 from sinkscope.trace import Tracer
@@ -82,3 +84,45 @@ def test_head_token_and_map_tables_equal_the_literal_build(organism_adapter):
     assert tokens["is_sink"].any() and not tokens["is_sink"].all()  # the organism's planted sinks, and others
     assert set(maps["sample"]) == map_ids and "mean" in set(maps["head"]) and maps["query_token"].nunique() > 1
     assert len(fast.map_rows) == 2 * adapter.num_layers  # one frame per layer and map sample, not per head and word
+
+
+class LiteralContributionReducer(ContributionReducer):
+    """Frames made one (layer, token class, sample) at a time."""
+
+    def take(self, kind, layer, payload):
+        if kind == "residual":
+            self._take_phi(layer, payload)
+            return
+        if kind != "attention":
+            return
+        n_queries = self.queries.sum(dim=1)
+        for name in CLASSES:
+            p = payload[name]
+            for b, sid in enumerate(self.info.sample_ids):
+                if int(p["n_tokens"][b]) == 0 or int(n_queries[b]) == 0:
+                    continue
+                self.rows.append(pd.DataFrame({
+                    "sample": sid, "layer": layer, "head": range(p["attention"].shape[1]), "token_class": name,
+                    "n_tokens": int(p["n_tokens"][b]), "attention": p["attention"][b].numpy(),
+                    "ov_norm": p["ov_norm"][b].numpy(), "contribution": p["contribution"][b].numpy(),
+                }))
+
+    def end(self):
+        pass
+
+
+def test_contribution_tables_equal_the_literal_build(organism_adapter):
+    adapter = organism_adapter
+    truth = json.loads((ASSET / "ground_truth.json").read_text())
+    samples = load_samples("demo", 3)
+    o_weights = {i: adapter.output_weight(i).detach() for i in range(adapter.num_layers)}
+
+    def make(cls):
+        return cls(truth["sink_dims"], 100.0, adapter.rms_norm_eps, "layer", o_weights, adapter.num_heads)
+
+    fast, literal = make(ContributionReducer), make(LiteralContributionReducer)
+    Tracer(adapter).run(prepare_batch(adapter, samples), [fast, literal], sample_ids=[s.sample_id for s in samples],
+                        values=True)
+    expected = pd.concat(literal.rows, ignore_index=True)
+    pd.testing.assert_frame_equal(pd.concat(fast.rows, ignore_index=True), expected, check_exact=True)
+    assert set(expected["token_class"]) == set(CLASSES) and len(fast.rows) == 1  # sinks, non-sinks, BOS; one frame
