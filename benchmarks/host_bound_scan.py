@@ -34,24 +34,29 @@ import real_size  # noqa: E402  (scan_pass: the scan's per-sample work)
 IMAGE_TOKEN = 999
 
 
-def build(n_layers: int):
-    """(adapter, batch): a random tiny LLaVA with `n_layers` Llama layers on eager attention, one 30-token prompt."""
+def build(n_layers: int, n_heads: int = 4, image_size: int = 56, text_tokens: int = 14, name: str = "host-bound"):
+    """(adapter, batch): a random tiny LLaVA with `n_layers` Llama layers of `n_heads` heads (width 64, or 2 per
+    head past 32 heads) on eager attention, and one prompt: BOS, 3 text tokens, the image's (image_size / 14)^2
+    image tokens, the rest of `text_tokens` after it. Default: a 30-token prompt with 16 image tokens."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from sinkscope.models import adapter_for_model
 
-    text = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-                       vocab_size=1000, num_hidden_layers=n_layers, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    width = max(64, 2 * n_heads)
+    text = LlamaConfig(hidden_size=width, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                       intermediate_size=128, vocab_size=1000, num_hidden_layers=n_layers, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
+                              image_size=image_size, patch_size=14, projection_dim=32)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", pad_token_id=0)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
-    ids = [1, 5, 6, 7] + [IMAGE_TOKEN] * 16 + [8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    n_image = (image_size // 14) ** 2
+    ids = [1, 5, 6, 7] + [IMAGE_TOKEN] * n_image + [8 + i % 900 for i in range(text_tokens - 4)]
     batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "pixel_values": torch.randn(1, 3, 56, 56)}
-    adapter = adapter_for_model(model, None, f"host-bound-{n_layers}")
+             "pixel_values": torch.randn(1, 3, image_size, image_size)}
+    adapter = adapter_for_model(model, None, f"{name}-{n_layers}")
     adapter.set_text_attention("eager")
     return adapter, batch
 

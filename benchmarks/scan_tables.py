@@ -22,6 +22,8 @@ attention maps (the first `--n-maps` samples of a run keep them: 33 x 4 x 576 ro
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 import warnings
@@ -29,30 +31,14 @@ from unittest import mock
 
 import torch
 
-IMAGE_TOKEN = 999
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def build(n_layers: int, n_heads: int, text_tokens: int):
     """(adapter, batch): a random LLaVA-1.5-shaped model (336 px, patch 14: 576 image tokens) at width 64."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from host_bound_scan import build as tiny_llava
 
-    from sinkscope.models import adapter_for_model
-
-    text = LlamaConfig(hidden_size=2 * n_heads, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-                       intermediate_size=128, vocab_size=1000, num_hidden_layers=n_layers, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=336, patch_size=14, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).eval()
-    ids = [1, 5, 6, 7] + [IMAGE_TOKEN] * 576 + [8 + i % 900 for i in range(text_tokens - 4)]
-    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "pixel_values": torch.randn(1, 3, 336, 336)}
-    adapter = adapter_for_model(model, None, "scan-tables")
-    adapter.set_text_attention("eager")
-    return adapter, batch
+    return tiny_llava(n_layers, n_heads, image_size=336, text_tokens=text_tokens, name="scan-tables")
 
 
 def token_strings(input_ids: torch.Tensor) -> list[list[str]]:

@@ -26,8 +26,7 @@ class LiteralHeadsReducer(HeadsReducer):
 
     def take(self, kind, layer, payload):
         if kind == "residual":
-            self._take_phi(layer, payload)
-            return
+            return super().take(kind, layer, payload)
         p, q = payload, self.queries
         for b, sid in enumerate(self.info.sample_ids):
             n_queries = int(q[b].sum())
@@ -90,11 +89,8 @@ class LiteralContributionReducer(ContributionReducer):
     """Frames made one (layer, token class, sample) at a time."""
 
     def take(self, kind, layer, payload):
-        if kind == "residual":
-            self._take_phi(layer, payload)
-            return
-        if kind != "attention":
-            return
+        if kind != "attention":  # phi of the residual stream, nothing of the values
+            return super().take(kind, layer, payload)
         n_queries = self.queries.sum(dim=1)
         for name in CLASSES:
             p = payload[name]
