@@ -1,6 +1,6 @@
-"""Every runnable script in analyses/ and scripts/ imports cleanly.
+"""Every runnable script in analyses/, scripts/ and benchmarks/ imports cleanly.
 
-These scripts are run by hand (the demo's card, held-out and image-use measurements), so a refactor of
+These scripts are run by hand (the demo's card, held-out and image-use measurements, the benchmarks), so a refactor of
 the package can break one without any other test noticing: an import of a renamed function is caught here.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted(p for folder in ("analyses", "scripts") for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py")
+SCRIPTS = sorted(p for folder in ("analyses", "scripts", "benchmarks") for p in (ROOT / folder).glob("*.py")
+                 if p.name != "__init__.py")
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
