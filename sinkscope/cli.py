@@ -498,7 +498,10 @@ def var_eval(ctx: typer.Context, run: RunConfig, opts: RunOptions,
              rho_grid: str = typer.Option("0.3,0.5,0.8", help="rho values tried on validation"),
              p: Optional[float] = typer.Option(None, help="fix p (no tuning of p)"),
              rho: Optional[float] = typer.Option(None, help="fix rho (no tuning of rho)"),
-             select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy")):
+             select_metric: str = typer.Option("f1", help="validation metric that picks p and rho: f1 or accuracy"),
+             fused: bool = typer.Option(False, "--compile", help="fuse VAR's edit of each layer with torch.compile "
+                                        "(fewer kernel launches per decode step on a GPU; the first generate "
+                                        "compiles; var_random_heads runs unfused)")):
     """POPE (and CHAIR) with baseline, VAR and its controls; p and rho chosen on validation, reported on test."""
     run.image_root = image_root
 
@@ -512,7 +515,7 @@ def var_eval(ctx: typer.Context, run: RunConfig, opts: RunOptions,
                        captions=captions, conditions=[c.strip() for c in conditions.split(",") if c.strip()],
                        p_grid=parse_floats(p_grid, "--p-grid", "0.3,0.6"),
                        rho_grid=parse_floats(rho_grid, "--rho-grid", "0.5,0.8"), p=p, rho=rho,
-                       select_metric=select_metric)
+                       select_metric=select_metric, compile=fused)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.var_eval:run_var_eval")
 

@@ -93,9 +93,10 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-# where the model runs, not what is computed: run.json records it, but a run may resume (and its shards merge) under
-# another placement: torchrun gives each rank its own --device cuda:$LOCAL_RANK; a map spreads the layers otherwise
-PLACEMENT = ("device", "device_map", "max_memory")
+# where and how the model runs, not what is computed: run.json records it, but a run may resume (and its shards
+# merge) under another placement: torchrun gives each rank its own --device cuda:$LOCAL_RANK; a map spreads the layers
+# otherwise; var-eval's --compile fuses the same edit (equal within float rounding, tests/test_var.py)
+PLACEMENT = ("device", "device_map", "max_memory", "compile")
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,

@@ -465,3 +465,23 @@ def test_calibration_reaches_every_analysis_config(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, [command, "--calibration", "5", "--limit", "8", "--out", str(tmp_path / command)])
         assert result.exit_code == 0, (command, result.output)
     assert seen == {command: 5 for command in runners}, seen
+
+
+def test_var_eval_compile_flag_reaches_its_config(tmp_path, monkeypatch):
+    """`sinkscope var-eval --compile` sets VarEvalConfig.compile; without it the edit runs unfused."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import sinkscope.analyses.var_eval as var_eval
+    import sinkscope.cli as cli
+    from sinkscope.cli import app
+
+    seen = []
+    monkeypatch.setattr(cli, "_load", lambda run: SimpleNamespace(hidden_size=4096))
+    monkeypatch.setattr(var_eval, "run_var_eval", lambda out, cfg, **kw: (seen.append(cfg.compile),
+                                                                           SimpleNamespace(path=out))[1])
+    for flags in (["--compile"], []):
+        result = CliRunner().invoke(app, ["var-eval", *flags, "--limit", "8", "--out", str(tmp_path / str(flags))])
+        assert result.exit_code == 0, result.output
+    assert seen == [True, False]

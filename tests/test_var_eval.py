@@ -211,3 +211,30 @@ def test_tied_grid_is_said_in_the_choice():
     tied, text = choice_clause(sweep, (0.3, 0.5), "f1")
     assert not tied and "chosen on validation" in text
     assert "no validation grid" in choice_clause(sweep.iloc[:0], (0.6, 0.5), "f1", "given")[1]
+
+
+def test_compile_reaches_every_var_condition_but_random_heads_and_a_run_resumes_across_it(organism, tmp_path,
+                                                                                        monkeypatch):
+    """--compile asks `var` for the fused edit in every VAR condition except var_random_heads (torch.compile cannot
+    draw random heads); like the device, it is not part of what a run computes, so a run resumes across it. The
+    fused edit itself is tested against the unfused one in tests/test_var.py; here it runs unfused."""
+    from sinkscope.interventions import var as var_module
+
+    asked: list[tuple[str, bool]] = []
+    plain_var = var_module.var
+
+    def recording(adapter, config, *args, compile=False, **kwargs):
+        asked.append((config.head_selection, compile))
+        return plain_var(adapter, config, *args, compile=False, **kwargs)
+
+    monkeypatch.setattr(var_module, "var", recording)
+    cfg = VarEvalConfig(model="organism", limit=2, val_limit=2, p=0.6, rho=0.5, batch_size=8, n_boot=50,
+                        calibration=4, compile=True)
+    folder = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism)
+    assert {selection: fused for selection, fused in asked} == {"image_centric": True, "random": False,
+                                                                "all": True}
+    n_rows = len(pd.read_csv(folder.path / "var_answers.csv"))
+    asked.clear()
+    again = _quiet(run_var_eval, str(tmp_path / "ve"), VarEvalConfig(**{**cfg.__dict__, "compile": False}),
+                   adapter=organism)
+    assert asked == [] and len(pd.read_csv(again.path / "var_answers.csv")) == n_rows  # resumed, nothing redone

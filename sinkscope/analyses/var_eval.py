@@ -81,6 +81,7 @@ class VarEvalConfig(AnalysisConfig):
     rho: float | None = None  # given: no tuning of rho
     summ: float = 0.2
     select_metric: str = "f1"
+    compile: bool = False  # fuse VAR's edit of each layer with torch.compile (a GPU's decode steps; not random heads)
     # shard (AnalysisConfig): test questions and captions whose index modulo n is i (validation: all)
 
     def validate(self) -> None:
@@ -143,21 +144,24 @@ def condition_config(base, condition: str, p: float, rho: float):
             "var_text_budget": replace(cfg, budget_target="text")}[condition]
 
 
-def _answers(adapter, samples, var_cfg, max_new_tokens, batch_size) -> list[str]:
+def _answers(adapter, samples, var_cfg, max_new_tokens, batch_size, compile: bool = False) -> list[str]:
+    """compile: VAR's edit fused by torch.compile (random heads, which torch.compile cannot draw, run unfused)."""
     from sinkscope.eval.accuracy import generate_answers
     from sinkscope.interventions.var import var
 
     if var_cfg is None:
         return generate_answers(adapter, samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with var(adapter, var_cfg, fallback="eager"):  # unedited layers as the eager baseline: only VAR differs
+    fused = compile and var_cfg.head_selection != "random"
+    with var(adapter, var_cfg, fallback="eager", compile=fused):  # unedited layers as the eager baseline
         return generate_answers(adapter, samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-def _condition_answers(adapter, samples, indices, condition, var_cfg, max_new_tokens, batch_size, seed, phase):
+def _condition_answers(adapter, samples, indices, condition, var_cfg, max_new_tokens, batch_size, seed, phase,
+                       compile: bool = False):
     """Answers of one condition; var_random_heads one question at a time, its heads drawn with a seed from
     (seed, phase, the question's index), so a question's draw does not depend on its batch or shard."""
     if condition != "var_random_heads" or var_cfg is None:
-        return _answers(adapter, samples, var_cfg, max_new_tokens, batch_size)
+        return _answers(adapter, samples, var_cfg, max_new_tokens, batch_size, compile=compile)
     return [_answers(adapter, [s], replace(var_cfg, seed=sample_seed(seed, phase, k)), max_new_tokens, 1)[0]
             for s, k in zip(samples, indices)]
 
@@ -219,7 +223,8 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
                                 _answers(adapter, chunk, None, cfg.max_new_tokens, cfg.batch_size))
             for p, r in grid:
                 rows += _answer_rows("validation", "var", p, r, chunk, _answers(
-                    adapter, chunk, condition_config(base, "var", p, r), cfg.max_new_tokens, cfg.batch_size))
+                    adapter, chunk, condition_config(base, "var", p, r), cfg.max_new_tokens, cfg.batch_size,
+                    compile=cfg.compile))
             folder.append_rows("var_answers", pd.DataFrame(rows))
             folder.mark_done([f"validation:{s.sample_id}" for s in chunk])
         sweep = sweep_table(folder.read("var_answers"), cfg)
@@ -246,7 +251,7 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
             p, r = (math.nan, math.nan) if vc is None else chosen
             rows += _answer_rows("test", condition, p, r, chunk, _condition_answers(
                 adapter, chunk, [index[s.sample_id] for s in chunk], condition, vc, cfg.max_new_tokens,
-                cfg.batch_size, cfg.seed, "test"))
+                cfg.batch_size, cfg.seed, "test", compile=cfg.compile))
         folder.append_rows("var_answers", pd.DataFrame(rows))
         folder.mark_done([f"test:{s.sample_id}" for s in chunk])
     # 3. captions (CHAIR)
@@ -262,7 +267,7 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
                 vc = condition_config(base, condition, *chosen)
                 for s, a in zip(chunk, _condition_answers(adapter, chunk, [cap_index[s.sample_id] for s in chunk],
                                                           condition, vc, cfg.caption_tokens, cfg.batch_size, cfg.seed,
-                                                          "caption")):
+                                                          "caption", compile=cfg.compile)):
                     c = caption_counts(a, set(s.meta["objects"]))
                     rows.append({"sample": f"caption:{s.sample_id}", "condition": condition, "caption": a.strip(),
                                  **asdict(c)})
