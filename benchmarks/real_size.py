@@ -14,7 +14,9 @@ Per sample (batch 1, prompt = BOS + 4 text + 576 image + 59 text tokens = 640), 
   - scan: `Tracer.run` with the scan's own `ScanReducer` on every layer (residual stream and
     attention probabilities, phi, sink tokens, per-head visual attention, its per-sample tables);
     sink dims and tau are pinned (calibration is a one-off residual-only pass over the first
-    `--calibration` samples of a run, not a per-sample cost);
+    `--calibration` samples of a run, not a per-sample cost); and a stream of `--stream` samples in
+    `run_scan`'s order (a sample's tables written while the next sample's forward runs on the device),
+    per sample;
   - `generate` of `--new-tokens` tokens with KV cache: eager, SDPA, VAR (every layer edited, sinks
     at tau chosen so ~20 image tokens are sinks; random weights have no massive activations), and
     knockout of those sinks (every layer); with `--compile`, VAR with compile=True too;
@@ -218,20 +220,43 @@ def sinks_at(adapter, batch, n_sinks: int = 20) -> tuple[list[int], float, torch
     return dims, tau, ((phi >= tau) & visual)[None]
 
 
-def scan_pass(tracer, adapter, batch, dims, tau, folder=None, sample_id=0) -> None:
-    """The scan's per-sample work, as `run_scan` does it: one traced forward with its reducer, the batch's tables
-    (`batch_tables`, every token row kept) and, given a run folder, their rows appended to its CSVs
-    and the sample marked done."""
-    from sinkscope.analyses.scan import ScanReducer, batch_tables
+def _scan_reducer(adapter, dims, tau, tables_later: bool = False):
+    from sinkscope.analyses.scan import ScanReducer
 
-    reducer = ScanReducer(dims, tau, 5, 0.5, 0.2, adapter.rms_norm_eps, [], want_profile=False, score="rms",
-                          token_strings=adapter.token_strings)
-    tracer.run(batch, [reducer], sample_ids=[str(sample_id)])
+    return ScanReducer(dims, tau, 5, 0.5, 0.2, adapter.rms_norm_eps, [], want_profile=False, score="rms",
+                       token_strings=adapter.token_strings, tables_later=tables_later)
+
+
+def _write(reducer, folder, sample_id) -> None:
+    """A traced sample's tables (`batch_tables`, every token row kept) and, given a run folder, their rows appended
+    to its CSVs and the sample marked done."""
+    from sinkscope.analyses.scan import batch_tables
+
     tables = batch_tables(reducer, "all")
     if folder is not None:
         for table, frame in tables.items():
             folder.append_rows(table, frame)
         folder.mark_done([str(sample_id)])
+
+
+def scan_pass(tracer, adapter, batch, dims, tau, folder=None, sample_id=0) -> None:
+    """The scan's per-sample work, one sample on its own: one traced forward with its reducer, then its tables."""
+    reducer = _scan_reducer(adapter, dims, tau)
+    tracer.run(batch, [reducer], sample_ids=[str(sample_id)])
+    _write(reducer, folder, sample_id)
+
+
+def scan_stream(tracer, adapter, batch, dims, tau, folder, n: int) -> None:
+    """n samples in `run_scan`'s order: each sample's forward is queued, then the previous sample's tables are
+    written while the device runs it (on a CPU nothing is queued: the same as n scan_pass calls)."""
+    pending = None
+    for i in range(n):
+        reducer = _scan_reducer(adapter, dims, tau, tables_later=True)
+        tracer.run(batch, [reducer], sample_ids=[str(i)])
+        if pending is not None:
+            _write(*pending)
+        pending = (reducer, folder, i)
+    _write(*pending)
 
 
 @contextlib.contextmanager
@@ -258,6 +283,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--samples", type=int, default=3, help="samples of the second peak-memory scan")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stream", type=int, default=4, help="samples of the timed scan stream (run_scan's order)")
     ap.add_argument("--compile", action="store_true",
                     help="also time VAR with compile=True (each layer's edit fused by torch.compile; compiled in the "
                          "warm-up run, which is not timed)")
@@ -319,6 +345,8 @@ def main() -> None:
             "forward eager": (lambda: attention("eager"), forward),
             "forward sdpa": (lambda: attention("sdpa"), forward),
             "scan": (contextlib.nullcontext, lambda: scan_pass(tracer, adapter, batch, dims, tau, scan_folder)),
+            "scan stream": (contextlib.nullcontext, lambda: scan_stream(tracer, adapter, batch, dims, tau, scan_folder,
+                                                                        args.stream)),
             "forward knockout": (with_knockout, forward),
         }, args.repeats))
         generates = {
@@ -332,12 +360,16 @@ def main() -> None:
         r.update(interleaved(generates, args.repeats))
     shutil.rmtree(scan_folder.path, ignore_errors=True)
     n_sel, n_sinks = run_info["selected"], run_info["sinks"]
+    r["scan stream, per sample"] = r.pop("scan stream") / args.stream
     for k, v in r.items():
-        print(f"  {k:<20} {v * 1000:9.1f} ms")
+        print(f"  {k:<24} {v * 1000:9.1f} ms")
     print(f"VAR: {n_sinks} sinks found at prefill in the last layer; {n_sel} (head, query) rows edited in its last "
           f"decode step (of {s.heads}); knockout blocks {int(sink_mask.sum())} image tokens in every layer")
     e, d = r["forward eager"], r["forward sdpa"]
     print(f"scan / plain eager forward       = {verdict(r['scan'] / e, 1.2)}   (scan / SDPA forward = {r['scan'] / d:.3f})")
+    stream = r["scan stream, per sample"]
+    print(f"scan stream / plain eager forward = {verdict(stream / e, 1.2)}   ({args.stream} samples in run_scan's "
+          f"order: a sample's tables written while the next one's forward runs)")
     print(f"VAR generate / eager generate    = {verdict(r['generate var'] / r['generate eager'], 1.10)}")
     print(f"VAR generate / SDPA generate     = {verdict(r['generate var'] / r['generate sdpa'], 1.3)}")
     if args.compile:

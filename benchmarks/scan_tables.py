@@ -8,10 +8,11 @@ CSVs. That work is pandas and text on the host, the same on any accelerator, so 
 model is a random LLaVA with the real prompt shape (576 image tokens + 64 text, 32 layers of 32 heads) at width
 64, traced once; the reductions it left are then turned into tables again and again, the steps taking turns,
 minimum over `--repeats`:
-  - reducer tables: `ScanReducer.end()` on the kept reductions (their rows and pandas frames, each image token's
-    rank in its image and background mark included);
-  - batch_tables: per-sample summaries (`analyses.scan.batch_tables`), with every token row kept (--token-stats all) or only
-    BOS, sinks and the top image tokens (sinks: what `auto` picks past 2M token rows, ~100 LLaVA samples);
+  - tables: a fresh `ScanReducer` given the kept reductions, its `end()` (the tables of the reductions, each image
+    token's rank in its image and background mark, the summaries from the tensors) and `analyses.scan.batch_tables`
+    (the token rows), with every token row kept (--token-stats all) or only BOS, sinks and the top image tokens
+    (sinks: what `auto` picks past 2M token rows, ~100 LLaVA samples); what `run_scan` does per batch before
+    writing;
   - append: the rows appended to a run folder's CSVs and the sample marked done, by Arrow's CSV writer (what
     `RunFolder.append_rows` uses) and, for the ratio, by pandas' `to_csv`.
 Token strings are made by a cheap stand-in, not a tokenizer's decode. `--head-tables` also times the head analysis'
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
 
     done = reducer(keep.kept)
     done.end()
-    tables = {detail: batch_tables(done, detail) for detail in ("all", "sinks")}
+    written = {detail: batch_tables(done, detail) for detail in ("all", "sinks")}
     folder = RunFolder(tempfile.mkdtemp(prefix="scan_tables_"), "scan", {"benchmark": "scan_tables"}, resume=False)
 
     def append(detail: str, writer: str):
@@ -98,15 +99,21 @@ def main(argv=None) -> None:
                 run_with()
 
         def run_with():
-            for table, frame in tables[detail].items():
+            for table, frame in written[detail].items():
                 folder.append_rows(f"{table}_{detail}_{writer}", frame)
             folder.mark_done(["s0"])
         return run
 
+    def tables(detail: str):
+        def run():
+            fresh = reducer(keep.kept)
+            fresh.end()
+            batch_tables(fresh, detail)
+        return run
+
     steps = {
-        "reducer tables": lambda: reducer(keep.kept).end(),
-        "batch_tables all": lambda: batch_tables(done, "all"),
-        "batch_tables sinks": lambda: batch_tables(done, "sinks"),
+        "tables all": tables("all"),
+        "tables sinks": tables("sinks"),
         "append all (Arrow)": append("all", "arrow"),
         "append all (pandas)": append("all", "pandas"),
         "append sinks (Arrow)": append("sinks", "arrow"),
@@ -120,16 +127,15 @@ def main(argv=None) -> None:
             if i:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     best = {name: min(t) * 1e3 for name, t in times.items()}
-    n_rows = len(tables["all"]["token_stats"])
+    n_rows = len(written["all"]["token_stats"])
     print(f"scan tables per sample: LLaVA-1.5 shape ({batch['input_ids'].shape[1]} tokens, 576 image; {args.layers} "
           f"layers of {args.heads} heads; {n_rows} token rows), 1 thread, torch {torch.__version__}; minimum of "
           f"{args.repeats} runs, steps taking turns")
     for name, ms in best.items():
         print(f"  {name:<24} {ms:8.1f} ms")
-    common = best["reducer tables"]
     for detail in ("all", "sinks"):
-        arrow = common + best[f"batch_tables {detail}"] + best[f"append {detail} (Arrow)"]
-        pandas = common + best[f"batch_tables {detail}"] + best[f"append {detail} (pandas)"]
+        arrow = best[f"tables {detail}"] + best[f"append {detail} (Arrow)"]
+        pandas = best[f"tables {detail}"] + best[f"append {detail} (pandas)"]
         print(f"per-sample host work after the forward, token stats {detail}: {arrow:.1f} ms "
               f"(with pandas' writer {pandas:.1f} ms; append Arrow / pandas = "
               f"{best[f'append {detail} (Arrow)'] / best[f'append {detail} (pandas)']:.3f})")

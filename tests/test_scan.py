@@ -182,6 +182,31 @@ def test_resume_after_interruption(full_run, demo_dir, tmp_path, keep):
     assert (out / "index.md").exists()
 
 
+def test_an_error_in_a_forward_keeps_the_batch_traced_before_it(full_run, demo_dir, tmp_path, monkeypatch):
+    """run_scan writes a batch's tables while the next batch's forward runs; when that forward fails, the batch
+    before it is still written and marked done, and a resumed run ends equal to the uninterrupted one."""
+    samples = [s.sample_id for s in load_samples("demo", LIMIT)]
+    plain_run = Tracer.run
+
+    def failing(self, batch, reducers, *args, sample_ids=None, **kwargs):
+        if sample_ids == samples[BATCH:2 * BATCH]:
+            raise KeyboardInterrupt  # the second batch's forward, after the first was traced
+        return plain_run(self, batch, reducers, *args, sample_ids=sample_ids, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Tracer, "run", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _scan(out, _cfg(demo_dir))
+    assert (out / "samples_done.txt").read_text().split() == samples[:BATCH]
+    assert sorted(set(_table(out, "token_stats")["sample"])) == sorted(samples[:BATCH])
+    monkeypatch.setattr(Tracer, "run", plain_run)
+    logs: list[str] = []
+    _scan(out, _cfg(demo_dir), logs)
+    assert any(f"{BATCH} samples already done, {LIMIT - BATCH} to go" in m for m in logs), logs
+    for name in PER_SAMPLE_TABLES:
+        pd.testing.assert_frame_equal(_table(out, name), _table(full_run, name), check_exact=True, obj=name)
+
+
 def test_resume_with_pinned_sinks(demo_dir, tmp_path):
     """Pinned sink dims and a low tau: sink_tokens.csv has rows, and resuming keeps one copy."""
     cfg = lambda: _cfg(demo_dir, sink_dims=[0, 1], tau=1.5, limit=4, batch_size=2, calibration=2)  # noqa: E731
@@ -708,3 +733,53 @@ def test_half_precision_states_give_the_exact_median_over_real_tokens(dtype):
     for layer, s in enumerate(states):
         for row in range(3):
             assert torch.equal(block["median"][row, layer], s[row][real[row]].float().abs().median())
+
+
+def test_tables_later_wait_for_the_queued_copies_before_reading_them(tiny_llava):
+    """With tables_later, end() leaves the tables to build(), which first waits on every copy event (CUDA copies
+    are queued non-blocking; on a CPU none are, so a stand-in event is planted) and then equals the tables an
+    immediate reducer makes."""
+    adapter, samples = adapter_for_model(tiny_llava.model, tiny_llava.processor), load_samples("demo", 2)
+    batch = _quiet(prepare_batch, adapter, samples)
+    ids = [s.sample_id for s in samples]
+    make = lambda later: ScanReducer([0, 1], 1.0, 3, 0.5, 0.2, 1e-6, samples, want_profile=False, tables_later=later)
+    now, later = make(False), make(True)
+    Tracer(adapter).run(batch, [now, later], sample_ids=ids)
+    assert later.massive_rows == [] and later.count_rows == [] and now.count_rows
+    order: list[str] = []
+
+    class Event:
+        def synchronize(self):
+            order.append("waited")
+
+    later._copies.append(Event())
+    columns = later._sample_columns
+    later._sample_columns = lambda: (order.append("tables"), columns())[1]
+    later.build()
+    later.build()  # nothing new: nothing done twice
+    assert order == ["waited", "tables"]
+    for name in ("massive_rows", "magnitude_rows", "head_rows", "count_rows", "role_rows", "token_rows"):
+        for got, want in zip(getattr(later, name), getattr(now, name), strict=True):
+            pd.testing.assert_frame_equal(got, want, check_exact=True, obj=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the queued (non-blocking) copies exist there")
+def test_tables_later_on_cuda_equal_the_immediate_tables(tiny_llava):
+    """On a GPU, tables_later queues the payloads' copies to pinned host memory and records an event; the tables
+    built after waiting on it equal those of a reducer that copied synchronously."""
+    model = tiny_llava.model.to("cuda")
+    try:
+        adapter, samples = adapter_for_model(model, tiny_llava.processor), load_samples("demo", 2)
+        batch = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in _quiet(prepare_batch, adapter,
+                                                                                     samples).items()}
+        make = lambda later: ScanReducer([0, 1], 1.0, 3, 0.5, 0.2, 1e-6, samples, want_profile=False,
+                                         tables_later=later)
+        now, later = make(False), make(True)
+        Tracer(adapter).run(batch, [now, later], sample_ids=[s.sample_id for s in samples])
+        assert later._copies, "no copy was queued"
+        later.build()
+        for name in ("massive_rows", "head_rows", "count_rows", "role_rows", "token_rows"):
+            for got, want in zip(getattr(later, name), getattr(now, name), strict=True):
+                pd.testing.assert_frame_equal(got, want, check_exact=True, obj=name)
+    finally:
+        tiny_llava.model.to("cpu")

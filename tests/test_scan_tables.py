@@ -1,22 +1,28 @@
 """The scan's per-sample summaries against literal loops over their groups and rows.
 
-`token_counts`, `role_phi` and `_sinks_and_top_visual` are grouped pandas, `_rank_in_image` and
-`_on_background` vectorised tensors and arrays (benchmarks/scan_tables.py); here each is recomputed one group,
-row or token at a time with plain Python and numpy, on rows with several samples, layers, kinds, roles, images
-and background masks.
+`ScanReducer` makes its summaries (token_summary_per_sample, role_phi_per_sample) and its kept token rows
+(--token-stats sinks) from the batch's tensors (`measures.by_class`), `_rank_in_image` and `_on_background`
+are vectorised tensors and arrays (benchmarks/scan_tables.py); here each is recomputed one group, row or token
+at a time with plain Python and numpy over the reducer's own full token rows, on a traced batch of the organism
+with several samples (ids not in sorted order, one with padding, one without a background mask), layers, kinds,
+roles, sinks and images.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-
 import torch
 
-from sinkscope.analyses.scan import (_on_background, _rank_in_image, _sinks_and_top_visual, role_phi,
-                                     token_counts)
-from sinkscope.eval.tasks import Sample
+from sinkscope.analyses.common import prepare_batch
+from sinkscope.analyses.scan import TOP_VISUAL, ScanReducer, _on_background, _rank_in_image, batch_tables
+from sinkscope.eval.tasks import Sample, load_samples
+from sinkscope.trace import Tracer
 
 KINDS = {"bos": "first", "text": "text", "delimiter": "delimiter", "visual": "image"}
 
@@ -86,10 +92,37 @@ def test_rank_in_image_equals_counting_earlier_tokens_of_the_same_image():
     assert _rank_in_image(torch.zeros(0, 0, dtype=torch.long)).shape == (0, 0)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_token_counts_equal_a_loop_over_groups(seed):
-    tokens = _with_background(_tokens(seed), _samples())
-    got = token_counts(tokens).set_index(["sample", "layer", "token_kind"])
+
+ASSET = Path(__file__).resolve().parent.parent / "sinkscope" / "models" / "embedded" / "assets" / "organism"
+
+
+@pytest.fixture(scope="module")
+def traced(organism_adapter):
+    """(reducer, every token row, the batch's tables with --token-stats sinks) of one organism batch."""
+    adapter = organism_adapter
+    truth = json.loads((ASSET / "ground_truth.json").read_text())
+    demo = load_samples("demo", 3)
+    ids = ["s10", "s2", "s1"]  # batch order differs from sorted order ("s1" < "s10" < "s2")
+    samples = [dataclasses.replace(s, sample_id=i) for s, i in zip(demo, ids)]
+    samples[1] = dataclasses.replace(samples[1], meta={k: v for k, v in samples[1].meta.items()
+                                                       if k != "background_patches"})
+    batch = prepare_batch(adapter, samples)
+    reducer = ScanReducer(truth["sink_dims"], 100.0, 5, 0.5, 0.2, adapter.rms_norm_eps, samples,
+                          want_profile=False, token_strings=adapter.token_strings, score="layer")
+    Tracer(adapter).run(batch, [reducer], sample_ids=ids)
+    tokens = pd.concat(reducer.token_rows, ignore_index=True)
+    assert batch["attention_mask"].eq(0).any(), "a padded sample"
+    assert tokens["is_sink"].any() and not tokens["is_sink"].all()
+    assert tokens["on_background"].isna().any() and tokens["on_background"].eq(True).any()
+    return reducer, tokens, batch_tables(reducer, "sinks")
+
+
+def test_token_counts_equal_a_loop_over_groups(traced):
+    reducer, tokens, tables = traced
+    got = tables["token_summary_per_sample"]
+    assert list(got.columns[:3]) == ["sample", "layer", "token_kind"]
+    assert got["sample"].dtype == tokens["sample"].dtype and got["token_kind"].dtype == tokens["token_kind"].dtype
+    got = got.set_index(["sample", "layer", "token_kind"])
     assert list(got.index) == sorted(got.index)  # sorted keys, one row per group present
     for (sid, layer, kind), rows in tokens.groupby(["sample", "layer", "token_kind"]):
         row = got.loc[(sid, layer, kind)]
@@ -99,19 +132,24 @@ def test_token_counts_equal_a_loop_over_groups(seed):
         phi, attention = rows["phi"].to_numpy(np.float64), rows["attention_received"].to_numpy(np.float64)
         assert row["n_tokens"] == len(rows) and row["n_sinks"] == sink.sum()
         assert row["max_phi"] == rows["phi"].max()
-        assert row["sum_phi"] == pytest.approx(phi.sum(), rel=1e-6)
-        assert row["sum_attention"] == pytest.approx(attention.sum(), rel=1e-6)
-        assert row["sum_sink_attention"] == pytest.approx(attention[sink].sum(), rel=1e-6, abs=1e-9)
+        assert row["sum_phi"] == np.float32(phi.sum())  # summed in float64, stored in float32
+        assert row["sum_attention"] == np.float32(attention.sum())
+        assert row["sum_sink_attention"] == np.float32(attention[sink].sum())
         assert (row["n_known_background"], row["n_background"]) == (known.sum(), background.sum())
         assert (row["n_sink_known_background"], row["n_sink_background"]) == ((known & sink).sum(),
                                                                              (background & sink).sum())
     assert len(got) == tokens.groupby(["sample", "layer", "token_kind"]).ngroups
+    assert dict(got.dtypes) == {"n_tokens": np.int64, "n_sinks": np.int64, "sum_phi": np.float32,
+                                "max_phi": np.float32, "sum_attention": np.float32,
+                                "sum_sink_attention": np.float32, "n_known_background": np.int64,
+                                "n_background": np.int64, "n_sink_known_background": np.int64,
+                                "n_sink_background": np.int64}
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_role_phi_equals_a_loop_over_groups(seed):
-    tokens = _tokens(seed)
-    got = role_phi(tokens).set_index(["sample", "layer", "role"])
+def test_role_phi_equals_a_loop_over_groups(traced):
+    reducer, tokens, tables = traced
+    got = tables["role_phi_per_sample"].set_index(["sample", "layer", "role"])
+    assert list(got.index) == sorted(got.index)
     assert got["phi_p90"].dtype == np.float32 and got["phi_median"].dtype == np.float32
     for (sid, layer, role), rows in tokens.groupby(["sample", "layer", "role"]):
         row = got.loc[(sid, layer, role)]
@@ -122,30 +160,22 @@ def test_role_phi_equals_a_loop_over_groups(seed):
         assert row["phi_p90"] == np.float32(p90) or abs(row["phi_p90"] - p90) <= 1e-6 * abs(p90)
         assert row["phi_median"] == np.float32(np.median(phi))
         assert (row["n_tokens"], row["n_sinks"], row["phi_max"]) == (len(rows), rows["is_sink"].sum(), phi.max())
-        assert row["attention_received"] == pytest.approx(rows["attention_received"].to_numpy(np.float64).sum(),
-                                                          rel=1e-6)
+        assert row["attention_received"] == np.float32(rows["attention_received"].to_numpy(np.float64).sum())
+    assert len(got) == tokens.groupby(["sample", "layer", "role"]).ngroups
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_kept_token_rows_are_bos_sinks_and_the_top_image_tokens(seed):
-    tokens = _tokens(seed)
-    got = _sinks_and_top_visual(tokens, top=5)
-    expected_index = []
-    for (_, _), rows in tokens.groupby(["sample", "layer"]):
+def test_kept_token_rows_are_bos_sinks_and_the_top_image_tokens(traced):
+    reducer, tokens, tables = traced
+    expected = []
+    for (_, _), rows in tokens.groupby(["sample", "layer"]):  # sorted sample ids, then layers
         visual = rows[rows["token_kind"] == "visual"]
-        # the 5 highest phi, the earlier token first among equal phi
-        top = sorted(zip(-visual["phi"].to_numpy(np.float64), visual["position"], visual.index))[:5]
+        # the TOP_VISUAL highest phi, the earlier token first among equal phi
+        top = sorted(zip(-visual["phi"].to_numpy(np.float64), visual["position"], visual.index))[:TOP_VISUAL]
         keep = {i for i, r in rows.iterrows() if r["is_sink"] or r["token_kind"] == "bos"} | {i for *_, i in top}
-        expected_index += sorted(keep, key=lambda i: rows.loc[i, "position"])
-    assert list(got.index) == expected_index
-    pd.testing.assert_frame_equal(got, tokens.loc[expected_index], check_exact=True)
-
-
-def test_equal_phi_at_the_cut_keeps_the_earlier_token():
-    tokens = _tokens(0, n_samples=1, n_layers=1)
-    visual = tokens.index[tokens["token_kind"] == "visual"]
-    tokens["is_sink"] = False
-    tokens.loc[visual, "phi"] = np.float32(1.0)
-    tokens.loc[visual[:2], "phi"] = np.float32(2.0)
-    got = _sinks_and_top_visual(tokens, top=4)
-    assert list(got.index) == [0, *visual[:4]]  # BOS, two at 2.0, then the first two at 1.0
+        expected += sorted(keep, key=lambda i: rows.loc[i, "position"])
+    pd.testing.assert_frame_equal(tables["token_stats"], tokens.loc[expected].reset_index(drop=True),
+                                  check_exact=True)
+    sinks = tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "role", "token", "phi"]]
+    pd.testing.assert_frame_equal(tables["sink_tokens"], sinks.reset_index(drop=True), check_exact=True)
+    assert reducer.n_token_rows == len(tokens)
+    pd.testing.assert_frame_equal(reducer.token_table("all"), tokens, check_exact=True)

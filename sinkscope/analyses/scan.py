@@ -31,7 +31,7 @@ from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
 from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
-from sinkscope.measures import massive, sinks
+from sinkscope.measures import by_class, massive, sinks
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, num
 from sinkscope.models.base import KIND_NAMES, ModelAdapter
@@ -88,13 +88,18 @@ class ScanLayerReduction:
     queries) is made here, in Python.
     block_bytes: the largest float32 block (layers x batch x tokens x width, or x heads x query rows x keys)
     `finish()` reduces at once.
+    asynchronous: copies from a CUDA device to the host are queued (`non_blocking`) and `copied` holds an event per
+    device recorded after them; whoever reads the payloads waits for them first (`ScanReducer.build`). The host can
+    then do other work (the previous batch's tables) while the device runs the reductions and the copies.
     """
 
     def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True,
-                 defer: bool = False, block_bytes: int = 2**29):
+                 defer: bool = False, block_bytes: int = 2**29, asynchronous: bool = False):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score, self.kinds, self.queries, self.profile, self.host = score, kinds, queries, profile, host
-        self.defer, self.block_bytes = defer, block_bytes
+        self.defer, self.block_bytes, self.asynchronous = defer, block_bytes, asynchronous
+        self.copied: list = []  # events recorded after queued copies (asynchronous, CUDA only)
+        self._queued: set = set()  # devices with copies queued since the last event
         self.phi: dict = {}
         self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
         self._on: dict = {}  # device -> (kinds, queries, text positions) there, and the sink-dim index
@@ -121,7 +126,23 @@ class ScanLayerReduction:
         return self._on[key]
 
     def _out(self, out: dict) -> dict:
-        return {k: v.cpu() for k, v in out.items()} if self.host else out
+        if not self.host:
+            return out
+        moved = {}
+        for k, v in out.items():
+            if self.asynchronous and v.device.type == "cuda":
+                moved[k] = v.to("cpu", non_blocking=True)  # pinned host memory, valid once the copy event has passed
+                self._queued.add(v.device)
+            else:
+                moved[k] = v.cpu()
+        return moved
+
+    def _record_copies(self) -> None:
+        for device in self._queued:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self.copied.append(event)
+        self._queued.clear()
 
     # -- the two ways to run -----------------------------------------------------------
     def residual(self, layer, states):
@@ -159,6 +180,7 @@ class ScanLayerReduction:
                 block_phi = torch.stack([by_layer[l].to(probs.device) for l in block_layers], dim=1)
             block = self._attention_block(probs, block_phi.to(probs.device))
             out.append(("attention", block_layers, self._out(block)))
+        self._record_copies()
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
@@ -254,6 +276,17 @@ MASSIVE_COLUMNS = ("sample", "layer", "position", "token_kind", "dim", "value", 
 MAGNITUDE_COLUMNS = ("sample", "layer", "top1", "top2", "top3", "median")
 
 
+TOP_VISUAL = 8  # image tokens per sample and layer kept in token_stats besides BOS and sinks (--token-stats sinks)
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """Classes of a batch's tokens: names [class] (sorted), member [class, batch, token] bools."""
+
+    names: np.ndarray
+    member: torch.Tensor
+
+
 def _rank_in_image(image_index: torch.Tensor) -> torch.Tensor:
     """[batch, token] image index (-1: not an image token) -> each image token's rank among its image's tokens
     (0, 1, ... in position order), -1 elsewhere."""
@@ -284,25 +317,36 @@ def _on_background(static: dict, samples: list[Sample]) -> np.ndarray:
 
 
 class ScanReducer:
-    """Per-layer measures of one batch, streamed; its tables (`token_rows`, `head_rows`, `massive_rows`,
-    `magnitude_rows`: lists of frames) are built once the forward has ended.
+    """Per-layer measures of one batch, streamed; its tables (`head_rows`, `massive_rows`, `magnitude_rows`,
+    `count_rows`, `role_rows`: lists of frames, and the token rows: `token_rows`, `token_table`, `sink_table`) are
+    built once the forward has ended.
 
     Run here, a layer costs two copies during the trace (its state and the query rows of its attention,
     `ScanLayerReduction(defer=True)`); `end()` reduces the kept layers in blocks, brings each block's payload to
     the CPU at once and makes rows, strings and pandas in one vectorised pass per table, so nothing between a layer
     and the next waits for the device. Run remotely, the payloads arrive per layer through `take`.
+
+    tables_later: `end()` only queues the reductions and their copies to the host (asynchronous on CUDA) and
+    returns; `build()` waits for the copies and makes the tables. `run_scan` builds a batch's tables while the
+    device runs the next batch's forward.
     """
 
     def __init__(self, dims: list[int], tau: float, top_k: int, rho: float, summ: float, eps: float,
-                 samples: list[Sample], want_profile: bool, token_strings=None, score: str = "rms"):
+                 samples: list[Sample], want_profile: bool, token_strings=None, score: str = "rms",
+                 tables_later: bool = False):
+        self.tables_later = tables_later
+        self._copies: list = []  # events of queued device-to-host copies, waited for in build()
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score = score
         self.samples = samples
         self.want_profile = want_profile
         self.massive_rows: list[pd.DataFrame] = []
         self.magnitude_rows: list[pd.DataFrame] = []
-        self.token_rows: list[pd.DataFrame] = []
         self.head_rows: list[pd.DataFrame] = []
+        self.count_rows: list[pd.DataFrame] = []  # per (sample, layer, token kind): counts and sums
+        self.role_rows: list[pd.DataFrame] = []  # per (sample, layer, role): phi quantiles
+        self._token_blocks: list[tuple[list[int], dict]] = []  # per end(): layers, [layer, batch, token] tensors
+        self._token_frames: list[pd.DataFrame] | None = None
         self.profile: dict[int, dict] = {}
         self._payloads: dict[str, list[tuple[list[int], dict]]] = {"residual": [], "attention": []}  # blocks
         self.token_strings = token_strings  # callable: [batch, token] ids -> decoded strings
@@ -319,13 +363,14 @@ class ScanReducer:
         self._payloads = {"residual": [], "attention": []}
         self._local = None  # this batch's in-trace part, when the trace runs here
 
-    def in_trace(self, host: bool = True, defer: bool = False) -> ScanLayerReduction:
+    def in_trace(self, host: bool = True, defer: bool = False, asynchronous: bool = False) -> ScanLayerReduction:
         return ScanLayerReduction(self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps, self.score,
-                                  self.kinds, self.queries, self.want_profile, host=host, defer=defer)
+                                  self.kinds, self.queries, self.want_profile, host=host, defer=defer,
+                                  asynchronous=asynchronous)
 
     def residual(self, layer: int, states: torch.Tensor):
-        if getattr(self, "_local", None) is None:
-            self._local = self.in_trace(defer=True)  # kept per layer, reduced (and sent to the host) after the forward
+        if getattr(self, "_local", None) is None:  # kept per layer, reduced (and sent to the host) after the forward
+            self._local = self.in_trace(defer=True, asynchronous=self.tables_later)
         self._local.residual(layer, states)
 
     def attention(self, layer: int, probs: torch.Tensor):
@@ -348,11 +393,24 @@ class ScanReducer:
 
     def end(self):
         """Reduce what the local trace kept (in blocks of layers, brought to the CPU once per block: the only waits
-        for the device in a batch) and build the batch's tables (layer order as traced, then sample, then rank).
-        Every payload is on the CPU here, local or remote."""
+        for the device in a batch) and build the batch's tables (unless `tables_later`: then `build()` does)."""
         if getattr(self, "_local", None) is not None:
             for kind, layers, block in self._local.finish():
                 self._payloads[kind].append((layers, block))
+            self._copies += self._local.copied
+            self._local = None
+        if not self.tables_later:
+            self.build()
+
+    def build(self):
+        """The batch's tables (layer order as traced, then sample, then rank) from the payloads `end()` collected,
+        once their copies to the host have arrived. Every payload is on the CPU here, local or remote. A second
+        call finds nothing new and does nothing."""
+        for event in self._copies:
+            event.synchronize()
+        self._copies = []
+        if not any(self._payloads.values()):
+            return
         self._sample_columns()
         phi_at, phi = {}, None  # layer -> its index in the residual block, and that block's phi
         if self._payloads["residual"]:
@@ -366,7 +424,7 @@ class ScanReducer:
             layers, block = joined(self._payloads["attention"])
             at = [phi_at[layer] for layer in layers]
             at_phi = phi if at == list(range(phi.shape[1])) else phi[:, at]  # [batch, layer, token]
-            self.token_rows.append(self._token_table(layers, block, at_phi))
+            self._token_summaries(layers, block, at_phi)
             self.head_rows.append(self._head_table(layers, block))
         self._payloads = {"residual": [], "attention": []}
 
@@ -389,6 +447,10 @@ class ScanReducer:
         self._static = {**columns, "position": self.real_pos[self.real].numpy(),
                         "image_index": image_index[self.real].numpy(), "visual_rank": visual_rank[self.real].numpy()}
         self._static["on_background"] = _on_background(self._static, self.samples)
+        self._text = {name: pd.Series(columns[name]).array for name in columns}  # pandas arrays, made once
+        self._static_row = torch.full(self.real.shape, -1, dtype=torch.long)  # [batch, token] -> static row
+        self._static_row[self.real] = torch.arange(int(self.real.sum()))
+        self._sample_order = np.argsort(np.asarray(self.sample_ids), kind="stable")  # sorted ids, as tables list them
 
     def _residual_tables(self, layers: list[int], block: dict) -> None:
         """massive_rows: per (layer, sample, rank) the top_k |activations|; magnitude_rows: per (layer, sample)
@@ -431,28 +493,136 @@ class ScanReducer:
         self.massive_rows.append(pd.DataFrame(massive, columns=list(MASSIVE_COLUMNS)))
         self.magnitude_rows.append(pd.DataFrame(magnitude, columns=list(MAGNITUDE_COLUMNS)))
 
-    def _token_table(self, layers: list[int], block: dict, phi: torch.Tensor) -> pd.DataFrame:
-        """One row per (layer, sample, real token): phi, sink or not, attention received from the text queries.
-        block: [batch, layer, ...] payloads, phi [batch, layer, token] of the same layers. One vectorised pass: a
-        [layer, sample, token] view indexed by the real-token mask gives every layer's rows in (sample, position)
-        order."""
-        n_layers, static = len(layers), self._static
-        every_layer = np.tile(np.arange(len(static["sample"])), n_layers)  # the static rows, once per layer
+    def _token_summaries(self, layers: list[int], block: dict, phi: torch.Tensor) -> None:
+        """Keep the token values of a block (phi [batch, layer, token] of the block's layers) for the token rows,
+        and make the per-sample summaries from them: `count_rows` per (sample, layer, token kind) and `role_rows`
+        per (sample, layer, role), groups in (sample, layer, class) order, sums in float64 stored in float32."""
         phi = phi.transpose(0, 1)  # [layer, sample, token]
-        received = block["received"].transpose(0, 1)
-        sink = (phi >= self.tau) & self.real
+        values = {"phi": phi, "is_sink": (phi >= self.tau) & self.real,
+                  "attention_received": block["received"].transpose(0, 1)}
+        self._token_blocks.append((layers, values))
+        self._token_frames = None
+        static = self._static
+        kind = self._class_member(static["token_kind"])
+        counts = {"n_tokens": by_class.class_count(kind.member)}
+        sink, received = values["is_sink"], values["attention_received"]
+        counts["n_sinks"] = by_class.class_count(kind.member, sink)
+        counts["sum_phi"] = by_class.class_sum(phi, kind.member).to(phi.dtype)
+        counts["max_phi"] = by_class.class_max(phi, kind.member)
+        counts["sum_attention"] = by_class.class_sum(received, kind.member).to(received.dtype)
+        counts["sum_sink_attention"] = by_class.class_sum(torch.where(sink, received, 0.0), kind.member).to(
+            received.dtype)
+        marks = static["on_background"]  # True, False or None (unknown) per real token
+        known = kind.member & self._per_token([v is not None for v in marks])
+        background = kind.member & self._per_token([v is True for v in marks])
+        counts["n_known_background"] = by_class.class_count(known)
+        counts["n_background"] = by_class.class_count(background)
+        counts["n_sink_known_background"] = by_class.class_count(known, sink)
+        counts["n_sink_background"] = by_class.class_count(background, sink)
+        self.count_rows.append(self._class_frame(layers, kind, "token_kind", counts))
+        role = self._class_member(static["role"])
+        median, p90 = by_class.class_quantiles(phi, role.member, (0.5, 0.9))
+        self.role_rows.append(self._class_frame(layers, role, "role", {
+            "n_tokens": by_class.class_count(role.member),
+            "n_sinks": by_class.class_count(role.member, sink),
+            "phi_median": median.to(phi.dtype), "phi_p90": p90.to(phi.dtype),
+            "phi_max": by_class.class_max(phi, role.member),
+            "attention_received": by_class.class_sum(received, role.member).to(received.dtype)}))
+
+    def _per_token(self, column) -> torch.Tensor:
+        """A static column (one entry per real token, (sample, position) order) as [batch, token] (False at
+        padding)."""
+        out = torch.zeros(self.real.shape, dtype=torch.bool)
+        out[self.real] = torch.as_tensor(np.asarray(column, dtype=bool))
+        return out
+
+    def _class_member(self, column) -> _Classes:
+        """Classes of the batch's real tokens by a static text column: names sorted, [class, batch, token] member."""
+        names, codes = np.unique(np.asarray(column, dtype=object).astype(str), return_inverse=True)
+        code = torch.full(self.real.shape, -1, dtype=torch.long)  # -1: padding, in no class
+        code[self.real] = torch.as_tensor(codes.reshape(-1), dtype=torch.long)
+        return _Classes(names, code[None] == torch.arange(len(names))[:, None, None])
+
+    def _class_frame(self, layers: list[int], classes: _Classes, key: str, columns: dict) -> pd.DataFrame:
+        """Rows (sample, layer, class) of [batch, class] or [layer, batch, class] columns, in sorted key order,
+        classes present in the sample only."""
+        n_layers = len(layers)
+        sample_order, layer_order = self._sample_order, np.argsort(np.asarray(layers), kind="stable")
+
+        def arranged(values: torch.Tensor) -> np.ndarray:  # -> [sample, layer, class] in key order
+            values = values.numpy()
+            values = np.broadcast_to(values, (n_layers, *values.shape)) if values.ndim == 2 else values
+            return values[layer_order][:, sample_order].transpose(1, 0, 2)
+
+        present = arranged(by_class.class_count(classes.member)) > 0
+        sample_ids = np.asarray(self.sample_ids, dtype=object)[sample_order]
+        keys = {"sample": np.broadcast_to(sample_ids[:, None, None], present.shape)[present],
+                "layer": np.broadcast_to(np.asarray(layers, dtype=np.int64)[layer_order][None, :, None],
+                                         present.shape)[present],
+                key: np.broadcast_to(classes.names[None, None, :], present.shape)[present]}
+        keys.update({name: pd.array(keys[name], dtype=self._text[name].dtype) for name in ("sample", key)})
+        return pd.DataFrame({**keys, **{name: arranged(values)[present] for name, values in columns.items()}})
+
+    @property
+    def n_token_rows(self) -> int:
+        """Token rows of every end() so far: real tokens x layers."""
+        return sum(len(layers) * int(self.real.sum()) for layers, _ in self._token_blocks)
+
+    @property
+    def token_rows(self) -> list[pd.DataFrame]:
+        """One frame per end(): a row per (layer, sample, real token) in that order: phi, sink or not, attention
+        received from the text queries, with the token's static columns."""
+        if self._token_frames is None:
+            self._token_frames = [self._token_frame(layers, values, torch.ones_like(values["is_sink"]))
+                                  for layers, values in self._token_blocks]
+        return self._token_frames
+
+    def token_table(self, detail: str) -> pd.DataFrame:
+        """detail "all": every token row ((layer, sample, position) order); "sinks": BOS, every sink and the
+        `TOP_VISUAL` highest-phi image tokens of each sample and layer (ties: the earlier token), in (sample,
+        layer, position) order, with samples in sorted id order. Rows are chosen on the tensors, before any frame."""
+        if detail == "all":
+            return pd.concat(self.token_rows, ignore_index=True)
+        bos, visual = self.kinds.bos_mask & self.real, self.kinds.visual_mask & self.real
+        frames = []
+        for layers, values in self._token_blocks:
+            keep = values["is_sink"] | bos | by_class.top_in_class(values["phi"], visual, TOP_VISUAL)
+            frames.append(self._token_frame(layers, values, keep, sample_major=True))
+        return pd.concat(frames, ignore_index=True)
+
+    def sink_table(self) -> pd.DataFrame:
+        """The sink rows ((layer, sample, position) order): sample, layer, position, kind, role, string, phi."""
+        frames = [self._token_frame(layers, values, values["is_sink"]) for layers, values in self._token_blocks]
+        return pd.concat(frames, ignore_index=True)[["sample", "layer", "position", "token_kind", "role", "token",
+                                                     "phi"]]
+
+    def _token_frame(self, layers: list[int], values: dict, keep: torch.Tensor,
+                     sample_major: bool = False) -> pd.DataFrame:
+        """Token rows where `keep` [layer, batch, token] (and the token is real), in (layer, sample, position)
+        order, or (sample, layer, position) with samples in sorted id order and layers ascending (sample_major).
+        Text columns: one pandas array per batch taken at the rows' static indices (no per-row Python strings)."""
+        static = self._static
+        keep = keep & self.real
+        layer_index = torch.arange(len(layers))[:, None, None].expand_as(keep)
+        columns = {"static": self._static_row.expand_as(keep), "layer": layer_index, **values}
+        if sample_major:
+            sample_order = torch.as_tensor(self._sample_order)
+            layer_order = torch.as_tensor(np.argsort(np.asarray(layers), kind="stable"))
+            columns = {k: v[layer_order][:, sample_order].transpose(0, 1) for k, v in columns.items()}
+            keep = keep[layer_order][:, sample_order].transpose(0, 1)
+        picked = {k: v[keep].numpy() for k, v in columns.items()}
+        rows = picked["static"]
         return pd.DataFrame({
-            # text columns: one pandas array per batch, repeated by a take (no per-row Python strings)
-            "sample": pd.Series(static["sample"]).array.take(every_layer),
-            "layer": np.repeat(np.array(layers, dtype=np.int64), len(static["sample"])),
-            "position": np.tile(static["position"], n_layers),
-            **{name: pd.Series(static[name]).array.take(every_layer) for name in ("token_kind", "role", "token")},
-            "image_index": np.tile(static["image_index"], n_layers),
-            "phi": phi[:, self.real].reshape(-1).numpy(),
-            "is_sink": sink[:, self.real].reshape(-1).numpy(),
-            "attention_received": received[:, self.real].reshape(-1).numpy(),
-            "visual_rank": np.tile(static["visual_rank"], n_layers),
-            "on_background": np.tile(static["on_background"], n_layers),
+            "sample": self._text["sample"].take(rows),
+            "layer": np.asarray(layers, dtype=np.int64)[picked["layer"]],
+            "position": static["position"][rows],
+            **{name: self._text[name].take(rows) for name in ("token_kind", "role", "token")},
+            "image_index": static["image_index"][rows],
+            "phi": picked["phi"],
+            "is_sink": picked["is_sink"],
+            "attention_received": picked["attention_received"],
+            "visual_rank": static["visual_rank"][rows],
+            "on_background": static["on_background"][rows],
         })
 
     def _head_table(self, layers: list[int], block: dict) -> pd.DataFrame:
@@ -477,16 +647,15 @@ class ScanReducer:
 def batch_tables(reducer: ScanReducer, detail: str) -> dict[str, pd.DataFrame]:
     """The per-sample tables of one traced batch, by run-folder table name, in the order they are appended.
     detail: --token-stats resolved ("all": every token row; "sinks": BOS, the sinks and the top image tokens of
-    each sample and layer)."""
-    tokens = pd.concat(reducer.token_rows, ignore_index=True)
+    each sample and layer). The summaries are computed from every token either way."""
+    reducer.build()
     return {
         "massive_activations": pd.concat(reducer.massive_rows, ignore_index=True),
         "layer_magnitudes_per_sample": pd.concat(reducer.magnitude_rows, ignore_index=True),
-        "token_summary_per_sample": token_counts(tokens),
-        "token_stats": tokens if detail == "all" else _sinks_and_top_visual(tokens),
-        "sink_tokens": tokens[tokens["is_sink"]][["sample", "layer", "position", "token_kind", "role", "token",
-                                                  "phi"]],
-        "role_phi_per_sample": role_phi(tokens),
+        "token_summary_per_sample": pd.concat(reducer.count_rows, ignore_index=True),
+        "token_stats": reducer.token_table(detail),
+        "sink_tokens": reducer.sink_table(),
+        "role_phi_per_sample": pd.concat(reducer.role_rows, ignore_index=True),
         "head_scores_per_sample": pd.concat(reducer.head_rows, ignore_index=True),
     }
 
@@ -522,21 +691,13 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     log(f"{len(mine) - len(todo)} samples already done, {len(todo)} to go{elsewhere}")
     t0 = time.time()
     detail = folder.meta.get("token_stats")
-    for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
-        n_skipped = len(skipped)
-        batch, chunk = prepare_readable(adapter, chunk, skipped)
-        if len(skipped) > n_skipped:
-            for s in skipped[n_skipped:]:
-                log(f"skipped sample {s['sample']}: {s['reason']}")
-            folder.update_meta(skipped=skipped, n_samples=len(samples) - (len(skipped) - n_load_skipped))
-        if not chunk:
-            continue
-        reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
-                              want_profile=(not done and n == 0), token_strings=adapter.token_strings,
-                              score=cfg.sink_score)
-        tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk], remote=cfg.remote)
+
+    def write(reducer: ScanReducer, chunk: list[Sample], n: int) -> None:
+        """A traced batch's tables appended, its samples marked done."""
+        nonlocal detail
+        reducer.build()
         if detail is None:  # decide once, from the first batch's size
-            rows = sum(len(frame) for frame in reducer.token_rows) / len(chunk) * len(samples)
+            rows = reducer.n_token_rows / len(chunk) * len(samples)
             detail = cfg.token_stats if cfg.token_stats != "auto" else ("all" if rows <= TOKEN_ROWS_LIMIT else "sinks")
             folder.update_meta(token_stats=detail)
         for table, frame in batch_tables(reducer, detail).items():
@@ -545,6 +706,31 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
             folder.write_table("dim_profile", _profile_frame(reducer.profile, chunk[0].sample_id))
         folder.mark_done([s.sample_id for s in chunk])
         log(f"  {min((n + 1) * cfg.batch_size, len(todo))}/{len(todo)} samples, {time.time() - t0:.1f}s")
+
+    # One batch in flight: its forward is queued on the device while the host writes the previous batch's tables
+    # (on a CPU nothing is queued and this is the plain order). An error writes what was traced before it.
+    pending: tuple[ScanReducer, list[Sample], int] | None = None
+    try:
+        for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
+            n_skipped = len(skipped)
+            batch, chunk = prepare_readable(adapter, chunk, skipped)
+            if len(skipped) > n_skipped:
+                for s in skipped[n_skipped:]:
+                    log(f"skipped sample {s['sample']}: {s['reason']}")
+                folder.update_meta(skipped=skipped, n_samples=len(samples) - (len(skipped) - n_load_skipped))
+            if not chunk:
+                continue
+            reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
+                                  want_profile=(not done and n == 0), token_strings=adapter.token_strings,
+                                  score=cfg.sink_score, tables_later=True)
+            tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk], remote=cfg.remote)
+            if pending is not None:
+                traced, pending = pending, None  # taken first: a failing write is not retried below
+                write(*traced)
+            pending = (reducer, chunk, n)
+    finally:
+        if pending is not None:
+            write(*pending)
     summarize(folder, dims, tau, adapter, figures=figures)
     folder.finish()
     return folder
@@ -609,43 +795,6 @@ COUNT_COLUMNS = ["n_tokens", "n_sinks", "sum_phi", "sum_attention", "sum_sink_at
                  "n_background", "n_sink_known_background", "n_sink_background"]
 
 
-def token_counts(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per (sample, layer, token kind): counts and sums that `sink_summary` aggregates exactly. One grouping, one
-    pass per kind of reduction (size, sum, max)."""
-    is_sink = tokens["is_sink"]
-    known = tokens["on_background"].notna()
-    background = tokens["on_background"].fillna(False).astype(bool)
-    t = pd.DataFrame({
-        "sample": tokens["sample"], "layer": tokens["layer"], "token_kind": tokens["token_kind"],
-        "n_sinks": is_sink, "sum_phi": tokens["phi"], "sum_attention": tokens["attention_received"],
-        "sum_sink_attention": tokens["attention_received"].where(is_sink, 0.0),
-        "n_known_background": known, "n_background": background,
-        "n_sink_known_background": known & is_sink, "n_sink_background": background & is_sink,
-    })
-    t["max_phi"] = tokens["phi"]
-    g = t.groupby(["sample", "layer", "token_kind"])  # grouped once, its keys factorised once
-    out = g[[c for c in t.columns[3:] if c != "max_phi"]].sum()
-    out.insert(0, "n_tokens", g.size())
-    out.insert(3, "max_phi", g["max_phi"].max())
-    return out.reset_index()
-
-
-def role_phi(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per (sample, layer, role): token count, sinks, phi quantiles and the attention the role receives.
-
-    Kept for every token whatever --token-stats says, so the phi distribution of first,
-    delimiter, other text and image tokens is exact for any model size. The 90th percentile is linear
-    interpolation, computed in float64 and stored in phi's dtype.
-    """
-    g = tokens.groupby(["sample", "layer", "role"])  # one grouping; named aggregations cost ~3x as much
-    phi = g["phi"]
-    return pd.DataFrame({
-        "n_tokens": g.size(), "n_sinks": g["is_sink"].sum(), "phi_median": phi.median(),
-        "phi_p90": phi.quantile(0.9).astype(tokens["phi"].dtype), "phi_max": phi.max(),
-        "attention_received": g["attention_received"].sum(),
-    }).reset_index()
-
-
 def delimiter_sinks(tokens: pd.DataFrame) -> pd.DataFrame:
     """Which text strings are sinks: per (role, token), sink count, layers, mean phi and attention received."""
     sinks_only = tokens[tokens["is_sink"] & tokens["role"].isin(["first", "delimiter", "text"])]
@@ -657,21 +806,11 @@ def delimiter_sinks(tokens: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("n_sinks", ascending=False)
 
 
-def _sinks_and_top_visual(tokens: pd.DataFrame, top: int = 8) -> pd.DataFrame:
-    """BOS, every sink, and the `top` highest-phi image tokens of each sample and layer (ties: the earlier
-    token), in (sample, layer, position) order. Rows are chosen first and the frame is taken once."""
-    is_visual = tokens["token_kind"] == "visual"
-    rank = tokens["phi"].where(is_visual).groupby([tokens["sample"], tokens["layer"]]).rank(method="first",
-                                                                                          ascending=False)
-    keep = tokens["is_sink"] | (tokens["token_kind"] == "bos") | (rank <= top)
-    return tokens[keep].sort_values(["sample", "layer", "position"])
-
-
 def sink_summary(counts: pd.DataFrame) -> pd.DataFrame:
     """Per layer and token kind: tokens, sinks, sinks per sample, mean phi, attention received.
 
-    counts: `token_counts` rows of every sample. For visual tokens with a known background
-    mask (demo world): the share of visual sinks on background and the base rate.
+    counts: token_summary_per_sample rows of every sample (`ScanReducer.count_rows`). For visual tokens with a
+    known background mask (demo world): the share of visual sinks on background and the base rate.
     """
     if counts.empty:
         return pd.DataFrame()
