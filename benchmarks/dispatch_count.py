@@ -201,5 +201,67 @@ def main() -> None:
         print(f"    {k:4d}  {where}")
 
 
+class HostCopies(TorchDispatchMode):
+    """Copies between the host and the meta device, by direction; a copy to the host is answered with zeros (meta
+    holds no values). On a GPU each copy to the host, and each from it without `non_blocking`, waits for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_host = self.from_host = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target = args[0].device.type, str(kwargs.get("device", args[0].device))
+            if source == "meta" and target == "cpu":
+                self.to_host += 1
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+            self.from_host += source == "cpu" and target == "meta"
+        return func(*args, **kwargs)
+
+
+def head_and_contribution_copies(n_layers: int) -> dict[str, tuple[int, int, int]]:
+    """The head and contribution analyses run here on one LLaVA-1.5-shaped sample (640 tokens, 32 heads, width
+    4096, its attention map kept), on the meta device: (copies during the forward's first layer, during each later
+    layer, at the batch's end)."""
+    from sinkscope.analyses.contributions import ContributionReducer
+    from sinkscope.analyses.heads import HeadsConfig, HeadsReducer
+    from sinkscope.kinds import BOS, TEXT, VISUAL, TokenKinds
+    from sinkscope.trace import BatchInfo
+
+    kind = torch.tensor([[BOS] + [TEXT] * real_size.N_BEFORE + [VISUAL] * real_size.N_IMAGE
+                         + [TEXT] * real_size.N_AFTER])
+    info = BatchInfo(torch.zeros(kind.shape, dtype=torch.long), TokenKinds(kind, torch.where(kind == VISUAL, 0, -1)),
+                     ["s0"])
+    t, heads, width = kind.shape[1], 32, 4096
+    reducers = {"heads": HeadsReducer([1415, 2533], 20.0, 1e-6, "rms", HeadsConfig(model="meta"), {"s0"}, None),
+                "contributions": ContributionReducer([1415, 2533], 20.0, 1e-6, "rms",
+                                                     {i: torch.empty(width, width, device="meta")
+                                                      for i in range(n_layers)}, heads)}
+    out = {}
+    for name, reducer in reducers.items():
+        reducer.begin(info)
+        per_layer = []
+        for layer in range(n_layers):
+            with HostCopies() as copies:
+                reducer.residual(layer, torch.empty(1, t, width, device="meta"))
+                if name == "contributions":
+                    reducer.values(layer, torch.empty(1, heads, t, width // heads, device="meta"))
+                reducer.attention(layer, torch.empty(1, heads, t, t, device="meta"))
+            per_layer.append(copies.to_host + copies.from_host)
+        with HostCopies() as copies:
+            reducer.end()
+        out[name] = (per_layer[0], max(per_layer[1:]), copies.to_host + copies.from_host)
+    return out
+
+
+def print_head_and_contribution_copies() -> None:
+    print("head and contribution analyses, one LLaVA-1.5-shaped sample run here (meta device, 32 layers): copies "
+          "between host and device")
+    for name, (first, later, end) in head_and_contribution_copies(32).items():
+        print(f"  {name:<13} first layer {first}, each later layer {later}, end of batch {end}")
+
+
 if __name__ == "__main__":
     main()
+    print_head_and_contribution_copies()

@@ -94,13 +94,13 @@ class _ViewerReducer:
     def attention(self, layer, probs):
         from sinkscope.measures import heads as head_measures
 
-        probs = probs.detach().float().cpu()
+        probs = probs.detach().float()  # reduced where it is; only the [head, query (, image token)] parts move
         sink = self.sink[layer]
         stats = head_measures.visual_attention_stats(probs, self.all_visual, sink, self.queries)
-        q = self.query_pos
-        self.image_att[layer] = stats.image_attention[0][:, q].numpy()  # [head, query]
-        self.ratio[layer] = stats.visual_nonsink_ratio[0][:, q].numpy()
-        self.attn[layer] = probs[0][:, q][:, :, self.visual_pos].numpy()  # [head, query, visual]
+        q, v = self.query_pos.to(probs.device), self.visual_pos.to(probs.device)
+        self.image_att[layer] = stats.image_attention[0][:, q].cpu().numpy()  # [head, query]
+        self.ratio[layer] = stats.visual_nonsink_ratio[0][:, q].cpu().numpy()
+        self.attn[layer] = probs[0][:, q][:, :, v].cpu().numpy()  # [head, query, visual]
         self.sink[layer] = sink[0, self.visual_pos].numpy()
 
     def end(self):

@@ -1,7 +1,8 @@
 """The head and contribution analyses' per-batch tables, built from arrays once per batch, equal the literal build
 as their reducers' `take` made it before: one frame per (layer, sample) for heads and image tokens, one per
 (layer, map sample, head, query word) for the maps, one per (layer, token class, sample) for contributions. Each
-pair of reducers reads the same trace of the organism."""
+pair of reducers reads the same trace of the organism. And run here, both reducers wait for the device once per
+batch, not once per layer (driven by hand on the meta device)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sinkscope.analyses.common import prepare_batch
 from sinkscope.analyses.contributions import CLASSES, ContributionReducer
@@ -58,7 +61,7 @@ class LiteralHeadsReducer(HeadsReducer):
                             "is_sink": self.sink[layer][b, vis].numpy(),
                         }))
 
-    def end(self):
+    def build(self):  # rows made in take
         pass
 
 
@@ -103,7 +106,7 @@ class LiteralContributionReducer(ContributionReducer):
                     "ov_norm": p["ov_norm"][b].numpy(), "contribution": p["contribution"][b].numpy(),
                 }))
 
-    def end(self):
+    def build(self):  # rows made in take
         pass
 
 
@@ -122,3 +125,139 @@ def test_contribution_tables_equal_the_literal_build(organism_adapter):
     expected = pd.concat(literal.rows, ignore_index=True)
     pd.testing.assert_frame_equal(pd.concat(fast.rows, ignore_index=True), expected, check_exact=True)
     assert set(expected["token_class"]) == set(CLASSES) and len(fast.rows) == 1  # sinks, non-sinks, BOS; one frame
+
+
+# ----------------------------------------------------------------------------- a local run waits once per batch
+
+class _HostCrossings(TorchDispatchMode):
+    """Records what crosses between the host and the meta device: copies to the CPU (`to_host`, their dtypes;
+    answered with `_host_value`, zeros, as meta holds no values) and any operation mixing CPU and meta tensors or
+    copying from the CPU (`mixed`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_host, self.mixed, self.sizes = [], [], []  # sizes: elements of each copy to the host
+
+    @staticmethod
+    def _host_value(x: torch.Tensor, dtype) -> torch.Tensor:
+        return torch.zeros(x.shape, dtype=dtype)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "meta" \
+                and str(kwargs.get("device")) == "cpu":
+            self.to_host.append(kwargs.get("dtype") or args[0].dtype)
+            self.sizes.append(args[0].numel())
+            return self._host_value(args[0], self.to_host[-1])
+        if {t.device.type for t in tensors if t.dim()} == {"cpu", "meta"} or (
+                func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu"):
+            self.mixed.append(func._schema.name)
+        return func(*args, **kwargs)
+
+
+def _planted_batch():
+    """Two rows (left and right padding), three image tokens each, text queries after them."""
+    from sinkscope.kinds import BOS, PAD, TEXT, VISUAL, TokenKinds
+    from sinkscope.trace import BatchInfo
+
+    kind = torch.tensor([[PAD, PAD, BOS, TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT],
+                         [BOS, TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT, PAD, PAD]])
+    kinds = TokenKinds(kind, torch.where(kind == VISUAL, 0, -1))
+    return BatchInfo(torch.zeros(kind.shape, dtype=torch.long), kinds, ["a", "b"])
+
+
+def _drive_on_meta(reducer, n_layers: int, values: bool = False):
+    """A local trace of `n_layers` layers on the meta device by hand; returns the crossings of each layer's calls
+    and those of `end()`."""
+    info = _planted_batch()
+    reducer.begin(info)
+    per_layer = []
+    for layer in range(n_layers):
+        with _HostCrossings() as crossings:
+            reducer.residual(layer, torch.empty(2, 9, 16, device="meta"))
+            if values:
+                reducer.values(layer, torch.empty(2, 2, 9, 4, device="meta"))
+            reducer.attention(layer, torch.empty(2, 4, 9, 9, device="meta"))
+        per_layer.append(crossings)
+    with _HostCrossings() as at_end:
+        reducer.end()
+    return per_layer, at_end
+
+
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_a_local_head_analysis_waits_for_the_device_once_per_batch(n_layers):
+    """Run here, the head analysis' reductions read nothing back from the device during the forward (on meta, where
+    a read or a `nonzero` fails, the layers complete; nothing crosses from the host after the first layer, whose
+    calls copy the batch's masks over once), and `end()` brings every layer's payloads, maps included, to the host in
+    one copy, whatever the number of layers."""
+    cfg = HeadsConfig(model="planted", map_words=2)
+    reducer = HeadsReducer([3], 2.0, 1e-6, "rms", cfg, {"b"}, None)
+    per_layer, at_end = _drive_on_meta(reducer, n_layers)
+    assert per_layer[0].mixed and not per_layer[0].to_host
+    assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
+    assert at_end.to_host == [torch.float32] and not at_end.mixed
+    heads = pd.concat(reducer.head_rows)
+    maps = pd.concat(reducer.map_rows)
+    assert len(heads) == n_layers * 2 * 4 and sorted(set(heads["layer"])) == list(range(n_layers))
+    assert len(maps) == n_layers * 5 * 2 * 3 and set(maps["sample"]) == {"b"}  # (4 heads + mean) x 2 words x 3
+
+
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_a_local_contribution_analysis_waits_for_the_device_once_per_batch(n_layers):
+    """The same for the contribution analysis (W_O on the layer's device, as the adapter gives it): one copy per
+    dtype of its payloads (float32 means, int64 token counts) for the whole batch."""
+    o_weights = {i: torch.empty(16, 16, device="meta") for i in range(n_layers)}
+    reducer = ContributionReducer([3], 2.0, 1e-6, "rms", o_weights, 4)
+    per_layer, at_end = _drive_on_meta(reducer, n_layers, values=True)
+    assert per_layer[0].mixed
+    assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
+    assert sorted(at_end.to_host, key=str) == [torch.float32, torch.int64] and not at_end.mixed
+
+
+def test_payloads_to_host_keeps_structure_and_order_in_one_copy_per_dtype():
+    """Tensors in nested dicts and lists come back on the CPU with their shapes, in their places, each the slice
+    of its (device, dtype) group's single copy in the order the leaves were met; CPU leaves are left as they are."""
+    from sinkscope.analyses.common import payloads_to_host
+
+    cpu_leaf = torch.arange(3)
+    payloads = [{"phi": torch.empty(2, 3, device="meta")},
+                {"a": {"x": torch.empty(2, 2, device="meta"), "n": torch.empty(2, dtype=torch.long, device="meta")},
+                 "maps": {1: torch.empty(1, 2, 3, device="meta")}, "kept": cpu_leaf}]
+
+    class Numbered(_HostCrossings):  # each copy answered 0, 1, 2, ... in its dtype
+        @staticmethod
+        def _host_value(x, dtype):
+            return torch.arange(x.numel()).to(dtype).view(x.shape)
+
+    with Numbered() as copies:
+        got = payloads_to_host(payloads)
+    assert copies.to_host == [torch.float32, torch.int64]
+    assert torch.equal(got[0]["phi"], torch.arange(0, 6, dtype=torch.float32).view(2, 3))
+    assert torch.equal(got[1]["a"]["x"], torch.arange(6, 10, dtype=torch.float32).view(2, 2))
+    assert torch.equal(got[1]["maps"][1], torch.arange(10, 16, dtype=torch.float32).view(1, 2, 3))
+    assert torch.equal(got[1]["a"]["n"], torch.arange(2)) and got[1]["kept"] is cpu_leaf
+    assert payloads_to_host([]) == []
+
+
+def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
+    """Ablation's attention received, patching's image-centric heads and the viewer reduce each layer's
+    [batch, head, query, key] probabilities where they are: no copy to the host holds a [query, key] map (at 7B
+    width that is 52 MB per layer and sample). Driven on the meta device, each copy's size recorded."""
+    from sinkscope.analyses.ablate import _PhiAttention
+    from sinkscope.analyses.patching import _SinksAndHeads
+    from sinkscope.viewer import _ViewerReducer
+
+    info = _planted_batch()
+    info = type(info)(info.input_ids[:1], type(info.token_kinds)(info.token_kinds.kind[:1],
+                                                                 info.token_kinds.image_index[:1]), ["a"])
+    n_tokens, n_heads = info.input_ids.shape[1], 4
+    for reducer in (_PhiAttention([3], 2.0, 1e-6, "rms", 0), _SinksAndHeads([3], 2.0, 1e-6, "rms", 0.5, 0.2, 0),
+                    _ViewerReducer([3], 2.0, "rms", 1e-6)):
+        reducer.begin(info)
+        with _HostCrossings() as crossings:
+            for layer in range(2):
+                reducer.residual(layer, torch.empty(1, n_tokens, 16, device="meta"))
+                reducer.attention(layer, torch.empty(1, n_heads, n_tokens, n_tokens, device="meta"))
+            reducer.end()
+        assert crossings.sizes and max(crossings.sizes) < n_tokens * n_tokens, (type(reducer), crossings.sizes)

@@ -86,11 +86,16 @@ class _PhiAttention(SinkAwareReducer):
         self.received = None
 
     def attention(self, layer, probs):
+        """Summed on the probabilities' device ([batch, token]); brought to the host once, in `end`."""
         if layer < self.start:
             return
-        q = self.queries
-        r = (probs.detach().float().cpu().mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
-        self.received = r if self.received is None else self.received + r
+        q = self.queries.to(probs.device)
+        r = (probs.detach().float().mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
+        self.received = r if self.received is None else self.received + r.to(self.received.device)
+
+    def end(self) -> None:
+        if self.received is not None:
+            self.received = self.received.cpu()
 
     def max_phi(self) -> torch.Tensor:
         late = [l for l in self.phi if l >= self.start] or list(self.phi)

@@ -25,7 +25,8 @@ from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
-           "report_step_config", "traced_chunks", "InTraceReducer", "yes_no_labels", "answer_token_ids"]
+           "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "yes_no_labels",
+           "answer_token_ids"]
 
 
 @dataclass
@@ -208,21 +209,65 @@ EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 
 class SinkScores:
     """In-trace part of a sink-aware reducer (torch only, also inside a remote trace): phi of every token,
-    [batch, token] float32 on the CPU (zeros without sink dims); keeps it per layer for `attention`."""
+    [batch, token] float32 (zeros without sink dims); keeps it per layer for `attention`.
 
-    def __init__(self, dims, eps: float, score: str, real: torch.Tensor):
-        self.dims, self.eps, self.score, self.real = list(dims), eps, score, real
+    host: payloads move to the CPU as they are made (what a remote trace sends back); False leaves them where the
+    layer ran, for the reducer to bring over once per batch (`payloads_to_host`). The batch's token masks and the
+    sink-dim index are copied to a device once per batch (`on`): a copy from the host waits for the device, so
+    nothing in a layer's reduction does."""
+
+    def __init__(self, dims, eps: float, score: str, real: torch.Tensor, host: bool = True):
+        self.dims, self.eps, self.score, self.real, self.host = list(dims), eps, score, real, host
         self.phi: dict[int, torch.Tensor] = {}
+        self._on: dict = {}  # device -> {mask name: mask there, "dims": sink-dim index there (or the empty list)}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The CPU masks the reductions use, by name; subclasses add theirs."""
+        return {"real": self.real}
+
+    def on(self, device, states: torch.Tensor | None = None) -> dict:
+        """`masks()` on `device` (and, given the states, the sink-dim index checked against their width), copied
+        there on the batch's first call for that device."""
+        if device not in self._on:
+            self._on[device] = {name: mask.to(device) for name, mask in self.masks().items()}
+        there = self._on[device]
+        if states is not None and "dims" not in there:
+            index = sinks._dims_index(self.dims, states)
+            there["dims"] = self.dims if index is None else index
+        return there
+
+    def out(self, payload):
+        """A payload as it leaves the part: on the CPU when `host`, else where it is."""
+        return payload.cpu() if self.host else payload
 
     def residual(self, layer: int, states: torch.Tensor) -> torch.Tensor:
         states = states.detach()
-        phi = (sinks.sink_score(states, self.dims, self.score, self.real.to(states.device), self.eps).float()
+        there = self.on(states.device, states)
+        phi = (sinks.sink_score(states, there["dims"], self.score, there["real"], self.eps).float()
                if self.dims else torch.zeros(states.shape[:2], device=states.device))
         self.phi[layer] = phi
-        return phi.cpu()
+        return self.out(phi)
 
     def attention(self, layer: int, probs: torch.Tensor):
         return None
+
+
+def payloads_to_host(payloads: list) -> list:
+    """The payloads (tensors in nested dicts, lists or tuples) with every tensor on the CPU, brought over in one copy
+    per (device, dtype): each copy from a GPU waits for it, so a batch waits once per device, not once per layer and
+    tensor. CPU tensors are returned as they are; the others become views of one CPU tensor per (device, dtype)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten(payloads)
+    groups: dict = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
+            groups.setdefault((leaf.device, leaf.dtype), []).append(i)
+    for at in groups.values():
+        flat = torch.cat([leaves[i].reshape(-1) for i in at]).cpu()
+        for i, part in zip(at, flat.split([leaves[i].numel() for i in at])):
+            leaves[i] = part.view(leaves[i].shape)
+    return tree_unflatten(leaves, spec)
 
 
 class SinkAwareReducer:
@@ -264,32 +309,49 @@ class SinkAwareReducer:
 
 
 class InTraceReducer(SinkAwareReducer):
-    """A sink-aware reducer whose per-layer work is an in-trace part (`in_trace()`, torch only) and whose tables come
-    from its payloads (`take(kind, layer, payload)`): run here, each call goes through the part and straight to
-    take; run remotely, the tracer sends the part and hands the payloads back to take."""
+    """A sink-aware reducer whose per-layer work is an in-trace part (`in_trace(host)`, torch only) and whose tables
+    come from its payloads (`take(kind, layer, payload)`, then `build()`).
+
+    Run here, the part runs with host=False: each layer's payloads stay where the layer ran until `end()`, which
+    brings all of the batch's payloads to the CPU at once (`payloads_to_host`) and hands them to `take` in the
+    order they were made; so the forward never waits for a copy. Run remotely, the tracer sends the part
+    (host=True) and hands its payloads to `take` after the trace; `end()` then builds."""
 
     def begin(self, info: BatchInfo) -> None:
         super().begin(info)
         self._part = None  # this batch's in-trace part, when the trace runs here
+        self._kept: list[tuple[str, int, object]] = []  # (kind, layer, payload on the layer's device)
 
-    def in_trace(self):
+    def in_trace(self, host: bool = True):
         raise NotImplementedError
 
     def take(self, kind: str, layer: int, payload) -> None:
         raise NotImplementedError
 
+    def build(self) -> None:
+        """The batch's tables, from what `take` kept."""
+
+    def _keep(self, kind: str, layer: int, payload) -> None:
+        if payload is not None:
+            self._kept.append((kind, layer, payload))
+
     def residual(self, layer: int, states: torch.Tensor) -> None:
         if self._part is None:
-            self._part = self.in_trace()
-        self.take("residual", layer, self._part.residual(layer, states))
+            self._part = self.in_trace(host=False)
+        self._keep("residual", layer, self._part.residual(layer, states))
 
     def values(self, layer: int, v: torch.Tensor) -> None:
-        payload = self._part.values(layer, v) if hasattr(self._part, "values") else None
-        if payload is not None:
-            self.take("values", layer, payload)
+        if hasattr(self._part, "values"):
+            self._keep("values", layer, self._part.values(layer, v))
 
     def attention(self, layer: int, probs: torch.Tensor) -> None:
-        self.take("attention", layer, self._part.attention(layer, probs))
+        self._keep("attention", layer, self._part.attention(layer, probs))
+
+    def end(self) -> None:
+        kept, self._kept, self._part = self._kept, [], None
+        for (kind, layer, _), payload in zip(kept, payloads_to_host([p for _, _, p in kept])):
+            self.take(kind, layer, payload)
+        self.build()
 
 
 def cluster_bootstrap(n_groups: int, statistic: Callable[[np.ndarray], float], n_boot: int = 1000,

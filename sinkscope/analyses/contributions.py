@@ -47,9 +47,9 @@ class ContributionReducer(InTraceReducer):
         self.o_weights, self.num_heads = o_weights, num_heads
         self.rows: list[pd.DataFrame] = []
 
-    def in_trace(self) -> "ContributionLayerReduction":
+    def in_trace(self, host: bool = True) -> "ContributionLayerReduction":
         return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
-                                          self.kinds.bos_mask, self.queries, self.o_weights, self.num_heads)
+                                          self.kinds.bos_mask, self.queries, self.o_weights, self.num_heads, host)
 
     def begin(self, info) -> None:
         super().begin(info)
@@ -77,7 +77,7 @@ class ContributionReducer(InTraceReducer):
                     "ov_norm": p["ov_norm"][b].numpy(), "contribution": p["contribution"][b].numpy(),
                 })
 
-    def end(self) -> None:
+    def build(self) -> None:
         """One frame of the batch's rows (layer, class, sample, head order), text columns as flat lists."""
         if self._parts:
             self.rows.append(pd.DataFrame({
@@ -97,11 +97,15 @@ class ContributionLayerReduction(SinkScores):
     It carries each layer's W_O (as the adapter gives it, LoRA included; float32 on the host for a remote request).
     """
 
-    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, o_weights: dict, num_heads: int):
-        super().__init__(dims, eps, score, real)
+    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, o_weights: dict, num_heads: int,
+                 host: bool = True):
+        super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.bos, self.queries = tau, visual, bos, queries
         self.o_weights, self.num_heads = o_weights, num_heads
         self._values: dict = {}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {"real": self.real, "visual": self.visual, "bos": self.bos, "queries": self.queries}
 
     def values(self, layer, v):
         self._values[layer] = v.detach()  # stays on its layer's device until the layer's attention
@@ -113,8 +117,9 @@ class ContributionLayerReduction(SinkScores):
         device = probs.device
         norms = ov.ov_norms(self._values.pop(layer).to(device), self.o_weights[layer], self.num_heads)  # [batch, head, key]
         contrib = ov.ov_contributions(probs, norms)
-        sink = (self.phi[layer].to(device) >= self.tau) & self.real.to(device)
-        visual, bos, q = self.visual.to(device), self.bos.to(device), self.queries.to(device)
+        there = self.on(device)
+        sink = (self.phi[layer].to(device) >= self.tau) & there["real"]
+        visual, bos, q = there["visual"], there["bos"], there["queries"]
         classes = (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", bos))
         means, counts = [], []
         for _, keys in classes:
@@ -122,7 +127,7 @@ class ContributionLayerReduction(SinkScores):
             means += [ov.class_means(probs, keys, q), ov.class_means(contrib, keys, q),
                       (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]]
             counts.append(n_k)
-        means, counts = torch.stack(means).cpu(), torch.stack(counts).cpu()  # one transfer each, [9 | 3, batch, ...]
+        means, counts = self.out(torch.stack(means)), self.out(torch.stack(counts))  # [9 | 3, batch, ...]
         return {name: {"attention": means[3 * i], "contribution": means[3 * i + 1], "ov_norm": means[3 * i + 2],
                        "n_tokens": counts[i]} for i, (name, _) in enumerate(classes)}
 

@@ -67,10 +67,10 @@ class HeadsReducer(InTraceReducer):
         self._heads: list[dict] = []  # per (layer, sample): columns of its head rows
         self._tokens: list[dict] = []  # per (layer, sample): columns of its image-token rows
 
-    def in_trace(self) -> "HeadsLayerReduction":
+    def in_trace(self, host: bool = True) -> "HeadsLayerReduction":
         rows = [b for b, sid in enumerate(self.info.sample_ids) if sid in self.map_ids]
         return HeadsLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual, self.queries,
-                                   self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words)
+                                   self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words, host=host)
 
     def take(self, kind: str, layer: int, payload) -> None:
         """Keep one layer's reductions (HeadsLayerReduction), here or after a remote trace; frames in `end`."""
@@ -116,7 +116,7 @@ class HeadsReducer(InTraceReducer):
             "is_sink": np.tile(self.sink[layer][b, vis].numpy(), n_heads * n_queries),
         })
 
-    def end(self) -> None:
+    def build(self) -> None:
         for parts, rows in ((self._heads, self.head_rows), (self._tokens, self.token_rows)):
             if parts:  # text columns as flat lists (pandas infers them as a scalar per frame was), the rest as arrays
                 rows.append(pd.DataFrame({
@@ -132,35 +132,43 @@ class HeadsLayerReduction(SinkScores):
     attention -> per head, query-averaged image attention, visual-sink attention, attention to any sink,
     visual non-sink ratio and image-centric share [batch, head]; attention each token receives [batch, token];
     and, for the map samples only, the map the attention_maps table shows: [head + 1 (mean), map_words
-    queries, image tokens]. No full [head, query, key] map leaves it.
+    queries, image tokens]. No full [head, query, key] map leaves it, and nothing is read back from the device:
+    the map's query and image-token positions are chosen from the CPU masks when the part is made.
     """
 
     PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")
 
-    def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words):
-        super().__init__(dims, eps, score, real)
+    def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words,
+                 host: bool = True):
+        super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.queries, self.rho, self.summ = tau, visual, queries, rho, summ
         self.map_rows, self.map_words = list(map_rows), map_words
 
+    def masks(self) -> dict[str, torch.Tensor]:
+        out = {"real": self.real, "visual": self.visual, "queries": self.queries}
+        for b in self.map_rows:  # positions of the map's query words and image tokens
+            out[f"map_queries_{b}"] = torch.nonzero(self.queries[b].cpu()).flatten()[: self.map_words]
+            out[f"map_visual_{b}"] = torch.nonzero(self.visual[b].cpu()).flatten()
+        return out
+
     def attention(self, layer, probs):
         probs = probs.detach().float()
-        dev = probs.device
-        q, visual = self.queries.to(dev), self.visual.to(dev)
-        sink = (self.phi[layer].to(dev) >= self.tau) & self.real.to(dev)  # phi: where the layer input was
+        there = self.on(probs.device)
+        q, visual = there["queries"], there["visual"]
+        sink = (self.phi[layer].to(probs.device) >= self.tau) & there["real"]  # phi: where the layer input was
         stats = head_measures.visual_attention_stats(probs, visual, sink & visual, q)
         centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
         all_sink = torch.einsum("bhqk,bk->bhq", probs, sink.float())
         qf = q[:, None, :].float()
         n_q = qf.sum(-1).clamp_min(1)
         values = (stats.image_attention, stats.visual_sink_attention, all_sink, stats.visual_nonsink_ratio, centric)
-        out = {name: ((v.float() * qf).sum(-1) / n_q).cpu() for name, v in zip(self.PER_HEAD, values)}
-        out["received"] = ((probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]).cpu()
+        out = {name: self.out((v.float() * qf).sum(-1) / n_q) for name, v in zip(self.PER_HEAD, values)}
+        out["received"] = self.out((probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1)
+                                   / q.sum(1).clamp_min(1)[:, None])
         maps = {}
         for b in self.map_rows:
-            vis = torch.nonzero(visual[b]).flatten()
-            queries = torch.nonzero(q[b]).flatten()[: self.map_words]
-            a = probs[b][:, queries][:, :, vis]  # [head, query, visual]
-            maps[b] = torch.cat([a, a.mean(dim=0, keepdim=True)]).cpu()
+            a = probs[b][:, there[f"map_queries_{b}"]][:, :, there[f"map_visual_{b}"]]  # [head, query, visual]
+            maps[b] = self.out(torch.cat([a, a.mean(dim=0, keepdim=True)]))
         out["maps"] = maps
         return out
 

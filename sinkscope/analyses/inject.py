@@ -247,7 +247,8 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
         x = edited_state if layer == sig.layer else out.hidden_states[layer]
         score = sink_score(x, list(sig.dims), sig.score, token_mask=real.to(x.device), eps=sig.eps).float().cpu()
         is_sink = (score >= sig.tau) if sig.tau is not None else torch.zeros_like(score, dtype=torch.bool)
-        probs = out.attentions[layer].float().cpu()[..., cols]  # [batch, head, query, n_cols]
+        attentions = out.attentions[layer]  # [batch, head, query, key] where the layer ran: only n_cols keys move
+        probs = attentions[..., cols.to(attentions.device)].float().cpu()  # [batch, head, query, n_cols]
         att = ov.class_means(probs, sub, queries)  # [batch, head]
         v = value_states(adapter, layer, x[:, cols.to(x.device)]).float().cpu()  # [batch, kv_head, n_cols, head_dim]
         norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, n_cols]

@@ -154,8 +154,9 @@ class _SinksAndHeads(SinkAwareReducer):
         self.centric = {}
 
     def attention(self, layer, probs):
-        st = visual_attention_stats(probs.detach().float().cpu(), self.visual, self.sink[layer], self.queries)
-        self.centric[layer] = image_centric_from_stats(st, self.rho, self.summ)
+        """Reduced on the probabilities' device; only the [batch, head, token] mask comes to the host."""
+        st = visual_attention_stats(probs.detach().float(), self.visual, self.sink[layer], self.queries)
+        self.centric[layer] = image_centric_from_stats(st, self.rho, self.summ).cpu()
 
 
 
