@@ -17,6 +17,8 @@ Per sample (batch 1, prompt = BOS + 4 text + 576 image + 59 text tokens = 640), 
     `--calibration` samples of a run, not a per-sample cost); and a stream of `--stream` samples in
     `run_scan`'s order (a sample's tables written while the next sample's forward runs on the device),
     per sample;
+  - the head and contribution analyses' per-sample work (a traced forward and the tables; contributions read
+    value states through nnsight): informative ratios, no goal;
   - `generate` of `--new-tokens` tokens with KV cache: eager, SDPA, VAR (every layer edited, sinks
     at tau chosen so ~20 image tokens are sinks; random weights have no massive activations), and
     knockout of those sinks (every layer); with `--compile`, VAR with compile=True too;
@@ -259,6 +261,24 @@ def scan_stream(tracer, adapter, batch, dims, tau, folder, n: int) -> None:
     _write(*pending)
 
 
+def heads_pass(tracer, adapter, batch, dims, tau) -> None:
+    """The head analysis' per-sample work (a sample without attention maps, as all but a run's first
+    `--n-maps`): one traced forward with its reducer, whose `end` builds the tables."""
+    from sinkscope.analyses.heads import HeadsConfig, HeadsReducer
+
+    reducer = HeadsReducer(dims, tau, adapter.rms_norm_eps, "rms", HeadsConfig(model="real-size"), set(),
+                           adapter.token_strings)
+    tracer.run(batch, [reducer], sample_ids=["0"])
+
+
+def contributions_pass(tracer, adapter, batch, dims, tau, o_weights: dict) -> None:
+    """The contribution analysis' per-sample work: a forward traced with value states (read through nnsight)."""
+    from sinkscope.analyses.contributions import ContributionReducer
+
+    reducer = ContributionReducer(dims, tau, adapter.rms_norm_eps, "rms", o_weights, adapter.num_heads)
+    tracer.run(batch, [reducer], sample_ids=["0"], values=True)
+
+
 @contextlib.contextmanager
 def attention_as(adapter, name: str):
     """The language model's attention implementation set to `name` inside the block, back to eager after it."""
@@ -338,6 +358,7 @@ def main() -> None:
 
     forward = lambda: model(**inputs)  # noqa: E731
     generate = lambda: model.generate(**inputs, **tok_kw)  # noqa: E731
+    o_weights = {i: adapter.output_weight(i).detach() for i in layers}
     scan_folder = RunFolder(tempfile.mkdtemp(prefix="real_size_scan_"), "scan", {"benchmark": "real_size"},
                             resume=False)  # the timed scan writes its rows, as run_scan does
     with torch.no_grad():
@@ -348,6 +369,9 @@ def main() -> None:
             "scan stream": (contextlib.nullcontext, lambda: scan_stream(tracer, adapter, batch, dims, tau, scan_folder,
                                                                         args.stream)),
             "forward knockout": (with_knockout, forward),
+            "heads": (contextlib.nullcontext, lambda: heads_pass(tracer, adapter, batch, dims, tau)),
+            "contributions": (contextlib.nullcontext,
+                              lambda: contributions_pass(tracer, adapter, batch, dims, tau, o_weights)),
         }, args.repeats))
         generates = {
             "generate eager": (lambda: attention("eager"), generate),
@@ -370,6 +394,8 @@ def main() -> None:
     stream = r["scan stream, per sample"]
     print(f"scan stream / plain eager forward = {verdict(stream / e, 1.2)}   ({args.stream} samples in run_scan's "
           f"order: a sample's tables written while the next one's forward runs)")
+    print(f"heads / plain eager forward      = {r['heads'] / e:.3f}   contributions / plain eager forward = "
+          f"{r['contributions'] / e:.3f}   (no goals; a sample's forward traced and its tables built)")
     print(f"VAR generate / eager generate    = {verdict(r['generate var'] / r['generate eager'], 1.10)}")
     print(f"VAR generate / SDPA generate     = {verdict(r['generate var'] / r['generate sdpa'], 1.3)}")
     if args.compile:
