@@ -9,8 +9,10 @@ attention edits (`interventions/attention.py`) run on it, and so does the captur
 inside the block the language model's attention is `CAPTURE_NAME`, which computes exactly what
 transformers' eager attention computes (the same operations in the same order, so the output is
 bitwise eager) and calls `hand(layer, probs)` with the probabilities that multiply V ([batch, head,
-query, key], in the query's dtype, as eager attention holds them). The hand is set on the model's
-attention modules for the block only; nothing is kept at module level but the registered function.
+query, key], in the query's dtype, as eager attention holds them) and, given one, `values(layer, v)` with the
+value states it multiplies them with ([batch, kv_head, key, head_dim], before any repeat for grouped-query
+attention). The hands are set on the model's attention modules for the block only; nothing is kept at module level
+but the registered function.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 CAPTURE_NAME = "sinkscope_capture"
 CAPTURE_ATTR = "_sinkscope_capture"
+CAPTURE_VALUES_ATTR = "_sinkscope_capture_values"
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -71,10 +74,14 @@ def eager_output(module, probs: torch.Tensor, query: torch.Tensor, value: torch.
 def capture_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The registered capture function (eager signature): eager attention that hands its probabilities over.
+    """The registered capture function (eager signature): eager attention that hands its value states and its
+    probabilities over.
 
     Returns (attn_output [batch, query, head, dim], probabilities [batch, head, query, key]).
     """
+    hand_values = getattr(module, CAPTURE_VALUES_ATTR, None)
+    if hand_values is not None:
+        hand_values(getattr(module, "layer_idx", None), value)
     probs = eager_probabilities(module, query, key, attention_mask, scaling, kwargs.get("softcap"))
     out, probs = eager_output(module, probs, query, value, dropout)
     hand = getattr(module, CAPTURE_ATTR, None)
@@ -99,10 +106,11 @@ register_attention(CAPTURE_NAME, capture_attention)
 
 
 @contextlib.contextmanager
-def capturing(adapter, hand: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """Inside the block the language model's attention is the capture function and `hand(layer, probs)` gets
-    every layer's probabilities; the previous implementation and attributes come back on exit (also after an
-    exception). The model must be on eager attention (a trace's requirement) and its attention modules must know
+def capturing(adapter, hand: Callable[[int, torch.Tensor], None] | None,
+              values: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[None]:
+    """Inside the block the language model's attention is the capture function: `hand(layer, probs)` gets every
+    layer's probabilities and `values(layer, v)` its value states, before them (either may be None); the previous
+    implementation and attributes come back on exit (also after an exception). The model must be on eager attention (a trace's requirement) and its attention modules must know
     their `layer_idx`.
 
     The switch sets `_attn_implementation` on the configs the attention modules read (and the text config),
@@ -116,12 +124,14 @@ def capturing(adapter, hand: Callable[[int, torch.Tensor], None]) -> Iterator[No
     try:
         for m in modules:
             setattr(m, CAPTURE_ATTR, hand)
+            setattr(m, CAPTURE_VALUES_ATTR, values)
         for c in configs:
             c._attn_implementation = CAPTURE_NAME
         yield
     finally:
         for m in modules:
-            if CAPTURE_ATTR in m.__dict__:
-                delattr(m, CAPTURE_ATTR)
+            for attr in (CAPTURE_ATTR, CAPTURE_VALUES_ATTR):
+                if attr in m.__dict__:
+                    delattr(m, attr)
         for c, name in zip(configs, previous):
             c._attn_implementation = name

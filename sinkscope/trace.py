@@ -4,9 +4,9 @@ For each requested layer of the language model, one forward pass exposes
   - the residual stream entering the layer: [batch, token, dim] (= `output_hidden_states[l]`);
   - the post-softmax attention probabilities: [batch, head, query, key] (= eager
     `output_attentions[l]`): in a local run, handed over by sinkscope's own eager attention function
-    (`sinkscope.eager.capturing`, bitwise eager); in a remote run, or when value states are asked
-    for too, read through nnsight from the op that follows softmax inside the attention function,
-    found by inspection (nnsight op labels change between versions).
+    (`sinkscope.eager.capturing`, bitwise eager), with the value states when asked for; in a remote run
+    (or a local one with `via_source`), read through nnsight from the op that follows softmax inside the
+    attention function, found by inspection (nnsight op labels change between versions).
 
 Reducers receive these tensors layer by layer while the forward pass runs and keep only what
 they need, so a scan over N samples never holds N samples of attention maps:
@@ -280,9 +280,6 @@ class Tracer:
         for r in reducers:
             r.begin(info)
         inputs = self.adapter.device_inputs(batch)
-        if values and self._labels is None and layers:
-            # locate the ops once in a pass of their own: the call's inputs come before its inner ops
-            self.run(batch, [], layers=[layers[0]], residual=False, attention=True, via_source=True)
         if remote:
             if return_logits:
                 raise SinkscopeError("a remote trace brings back reductions only, not the logits")
@@ -294,13 +291,17 @@ class Tracer:
                 r.end()
             return None
         holder: dict = {}
-        if not values and not via_source:
-            # torch hooks, and the probabilities from sinkscope's capture function rather than nnsight's `.source`
-            # (which would wrap every operation of every attention forward): the tensor eager attention multiplies V
-            self._run_local(inputs, reducers, layers, residual, attention, holder if return_logits else None)
+        if not via_source:
+            # torch hooks, and the probabilities (and value states) from sinkscope's capture function rather than
+            # nnsight's `.source` (which would wrap every operation of every attention forward): the tensors eager
+            # attention multiplies
+            self._run_local(inputs, reducers, layers, residual, attention, values, holder if return_logits else None)
             for r in reducers:
                 r.end()
             return holder.get("logits")
+        if values and self._labels is None and layers:
+            # locate the ops once in a pass of their own: the call's inputs come before its inner ops
+            self.run(batch, [], layers=[layers[0]], residual=False, attention=True, via_source=True)
         layer_envoys, attn_envoys = self._envoys_of_layers()
         with torch.no_grad(), self.envoy.trace(**inputs):
             for i in layers:
@@ -326,10 +327,12 @@ class Tracer:
             r.end()
         return holder.get("logits")
 
-    def _run_local(self, inputs, reducers, layers, residual: bool, attention: bool, holder: dict | None) -> None:
+    def _run_local(self, inputs, reducers, layers, residual: bool, attention: bool, values: bool,
+                   holder: dict | None) -> None:
         """A local run: the residual state entering each layer from a forward pre-hook on the decoder layer, the
-        probabilities handed over by the registered capture function as each layer computes them, so a reducer
-        sees layer i's residual, then its attention, then layer i + 1's. Plain torch hooks and one plain forward:
+        value states (with `values`) and probabilities handed over by the registered capture function as each layer
+        computes them, so a reducer sees layer i's residual, then its values, then its attention, then layer
+        i + 1's. Plain torch hooks and one plain forward:
         nnsight's interleaver (which checks every module's inputs and outputs, ~40 calls per layer) is only
         needed for a remote run or a `.source` read."""
         from sinkscope.eager import capturing
@@ -340,6 +343,12 @@ class Tracer:
             if layer in wanted:
                 for r in reducers:
                     r.attention(layer, probs)
+
+        def hand_values(layer, v):
+            if layer in wanted:
+                for r in reducers:
+                    if hasattr(r, "values"):
+                        r.values(layer, v)
 
         def residual_hook(layer):
             def hook(module, args, kwargs):
@@ -353,7 +362,9 @@ class Tracer:
             if residual:
                 handles = [self.adapter.layers[i].register_forward_pre_hook(residual_hook(i), with_kwargs=True)
                            for i in layers]
-            with capturing(self.adapter, hand) if attention else contextlib.nullcontext(), torch.no_grad():
+            capture = (capturing(self.adapter, hand if attention else None, hand_values if values else None)
+                       if attention or values else contextlib.nullcontext())
+            with capture, torch.no_grad():
                 out = self.adapter.model(**inputs)
         finally:
             for h in handles:

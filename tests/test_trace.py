@@ -300,3 +300,50 @@ def test_local_residual_only_runs_use_hooks_and_leave_none_behind(tiny):
         tracer.run(batch, [Fails()])
     assert all(not layer._forward_pre_hooks for layer in adapter.layers)
     assert adapter.text_attention == "eager"
+
+
+class _KeepValues(_Keep):
+    def begin(self, info):
+        super().begin(info)
+        self.values_of, self.calls = {}, []
+
+    def residual(self, layer, states):
+        super().residual(layer, states)
+        self.calls.append(("residual", layer))
+
+    def values(self, layer, v):
+        self.values_of[layer] = v.detach().clone()
+        self.calls.append(("values", layer))
+
+    def attention(self, layer, probs):
+        super().attention(layer, probs)
+        self.calls.append(("attention", layer))
+
+
+def test_local_value_states_come_from_the_capture_function_bitwise_as_through_source(tiny):
+    """With `values=True` a local run hands each layer's value states from the capture function, the tensors
+    nnsight's `.source` reads as the attention function's fourth input ([batch, kv_head, key, head_dim], before
+    any grouped-query repeat), bit for bit, between the layer's residual and its attention; only the requested
+    layers; the model is never wrapped by nnsight and no hand is left on its attention modules."""
+    import copy
+
+    from sinkscope.eager import CAPTURE_ATTR, CAPTURE_VALUES_ATTR
+
+    adapter = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    captured, sourced = _KeepValues(), _KeepValues()
+    tracer = Tracer(adapter)
+    tracer.run(batch, [captured], values=True, layers=[0, LAYERS - 1])
+    assert tracer._envoy is None
+    Tracer(adapter).run(batch, [sourced], values=True, layers=[0, LAYERS - 1], via_source=True)
+    assert sorted(captured.values_of) == sorted(sourced.values_of) == [0, LAYERS - 1]
+    for layer in captured.values_of:
+        v = captured.values_of[layer]
+        assert v.dim() == 4 and v.shape[0] == 2 and v.shape[2] == batch["input_ids"].shape[1]
+        assert torch.equal(v, sourced.values_of[layer]), layer
+        assert torch.equal(captured.probs[layer], sourced.probs[layer]), layer
+    assert captured.calls == [(kind, layer) for layer in (0, LAYERS - 1) for kind in ("residual", "values", "attention")]
+    assert all(attr not in adapter.attention(i).__dict__
+               for i in range(LAYERS) for attr in (CAPTURE_ATTR, CAPTURE_VALUES_ATTR))
