@@ -66,3 +66,31 @@ def test_location_counts_and_enrichment():
     assert math.isnan(none.sink_share) and math.isnan(none.enrichment)
     share, base, enr = loc.pooled_enrichment([4, 4], [3, 2], [2, 0], [2, 0])
     assert (share, base) == (1.0, 5 / 8) and enr == pytest.approx(1.6)
+
+
+def test_class_contributions_equal_the_per_class_means_of_the_full_contribution_tensor():
+    """The fused per-class measure (queries summed out first) equals, for every class, `class_means` of the
+    attention and of `ov_contributions` (the [batch, head, query, key] tensor of the paper's formula) and the
+    literal mean norm over the class's tokens; empty classes and rows without queries give NaN (norms: 0), as
+    there. GQA values, three classes that overlap, one empty in a row."""
+    g = torch.Generator().manual_seed(3)
+    b, heads, kv, t, hd, hidden = 3, 4, 2, 7, 3, 5
+    attn = torch.softmax(torch.randn(b, heads, t, t, generator=g), -1)
+    norms = ov.ov_norms(torch.randn(b, kv, t, hd, generator=g), torch.randn(hidden, heads * hd, generator=g), heads)
+    keys = torch.rand(b, 3, t, generator=g) > 0.5
+    keys[1, 2] = False  # class 2 empty in row 1
+    queries = torch.rand(b, t, generator=g) > 0.4
+    queries[2] = False  # row 2 has no query
+    got = ov.class_contributions(attn, norms, keys, queries)
+    contrib = ov.ov_contributions(attn, norms)
+    for c in range(3):
+        torch.testing.assert_close(got["attention"][:, c], ov.class_means(attn, keys[:, c], queries), equal_nan=True)
+        torch.testing.assert_close(got["contribution"][:, c], ov.class_means(contrib, keys[:, c], queries),
+                                   equal_nan=True)
+        for row in range(b):
+            n = int(keys[row, c].sum())
+            want = norms[row][:, keys[row, c]].mean(-1) if n else torch.zeros(heads)
+            torch.testing.assert_close(got["ov_norm"][row, c], want)
+            assert int(got["n_tokens"][row, c]) == n
+    assert got["attention"][1, 2].isnan().all() and got["contribution"][2].isnan().all()
+    assert not got["attention"][0].isnan().any()

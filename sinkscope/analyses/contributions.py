@@ -112,24 +112,20 @@ class ContributionLayerReduction(SinkScores):
         return None
 
     def attention(self, layer, probs):
-        """Reduced on the probabilities' device (no [head, query, key] tensor moves); the small results come back."""
-        probs = probs.detach().float()
+        """Reduced on the probabilities' device (no [head, query, key] tensor moves, and none is made beyond the
+        probabilities: `class_contributions` sums the queries out first); the small results come back."""
         device = probs.device
         norms = ov.ov_norms(self._values.pop(layer).to(device), self.o_weights[layer], self.num_heads)  # [batch, head, key]
-        contrib = ov.ov_contributions(probs, norms)
         there = self.on(device)
         sink = (self.phi[layer].to(device) >= self.tau) & there["real"]
-        visual, bos, q = there["visual"], there["bos"], there["queries"]
-        classes = (("visual_sink", sink & visual), ("visual_nonsink", visual & ~sink), ("bos", bos))
-        means, counts = [], []
-        for _, keys in classes:
-            n_k = keys.sum(dim=1)
-            means += [ov.class_means(probs, keys, q), ov.class_means(contrib, keys, q),
-                      (norms * keys[:, None, :].float()).sum(-1) / n_k.clamp_min(1)[:, None]]
-            counts.append(n_k)
-        means, counts = self.out(torch.stack(means)), self.out(torch.stack(counts))  # [9 | 3, batch, ...]
-        return {name: {"attention": means[3 * i], "contribution": means[3 * i + 1], "ov_norm": means[3 * i + 2],
-                       "n_tokens": counts[i]} for i, (name, _) in enumerate(classes)}
+        visual = there["visual"]
+        keys = torch.stack([sink & visual, visual & ~sink, there["bos"]], dim=1)  # [batch, class, key], CLASSES' order
+        out = ov.class_contributions(probs.detach(), norms, keys, there["queries"])
+        means = torch.stack([out["attention"], out["contribution"], out["ov_norm"]]).permute(2, 0, 1, 3)
+        means = self.out(means.contiguous())  # [class, 3, batch, head]: one transfer, each leaf a contiguous slice
+        counts = self.out(out["n_tokens"].t().contiguous())  # [class, batch]
+        return {name: {"attention": means[i, 0], "contribution": means[i, 1], "ov_norm": means[i, 2],
+                       "n_tokens": counts[i]} for i, name in enumerate(CLASSES)}
 
 
 def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",

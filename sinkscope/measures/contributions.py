@@ -60,3 +60,32 @@ def class_means(values: torch.Tensor, key_mask: torch.Tensor, query_mask: torch.
     total = (values.float() * q * k).sum(dim=(2, 3))
     count = (query_mask.sum(dim=1) * key_mask.sum(dim=1)).to(total)[:, None].expand_as(total)  # [batch, head]
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+def class_contributions(attn: torch.Tensor, norms: torch.Tensor, key_classes: torch.Tensor,
+                        query_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per token class, what `class_means` gives of the attention and of the contribution, and the mean
+    || W_O^h v_j || of the class's tokens, for several classes at once without a [batch, head, query, key]
+    contribution tensor: since contribution_{h,i,j} = a_{h,i,j} || W_O^h v_j ||, the sum over the class's
+    (query, key) pairs is sum_j (sum_i a_{h,i,j}) || W_O^h v_j ||, so the queries are summed out first, once.
+
+    attn: [batch, head, query, key]; norms: [batch, head, key] (`ov_norms`); key_classes: [batch, class, key]
+    bool; query_mask: [batch, query] bool. Returns float32 "attention", "contribution" (means per (query, token)
+    pair, NaN where the row has no query or no token of the class) and "ov_norm" (mean over the class's tokens, 0
+    where it has none), each [batch, class, head]; and "n_tokens" [batch, class] (int64).
+    """
+    if attn.dim() != 4 or tuple(norms.shape) != (attn.shape[0], attn.shape[1], attn.shape[3]):
+        raise ValueError(f"attn [batch, head, query, key] {tuple(attn.shape)} and norms [batch, head, key] "
+                         f"{tuple(norms.shape)} do not match")
+    keys = key_classes.to(attn.device)
+    queries = query_mask.to(attn.device)
+    received = torch.einsum("bhqk,bq->bhk", attn.float(), queries.float())  # attention each key gets, [b, h, k]
+    norms = norms.float().to(attn.device)
+    per_key = torch.stack([received, received * norms, norms], dim=1)  # [batch, 3, head, key]
+    sums = torch.einsum("bmhk,bck->mbch", per_key, keys.float())  # [3, batch, class, head]
+    n_tokens = keys.sum(dim=-1)  # [batch, class]
+    pairs = (queries.sum(dim=-1, keepdim=True) * n_tokens).float()[..., None]  # [batch, class, 1]
+    nan = torch.tensor(float("nan"), device=attn.device)
+    return {"attention": torch.where(pairs > 0, sums[0] / pairs.clamp_min(1), nan),
+            "contribution": torch.where(pairs > 0, sums[1] / pairs.clamp_min(1), nan),
+            "ov_norm": sums[2] / n_tokens.clamp_min(1).float()[..., None], "n_tokens": n_tokens}
