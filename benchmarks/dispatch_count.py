@@ -223,7 +223,7 @@ class HostCopies(TorchDispatchMode):
 def head_and_contribution_copies(n_layers: int) -> dict[str, tuple[int, int, int]]:
     """The head and contribution analyses run here on one LLaVA-1.5-shaped sample (640 tokens, 32 heads, width
     4096, its attention map kept), on the meta device: (copies during the forward's first layer, during each later
-    layer, at the batch's end)."""
+    layer; at the batch's end, to the host and from it; operations in a layer, views and allocations left out)."""
     from sinkscope.analyses.contributions import ContributionReducer
     from sinkscope.analyses.heads import HeadsConfig, HeadsReducer
     from sinkscope.kinds import BOS, TEXT, VISUAL, TokenKinds
@@ -241,25 +241,27 @@ def head_and_contribution_copies(n_layers: int) -> dict[str, tuple[int, int, int
     out = {}
     for name, reducer in reducers.items():
         reducer.begin(info)
-        per_layer = []
+        per_layer, ops = [], 0
         for layer in range(n_layers):
-            with HostCopies() as copies:
+            with Count() as counted_ops, HostCopies() as copies:
                 reducer.residual(layer, torch.empty(1, t, width, device="meta"))
                 if name == "contributions":
                     reducer.values(layer, torch.empty(1, heads, t, width // heads, device="meta"))
                 reducer.attention(layer, torch.empty(1, heads, t, t, device="meta"))
             per_layer.append(copies.to_host + copies.from_host)
+            ops = sum(n for op, n in counted_ops.ops.items() if op not in ALLOCATIONS)  # the last layer's
         with HostCopies() as copies:
             reducer.end()
-        out[name] = (per_layer[0], max(per_layer[1:]), copies.to_host + copies.from_host)
+        out[name] = (per_layer[0], max(per_layer[1:]), copies.to_host, copies.from_host, ops)
     return out
 
 
 def print_head_and_contribution_copies() -> None:
     print("head and contribution analyses, one LLaVA-1.5-shaped sample run here (meta device, 32 layers): copies "
           "between host and device")
-    for name, (first, later, end) in head_and_contribution_copies(32).items():
-        print(f"  {name:<13} first layer {first}, each later layer {later}, end of batch {end}")
+    for name, (first, later, to_host, from_host, ops) in head_and_contribution_copies(32).items():
+        print(f"  {name:<13} first layer {first}, each later layer {later}; end of batch {to_host} to the host, "
+              f"{from_host} from it (the batch's token masks); {ops} operations per layer during the forward")
 
 
 if __name__ == "__main__":

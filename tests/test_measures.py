@@ -292,6 +292,42 @@ def test_visual_attention_stats_match_reference():
     assert torch.allclose(st.visual_nonsink_ratio, ratio, atol=1e-5)
 
 
+def test_query_averaged_head_measures_match_the_literal_means_over_queries():
+    """Several layers at once ([batch, layer, head, query, key], a different sink set per layer): each per-head
+    measure is the mean over the row's queries of the literal per-query value (paper's formulas, loops above),
+    attention to any sink (BOS included) and attention received (mean over heads and queries) likewise; a row with
+    no query gives 0."""
+    from sinkscope.measures.heads import query_averaged_head_measures
+
+    layers = [_attention_case(seed=s) for s in (1, 2)]
+    attn = torch.stack([c[0] for c in layers], dim=1)  # [batch, layer, head, query, key]
+    image_mask, qm = layers[0][1], layers[0][3].clone()
+    sinks = torch.stack([layers[0][2], layers[0][2].roll(1, dims=1)], dim=1)  # [batch, layer, key]
+    qm[1] = False  # row 1: no query
+    got = query_averaged_head_measures(attn, image_mask, sinks, qm, 0.5, 0.2, all_sinks=True)
+    b_, l_, h_ = attn.shape[:3]
+    for li in range(l_):
+        image, vsink, ratio = _reference_stats(attn[:, li], image_mask, sinks[:, li])
+        centric = _reference_image_centric(attn[:, li], image_mask, sinks[:, li], qm, 0.5, 0.2)
+        for b in range(b_):
+            qs = [q for q in range(qm.shape[1]) if qm[b, q]]
+            for h in range(h_):
+                def mean(values):
+                    return sum(float(values[q]) for q in qs) / len(qs) if qs else 0.0
+                assert float(got["image_attention"][b, li, h]) == pytest.approx(mean(image[b, h]), abs=1e-6)
+                assert float(got["visual_sink_attention"][b, li, h]) == pytest.approx(mean(vsink[b, h]), abs=1e-6)
+                assert float(got["visual_nonsink_ratio"][b, li, h]) == pytest.approx(mean(ratio[b, h]), abs=1e-5)
+                assert float(got["image_centric"][b, li, h]) == pytest.approx(mean(centric[b, h].float()), abs=1e-6)
+                to_sinks = [sum(float(attn[b, li, h, q, k]) for k in range(attn.shape[-1]) if sinks[b, li, k])
+                            for q in range(qm.shape[1])]
+                assert float(got["sink_attention"][b, li, h]) == pytest.approx(mean(to_sinks), abs=1e-6)
+            for k in range(attn.shape[-1]):
+                want = (sum(float(attn[b, li, h, q, k]) for h in range(h_) for q in qs) / (h_ * len(qs))
+                        if qs else 0.0)
+                assert float(got["received"][b, li, k]) == pytest.approx(want, abs=1e-6)
+    assert got["image_centric"][0].sum() > 0 and got["image_attention"][1].abs().sum() == 0
+
+
 @pytest.mark.parametrize("rho,summ", [(0.5, 0.2), (0.8, 0.4), (0.0, 0.0), (1.0, 0.1)])
 def test_image_centric_matches_reference(rho, summ):
     attn, image_mask, sink, qm = _attention_case(seed=3)

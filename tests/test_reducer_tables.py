@@ -187,16 +187,15 @@ def _drive_on_meta(reducer, n_layers: int, values: bool = False):
 
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_a_local_head_analysis_waits_for_the_device_once_per_batch(n_layers):
-    """Run here, the head analysis' reductions read nothing back from the device during the forward (on meta, where
-    a read or a `nonzero` fails, the layers complete; nothing crosses from the host after the first layer, whose
-    calls copy the batch's masks over once), and `end()` brings every layer's payloads, maps included, to the host in
-    one copy, whatever the number of layers."""
+    """Run here, the head analysis keeps each layer's state and query rows during the forward and reads nothing
+    back (on meta, where a read or a `nonzero` fails, the layers complete, and nothing crosses between host and
+    device in any layer); `end()` reduces the kept layers in blocks and brings every layer's payloads, maps
+    included, to the host in one copy, whatever the number of layers."""
     cfg = HeadsConfig(model="planted", map_words=2)
     reducer = HeadsReducer([3], 2.0, 1e-6, "rms", cfg, {"b"}, None)
     per_layer, at_end = _drive_on_meta(reducer, n_layers)
-    assert per_layer[0].mixed and not per_layer[0].to_host
-    assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
-    assert at_end.to_host == [torch.float32] and not at_end.mixed
+    assert all(not c.mixed and not c.to_host for c in per_layer), [c.mixed + c.to_host for c in per_layer]
+    assert at_end.to_host == [torch.float32]
     heads = pd.concat(reducer.head_rows)
     maps = pd.concat(reducer.map_rows)
     assert len(heads) == n_layers * 2 * 4 and sorted(set(heads["layer"])) == list(range(n_layers))
@@ -261,3 +260,66 @@ def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
                 reducer.attention(layer, torch.empty(1, n_heads, n_tokens, n_tokens, device="meta"))
             reducer.end()
         assert crossings.sizes and max(crossings.sizes) < n_tokens * n_tokens, (type(reducer), crossings.sizes)
+
+
+@pytest.mark.parametrize("block_bytes", [2**29, 1])
+def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes):
+    """The head analysis' part run here (deferred: inputs kept, reduced in blocks of layers after the forward; one
+    layer per block with block_bytes=1) gives each layer the payload the per-layer part of a remote trace gives:
+    phi, the per-head measures, attention received and the maps, on a batch with left and right padding."""
+    from sinkscope.analyses.heads import HeadsLayerReduction
+
+    info = _planted_batch()
+    kinds = info.token_kinds
+    g = torch.Generator().manual_seed(5)
+    queries = kinds.queries_after_image(include_generated=True)
+
+    def part(defer):
+        return HeadsLayerReduction([3], 2.0, 1e-6, "rms", kinds.real_mask, kinds.visual_mask, queries, 0.5, 0.2,
+                                   [1], 2, host=True, defer=defer, block_bytes=block_bytes)
+
+    per_layer, deferred = part(False), part(True)
+    expected = []
+    for layer in range(3):
+        states = torch.randn(2, 9, 16, generator=g)
+        states[:, :, 3] += 30.0 * (torch.arange(9) % 4 == 0)  # sinks on some tokens
+        probs = torch.softmax(torch.randn(2, 4, 9, 9, generator=g), dim=-1)
+        expected += [("residual", layer, per_layer.residual(layer, states)),
+                     ("attention", layer, per_layer.attention(layer, probs))]
+        assert deferred.residual(layer, states) is None and deferred.attention(layer, probs) is None
+    got = deferred.finish()
+    order = lambda items: sorted(items, key=lambda x: (x[0] != "residual", x[1]))  # noqa: E731
+    assert [(k, l) for k, l, _ in got] == [(k, l) for k, l, _ in order(expected)]
+    for (_, layer, a), (_, _, b) in zip(got, order(expected)):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(b)
+        assert flat_a[1] == flat_b[1]
+        for x, y in zip(flat_a[0], flat_b[0]):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    sinks = sum(int((p >= 2.0).sum()) for kind, _, p in got if kind == "residual")
+    assert sinks > 0 and not deferred._kept["residual"] and not deferred._kept["attention"]
+
+
+def test_deferred_head_blocks_never_mix_devices():
+    """A model split across devices keeps each layer's inputs where the layer ran: the head analysis reduces runs
+    of layers on one device, each where it is (layers 0-1 on the CPU, 2-4 on the meta device; residual 0-2 on the
+    CPU, as a layer's input may still sit where the previous layer left it)."""
+    from sinkscope.analyses.heads import HeadsLayerReduction
+
+    info = _planted_batch()
+    kinds = info.token_kinds
+    part = HeadsLayerReduction([3], 2.0, 1e-6, "rms", kinds.real_mask, kinds.visual_mask,
+                               kinds.queries_after_image(include_generated=True), 0.5, 0.2, [0], 2, host=False,
+                               defer=True)
+    g = torch.Generator().manual_seed(6)
+    for layer in range(5):
+        states = torch.randn(2, 9, 16, generator=g)
+        probs = torch.softmax(torch.randn(2, 4, 9, 9, generator=g), dim=-1)
+        part.residual(layer, states if layer < 3 else states.to("meta"))
+        part.attention(layer, probs if layer < 2 else probs.to("meta"))
+    got = part.finish()
+    devices = [(kind, layer, {leaf.device.type for leaf in torch.utils._pytree.tree_leaves(payload)})
+               for kind, layer, payload in got]
+    assert devices == [("residual", 0, {"cpu"}), ("residual", 1, {"cpu"}), ("residual", 2, {"cpu"}),
+                       ("residual", 3, {"meta"}), ("residual", 4, {"meta"}), ("attention", 0, {"cpu"}),
+                       ("attention", 1, {"cpu"}), ("attention", 2, {"meta"}), ("attention", 3, {"meta"}),
+                       ("attention", 4, {"meta"})]

@@ -25,8 +25,8 @@ from sinkscope.trace import BatchInfo, Tracer
 
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
-           "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "yes_no_labels",
-           "answer_token_ids"]
+           "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "layer_blocks",
+           "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -252,6 +252,20 @@ class SinkScores:
         return None
 
 
+def layer_blocks(layers: list[int], kept: dict[int, torch.Tensor], block_bytes: int) -> list[list[int]]:
+    """`layers` (keys of `kept`, in order) cut into runs of consecutive entries whose tensors sit on one device (a
+    model split across GPUs keeps each layer where it ran), each run at most `block_bytes` bytes in float32: the
+    blocks a deferred reduction stacks and reduces at once."""
+    blocks: list[list[int]] = []
+    for layer in layers:
+        size = max(1, block_bytes // max(1, 4 * kept[layer].numel()))  # layers per block
+        if blocks and len(blocks[-1]) < size and kept[blocks[-1][0]].device == kept[layer].device:
+            blocks[-1].append(layer)
+        else:
+            blocks.append([layer])
+    return blocks
+
+
 def payloads_to_host(payloads: list) -> list:
     """The payloads (tensors in nested dicts, lists or tuples) with every tensor on the CPU, brought over in one copy
     per (device, dtype): each copy from a GPU waits for it, so a batch waits once per device, not once per layer and
@@ -314,7 +328,9 @@ class InTraceReducer(SinkAwareReducer):
 
     Run here, the part runs with host=False: each layer's payloads stay where the layer ran until `end()`, which
     brings all of the batch's payloads to the CPU at once (`payloads_to_host`) and hands them to `take` in the
-    order they were made; so the forward never waits for a copy. Run remotely, the tracer sends the part
+    order they were made; so the forward never waits for a copy. A part may also keep its inputs and reduce them
+    after the forward, in blocks of layers: its calls then return None and its `finish()` gives the
+    (kind, layer, payload) triples, every residual before any attention. Run remotely, the tracer sends the part
     (host=True) and hands its payloads to `take` after the trace; `end()` then builds."""
 
     def begin(self, info: BatchInfo) -> None:
@@ -348,6 +364,9 @@ class InTraceReducer(SinkAwareReducer):
         self._keep("attention", layer, self._part.attention(layer, probs))
 
     def end(self) -> None:
+        if hasattr(self._part, "finish"):  # a part that deferred its reductions to the end of the forward
+            for kind, layer, payload in self._part.finish():
+                self._keep(kind, layer, payload)
         kept, self._kept, self._part = self._kept, [], None
         for (kind, layer, _), payload in zip(kept, payloads_to_host([p for _, _, p in kept])):
             self.take(kind, layer, payload)

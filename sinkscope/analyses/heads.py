@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, report_step_for,
-                                      setup, traced_chunks)
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, layer_blocks,
+                                      report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
 from sinkscope.measures import heads as head_measures
+from sinkscope.measures import sinks
 from sinkscope.runfolder import RunFolder
 
 
@@ -68,9 +69,10 @@ class HeadsReducer(InTraceReducer):
         self._tokens: list[dict] = []  # per (layer, sample): columns of its image-token rows
 
     def in_trace(self, host: bool = True) -> "HeadsLayerReduction":
+        """The in-trace part: per layer for a remote trace (host), deferred to the end of the forward here."""
         rows = [b for b, sid in enumerate(self.info.sample_ids) if sid in self.map_ids]
         return HeadsLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual, self.queries,
-                                   self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words, host=host)
+                                   self.cfg.rho, self.cfg.summ, rows, self.cfg.map_words, host=host, defer=not host)
 
     def take(self, kind: str, layer: int, payload) -> None:
         """Keep one layer's reductions (HeadsLayerReduction), here or after a remote trace; frames in `end`."""
@@ -133,42 +135,88 @@ class HeadsLayerReduction(SinkScores):
     visual non-sink ratio and image-centric share [batch, head]; attention each token receives [batch, token];
     and, for the map samples only, the map the attention_maps table shows: [head + 1 (mean), map_words
     queries, image tokens]. No full [head, query, key] map leaves it, and nothing is read back from the device:
-    the map's query and image-token positions are chosen from the CPU masks when the part is made.
+    the query rows, the map's query and image-token positions are chosen from the CPU masks when the part is made.
+
+    Two ways to run, as the scan's: per layer (`defer=False`, what a remote trace runs: each call reduces its layer
+    and returns its payload), or deferred (`defer=True`, a local run): a call keeps the layer's residual state and
+    the query rows of its attention (one copy each) and returns None, and `finish()` reduces the kept layers in
+    blocks of layers (`layer_blocks`, at most `block_bytes`) after the forward, one payload per layer, each a
+    contiguous slice of its block's result. Both give the same payloads (`measures.heads.query_averaged_head_measures`
+    over one layer or a block).
     """
 
     PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")
 
     def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words,
-                 host: bool = True):
+                 host: bool = True, defer: bool = False, block_bytes: int = 2**29):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.queries, self.rho, self.summ = tau, visual, queries, rho, summ
         self.map_rows, self.map_words = list(map_rows), map_words
+        self.defer, self.block_bytes = defer, block_bytes
+        self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
+        rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
+        self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
 
     def masks(self) -> dict[str, torch.Tensor]:
-        out = {"real": self.real, "visual": self.visual, "queries": self.queries}
-        for b in self.map_rows:  # positions of the map's query words and image tokens
-            out[f"map_queries_{b}"] = torch.nonzero(self.queries[b].cpu()).flatten()[: self.map_words]
+        first, stop = self.query_rows
+        out = {"real": self.real, "visual": self.visual, "queries": self.queries[:, first:stop]}
+        for b in self.map_rows:  # the map's query words (as rows of the kept block) and image tokens
+            out[f"map_queries_{b}"] = torch.nonzero(self.queries[b].cpu()).flatten()[: self.map_words] - first
             out[f"map_visual_{b}"] = torch.nonzero(self.visual[b].cpu()).flatten()
         return out
 
+    def residual(self, layer, states):
+        if self.defer:
+            self._kept["residual"][layer] = states.detach().clone()
+            return None
+        return super().residual(layer, states)
+
     def attention(self, layer, probs):
-        probs = probs.detach().float()
+        first, stop = self.query_rows
+        rows = probs.detach()[:, :, first:stop]  # [batch, head, query row, key]
+        if self.defer:
+            self._kept["attention"][layer] = rows.clone()
+            return None
+        block = self._attention_block(rows[:, None], self.phi[layer].to(probs.device)[:, None])
+        return {k: (self.out(v[0]) if k != "maps" else {b: self.out(m[0]) for b, m in v.items()})
+                for k, v in block.items()}
+
+    def finish(self) -> list[tuple[str, int, object]]:
+        """The kept layers' payloads, (kind, layer, payload), every residual first; empties the store."""
+        out, phi = [], {}
+        kept = self._kept["residual"]
+        for layers in layer_blocks(sorted(kept), kept, self.block_bytes):
+            states = torch.stack([kept.pop(layer) for layer in layers])  # [layer, batch, token, dim]
+            there = self.on(states.device, states)
+            block_phi = (sinks.sink_score(states.transpose(0, 1), there["dims"], self.score, there["real"],
+                                          self.eps).float().transpose(0, 1).contiguous()
+                         if self.dims else torch.zeros(states.shape[:3], device=states.device))  # [layer, batch, token]
+            for i, layer in enumerate(layers):
+                phi[layer] = block_phi[i]
+                out.append(("residual", layer, block_phi[i]))
+        kept = self._kept["attention"]
+        for layers in layer_blocks(sorted(kept), kept, self.block_bytes):
+            probs = torch.stack([kept.pop(layer) for layer in layers], dim=1)  # [batch, layer, head, row, key]
+            block = self._attention_block(probs, torch.stack([phi[layer].to(probs.device) for layer in layers], 1))
+            for i, layer in enumerate(layers):
+                out.append(("attention", layer, {k: (v[i] if k != "maps" else {b: m[i] for b, m in v.items()})
+                                                 for k, v in block.items()}))
+        return out
+
+    def _attention_block(self, probs: torch.Tensor, phi: torch.Tensor) -> dict:
+        """probs [batch, layer, head, query row, key], phi [batch, layer, key] -> the payload of each layer, stacked
+        first: per-head measures [layer, batch, head], received [layer, batch, key], maps {b: [layer, head + 1,
+        word, image token]}, each contiguous so that a layer's slice is."""
+        probs = probs.float()
         there = self.on(probs.device)
-        q, visual = there["queries"], there["visual"]
-        sink = (self.phi[layer].to(probs.device) >= self.tau) & there["real"]  # phi: where the layer input was
-        stats = head_measures.visual_attention_stats(probs, visual, sink & visual, q)
-        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
-        all_sink = torch.einsum("bhqk,bk->bhq", probs, sink.float())
-        qf = q[:, None, :].float()
-        n_q = qf.sum(-1).clamp_min(1)
-        values = (stats.image_attention, stats.visual_sink_attention, all_sink, stats.visual_nonsink_ratio, centric)
-        out = {name: self.out((v.float() * qf).sum(-1) / n_q) for name, v in zip(self.PER_HEAD, values)}
-        out["received"] = self.out((probs.mean(dim=1) * q[:, :, None].float()).sum(dim=1)
-                                   / q.sum(1).clamp_min(1)[:, None])
+        sink = (phi >= self.tau) & there["real"][:, None, :]  # [batch, layer, key]
+        measures = head_measures.query_averaged_head_measures(probs, there["visual"], sink, there["queries"],
+                                                              self.rho, self.summ, all_sinks=True)
+        out = {name: measures[name].transpose(0, 1).contiguous() for name in (*self.PER_HEAD, "received")}
         maps = {}
         for b in self.map_rows:
-            a = probs[b][:, there[f"map_queries_{b}"]][:, :, there[f"map_visual_{b}"]]  # [head, query, visual]
-            maps[b] = self.out(torch.cat([a, a.mean(dim=0, keepdim=True)]))
+            a = probs[b][:, :, there[f"map_queries_{b}"]][..., there[f"map_visual_{b}"]]  # [layer, head, word, visual]
+            maps[b] = torch.cat([a, a.mean(dim=1, keepdim=True)], dim=1).contiguous()
         out["maps"] = maps
         return out
 

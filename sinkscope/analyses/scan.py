@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, open_calibration, prepare_batch,  # noqa: F401 (re-exported)
-                                       prepare_readable, report_step_config, text_queries_after_image)
+from sinkscope.analyses.common import (AnalysisConfig, layer_blocks, open_calibration,  # noqa: F401 (re-exported)
+                                       prepare_batch, prepare_readable, report_step_config, text_queries_after_image)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
@@ -184,16 +184,7 @@ class ScanLayerReduction:
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
-        """Runs of consecutive layers kept on one device (a model split across GPUs keeps each layer where it
-        ran), of at most `block_bytes` float32 bytes each."""
-        blocks: list[list[int]] = []
-        for layer in layers:
-            size = max(1, self.block_bytes // max(1, 4 * kept[layer].numel()))  # layers per block
-            if blocks and len(blocks[-1]) < size and kept[blocks[-1][0]].device == kept[layer].device:
-                blocks[-1].append(layer)
-            else:
-                blocks.append([layer])
-        return blocks
+        return layer_blocks(layers, kept, self.block_bytes)
 
     # -- the measures, on a block of layers ----------------------------------------------
     def _residual_block(self, states: torch.Tensor) -> dict:
@@ -233,19 +224,8 @@ class ScanLayerReduction:
         kinds, queries, _ = self._device(probs.device)
         first, stop = self.query_rows
         queries = queries[:, first:stop]  # [batch, query row]
-        real, visual = kinds.real_mask[:, None, :], kinds.visual_mask[:, None, :]
-        sink = (phi >= self.tau) & real  # [batch, layer, key]
-        qf = queries.float()
-        denom = qf.sum(dim=-1).clamp_min(1)  # [batch]
-        received = (probs.mean(dim=2) * qf[:, None, :, None]).sum(dim=2) / denom[:, None, None]  # [batch, layer, key]
-        stats = head_measures.visual_attention_stats(probs, kinds.visual_mask, sink & visual, queries)
-        centric = head_measures.image_centric_from_stats(stats, self.rho, self.summ)
-        weights = qf[:, None, None, :]  # [batch, 1, 1, query row]
-        out = {name: (value.float() * weights).sum(-1) / denom[:, None, None] for name, value in (  # [batch, layer, head]
-            ("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
-            ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric))}
-        out["received"] = received
-        return out
+        sink = (phi >= self.tau) & kinds.real_mask[:, None, :]  # [batch, layer, key]
+        return head_measures.query_averaged_head_measures(probs, kinds.visual_mask, sink, queries, self.rho, self.summ)
 
 
 def layer_of(block: dict, i: int) -> dict:

@@ -88,6 +88,37 @@ def image_centric_from_stats(stats: VisualAttentionStats, rho: float, summ: floa
             & queries)
 
 
+def query_averaged_head_measures(probs: torch.Tensor, visual_mask: torch.Tensor, sink_mask: torch.Tensor,
+                                 query_mask: torch.Tensor, rho: float, summ: float,
+                                 all_sinks: bool = False) -> dict[str, torch.Tensor]:
+    """The per-head measures of several layers at once, each averaged over the queries in query_mask.
+
+    probs: [batch, layer, head, query, key] post-softmax (only the query rows the caller wants, e.g. those after
+    the image); visual_mask: [batch, key] bool; sink_mask: [batch, layer, key] bool, every sink of the layer (the
+    visual ones are those in visual_mask); query_mask: [batch, query] bool over the same rows.
+    Returns float32 [batch, layer, head]: image_attention, visual_sink_attention, visual_nonsink_ratio,
+    image_centric (the share of queries for which the head is image-centric), and with `all_sinks` sink_attention
+    (to any sink, BOS included); and received [batch, layer, key]: the attention each key receives, mean over heads
+    and queries. Rows without queries give 0.
+    """
+    probs = probs.float()
+    qf = query_mask.to(probs.device).float()
+    visual = visual_mask.to(probs.device)
+    sink = sink_mask.to(probs.device)
+    denom = qf.sum(dim=-1).clamp_min(1)  # [batch]
+    received = (probs.mean(dim=2) * qf[:, None, :, None]).sum(dim=2) / denom[:, None, None]  # [batch, layer, key]
+    stats = visual_attention_stats(probs, visual, sink & visual[:, None, :], query_mask)
+    centric = image_centric_from_stats(stats, rho, summ)
+    measures = [("image_attention", stats.image_attention), ("visual_sink_attention", stats.visual_sink_attention),
+                ("visual_nonsink_ratio", stats.visual_nonsink_ratio), ("image_centric", centric)]
+    if all_sinks:
+        measures.append(("sink_attention", torch.einsum("blhqk,blk->blhq", probs, sink.float())))
+    weights = qf[:, None, None, :]  # [batch, 1, 1, query]
+    out = {name: (value.float() * weights).sum(-1) / denom[:, None, None] for name, value in measures}
+    out["received"] = received
+    return out
+
+
 def image_centric_mask(attn: torch.Tensor, image_mask: torch.Tensor, sink_mask: torch.Tensor, rho: float = 0.5,
                        summ: float = 0.2, query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Which (batch, head, query) are image-centric: image_attention >= summ and r >= rho.
