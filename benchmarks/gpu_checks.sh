@@ -3,7 +3,7 @@
 # nnsight and its needs installed beforehand). Writes its logs to $OUT (default runs/gpu-checks).
 #   1. the device-map, half-precision, remote-local and compiled-VAR tests with CUDA present (their CUDA cases run:
 #      a CUDA/CPU layer split equals one device; bfloat16/float16 on the GPU agree with float32; the scan's
-#      histogram median is exact on CUDA; the scan's queued copies give the tables synchronous copies give);
+#      histogram median is exact on CUDA; the scan's queued copies give the tables synchronous copies give; heads and contributions on CUDA equal the CPU);
 #   2. the CLI end to end on the GPU: scan and var-eval of the organism in bfloat16;
 #   3. benchmarks/real_size.py at full depth in float16: LLaVA-1.5-7B (32 layers), Qwen2-VL-7B (28 layers),
 #      VAR unfused and compiled (--compile).
@@ -18,6 +18,7 @@ timeout 170 $PY -m pytest -q -p no:cacheprovider -rs tests/test_device_map.py te
     tests/test_remote.py tests/test_var.py::test_compiled_var_on_a_tiny_llava \
     "tests/test_measures.py::test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries" \
     tests/test_scan.py::test_tables_later_on_cuda_equal_the_immediate_tables \
+    tests/test_reducer_tables.py::test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu \
     2>&1 | tee "$OUT/tests.txt" | tail -12
 cli() { timeout 60 $PY -c "from sinkscope.cli import app; app()" "$@"; }
 { cli scan --model organism --device cuda --dtype bfloat16 --limit 8 --calibration 8 --out /tmp/gpu-scan &&

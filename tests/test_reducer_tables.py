@@ -323,3 +323,31 @@ def test_deferred_head_blocks_never_mix_devices():
                        ("residual", 3, {"meta"}), ("residual", 4, {"meta"}), ("attention", 0, {"cpu"}),
                        ("attention", 1, {"cpu"}), ("attention", 2, {"meta"}), ("attention", 3, {"meta"}),
                        ("attention", 4, {"meta"})]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_checks.sh runs it on a GPU)")
+def test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu(organism_adapter):
+    """On a GPU the head analysis' deferred blocks and both analyses' single copy per dtype (`payloads_to_host`,
+    real device-to-host copies) give the tables the CPU gives, within float32 tolerance."""
+    import copy
+
+    from sinkscope.models.registry import adapter_for_model
+
+    adapter = organism_adapter
+    on_gpu = adapter_for_model(copy.deepcopy(adapter.model).to("cuda"), adapter.processor, adapter.name)
+    truth = json.loads((ASSET / "ground_truth.json").read_text())
+    samples = load_samples("demo", 3)
+    cfg = HeadsConfig(model="organism", map_words=3)
+    tables = {}
+    for where, a in (("cpu", adapter), ("cuda", on_gpu)):
+        heads = HeadsReducer(truth["sink_dims"], 100.0, a.rms_norm_eps, "layer", cfg, {samples[0].sample_id},
+                             a.token_strings)
+        o_weights = {i: a.output_weight(i).detach() for i in range(a.num_layers)}
+        contributions = ContributionReducer(truth["sink_dims"], 100.0, a.rms_norm_eps, "layer", o_weights, a.num_heads)
+        ids = [s.sample_id for s in samples]
+        Tracer(a).run(prepare_batch(a, samples), [heads], sample_ids=ids)
+        Tracer(a).run(prepare_batch(a, samples), [contributions], sample_ids=ids, values=True)
+        tables[where] = {"heads": pd.concat(heads.head_rows), "tokens": pd.concat(heads.token_rows),
+                         "maps": pd.concat(heads.map_rows), "contributions": pd.concat(contributions.rows)}
+    for name in tables["cpu"]:
+        pd.testing.assert_frame_equal(tables["cuda"][name], tables["cpu"][name], rtol=1e-4, atol=1e-6, obj=name)
