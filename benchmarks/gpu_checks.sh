@@ -3,7 +3,8 @@
 # nnsight and its needs installed beforehand). Writes its logs to $OUT (default runs/gpu-checks).
 #   1. the device-map, half-precision, remote-local and compiled-VAR tests with CUDA present (their CUDA cases run:
 #      a CUDA/CPU layer split equals one device; bfloat16/float16 on the GPU agree with float32; the scan's
-#      histogram median is exact on CUDA; the scan's queued copies give the tables synchronous copies give; heads and contributions on CUDA equal the CPU);
+#      histogram median is exact on CUDA; the scan's queued copies give the tables synchronous copies give; the head
+#      and contribution tables on CUDA equal the CPU's);
 #   2. the CLI end to end on the GPU: scan and var-eval of the organism in bfloat16;
 #   3. benchmarks/real_size.py at full depth in float16: LLaVA-1.5-7B (32 layers), Qwen2-VL-7B (28 layers),
 #      VAR unfused and compiled (--compile).
