@@ -235,9 +235,10 @@ def head_and_contribution_copies(n_layers: int) -> dict[str, tuple[int, int, int
                      ["s0"])
     t, heads, width = kind.shape[1], 32, 4096
     reducers = {"heads": HeadsReducer([1415, 2533], 20.0, 1e-6, "rms", HeadsConfig(model="meta"), {"s0"}, None),
-                "contributions": ContributionReducer([1415, 2533], 20.0, 1e-6, "rms",
-                                                     {i: torch.empty(width, width, device="meta")
-                                                      for i in range(n_layers)}, heads)}
+                "contributions": ContributionReducer([1415, 2533], 20.0, 1e-6, "rms",  # W_O's grams per layer
+                                                     {i: torch.empty(heads, width // heads, width // heads,
+                                                                     dtype=torch.float64, device="meta")
+                                                      for i in range(n_layers)})}
     out = {}
     for name, reducer in reducers.items():
         reducer.begin(info)

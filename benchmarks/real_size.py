@@ -271,11 +271,11 @@ def heads_pass(tracer, adapter, batch, dims, tau) -> None:
     tracer.run(batch, [reducer], sample_ids=["0"])
 
 
-def contributions_pass(tracer, adapter, batch, dims, tau, o_weights: dict) -> None:
+def contributions_pass(tracer, adapter, batch, dims, tau, grams: dict) -> None:
     """The contribution analysis' per-sample work: a forward traced with value states (read through nnsight)."""
     from sinkscope.analyses.contributions import ContributionReducer
 
-    reducer = ContributionReducer(dims, tau, adapter.rms_norm_eps, "rms", o_weights, adapter.num_heads)
+    reducer = ContributionReducer(dims, tau, adapter.rms_norm_eps, "rms", grams)
     tracer.run(batch, [reducer], sample_ids=["0"], values=True)
 
 
@@ -358,7 +358,9 @@ def main() -> None:
 
     forward = lambda: model(**inputs)  # noqa: E731
     generate = lambda: model.generate(**inputs, **tok_kw)  # noqa: E731
-    o_weights = {i: adapter.output_weight(i).detach() for i in layers}
+    from sinkscope.analyses.contributions import output_grams
+
+    grams = output_grams(adapter)  # once per run, as run_contributions makes them
     scan_folder = RunFolder(tempfile.mkdtemp(prefix="real_size_scan_"), "scan", {"benchmark": "real_size"},
                             resume=False)  # the timed scan writes its rows, as run_scan does
     with torch.no_grad():
@@ -371,7 +373,7 @@ def main() -> None:
             "forward knockout": (with_knockout, forward),
             "heads": (contextlib.nullcontext, lambda: heads_pass(tracer, adapter, batch, dims, tau)),
             "contributions": (contextlib.nullcontext,
-                              lambda: contributions_pass(tracer, adapter, batch, dims, tau, o_weights)),
+                              lambda: contributions_pass(tracer, adapter, batch, dims, tau, grams)),
         }, args.repeats))
         generates = {
             "generate eager": (lambda: attention("eager"), generate),

@@ -94,3 +94,28 @@ def test_class_contributions_equal_the_per_class_means_of_the_full_contribution_
             assert int(got["n_tokens"][row, c]) == n
     assert got["attention"][1, 2].isnan().all() and got["contribution"][2].isnan().all()
     assert not got["attention"][0].isnan().any()
+
+
+def test_ov_norms_from_grams_keep_precision_for_values_that_w_o_nearly_cancels():
+    """|| W_O^h v || through G_h = W_O^h^T W_O^h (float64) equals the direct float64 norm within float32 rounding,
+    also for a massive value (norm 1e3) along W_O^h's weakest direction (singular values 1 down to 1e-4), where a
+    float32 quadratic form would lose the answer to cancellation; and it never makes the [batch, head, key, hidden]
+    tensor of what each key writes."""
+    g = torch.Generator().manual_seed(7)
+    heads, hd, hidden = 2, 8, 32
+    u, _ = torch.linalg.qr(torch.randn(hidden, hd, generator=g, dtype=torch.float64))
+    vt, _ = torch.linalg.qr(torch.randn(hd, hd, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(0, -4, hd, dtype=torch.float64)
+    w_head = u @ torch.diag(spectrum) @ vt.T  # [hidden, hd]
+    w = torch.cat([w_head, torch.randn(hidden, hd, generator=g, dtype=torch.float64)], dim=1).float()
+    values = torch.randn(1, heads, 5, hd, generator=g)
+    values[0, 0, 2] = 1e3 * vt[:, -1].float()  # head 0, key 2: along the direction W_O^0 shrinks by 1e-4
+    want = torch.stack([(values[0, h].double() @ w[:, h * hd:(h + 1) * hd].double().T).norm(dim=-1)
+                        for h in range(heads)])[None]
+    got = ov.ov_norms_from_grams(values, ov.ov_grams(w, heads))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert float(want[0, 0, 2]) == pytest.approx(0.1, rel=1e-3)  # 1e3 x 1e-4
+    torch.testing.assert_close(ov.ov_norms(values, w, heads), got)
+    with pytest.raises(ValueError, match="grams must be"):
+        ov.ov_norms_from_grams(values, torch.zeros(heads, hd + 1, hd + 1))

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sinkscope.analyses.common import prepare_batch
-from sinkscope.analyses.contributions import CLASSES, ContributionReducer
+from sinkscope.analyses.contributions import CLASSES, ContributionReducer, output_grams
 from sinkscope.analyses.heads import HeadsConfig, HeadsLayerReduction, HeadsReducer
 from sinkscope.eval.tasks import load_samples
 from sinkscope.trace import Tracer
@@ -114,10 +114,10 @@ def test_contribution_tables_equal_the_literal_build(organism_adapter):
     adapter = organism_adapter
     truth = json.loads((ASSET / "ground_truth.json").read_text())
     samples = load_samples("demo", 3)
-    o_weights = {i: adapter.output_weight(i).detach() for i in range(adapter.num_layers)}
+    grams = output_grams(adapter)
 
     def make(cls):
-        return cls(truth["sink_dims"], 100.0, adapter.rms_norm_eps, "layer", o_weights, adapter.num_heads)
+        return cls(truth["sink_dims"], 100.0, adapter.rms_norm_eps, "layer", grams)
 
     fast, literal = make(ContributionReducer), make(LiteralContributionReducer)
     Tracer(adapter).run(prepare_batch(adapter, samples), [fast, literal], sample_ids=[s.sample_id for s in samples],
@@ -204,10 +204,10 @@ def test_a_local_head_analysis_waits_for_the_device_once_per_batch(n_layers):
 
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_a_local_contribution_analysis_waits_for_the_device_once_per_batch(n_layers):
-    """The same for the contribution analysis (W_O on the layer's device, as the adapter gives it): one copy per
+    """The same for the contribution analysis (W_O's per-head grams on the layer's device): one copy per
     dtype of its payloads (float32 means, int64 token counts) for the whole batch."""
-    o_weights = {i: torch.empty(16, 16, device="meta") for i in range(n_layers)}
-    reducer = ContributionReducer([3], 2.0, 1e-6, "rms", o_weights, 4)
+    grams = {i: torch.empty(4, 4, 4, dtype=torch.float64, device="meta") for i in range(n_layers)}
+    reducer = ContributionReducer([3], 2.0, 1e-6, "rms", grams)
     per_layer, at_end = _drive_on_meta(reducer, n_layers, values=True)
     assert per_layer[0].mixed
     assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
@@ -342,8 +342,7 @@ def test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu(organism_ad
     for where, a in (("cpu", adapter), ("cuda", on_gpu)):
         heads = HeadsReducer(truth["sink_dims"], 100.0, a.rms_norm_eps, "layer", cfg, {samples[0].sample_id},
                              a.token_strings)
-        o_weights = {i: a.output_weight(i).detach() for i in range(a.num_layers)}
-        contributions = ContributionReducer(truth["sink_dims"], 100.0, a.rms_norm_eps, "layer", o_weights, a.num_heads)
+        contributions = ContributionReducer(truth["sink_dims"], 100.0, a.rms_norm_eps, "layer", output_grams(a))
         ids = [s.sample_id for s in samples]
         Tracer(a).run(prepare_batch(a, samples), [heads], sample_ids=ids)
         Tracer(a).run(prepare_batch(a, samples), [contributions], sample_ids=ids, values=True)

@@ -40,16 +40,17 @@ class ContributionsConfig(AnalysisConfig):
 
 class ContributionReducer(InTraceReducer):
     """Per (sample, layer, head, token class) rows of contributions_per_sample, from ContributionLayerReduction's
-    payloads (computed here, or inside a remote trace)."""
+    payloads (computed here, or inside a remote trace). grams: layer -> (W_O^h)^T W_O^h [head, head_dim, head_dim]
+    (`output_grams`)."""
 
-    def __init__(self, dims, tau, eps, score, o_weights: dict, num_heads: int):
+    def __init__(self, dims, tau, eps, score, grams: dict):
         super().__init__(dims, tau, eps, score)
-        self.o_weights, self.num_heads = o_weights, num_heads
+        self.grams = grams
         self.rows: list[pd.DataFrame] = []
 
     def in_trace(self, host: bool = True) -> "ContributionLayerReduction":
         return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
-                                          self.kinds.bos_mask, self.queries, self.o_weights, self.num_heads, host)
+                                          self.kinds.bos_mask, self.queries, self.grams, host)
 
     def begin(self, info) -> None:
         super().begin(info)
@@ -94,14 +95,14 @@ class ContributionLayerReduction(SinkScores):
     the mean attention, mean ||W_O v_j|| and mean contribution a_ij ||W_O v_j|| per (query, token) over the text
     queries after the image [batch, head], and the class's token count [batch]. No [head, query, key] map leaves
     it, and nothing moves to the host but those means: they are computed on the device of the layer's probabilities.
-    It carries each layer's W_O (as the adapter gives it, LoRA included; float32 on the host for a remote request).
+    It carries each layer's (W_O^h)^T W_O^h ([head, head_dim, head_dim] float64, `output_grams`: all the norms need
+    of W_O, and what a remote request uploads: 128 MB at 7B where W_O would be 2 GB).
     """
 
-    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, o_weights: dict, num_heads: int,
-                 host: bool = True):
+    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, grams: dict, host: bool = True):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.bos, self.queries = tau, visual, bos, queries
-        self.o_weights, self.num_heads = o_weights, num_heads
+        self.grams = grams
         self._values: dict = {}
 
     def masks(self) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ class ContributionLayerReduction(SinkScores):
         """Reduced on the probabilities' device (no [head, query, key] tensor moves, and none is made beyond the
         probabilities: `class_contributions` sums the queries out first); the small results come back."""
         device = probs.device
-        norms = ov.ov_norms(self._values.pop(layer).to(device), self.o_weights[layer], self.num_heads)  # [batch, head, key]
+        norms = ov.ov_norms_from_grams(self._values.pop(layer).to(device), self.grams[layer])  # [batch, head, key]
         there = self.on(device)
         sink = (self.phi[layer].to(device) >= self.tau) & there["real"]
         visual = there["visual"]
@@ -126,6 +127,17 @@ class ContributionLayerReduction(SinkScores):
         counts = self.out(out["n_tokens"].t().contiguous())  # [class, batch]
         return {name: {"attention": means[i, 0], "contribution": means[i, 1], "ov_norm": means[i, 2],
                        "n_tokens": counts[i]} for i, name in enumerate(CLASSES)}
+
+
+def output_grams(adapter, host: bool = False) -> dict[int, torch.Tensor]:
+    """layer -> (W_O^h)^T W_O^h of every head ([head, head_dim, head_dim], `measures.contributions.ov_grams`) of W_O
+    as it acts (LoRA included), made once per run where the layer sits (on the CPU with `host`)."""
+    grams = {}
+    with torch.no_grad():
+        for i in range(adapter.num_layers):
+            gram = ov.ov_grams(adapter.output_weight(i).detach(), adapter.num_heads)
+            grams[i] = gram.cpu() if host else gram
+    return grams
 
 
 def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",
@@ -153,14 +165,9 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
                       figures: bool = True) -> RunFolder:
     s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
-    # W_O per layer: where the layer sits for a local trace (cast to float32 a layer at a time); float32 on the
-    # host for a remote one, which uploads them with the request
-    o_weights = {i: adapter.output_weight(i).detach() for i in range(adapter.num_layers)}
-    if cfg.remote:
-        o_weights = {i: w.float().cpu() for i, w in o_weights.items()}
+    grams = output_grams(adapter, host=bool(cfg.remote))  # a remote request uploads them
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
-            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, o_weights, adapter.num_heads), values=True,
-            remote=cfg.remote):
+            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, grams), values=True, remote=cfg.remote):
         if red.rows:
             s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
     return summarize_contributions(s.folder, cfg, figures)

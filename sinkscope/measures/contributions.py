@@ -19,11 +19,51 @@ from __future__ import annotations
 import torch
 
 
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not: float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def ov_grams(o_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """G_h = (W_O^h)^T W_O^h for every head: float64 [head, head_dim, head_dim], so that
+    || W_O^h v ||^2 = v^T G_h v. o_weight: [hidden, num_heads * head_dim]. Made once per layer and run (the weights
+    do not change), it is all the contribution measures need of W_O: 32 x 128 x 128 numbers per layer at 7B,
+    against 4096 x 4096 for W_O itself. float64 so that the quadratic form keeps the precision of a direct float32
+    norm even for a value that W_O^h nearly cancels (a drained sink)."""
+    if o_weight.dim() != 2 or o_weight.shape[1] % num_heads:
+        raise ValueError(f"o_weight must be [hidden, num_heads * head_dim] with {num_heads} heads, "
+                         f"got {tuple(o_weight.shape)}")
+    w = o_weight.to(_exact_dtype(o_weight.device)).reshape(o_weight.shape[0], num_heads, -1)  # [hidden, head, dim]
+    return torch.einsum("ohd,ohe->hde", w, w)
+
+
+def ov_norms_from_grams(values: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """|| W_O^h v_j || = sqrt(v_j^T G_h v_j) for every head and key: float32 [batch, head, key], without the
+    [batch, head, key, hidden] tensor of what each key writes.
+
+    values: [batch, kv_head, key, head_dim]; grams: [head, head_dim, head_dim] (`ov_grams`); the number of heads
+    must be a multiple of kv_head (query head h reads kv head h // (heads / kv_heads)).
+    """
+    if values.dim() != 4:
+        raise ValueError(f"values must be [batch, kv_head, key, head_dim], got {tuple(values.shape)}")
+    batch, kv, n_k, head_dim = values.shape
+    num_heads = grams.shape[0]
+    if num_heads % kv:
+        raise ValueError(f"{num_heads} query heads cannot share {kv} key-value heads evenly")
+    if tuple(grams.shape[1:]) != (head_dim, head_dim):
+        raise ValueError(f"grams must be [head, {head_dim}, {head_dim}] for values of head_dim {head_dim}, "
+                         f"got {tuple(grams.shape)}")
+    exact = _exact_dtype(values.device)
+    v = values.to(exact).repeat_interleave(num_heads // kv, dim=1)  # [batch, head, key, head_dim]
+    squared = torch.einsum("bhkd,hde,bhke->bhk", v, grams.to(values.device, exact), v)
+    return squared.clamp_min(0).sqrt().float()  # G_h is positive semi-definite; rounding may dip just below 0
+
+
 def ov_norms(values: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """|| W_O^h v_j || for every head and key: float32 [batch, head, key].
 
     values: [batch, kv_head, key, head_dim]; o_weight: [hidden, num_heads * head_dim];
-    num_heads must be a multiple of kv_head.
+    num_heads must be a multiple of kv_head. (Through `ov_grams`; a caller with many batches makes those once.)
     """
     if values.dim() != 4:
         raise ValueError(f"values must be [batch, kv_head, key, head_dim], got {tuple(values.shape)}")
@@ -32,10 +72,7 @@ def ov_norms(values: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> to
         raise ValueError(f"{num_heads} query heads cannot share {kv} key-value heads evenly")
     if tuple(o_weight.shape[1:]) != (num_heads * head_dim,):
         raise ValueError(f"o_weight must be [hidden, {num_heads} * {head_dim}], got {tuple(o_weight.shape)}")
-    v = values.float().repeat_interleave(num_heads // kv, dim=1)  # [batch, head, key, head_dim]
-    w = o_weight.float().to(v.device).reshape(o_weight.shape[0], num_heads, head_dim)  # [hidden, head, head_dim]
-    written = torch.einsum("bhkd,ohd->bhko", v, w)  # [batch, head, key, hidden]
-    return written.norm(dim=-1)
+    return ov_norms_from_grams(values, ov_grams(o_weight.to(values.device), num_heads))
 
 
 def ov_contributions(attn: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
