@@ -7,7 +7,7 @@ adapter, batch = hb.build(32)
 dims, tau = [0, 1], 3.0
 inputs = adapter.forward_inputs(batch)
 from sinkscope.analyses.contributions import output_grams
-ow = output_grams(adapter)  # W_O as the contribution analysis takes it (per-head grams; W_O itself before 2f31734+1)
+ow = output_grams(adapter)  # W_O as the contribution analysis takes it (per-head grams; W_O itself before 96cc194)
 tr = Tracer(adapter)
 variants = {"forward": lambda: adapter.model(**inputs),
             "contributions": lambda: r.contributions_pass(tr, adapter, batch, dims, tau, ow),
