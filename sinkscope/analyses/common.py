@@ -305,9 +305,10 @@ class SinkAwareReducer:
         self.visual = self.kinds.visual_mask
         self.queries = text_queries_after_image(info)
         self.phi, self.sink, self.visual_sink = {}, {}, {}
+        self._scores = SinkScores(self.dims, self.eps, self.score, self.real)  # masks sent to a device once per batch
 
     def residual(self, layer: int, states: torch.Tensor) -> None:
-        self._take_phi(layer, SinkScores(self.dims, self.eps, self.score, self.real).residual(layer, states))
+        self._take_phi(layer, self._scores.residual(layer, states))
 
     def _take_phi(self, layer: int, phi: torch.Tensor) -> None:
         """phi [batch, token] of `layer` -> self.phi, self.sink, self.visual_sink."""
