@@ -262,11 +262,13 @@ def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
         assert crossings.sizes and max(crossings.sizes) < n_tokens * n_tokens, (type(reducer), crossings.sizes)
 
 
-@pytest.mark.parametrize("block_bytes", [2**29, 1])
-def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes):
+@pytest.mark.parametrize("block_bytes,keep_bytes", [(2**29, 2**31), (1, 2**31), (2**29, 1), (2**29, 4000)])
+def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes, keep_bytes):
     """The head analysis' part run here (deferred: inputs kept, reduced in blocks of layers after the forward; one
-    layer per block with block_bytes=1) gives each layer the payload the per-layer part of a remote trace gives:
-    phi, the per-head measures, attention received and the maps, on a batch with left and right padding."""
+    layer per block with block_bytes=1; reduced during the forward whenever the kept layers would pass keep_bytes,
+    each layer alone with 1, layers 0-1 together with 4000, and the store never holding more than that plus a layer) gives each
+    layer the payload the per-layer part of a remote trace gives: phi, the per-head measures, attention received
+    and the maps, on a batch with left and right padding."""
     from sinkscope.analyses.heads import HeadsLayerReduction
 
     info = _planted_batch()
@@ -276,9 +278,11 @@ def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes):
 
     def part(defer):
         return HeadsLayerReduction([3], 2.0, 1e-6, "rms", kinds.real_mask, kinds.visual_mask, queries, 0.5, 0.2,
-                                   [1], 2, host=True, defer=defer, block_bytes=block_bytes)
+                                   [1], 2, host=True, defer=defer, block_bytes=block_bytes, keep_bytes=keep_bytes)
 
     per_layer, deferred = part(False), part(True)
+    reductions, reduce = [], deferred._store._reduce  # the layers of each reduction of the store
+    deferred._store._reduce = lambda kept: reductions.append(sorted(kept["residual"])) or reduce(kept)
     expected = []
     for layer in range(3):
         states = torch.randn(2, 9, 16, generator=g)
@@ -287,16 +291,21 @@ def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes):
         expected += [("residual", layer, per_layer.residual(layer, states)),
                      ("attention", layer, per_layer.attention(layer, probs))]
         assert deferred.residual(layer, states) is None and deferred.attention(layer, probs) is None
+        layer_bytes = 4 * (states.numel() + probs[:, :, deferred.query_rows[0]:].numel())
+        assert deferred._store.bytes <= keep_bytes + layer_bytes
     got = deferred.finish()
-    order = lambda items: sorted(items, key=lambda x: (x[0] != "residual", x[1]))  # noqa: E731
-    assert [(k, l) for k, l, _ in got] == [(k, l) for k, l, _ in order(expected)]
-    for (_, layer, a), (_, _, b) in zip(got, order(expected)):
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(b)
+    assert reductions == {2**31: [[0, 1, 2]], 1: [[0], [1], [2]], 4000: [[0, 1], [2]]}[keep_bytes]
+    order = [(kind, layer) for kind, layer, _ in got]
+    assert sorted(order) == sorted((kind, layer) for kind, layer, _ in expected)
+    assert all(order.index(("residual", layer)) < order.index(("attention", layer)) for layer in range(3))
+    want = {(kind, layer): payload for kind, layer, payload in expected}
+    for kind, layer, a in got:
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a), torch.utils._pytree.tree_flatten(want[kind, layer])
         assert flat_a[1] == flat_b[1]
         for x, y in zip(flat_a[0], flat_b[0]):
             torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     sinks = sum(int((p >= 2.0).sum()) for kind, _, p in got if kind == "residual")
-    assert sinks > 0 and not deferred._kept["residual"] and not deferred._kept["attention"]
+    assert sinks > 0 and not deferred._store.kept["residual"] and not deferred._store.kept["attention"]
 
 
 def test_deferred_head_blocks_never_mix_devices():

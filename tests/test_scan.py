@@ -388,11 +388,11 @@ def _planted_kinds():
     return TokenKinds(kind, torch.where(kind == VISUAL, 0, -1))
 
 
-def _reduction(kinds, host, defer=False, score="rms", block_bytes=2**29):
+def _reduction(kinds, host, defer=False, score="rms", block_bytes=2**29, keep_bytes=2**31):
     from sinkscope.analyses.scan import ScanLayerReduction
 
     return ScanLayerReduction([1, 3], 2.0, 5, 0.5, 0.2, 1e-6, score, kinds, kinds.queries_after_image(), True,
-                              host=host, defer=defer, block_bytes=block_bytes)
+                              host=host, defer=defer, block_bytes=block_bytes, keep_bytes=keep_bytes)
 
 
 def test_scan_reductions_read_nothing_back_from_the_device():
@@ -485,6 +485,39 @@ def test_deferred_reductions_in_blocks_of_layers_equal_the_per_layer_ones(score,
                 assert torch.equal(payload[key], want[key]), (kind, layer, key)
     sinks = [expected[("residual", l)]["phi"] >= 2.0 for l in range(n_layers)]
     assert any(s[:, 5].any() for s in sinks) and all(s[:, 2].any() or s[:, 0].any() for s in sinks)  # sinks exist
+
+
+@pytest.mark.parametrize("keep_bytes,during", [(1, [[0], [1], [2]]), (12000, [[0, 1]])])
+def test_deferred_layers_past_the_memory_budget_are_reduced_during_the_forward(keep_bytes, during):
+    """A long prompt of a text-only LM keeps whole attention maps: once the kept layers would pass keep_bytes, the
+    local scan reduces them during the forward (on the device, nothing read back) and keeps only their small
+    results, so it holds at most the budget plus a layer; the payloads equal those reduced as each layer ran."""
+    kinds = _planted_kinds()
+    g = torch.Generator().manual_seed(2)
+    now, later = _reduction(kinds, host=True), _reduction(kinds, host=False, defer=True, keep_bytes=keep_bytes)
+    reductions, reduce = [], later._store._reduce
+    later._store._reduce = lambda kept: reductions.append(sorted(kept["residual"])) or reduce(kept)
+    expected = {}
+    for layer in range(4):
+        states = torch.randn(3, 9, 32, generator=g)
+        states[:, :, 3] += 20.0 * (kinds.kind == 0)
+        probs = torch.softmax(torch.randn(3, 4, 9, 9, generator=g) * 2, dim=-1)
+        expected[("residual", layer)] = now.residual(layer, states)
+        expected[("attention", layer)] = now.attention(layer, probs)
+        later.residual(layer, states)
+        later.attention(layer, probs)
+        layer_bytes = 4 * (states.numel() + probs[:, :, later.query_rows[0]:later.query_rows[1]].numel())
+        assert later._store.bytes <= keep_bytes + layer_bytes
+    assert reductions == during  # before the end of the forward
+    blocks = later.finish()
+    got = [(kind, layer, layer_of(block, i)) for kind, block_layers, block in blocks
+           for i, layer in enumerate(block_layers)]
+    order = [(kind, layer) for kind, layer, _ in got]
+    assert sorted(order) == sorted(expected) and all(
+        order.index(("residual", layer)) < order.index(("attention", layer)) for layer in range(4))
+    for kind, layer, payload in got:
+        for key, want in expected[(kind, layer)].items():
+            assert torch.allclose(payload[key].to(want.dtype), want, rtol=1e-6, atol=1e-7, equal_nan=True), key
 
 
 def test_deferred_reductions_do_two_copies_per_layer_during_the_trace():

@@ -26,7 +26,7 @@ from sinkscope.trace import BatchInfo, Tracer
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
            "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "layer_blocks",
-           "yes_no_labels", "answer_token_ids"]
+           "KeptLayers", "KEEP_BYTES", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -264,6 +264,39 @@ def layer_blocks(layers: list[int], kept: dict[int, torch.Tensor], block_bytes: 
         else:
             blocks.append([layer])
     return blocks
+
+
+KEEP_BYTES = 2**31  # what a deferred in-trace part may hold of a batch's layer inputs before it reduces them
+
+
+class KeptLayers:
+    """The store of a deferred in-trace part: each layer's inputs by kind ("residual", "attention": layer ->
+    tensor), reduced in blocks of layers by the part's `reduce(kept) -> list` (which pops what it reduces).
+
+    `keep` copies a layer's tensor in; when a layer's residual state would take the store past `keep_bytes`, the
+    layers kept so far (complete: residual and attention) are reduced first, on their device, with nothing read
+    back, and their results kept in `reduced`. So the store holds about `keep_bytes` (plus one layer) whatever
+    the number of layers, tokens and query rows: a text-only LM with a long prompt keeps whole attention maps.
+    `drain()` reduces the rest and returns every result in layer order."""
+
+    def __init__(self, reduce: Callable[[dict], list], keep_bytes: int = KEEP_BYTES):
+        self.kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
+        self.reduced: list = []
+        self.bytes = 0
+        self._reduce, self.keep_bytes = reduce, keep_bytes
+
+    def keep(self, kind: str, layer: int, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if kind == "residual" and self.kept["residual"] and self.bytes + size > self.keep_bytes:
+            self.reduced += self._reduce(self.kept)
+            self.bytes = 0
+        self.kept[kind][layer] = tensor.clone()
+        self.bytes += size
+
+    def drain(self) -> list:
+        out = self.reduced + self._reduce(self.kept)
+        self.reduced, self.bytes = [], 0
+        return out
 
 
 def payloads_to_host(payloads: list) -> list:

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, layer_blocks,
-                                      report_step_for, setup, traced_chunks)
+from sinkscope.analyses.common import (KEEP_BYTES, AnalysisConfig, InTraceReducer, KeptLayers, SinkScores,
+                                      cluster_bootstrap, layer_blocks, report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
@@ -140,20 +140,20 @@ class HeadsLayerReduction(SinkScores):
     Two ways to run, as the scan's: per layer (`defer=False`, what a remote trace runs: each call reduces its layer
     and returns its payload), or deferred (`defer=True`, a local run): a call keeps the layer's residual state and
     the query rows of its attention (one copy each) and returns None, and `finish()` reduces the kept layers in
-    blocks of layers (`layer_blocks`, at most `block_bytes`) after the forward, one payload per layer, each a
-    contiguous slice of its block's result. Both give the same payloads (`measures.heads.query_averaged_head_measures`
+    blocks of layers (`layer_blocks`, at most `block_bytes`) after the forward (or during it, when the kept layers
+    would pass `keep_bytes`: `KeptLayers`), one payload per layer, each a contiguous slice of its block's result. Both give the same payloads (`measures.heads.query_averaged_head_measures`
     over one layer or a block).
     """
 
     PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")
 
     def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words,
-                 host: bool = True, defer: bool = False, block_bytes: int = 2**29):
+                 host: bool = True, defer: bool = False, block_bytes: int = 2**29, keep_bytes: int = KEEP_BYTES):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.queries, self.rho, self.summ = tau, visual, queries, rho, summ
         self.map_rows, self.map_words = list(map_rows), map_words
         self.defer, self.block_bytes = defer, block_bytes
-        self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
+        self._store = KeptLayers(self._reduce_kept, keep_bytes)
         rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
         self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
 
@@ -167,7 +167,7 @@ class HeadsLayerReduction(SinkScores):
 
     def residual(self, layer, states):
         if self.defer:
-            self._kept["residual"][layer] = states.detach().clone()
+            self._store.keep("residual", layer, states.detach())
             return None
         return super().residual(layer, states)
 
@@ -175,16 +175,22 @@ class HeadsLayerReduction(SinkScores):
         first, stop = self.query_rows
         rows = probs.detach()[:, :, first:stop]  # [batch, head, query row, key]
         if self.defer:
-            self._kept["attention"][layer] = rows.clone()
+            self._store.keep("attention", layer, rows)
             return None
         block = self._attention_block(rows[:, None], self.phi[layer].to(probs.device)[:, None])
         return {k: (self.out(v[0]) if k != "maps" else {b: self.out(m[0]) for b, m in v.items()})
                 for k, v in block.items()}
 
     def finish(self) -> list[tuple[str, int, object]]:
-        """The kept layers' payloads, (kind, layer, payload), every residual first; empties the store."""
+        """The kept layers' payloads, (kind, layer, payload), every layer's residual before its attention; empties
+        the store."""
+        return self._store.drain()
+
+    def _reduce_kept(self, kept_by_kind: dict) -> list[tuple[str, int, object]]:
+        """What the store holds, reduced in blocks where it is (popped from it): the residual payloads, then the
+        attention ones."""
         out, phi = [], {}
-        kept = self._kept["residual"]
+        kept = kept_by_kind["residual"]
         for layers in layer_blocks(sorted(kept), kept, self.block_bytes):
             states = torch.stack([kept.pop(layer) for layer in layers])  # [layer, batch, token, dim]
             there = self.on(states.device, states)
@@ -194,7 +200,7 @@ class HeadsLayerReduction(SinkScores):
             for i, layer in enumerate(layers):
                 phi[layer] = block_phi[i]
                 out.append(("residual", layer, block_phi[i]))
-        kept = self._kept["attention"]
+        kept = kept_by_kind["attention"]
         for layers in layer_blocks(sorted(kept), kept, self.block_bytes):
             probs = torch.stack([kept.pop(layer) for layer in layers], dim=1)  # [batch, layer, head, row, key]
             block = self._attention_block(probs, torch.stack([phi[layer].to(probs.device) for layer in layers], 1))

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, layer_blocks, open_calibration,  # noqa: F401 (re-exported)
-                                       prepare_batch, prepare_readable, report_step_config, text_queries_after_image)
+from sinkscope.analyses.common import (KEEP_BYTES, AnalysisConfig, KeptLayers,  # noqa: F401 (re-exported)
+                                       layer_blocks, open_calibration, prepare_batch, prepare_readable,
+                                       report_step_config, text_queries_after_image)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
@@ -87,21 +88,23 @@ class ScanLayerReduction:
     every choice that depends on them (which rows of a sample are real, where its BOS is, which rows are
     queries) is made here, in Python.
     block_bytes: the largest float32 block (layers x batch x tokens x width, or x heads x query rows x keys)
-    `finish()` reduces at once.
+    `finish()` reduces at once. keep_bytes: what the deferred layers may hold before they are reduced during the
+    forward (`KeptLayers`; a long text-only prompt keeps whole attention maps).
     asynchronous: copies from a CUDA device to the host are queued (`non_blocking`) and `copied` holds an event per
     device recorded after them; whoever reads the payloads waits for them first (`ScanReducer.build`). The host can
     then do other work (the previous batch's tables) while the device runs the reductions and the copies.
     """
 
     def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True,
-                 defer: bool = False, block_bytes: int = 2**29, asynchronous: bool = False):
+                 defer: bool = False, block_bytes: int = 2**29, asynchronous: bool = False,
+                 keep_bytes: int = KEEP_BYTES):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score, self.kinds, self.queries, self.profile, self.host = score, kinds, queries, profile, host
         self.defer, self.block_bytes, self.asynchronous = defer, block_bytes, asynchronous
         self.copied: list = []  # events recorded after queued copies (asynchronous, CUDA only)
         self._queued: set = set()  # devices with copies queued since the last event
         self.phi: dict = {}
-        self._kept: dict[str, dict[int, torch.Tensor]] = {"residual": {}, "attention": {}}
+        self._store = KeptLayers(self._reduce_kept, keep_bytes)
         self._on: dict = {}  # device -> (kinds, queries, text positions) there, and the sink-dim index
         kinds = kinds.to("cpu")
         self.bos_position = _first(kinds.bos_mask[0])
@@ -147,7 +150,7 @@ class ScanLayerReduction:
     # -- the two ways to run -----------------------------------------------------------
     def residual(self, layer, states):
         if self.defer:
-            self._kept["residual"][layer] = states.detach().clone()
+            self._store.keep("residual", layer, states.detach())
             return None
         block = self._residual_block(states.detach()[:, None])
         self.phi[layer] = block["phi"][:, 0]
@@ -156,31 +159,36 @@ class ScanLayerReduction:
     def attention(self, layer, probs):
         first, stop = self.query_rows
         if self.defer:
-            self._kept["attention"][layer] = probs.detach()[:, :, first:stop].clone()
+            self._store.keep("attention", layer, probs.detach()[:, :, first:stop])
             return None
         phi = self.phi[layer].to(probs.device)[:, None]  # phi: where the layer input was
         return self._out(layer_of(self._attention_block(probs.detach()[:, None, :, first:stop], phi), 0))
 
     def finish(self) -> list[tuple[str, list[int], dict]]:
         """The kept layers' payloads as blocks (kind, layers, payload [batch, layer, ...]; profile rows [layer,
-        ...]), reduced in blocks of layers, never split per layer (`layer_of` gives one); empties the store."""
+        ...]), reduced in blocks of layers, never split per layer (`layer_of` gives one), moved to the host once per
+        block and measure; empties the store."""
+        out = [(kind, layers, self._out(block)) for kind, layers, block in self._store.drain()]
+        self._record_copies()
+        return out
+
+    def _reduce_kept(self, kept: dict) -> list[tuple[str, list[int], dict]]:
+        """What `kept` holds, reduced in blocks where it is (popped from it): residual blocks, then attention."""
         out = []
-        layers = sorted(self._kept["residual"])
+        layers = sorted(kept["residual"])
         phi = {}  # block of layers -> phi [batch, layer, token] where the states were, for the attention blocks
-        for block_layers in self._blocks(layers, self._kept["residual"]):
-            block = self._residual_block(torch.stack([self._kept["residual"].pop(l) for l in block_layers], dim=1))
+        for block_layers in self._blocks(layers, kept["residual"]):
+            block = self._residual_block(torch.stack([kept["residual"].pop(l) for l in block_layers], dim=1))
             phi[tuple(block_layers)] = block["phi"]
-            out.append(("residual", block_layers, self._out(block)))  # to the host once per block and measure
-        layers = sorted(self._kept["attention"])
-        for block_layers in self._blocks(layers, self._kept["attention"]):
-            probs = torch.stack([self._kept["attention"].pop(l) for l in block_layers], dim=1)
+            out.append(("residual", block_layers, block))
+        layers = sorted(kept["attention"])
+        for block_layers in self._blocks(layers, kept["attention"]):
+            probs = torch.stack([kept["attention"].pop(l) for l in block_layers], dim=1)
             block_phi = phi.get(tuple(block_layers))  # the residual blocks are the same when both kinds were kept
             if block_phi is None:
                 by_layer = {l: p[:, i] for ls, p in phi.items() for i, l in enumerate(ls)}
                 block_phi = torch.stack([by_layer[l].to(probs.device) for l in block_layers], dim=1)
-            block = self._attention_block(probs, block_phi.to(probs.device))
-            out.append(("attention", block_layers, self._out(block)))
-        self._record_copies()
+            out.append(("attention", block_layers, self._attention_block(probs, block_phi.to(probs.device))))
         return out
 
     def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
