@@ -266,9 +266,9 @@ def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
 def test_deferred_head_reductions_equal_the_per_layer_ones(block_bytes, keep_bytes):
     """The head analysis' part run here (deferred: inputs kept, reduced in blocks of layers after the forward; one
     layer per block with block_bytes=1; reduced during the forward whenever the kept layers would pass keep_bytes,
-    each layer alone with 1, layers 0-1 together with 4000, and the store never holding more than that plus a layer) gives each
-    layer the payload the per-layer part of a remote trace gives: phi, the per-head measures, attention received
-    and the maps, on a batch with left and right padding."""
+    each layer alone with 1, layers 0-1 together with 4000, and the store never holding more than that plus a
+    layer) gives each layer the payload the per-layer part of a remote trace gives: phi, the per-head measures,
+    attention received and the maps, on a batch with left and right padding."""
     from sinkscope.analyses.heads import HeadsLayerReduction
 
     info = _planted_batch()
@@ -359,3 +359,43 @@ def test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu(organism_ad
                          "maps": pd.concat(heads.map_rows), "contributions": pd.concat(contributions.rows)}
     for name in tables["cpu"]:
         pd.testing.assert_frame_equal(tables["cuda"][name], tables["cpu"][name], rtol=1e-4, atol=1e-6, obj=name)
+
+
+def test_deferred_contribution_reductions_equal_the_per_layer_ones():
+    """The contribution analysis' part run here (deferred: per layer only || W_O^h v_j || and the attention each
+    key gets from the queries, the class means in one block after the forward) gives each layer the payload the
+    per-layer part of a remote trace gives, with grouped-query values and left and right padding."""
+    from sinkscope.analyses.contributions import ContributionLayerReduction
+    from sinkscope.measures.contributions import ov_grams
+
+    info = _planted_batch()
+    kinds = info.token_kinds
+    g = torch.Generator().manual_seed(8)
+    grams = {layer: ov_grams(torch.randn(16, 4 * 4, generator=g), 4) for layer in range(3)}
+
+    def part(defer):
+        return ContributionLayerReduction([3], 2.0, 1e-6, "rms", kinds.real_mask, kinds.visual_mask, kinds.bos_mask,
+                                          kinds.queries_after_image(include_generated=True), grams, host=True,
+                                          defer=defer)
+
+    per_layer, deferred = part(False), part(True)
+    expected = {}
+    for layer in range(3):
+        states = torch.randn(2, 9, 16, generator=g)
+        states[:, :, 3] += 30.0 * (torch.arange(9) % 3 == 0)
+        values = torch.randn(2, 2, 9, 4, generator=g)  # 2 kv heads for 4 query heads
+        probs = torch.softmax(torch.randn(2, 4, 9, 9, generator=g), dim=-1)
+        for p in (per_layer, deferred):
+            p.residual(layer, states)
+            p.values(layer, values)
+        expected[layer] = per_layer.attention(layer, probs)
+        assert deferred.attention(layer, probs) is None
+    got = deferred.finish()
+    assert [(kind, layer) for kind, layer, _ in got] == [("attention", layer) for layer in range(3)]
+    for _, layer, payload in got:
+        flat, spec = torch.utils._pytree.tree_flatten(payload)
+        flat_want, spec_want = torch.utils._pytree.tree_flatten(expected[layer])
+        assert spec == spec_want
+        for x, y in zip(flat, flat_want):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert any(int(p["visual_sink"]["n_tokens"].sum()) > 0 for _, _, p in got)  # the sink class is not empty

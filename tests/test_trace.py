@@ -344,6 +344,7 @@ def test_local_value_states_come_from_the_capture_function_bitwise_as_through_so
         assert v.dim() == 4 and v.shape[0] == 2 and v.shape[2] == batch["input_ids"].shape[1]
         assert torch.equal(v, sourced.values_of[layer]), layer
         assert torch.equal(captured.probs[layer], sourced.probs[layer]), layer
-    assert captured.calls == [(kind, layer) for layer in (0, LAYERS - 1) for kind in ("residual", "values", "attention")]
+    assert captured.calls == [(kind, layer) for layer in (0, LAYERS - 1)
+                              for kind in ("residual", "values", "attention")]
     assert all(attr not in adapter.attention(i).__dict__
                for i in range(LAYERS) for attr in (CAPTURE_ATTR, CAPTURE_VALUES_ATTR))

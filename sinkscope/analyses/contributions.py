@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap,
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, layer_blocks,
                                       report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
@@ -50,7 +50,7 @@ class ContributionReducer(InTraceReducer):
 
     def in_trace(self, host: bool = True) -> "ContributionLayerReduction":
         return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
-                                          self.kinds.bos_mask, self.queries, self.grams, host)
+                                          self.kinds.bos_mask, self.queries, self.grams, host, defer=not host)
 
     def begin(self, info) -> None:
         super().begin(info)
@@ -99,34 +99,59 @@ class ContributionLayerReduction(SinkScores):
     of W_O, and what a remote request uploads: 128 MB at 7B where W_O would be 2 GB).
     """
 
-    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, grams: dict, host: bool = True):
+    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, grams: dict, host: bool = True,
+                 defer: bool = False):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.bos, self.queries = tau, visual, bos, queries
-        self.grams = grams
+        self.grams, self.defer = grams, defer
         self._values: dict = {}
+        self._kept: dict[int, tuple] = {}  # deferred: layer -> (phi, received, norms), where the layer ran
+        self.n_queries = queries.sum(dim=-1)  # [batch], on the host
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return {"real": self.real, "visual": self.visual, "bos": self.bos, "queries": self.queries}
+        return {"real": self.real, "visual": self.visual, "bos": self.bos, "queries": self.queries,
+                "n_queries": self.n_queries}
 
     def values(self, layer, v):
         self._values[layer] = v.detach()  # stays on its layer's device until the layer's attention
         return None
 
     def attention(self, layer, probs):
-        """Reduced on the probabilities' device (no [head, query, key] tensor moves, and none is made beyond the
-        probabilities: `class_contributions` sums the queries out first); the small results come back."""
+        """The two reductions that need the layer's own tensors: || W_O^h v_j || and the attention each key gets
+        from the queries, [batch, head, key] each (no [head, query, key] tensor is made beyond the probabilities).
+        Per layer (remote), the class means follow and come back; deferred (here), they wait for `finish()`."""
         device = probs.device
         norms = ov.ov_norms_from_grams(self._values.pop(layer).to(device), self.grams[layer])  # [batch, head, key]
-        there = self.on(device)
-        sink = (self.phi[layer].to(device) >= self.tau) & there["real"]
-        visual = there["visual"]
-        keys = torch.stack([sink & visual, visual & ~sink, there["bos"]], dim=1)  # [batch, class, key], CLASSES' order
-        out = ov.class_contributions(probs.detach(), norms, keys, there["queries"])
-        means = torch.stack([out["attention"], out["contribution"], out["ov_norm"]]).permute(2, 0, 1, 3)
-        means = self.out(means.contiguous())  # [class, 3, batch, head]: one transfer, each leaf a contiguous slice
-        counts = self.out(out["n_tokens"].t().contiguous())  # [class, batch]
-        return {name: {"attention": means[i, 0], "contribution": means[i, 1], "ov_norm": means[i, 2],
-                       "n_tokens": counts[i]} for i, name in enumerate(CLASSES)}
+        received = ov.received_by_key(probs.detach(), self.on(device)["queries"])  # [batch, head, key]
+        if self.defer:
+            self._kept[layer] = (self.phi[layer], received, norms)
+            return None
+        return self._class_block(self.phi[layer][:, None], received[:, None], norms[:, None])[0]
+
+    def finish(self) -> list[tuple[str, int, dict]]:
+        """The kept layers' payloads, ("attention", layer, payload), reduced in blocks of layers on one device."""
+        out = []
+        received = {layer: kept[1] for layer, kept in self._kept.items()}
+        for layers in layer_blocks(sorted(received), received, 2**29):
+            device = received[layers[0]].device
+            block = [torch.stack([self._kept[layer][i].to(device) for layer in layers], dim=1) for i in range(3)]
+            out += [("attention", layer, payload) for layer, payload in zip(layers, self._class_block(*block))]
+        self._kept = {}
+        return out
+
+    def _class_block(self, phi: torch.Tensor, received: torch.Tensor, norms: torch.Tensor) -> list[dict]:
+        """phi [batch, layer, key], received and norms [batch, layer, head, key] -> each layer's payload: per token
+        class (CLASSES), the means [batch, head] and the token count [batch], contiguous slices of two tensors."""
+        there = self.on(received.device)
+        sink = (phi >= self.tau) & there["real"][:, None, :]  # [batch, layer, key]
+        visual, bos = there["visual"][:, None, :], there["bos"][:, None, :]
+        keys = torch.stack(torch.broadcast_tensors(sink & visual, visual & ~sink, bos), dim=2)  # [b, layer, class, key]
+        out = ov.class_means_of_received(received, norms, keys, there["n_queries"])
+        means = torch.stack([out["attention"], out["contribution"], out["ov_norm"]])  # [3, batch, layer, class, head]
+        means = self.out(means.permute(2, 3, 0, 1, 4).contiguous())  # [layer, class, 3, batch, head]: one transfer
+        counts = self.out(out["n_tokens"].permute(1, 2, 0).contiguous())  # [layer, class, batch]
+        return [{name: {"attention": means[i, c, 0], "contribution": means[i, c, 1], "ov_norm": means[i, c, 2],
+                        "n_tokens": counts[i, c]} for c, name in enumerate(CLASSES)} for i in range(phi.shape[1])]
 
 
 def output_grams(adapter, host: bool = False) -> dict[int, torch.Tensor]:

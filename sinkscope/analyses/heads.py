@@ -141,8 +141,8 @@ class HeadsLayerReduction(SinkScores):
     and returns its payload), or deferred (`defer=True`, a local run): a call keeps the layer's residual state and
     the query rows of its attention (one copy each) and returns None, and `finish()` reduces the kept layers in
     blocks of layers (`layer_blocks`, at most `block_bytes`) after the forward (or during it, when the kept layers
-    would pass `keep_bytes`: `KeptLayers`), one payload per layer, each a contiguous slice of its block's result. Both give the same payloads (`measures.heads.query_averaged_head_measures`
-    over one layer or a block).
+    would pass `keep_bytes`: `KeptLayers`), one payload per layer, each a contiguous slice of its block's result.
+    Both give the same payloads (`measures.heads.query_averaged_head_measures` over one layer or a block).
     """
 
     PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")

@@ -114,15 +114,30 @@ def class_contributions(attn: torch.Tensor, norms: torch.Tensor, key_classes: to
     if attn.dim() != 4 or tuple(norms.shape) != (attn.shape[0], attn.shape[1], attn.shape[3]):
         raise ValueError(f"attn [batch, head, query, key] {tuple(attn.shape)} and norms [batch, head, key] "
                          f"{tuple(norms.shape)} do not match")
-    keys = key_classes.to(attn.device)
     queries = query_mask.to(attn.device)
-    received = torch.einsum("bhqk,bq->bhk", attn.float(), queries.float())  # attention each key gets, [b, h, k]
-    norms = norms.float().to(attn.device)
-    per_key = torch.stack([received, received * norms, norms], dim=1)  # [batch, 3, head, key]
-    sums = torch.einsum("bmhk,bck->mbch", per_key, keys.float())  # [3, batch, class, head]
-    n_tokens = keys.sum(dim=-1)  # [batch, class]
-    pairs = (queries.sum(dim=-1, keepdim=True) * n_tokens).float()[..., None]  # [batch, class, 1]
-    nan = torch.tensor(float("nan"), device=attn.device)
+    return class_means_of_received(received_by_key(attn, queries), norms, key_classes, queries.sum(dim=-1))
+
+
+def received_by_key(attn: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """sum over the queries in query_mask of a_{h,i,j}: float32 [batch, head, key] (the queries summed out, what
+    `class_means_of_received` takes). attn: [batch, head, query, key]; query_mask: [batch, query] bool."""
+    return torch.einsum("bhqk,bq->bhk", attn.float(), query_mask.to(attn.device).float())
+
+
+def class_means_of_received(received: torch.Tensor, norms: torch.Tensor, key_classes: torch.Tensor,
+                            n_queries: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`class_contributions` from the queries' summed attention: any leading dims L (e.g. [batch] or
+    [batch, layer]). received, norms: [*L, head, key]; key_classes: [*L, class, key] bool; n_queries: the queries
+    summed over, [batch] (broadcast over the other leading dims). Returns "attention", "contribution", "ov_norm"
+    [*L, class, head] and "n_tokens" [*L, class], as `class_contributions`."""
+    keys = key_classes.to(received.device)
+    norms = norms.float().to(received.device)
+    per_key = torch.stack([received, received * norms, norms])  # [3, *L, head, key]
+    sums = torch.einsum("m...hk,...ck->m...ch", per_key, keys.float())  # [3, *L, class, head]
+    n_tokens = keys.sum(dim=-1)  # [*L, class]
+    n_q = n_queries.to(received.device).reshape(n_queries.shape + (1,) * (n_tokens.dim() - n_queries.dim()))
+    pairs = (n_q * n_tokens).float()[..., None]  # [*L, class, 1]
+    nan = torch.tensor(float("nan"), device=received.device)
     return {"attention": torch.where(pairs > 0, sums[0] / pairs.clamp_min(1), nan),
             "contribution": torch.where(pairs > 0, sums[1] / pairs.clamp_min(1), nan),
             "ov_norm": sums[2] / n_tokens.clamp_min(1).float()[..., None], "n_tokens": n_tokens}
