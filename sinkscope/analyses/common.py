@@ -364,7 +364,7 @@ class InTraceReducer(SinkAwareReducer):
     brings all of the batch's payloads to the CPU at once (`payloads_to_host`) and hands them to `take` in the
     order they were made; so the forward never waits for a copy. A part may also keep its inputs and reduce them
     after the forward, in blocks of layers: its calls then return None and its `finish()` gives the
-    (kind, layer, payload) triples, every residual before any attention. Run remotely, the tracer sends the part
+    (kind, layer, payload) triples, each layer's residual before its attention. Run remotely, the tracer sends the part
     (host=True) and hands its payloads to `take` after the trace; `end()` then builds."""
 
     def begin(self, info: BatchInfo) -> None:
