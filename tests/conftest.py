@@ -54,3 +54,17 @@ def organism_adapter():
     if not (ORGANISM_ASSET / "config.json").exists():
         pytest.skip("the organism asset is not built (python -m sinkscope.models.embedded.organism)")
     return quiet(load, "organism")
+
+
+def feed_layers_split_across_devices(part, batch: int, seed: int) -> None:
+    """Hand an in-trace part 5 layers of random states [batch, 9, 16] and probabilities [batch, 4, 9, 9] as a model
+    split across devices leaves them: layers 0-1 on the CPU, 2-4 on the meta device, and residual states 0-2 on the
+    CPU (a layer's input may still sit where the previous layer left it)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(5):
+        states = torch.randn(batch, 9, 16, generator=g)
+        probs = torch.softmax(torch.randn(batch, 4, 9, 9, generator=g), dim=-1)
+        part.residual(layer, states if layer < 3 else states.to("meta"))
+        part.attention(layer, probs if layer < 2 else probs.to("meta"))

@@ -312,6 +312,7 @@ def test_deferred_head_blocks_never_mix_devices():
     """A model split across devices keeps each layer's inputs where the layer ran: the head analysis reduces runs
     of layers on one device, each where it is (layers 0-1 on the CPU, 2-4 on the meta device; residual 0-2 on the
     CPU, as a layer's input may still sit where the previous layer left it)."""
+    from conftest import feed_layers_split_across_devices
     from sinkscope.analyses.heads import HeadsLayerReduction
 
     info = _planted_batch()
@@ -319,12 +320,7 @@ def test_deferred_head_blocks_never_mix_devices():
     part = HeadsLayerReduction([3], 2.0, 1e-6, "rms", kinds.real_mask, kinds.visual_mask,
                                kinds.queries_after_image(include_generated=True), 0.5, 0.2, [0], 2, host=False,
                                defer=True)
-    g = torch.Generator().manual_seed(6)
-    for layer in range(5):
-        states = torch.randn(2, 9, 16, generator=g)
-        probs = torch.softmax(torch.randn(2, 4, 9, 9, generator=g), dim=-1)
-        part.residual(layer, states if layer < 3 else states.to("meta"))
-        part.attention(layer, probs if layer < 2 else probs.to("meta"))
+    feed_layers_split_across_devices(part, batch=2, seed=6)
     got = part.finish()
     devices = [(kind, layer, {leaf.device.type for leaf in torch.utils._pytree.tree_leaves(payload)})
                for kind, layer, payload in got]

@@ -731,14 +731,10 @@ def test_deferred_blocks_never_mix_devices():
     """A model split across devices keeps each layer's state and query rows where the layer ran: blocks are runs of
     layers on one device, reduced there (layers 0-1 on the CPU, 2-4 on the meta device; residual 0-2 on the CPU,
     as a layer's input may still sit where the previous layer left it)."""
-    kinds = _planted_kinds()
-    g = torch.Generator().manual_seed(4)
-    reduction = _reduction(kinds, host=False, defer=True)
-    for layer in range(5):
-        states = torch.randn(3, 9, 16, generator=g)
-        probs = torch.softmax(torch.randn(3, 4, 9, 9, generator=g), dim=-1)
-        reduction.residual(layer, states if layer < 3 else states.to("meta"))
-        reduction.attention(layer, probs if layer < 2 else probs.to("meta"))
+    from conftest import feed_layers_split_across_devices
+
+    reduction = _reduction(_planted_kinds(), host=False, defer=True)
+    feed_layers_split_across_devices(reduction, batch=3, seed=4)
     blocks = reduction.finish()
     assert [(kind, layers, {v.device.type for v in block.values()}) for kind, layers, block in blocks] == [
         ("residual", [0, 1, 2], {"cpu"}), ("residual", [3, 4], {"meta"}),

@@ -208,18 +208,23 @@ class _Keep:
         pass
 
 
+def _own_copy_and_batch(tiny, dtype: torch.dtype = torch.float32):
+    """An adapter over this test's own copy of the session's tiny model (left as it is) in `dtype`, and a two-sample
+    batch."""
+    import copy
+
+    adapter = adapter_for_model(copy.deepcopy(tiny.model).to(dtype), tiny.processor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return adapter, adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_local_probabilities_come_from_the_capture_function_bitwise_as_through_source(tiny, dtype):
     """A local run takes the probabilities from sinkscope's registered eager function instead of nnsight's
     `.source` (which wraps every attention operation): the same tensors bit for bit, in float32 and bfloat16, with
     reducers called residual, attention, residual, ... per layer; the model comes back on eager attention."""
-    import copy
-
-    model = copy.deepcopy(tiny.model).to(dtype)  # the session's tiny model stays as it is
-    adapter = adapter_for_model(model, tiny.processor)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    adapter, batch = _own_copy_and_batch(tiny, dtype)
     captured, sourced, order = _Keep(), _Keep(), _Recorder()
     tracer = Tracer(adapter)
     tracer.run(batch, [captured, order])
@@ -278,12 +283,7 @@ def test_local_residual_only_runs_use_hooks_and_leave_none_behind(tiny):
     """A local run without attention takes the residual states from forward pre-hooks: the same tensors as
     nnsight's `.input`; the hooks go away after the run, also when a reducer raises, and the model is never
     wrapped by nnsight."""
-    import copy
-
-    adapter = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    adapter, batch = _own_copy_and_batch(tiny)
     hooked, sourced = _Keep(), _Keep()
     tracer = Tracer(adapter)
     tracer.run(batch, [hooked], attention=False, layers=[1])
@@ -325,14 +325,9 @@ def test_local_value_states_come_from_the_capture_function_bitwise_as_through_so
     nnsight's `.source` reads as the attention function's fourth input ([batch, kv_head, key, head_dim], before
     any grouped-query repeat), bit for bit, between the layer's residual and its attention; only the requested
     layers; the model is never wrapped by nnsight and no hand is left on its attention modules."""
-    import copy
-
     from sinkscope.eager import CAPTURE_ATTR, CAPTURE_VALUES_ATTR
 
-    adapter = adapter_for_model(copy.deepcopy(tiny.model), tiny.processor)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        batch = adapter.prepare([QUESTIONS[0], QUESTIONS[1]], [[tiny.image(0)], [tiny.image(1)]])
+    adapter, batch = _own_copy_and_batch(tiny)
     captured, sourced = _KeepValues(), _KeepValues()
     tracer = Tracer(adapter)
     tracer.run(batch, [captured], values=True, layers=[0, LAYERS - 1])
