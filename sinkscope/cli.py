@@ -408,7 +408,8 @@ def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions, remote: 
 @run_options("location", out="runs/location")
 def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
              masks: Optional[str] = typer.Option(None, help="folder with one PNG mask per image (same stem, image "
-                                                 "size, 0 = background); default: the demo world's ground truth")):
+                                                 "size, 0 = background); default: the demo world's ground truth"),
+             remote: Optional[str] = _REMOTE):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
 
     def build(score: str):
@@ -416,7 +417,7 @@ def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
 
         if masks is not None and not Path(masks).is_dir():
             raise SinkscopeError(f"--masks {masks} is not a folder; give a folder with one PNG mask per image")
-        return _config(LocationConfig, run, opts, score, masks=masks)
+        return _config(LocationConfig, run, opts, score, masks=masks, remote=remote)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.location:run_location")
 

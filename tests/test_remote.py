@@ -138,10 +138,30 @@ def test_remote_local_contributions_equal_the_local_contributions(lm, organism_a
     assert len(per) and (lm == "text" or {"visual_sink", "visual_nonsink"} <= set(per["token_class"]))
 
 
-def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+def test_remote_local_location_equals_the_local_location(organism_adapter, tmp_path):
+    """location's in-trace part is phi alone: the per-sample counts of visual sinks on background (the demo world's
+    masks) and every summary are the same remotely as here."""
     from sinkscope.analyses.location import LocationConfig, run_location
 
-    cfg = LocationConfig(model="organism", data="demo", limit=2, remote="local")
-    with pytest.raises(SinkscopeError, match="location cannot run remotely"):
-        run_location(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
+    folders = []
+    for name, remote in (("here", None), ("there", "local")):
+        cfg = LocationConfig(model="organism", data="demo", limit=4, batch_size=2, calibration=2, n_boot=50,
+                             remote=remote)
+        folders.append(quiet(run_location, str(tmp_path / name), cfg, adapter=organism_adapter, log=lambda m: None,
+                             figures=False))
+    here, there = folders
+    tables = sorted(p.name for p in here.path.glob("*.csv"))
+    assert "location_per_sample.csv" in tables and tables == sorted(p.name for p in there.path.glob("*.csv"))
+    for table in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(here.path / table), pd.read_csv(there.path / table), obj=table)
+    per = pd.read_csv(here.path / "location_per_sample.csv")
+    assert per["n_sinks"].sum() > 0 and per["n_background"].sum() > 0
+
+
+def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+    from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
+
+    cfg = VitSinksConfig(model="organism", data="demo", limit=2, remote="local")
+    with pytest.raises(SinkscopeError, match="vit_sinks cannot run remotely"):
+        run_vit_sinks(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
     assert not (tmp_path / "c").exists()

@@ -203,7 +203,7 @@ def report_step_for(config_class, run, **overrides):
     return report_step
 
 
-REMOTE_ANALYSES = ("heads", "contributions")  # analyses (besides scan) whose reducers run inside a remote trace
+REMOTE_ANALYSES = ("heads", "contributions", "location")  # analyses (besides scan) whose reducers run in a remote trace
 EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, report_step_for, setup,
-                                      traced_chunks)
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, report_step_for,
+                                      setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample
@@ -84,15 +84,24 @@ def background_mask(sample: Sample, masks: dict[str, Path] | None) -> np.ndarray
     return mask == 0
 
 
-class LocationReducer(SinkAwareReducer):
+class LocationReducer(InTraceReducer):
+    """Per (sample, layer): the first image's tokens, its background ones, its visual sinks and those on background.
+    Its in-trace part is phi of every token (`SinkScores`), so it runs here (the batch's phi brought to the host once)
+    or inside a remote trace alike; the counts are made on the host from the masks."""
+
     def __init__(self, dims, tau, eps, score, backgrounds: dict, min_object_coverage: float):
         super().__init__(dims, tau, eps, score)
         self.backgrounds, self.cov = backgrounds, min_object_coverage
         self.rows, self.skipped = [], {}
         self._token_bg: dict = {}
 
-    def residual(self, layer, states):
-        super().residual(layer, states)
+    def in_trace(self, host: bool = True) -> SinkScores:
+        return SinkScores(self.dims, self.eps, self.score, self.real, host)
+
+    def take(self, kind: str, layer: int, payload) -> None:
+        if kind != "residual":
+            return
+        self._take_phi(layer, payload)
         for b, sid in enumerate(self.info.sample_ids):
             first = (self.kinds.image_index[b] == 0)
             if not first.any():
@@ -150,7 +159,7 @@ def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = Tru
     skipped = skip_records(s.folder.meta.get("skipped"))  # the data's own skips (setup), then the location's
     for _, red in traced_chunks(s, cfg.batch_size, "location", lambda: LocationReducer(
             s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage),
-            attention=False):
+            attention=False, remote=cfg.remote):
         s.folder.append_rows("location_per_sample", pd.DataFrame(
             red.rows, columns=["sample", "layer", "n_visual", "n_background", "n_sinks", "n_sinks_background"]))
         seen = {r["sample"] for r in skipped}
