@@ -99,6 +99,26 @@ def test_split_device_map_gives_the_same_scan(pair, tmp_path):
     assert pd.read_csv(a.path / "sink_tokens.csv").shape[0] > 0
 
 
+def test_split_device_map_gives_the_same_heads_and_contributions(pair, tmp_path):
+    """The head and contribution analyses follow the layers too: the head tables, and the contribution tables,
+    whose W_O of an offloaded layer (at rest on the meta device) the adapter brings in to read, equal one device's."""
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+    from sinkscope.analyses.heads import HeadsConfig, run_heads
+
+    single, split, (table_rtol, _) = pair
+    runs = {"heads": (HeadsConfig, run_heads, ("head_scores_per_sample", "token_attention", "attention_maps")),
+            "contributions": (ContributionsConfig, run_contributions, ("contributions_per_sample",))}
+    for name, (config, run, tables) in runs.items():
+        folders = [quiet(run, str(tmp_path / f"{name}-{where}"),
+                         config(model="organism", data="demo", limit=4, batch_size=2, calibration=4, n_boot=50),
+                         adapter=adapter, log=lambda m: None, figures=False)
+                   for where, adapter in (("single", single), ("split", split))]
+        for table in tables:
+            a, b = (pd.read_csv(f.path / f"{table}.csv") for f in folders)
+            assert len(a), (name, table)
+            pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=table_rtol, atol=table_rtol / 10, obj=table)
+
+
 def _batch(adapter):
     from sinkscope.analyses.scan import prepare_batch
     from sinkscope.eval.tasks import load_samples

@@ -20,6 +20,19 @@ from sinkscope.kinds import (  # noqa: F401
 )
 
 
+def _acting_weight(module) -> torch.Tensor:
+    """A linear module's weight, plus an active (unmerged) LoRA adapter's delta when it is a PEFT LoRA layer."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight
+    weight = base.weight
+    if not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
+        for name in getattr(module, "active_adapters", []):
+            if name in getattr(module, "lora_A", {}):
+                weight = weight + module.get_delta_weight(name)
+    return weight
+
+
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer itself prepends its BOS (SmolLM2's calls <|im_start|> BOS but adds none)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
@@ -83,17 +96,21 @@ class ModelAdapter:
         return self.attention(layer).o_proj
 
     def output_weight(self, layer: int) -> torch.Tensor:
-        """W_O as it acts: [hidden, heads * head_dim], including an active (unmerged) LoRA adapter's delta."""
+        """W_O as it acts: [hidden, heads * head_dim], including an active (unmerged) LoRA adapter's delta. A layer
+        offloaded by accelerate (its weights at rest on the meta device, brought in per forward) is brought in for
+        the read and its W_O returned as a copy on the layer's execution device."""
         module = self.output_projection(layer)
-        base = getattr(module, "base_layer", None)
-        if base is None:
-            return module.weight
-        weight = base.weight
-        if not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
-            for name in getattr(module, "active_adapters", []):
-                if name in getattr(module, "lora_A", {}):
-                    weight = weight + module.get_delta_weight(name)
-        return weight
+        offloaded = [m for m in (module, getattr(module, "base_layer", None))
+                     if m is not None and getattr(getattr(m, "_hf_hook", None), "offload", False)]
+        if not offloaded:
+            return _acting_weight(module)
+        for m in offloaded:
+            m._hf_hook.pre_forward(m)  # accelerate's AlignDevicesHook: the weights onto the execution device
+        try:
+            return _acting_weight(module).detach().clone()
+        finally:
+            for m in offloaded:
+                m._hf_hook.post_forward(m, None)  # and back to the meta device
 
     @property
     def final_norm(self):
