@@ -110,8 +110,8 @@ def capturing(adapter, hand: Callable[[int, torch.Tensor], None] | None,
               values: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[None]:
     """Inside the block the language model's attention is the capture function: `hand(layer, probs)` gets every
     layer's probabilities and `values(layer, v)` its value states, before them (either may be None); the previous
-    implementation and attributes come back on exit (also after an exception). The model must be on eager attention (a trace's requirement) and its attention modules must know
-    their `layer_idx`.
+    implementation and attributes come back on exit (also after an exception). The model must be on eager attention
+    (a trace's requirement) and its attention modules must know their `layer_idx`.
 
     The switch sets `_attn_implementation` on the configs the attention modules read (and the text config),
     which is what they and the mask builder look up at each forward: O(1) per block, where

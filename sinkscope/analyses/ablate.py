@@ -89,7 +89,7 @@ class _PhiAttention(SinkAwareReducer):
         """Summed on the probabilities' device ([batch, token]); brought to the host once, in `end`."""
         if layer < self.start:
             return
-        q = self.queries.to(probs.device)
+        q = self.on(probs.device)["queries"]
         r = (probs.detach().float().mean(dim=1) * q[:, :, None].float()).sum(dim=1) / q.sum(1).clamp_min(1)[:, None]
         self.received = r if self.received is None else self.received + r.to(self.received.device)
 

@@ -26,7 +26,7 @@ from sinkscope.trace import BatchInfo, Tracer
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
            "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "layer_blocks",
-           "KeptLayers", "KEEP_BYTES", "yes_no_labels", "answer_token_ids"]
+           "KeptLayers", "KEEP_BYTES", "BLOCK_BYTES", "query_row_span", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -216,14 +216,16 @@ class SinkScores:
     sink-dim index are copied to a device once per batch (`on`): a copy from the host waits for the device, so
     nothing in a layer's reduction does."""
 
-    def __init__(self, dims, eps: float, score: str, real: torch.Tensor, host: bool = True):
+    def __init__(self, dims, eps: float, score: str, real: torch.Tensor, host: bool = True,
+                 extra_masks: dict[str, torch.Tensor] | None = None):
         self.dims, self.eps, self.score, self.real, self.host = list(dims), eps, score, real, host
+        self.extra_masks = dict(extra_masks or {})
         self.phi: dict[int, torch.Tensor] = {}
         self._on: dict = {}  # device -> {mask name: mask there, "dims": sink-dim index there (or the empty list)}
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """The CPU masks the reductions use, by name; subclasses add theirs."""
-        return {"real": self.real}
+        """The CPU masks the reductions use, by name (`real` and `extra_masks`); subclasses add theirs."""
+        return {"real": self.real, **self.extra_masks}
 
     def on(self, device, states: torch.Tensor | None = None) -> dict:
         """`masks()` on `device` (and, given the states, the sink-dim index checked against their width), copied
@@ -252,7 +254,17 @@ class SinkScores:
         return None
 
 
-def layer_blocks(layers: list[int], kept: dict[int, torch.Tensor], block_bytes: int) -> list[list[int]]:
+BLOCK_BYTES = 2**29  # the largest float32 block of layers a deferred reduction stacks and reduces at once
+
+
+def query_row_span(queries: torch.Tensor) -> tuple[int, int]:
+    """(first, stop): the positions between the first and the last query of any row of a [batch, token] bool mask
+    (on the host), the attention rows a deferred reduction keeps; (0, 0) without queries."""
+    rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()
+    return (rows[0], rows[-1] + 1) if rows else (0, 0)
+
+
+def layer_blocks(layers: list[int], kept: dict[int, torch.Tensor], block_bytes: int = BLOCK_BYTES) -> list[list[int]]:
     """`layers` (keys of `kept`, in order) cut into runs of consecutive entries whose tensors sit on one device (a
     model split across GPUs keeps each layer where it ran), each run at most `block_bytes` bytes in float32: the
     blocks a deferred reduction stacks and reduces at once."""
@@ -338,7 +350,12 @@ class SinkAwareReducer:
         self.visual = self.kinds.visual_mask
         self.queries = text_queries_after_image(info)
         self.phi, self.sink, self.visual_sink = {}, {}, {}
-        self._scores = SinkScores(self.dims, self.eps, self.score, self.real)  # masks sent to a device once per batch
+        self._scores = SinkScores(self.dims, self.eps, self.score, self.real,
+                                  extra_masks={"visual": self.visual, "queries": self.queries})
+
+    def on(self, device) -> dict[str, torch.Tensor]:
+        """The batch's masks (real, visual, queries) on `device`, sent there once per batch, not once per layer."""
+        return self._scores.on(device)
 
     def residual(self, layer: int, states: torch.Tensor) -> None:
         self._take_phi(layer, self._scores.residual(layer, states))

@@ -132,7 +132,7 @@ class ContributionLayerReduction(SinkScores):
         """The kept layers' payloads, ("attention", layer, payload), reduced in blocks of layers on one device."""
         out = []
         received = {layer: kept[1] for layer, kept in self._kept.items()}
-        for layers in layer_blocks(sorted(received), received, 2**29):
+        for layers in layer_blocks(sorted(received), received):
             device = received[layers[0]].device
             block = [torch.stack([self._kept[layer][i].to(device) for layer in layers], dim=1) for i in range(3)]
             out += [("attention", layer, payload) for layer, payload in zip(layers, self._class_block(*block))]

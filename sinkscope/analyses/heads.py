@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (KEEP_BYTES, AnalysisConfig, InTraceReducer, KeptLayers, SinkScores,
-                                      cluster_bootstrap, layer_blocks, report_step_for, setup, traced_chunks)
+from sinkscope.analyses.common import (BLOCK_BYTES, KEEP_BYTES, AnalysisConfig, InTraceReducer, KeptLayers, SinkScores,
+                                      cluster_bootstrap, layer_blocks, query_row_span, report_step_for, setup,
+                                      traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
@@ -148,14 +149,13 @@ class HeadsLayerReduction(SinkScores):
     PER_HEAD = ("image_attention", "visual_sink_attention", "sink_attention", "visual_nonsink_ratio", "image_centric")
 
     def __init__(self, dims, tau, eps, score, real, visual, queries, rho, summ, map_rows, map_words,
-                 host: bool = True, defer: bool = False, block_bytes: int = 2**29, keep_bytes: int = KEEP_BYTES):
+                 host: bool = True, defer: bool = False, block_bytes: int = BLOCK_BYTES, keep_bytes: int = KEEP_BYTES):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.queries, self.rho, self.summ = tau, visual, queries, rho, summ
         self.map_rows, self.map_words = list(map_rows), map_words
         self.defer, self.block_bytes = defer, block_bytes
         self._store = KeptLayers(self._reduce_kept, keep_bytes)
-        rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
-        self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
+        self.query_rows = query_row_span(queries)
 
     def masks(self) -> dict[str, torch.Tensor]:
         first, stop = self.query_rows

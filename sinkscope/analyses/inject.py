@@ -249,11 +249,10 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
         is_sink = (score >= sig.tau) if sig.tau is not None else torch.zeros_like(score, dtype=torch.bool)
         attentions = out.attentions[layer]  # [batch, head, query, key] where the layer ran: only n_cols keys move
         probs = attentions[..., cols.to(attentions.device)].float().cpu()  # [batch, head, query, n_cols]
-        att = ov.class_means(probs, sub, queries)  # [batch, head]
         v = value_states(adapter, layer, x[:, cols.to(x.device)]).float().cpu()  # [batch, kv_head, n_cols, head_dim]
         norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, n_cols]
-        contrib = ov.class_means(ov.ov_contributions(probs, norms), sub, queries)
-        ov_norm = (norms * m[:, None, :]).sum(-1) / denom[:, None]  # [batch, head]
+        means = ov.class_contributions(probs, norms, sub[:, None, :], queries)  # the injected tokens as one class
+        att, contrib, ov_norm = (means[k][:, 0] for k in ("attention", "contribution", "ov_norm"))  # [batch, head]
         v_norm = (v.norm(dim=-1).mean(dim=1) * m).sum(-1) / denom
         tok_score = (score[:, cols] * m).sum(-1) / denom
         share = (is_sink[:, cols].float() * m).sum(-1) / denom

@@ -155,7 +155,8 @@ class _SinksAndHeads(SinkAwareReducer):
 
     def attention(self, layer, probs):
         """Reduced on the probabilities' device; only the [batch, head, token] mask comes to the host."""
-        st = visual_attention_stats(probs.detach().float(), self.visual, self.sink[layer], self.queries)
+        there = self.on(probs.device)
+        st = visual_attention_stats(probs.detach().float(), there["visual"], self.sink[layer], there["queries"])
         self.centric[layer] = image_centric_from_stats(st, self.rho, self.summ).cpu()
 
 

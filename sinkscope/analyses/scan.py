@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (KEEP_BYTES, AnalysisConfig, KeptLayers,  # noqa: F401 (re-exported)
-                                       layer_blocks, open_calibration, prepare_batch, prepare_readable,
-                                       report_step_config, text_queries_after_image)
+from sinkscope.analyses.common import (BLOCK_BYTES, KEEP_BYTES, AnalysisConfig,  # noqa: F401 (re-exported)
+                                       KeptLayers, layer_blocks, open_calibration, prepare_batch, prepare_readable,
+                                       query_row_span, report_step_config, text_queries_after_image)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
@@ -96,7 +96,7 @@ class ScanLayerReduction:
     """
 
     def __init__(self, dims, tau, top_k, rho, summ, eps, score, kinds, queries, profile: bool, host: bool = True,
-                 defer: bool = False, block_bytes: int = 2**29, asynchronous: bool = False,
+                 defer: bool = False, block_bytes: int = BLOCK_BYTES, asynchronous: bool = False,
                  keep_bytes: int = KEEP_BYTES):
         self.dims, self.tau, self.top_k, self.rho, self.summ, self.eps = dims, tau, top_k, rho, summ, eps
         self.score, self.kinds, self.queries, self.profile, self.host = score, kinds, queries, profile, host
@@ -110,8 +110,7 @@ class ScanLayerReduction:
         self.bos_position = _first(kinds.bos_mask[0])
         self.has_visual = bool(kinds.visual_mask[0].any())
         self.text_positions = torch.nonzero(kinds.text_mask[0]).flatten()
-        rows = torch.nonzero(queries.cpu().any(dim=0)).flatten().tolist()  # query rows of any sample
-        self.query_rows = (rows[0], rows[-1] + 1) if rows else (0, 0)
+        self.query_rows = query_row_span(queries)
 
     def _device(self, device):
         """(kinds, queries, text positions of row 0) on `device`, copied there once per batch."""
