@@ -155,72 +155,104 @@ def _random_heads(count: torch.Tensor, eligible: torch.Tensor, generator: torch.
     return (rank < count[:, None, :]) & eligible
 
 
+def drained_share(p: float, mode: str) -> float:
+    """The share of the sink attention VAR moves: p (the paper), 1 - p (the reference code keeps p)."""
+    return float(p) if mode == "paper" else 1.0 - float(p)
+
+
 @dataclass(frozen=True)
 class KeyLayout:
-    """What VAR needs of a layer's keys, as float 0/1 matrices (built once per prompt and layer).
+    """Everything VAR needs of a layer's keys and settings, as small tensors built once per prompt and layer, so
+    that a decode step costs a few operations whatever the model (7 launches: two matrix products, a comparison
+    and its reduction, a fused division and addition, a select and the product with the row).
 
-    columns [batch, 1, key, 5]: image, non-sink image, sink, visual sink, budget target (the target
-      column is 0 in a row without any sink: such a row has no budget). probs @ columns gives each
-      row's masses. placement [batch, 1, 3, key]: sink, target, other (exactly one 1 per key), so
-      factors [keep, gain, 1] @ placement is the per-entry factor, exact. has_visual_sink [batch, 1, 1].
+    columns [batch, 1, key, 6]: probs @ columns gives each row's masses (image, centric, sink, 0, 0, target),
+      where "centric" is the selection test made linear: paper mode non-sink image - rho * image (>= 0 iff the
+      non-sink ratio is >= rho), reference mode rho * image - visual sink (>= 0 iff the sink fraction is <= rho);
+      the target column is 0 in a sample without any sink (no budget there).
+    thresholds [batch, 1, 1, 6]: a row is selected iff masses >= thresholds in every column: summ on the image
+      (or the dtype's smallest normal number when summ is 0, so that the image must get attention), 0 on
+      "centric" (+inf in reference mode for a sample without a visual sink, -inf for head_selection="all"),
+      -inf on the sink and the zeros, and the dtype's smallest normal number on the target: a row whose targets
+      get less has nowhere to put the budget (its gain p * sink / target would overflow a half-precision float).
+    factor_base [3]: (1, keep, 1), so that factor_base + drained * (sink, 0, 0) / target = (gain, keep, 1), where
+      drained is the share of the sink mass moved (p; 1 - p in reference mode) and keep = 1 - drained.
+    placement [batch, 1, 3, key]: target, sink, other (exactly one 1 per key), so that
+      (gain, keep, 1) @ placement is the per-entry factor, exact.
     """
 
     columns: torch.Tensor
+    thresholds: torch.Tensor
+    factor_base: torch.Tensor
     placement: torch.Tensor
-    has_visual_sink: torch.Tensor
+    drained: float
 
 
-def key_layout(sink_mask: torch.Tensor, image_mask: torch.Tensor, budget_target: str = "image_nonsink",
-               dtype: torch.dtype = torch.float32, device=None) -> KeyLayout:
-    """KeyLayout of [batch, key] bool masks: sinks S (any kind) and image tokens."""
+def key_layout(sink_mask: torch.Tensor, image_mask: torch.Tensor, *, p: float = 0.6, rho: float = 0.5,
+               summ: float = 0.2, mode: str = "paper", head_selection: str = "image_centric",
+               budget_target: str = "image_nonsink", dtype: torch.dtype = torch.float32, device=None) -> KeyLayout:
+    """KeyLayout of [batch, key] bool masks (sinks S of any kind, image tokens) and VAR's settings.
+
+    With head_selection="random" the thresholds are image-centric selection's: the first two columns give the
+    number of heads to draw, the target column the heads that may be drawn.
+    """
     device = sink_mask.device if device is None else device
     sink = sink_mask.to(device).bool()
     image = image_mask.to(device).bool()
     nonsink_image = image & ~sink
+    visual_sink = image & sink
     target = nonsink_image if budget_target == "image_nonsink" else ~image & ~sink
     other = ~sink & ~target
     budget = target & sink.any(dim=-1, keepdim=True)  # no sink in the row: no budget, nothing selected
-    columns = torch.stack([image, nonsink_image, sink, image & sink, budget], dim=-1).to(dtype)  # [B, K, 5]
-    placement = torch.stack([sink, target, other], dim=1).to(dtype)  # [B, 3, K]
-    return KeyLayout(columns[:, None], placement[:, None], (image & sink).any(dim=-1)[:, None, None])
+    as_float = {name: m.to(dtype) for name, m in (("image", image), ("nonsink", nonsink_image),
+                                                   ("visual_sink", visual_sink), ("sink", sink), ("budget", budget))}
+    if mode == "paper":
+        centric = as_float["nonsink"] - rho * as_float["image"]
+    else:
+        centric = rho * as_float["image"] - as_float["visual_sink"]
+    zero = torch.zeros_like(as_float["sink"])
+    columns = torch.stack([as_float["image"], centric, as_float["sink"], zero, zero, as_float["budget"]],
+                          dim=-1)  # [B, K, 6]
+    tiny, inf = torch.finfo(dtype).tiny, float("inf")
+    if head_selection == "all":
+        row = [-inf, -inf, -inf, -inf, -inf, tiny]
+    else:
+        row = [summ if summ > 0 else tiny, 0.0, -inf, -inf, -inf, tiny]
+    thresholds = torch.tensor(row, dtype=dtype, device=device).repeat(sink.shape[0], 1)  # [B, 6]
+    if mode == "reference" and head_selection != "all":  # the reference code edits no sample without a visual sink
+        thresholds[:, 1] = torch.where(visual_sink.any(dim=-1), 0.0, inf).to(dtype)
+    drained = drained_share(p, mode)
+    factor_base = torch.tensor([1.0, 1.0 - drained, 1.0], dtype=dtype, device=device)
+    placement = torch.stack([target, sink, other], dim=1).to(dtype)  # [B, 3, K]
+    return KeyLayout(columns[:, None], thresholds[:, None, None], factor_base, placement[:, None], float(drained))
 
 
-def var_factors(masses: torch.Tensor, query_mask: torch.Tensor | None, has_visual_sink: torch.Tensor, *,
-                p: float = 0.6, rho: float = 0.5, summ: float = 0.2, mode: str = "paper",
-                head_selection: str = "image_centric", generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def var_factors(masses: torch.Tensor, query_mask: torch.Tensor | None, thresholds: torch.Tensor,
+                factor_base: torch.Tensor, *, drained: float, head_selection: str = "image_centric",
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection and per-row factors of VAR from a row's masses (probs @ KeyLayout.columns).
 
-    masses: [batch, head, query, 5]; query_mask: [batch, query] bool, or None when every query may be
-    edited (decode steps); has_visual_sink: [batch, 1, 1] bool.
-    Returns (factors [batch, head, query, 3] = (keep, gain, 1), selected [batch, head, query] bool).
+    masses: [batch, head, query, 6]; query_mask: [batch, query] bool, or None when every query may be
+    edited (decode steps); thresholds, factor_base, drained: a KeyLayout's.
+    Returns (factors [batch, head, query, 3] = (gain, keep, 1), selected [batch, head, query] bool).
     Unselected rows get (1, 1, 1). Elementwise on [batch, head, query]: no loops, no host syncs.
     """
-    image_att, nonsink_att, sink_att, vsink_att, target_att = masses.unbind(-1)
-    eligible = target_att > 0
+    passed = masses >= thresholds
     queries = None if query_mask is None else query_mask.to(masses.device).bool()[:, None, :]
-    if queries is not None:
-        eligible = eligible & queries
-    enough = image_att >= summ
-    if not summ > 0:  # with summ > 0, image_att >= summ already implies image_att > 0
-        enough = enough & (image_att > 0)
-    safe_image = image_att.clamp_min(1e-30)
-    if mode == "paper":
-        centric = enough & (nonsink_att / safe_image >= rho)
+    if head_selection == "random":
+        centric = passed[..., :2].all(dim=-1)
+        eligible = passed[..., 5]
+        if queries is not None:
+            centric, eligible = centric & queries, eligible & queries
+        selected = _random_heads(centric.sum(dim=1), eligible, generator)
     else:
-        centric = enough & (vsink_att / safe_image <= rho) & has_visual_sink
-    if head_selection == "image_centric":
-        selected = centric & eligible
-    elif head_selection == "all":
-        selected = eligible
-    else:
-        chosen = centric if queries is None else centric & queries
-        selected = _random_heads(chosen.sum(dim=1), eligible, generator)
-    drained = p if mode == "paper" else 1.0 - p
-    one = torch.ones((), dtype=masses.dtype, device=masses.device)
-    keep = torch.where(selected, 1.0 - drained, one)
-    gain = torch.where(selected, 1.0 + drained * sink_att / target_att.clamp_min(1e-30), one)
-    return torch.stack([keep, gain, one.expand_as(keep)], dim=-1), selected
+        selected = passed.all(dim=-1)
+        if queries is not None:
+            selected = selected & queries
+    # (1 + drained * sink / target, keep, 1): finite where selected (target >= the smallest normal number), and
+    # exactly keep and 1 there (0 / target = 0); elsewhere discarded
+    factors = torch.addcdiv(factor_base, masses[..., 2:5], masses[..., 5:6], value=drained)
+    return torch.where(selected[..., None], factors, factor_base[2]), selected
 
 
 def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Tensor, query_mask: torch.Tensor, *,
@@ -238,28 +270,33 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     never selected when its budget targets receive no attention (nowhere to put the budget) or its
     sample has no sink.
 
-    Cost: two small matrix products against [batch, key, 5] and [batch, 3, key] masks (the row masses,
+    Cost: two small matrix products against [batch, key, 5] and [batch, 3, key] matrices (the row masses,
     and the per-entry factor), a few elementwise ops on [batch, head, query] and one elementwise
     product; no loops, no host syncs.
     """
-    layout = key_layout(sink_mask, image_mask, budget_target, probs.dtype, probs.device)
-    return var_region(probs, layout.columns, layout.placement, layout.has_visual_sink, query_mask, p=p, rho=rho,
-                      summ=summ, mode=mode, head_selection=head_selection, generator=generator)
+    layout = key_layout(sink_mask, image_mask, p=p, rho=rho, summ=summ, mode=mode, head_selection=head_selection,
+                        budget_target=budget_target, dtype=probs.dtype, device=probs.device)
+    return var_region(probs, *_tensors(layout), query_mask, drained=layout.drained, head_selection=head_selection,
+                      generator=generator)
 
 
-def var_region(region: torch.Tensor, columns: torch.Tensor, placement: torch.Tensor, has_visual_sink: torch.Tensor,
-               query_mask: torch.Tensor | None, *, p: float, rho: float, summ: float, mode: str,
-               head_selection: str, generator: torch.Generator | None = None,
-               inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _tensors(layout: KeyLayout) -> tuple[torch.Tensor, ...]:
+    """A KeyLayout's tensors in var_region's order (a compiled function takes tensors, not the dataclass)."""
+    return layout.columns, layout.thresholds, layout.factor_base, layout.placement
+
+
+def var_region(region: torch.Tensor, columns: torch.Tensor, thresholds: torch.Tensor, factor_base: torch.Tensor,
+               placement: torch.Tensor, query_mask: torch.Tensor | None, *, drained: float, head_selection: str,
+               generator: torch.Generator | None = None, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """VAR on a block of rows whose keys are exactly a KeyLayout's: (edited rows, selected).
 
-    region: [batch, head, query, key] float32; columns, placement, has_visual_sink: a KeyLayout's;
-    query_mask: [batch, query] bool or None (every query). inplace: scale `region` itself (returned) instead
-    of a copy. The whole edit is one function of tensors, so that `torch.compile` can fuse it (VAREdit with
-    compile=True, which passes no generator: not for head_selection="random").
+    region: [batch, head, query, key]; columns, thresholds, factor_base, placement, drained: a KeyLayout's (which
+    hold p, rho, summ and the mode); query_mask: [batch, query] bool or None (every query). inplace: scale `region`
+    itself (returned) instead of a copy. The whole edit is one function of tensors, so that `torch.compile` can
+    fuse it (VAREdit with compile=True, which passes no generator: not for head_selection="random").
     """
-    factors, selected = var_factors(torch.matmul(region, columns), query_mask, has_visual_sink, p=p, rho=rho,
-                                    summ=summ, mode=mode, head_selection=head_selection, generator=generator)
+    factors, selected = var_factors(torch.matmul(region, columns), query_mask, thresholds, factor_base,
+                                    drained=drained, head_selection=head_selection, generator=generator)
     scale = torch.matmul(factors, placement)
     return (region.mul_(scale) if inplace else region * scale), selected
 
@@ -284,10 +321,11 @@ class VAREdit(AttentionEdit):
             if c.head_selection == "random":
                 raise SinkscopeError("compile=True cannot draw random heads (torch.compile does not trace a "
                                      "torch.Generator): use compile=False with head_selection='random'")
-            constants = dict(p=c.p, rho=c.rho, summ=c.summ, mode=c.mode, head_selection=c.head_selection)
+            selection, drained = c.head_selection, drained_share(c.p, c.mode)
 
-            def region_edit(region, columns, placement, has_visual_sink, query_mask):
-                return var_region(region, columns, placement, has_visual_sink, query_mask, **constants)
+            def region_edit(region, columns, thresholds, factor_base, placement, query_mask):
+                return var_region(region, columns, thresholds, factor_base, placement, query_mask, drained=drained,
+                                  head_selection=selection)
             # dynamic: one graph for every prompt length and decode step; fullgraph: a break would bring back
             # the separate operations this exists to fuse
             self._compiled = torch.compile(region_edit, dynamic=True, fullgraph=True)
@@ -345,8 +383,7 @@ class VAREdit(AttentionEdit):
                 edited, selected_tail = self._run_compiled(region, layout, queries)
                 region.copy_(edited)
             else:
-                _, selected_tail = var_region(region, layout.columns, layout.placement, layout.has_visual_sink,
-                                              queries, p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+                _, selected_tail = var_region(region, *_tensors(layout), queries, drained=layout.drained,
                                               head_selection=c.head_selection, generator=generator, inplace=True)
             out = probs
         else:  # sliding-window caches, a prompt fed in chunks, or autograd: the general path
@@ -368,9 +405,9 @@ class VAREdit(AttentionEdit):
     def _run_compiled(self, region: torch.Tensor, layout: KeyLayout, queries):
         """The compiled region edit; its first call compiles (seconds), and a failure to compile names the way out."""
         if self._compiled_ok:
-            return self._compiled(region, layout.columns, layout.placement, layout.has_visual_sink, queries)
+            return self._compiled(region, *_tensors(layout), queries)
         try:
-            result = self._compiled(region, layout.columns, layout.placement, layout.has_visual_sink, queries)
+            result = self._compiled(region, *_tensors(layout), queries)
         except Exception as error:  # the backend's own errors vary with the device and toolchain
             raise SinkscopeError(f"VAR with compile=True: torch.compile failed on {region.device} ({type(error).__name__}: "
                                  f"{str(error).splitlines()[0] if str(error) else ''}); on the CPU it needs a C++ "
@@ -383,8 +420,10 @@ class VAREdit(AttentionEdit):
         layouts = memory.setdefault("layouts", {})
         key = (layer, probs.dtype, str(probs.device))
         if key not in layouts:
-            layouts[key] = key_layout(sinks, prompt.kinds.visual_mask, self.config.budget_target, probs.dtype,
-                                      probs.device)
+            c = self.config
+            layouts[key] = key_layout(sinks, prompt.kinds.visual_mask, p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
+                                      head_selection=c.head_selection, budget_target=c.budget_target,
+                                      dtype=probs.dtype, device=probs.device)
         return layouts[key]
 
 
@@ -432,8 +471,9 @@ def var(model_or_adapter, config: VARConfig | None = None, *, calibration=None,
     fallback: how layers VAR does not edit are computed ("sdpa", or "eager" for bitwise comparisons
       with an eager model). Yields a VARRun. The model is restored on exit, also after an exception.
     compile: fuse the edit of each layer (masses, selection, factors, product) with `torch.compile`: one
-      kernel instead of ~19 operations per layer and step, for GPUs where a decode step waits on kernel
-      launches. The first call compiles (seconds to a minute); not with head_selection="random".
+      kernel instead of 7 operations per layer and step, for GPUs where a decode step waits on kernel
+      launches. The first call compiles (seconds to a minute); not with head_selection="random". On a CPU
+      it is slower than the unfused edit (a compiled call's own overhead, ~20 us, exceeds the 7 operations').
     """
     adapter = as_adapter(model_or_adapter)
     config = (config or VARConfig()).validate()
