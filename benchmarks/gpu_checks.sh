@@ -4,7 +4,7 @@
 #   1. the device-map, half-precision, remote-local and compiled-VAR tests with CUDA present (their CUDA cases run:
 #      a CUDA/CPU layer split equals one device; bfloat16/float16 on the GPU agree with float32; the scan's
 #      histogram median is exact on CUDA; the scan's queued copies give the tables synchronous copies give; the head
-#      and contribution tables on CUDA equal the CPU's);
+#      and contribution tables, and ablation's, patching's and the ViT-sink reducers' results, on CUDA equal the CPU's);
 #   2. the CLI end to end on the GPU: scan and var-eval of the organism in bfloat16;
 #   3. benchmarks/real_size.py at full depth in float16: LLaVA-1.5-7B (32 layers), Qwen2-VL-7B (28 layers),
 #      VAR unfused and compiled (--compile).
@@ -20,6 +20,7 @@ timeout 170 $PY -m pytest -q -p no:cacheprovider -rs tests/test_device_map.py te
     "tests/test_measures.py::test_row_median_abs_is_the_exact_median_over_each_rows_valid_entries" \
     tests/test_scan.py::test_tables_later_on_cuda_equal_the_immediate_tables \
     tests/test_reducer_tables.py::test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu \
+    tests/test_reducer_tables.py::test_sink_aware_reducers_on_cuda_equal_those_on_the_cpu \
     2>&1 | tee "$OUT/tests.txt" | tail -12
 cli() { timeout 60 $PY -c "from sinkscope.cli import app; app()" "$@"; }
 { cli scan --model organism --device cuda --dtype bfloat16 --limit 8 --calibration 8 --out /tmp/gpu-scan &&

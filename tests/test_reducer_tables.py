@@ -259,7 +259,34 @@ def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
                 reducer.residual(layer, torch.empty(1, n_tokens, 16, device="meta"))
                 reducer.attention(layer, torch.empty(1, n_heads, n_tokens, n_tokens, device="meta"))
             reducer.end()
-        assert crossings.sizes and max(crossings.sizes) < n_tokens * n_tokens, (type(reducer), crossings.sizes)
+        # the copies may carry every layer's small results at once: still less than one head's map per layer
+        assert crossings.sizes and max(crossings.sizes) < 2 * n_tokens * n_tokens, (type(reducer), crossings.sizes)
+
+
+@pytest.mark.parametrize("which", ["ablate", "patching", "vit_sinks"])
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_the_sink_aware_reducers_wait_for_the_device_once_per_batch(which, n_layers):
+    """Ablation's, patching's and the ViT-sink analysis' reducers keep phi, the sink masks and their own results
+    (attention received, image-centric heads, the first layer's input states) where each layer ran: no layer
+    copies anything to or from the host (the batch's token masks reach the device once, at the first layer), and
+    `end()` brings everything over in one copy per dtype (float32 and bool) whatever the number of layers."""
+    from sinkscope.analyses.ablate import _PhiAttention
+    from sinkscope.analyses.patching import _SinksAndHeads
+    from sinkscope.analyses.vit_sinks import VitReducer, VitSinksConfig
+
+    reducer = {"ablate": lambda: _PhiAttention([3], 2.0, 1e-6, "rms", 0),
+               "patching": lambda: _SinksAndHeads([3], 2.0, 1e-6, "rms", 0.5, 0.2, 0),
+               "vit_sinks": lambda: VitReducer([3], 2.0, 1e-6, "rms", VitSinksConfig(model="planted"), [])}[which]()
+    per_layer, at_end = _drive_on_meta(reducer, n_layers)
+    assert per_layer[0].mixed and not per_layer[0].to_host  # the token masks, sent once
+    assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
+    assert sorted(at_end.to_host, key=str) == [torch.bool, torch.float32] and not at_end.mixed
+    assert sorted(reducer.phi) == list(range(n_layers)) and all(t.device.type == "cpu" for t in reducer.phi.values())
+    assert all(m.device.type == "cpu" and m.dtype == torch.bool for m in (*reducer.sink.values(),
+                                                                         *reducer.visual_sink.values()))
+    own = {"ablate": lambda: [reducer.received], "patching": lambda: list(reducer.centric.values()),
+           "vit_sinks": lambda: [reducer.embeds]}[which]()
+    assert own and all(t.device.type == "cpu" for t in own)
 
 
 @pytest.mark.parametrize("block_bytes,keep_bytes", [(2**29, 2**31), (1, 2**31), (2**29, 1), (2**29, 4000)])
@@ -355,6 +382,48 @@ def test_head_and_contribution_tables_on_cuda_equal_those_on_the_cpu(organism_ad
                          "maps": pd.concat(heads.map_rows), "contributions": pd.concat(contributions.rows)}
     for name in tables["cpu"]:
         pd.testing.assert_frame_equal(tables["cuda"][name], tables["cpu"][name], rtol=1e-4, atol=1e-6, obj=name)
+
+
+def _sink_aware_results(adapter, samples, dims) -> dict[str, torch.Tensor]:
+    """The CPU results of ablation's, patching's and the ViT-sink analysis' reducers on one batch, by name."""
+    from sinkscope.analyses.ablate import _PhiAttention
+    from sinkscope.analyses.patching import _SinksAndHeads
+    from sinkscope.analyses.vit_sinks import VitReducer, VitSinksConfig
+
+    phi_attention = _PhiAttention(dims, 100.0, adapter.rms_norm_eps, "layer", 2)
+    heads = _SinksAndHeads(dims, 100.0, adapter.rms_norm_eps, "layer", 0.5, 0.2, 2)
+    vit = VitReducer(dims, 100.0, adapter.rms_norm_eps, "layer", VitSinksConfig(model="organism"), [])
+    Tracer(adapter).run(prepare_batch(adapter, samples), [phi_attention, heads, vit])
+    out = {"received": phi_attention.received, "max_phi": phi_attention.max_phi(), "embeds": vit.embeds}
+    for layer in sorted(heads.phi):
+        out.update({f"phi {layer}": heads.phi[layer], f"sink {layer}": heads.sink[layer],
+                    f"visual sink {layer}": heads.visual_sink[layer]})
+    out.update({f"centric {layer}": m for layer, m in heads.centric.items()})
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_checks.sh runs it on a GPU)")
+def test_sink_aware_reducers_on_cuda_equal_those_on_the_cpu(organism_adapter):
+    """On a GPU, ablation's, patching's and the ViT-sink analysis' reducers (phi, sinks, attention received,
+    image-centric heads and input states kept on the device, brought over in `end`) give the CPU's results:
+    masks exactly, floats within float32 tolerance; every result is on the CPU."""
+    import copy
+
+    from sinkscope.models.registry import adapter_for_model
+
+    adapter = organism_adapter
+    on_gpu = adapter_for_model(copy.deepcopy(adapter.model).to("cuda"), adapter.processor, adapter.name)
+    dims = json.loads((ASSET / "ground_truth.json").read_text())["sink_dims"]
+    samples = load_samples("demo", 3)
+    cpu, cuda = _sink_aware_results(adapter, samples, dims), _sink_aware_results(on_gpu, samples, dims)
+    assert sorted(cpu) == sorted(cuda) and any(k.startswith("centric") for k in cpu)
+    for name, want in cpu.items():
+        got = cuda[name]
+        assert got.device.type == "cpu" and got.dtype == want.dtype and got.shape == want.shape, name
+        if want.dtype == torch.bool:
+            assert torch.equal(got, want), name
+        else:
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), name
 
 
 def test_deferred_contribution_reductions_equal_the_per_layer_ones():

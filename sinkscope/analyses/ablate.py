@@ -94,8 +94,7 @@ class _PhiAttention(SinkAwareReducer):
         self.received = r if self.received is None else self.received + r.to(self.received.device)
 
     def end(self) -> None:
-        if self.received is not None:
-            self.received = self.received.cpu()
+        self.received, = super().end(self.received)
 
     def max_phi(self) -> torch.Tensor:
         late = [l for l in self.phi if l >= self.start] or list(self.phi)

@@ -333,8 +333,10 @@ class SinkAwareReducer:
     """Base reducer: per layer, phi and the sink masks of the batch (subclasses add measures).
 
     After `residual(layer, states)`: self.phi[layer] [batch, token], self.sink[layer] (any real
-    token with phi >= tau), self.visual_sink[layer]; self.queries [batch, token] = text tokens
-    after the last image token.
+    token with phi >= tau), self.visual_sink[layer], on the layer's device while the forward runs (so that
+    `attention` can use them there, and no layer waits for a copy); `end()` brings them to the CPU in one copy
+    per (device, dtype). self.queries [batch, token] = text tokens after the last image token (CPU).
+    Subclasses that override `end` call `super().end()` (with their own payloads, `to_host`).
     """
 
     def __init__(self, dims: list[int], tau: float, eps: float, score: str = "rms"):
@@ -350,7 +352,7 @@ class SinkAwareReducer:
         self.visual = self.kinds.visual_mask
         self.queries = text_queries_after_image(info)
         self.phi, self.sink, self.visual_sink = {}, {}, {}
-        self._scores = SinkScores(self.dims, self.eps, self.score, self.real,
+        self._scores = SinkScores(self.dims, self.eps, self.score, self.real, host=False,
                                   extra_masks={"visual": self.visual, "queries": self.queries})
 
     def on(self, device) -> dict[str, torch.Tensor]:
@@ -361,16 +363,20 @@ class SinkAwareReducer:
         self._take_phi(layer, self._scores.residual(layer, states))
 
     def _take_phi(self, layer: int, phi: torch.Tensor) -> None:
-        """phi [batch, token] of `layer` -> self.phi, self.sink, self.visual_sink."""
+        """phi [batch, token] of `layer` -> self.phi, self.sink, self.visual_sink (on phi's device)."""
+        there = self.on(phi.device)
         self.phi[layer] = phi
-        self.sink[layer] = (phi >= self.tau) & self.real
-        self.visual_sink[layer] = self.sink[layer] & self.visual
+        self.sink[layer] = (phi >= self.tau) & there["real"]
+        self.visual_sink[layer] = self.sink[layer] & there["visual"]
 
     def attention(self, layer: int, probs: torch.Tensor) -> None:
         pass
 
-    def end(self) -> None:
-        pass
+    def end(self, *own):
+        """phi and the sink masks to the CPU, with `own` (a subclass' payloads), in one copy per (device, dtype);
+        returns `own` on the CPU."""
+        self.phi, self.sink, self.visual_sink, *own = payloads_to_host([self.phi, self.sink, self.visual_sink, *own])
+        return own
 
 
 class InTraceReducer(SinkAwareReducer):

@@ -154,10 +154,13 @@ class _SinksAndHeads(SinkAwareReducer):
         self.centric = {}
 
     def attention(self, layer, probs):
-        """Reduced on the probabilities' device; only the [batch, head, token] mask comes to the host."""
+        """Reduced on the probabilities' device; only the [batch, head, token] mask comes to the host, in `end`."""
         there = self.on(probs.device)
         st = visual_attention_stats(probs.detach().float(), there["visual"], self.sink[layer], there["queries"])
-        self.centric[layer] = image_centric_from_stats(st, self.rho, self.summ).cpu()
+        self.centric[layer] = image_centric_from_stats(st, self.rho, self.summ)
+
+    def end(self) -> None:
+        self.centric, = super().end(self.centric)
 
 
 

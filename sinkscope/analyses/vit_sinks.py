@@ -45,8 +45,11 @@ class VitReducer(SinkAwareReducer):
 
     def residual(self, layer, states):
         super().residual(layer, states)
-        if layer == 0:
-            self.embeds = states.detach().float().cpu()
+        if layer == 0:  # a copy where the layer ran; to the host with phi in `end`
+            self.embeds = states.detach().to(torch.float32, copy=True)
+
+    def end(self) -> None:
+        self.embeds, = super().end(self.embeds)
 
     def frame(self) -> pd.DataFrame:
         late = [l for l in self.phi if l >= self.cfg.start_layer] or list(self.phi)
