@@ -26,7 +26,7 @@ from sinkscope.trace import BatchInfo, Tracer
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
            "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "layer_blocks",
-           "KeptLayers", "KEEP_BYTES", "BLOCK_BYTES", "query_row_span", "yes_no_labels", "answer_token_ids"]
+           "KeptLayers", "KEEP_BYTES", "BLOCK_BYTES", "query_row_span", "DeviceCopies", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -207,6 +207,26 @@ REMOTE_ANALYSES = ("heads", "contributions", "location")  # analyses (besides sc
 EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
 
 
+class DeviceCopies:
+    """Named tensors (or anything with `.to(device)`, such as TokenKinds) and the sink-dim index, copied to a device
+    on their first use there, once per batch: a copy from the host waits for the device, so no layer's reduction
+    makes one."""
+
+    def __init__(self, tensors: dict, dims):
+        self.tensors, self.dims = tensors, list(dims)
+        self._on: dict = {}  # device -> {name: copy there, "dims": the sink-dim index there (or the empty list)}
+
+    def on(self, device, states: torch.Tensor | None = None) -> dict:
+        """The tensors on `device`; given the states, also "dims", the sink-dim index checked against their width."""
+        if device not in self._on:
+            self._on[device] = {name: t.to(device) for name, t in self.tensors.items()}
+        there = self._on[device]
+        if states is not None and "dims" not in there:
+            index = sinks._dims_index(self.dims, states)
+            there["dims"] = self.dims if index is None else index
+        return there
+
+
 class SinkScores:
     """In-trace part of a sink-aware reducer (torch only, also inside a remote trace): phi of every token,
     [batch, token] float32 (zeros without sink dims); keeps it per layer for `attention`.
@@ -221,22 +241,17 @@ class SinkScores:
         self.dims, self.eps, self.score, self.real, self.host = list(dims), eps, score, real, host
         self.extra_masks = dict(extra_masks or {})
         self.phi: dict[int, torch.Tensor] = {}
-        self._on: dict = {}  # device -> {mask name: mask there, "dims": sink-dim index there (or the empty list)}
+        self._copies: DeviceCopies | None = None  # made on first use, when a subclass' masks() are complete
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The CPU masks the reductions use, by name (`real` and `extra_masks`); subclasses add theirs."""
         return {"real": self.real, **self.extra_masks}
 
     def on(self, device, states: torch.Tensor | None = None) -> dict:
-        """`masks()` on `device` (and, given the states, the sink-dim index checked against their width), copied
-        there on the batch's first call for that device."""
-        if device not in self._on:
-            self._on[device] = {name: mask.to(device) for name, mask in self.masks().items()}
-        there = self._on[device]
-        if states is not None and "dims" not in there:
-            index = sinks._dims_index(self.dims, states)
-            there["dims"] = self.dims if index is None else index
-        return there
+        """`masks()` on `device` (and, given the states, the sink-dim index as "dims"): `DeviceCopies.on`."""
+        if self._copies is None:
+            self._copies = DeviceCopies(self.masks(), self.dims)
+        return self._copies.on(device, states)
 
     def out(self, payload):
         """A payload as it leaves the part: on the CPU when `host`, else where it is."""

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (BLOCK_BYTES, KEEP_BYTES, AnalysisConfig,  # noqa: F401 (re-exported)
+from sinkscope.analyses.common import (BLOCK_BYTES, KEEP_BYTES, AnalysisConfig, DeviceCopies,  # noqa: F401 (re-exported)
                                        KeptLayers, layer_blocks, open_calibration, prepare_batch, prepare_readable,
                                        query_row_span, report_step_config, text_queries_after_image)
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
@@ -105,27 +105,23 @@ class ScanLayerReduction:
         self._queued: set = set()  # devices with copies queued since the last event
         self.phi: dict = {}
         self._store = KeptLayers(self._reduce_kept, keep_bytes)
-        self._on: dict = {}  # device -> (kinds, queries, text positions) there, and the sink-dim index
         kinds = kinds.to("cpu")
         self.bos_position = _first(kinds.bos_mask[0])
         self.has_visual = bool(kinds.visual_mask[0].any())
         self.text_positions = torch.nonzero(kinds.text_mask[0]).flatten()
         self.query_rows = query_row_span(queries)
+        self._copies = DeviceCopies({"kinds": self.kinds, "queries": self.queries,
+                                     "text_positions": self.text_positions}, dims)
 
     def _device(self, device):
         """(kinds, queries, text positions of row 0) on `device`, copied there once per batch."""
-        if device not in self._on:
-            self._on[device] = (self.kinds.to(device), self.queries.to(device), self.text_positions.to(device))
-        return self._on[device]
+        there = self._copies.on(device)
+        return there["kinds"], there["queries"], there["text_positions"]
 
     def _dims_on(self, states: torch.Tensor):
         """The sink dims as an index on the states' device (checked against their width), made once per batch;
         the list itself when there are none."""
-        key = ("dims", states.device)
-        if key not in self._on:
-            index = sinks._dims_index(self.dims, states)
-            self._on[key] = self.dims if index is None else index
-        return self._on[key]
+        return self._copies.on(states.device, states)["dims"]
 
     def _out(self, out: dict) -> dict:
         if not self.host:
