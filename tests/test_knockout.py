@@ -103,6 +103,35 @@ def test_knockout_in_every_layer_and_earlier_queries_bitwise(llava):
         assert torch.equal(a[:, :, :first_query], b[:, :, :first_query])
 
 
+def test_prefill_edits_only_the_query_rows_and_equals_the_whole_row_formula_bitwise(llava):
+    """At prefill the knockout reads and rewrites only the rows from the first default query of any row on (the
+    rows before it are no default query in any row); the result equals `knockout_probs` on every row of the
+    probabilities it was given, bit for bit, on a padded batch whose rows' queries start at different positions."""
+    from sinkscope.interventions.attention import AttentionEdit, edit_attention
+
+    class Before(AttentionEdit):  # the outer block's edit runs first: the probabilities the knockout receives
+        def __init__(self):
+            self.probs = {}
+
+        def edit(self, probs, *, layer, query_positions, state):
+            self.probs[layer] = probs.clone()
+            return probs
+
+    tiny, adapter = llava
+    inputs, kinds = _batch(tiny, adapter)
+    keys = kinds.visual_mask & (torch.rand(kinds.kind.shape, generator=torch.Generator().manual_seed(1)) < 0.5)
+    queries = _queries_after_image(kinds)
+    starts = queries.float().argmax(1)
+    assert starts.min() > 0 and starts.min() != starts.max()
+    before = Before()
+    with torch.no_grad(), edit_attention(adapter, before):
+        with knockout(adapter, keys):
+            out = tiny.model(**inputs, output_attentions=True)
+    assert len(out.attentions) == len(before.probs)
+    for layer, edited in enumerate(out.attentions):
+        assert torch.equal(edited, knockout_probs(before.probs[layer], keys, queries))
+
+
 def test_knockout_chosen_layers_and_generate_with_cache(llava):
     tiny, adapter = llava
     inputs, kinds = _batch(tiny, adapter)

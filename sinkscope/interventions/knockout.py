@@ -96,6 +96,7 @@ class KnockoutEdit(AttentionEdit):
 
     def edit(self, probs, *, layer, query_positions, state: StepState):
         memory = state.memory(self)
+        start = 0  # queries before it are left alone without a look
         if state.only_generated:  # a decode step
             if not self.generated_queries:
                 return probs
@@ -104,11 +105,20 @@ class KnockoutEdit(AttentionEdit):
             queries = state.default_query_mask()
             if not self.generated_queries and not state.prefill:
                 queries = torch.zeros_like(queries)
+            # the default queries start at the first text token after an image in any row: at prefill only those
+            # rows (~10% of LLaVA's) are read and rewritten, in place; the rows before keep their values as before
+            start = min(state.default_query_start, probs.shape[2])
         else:
             queries = state.prompt_query_mask(memory["queries"], generated=self.generated_queries)
         n_keys = probs.shape[-1]  # once per step for the layers (a sliding-window layer has its own n_keys)
         keys = state.cached(("knockout keys", id(self), n_keys), lambda: state.key_mask(memory["keys"], n_keys))
-        return knockout_probs(probs, keys, queries, self.renormalize)
+        if start == 0:
+            return knockout_probs(probs, keys, queries, self.renormalize)
+        tail = knockout_probs(probs[:, :, start:], keys, queries[:, start:], self.renormalize)
+        if probs.requires_grad:
+            return torch.cat([probs[:, :, :start], tail], dim=2)
+        probs[:, :, start:] = tail
+        return probs
 
 
 @contextlib.contextmanager
