@@ -270,7 +270,7 @@ def var_probs(probs: torch.Tensor, sink_mask: torch.Tensor, image_mask: torch.Te
     never selected when its budget targets receive no attention (nowhere to put the budget) or its
     sample has no sink.
 
-    Cost: two small matrix products against [batch, key, 5] and [batch, 3, key] matrices (the row masses,
+    Cost: two small matrix products against [batch, key, 6] and [batch, 3, key] matrices (the row masses,
     and the per-entry factor), a few elementwise ops on [batch, head, query] and one elementwise
     product; no loops, no host syncs.
     """
