@@ -251,6 +251,32 @@ def _queries(kinds):
     return kinds.text_mask & (pos > last[:, None])
 
 
+@pytest.mark.parametrize("edit", ["var", "knockout"])
+def test_a_static_cache_gives_the_dynamic_caches_generation(organism, edit):
+    """generate with cache_implementation="static" (a KV cache longer than the sequence, its empty slots masked,
+    what compiled generation uses): VAR, and knockout of the sinks, edit as with the default dynamic cache (the
+    same tokens, scores within float32 rounding) and change the scores of the unedited model."""
+    from sinkscope.interventions.knockout import knockout
+
+    adapter, inputs, config, _ = organism
+    kinds = adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
+    context = {"var": lambda: var(adapter, config), "knockout": lambda: knockout(adapter, kinds.bos_mask)}[edit]
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_scores=True)
+    with torch.no_grad():
+        plain = adapter.model.generate(**inputs, **kw)
+        with context():
+            dynamic = adapter.model.generate(**inputs, **kw)
+        with context():
+            static = adapter.model.generate(**inputs, cache_implementation="static", **kw)
+
+    def gap(a, b):  # scores of masked-out tokens are -inf in both
+        return max(float((x.clamp_min(-1e4) - y.clamp_min(-1e4)).abs().max()) for x, y in zip(a.scores, b.scores))
+
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert gap(static, dynamic) < 1e-4 < gap(dynamic, plain)
+
+
 def test_unedited_layers_bitwise_and_p0_exact(organism):
     adapter, inputs, config, _ = organism
     with torch.no_grad():
