@@ -230,9 +230,11 @@ def test_compile_reaches_every_var_condition_but_random_heads_and_a_run_resumes_
     monkeypatch.setattr(var_module, "var", recording)
     cfg = VarEvalConfig(model="organism", limit=2, val_limit=2, p=0.6, rho=0.5, batch_size=8, n_boot=50,
                         calibration=4, compile=True)
-    folder = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism)
+    said: list[str] = []
+    folder = _quiet(run_var_eval, str(tmp_path / "ve"), cfg, adapter=organism, log=said.append)
     assert {selection: fused for selection, fused in asked} == {"image_centric": True, "random": False,
                                                                 "all": True}
+    assert any(line.startswith("--compile on the CPU") for line in said)  # the organism runs on the CPU here
     n_rows = len(pd.read_csv(folder.path / "var_answers.csv"))
     asked.clear()
     again = _quiet(run_var_eval, str(tmp_path / "ve"), VarEvalConfig(**{**cfg.__dict__, "compile": False}),

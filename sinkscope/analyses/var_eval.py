@@ -211,6 +211,10 @@ def run_var_eval(out: str, cfg: VarEvalConfig, adapter=None, resume: bool = True
         folder.update_meta(var_calibrated={"sink_dims": base.sink_dims, "tau": base.tau},
                            calibration=calibration.record(), calibration_source=source, calibration_note=note)
         log(f"VAR calibration: sink dims {base.sink_dims}, tau {base.tau:.3g}" + (f" ({note})" if note else ""))
+    if cfg.compile and adapter.device.type == "cpu":
+        log("--compile on the CPU: the fused edit is meant for GPUs, where a decode step waits on kernel launches; on "
+            "a CPU it measured slower than the unfused edit (a compiled call's own overhead, benchmarks/"
+            "host_bound_decode.py)")
     done = folder.done_samples()
     # 1. validation sweep
     grid = [(p, r) for p in ([cfg.p] if cfg.p is not None else cfg.p_grid)
