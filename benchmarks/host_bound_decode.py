@@ -7,7 +7,7 @@ A 7B decode step at batch 1 on a GPU waits on kernel launches: each operation co
 dispatcher ~10 us whatever its size. The same regime on a CPU: LLaVA-1.5's structure (Llama layers, the
 640-token prompt of `real_size.py` with 576 image tokens) at width 128 with one thread, so that a decode
 step costs about what its operations' dispatch costs. Each variant prefills once inside its block, then
-runs `--steps` single-token forwards on the KV cache, cropping the new token back off after each (every
+runs `--steps` single-token forwards (of `--batch` copies of the prompt) on the KV cache, cropping the new token back off after each (every
 step sees the same 640 cached keys); variants take turns `--repeats` times; the 10th percentile of all
 steps is printed (the least disturbed). Variants: eager, SDPA, VAR on every layer (sinks at the tau
 that makes ~20 image tokens sinks, as in `real_size.py`), with `--compile` VAR with compile=True too,
@@ -32,8 +32,8 @@ import real_size  # noqa: E402  (the LLaVA-1.5 builder and the sinks of random w
 
 def step_times(adapter, inputs, context, steps: int) -> list[float]:
     """Seconds of `steps` single-token forwards after one prefill inside `context()` (cache cropped after each)."""
-    n = inputs["input_ids"].shape[1]
-    mask = torch.ones(1, n + 1, dtype=inputs["attention_mask"].dtype)
+    batch, n = inputs["input_ids"].shape
+    mask = torch.ones(batch, n + 1, dtype=inputs["attention_mask"].dtype)
     position = torch.tensor([n])
     out = []
     with context():
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1, help="the prompt repeated this many times (var-eval batches)")
     ap.add_argument("--compile", action="store_true", help="also VAR with compile=True (needs a C++ compiler)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -62,8 +63,9 @@ def main() -> None:
 
     narrow = real_size.Shape(hidden=128, heads=4, kv_heads=4, intermediate=256, vocab=32064)
     adapter, batch = real_size.build("llava", args.layers, torch.float32, "cpu", shape=narrow)
-    inputs = adapter.forward_inputs(batch)
     dims, tau, sink_mask = real_size.sinks_at(adapter, batch)
+    inputs = {k: v.repeat(args.batch, *[1] * (v.dim() - 1)) for k, v in adapter.forward_inputs(batch).items()}
+    sink_mask = sink_mask.repeat(args.batch, 1)
     layers = list(range(args.layers))
     variants = {"eager": lambda: real_size.attention_as(adapter, "eager"),
                 "sdpa": lambda: real_size.attention_as(adapter, "sdpa"),
@@ -79,7 +81,7 @@ def main() -> None:
             for name, context in variants.items():
                 times[name] += step_times(adapter, inputs, context, args.steps)
     low = {name: statistics.quantiles(t, n=10)[0] for name, t in times.items()}
-    print(f"decode step, batch 1, LLaVA-1.5 structure at width 128, {args.layers} layers, 640 cached keys, 1 thread; "
+    print(f"decode step, batch {args.batch}, LLaVA-1.5 structure at width 128, {args.layers} layers, 640 cached keys, 1 thread; "
           f"10th percentile of {args.repeats} x {args.steps} steps; torch {torch.__version__}")
     for name, t in low.items():
         print(f"  {name:<13} {t * 1e3:7.2f} ms  ({t / low['eager']:.3f}x eager, {t / low['sdpa']:.3f}x SDPA)")

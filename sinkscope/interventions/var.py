@@ -166,7 +166,8 @@ class KeyLayout:
     that a decode step costs a few operations whatever the model (7 launches: two matrix products, a comparison
     and its reduction, a fused division and addition, a select and the product with the row).
 
-    columns [batch, 1, key, 6]: probs @ columns gives each row's masses (image, centric, sink, 0, 0, target),
+    columns [batch, key, 6]: a row's probabilities times columns give its masses (image, centric, sink, 0, 0,
+      target; `row_products`),
       where "centric" is the selection test made linear: paper mode non-sink image - rho * image (>= 0 iff the
       non-sink ratio is >= rho), reference mode rho * image - visual sink (>= 0 iff the sink fraction is <= rho);
       the target column is 0 in a sample without any sink (no budget there).
@@ -177,7 +178,7 @@ class KeyLayout:
       get less has nowhere to put the budget (its gain p * sink / target would overflow a half-precision float).
     factor_base [3]: (1, keep, 1), so that factor_base + drained * (sink, 0, 0) / target = (gain, keep, 1), where
       drained is the share of the sink mass moved (p; 1 - p in reference mode) and keep = 1 - drained.
-    placement [batch, 1, 3, key]: target, sink, other (exactly one 1 per key), so that
+    placement [batch, 3, key]: target, sink, other (exactly one 1 per key), so that
       (gain, keep, 1) @ placement is the per-entry factor, exact.
     """
 
@@ -224,13 +225,13 @@ def key_layout(sink_mask: torch.Tensor, image_mask: torch.Tensor, *, p: float = 
     drained = drained_share(p, mode)
     factor_base = torch.tensor([1.0, 1.0 - drained, 1.0], dtype=dtype, device=device)
     placement = torch.stack([target, sink, other], dim=1).to(dtype)  # [B, 3, K]
-    return KeyLayout(columns[:, None], thresholds[:, None, None], factor_base, placement[:, None], float(drained))
+    return KeyLayout(columns, thresholds[:, None, None], factor_base, placement, float(drained))
 
 
 def var_factors(masses: torch.Tensor, query_mask: torch.Tensor | None, thresholds: torch.Tensor,
                 factor_base: torch.Tensor, *, drained: float, head_selection: str = "image_centric",
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selection and per-row factors of VAR from a row's masses (probs @ KeyLayout.columns).
+    """The selection and per-row factors of VAR from a row's masses (`row_products` with KeyLayout.columns).
 
     masses: [batch, head, query, 6]; query_mask: [batch, query] bool, or None when every query may be
     edited (decode steps); thresholds, factor_base, drained: a KeyLayout's.
@@ -285,6 +286,17 @@ def _tensors(layout: KeyLayout) -> tuple[torch.Tensor, ...]:
     return layout.columns, layout.thresholds, layout.factor_base, layout.placement
 
 
+def row_products(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """rows [batch, head, query, n] times matrix [batch, n, m] -> [batch, head, query, m] without expanding the
+    matrix over the heads (a 4-D matmul copies it, [batch, head, n, m], on every call when batch > 1): batch 1 is
+    one 2-D product of the folded rows, a larger batch one product per sample over its [head * query] rows."""
+    if rows.shape[0] == 1:
+        return torch.matmul(rows, matrix[0])
+    batch, heads, queries, n = rows.shape
+    flat = rows.reshape(batch, heads * queries, n)  # a view wherever the rows allow it (a decode step)
+    return torch.matmul(flat, matrix).view(batch, heads, queries, matrix.shape[-1])
+
+
 def var_region(region: torch.Tensor, columns: torch.Tensor, thresholds: torch.Tensor, factor_base: torch.Tensor,
                placement: torch.Tensor, query_mask: torch.Tensor | None, *, drained: float, head_selection: str,
                generator: torch.Generator | None = None, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,9 +307,9 @@ def var_region(region: torch.Tensor, columns: torch.Tensor, thresholds: torch.Te
     itself (returned) instead of a copy. The whole edit is one function of tensors, so that `torch.compile` can
     fuse it (VAREdit with compile=True, which passes no generator: not for head_selection="random").
     """
-    factors, selected = var_factors(torch.matmul(region, columns), query_mask, thresholds, factor_base,
+    factors, selected = var_factors(row_products(region, columns), query_mask, thresholds, factor_base,
                                     drained=drained, head_selection=head_selection, generator=generator)
-    scale = torch.matmul(factors, placement)
+    scale = row_products(factors, placement)
     return (region.mul_(scale) if inplace else region * scale), selected
 
 
