@@ -288,10 +288,11 @@ def _tensors(layout: KeyLayout) -> tuple[torch.Tensor, ...]:
 
 def row_products(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """rows [batch, head, query, n] times matrix [batch, n, m] -> [batch, head, query, m] without expanding the
-    matrix over the heads (a 4-D matmul copies it, [batch, head, n, m], on every call when batch > 1): batch 1 is
-    one 2-D product of the folded rows, a larger batch one product per sample over its [head * query] rows."""
+    matrix over the heads (a 4-D matmul copies it, [batch, head, n, m], on every call when batch > 1): a larger
+    batch is one product per sample over its [head * query] rows; batch 1 stays a 4-D matmul, which folds the rows
+    into one product without a copy (and which torch.compile fuses with the rest of the edit)."""
     if rows.shape[0] == 1:
-        return torch.matmul(rows, matrix[0])
+        return torch.matmul(rows, matrix[:, None])
     batch, heads, queries, n = rows.shape
     flat = rows.reshape(batch, heads * queries, n)  # a view wherever the rows allow it (a decode step)
     return torch.matmul(flat, matrix).view(batch, heads, queries, matrix.shape[-1])
