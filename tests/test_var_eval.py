@@ -180,6 +180,34 @@ def test_unparseable_answers_are_counted_apart_and_left_out_of_mcnemar():
     assert status == NOTHING_TO_TEST and text.startswith("16 of 16 answers unparseable") and "McNemar" not in text
 
 
+def test_a_change_is_stated_only_where_the_exact_test_agrees_with_the_interval():
+    """Like the demo report's var_all_heads on 48 questions (10 parsed pairs, 3 broken, none fixed: bootstrap CI -0.6
+    to -0.1, McNemar p = 0.25): 12 pairs, 4 broken, none fixed. The percentile bootstrap of the paired change excludes
+    0 (a resample without a broken pair has probability (8/12)^12 < 1%) while McNemar's exact test gives
+    p = 2 / 2^4 = 0.125: no effect is stated. With 30 of 100 pairs broken both agree and the effect is stated."""
+    from sinkscope.analyses.var_eval import condition_sentence
+    from sinkscope.findings import EFFECT, NO_EFFECT
+
+    labels = ["yes", "no"] * 6
+    few = eval_table(_answers([("baseline", labels, labels),
+                               ("var_all_heads", ["no", "yes", "no", "yes"] + labels[4:], labels)]), n_boot=1000)
+    r = few[(few["condition"] == "var_all_heads") & (few["task"] == "all")].iloc[0]
+    assert (r["n_pairs"], r["discordant_better"], r["discordant_worse"]) == (12, 0, 4)
+    assert r["change_ci_high"] < 0 and r["p_value"] == pytest.approx(0.125)  # the disagreement itself
+    status, text = condition_sentence(r)
+    assert status == NO_EFFECT and "no detectable effect" in text and "worsens" not in text
+    assert "McNemar's exact test on the 4 changed answers does not reject" in text
+
+    labels = ["yes", "no"] * 50
+    many = eval_table(_answers([("baseline", labels, labels),
+                                ("var", [{"yes": "no", "no": "yes"}[x] for x in labels[:30]] + labels[30:], labels)]),
+                      n_boot=1000)
+    r = many[(many["condition"] == "var") & (many["task"] == "all")].iloc[0]
+    assert r["p_value"] < 1e-6 and r["change_ci_high"] < 0
+    status, text = condition_sentence(r)
+    assert status == EFFECT and "worsens accuracy (-0.3," in text
+
+
 def test_mcnemar_and_change_use_only_parsed_pairs():
     labels = ["yes", "no"] * 6
     baseline = ["no", "no", "yes", "no", "no", "no", "yes", "yes", "no", "no", "yes", "no"]
