@@ -26,7 +26,8 @@ __all__ = ["Estimate", "Finding", "EFFECT", "NO_EFFECT", "NOTHING_TO_TEST", "MEA
            "has_ci", "ci_excludes", "effect_status", "effect_clause", "share_clause", "unique_top", "overlapping_top",
            "top_clause",
            "unparseable_clause", "grid_choice_clause", "nothing_to_act_on", "nothing_clause", "n_clause",
-           "finding_line", "findings_section", "RULE_NOTE"]
+           "finding_line", "findings_section", "RULE_NOTE",
+           "EXACT_TEST_LEVEL", "exact_test_clause", "EXACT_TEST_NOTE"]
 
 # status of a finding (findings.csv column `status`)
 EFFECT = "effect"  # the CI excludes the null: stated as an effect
@@ -122,6 +123,21 @@ def effect_clause(est: Estimate, above: str, below: str, null: float = 0.0) -> t
         return status, f"no detectable effect ({ci_text(est.ci_low, est.ci_high)})"
     meaning = above if float(est.ci_low) > null else below
     return status, f"{meaning} ({num(est.value)}, {ci_text(est.ci_low, est.ci_high)})"
+
+
+EXACT_TEST_LEVEL = 0.05  # the exact test's p below which a paired yes/no change whose CI excludes 0 is stated
+
+
+def exact_test_clause(est: Estimate, p_value: float, tested: str, above: str, below: str) -> tuple[str, str]:
+    """`effect_clause` for a paired change of a yes/no outcome (accuracy against a baseline), stated only where an
+    exact test on the same pairs (McNemar's: `p_value`, on `tested`, e.g. "the 4 changed answers") also rejects no
+    change. With a handful of changed answers a percentile bootstrap can exclude 0 where the exact test does not
+    (4 of 12 pairs broken, none fixed: CI below 0, McNemar p = 0.125); such a change is not stated."""
+    status, clause = effect_clause(est, above, below)
+    if status == EFFECT and not p_value < EXACT_TEST_LEVEL:
+        return NO_EFFECT, (f"no detectable effect (the bootstrap CI, {ci_text(est.ci_low, est.ci_high)}, excludes 0, "
+                           f"but McNemar's exact test on {tested} does not reject no change)")
+    return status, clause
 
 
 def share_clause(part: float, reference: Estimate, reference_name: str) -> str:
@@ -229,6 +245,10 @@ def nothing_clause(action: str, what: str = "tokens") -> str:
 RULE_NOTE = ("An effect is stated only where its 95% CI excludes no effect; shares of another effect only where that "
              "effect's CI excludes 0; nothing is named top among ties or zeros; n is the number of samples (images or "
              "questions) behind each line.")
+
+
+EXACT_TEST_NOTE = (f"A change in accuracy against a baseline is stated only where McNemar's exact test on the same "
+                   f"pairs agrees (p < {EXACT_TEST_LEVEL:g}).")
 
 
 def finding_line(f: Finding, with_step: bool = True) -> str:

@@ -678,3 +678,19 @@ def test_the_report_qualifies_a_top_head_whose_ci_overlaps_others(tmp_path):
     [top] = [f for f in REGISTRY["heads"].findings(tmp_path) if "top head" in f.name]
     assert top.name.endswith("L3.H0") and "overlaps the CIs of 1 other(s) (L2.H3)" in top.sentence
     assert "not resolved" in fr.finding_line(top)
+
+
+def test_an_exact_test_must_agree_before_a_paired_yes_no_change_is_stated():
+    """exact_test_clause: an effect whose CI excludes 0 stays an effect only with McNemar p < 0.05; at p >= 0.05 or
+    without a p it is no detectable effect and says why; a CI that includes 0 is unchanged by any p."""
+    from sinkscope.findings import EFFECT, NO_EFFECT, Estimate, effect_clause, exact_test_clause
+
+    falls = Estimate(-0.333, -0.583, -0.0833, 12)
+    assert exact_test_clause(falls, 0.01, "the 4 changed answers", "up", "down") == effect_clause(falls, "up", "down")
+    assert exact_test_clause(falls, 0.01, "x", "up", "down")[0] == EFFECT
+    for p in (0.125, 0.05, float("nan")):
+        status, clause = exact_test_clause(falls, p, "the 4 changed answers", "up", "down")
+        assert status == NO_EFFECT and clause.startswith("no detectable effect (the bootstrap CI, 95% CI -0.583")
+        assert clause.endswith("McNemar's exact test on the 4 changed answers does not reject no change)")
+    spans = Estimate(0.1, -0.05, 0.2, 12)
+    assert exact_test_clause(spans, 1e-9, "x", "up", "down") == effect_clause(spans, "up", "down")

@@ -565,6 +565,17 @@ def _pick(table, **where):
     return None if t.empty else t.iloc[0]
 
 
+def _accuracy_change(r: dict) -> tuple[str, str]:
+    """(status, clause) of a condition's accuracy change against `none` (inject_var.csv row): stated only where its
+    CI excludes 0 and McNemar's exact test on the parsed pairs agrees."""
+    from sinkscope.findings import exact_test_clause
+
+    est = Estimate(float(r["accuracy_change"]), float(r["accuracy_change_ci_low"]), float(r["accuracy_change_ci_high"]),
+                   int(r["n"]))
+    tested = f"the {int(r['n_pairs'])} parsed pairs" if pd.notna(r.get("n_pairs")) else "the parsed pairs"
+    return exact_test_clause(est, r["p_value"], tested, "accuracy rises", "accuracy falls")
+
+
 def _var_line(r: dict) -> str:
     """One condition of inject_var.csv as a sentence under the findings rule: accuracy with its CI, the paired change
     against `none` (stated only where its CI excludes 0), McNemar on the parsed pairs, unparseable answers, VAR's
@@ -574,8 +585,7 @@ def _var_line(r: dict) -> str:
     n = int(r["n"])
     text = f"`{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}"
     if r["condition"] != "none" and pd.notna(r.get("accuracy_change")):
-        _, clause = effect_clause(Estimate(r["accuracy_change"], r["accuracy_change_ci_low"],
-                                           r["accuracy_change_ci_high"], n), "accuracy rises", "accuracy falls")
+        _, clause = _accuracy_change(r)
         _, logit = effect_clause(Estimate(r["logit_diff_change"], r["logit_diff_change_ci_low"],
                                           r["logit_diff_change_ci_high"], n), "the logit difference rises",
                                  "the logit difference falls")
@@ -727,7 +737,7 @@ def findings(folder) -> list[Finding]:
             if "accuracy_change" in r and pd.notna(r["accuracy_change"]):
                 est = Estimate(float(r["accuracy_change"]), float(r["accuracy_change_ci_low"]),
                                float(r["accuracy_change_ci_high"]), n_var)
-                status, _ = effect_clause(est, "", "")
+                status, _ = _accuracy_change(r)
             else:
                 est, status = Estimate(math.nan, n=n_var), MEASURED
             out.append(Finding("inject", f"accuracy change, {r['condition']} against none", est.value, est.ci_low,

@@ -38,7 +38,8 @@ from sinkscope.analyses.inject import signature_of
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
-from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, findings_section, num
+from sinkscope.findings import (MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, exact_test_clause,
+                                findings_section, num)
 from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
 from sinkscope.kinds import PAD
 from sinkscope.measures.attention_share import attention_share
@@ -355,8 +356,11 @@ def findings(folder) -> list[Finding]:
                 c = change.iloc[0]
                 higher, lower = (("accuracy rises", "accuracy falls") if metric == "accuracy" else
                                  ("NLL per token rises", "NLL per token falls"))
-                status, clause = effect_clause(Estimate(float(c["value"]), float(c["ci_low"]), float(c["ci_high"]),
-                                                        int(c["n_samples"])), higher, lower)
+                est = Estimate(float(c["value"]), float(c["ci_low"]), float(c["ci_high"]), int(c["n_samples"]))
+                if metric == "accuracy":  # stated only where McNemar's exact test agrees
+                    status, clause = exact_test_clause(est, float(r["p_value"]), f"the {est.n} samples", higher, lower)
+                else:
+                    status, clause = effect_clause(est, higher, lower)
                 value, low, high = float(c["value"]), float(c["ci_low"]), float(c["ci_high"])
                 sentence += f"; paired change: {clause}"
             if pd.notna(r["p_value"]):

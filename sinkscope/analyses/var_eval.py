@@ -414,9 +414,6 @@ def choice_clause(sweep: pd.DataFrame, chosen: tuple[float, float], metric: str,
     return grid_choice_clause(pooled[metric].to_numpy(dtype=float), label, metric, TIE_RULE)
 
 
-EXACT_TEST_LEVEL = 0.05  # McNemar's exact p below which a paired accuracy change whose CI excludes 0 is stated
-
-
 def condition_sentence(r) -> tuple[str, str]:
     """(status, sentence) of one var_eval.csv row, by the findings rule (sinkscope.findings).
 
@@ -425,8 +422,8 @@ def condition_sentence(r) -> tuple[str, str]:
     same pairs agrees (p < 0.05): with a handful of changed answers a percentile bootstrap of the paired change can
     exclude 0 where the exact test finds nothing (3 of 10 pairs broken, none fixed: CI -0.6 to -0.1, p = 0.25).
     """
-    from sinkscope.findings import (EFFECT, MEASURED, NO_EFFECT, NOTHING_TO_TEST, Estimate, ci_text, effect_clause,
-                                    num, unparseable_clause)
+    from sinkscope.findings import (MEASURED, NOTHING_TO_TEST, Estimate, ci_text, exact_test_clause, num,
+                                    unparseable_clause)
 
     n, n_unparseable = int(r["n"]), int(r["n_unparseable"])
     parsed = unparseable_clause(n_unparseable, n)
@@ -441,13 +438,10 @@ def condition_sentence(r) -> tuple[str, str]:
     n_pairs = 0 if pd.isna(r["n_pairs"]) else int(r["n_pairs"])
     if not n_pairs:
         return NOTHING_TO_TEST, f"{pope}; no question where both this and the baseline answer parsed: nothing to compare"
-    status, clause = effect_clause(Estimate(r["accuracy_change"], r["change_ci_low"], r["change_ci_high"], n_pairs),
-                                   above="improves accuracy", below="worsens accuracy")
-    if status == EFFECT and not r["p_value"] < EXACT_TEST_LEVEL:
-        changed = int(r["discordant_better"]) + int(r["discordant_worse"])
-        interval = ci_text(r["change_ci_low"], r["change_ci_high"])
-        status, clause = NO_EFFECT, (f"no detectable effect (the bootstrap CI, {interval}, excludes 0, but McNemar's "
-                                     f"exact test on the {changed} changed answers does not reject no change)")
+    changed = int(r["discordant_better"]) + int(r["discordant_worse"])
+    status, clause = exact_test_clause(Estimate(r["accuracy_change"], r["change_ci_low"], r["change_ci_high"], n_pairs),
+                                       r["p_value"], f"the {changed} changed answers", above="improves accuracy",
+                                       below="worsens accuracy")
     if not r["discordant_better"] and not r["discordant_worse"]:
         clause += " (no answer changed from right to wrong or back)"
     return status, (f"{pope}; against baseline on the {n_pairs} pairs where both answers parsed: {clause}, "
@@ -482,7 +476,7 @@ def finding_sentences(table: pd.DataFrame, chosen, meta: dict, sweep: pd.DataFra
 
 
 def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
-    from sinkscope.findings import RULE_NOTE
+    from sinkscope.findings import EXACT_TEST_NOTE, RULE_NOTE
     from sinkscope.analyses.pages import index_head
     from sinkscope.markdown import markdown_table
 
@@ -500,8 +494,7 @@ def _write_index(folder, cfg, table, sweep, chair, chosen, figs) -> None:
                  "parsed are compared: p_value is McNemar's exact test of per-question correctness on them, "
                  "accuracy_change the paired change with change_ci_low/change_ci_high.\n")
     lines.append("## Findings\n")
-    lines.append(RULE_NOTE + " A change in accuracy against baseline is stated only where McNemar's exact test on "
-                 f"the same pairs agrees (p < {EXACT_TEST_LEVEL:g}).\n")
+    lines.append(f"{RULE_NOTE} {EXACT_TEST_NOTE}\n")
     lines += [f"- {f}" for f in finding_sentences(table, chosen, meta, sweep, cfg.select_metric)] + [""]
     if len(chair):
         lines.append("Captions (CHAIR, test scenes): " + "; ".join(
