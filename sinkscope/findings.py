@@ -135,7 +135,7 @@ def exact_test_clause(est: Estimate, p_value: float, tested: str, above: str, be
     (4 of 12 pairs broken, none fixed: CI below 0, McNemar p = 0.125); such a change is not stated."""
     status, clause = effect_clause(est, above, below)
     if status == EFFECT and not p_value < EXACT_TEST_LEVEL:
-        return NO_EFFECT, (f"no detectable effect (the bootstrap CI, {ci_text(est.ci_low, est.ci_high)}, excludes 0, "
+        return NO_EFFECT, (f"no detectable effect (the bootstrap {ci_text(est.ci_low, est.ci_high)} excludes 0, "
                            f"but McNemar's exact test on {tested} does not reject no change)")
     return status, clause
 
