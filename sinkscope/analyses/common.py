@@ -17,7 +17,7 @@ from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration, calibrate
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, batches, progress
-from sinkscope.measures import massive, sinks
+from sinkscope.measures import contributions, massive, sinks
 from sinkscope.models.base import ModelAdapter
 from sinkscope.runconfig import RunConfig, parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
@@ -26,7 +26,7 @@ from sinkscope.trace import BatchInfo, Tracer
 __all__ = ["AnalysisConfig", "Setup", "setup", "SinkAwareReducer", "cluster_bootstrap", "prepare_batch",
            "prepare_readable", "text_queries_after_image", "fmt_ci", "calibrate_samples", "open_calibration",
            "report_step_config", "traced_chunks", "InTraceReducer", "payloads_to_host", "layer_blocks",
-           "KeptLayers", "KEEP_BYTES", "BLOCK_BYTES", "query_row_span", "DeviceCopies", "yes_no_labels", "answer_token_ids"]
+           "KeptLayers", "KEEP_BYTES", "BLOCK_BYTES", "query_row_span", "DeviceCopies", "output_grams", "yes_no_labels", "answer_token_ids"]
 
 
 @dataclass
@@ -205,6 +205,18 @@ def report_step_for(config_class, run, **overrides):
 
 REMOTE_ANALYSES = ("heads", "contributions", "location")  # analyses (besides scan) whose reducers run in a remote trace
 EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
+
+
+def output_grams(adapter, host: bool = False) -> dict[int, torch.Tensor]:
+    """layer -> (W_O^h)^T W_O^h of every head ([head, head_dim, head_dim], `measures.contributions.ov_grams`) of W_O
+    as it acts (LoRA included), made once per run where the layer sits (on the CPU with `host`): all that the
+    contribution measures (`ov_norms_from_grams`) need of W_O, for every batch of the run."""
+    grams = {}
+    with torch.no_grad():
+        for i in range(adapter.num_layers):
+            gram = contributions.ov_grams(adapter.output_weight(i).detach(), adapter.num_heads)
+            grams[i] = gram.cpu() if host else gram
+    return grams
 
 
 class DeviceCopies:

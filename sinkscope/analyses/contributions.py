@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap, layer_blocks,
-                                      report_step_for, setup, traced_chunks)
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap,
+                                      layer_blocks, output_grams, report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, effect_clause
 from sinkscope.measures import contributions as ov
@@ -152,17 +152,6 @@ class ContributionLayerReduction(SinkScores):
         counts = self.out(out["n_tokens"].permute(1, 2, 0).contiguous())  # [layer, class, batch]
         return [{name: {"attention": means[i, c, 0], "contribution": means[i, c, 1], "ov_norm": means[i, c, 2],
                         "n_tokens": counts[i, c]} for c, name in enumerate(CLASSES)} for i in range(phi.shape[1])]
-
-
-def output_grams(adapter, host: bool = False) -> dict[int, torch.Tensor]:
-    """layer -> (W_O^h)^T W_O^h of every head ([head, head_dim, head_dim], `measures.contributions.ov_grams`) of W_O
-    as it acts (LoRA included), made once per run where the layer sits (on the CPU with `host`)."""
-    grams = {}
-    with torch.no_grad():
-        for i in range(adapter.num_layers):
-            gram = ov.ov_grams(adapter.output_weight(i).detach(), adapter.num_heads)
-            grams[i] = gram.cpu() if host else gram
-    return grams
 
 
 def ratio_with_ci(per_sample: pd.DataFrame, n_boot: int, seed: int, num: str = "visual_sink",

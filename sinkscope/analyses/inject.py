@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import AnalysisConfig, fmt_ci, prepare_batch, report_step_config, setup
+from sinkscope.analyses.common import AnalysisConfig, fmt_ci, output_grams, prepare_batch, report_step_config, setup
 from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
@@ -229,11 +229,13 @@ def layer_bands(first: int, n_layers: int, n_bands: int = 3) -> dict[int, str]:
 
 @torch.no_grad()
 def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.Tensor, queries: torch.Tensor,
-                   kinds: TokenKinds, sig: SinkSignature, keep_heads: bool) -> tuple[list[dict], list[dict]]:
+                   kinds: TokenKinds, sig: SinkSignature, keep_heads: bool,
+                   grams: dict[int, torch.Tensor]) -> tuple[list[dict], list[dict]]:
     """Per row and layer >= sig.layer: what the tokens of token_mask receive and write.
 
     out: model output with attentions and hidden_states; edited_state: [batch, token, dim] entering
-    sig.layer as edited. Returns (layer rows, head rows); rows with an empty mask are skipped.
+    sig.layer as edited; grams: `output_grams(adapter, host=True)`, made once per run. Returns (layer rows, head
+    rows); rows with an empty mask are skipped.
     """
     n_tok = token_mask.sum(dim=1)
     keep = n_tok > 0
@@ -250,7 +252,7 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
         attentions = out.attentions[layer]  # [batch, head, query, key] where the layer ran: only n_cols keys move
         probs = attentions[..., cols.to(attentions.device)].float().cpu()  # [batch, head, query, n_cols]
         v = value_states(adapter, layer, x[:, cols.to(x.device)]).float().cpu()  # [batch, kv_head, n_cols, head_dim]
-        norms = ov.ov_norms(v, adapter.output_weight(layer).detach(), adapter.num_heads)  # [batch, head, n_cols]
+        norms = ov.ov_norms_from_grams(v, grams[layer])  # [batch, head, n_cols]
         means = ov.class_contributions(probs, norms, sub[:, None, :], queries)  # the injected tokens as one class
         att, contrib, ov_norm = (means[k][:, 0] for k in ("attention", "contribution", "ov_norm"))  # [batch, head]
         v_norm = (v.norm(dim=-1).mean(dim=1) * m).sum(-1) / denom
@@ -299,6 +301,7 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
     control_dims = draw_control_dims(cfg, adapter.hidden_size, sig)
     s.folder.update_meta(control_dims={f"{g}/{seed}": d for (g, seed), d in control_dims.items()})
     index = {x.sample_id: k for k, x in enumerate(s.samples)}  # the sample's index in the data: its random draws
+    grams = output_grams(adapter, host=True)  # W_O's per-head grams, once per run (the norms are made on the CPU)
     for chunk in progress(s.todo, cfg.batch_size, "inject"):
         batch = prepare_batch(adapter, chunk)
         inputs = adapter.device_inputs(batch)
@@ -324,7 +327,7 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
 
         def record(treatment, group, seed, scale, output, edited, mask, ok):
             rows, heads = measure_tokens(adapter, output, edited, mask, queries, kinds, sig,
-                                         keep_heads=treatment in ("none", "inject"))
+                                         keep_heads=treatment in ("none", "inject"), grams=grams)
             meta = {"treatment": treatment, "group": group, "seed": seed, "scale": scale}
             for r in rows:
                 layer_rows.append({"sample": chunk[r.pop("row")].sample_id, **meta, **r})

@@ -65,14 +65,10 @@ def ov_norms(values: torch.Tensor, o_weight: torch.Tensor, num_heads: int) -> to
     values: [batch, kv_head, key, head_dim]; o_weight: [hidden, num_heads * head_dim];
     num_heads must be a multiple of kv_head. (Through `ov_grams`; a caller with many batches makes those once.)
     """
-    if values.dim() != 4:
-        raise ValueError(f"values must be [batch, kv_head, key, head_dim], got {tuple(values.shape)}")
-    batch, kv, n_k, head_dim = values.shape
-    if num_heads % kv:
-        raise ValueError(f"{num_heads} query heads cannot share {kv} key-value heads evenly")
-    if tuple(o_weight.shape[1:]) != (num_heads * head_dim,):
+    head_dim = values.shape[-1]
+    if o_weight.dim() != 2 or o_weight.shape[1] != num_heads * head_dim:
         raise ValueError(f"o_weight must be [hidden, {num_heads} * {head_dim}], got {tuple(o_weight.shape)}")
-    return ov_norms_from_grams(values, ov_grams(o_weight.to(values.device), num_heads))
+    return ov_norms_from_grams(values, ov_grams(o_weight.to(values.device), num_heads))  # which checks the values
 
 
 def ov_contributions(attn: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
