@@ -269,12 +269,17 @@ class SinkScores:
         """A payload as it leaves the part: on the CPU when `host`, else where it is."""
         return payload.cpu() if self.host else payload
 
-    def residual(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+    def phi_of(self, states: torch.Tensor) -> torch.Tensor:
+        """states [batch, (layer,) token, dim] -> phi [batch, (layer,) token] float32, where the states are (zeros
+        without sink dims)."""
         states = states.detach()
+        if not self.dims:
+            return torch.zeros(states.shape[:-1], device=states.device)
         there = self.on(states.device, states)
-        phi = (sinks.sink_score(states, there["dims"], self.score, there["real"], self.eps).float()
-               if self.dims else torch.zeros(states.shape[:2], device=states.device))
-        self.phi[layer] = phi
+        return sinks.sink_score(states, there["dims"], self.score, there["real"], self.eps).float()
+
+    def residual(self, layer: int, states: torch.Tensor) -> torch.Tensor:
+        phi = self.phi[layer] = self.phi_of(states)
         return self.out(phi)
 
     def attention(self, layer: int, probs: torch.Tensor):
@@ -363,7 +368,7 @@ class SinkAwareReducer:
     token with phi >= tau), self.visual_sink[layer], on the layer's device while the forward runs (so that
     `attention` can use them there, and no layer waits for a copy); `end()` brings them to the CPU in one copy
     per (device, dtype). self.queries [batch, token] = text tokens after the last image token (CPU).
-    Subclasses that override `end` call `super().end()` (with their own payloads, `to_host`).
+    Subclasses that override `end` call `super().end(*own)`, which brings their own payloads over in the same copies.
     """
 
     def __init__(self, dims: list[int], tau: float, eps: float, score: str = "rms"):

@@ -32,7 +32,6 @@ from sinkscope.analyses.step_findings import run_meta
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, top_clause
 from sinkscope.measures import heads as head_measures
-from sinkscope.measures import sinks
 from sinkscope.runfolder import RunFolder
 
 
@@ -192,11 +191,8 @@ class HeadsLayerReduction(SinkScores):
         out, phi = [], {}
         kept = kept_by_kind["residual"]
         for layers in layer_blocks(sorted(kept), kept, self.block_bytes):
-            states = torch.stack([kept.pop(layer) for layer in layers])  # [layer, batch, token, dim]
-            there = self.on(states.device, states)
-            block_phi = (sinks.sink_score(states.transpose(0, 1), there["dims"], self.score, there["real"],
-                                          self.eps).float().transpose(0, 1).contiguous()
-                         if self.dims else torch.zeros(states.shape[:3], device=states.device))  # [layer, batch, token]
+            states = torch.stack([kept.pop(layer) for layer in layers], dim=1)  # [batch, layer, token, dim]
+            block_phi = self.phi_of(states).transpose(0, 1).contiguous()  # [layer, batch, token]
             for i, layer in enumerate(layers):
                 phi[layer] = block_phi[i]
                 out.append(("residual", layer, block_phi[i]))
