@@ -172,12 +172,12 @@ class ScanLayerReduction:
         out = []
         layers = sorted(kept["residual"])
         phi = {}  # block of layers -> phi [batch, layer, token] where the states were, for the attention blocks
-        for block_layers in self._blocks(layers, kept["residual"]):
+        for block_layers in layer_blocks(layers, kept["residual"], self.block_bytes):
             block = self._residual_block(torch.stack([kept["residual"].pop(l) for l in block_layers], dim=1))
             phi[tuple(block_layers)] = block["phi"]
             out.append(("residual", block_layers, block))
         layers = sorted(kept["attention"])
-        for block_layers in self._blocks(layers, kept["attention"]):
+        for block_layers in layer_blocks(layers, kept["attention"], self.block_bytes):
             probs = torch.stack([kept["attention"].pop(l) for l in block_layers], dim=1)
             block_phi = phi.get(tuple(block_layers))  # the residual blocks are the same when both kinds were kept
             if block_phi is None:
@@ -185,9 +185,6 @@ class ScanLayerReduction:
                 block_phi = torch.stack([by_layer[l].to(probs.device) for l in block_layers], dim=1)
             out.append(("attention", block_layers, self._attention_block(probs, block_phi.to(probs.device))))
         return out
-
-    def _blocks(self, layers: list[int], kept: dict) -> list[list[int]]:
-        return layer_blocks(layers, kept, self.block_bytes)
 
     # -- the measures, on a block of layers ----------------------------------------------
     def _residual_block(self, states: torch.Tensor) -> dict:
