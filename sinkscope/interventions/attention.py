@@ -203,6 +203,18 @@ class StepState:
         return self.cached("default_queries", make)
 
 
+def with_rows_from(probs: torch.Tensor, start: int, tail: torch.Tensor) -> torch.Tensor:
+    """probs [batch, head, query, key] with its query rows from `start` on replaced by tail [batch, head, query -
+    start, key], the edit of those rows only: in place (the edit owns probs), or a new tensor when autograd needs
+    probs; tail itself when start is 0."""
+    if start == 0:
+        return tail
+    if probs.requires_grad:
+        return torch.cat([probs[:, :, :start], tail], dim=2)
+    probs[:, :, start:] = tail
+    return probs
+
+
 def find_cache(args: tuple, kwargs: dict):
     """The KV cache of a forward call: the first transformers `Cache` among its arguments, or None.
 

@@ -22,7 +22,8 @@ from typing import Iterator, Sequence
 import torch
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.interventions.attention import AttentionEdit, EditSession, PromptInfo, StepState, edit_attention
+from sinkscope.interventions.attention import (AttentionEdit, EditSession, PromptInfo, StepState, edit_attention,
+                                               with_rows_from)
 from sinkscope.kinds import VISUAL, TokenKinds
 
 
@@ -112,13 +113,10 @@ class KnockoutEdit(AttentionEdit):
             queries = state.prompt_query_mask(memory["queries"], generated=self.generated_queries)
         n_keys = probs.shape[-1]  # once per step for the layers (a sliding-window layer has its own n_keys)
         keys = state.cached(("knockout keys", id(self), n_keys), lambda: state.key_mask(memory["keys"], n_keys))
-        if start == 0:
-            return knockout_probs(probs, keys, queries, self.renormalize)
-        tail = knockout_probs(probs[:, :, start:], keys, queries[:, start:], self.renormalize)
-        if probs.requires_grad:
-            return torch.cat([probs[:, :, :start], tail], dim=2)
-        probs[:, :, start:] = tail
-        return probs
+        if start:
+            return with_rows_from(probs, start, knockout_probs(probs[:, :, start:], keys, queries[:, start:],
+                                                              self.renormalize))
+        return knockout_probs(probs, keys, queries, self.renormalize)
 
 
 @contextlib.contextmanager

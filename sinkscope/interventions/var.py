@@ -43,7 +43,7 @@ import torch
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.interventions.attention import (AttentionEdit, EditHandle, EditSession, StepState, as_adapter,
-                                               edit_attention)
+                                               edit_attention, with_rows_from)
 from sinkscope.kinds import PAD
 from sinkscope.measures.sinks import PAPER_TAU, needs_phi_for_tau, sink_threshold
 from sinkscope.runconfig import resolve_sink_score
@@ -404,13 +404,7 @@ class VAREdit(AttentionEdit):
                 probs[:, :, start:], state.key_mask(sinks, n_keys), state.key_mask(prompt.kinds.visual_mask, n_keys),
                 state.default_query_mask()[:, start:], p=c.p, rho=c.rho, summ=c.summ, mode=c.mode,
                 head_selection=c.head_selection, budget_target=c.budget_target, generator=generator)
-            if start == 0:
-                out = tail
-            elif probs.requires_grad:
-                out = torch.cat([probs[:, :, :start], tail], dim=2)
-            else:
-                probs[:, :, start:] = tail
-                out = probs
+            out = with_rows_from(probs, start, tail)
         selected = selected_tail if start == 0 else torch.nn.functional.pad(selected_tail, (start, 0), value=False)
         memory["selected"][layer] = selected
         return out
