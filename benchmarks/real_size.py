@@ -272,7 +272,7 @@ def heads_pass(tracer, adapter, batch, dims, tau) -> None:
 
 
 def contributions_pass(tracer, adapter, batch, dims, tau, grams: dict) -> None:
-    """The contribution analysis' per-sample work: a forward traced with value states (read through nnsight)."""
+    """The contribution analysis' per-sample work: a forward traced with value states (from the capture function)."""
     from sinkscope.analyses.contributions import ContributionReducer
 
     reducer = ContributionReducer(dims, tau, adapter.rms_norm_eps, "rms", grams)
