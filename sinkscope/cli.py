@@ -58,8 +58,9 @@ RUN_OPTIONS_HELP = {
     "shard": "i/n: only the samples whose index modulo n is i (default: from SLURM_ARRAY_TASK_ID/COUNT or "
              "RANK/WORLD_SIZE when set); merge with `sinkscope merge`",
 }
-_REMOTE = typer.Option(None, help="local: every trace through nnsight's serialised dry run of NDIF (reductions run "
-                       "inside the trace; only they come back)")
+_REMOTE = typer.Option(None, help="run every trace remotely, reductions inside the trace (only they come back): "
+                       "local (nnsight's serialised dry run of NDIF, here), ndif (the NDIF service: --model is "
+                       "the hub id of a text-only LM it serves; key from NDIF_API_KEY) or an NDIF server's URL")
 
 
 def _flag(name: str) -> str:
@@ -219,10 +220,11 @@ def _check_samples(run: RunConfig, question: str = "describe the image .") -> No
     load_data(run.data, run.limit, question, run.image_root)
 
 
-def _load(run: RunConfig):
+def _load(settings):
+    """The model as a run's settings place it (RunConfig, or an analysis config with --remote)."""
     from sinkscope.models import load_placed
 
-    return load_placed(run)
+    return load_placed(settings)
 
 
 def _config(cls, run: RunConfig, opts: RunOptions, sink_score: str, **own):
@@ -245,7 +247,7 @@ def _run_analysis(ctx: typer.Context, run: RunConfig, opts: RunOptions, build: C
                 setattr(cfg, name, getattr(run, name))
         cfg.validate()  # the analysis' own options
         _check_samples(run, question)
-        adapter = _load(run)
+        adapter = _load(cfg)  # the analysis config: its placement, and --remote (a model NDIF serves loads as such)
         cfg.sink_score = resolve_sink_score(run.sink_score, adapter.hidden_size)
         module, function = runner.split(":")
         folder = getattr(importlib.import_module(module), function)(out, cfg, adapter=adapter, resume=opts.resume,

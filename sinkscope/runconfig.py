@@ -262,3 +262,23 @@ def sample_seed(seed: int, *keys) -> int:
     with it are the same whichever shard or batch the sample runs in."""
     text = ":".join(str(k) for k in (int(seed), *keys))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+REMOTE_MODES = ("local", "ndif")
+
+
+def check_remote(remote) -> str | None:
+    """`remote` as given when sinkscope can run it: None (here), "local" (nnsight's serialised dry run of NDIF),
+    "ndif" (the NDIF service nnsight is configured for: NDIF_HOST, NDIF_API_KEY) or an http(s):// URL (an NDIF
+    server of one's own); anything else gets an error naming the choices."""
+    if remote is None or remote in REMOTE_MODES or (isinstance(remote, str) and remote.startswith(("http://",
+                                                                                                   "https://"))):
+        return remote
+    raise SinkscopeError(f"--remote {remote!r}: choose local (nnsight's serialised dry run of NDIF, run here), ndif "
+                         "(the NDIF service; key from NDIF_API_KEY or nnsight's config) or the http(s):// URL of "
+                         "an NDIF server")
+
+
+def is_server(remote) -> bool:
+    """True when `remote` sends traces to a server (ndif or a URL), not to the local dry run."""
+    return check_remote(remote) not in (None, "local")

@@ -33,6 +33,7 @@ import torch
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.models.base import ModelAdapter, TokenKinds
+from sinkscope.runconfig import check_remote, is_server
 
 
 class Reducer(Protocol):
@@ -62,9 +63,6 @@ class RemoteReducer(Protocol):
     def take(self, kind: str, layer: int, payload) -> None: ...
 
 
-REMOTE_MODES = ("local",)
-
-
 class _PersistentObjects:
     """What nnsight's local-simulation backend asks a remotable model for: the ids its pickles refer to.
 
@@ -82,16 +80,21 @@ class _PersistentObjects:
         return objects
 
 
-def remote_backend(envoy, remote):
-    """The nnsight backend of a remote run: "local" = serialise, deserialise with local modules hidden, run here."""
-    if remote not in REMOTE_MODES:
-        raise SinkscopeError(
-            f"remote={remote!r}: sinkscope runs traces remotely through nnsight's serverless dry run of NDIF, "
-            "remote='local' (the trace is serialised and deserialised as NDIF would); sending a trace to the NDIF "
-            "service itself needs the model wrapped as nnsight's hub-keyed LanguageModel and is not wired yet")
-    from nnsight.intervention.backends.local import LocalSimulationBackend
+def remote_trace_kwargs(envoy, remote) -> dict:
+    """The keyword arguments of `envoy.trace` for a remote run: "local" = nnsight's local-simulation backend
+    (serialise, deserialise with local modules hidden, run here); "ndif" or a URL = nnsight's `remote=`, which
+    sends the trace to the server under the model's hub key (the envoy must be a hosted model:
+    `sinkscope.models.load_hosted`)."""
+    remote = check_remote(remote)
+    if remote == "local":
+        from nnsight.intervention.backends.local import LocalSimulationBackend
 
-    return LocalSimulationBackend(_PersistentObjects(envoy))
+        return {"backend": LocalSimulationBackend(_PersistentObjects(envoy))}
+    if not hasattr(envoy, "to_model_key"):
+        raise SinkscopeError(f"--remote {remote}: the model was loaded here, so NDIF does not know it; load it as a "
+                             "hosted model by its hub id (sinkscope.models.load_hosted(hub_id), or the CLI's --model "
+                             "HUB_ID with --remote), or use --remote local for the dry run")
+    return {"remote": True if remote == "ndif" else remote}
 
 
 @dataclass
@@ -168,6 +171,39 @@ def envoy_at(root_envoy, root_module: torch.nn.Module, target: torch.nn.Module, 
     raise SinkscopeError(f"could not locate {what or type(target).__name__} inside the model")
 
 
+def find_probability_op(attn_envoy) -> tuple[str, str]:
+    """(label of the attention-function call, label of the op holding probabilities).
+
+    Must run inside a trace. The probabilities are the output of the op right after
+    softmax (dropout in transformers' eager function), i.e. what multiplies V.
+    """
+    from nnsight.intervention.source import SourceNotAvailable
+
+    call = None
+    for label in attn_envoy.source.names:
+        if "attention_interface" not in label:
+            continue
+        try:
+            inner = getattr(attn_envoy.source, label).source
+        except SourceNotAvailable:
+            continue
+        call = label
+        break
+    if call is None:
+        raise AttentionOpNotFound(
+            "no attention-function call found in the attention module's forward; this family's "
+            "attention does not go through transformers' attention interface"
+        )
+    names = list(inner.names)
+    dropout = [n for n in names if "dropout" in n]
+    if dropout:
+        return call, dropout[0]
+    softmax = [i for i, n in enumerate(names) if "softmax" in n]
+    if softmax:
+        return call, names[softmax[-1]]
+    raise AttentionOpNotFound(f"no softmax in the attention function (ops: {names[:20]}...)")
+
+
 class Tracer:
     """Streams per-layer tensors of an adapter's model to reducers: in a local run through torch hooks and the
     capture function, in a remote run (or one reading `.source`) through nnsight."""
@@ -183,9 +219,13 @@ class Tracer:
         """The model wrapped by nnsight, made on first use: wrapping patches every module's forward for good (~50
         Python calls per layer on each later forward), so a tracer that only runs locally never wraps it."""
         if self._envoy is None:
-            from nnsight import NNsight
+            hosted = getattr(self.adapter, "hosted", None)  # a model NDIF serves: its nnsight wrapper, keyed by hub id
+            if hosted is not None:
+                self._envoy = hosted
+            else:
+                from nnsight import NNsight
 
-            self._envoy = NNsight(self.adapter.model)
+                self._envoy = NNsight(self.adapter.model)
         return self._envoy
 
     def _envoys_of_layers(self):
@@ -204,39 +244,6 @@ class Tracer:
     def _attention_envoy(self, layers_envoy, layer: int):
         return envoy_at(layers_envoy[layer], self.adapter.layers[layer], self.adapter.attention(layer),
                         f"the attention module of layer {layer}")
-
-    @staticmethod
-    def _find_probability_op(attn_envoy) -> tuple[str, str]:
-        """(label of the attention-function call, label of the op holding probabilities).
-
-        Must run inside a trace. The probabilities are the output of the op right after
-        softmax (dropout in transformers' eager function), i.e. what multiplies V.
-        """
-        from nnsight.intervention.source import SourceNotAvailable
-
-        call = None
-        for label in attn_envoy.source.names:
-            if "attention_interface" not in label:
-                continue
-            try:
-                inner = getattr(attn_envoy.source, label).source
-            except SourceNotAvailable:
-                continue
-            call = label
-            break
-        if call is None:
-            raise AttentionOpNotFound(
-                "no attention-function call found in the attention module's forward; this family's "
-                "attention does not go through transformers' attention interface"
-            )
-        names = list(inner.names)
-        dropout = [n for n in names if "dropout" in n]
-        if dropout:
-            return call, dropout[0]
-        softmax = [i for i, n in enumerate(names) if "softmax" in n]
-        if softmax:
-            return call, names[softmax[-1]]
-        raise AttentionOpNotFound(f"no softmax in the attention function (ops: {names[:20]}...)")
 
     def _probs_envoy(self, attn_envoy):
         call, op = self._labels
@@ -271,6 +278,9 @@ class Tracer:
                 f"attention probabilities need eager attention, but the language model uses "
                 f"{self.adapter.text_attention!r}; call adapter.set_text_attention('eager')"
             )
+        if getattr(self.adapter, "hosted", None) is not None and not is_server(remote):
+            raise SinkscopeError(f"{self.adapter.name} is served by NDIF and its weights are not in this process: "
+                                 "trace it with remote='ndif' (or the server's URL), or load it here (models.load)")
         n = self.adapter.num_layers
         layers = sorted(set(range(n) if layers is None else layers))
         bad = [i for i in layers if not 0 <= i < n]
@@ -279,17 +289,18 @@ class Tracer:
         info = self.batch_info(batch, sample_ids)
         for r in reducers:
             r.begin(info)
-        inputs = self.adapter.device_inputs(batch)
         if remote:
             if return_logits:
                 raise SinkscopeError("a remote trace brings back reductions only, not the logits")
+            # a server places the inputs on its own devices; the dry run runs the model here
+            inputs = (self.adapter.forward_inputs(batch) if is_server(remote) else self.adapter.device_inputs(batch))
             if (attention or values) and self._labels is None and layers:
-                self.run(batch, [], layers=[layers[0]], residual=False, attention=True,
-                         via_source=True)  # locate the ops here
+                self._locate_remotely(inputs, layers[0], remote)
             self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
             for r in reducers:
                 r.end()
             return None
+        inputs = self.adapter.device_inputs(batch)
         holder: dict = {}
         if not via_source:
             # torch hooks, and the probabilities (and value states) from sinkscope's capture function rather than
@@ -311,7 +322,7 @@ class Tracer:
                         r.residual(i, states)
                 if attention or values:
                     if self._labels is None:  # first use: locate the op (after this layer's input)
-                        self._labels = self._find_probability_op(attn_envoys[i])
+                        self._labels = find_probability_op(attn_envoys[i])
                 if values:
                     v = getattr(attn_envoys[i].source, self._labels[0]).inputs[0][3]
                     for r in reducers:
@@ -372,6 +383,17 @@ class Tracer:
         if holder is not None:
             holder["logits"] = out.logits.detach()
 
+    def _locate_remotely(self, inputs, layer: int, remote) -> None:
+        """Find the attention call and probabilities op where the model runs (on the server for NDIF, whose model
+        this process never holds): one trace that reads the layer's attention source and sends back two labels."""
+        import nnsight
+
+        _, attn_envoys = self._envoys_of_layers()
+        attn_envoy, find = attn_envoys[layer], find_probability_op
+        with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
+            labels = nnsight.save(list(find(attn_envoy)))
+        self._labels = (labels[0], labels[1])
+
     def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
         """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire."""
         import nnsight
@@ -386,13 +408,19 @@ class Tracer:
         layer_at = {i: layer_envoys[i] for i in layers}
         attn_at = {i: attn_envoys[i] for i in layers}
         call, op = self._labels or (None, None)
-        with torch.no_grad(), self.envoy.trace(**inputs, backend=remote_backend(self.envoy, remote)):
+        weighing = [j for j, part in enumerate(parts) if getattr(part, "needs_output_weight", False)]
+        out_proj_at = ({i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
+                                    f"the attention output projection of layer {i}") for i in layers}
+                       if values and weighing else {})
+        with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
             collected = nnsight.save([])
             for i in layers:
                 if residual:
                     states = layer_at[i].input
                     for j, part in enumerate(parts):
                         collected.append((j, "residual", i, part.residual(i, states)))
+                for j in weighing if values else ():  # W_O where the model runs (a hosted model's is only there)
+                    parts[j].output_weight(i, out_proj_at[i].weight)
                 if values:
                     v = getattr(attn_at[i].source, call).inputs[0][3]
                     for j, part in enumerate(parts):

@@ -85,8 +85,10 @@ def test_reducers_that_need_full_tensors_refuse_to_run_remotely(organism_adapter
 
     with pytest.raises(SinkscopeError, match="cannot run remotely"):
         Tracer(organism_adapter).run(batch, [Full()], remote="local")
-    with pytest.raises(SinkscopeError, match="remote='local'"):
-        Tracer(organism_adapter).run(batch, [], remote="ndif")
+    with pytest.raises(SinkscopeError, match="NDIF does not know it; load it as a hosted model"):
+        Tracer(organism_adapter).run(batch, [], remote="ndif")  # a model held here has no hub key to send
+    with pytest.raises(SinkscopeError, match="choose local .* ndif .* URL"):
+        Tracer(organism_adapter).run(batch, [], remote="nidf")
 
 
 def _adapter_and_data(lm: str, organism_adapter, tmp_path):

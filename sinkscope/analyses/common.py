@@ -19,7 +19,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, batches, progress
 from sinkscope.measures import contributions, massive, sinks
 from sinkscope.models.base import ModelAdapter
-from sinkscope.runconfig import RunConfig, parse_shard, resolve_sink_score
+from sinkscope.runconfig import RunConfig, check_remote, parse_shard, resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 
@@ -37,7 +37,7 @@ class AnalysisConfig(RunConfig):
     start_layer: int = 2
     question: str = "describe the image ."
     n_boot: int = 1000
-    remote: str | None = None  # "local": traces through nnsight's serialised dry run of NDIF (analyses that allow it)
+    remote: str | None = None  # traces through "local" (nnsight's serialised dry run of NDIF), "ndif" or a server URL
     shard: str | None = None  # "i/n": only the samples whose index modulo n is i (merge with `sinkscope merge`)
 
     def validate(self) -> None:
@@ -46,8 +46,7 @@ class AnalysisConfig(RunConfig):
             raise SinkscopeError(f"--n-boot must be >= 10 bootstrap resamples; got {self.n_boot}")
         if self.start_layer < 0:
             raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
-        if self.remote not in (None, "local"):
-            raise SinkscopeError(f"--remote must be local (nnsight's serialised dry run of NDIF); got {self.remote!r}")
+        check_remote(self.remote)  # local, ndif or a server URL
         parse_shard(self.shard, {})  # a bad --shard names the fix before the model loads
 
 

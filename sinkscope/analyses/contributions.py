@@ -41,16 +41,20 @@ class ContributionsConfig(AnalysisConfig):
 class ContributionReducer(InTraceReducer):
     """Per (sample, layer, head, token class) rows of contributions_per_sample, from ContributionLayerReduction's
     payloads (computed here, or inside a remote trace). grams: layer -> (W_O^h)^T W_O^h [head, head_dim, head_dim]
-    (`output_grams`)."""
+    (`output_grams`), or None where the model runs on a server this process does not hold the weights of (NDIF):
+    the in-trace part then makes each layer's grams there, from W_O as the tracer hands it (`output_weight`)."""
 
-    def __init__(self, dims, tau, eps, score, grams: dict):
+    def __init__(self, dims, tau, eps, score, grams: dict | None, n_heads: int | None = None):
         super().__init__(dims, tau, eps, score)
-        self.grams = grams
+        if grams is None and not n_heads:
+            raise ValueError("without grams the reducer needs n_heads, to split W_O by head where the model runs")
+        self.grams, self.n_heads = grams, n_heads
         self.rows: list[pd.DataFrame] = []
 
     def in_trace(self, host: bool = True) -> "ContributionLayerReduction":
         return ContributionLayerReduction(self.dims, self.tau, self.eps, self.score, self.real, self.visual,
-                                          self.kinds.bos_mask, self.queries, self.grams, host, defer=not host)
+                                          self.kinds.bos_mask, self.queries, self.grams, host, defer=not host,
+                                          n_heads=self.n_heads)
 
     def begin(self, info) -> None:
         super().begin(info)
@@ -96,14 +100,17 @@ class ContributionLayerReduction(SinkScores):
     queries after the image [batch, head], and the class's token count [batch]. No [head, query, key] map leaves
     it, and nothing moves to the host but those means: they are computed on the device of the layer's probabilities.
     It carries each layer's (W_O^h)^T W_O^h ([head, head_dim, head_dim] float64, `output_grams`: all the norms need
-    of W_O, and what a remote request uploads: 128 MB at 7B where W_O would be 2 GB).
+    of W_O, and what a remote request uploads: 128 MB at 7B where W_O would be 2 GB). grams None (a model NDIF
+    serves): `needs_output_weight`, and the tracer hands each layer's W_O to `output_weight` where the model runs,
+    before the layer's values, so the grams are made there and nothing of W_O travels.
     """
 
-    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, grams: dict, host: bool = True,
-                 defer: bool = False):
+    def __init__(self, dims, tau, eps, score, real, visual, bos, queries, grams: dict | None, host: bool = True,
+                 defer: bool = False, n_heads: int | None = None):
         super().__init__(dims, eps, score, real, host)
         self.tau, self.visual, self.bos, self.queries = tau, visual, bos, queries
-        self.grams, self.defer = grams, defer
+        self.needs_output_weight = grams is None
+        self.grams, self.defer, self.n_heads = ({} if grams is None else grams), defer, n_heads
         self._values: dict = {}
         self._kept: dict[int, tuple] = {}  # deferred: layer -> (phi, received, norms), where the layer ran
         self.n_queries = queries.sum(dim=-1)  # [batch], on the host
@@ -111,6 +118,11 @@ class ContributionLayerReduction(SinkScores):
     def masks(self) -> dict[str, torch.Tensor]:
         return {"real": self.real, "visual": self.visual, "bos": self.bos, "queries": self.queries,
                 "n_queries": self.n_queries}
+
+    def output_weight(self, layer, weight):
+        """W_O of `layer` [hidden, heads * head_dim] where the model runs: its grams for the layer's norms."""
+        self.grams[layer] = ov.ov_grams(weight.detach(), self.n_heads)
+        return None
 
     def values(self, layer, v):
         self._values[layer] = v.detach()  # stays on its layer's device until the layer's attention
@@ -179,9 +191,11 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
                       figures: bool = True) -> RunFolder:
     s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
-    grams = output_grams(adapter, host=bool(cfg.remote))  # a remote request uploads them
+    # a remote-local request uploads the grams; a model NDIF serves has its weights there, where they are made
+    grams = None if getattr(adapter, "hosted", None) is not None else output_grams(adapter, host=bool(cfg.remote))
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
-            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, grams), values=True, remote=cfg.remote):
+            s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, grams, adapter.num_heads), values=True,
+            remote=cfg.remote):
         if red.rows:
             s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
     return summarize_contributions(s.folder, cfg, figures)

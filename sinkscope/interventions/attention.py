@@ -443,6 +443,9 @@ def edit_attention(model_or_adapter, *edits: AttentionEdit, fallback: str = "sdp
     implementation is restored.
     """
     adapter = as_adapter(model_or_adapter)
+    if getattr(adapter, "hosted", None) is not None:
+        raise SinkscopeError(f"{adapter.name} is served by NDIF (its weights are not in this process): attention edits "
+                             "run in the process that runs the model; load the checkpoint here (models.load) to edit it")
     modules = _attention_modules(adapter)
     outer: EditSession | None = getattr(modules[0], SESSION_ATTR, None) if modules else None
     session = EditSession(adapter, list(edits), fallback, outer=outer)

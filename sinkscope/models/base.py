@@ -69,6 +69,9 @@ class ModelAdapter:
         # A mechanism was installed by hand (the organism: its folder has ground_truth.json); what the analyses
         # find in it validates sinkscope and is no finding. `models.load` sets it from the model's files.
         self.planted = False
+        # A model NDIF serves (`models.hosted.load_hosted`): nnsight's wrapper, keyed by hub id, that traces go
+        # through; `model` is then its meta-device module tree (no weights here).
+        self.hosted = None
 
     # -- structure ---------------------------------------------------------------------
     @property
@@ -252,11 +255,14 @@ class ModelAdapter:
 
     def weights_fingerprint(self) -> str:
         """16 hex digits that change when the weights do: sha256 over every parameter's name, shape, dtype and
-        up to 64 of its values (evenly strided). Offloaded parameters (on the meta device) count by shape.
+        up to 64 of its values (evenly strided). Offloaded parameters (on the meta device) count by shape, and a
+        hosted model's (all on meta here) by shape and its key on the server (hub id, revision).
         One small copy per parameter, so cheap at 7B; runs record it so a resume never mixes two models' rows."""
         import hashlib
 
         digest = hashlib.sha256()
+        if self.hosted is not None:
+            digest.update(self.hosted.to_model_key().encode())
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
@@ -272,4 +278,5 @@ class ModelAdapter:
             "layers": self.num_layers, "hidden_size": self.hidden_size, "heads": self.num_heads,
             "kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
             "image_token_ids": list(self.image_token_ids), "text_attention": self.text_attention,
+            **({"served_as": self.hosted.to_model_key()} if self.hosted is not None else {}),
         }

@@ -99,8 +99,23 @@ def _load_demo(device=None, dtype=None) -> ModelAdapter:
 
 def load_placed(settings) -> ModelAdapter:
     """`load` with a run's placement: `settings` has model, device, dtype, device_map, max_memory as a run
-    records them (RunConfig or an analysis config; device_map and max_memory as the CLI's strings)."""
+    records them (RunConfig or an analysis config; device_map and max_memory as the CLI's strings). With a
+    `remote` that names a server (ndif, a URL) the model is the one NDIF serves (`hosted.load_hosted`): it is placed
+    there, so a placement given here is an error."""
     from sinkscope.devices import parse_device_map, parse_max_memory
+    from sinkscope.runconfig import is_server
+
+    remote = getattr(settings, "remote", None)
+    if is_server(remote):
+        from sinkscope.models.hosted import check_hostable, load_hosted
+
+        check_hostable(str(settings.model), EMBEDDED)
+        placed = [f"--{name.replace('_', '-')}" for name in ("device", "dtype", "device_map", "max_memory")
+                  if getattr(settings, name, None) not in (None, "cpu")]
+        if placed:
+            raise SinkscopeError(f"{', '.join(placed)} with --remote {remote}: NDIF places the model and picks its "
+                                 "dtype on its own GPUs; drop them")
+        return load_hosted(str(settings.model))
 
     return load(settings.model, device=settings.device, dtype=settings.dtype,
                 device_map=parse_device_map(settings.device_map), max_memory=parse_max_memory(settings.max_memory))

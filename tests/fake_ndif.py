@@ -1,0 +1,86 @@
+"""A stand-in for the NDIF service, in this process: what `--remote ndif` sends is served as NDIF would.
+
+nnsight's `RemoteBackend.request` (the websocket + HTTP exchange with the service) is replaced by a server that
+takes the request the client built (`RemoteBackend._serialize`: the trace's source and the variables it uses,
+the model named only by its key), deserialises it with this process' own modules hidden (as on a server, where
+sinkscope is not installed: its code must travel by value), runs it on the server's own copy of the model (an
+nnsight `TransformersModel` with real weights, loaded from the checkpoint the key names), keeps what the trace
+saved, and sends that back through `torch.save`/`torch.load` (the wire). The hub lookup that canonicalises the repo
+id (`HfApi.model_info`) answers from a table. Each request is recorded: model key, env, payload and result bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+
+
+@dataclass
+class Request:
+    model_key: str
+    env: dict
+    payload_bytes: int
+    result_bytes: int
+    saved: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def fake_ndif(checkpoints: dict[str, str]):
+    """Serve {hub id: local checkpoint directory}; yields the list of requests served."""
+    from nnsight import TransformersModel
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+    from nnsight.intervention.backends.remote import RemoteBackend
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing import tracer as tracing
+
+    served: list[Request] = []
+    servers: dict[str, object] = {}
+    by_path = {path: repo for repo, path in checkpoints.items()}
+
+    def model_info(self, repo_id, *args, **kwargs):
+        return SimpleNamespace(id=by_path.get(repo_id, repo_id))
+
+    def server_model(model_key: str):
+        import json
+
+        repo = json.loads(model_key.split(":", 1)[1])["repo_id"]
+        if repo not in servers:
+            from transformers import AutoTokenizer
+
+            path = checkpoints[repo]
+            servers[repo] = TransformersModel(path, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(path),
+                                              dispatch=True)
+        return servers[repo]
+
+    def request(self, request, tracer):
+        payload = self._serialize(tracer)
+        server = server_model(request.model_key)
+        if request.env.get("attn_implementation"):  # what `_remoteable_set_env` does on the service
+            server._module.set_attn_implementation(request.env["attn_implementation"])
+        hiding = LocalSimulationBackend(server)
+        hidden = hiding._hide_local_modules()
+        try:
+            restored = RequestModel.deserialize(payload, server._remoteable_persistent_objects(),
+                                                compress=self.compress)
+        finally:
+            hiding._restore(hidden)
+        tracing.inc()
+        try:
+            restored.execute(restored.info.code)
+            saves = tracing._saves()
+            result = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in saves}
+        finally:
+            tracing.dec()
+        wire = io.BytesIO()
+        torch.save(result, wire)
+        served.append(Request(request.model_key, dict(request.env), len(payload), wire.tell(), sorted(result)))
+        return torch.load(io.BytesIO(wire.getvalue()), weights_only=False)
+
+    with mock.patch("huggingface_hub.HfApi.model_info", model_info), mock.patch.object(RemoteBackend, "request",
+                                                                                         request):
+        yield served

@@ -1,0 +1,188 @@
+"""`--remote ndif`: traces sent to the NDIF service under the model's hub key, served by `fake_ndif` (the
+service's exchange replaced by a server in this process that deserialises the request with sinkscope hidden and
+runs it on its own copy of the weights). A hosted model is held here on the meta device only, so every number in
+these tables was computed by the server: they must equal a scan, head analysis and contribution analysis of the
+same checkpoint loaded here. No test reaches the real service (these machines cannot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from unittest import mock
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import quiet
+from fake_ndif import fake_ndif
+from sinkscope.errors import SinkscopeError
+
+REPO = "org/tiny-llama"
+PLANTED_DIM = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama saved as a hub checkpoint would be, with a massive activation planted in dim 3 of the BOS
+    embedding (so sink dims, sinks and sink-aware tables are not empty)."""
+    from tiny_text_models import build_text
+
+    model, tok = build_text("llama")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.bos_token_id, PLANTED_DIM] = 80.0
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    quiet(model.save_pretrained, path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    from tiny_text_models import write_prompts
+
+    return str(write_prompts(tmp_path_factory.mktemp("data") / "p.jsonl", 4, jsonl=True))
+
+
+def _both(run, cfg_cls, checkpoint, prompts, tmp_path, while_served=None, **own):
+    """(local run folder, NDIF run folder, requests served): the same analysis of the checkpoint loaded here and
+    of the one the fake service serves (inside `while_served`, a context manager, when given)."""
+    from sinkscope.models import load
+    from sinkscope.models.hosted import load_hosted
+
+    folders = []
+    common = dict(data=prompts, limit=4, batch_size=2, calibration=4, start_layer=0, n_boot=50, **own)
+    here = quiet(load, str(checkpoint))
+    folders.append(quiet(run, str(tmp_path / "here"), cfg_cls(model=REPO, **common), adapter=here,
+                         log=lambda m: None, figures=False))
+    with fake_ndif({REPO: str(checkpoint)}) as served, while_served or contextlib.nullcontext():
+        hosted = quiet(load_hosted, str(checkpoint))
+        assert {p.device.type for p in hosted.model.parameters()} == {"meta"}  # no weight is held here
+        folders.append(quiet(run, str(tmp_path / "there"), cfg_cls(model=REPO, remote="ndif", **common),
+                             adapter=hosted, log=lambda m: None, figures=False))
+    return folders[0], folders[1], served
+
+
+def _check_requests(served):
+    assert served, "nothing was sent to the service"
+    for request in served:
+        key = json.loads(request.model_key.split(":", 1)[1])
+        assert request.model_key.startswith("nnsight.modeling.transformers.TransformersModel:")
+        assert key["repo_id"] == REPO and key["task"] == "text-generation"  # the hub id, never the local path
+        assert request.env.get("attn_implementation") == "eager"  # the server's model runs eager attention
+        assert set(request.saved) <= {"collected", "labels"}  # only the reductions (or the op labels) come back
+
+
+def _same(here, there, tables):
+    for table in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"),
+                                      obj=table)
+
+
+def test_a_scan_over_ndif_equals_the_scan_of_the_same_checkpoint_here(checkpoint, prompts, tmp_path):
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    here, there, served = _both(run_scan, ScanConfig, checkpoint, prompts, tmp_path)
+    _check_requests(served)
+    assert (here.path / "sink_dims.json").read_text() == (there.path / "sink_dims.json").read_text()
+    assert PLANTED_DIM in json.loads((there.path / "sink_dims.json").read_text())["dims"]
+    _same(here, there, ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes",
+                        "sink_summary", "dim_profile"))
+    assert pd.read_csv(there.path / "sink_tokens.csv")["token_kind"].eq("bos").any()  # the planted BOS sink
+    # the op labels are found on the server too (this process holds no weights to run a layer with)
+    assert any(request.saved == ["labels"] for request in served)
+
+
+def test_heads_over_ndif_equal_the_heads_here(checkpoint, prompts, tmp_path):
+    from sinkscope.analyses.heads import HeadsConfig, run_heads
+
+    here, there, served = _both(run_heads, HeadsConfig, checkpoint, prompts, tmp_path)
+    _check_requests(served)
+    _same(here, there, [t for t in ("head_scores", "head_scores_per_sample", "token_attention", "attention_maps")
+                        if (here.path / f"{t}.csv").exists()])
+
+
+def test_contributions_over_ndif_make_w_o_grams_on_the_server_and_equal_those_here(checkpoint, prompts, tmp_path):
+    """The contribution norms need W_O, which a hosted model has only on the server: its grams are made there,
+    in the trace, and the per-sample contributions equal those computed here from the local weights."""
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    never_here = mock.patch("sinkscope.analyses.contributions.output_grams",
+                            side_effect=AssertionError("W_O's grams were made in this process"))
+    here, there, served = _both(run_contributions, ContributionsConfig, checkpoint, prompts, tmp_path,
+                                while_served=never_here)
+    _check_requests(served)
+    _same(here, there, ("contributions_per_sample", "contributions"))
+    per = pd.read_csv(there.path / "contributions_per_sample.csv")
+    assert len(per) and per["ov_norm"].gt(0).all()
+
+
+def test_what_cannot_be_sent_to_ndif_is_refused_before_anything_loads(checkpoint, tmp_path):
+    from sinkscope.analyses.scan import ScanConfig
+    from sinkscope.models import load_placed
+
+    for model, match in (("organism", "built on this machine"), ("demo", "built on this machine"),
+                         (str(checkpoint), "local directory; NDIF loads checkpoints by hub id")):
+        with pytest.raises(SinkscopeError, match=match):
+            load_placed(ScanConfig(model=model, remote="ndif"))
+    with pytest.raises(SinkscopeError, match="--device, --dtype with --remote ndif: NDIF places the model"):
+        load_placed(ScanConfig(model=REPO, device="cuda", dtype="float16", remote="ndif"))
+    with pytest.raises(SinkscopeError, match="choose local .* ndif .* URL"):
+        ScanConfig(model=REPO, remote="ndfi").validate()
+    ScanConfig(model=REPO, remote="https://ndif.example.org").validate()  # a server of one's own
+
+
+def test_an_lmm_is_not_sent_to_ndif(tmp_path):
+    from tiny_models import build
+
+    from sinkscope.models.hosted import load_hosted
+
+    tiny = build("llava")
+    quiet(tiny.model.save_pretrained, tmp_path / "llava")
+    tiny.processor.save_pretrained(tmp_path / "llava")
+    with pytest.raises(SinkscopeError, match="is a llava model .*sinkscope sends text-only causal LMs to NDIF"):
+        quiet(load_hosted, str(tmp_path / "llava"))
+
+
+def test_an_editing_analysis_refuses_ndif_as_it_refuses_the_dry_run(checkpoint, prompts, tmp_path):
+    from sinkscope.analyses.ablate import AblateConfig, run_ablate
+
+    with pytest.raises(SinkscopeError, match="ablate cannot run remotely: it edits attention"):
+        run_ablate(str(tmp_path / "a"), AblateConfig(model=REPO, data=prompts, limit=2, remote="ndif"),
+                   adapter=object(), log=lambda m: None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_hosted_model_is_neither_traced_nor_edited_here(checkpoint, prompts):
+    """Its weights are on the server: a local trace, the dry run and an attention edit name the fix instead of
+    running a meta-device model."""
+    from sinkscope.analyses.common import prepare_batch
+    from sinkscope.eval.data import load_data
+    from sinkscope.interventions.knockout import knockout
+    from sinkscope.models.hosted import load_hosted
+    from sinkscope.trace import Tracer
+
+    with fake_ndif({REPO: str(checkpoint)}):
+        hosted = quiet(load_hosted, str(checkpoint))
+        batch = prepare_batch(hosted, list(load_data(prompts, 1, "", None)))
+        for remote in (None, "local"):
+            with pytest.raises(SinkscopeError, match="served by NDIF .* trace it with remote='ndif'"):
+                Tracer(hosted).run(batch, [], remote=remote)
+        with pytest.raises(SinkscopeError, match="served by NDIF .* attention edits run in the process"):
+            with knockout(hosted, torch.zeros_like(batch["input_ids"], dtype=torch.bool)):
+                pass
+
+
+def test_an_nnsight_that_would_not_ask_ndif_for_eager_attention_is_refused(checkpoint):
+    """nnsight 0.8.0 sends no attention implementation with a request (the server would run SDPA, whose
+    probabilities are never formed); sinkscope says to upgrade instead of failing on the server."""
+    from nnsight import TransformersModel
+
+    from sinkscope.models.hosted import load_hosted
+
+    with fake_ndif({REPO: str(checkpoint)}), mock.patch.object(TransformersModel, "_remoteable_get_env", lambda self: {}):
+        with pytest.raises(SinkscopeError, match="does not send the attention implementation .* upgrade nnsight"):
+            quiet(load_hosted, str(checkpoint))
