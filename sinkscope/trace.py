@@ -294,8 +294,8 @@ class Tracer:
                 raise SinkscopeError("a remote trace brings back reductions only, not the logits")
             # a server places the inputs on its own devices; the dry run runs the model here
             inputs = (self.adapter.forward_inputs(batch) if is_server(remote) else self.adapter.device_inputs(batch))
-            if (attention or values) and self._labels is None and layers:
-                self._locate_remotely(inputs, layers[0], remote)
+            if values and self._labels is None and layers:
+                self._locate_remotely(inputs, layers[0], remote)  # the call's inputs come before its inner ops
             self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
             for r in reducers:
                 r.end()
@@ -384,8 +384,8 @@ class Tracer:
             holder["logits"] = out.logits.detach()
 
     def _locate_remotely(self, inputs, layer: int, remote) -> None:
-        """Find the attention call and probabilities op where the model runs (on the server for NDIF, whose model
-        this process never holds): one trace that reads the layer's attention source and sends back two labels."""
+        """Find the attention call and probabilities op where the model runs (on the server for NDIF), in a trace of
+        their own: a run that reads the value states (the call's inputs) needs the labels before its trace."""
         import nnsight
 
         _, attn_envoys = self._envoys_of_layers()
@@ -395,7 +395,9 @@ class Tracer:
         self._labels = (labels[0], labels[1])
 
     def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
-        """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire."""
+        """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire. The
+        first run that reads attention (and not the value states) finds the op labels inside its own trace, where the
+        model runs (a hosted model runs only on the server), and sends them back with the payloads."""
         import nnsight
 
         missing = [type(r).__name__ for r in reducers if not (hasattr(r, "in_trace") and hasattr(r, "take"))]
@@ -407,18 +409,23 @@ class Tracer:
         layer_envoys, attn_envoys = self._envoys_of_layers()
         layer_at = {i: layer_envoys[i] for i in layers}
         attn_at = {i: attn_envoys[i] for i in layers}
-        call, op = self._labels or (None, None)
+        labels, find = self._labels, find_probability_op
         weighing = [j for j, part in enumerate(parts) if getattr(part, "needs_output_weight", False)]
         out_proj_at = ({i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
                                     f"the attention output projection of layer {i}") for i in layers}
                        if values and weighing else {})
         with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
-            collected = nnsight.save([])
+            collected, found = nnsight.save([]), nnsight.save([])
             for i in layers:
                 if residual:
                     states = layer_at[i].input
                     for j, part in enumerate(parts):
                         collected.append((j, "residual", i, part.residual(i, states)))
+                if (attention or values) and labels is None:  # first use: after the layer's input, as a local run
+                    labels = find(attn_at[i])
+                    found.extend(labels)
+                if attention or values:
+                    call, op = labels
                 for j in weighing if values else ():  # W_O where the model runs (a hosted model's is only there)
                     parts[j].output_weight(i, out_proj_at[i].weight)
                 if values:
@@ -430,6 +437,8 @@ class Tracer:
                     probs = getattr(getattr(attn_at[i].source, call).source, op).output
                     for j, part in enumerate(parts):
                         collected.append((j, "attention", i, part.attention(i, probs)))
+        if found:
+            self._labels = (found[0], found[1])
         for j, kind, layer, payload in collected:
             if payload is not None:
                 reducers[j].take(kind, layer, payload)
