@@ -44,8 +44,8 @@ def knockout_probs(probs: torch.Tensor, key_mask: torch.Tensor, query_mask: torc
     separates "what the keys write" from "how much attention they hold".
     """
     blocked = key_mask[:, None, None, :].to(probs.device)
+    touched = (probs * blocked).any(dim=-1, keepdim=True)  # the row has mass on a blocked key (probabilities >= 0)
     kept = probs.masked_fill(blocked, 0.0)
-    touched = (probs * blocked).sum(dim=-1, keepdim=True) > 0  # the row had mass on a blocked key
     if query_mask is not None:
         touched = touched & query_mask[:, None, :, None].to(probs.device)
     if not renormalize:
