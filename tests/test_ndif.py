@@ -189,3 +189,21 @@ def test_an_nnsight_that_would_not_ask_ndif_for_eager_attention_is_refused(check
     with fake_ndif({REPO: str(checkpoint)}), mock.patch.object(TransformersModel, "_remoteable_get_env", lambda self: {}):
         with pytest.raises(SinkscopeError, match="does not send the attention implementation .* upgrade nnsight"):
             quiet(load_hosted, str(checkpoint))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3_text"])
+def test_contributions_over_ndif_equal_those_here_for_other_layouts(family, prompts, tmp_path):
+    """GPT-NeoX (attention at `attention`, W_O at `dense`, a 'gpt_neox' model path) and Gemma 3 (sliding-window
+    layers, a scaled embedding): the module paths the server resolves and the W_O it reads are the ones here."""
+    from tiny_text_models import build_text
+
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    model, tok = build_text(family)
+    path = tmp_path / family
+    quiet(model.save_pretrained, path)
+    tok.save_pretrained(path)
+    here, there, served = _both(run_contributions, ContributionsConfig, path, prompts, tmp_path)
+    _check_requests(served)
+    _same(here, there, ("contributions_per_sample", "contributions"))
+    assert (here.path / "sink_dims.json").read_text() == (there.path / "sink_dims.json").read_text()
