@@ -171,6 +171,23 @@ def envoy_at(root_envoy, root_module: torch.nn.Module, target: torch.nn.Module, 
     raise SinkscopeError(f"could not locate {what or type(target).__name__} inside the model")
 
 
+@contextlib.contextmanager
+def _server_errors(remote, model: str):
+    """A request a server refused or failed (nnsight's RemoteError: a missing or wrong key, a model it does not run, an
+    error in the job, running out of memory) as a SinkscopeError that says what to do; a run resumes after it."""
+    if not is_server(remote):
+        yield
+        return
+    from nnsight.intervention.backends.remote import RemoteError
+
+    try:
+        yield
+    except RemoteError as err:
+        raise SinkscopeError(f"the NDIF request for {model} failed: {err}. Check the API key (`nnsight login` or "
+                             "NDIF_API_KEY) and that NDIF runs the model (nnsight.status()); a smaller --batch-size "
+                             "helps a job that ran out of memory; rerun the same command to resume") from err
+
+
 def find_probability_op(attn_envoy) -> tuple[str, str]:
     """(label of the attention-function call, label of the op holding probabilities).
 
@@ -294,9 +311,10 @@ class Tracer:
                 raise SinkscopeError("a remote trace brings back reductions only, not the logits")
             # a server places the inputs on its own devices; the dry run runs the model here
             inputs = (self.adapter.forward_inputs(batch) if is_server(remote) else self.adapter.device_inputs(batch))
-            if values and self._labels is None and layers:
-                self._locate_remotely(inputs, layers[0], remote)  # the call's inputs come before its inner ops
-            self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
+            with _server_errors(remote, self.adapter.name):
+                if values and self._labels is None and layers:
+                    self._locate_remotely(inputs, layers[0], remote)  # the call's inputs come before its inner ops
+                self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
             for r in reducers:
                 r.end()
             return None

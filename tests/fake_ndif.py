@@ -6,7 +6,8 @@ the model named only by its key), deserialises it with this process' own modules
 sinkscope is not installed: its code must travel by value), runs it on the server's own copy of the model (an
 nnsight `TransformersModel` with real weights, loaded from the checkpoint the key names), keeps what the trace
 saved, and sends that back through `torch.save`/`torch.load` (the wire). The hub lookup that canonicalises the repo
-id (`HfApi.model_info`) answers from a table. Each request is recorded: model key, env, payload and result bytes.
+id (`HfApi.model_info`) answers from a table, the service's status lists the served models as running, and an API
+key is set. Each request is recorded: model key, env, payload and result bytes.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def fake_ndif(checkpoints: dict[str, str]):
         served.append(Request(request.model_key, dict(request.env), len(payload), wire.tell(), sorted(result)))
         return torch.load(io.BytesIO(wire.getvalue()), weights_only=False)
 
+    def status(path, *args, **kwargs):  # nnsight.ndif._get: the service's /status, each served model RUNNING
+        assert path == "/status"
+        return {"deployments": {repo: {"repo_id": repo, "revision": None, "task": "text-generation",
+                                       "deployment_level": "HOT", "application_state": "RUNNING",
+                                       "model_key": f"nnsight.modeling.transformers.TransformersModel:{repo}"}
+                                for repo in checkpoints}}
+
+    from nnsight.schema.config import CONFIG
+
     with mock.patch("huggingface_hub.HfApi.model_info", model_info), mock.patch.object(RemoteBackend, "request",
-                                                                                         request):
+                                                                                         request), \
+            mock.patch("nnsight.ndif._get", status), mock.patch.object(CONFIG.API, "APIKEY", CONFIG.API.APIKEY or "key"):
         yield served

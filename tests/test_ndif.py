@@ -207,3 +207,29 @@ def test_contributions_over_ndif_equal_those_here_for_other_layouts(family, prom
     _check_requests(served)
     _same(here, there, ("contributions_per_sample", "contributions"))
     assert (here.path / "sink_dims.json").read_text() == (there.path / "sink_dims.json").read_text()
+
+
+def test_a_missing_key_a_model_ndif_does_not_run_and_a_failed_request_say_what_to_do(checkpoint, prompts, tmp_path):
+    from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+    from nnsight.schema.config import CONFIG
+
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+    from sinkscope.models import load_placed
+    from sinkscope.models.hosted import load_hosted
+
+    with mock.patch.object(CONFIG.API, "APIKEY", None):
+        with pytest.raises(SinkscopeError, match="needs an NDIF API key: run `nnsight login` or set NDIF_API_KEY"):
+            load_placed(ScanConfig(model=REPO, remote="ndif"))
+    with fake_ndif({REPO: str(checkpoint)}):
+        with pytest.raises(SinkscopeError, match="NDIF is not running org/other-lm as a text-generation model now"):
+            load_placed(ScanConfig(model="org/other-lm", remote="ndif"))
+        hosted = quiet(load_hosted, str(checkpoint))
+
+        def refused(self, request, tracer):
+            raise RemoteError("Failed to send request: invalid API key")
+
+        cfg = ScanConfig(model=REPO, data=prompts, limit=2, batch_size=1, calibration=1, remote="ndif")
+        with mock.patch.object(RemoteBackend, "request", refused):
+            with pytest.raises(SinkscopeError, match="the NDIF request for .* failed: Failed to send request: invalid "
+                                                     "API key. Check the API key .* rerun the same command to resume"):
+                quiet(run_scan, str(tmp_path / "scan"), cfg, adapter=hosted, log=lambda m: None, figures=False)

@@ -70,3 +70,21 @@ def check_hostable(spec: str, embedded: tuple[str, ...]) -> None:
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
         raise SinkscopeError(f"--model {spec} is a local directory; NDIF loads checkpoints by hub id: pass the hub id "
                              "of a model NDIF serves, or drop --remote (or use --remote local) to run this one here")
+
+
+def check_service(repo_id: str, remote: str) -> None:
+    """Before a model loads for `--remote ndif`: an API key is configured and NDIF runs `repo_id` as a text-generation
+    model now (nnsight's `is_model_running`, which also says False when the service cannot be reached). A server
+    of one's own (a URL) is not asked."""
+    if remote != "ndif":
+        return
+    import nnsight
+    from nnsight.schema.config import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise SinkscopeError("--remote ndif needs an NDIF API key: run `nnsight login` or set NDIF_API_KEY (a key "
+                             "comes with an NDIF account, ndif.us)")
+    if not nnsight.is_model_running(repo_id, task="text-generation"):
+        raise SinkscopeError(f"NDIF is not running {repo_id} as a text-generation model now, or cannot be reached: "
+                             "`python -c 'import nnsight; print(nnsight.status())'` lists the models it runs; pick "
+                             "one of those, or run this one here (drop --remote)")

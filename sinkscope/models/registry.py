@@ -107,7 +107,7 @@ def load_placed(settings) -> ModelAdapter:
 
     remote = getattr(settings, "remote", None)
     if is_server(remote):
-        from sinkscope.models.hosted import check_hostable, load_hosted
+        from sinkscope.models.hosted import check_hostable, check_service, load_hosted
 
         check_hostable(str(settings.model), EMBEDDED)
         placed = [f"--{name.replace('_', '-')}" for name in ("device", "dtype", "device_map", "max_memory")
@@ -115,6 +115,7 @@ def load_placed(settings) -> ModelAdapter:
         if placed:
             raise SinkscopeError(f"{', '.join(placed)} with --remote {remote}: NDIF places the model and picks its "
                                  "dtype on its own GPUs; drop them")
+        check_service(str(settings.model), remote)
         return load_hosted(str(settings.model))
 
     return load(settings.model, device=settings.device, dtype=settings.dtype,
