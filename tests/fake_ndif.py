@@ -31,8 +31,9 @@ class Request:
 
 
 @contextlib.contextmanager
-def fake_ndif(checkpoints: dict[str, str]):
-    """Serve {hub id: local checkpoint directory}; yields the list of requests served."""
+def fake_ndif(checkpoints: dict[str, str], running: tuple[str, ...] | None = None):
+    """Serve {hub id: local checkpoint directory}, those in `running` (default: all) listed as running; yields the
+    list of requests served."""
     from nnsight import TransformersModel
     from nnsight.intervention.backends.local import LocalSimulationBackend
     from nnsight.intervention.backends.remote import RemoteBackend
@@ -49,20 +50,24 @@ def fake_ndif(checkpoints: dict[str, str]):
     def server_model(model_key: str):
         import json
 
-        repo = json.loads(model_key.split(":", 1)[1])["repo_id"]
-        if repo not in servers:
-            from transformers import AutoTokenizer
+        key = json.loads(model_key.split(":", 1)[1])
+        repo, task = key["repo_id"], key["task"]
+        if (repo, task) not in servers:  # the deployment: the checkpoint under its task, default attention
+            from transformers import AutoProcessor, AutoTokenizer
 
             path = checkpoints[repo]
-            servers[repo] = TransformersModel(path, task="text-generation", tokenizer=AutoTokenizer.from_pretrained(path),
-                                              dispatch=True)
-        return servers[repo]
+            if task == "text-generation":
+                parts = {"tokenizer": AutoTokenizer.from_pretrained(path)}
+            else:
+                processor = AutoProcessor.from_pretrained(path)
+                parts = {"processor": processor, "tokenizer": processor.tokenizer}
+            servers[repo, task] = TransformersModel(path, task=task, dispatch=True, **parts)
+        return servers[repo, task]
 
     def request(self, request, tracer):
         payload = self._serialize(tracer)
         server = server_model(request.model_key)
-        if request.env.get("attn_implementation"):  # what `_remoteable_set_env` does on the service
-            server._module.set_attn_implementation(request.env["attn_implementation"])
+        server._remoteable_set_env(request.env)  # what the service applies before it runs the request
         hiding = LocalSimulationBackend(server)
         hidden = hiding._hide_local_modules()
         try:
@@ -84,10 +89,11 @@ def fake_ndif(checkpoints: dict[str, str]):
 
     def status(path, *args, **kwargs):  # nnsight.ndif._get: the service's /status, each served model RUNNING
         assert path == "/status"
-        return {"deployments": {repo: {"repo_id": repo, "revision": None, "task": "text-generation",
-                                       "deployment_level": "HOT", "application_state": "RUNNING",
-                                       "model_key": f"nnsight.modeling.transformers.TransformersModel:{repo}"}
-                                for repo in checkpoints}}
+        return {"deployments": {f"{repo} ({task})": {
+            "repo_id": repo, "revision": None, "task": task, "deployment_level": "HOT", "application_state": "RUNNING",
+            "model_key": f"nnsight.modeling.transformers.TransformersModel:{repo}"}
+            for repo in (checkpoints if running is None else running) for task in ("text-generation",
+                                                                                      "image-text-to-text")}}
 
     from nnsight.schema.config import CONFIG
 

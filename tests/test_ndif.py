@@ -51,7 +51,7 @@ def _both(run, cfg_cls, checkpoint, prompts, tmp_path, while_served=None, **own)
     """(local run folder, NDIF run folder, requests served): the same analysis of the checkpoint loaded here and
     of the one the fake service serves (inside `while_served`, a context manager, when given)."""
     from sinkscope.models import load
-    from sinkscope.models.hosted import load_hosted
+    from sinkscope.models import load_hosted
 
     folders = []
     common = dict(data=prompts, limit=4, batch_size=2, calibration=4, start_layer=0, n_boot=50, **own)
@@ -138,16 +138,33 @@ def test_what_cannot_be_sent_to_ndif_is_refused_before_anything_loads(checkpoint
     ScanConfig(model=REPO, remote="https://ndif.example.org").validate()  # a server of one's own
 
 
-def test_an_lmm_is_not_sent_to_ndif(tmp_path):
-    from tiny_models import build
+def test_a_scan_of_an_lmm_over_ndif_finds_the_planted_visual_sinks_as_here(organism_adapter, tmp_path):
+    """An LMM goes under nnsight's image-text-to-text task, its images travel as pixel values with the request, and
+    every part of it runs eager attention there (one implementation per request, for the whole model). The organism
+    (planted visual sinks) served by the stand-in gives the tables of the same checkpoint run here with eager
+    attention throughout."""
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+    from sinkscope.models import load, load_hosted
+    from sinkscope.models.registry import embedded_path
 
-    from sinkscope.models.hosted import load_hosted
-
-    tiny = build("llava")
-    quiet(tiny.model.save_pretrained, tmp_path / "llava")
-    tiny.processor.save_pretrained(tmp_path / "llava")
-    with pytest.raises(SinkscopeError, match="is a llava model .*sinkscope sends text-only causal LMs to NDIF"):
-        quiet(load_hosted, str(tmp_path / "llava"))
+    path = str(embedded_path("organism"))
+    common = dict(data="demo", limit=4, batch_size=2, calibration=2, n_boot=50)
+    here = quiet(load, "organism")
+    here.model.set_attn_implementation("eager")  # the vision tower too, as the request asks of the server
+    local = quiet(run_scan, str(tmp_path / "here"), ScanConfig(model="org/organism", **common), adapter=here,
+                  log=lambda m: None, figures=False)
+    with fake_ndif({"org/organism": path}) as served:
+        hosted = quiet(load_hosted, path)
+        assert {p.device.type for p in hosted.model.parameters()} == {"meta"}
+        there = quiet(run_scan, str(tmp_path / "there"), ScanConfig(model="org/organism", remote="ndif", **common),
+                      adapter=hosted, log=lambda m: None, figures=False)
+    for request in served:
+        key = json.loads(request.model_key.split(":", 1)[1])
+        assert key["task"] == "image-text-to-text" and request.env["attn_implementation"] == "eager"
+    assert (local.path / "sink_dims.json").read_text() == (there.path / "sink_dims.json").read_text()
+    _same(local, there, ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes",
+                         "sink_summary", "dim_profile"))
+    assert pd.read_csv(there.path / "sink_tokens.csv")["token_kind"].eq("visual").any()  # the planted visual sinks
 
 
 def test_an_editing_analysis_refuses_ndif_as_it_refuses_the_dry_run(checkpoint, prompts, tmp_path):
@@ -165,7 +182,7 @@ def test_a_hosted_model_is_neither_traced_nor_edited_here(checkpoint, prompts):
     from sinkscope.analyses.common import prepare_batch
     from sinkscope.eval.data import load_data
     from sinkscope.interventions.knockout import knockout
-    from sinkscope.models.hosted import load_hosted
+    from sinkscope.models import load_hosted
     from sinkscope.trace import Tracer
 
     with fake_ndif({REPO: str(checkpoint)}):
@@ -184,7 +201,7 @@ def test_an_nnsight_that_would_not_ask_ndif_for_eager_attention_is_refused(check
     probabilities are never formed); sinkscope says to upgrade instead of failing on the server."""
     from nnsight import TransformersModel
 
-    from sinkscope.models.hosted import load_hosted
+    from sinkscope.models import load_hosted
 
     with fake_ndif({REPO: str(checkpoint)}), mock.patch.object(TransformersModel, "_remoteable_get_env", lambda self: {}):
         with pytest.raises(SinkscopeError, match="does not send the attention implementation .* upgrade nnsight"):
@@ -214,15 +231,17 @@ def test_a_missing_key_a_model_ndif_does_not_run_and_a_failed_request_say_what_t
     from nnsight.schema.config import CONFIG
 
     from sinkscope.analyses.scan import ScanConfig, run_scan
-    from sinkscope.models import load_placed
-    from sinkscope.models.hosted import load_hosted
+    from sinkscope.models import load_hosted, load_placed
+    from sinkscope.models.hosted import check_running
 
     with mock.patch.object(CONFIG.API, "APIKEY", None):
         with pytest.raises(SinkscopeError, match="needs an NDIF API key: run `nnsight login` or set NDIF_API_KEY"):
             load_placed(ScanConfig(model=REPO, remote="ndif"))
+    with fake_ndif({REPO: str(checkpoint)}, running=()):
+        with pytest.raises(SinkscopeError, match="NDIF is not running .*tiny-llama \\(task text-generation\\) now"):
+            check_running(quiet(load_hosted, str(checkpoint)), "ndif")
     with fake_ndif({REPO: str(checkpoint)}):
-        with pytest.raises(SinkscopeError, match="NDIF is not running org/other-lm as a text-generation model now"):
-            load_placed(ScanConfig(model="org/other-lm", remote="ndif"))
+        check_running(quiet(load_hosted, str(checkpoint)), "ndif")  # running: no error
         hosted = quiet(load_hosted, str(checkpoint))
 
         def refused(self, request, tracer):

@@ -69,7 +69,7 @@ class ModelAdapter:
         # A mechanism was installed by hand (the organism: its folder has ground_truth.json); what the analyses
         # find in it validates sinkscope and is no finding. `models.load` sets it from the model's files.
         self.planted = False
-        # A model NDIF serves (`models.hosted.load_hosted`): nnsight's wrapper, keyed by hub id, that traces go
+        # A model NDIF serves (`models.load_hosted`): nnsight's wrapper, keyed by hub id, that traces go
         # through; `model` is then its meta-device module tree (no weights here).
         self.hosted = None
 

@@ -1,13 +1,14 @@
 """Models that NDIF serves: described here without their weights, run on the server.
 
-    adapter = load_hosted("meta-llama/Llama-3.1-8B")   # config and tokenizer from the hub; weights stay there
+    adapter = sinkscope.models.load_hosted("meta-llama/Llama-3.1-8B")  # config, tokenizer from the hub; no weights
     run_scan("runs/scan-ndif", ScanConfig(model=..., remote="ndif"), adapter=adapter)
 
 The model is nnsight's `TransformersModel` built on the meta device (`dispatch=False`): its module tree gives the
 adapter every path and size it needs, and its hub key (repo id, revision, task) names the checkpoint the server
 loads. The adapter's `hosted` attribute holds that wrapper; `sinkscope.trace.Tracer` sends its traces through it
 (`remote="ndif"` or a server URL). Nothing here can run the model: only the analyses whose reductions run inside
-the trace (scan, heads, location) work with it. Text-only causal LMs only: those are what NDIF serves.
+the trace (scan, heads, contributions, location) work with it. `models.load_hosted` (the registry: it picks the
+family) builds the adapter from `hosted_model`; this module holds what is NDIF's: the wrapper and the checks.
 """
 
 from __future__ import annotations
@@ -18,36 +19,30 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.models.base import ModelAdapter
 
 
-def load_hosted(repo_id: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelAdapter:
-    """The adapter of hub model `repo_id` as NDIF serves it: a meta-device module tree (no weights read or held
-    here) with eager attention, its tokenizer, and `adapter.hosted` = the nnsight wrapper traces go through.
+def hosted_model(repo_id: str, family: type[ModelAdapter], revision: str | None = None,
+                 trust_remote_code: bool = False):
+    """(nnsight wrapper, processor) of hub model `repo_id` as NDIF serves it: nnsight's `TransformersModel` on the meta
+    device (no weight read or held here), its task the family's (text-generation for a causal LM,
+    image-text-to-text for an LMM), eager attention in every part of it (the one implementation a request sends
+    for the whole model), and the processor (a causal LM's: its tokenizer) from the hub. `family` is the adapter
+    class the registry picked for the configuration (`models.load_hosted` wraps the module in it)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
-    repo_id is sent to the server as it is canonicalised on the hub; a local directory has no such key (the CLI
-    refuses one). Raises SinkscopeError for a model sinkscope cannot send (an LMM, an unsupported family) or a
-    configuration it cannot read."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from sinkscope.models.causal_lm import CausalLMAdapter
-
+    text_only = family.family == "causal_lm"
     try:
-        config = AutoConfig.from_pretrained(repo_id, revision=revision, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision, trust_remote_code=trust_remote_code)
+        processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(
+            repo_id, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - turned into a message the user can act on
-        raise SinkscopeError(f"could not read the configuration or tokenizer of {repo_id!r} from the hub: "
-                             f"{err.__class__.__name__}: {err}. --remote ndif needs the hub id of a model NDIF "
-                             "serves and a connection to the hub (for gated models, `huggingface-cli login`)") from err
-    family = CausalLMAdapter
-    archs = list(getattr(config, "architectures", None) or [])
-    if not (set(archs) & set(family.architectures) or getattr(config, "model_type", "") in family.model_types):
-        raise SinkscopeError(f"{repo_id} is a {getattr(config, 'model_type', '?')} model ({', '.join(archs) or '?'}): "
-                             "sinkscope sends text-only causal LMs to NDIF (what it serves: "
-                             f"{', '.join(family.architectures)}); run this model here (--device, --device-map) or "
-                             "through the serialised dry run, --remote local")
+        raise SinkscopeError(f"could not read the {'tokenizer' if text_only else 'processor'} of {repo_id!r} from the "
+                             f"hub: {err.__class__.__name__}: {err}. --remote ndif needs the hub id of a model NDIF "
+                             "runs and a connection to the hub (for gated models, `huggingface-cli login`)") from err
     from nnsight import TransformersModel
 
-    hosted = TransformersModel(repo_id, task="text-generation", revision=revision, dispatch=False,
-                               attn_implementation="eager", tokenizer=tokenizer,
-                               **({"trust_remote_code": True} if trust_remote_code else {}))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    extra = {} if text_only else {"processor": processor}
+    hosted = TransformersModel(repo_id, task="text-generation" if text_only else "image-text-to-text",
+                               revision=revision, dispatch=False, attn_implementation="eager", tokenizer=tokenizer,
+                               **extra, **({"trust_remote_code": True} if trust_remote_code else {}))
     sent = hosted._remoteable_get_env()  # what travels with each request for the server to apply to its model
     if sent.get("attn_implementation") != "eager":
         import nnsight
@@ -56,9 +51,7 @@ def load_hosted(repo_id: str, revision: str | None = None, trust_remote_code: bo
                              "request, so NDIF would run its default (SDPA), which never forms the attention "
                              "probabilities sinkscope reads: upgrade nnsight (0.8.1 sends it: pip install "
                              "'nnsight>=0.8.1,<0.9')")
-    adapter = family(hosted._module, tokenizer, repo_id)
-    adapter.hosted = hosted
-    return adapter
+    return hosted, processor
 
 
 def check_hostable(spec: str, embedded: tuple[str, ...]) -> None:
@@ -72,19 +65,26 @@ def check_hostable(spec: str, embedded: tuple[str, ...]) -> None:
                              "of a model NDIF serves, or drop --remote (or use --remote local) to run this one here")
 
 
-def check_service(repo_id: str, remote: str) -> None:
-    """Before a model loads for `--remote ndif`: an API key is configured and NDIF runs `repo_id` as a text-generation
-    model now (nnsight's `is_model_running`, which also says False when the service cannot be reached). A server
-    of one's own (a URL) is not asked."""
+def check_key(remote: str) -> None:
+    """Before anything loads for `--remote ndif`: an API key is configured (a server of one's own is not asked)."""
     if remote != "ndif":
         return
-    import nnsight
     from nnsight.schema.config import CONFIG
 
     if not CONFIG.API.APIKEY:
         raise SinkscopeError("--remote ndif needs an NDIF API key: run `nnsight login` or set NDIF_API_KEY (a key "
                              "comes with an NDIF account, ndif.us)")
-    if not nnsight.is_model_running(repo_id, task="text-generation"):
-        raise SinkscopeError(f"NDIF is not running {repo_id} as a text-generation model now, or cannot be reached: "
+
+
+def check_running(adapter: ModelAdapter, remote: str) -> None:
+    """Before any trace for `--remote ndif`: NDIF runs the hosted model under its task now (nnsight's
+    `is_model_running`, which also says False when the service cannot be reached)."""
+    if remote != "ndif":
+        return
+    import nnsight
+
+    task = adapter.hosted.task
+    if not nnsight.is_model_running(adapter.name, task=task):
+        raise SinkscopeError(f"NDIF is not running {adapter.name} (task {task}) now, or cannot be reached: "
                              "`python -c 'import nnsight; print(nnsight.status())'` lists the models it runs; pick "
                              "one of those, or run this one here (drop --remote)")

@@ -100,14 +100,14 @@ def _load_demo(device=None, dtype=None) -> ModelAdapter:
 def load_placed(settings) -> ModelAdapter:
     """`load` with a run's placement: `settings` has model, device, dtype, device_map, max_memory as a run
     records them (RunConfig or an analysis config; device_map and max_memory as the CLI's strings). With a
-    `remote` that names a server (ndif, a URL) the model is the one NDIF serves (`hosted.load_hosted`): it is placed
+    `remote` that names a server (ndif, a URL) the model is the one NDIF serves (`load_hosted`): it is placed
     there, so a placement given here is an error."""
     from sinkscope.devices import parse_device_map, parse_max_memory
     from sinkscope.runconfig import is_server
 
     remote = getattr(settings, "remote", None)
     if is_server(remote):
-        from sinkscope.models.hosted import check_hostable, check_service, load_hosted
+        from sinkscope.models.hosted import check_hostable, check_key, check_running
 
         check_hostable(str(settings.model), EMBEDDED)
         placed = [f"--{name.replace('_', '-')}" for name in ("device", "dtype", "device_map", "max_memory")
@@ -115,11 +115,35 @@ def load_placed(settings) -> ModelAdapter:
         if placed:
             raise SinkscopeError(f"{', '.join(placed)} with --remote {remote}: NDIF places the model and picks its "
                                  "dtype on its own GPUs; drop them")
-        check_service(str(settings.model), remote)
-        return load_hosted(str(settings.model))
+        check_key(remote)
+        adapter = load_hosted(str(settings.model))
+        check_running(adapter, remote)
+        return adapter
 
     return load(settings.model, device=settings.device, dtype=settings.dtype,
                 device_map=parse_device_map(settings.device_map), max_memory=parse_max_memory(settings.max_memory))
+
+
+def load_hosted(repo_id: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelAdapter:
+    """The adapter of hub model `repo_id` as NDIF serves it (`hosted.hosted_model`): its family's adapter over a
+    meta-device module tree (no weight read or held here), with `adapter.hosted` = the nnsight wrapper traces go
+    through (`remote="ndif"` or a server URL). A causal LM or an LMM of a supported family; repo_id is sent to the
+    server as the hub canonicalises it, so a local directory has no key there (the CLI refuses one)."""
+    from transformers import AutoConfig
+
+    from sinkscope.models.hosted import hosted_model
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - turned into a message the user can act on
+        raise SinkscopeError(f"could not read the configuration of {repo_id!r} from the hub: {err.__class__.__name__}: "
+                             f"{err}. --remote ndif needs the hub id of a model NDIF runs and a connection to the hub "
+                             "(for gated models, `huggingface-cli login`)") from err
+    family = adapter_for_config(config)  # an unknown family: the registry's error, with the supported list
+    hosted, processor = hosted_model(repo_id, family, revision, trust_remote_code)
+    adapter = family(hosted._module, processor, repo_id)
+    adapter.hosted = hosted
+    return adapter
 
 
 def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bool = False,
