@@ -6,6 +6,7 @@
     cache = tracer.run_with_cache(adapter.prepare(["is there a red circle in the image ?"], [image]))
     cache["resid_pre.3"], cache["pattern.3"]           # [batch, token, dim], [batch, head, query, key]
     sinkscope.scan("runs/demo", model="demo")          # the whole scan -> a run folder
+    sinkscope.scan("runs/70b", model="meta-llama/Llama-3.1-70B", remote="ndif")  # traced on NDIF, reductions back
     with sinkscope.var(adapter, sinkscope.VARConfig(sink_dims=[1, 90], tau=5.4)):  # VAR around generate
         adapter.model.generate(**batch)
 
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> (module, attribute)
     "load_model": ("sinkscope.models", "load"),
+    "load_hosted": ("sinkscope.models", "load_hosted"),
     "adapter_for_model": ("sinkscope.models", "adapter_for_model"),
     "supported": ("sinkscope.models", "supported"),
     "Tracer": ("sinkscope.trace", "Tracer"),
