@@ -427,13 +427,14 @@ def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
 @app.command("vit-sinks")
 @run_options("vit_sinks", out="runs/vit_sinks")
 def vit_sinks(ctx: typer.Context, run: RunConfig, opts: RunOptions,
-              norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the image's median token norm")):
+              norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the image's median token norm"),
+              remote: Optional[str] = _REMOTE):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
 
     def build(score: str):
         from sinkscope.analyses.vit_sinks import VitSinksConfig
 
-        return _config(VitSinksConfig, run, opts, score, norm_ratio=norm_ratio)
+        return _config(VitSinksConfig, run, opts, score, norm_ratio=norm_ratio, remote=remote)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.vit_sinks:run_vit_sinks")
 

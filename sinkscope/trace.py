@@ -277,7 +277,7 @@ class Tracer:
 
     def run(self, batch, reducers, layers=None, residual: bool = True, attention: bool = True,
             sample_ids=None, return_logits: bool = False, values: bool = False, remote: str | None = None,
-            via_source: bool = False):
+            via_source: bool = False, sites: dict | None = None):
         """One forward pass; feed each requested layer's tensors to every reducer.
 
         batch: processor output (input_ids, attention_mask, pixel_values, ...).
@@ -289,6 +289,8 @@ class Tracer:
         `RemoteReducer`; only its in-trace part's payloads come back.
         via_source: read the probabilities through nnsight's `.source` also in a local run (as remote runs and
         runs with `values` do; a local run otherwise takes them from `sinkscope.eager.capturing`).
+        sites: {name: module} that runs before the decoder layers (e.g. an LMM's projector): its first input is
+        handed to the reducers that have a `site(name, tensor)` method, before layer 0's residual, here and remotely.
         """
         if attention and self.adapter.text_attention != "eager":
             raise SinkscopeError(
@@ -314,7 +316,7 @@ class Tracer:
             with _server_errors(remote, self.adapter.name):
                 if values and self._labels is None and layers:
                     self._locate_remotely(inputs, layers[0], remote)  # the call's inputs come before its inner ops
-                self._run_remote(inputs, reducers, layers, residual, attention, values, remote)
+                self._run_remote(inputs, reducers, layers, residual, attention, values, remote, sites or {})
             for r in reducers:
                 r.end()
             return None
@@ -324,7 +326,8 @@ class Tracer:
             # torch hooks, and the probabilities (and value states) from sinkscope's capture function rather than
             # nnsight's `.source` (which would wrap every operation of every attention forward): the tensors eager
             # attention multiplies
-            self._run_local(inputs, reducers, layers, residual, attention, values, holder if return_logits else None)
+            self._run_local(inputs, reducers, layers, residual, attention, values, holder if return_logits else None,
+                            sites or {})
             for r in reducers:
                 r.end()
             return holder.get("logits")
@@ -332,7 +335,13 @@ class Tracer:
             # locate the ops once in a pass of their own: the call's inputs come before its inner ops
             self.run(batch, [], layers=[layers[0]], residual=False, attention=True, via_source=True)
         layer_envoys, attn_envoys = self._envoys_of_layers()
+        site_envoys = self._site_envoys(sites or {})
         with torch.no_grad(), self.envoy.trace(**inputs):
+            for name, site in site_envoys.items():
+                x = site.input
+                for r in reducers:
+                    if hasattr(r, "site"):
+                        r.site(name, x)
             for i in layers:
                 if residual:
                     states = layer_envoys[i].input
@@ -356,8 +365,12 @@ class Tracer:
             r.end()
         return holder.get("logits")
 
+    def _site_envoys(self, sites: dict) -> dict:
+        """{name: envoy} of the `sites` modules, in the order given (the order they run in)."""
+        return {name: envoy_at(self.envoy, self.adapter.model, module, f"site {name!r}") for name, module in sites.items()}
+
     def _run_local(self, inputs, reducers, layers, residual: bool, attention: bool, values: bool,
-                   holder: dict | None) -> None:
+                   holder: dict | None, sites: dict | None = None) -> None:
         """A local run: the residual state entering each layer from a forward pre-hook on the decoder layer, the
         value states (with `values`) and probabilities handed over by the registered capture function as each layer
         computes them, so a reducer sees layer i's residual, then its values, then its attention, then layer
@@ -386,11 +399,21 @@ class Tracer:
                     r.residual(layer, states)
             return hook
 
+        def site_hook(name):
+            def hook(module, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                for r in reducers:
+                    if hasattr(r, "site"):
+                        r.site(name, x)
+            return hook
+
         handles = []
         try:
+            handles = [module.register_forward_pre_hook(site_hook(name), with_kwargs=True)
+                       for name, module in (sites or {}).items()]
             if residual:
-                handles = [self.adapter.layers[i].register_forward_pre_hook(residual_hook(i), with_kwargs=True)
-                           for i in layers]
+                handles += [self.adapter.layers[i].register_forward_pre_hook(residual_hook(i), with_kwargs=True)
+                            for i in layers]
             capture = (capturing(self.adapter, hand if attention else None, hand_values if values else None)
                        if attention or values else contextlib.nullcontext())
             with capture, torch.no_grad():
@@ -412,7 +435,7 @@ class Tracer:
             labels = nnsight.save(list(find(attn_envoy)))
         self._labels = (labels[0], labels[1])
 
-    def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote) -> None:
+    def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote, sites=None) -> None:
         """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire. The
         first run that reads attention (and not the value states) finds the op labels inside its own trace, where the
         model runs (a hosted model runs only on the server), and sends them back with the payloads."""
@@ -428,12 +451,18 @@ class Tracer:
         layer_at = {i: layer_envoys[i] for i in layers}
         attn_at = {i: attn_envoys[i] for i in layers}
         labels, find = self._labels, find_probability_op
+        site_at = self._site_envoys(sites or {})
         weighing = [j for j, part in enumerate(parts) if getattr(part, "needs_output_weight", False)]
         out_proj_at = ({i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
                                     f"the attention output projection of layer {i}") for i in layers}
                        if values and weighing else {})
         with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
             collected, found = nnsight.save([]), nnsight.save([])
+            for name, site in site_at.items():
+                x = site.input
+                for j, part in enumerate(parts):
+                    if hasattr(part, "site"):
+                        collected.append((j, "site", name, part.site(name, x)))
             for i in layers:
                 if residual:
                     states = layer_at[i].input

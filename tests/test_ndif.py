@@ -167,6 +167,27 @@ def test_a_scan_of_an_lmm_over_ndif_finds_the_planted_visual_sinks_as_here(organ
     assert pd.read_csv(there.path / "sink_tokens.csv")["token_kind"].eq("visual").any()  # the planted visual sinks
 
 
+def test_vit_sinks_of_an_lmm_over_ndif_read_the_projector_input_on_the_server(tmp_path):
+    """The vision features entering the projector are read where the model runs: the norms and top dims at both
+    sites equal those of the same checkpoint run here (eager attention throughout, as the request asks)."""
+    from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
+    from sinkscope.models import load, load_hosted
+    from sinkscope.models.registry import embedded_path
+
+    path = str(embedded_path("organism"))
+    common = dict(data="demo", limit=4, batch_size=2, calibration=2, n_boot=50)
+    here = quiet(load, "organism")
+    here.model.set_attn_implementation("eager")
+    local = quiet(run_vit_sinks, str(tmp_path / "here"), VitSinksConfig(model="org/organism", **common), adapter=here,
+                  log=lambda m: None, figures=False)
+    with fake_ndif({"org/organism": path}):
+        there = quiet(run_vit_sinks, str(tmp_path / "there"), VitSinksConfig(model="org/organism", remote="ndif",
+                                                                              **common),
+                      adapter=quiet(load_hosted, path), log=lambda m: None, figures=False)
+    _same(local, there, ("vit_tokens", "vit_sinks", "vit_dims"))
+    assert set(pd.read_csv(there.path / "vit_tokens.csv")["site"]) == {"vit", "lm_input"}
+
+
 def test_an_editing_analysis_refuses_ndif_as_it_refuses_the_dry_run(checkpoint, prompts, tmp_path):
     from sinkscope.analyses.ablate import AblateConfig, run_ablate
 

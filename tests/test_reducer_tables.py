@@ -267,7 +267,7 @@ def test_no_attention_map_reaches_the_host_in_the_reducers_that_reduce_it():
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_the_sink_aware_reducers_wait_for_the_device_once_per_batch(which, n_layers):
     """Ablation's, patching's and the ViT-sink analysis' reducers keep phi, the sink masks and their own results
-    (attention received, image-centric heads, the first layer's input states) where each layer ran: no layer
+    (attention received, image-centric heads, the first layer's token norms and top dims) where each layer ran: no layer
     copies anything to or from the host (the batch's token masks reach the device once, at the first layer), and
     `end()` brings everything over in one copy per dtype (float32 and bool) whatever the number of layers."""
     from sinkscope.analyses.ablate import _PhiAttention
@@ -276,17 +276,20 @@ def test_the_sink_aware_reducers_wait_for_the_device_once_per_batch(which, n_lay
 
     reducer = {"ablate": lambda: _PhiAttention([3], 2.0, 1e-6, "rms", 0),
                "patching": lambda: _SinksAndHeads([3], 2.0, 1e-6, "rms", 0.5, 0.2, 0),
-               "vit_sinks": lambda: VitReducer([3], 2.0, 1e-6, "rms", VitSinksConfig(model="planted"), [])}[which]()
+               "vit_sinks": lambda: VitReducer([3], 2.0, 1e-6, "rms", VitSinksConfig(model="planted"))}[which]()
     per_layer, at_end = _drive_on_meta(reducer, n_layers)
     assert per_layer[0].mixed and not per_layer[0].to_host  # the token masks, sent once
     assert all(not c.mixed and not c.to_host for c in per_layer[1:]), [c.mixed + c.to_host for c in per_layer]
-    assert sorted(at_end.to_host, key=str) == [torch.bool, torch.float32] and not at_end.mixed
+    # ablation and patching bring phi and the sink masks; vit-sinks (an in-trace part) phi, norms and top dims, the
+    # sink masks then made on the host
+    dtypes = [torch.float32, torch.int64] if which == "vit_sinks" else [torch.bool, torch.float32]
+    assert sorted(at_end.to_host, key=str) == dtypes and not at_end.mixed
     assert sorted(reducer.phi) == list(range(n_layers)) and all(t.device.type == "cpu" for t in reducer.phi.values())
     assert all(m.device.type == "cpu" and m.dtype == torch.bool for m in (*reducer.sink.values(),
                                                                          *reducer.visual_sink.values()))
     own = {"ablate": lambda: [reducer.received], "patching": lambda: list(reducer.centric.values()),
-           "vit_sinks": lambda: [reducer.embeds]}[which]()
-    assert own and all(t.device.type == "cpu" for t in own)
+           "vit_sinks": lambda: [torch.tensor(reducer.rows["norm"].tolist())]}[which]()
+    assert own and all(t.device.type == "cpu" and t.numel() for t in own)
 
 
 @pytest.mark.parametrize("block_bytes,keep_bytes", [(2**29, 2**31), (1, 2**31), (2**29, 1), (2**29, 4000)])

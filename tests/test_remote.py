@@ -160,10 +160,29 @@ def test_remote_local_location_equals_the_local_location(organism_adapter, tmp_p
     assert per["n_sinks"].sum() > 0 and per["n_background"].sum() > 0
 
 
-def test_analyses_without_in_trace_reductions_refuse_remote(organism_adapter, tmp_path):
+def test_remote_local_vit_sinks_equal_the_local_vit_sinks(organism_adapter, tmp_path):
+    """vit-sinks reads the projector's input (the vision features) and layer 0's image tokens inside the trace and
+    sends back each token's norm and top dim only: the same tables as here, at both sites."""
     from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
 
-    cfg = VitSinksConfig(model="organism", data="demo", limit=2, remote="local")
-    with pytest.raises(SinkscopeError, match="vit_sinks cannot run remotely"):
-        run_vit_sinks(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
+    folders = []
+    for name, remote in (("here", None), ("there", "local")):
+        cfg = VitSinksConfig(model="organism", data="demo", limit=4, batch_size=2, calibration=2, n_boot=50,
+                             remote=remote)
+        folders.append(quiet(run_vit_sinks, str(tmp_path / name), cfg, adapter=organism_adapter, log=lambda m: None,
+                             figures=False))
+    here, there = folders
+    for table in ("vit_tokens", "vit_sinks", "vit_dims"):
+        pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"),
+                                      obj=table)
+    tokens = pd.read_csv(there.path / "vit_tokens.csv")
+    assert set(tokens["site"]) == {"vit", "lm_input"} and tokens["lm_visual_sink"].any()
+
+
+def test_analyses_that_edit_the_forward_refuse_remote(organism_adapter, tmp_path):
+    from sinkscope.analyses.remove import RemoveConfig, run_remove
+
+    cfg = RemoveConfig(model="organism", data="demo", limit=2, remote="local")
+    with pytest.raises(SinkscopeError, match="remove cannot run remotely: it edits attention"):
+        run_remove(str(tmp_path / "c"), cfg, adapter=organism_adapter, log=lambda m: None)
     assert not (tmp_path / "c").exists()

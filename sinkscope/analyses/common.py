@@ -140,11 +140,10 @@ def setup(out: str, name: str, cfg: AnalysisConfig, adapter=None, resume: bool =
     from sinkscope.models import load_placed
 
     cfg.validate()
-    if cfg.remote and name not in REMOTE_ANALYSES:
-        raise SinkscopeError(f"{name} cannot run remotely: " + (
-            "it edits attention or the residual stream inside the model's forward, which needs sinkscope's own code in "
-            "the process that runs the model" if name in EDITING_ANALYSES else
-            "its reducers do not yet reduce inside the trace") + f"; remote runs: {', '.join(REMOTE_ANALYSES)}, scan")
+    if cfg.remote and name not in REMOTE_ANALYSES:  # the analyses that edit attention or the residual stream
+        raise SinkscopeError(f"{name} cannot run remotely: it edits attention or the residual stream inside the model's "
+                             "forward, which needs sinkscope's own code in the process that runs the model; remote "
+                             f"runs: scan, {', '.join(REMOTE_ANALYSES)}")
     torch.manual_seed(cfg.seed)
     samples = load_data(cfg.data, cfg.limit, cfg.question, cfg.image_root)  # bad data fails before the model loads
     # a folder holding another run fails before the model loads too (the sink score may still be 'auto')
@@ -202,8 +201,9 @@ def report_step_for(config_class, run, **overrides):
     return report_step
 
 
-REMOTE_ANALYSES = ("heads", "contributions", "location")  # analyses (besides scan) whose reducers run in a remote trace
-EDITING_ANALYSES = ("ablate", "var_eval", "patching", "inject", "remove")
+# besides scan, every analysis that only reads activations; the others (ablate, var_eval, patching, inject, remove)
+# edit the forward
+REMOTE_ANALYSES = ("heads", "contributions", "location", "vit_sinks")
 
 
 def output_grams(adapter, host: bool = False) -> dict[int, torch.Tensor]:
@@ -443,6 +443,13 @@ class InTraceReducer(SinkAwareReducer):
         if self._part is None:
             self._part = self.in_trace(host=False)
         self._keep("residual", layer, self._part.residual(layer, states))
+
+    def site(self, name: str, x: torch.Tensor) -> None:
+        """A module's input before the decoder layers (`Tracer.run(sites=...)`), for a part that has `site`."""
+        if self._part is None:
+            self._part = self.in_trace(host=False)
+        if hasattr(self._part, "site"):
+            self._keep("site", name, self._part.site(name, x))
 
     def values(self, layer: int, v: torch.Tensor) -> None:
         if hasattr(self._part, "values"):

@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.common import (AnalysisConfig, SinkAwareReducer, cluster_bootstrap, prepare_batch,
-                                      report_step_for, setup)
+from sinkscope.analyses.common import (AnalysisConfig, InTraceReducer, SinkScores, cluster_bootstrap,
+                                      report_step_for, setup, traced_chunks)
 from sinkscope.analyses.step_findings import run_meta
-from sinkscope.eval.tasks import progress
 from sinkscope.findings import NOTHING_TO_TEST, Finding
 from sinkscope.measures import massive
 from sinkscope.runfolder import RunFolder
@@ -37,41 +36,76 @@ class VitSinksConfig(AnalysisConfig):
     norm_ratio: float = 3.0  # high-norm: norm >= norm_ratio x the image's median token norm
 
 
-class VitReducer(SinkAwareReducer):
-    def __init__(self, dims, tau, eps, score, cfg: VitSinksConfig, vit_features: list):
+class VitTokenNorms(SinkScores):
+    """The vision-sink analysis' in-trace part, torch only (also remotely): phi of every token per layer; at layer 0
+    also each token's norm and top dim (argmax_d |x_d / RMS(x)|) [batch, token]; at the projector's input each vision
+    feature's norm and top dim [feature] (every image's features in order). No [token, dim] state leaves it."""
+
+    def residual(self, layer: int, states: torch.Tensor) -> dict:
+        payload = {"phi": super().residual(layer, states)}
+        if layer == 0:  # the image tokens as the language model receives them
+            payload.update(self._norms(states))
+        return payload
+
+    def site(self, name: str, features: torch.Tensor) -> dict:
+        return self._norms(features.reshape(-1, features.shape[-1]))
+
+    def _norms(self, x: torch.Tensor) -> dict:
+        x = x.detach().float()
+        return {"norm": self.out(x.norm(dim=-1)), "top_dim": self.out(massive.rms_normalize(x, self.eps).abs().argmax(-1))}
+
+
+class VitReducer(InTraceReducer):
+    """Per (site, sample, image token): norm, norm over the image's median, high-norm mark, top dim, max phi and
+    whether the language model has it as a visual sink, from VitTokenNorms' payloads (here or after a remote
+    trace)."""
+
+    def __init__(self, dims, tau, eps, score, cfg: VitSinksConfig):
         super().__init__(dims, tau, eps, score)
-        self.cfg, self.vit_features = cfg, vit_features
-        self.embeds = None
+        self.cfg = cfg
+        self.rows = pd.DataFrame()
 
-    def residual(self, layer, states):
-        super().residual(layer, states)
-        if layer == 0:  # a copy where the layer ran; to the host with phi in `end`
-            self.embeds = states.detach().to(torch.float32, copy=True)
+    def in_trace(self, host: bool = True) -> VitTokenNorms:
+        return VitTokenNorms(self.dims, self.eps, self.score, self.real, host)
 
-    def end(self) -> None:
-        self.embeds, = super().end(self.embeds)
+    def begin(self, info) -> None:
+        super().begin(info)
+        self._sites: dict[str, dict] = {}
+
+    def take(self, kind: str, layer, payload) -> None:
+        if kind == "residual":
+            self._take_phi(layer, payload["phi"])
+            if "norm" in payload:
+                self._sites["lm_input"] = payload
+        elif kind == "site":
+            self._sites[layer] = payload
+
+    def build(self) -> None:
+        self.rows = self.frame()
 
     def frame(self) -> pd.DataFrame:
         late = [l for l in self.phi if l >= self.cfg.start_layer] or list(self.phi)
         phi = torch.stack([self.phi[l] for l in late]).amax(dim=0)  # [batch, token]
         sink_any = torch.stack([self.visual_sink[l] for l in late]).any(dim=0)
-        sites = {"lm_input": [self.embeds[b][self.visual[b]] for b in range(self.embeds.shape[0])]}
-        vit = torch.cat([f.reshape(-1, f.shape[-1]) for f in self.vit_features]) if self.vit_features else None
         counts = self.visual.sum(dim=1).tolist()
-        if vit is not None and vit.shape[0] == sum(counts):
-            sites["vit"] = list(torch.split(vit.float().cpu(), counts))
+        per_row: dict[str, list] = {}
+        lm = self._sites.get("lm_input")
+        if lm is not None:
+            per_row["lm_input"] = [(lm["norm"][b][self.visual[b]], lm["top_dim"][b][self.visual[b]])
+                                   for b in range(len(counts))]
+        vit = self._sites.get("vit")
+        if vit is not None and vit["norm"].shape[0] == sum(counts):  # one feature per image token (LLaVA-style)
+            per_row["vit"] = list(zip(torch.split(vit["norm"], counts), torch.split(vit["top_dim"], counts)))
         rows = []
-        for site, per_row in sites.items():
+        for site, pairs in per_row.items():
             for b, sid in enumerate(self.info.sample_ids):
-                x = per_row[b]
-                if x.shape[0] == 0:
+                norm, top_dim = pairs[b]
+                if norm.shape[0] == 0:
                     continue
-                norm = x.norm(dim=-1)
                 ratio = norm / norm.median().clamp_min(1e-12)
-                top_dim = massive.rms_normalize(x, self.eps).abs().argmax(dim=-1)
                 vis = torch.nonzero(self.visual[b]).flatten()
                 rows.append(pd.DataFrame({
-                    "sample": sid, "site": site, "visual_rank": np.arange(x.shape[0]), "norm": norm.numpy(),
+                    "sample": sid, "site": site, "visual_rank": np.arange(norm.shape[0]), "norm": norm.numpy(),
                     "norm_ratio": ratio.numpy(), "high_norm": (ratio >= self.cfg.norm_ratio).numpy(),
                     "top_dim": top_dim.numpy(), "max_phi": phi[b, vis].numpy(), "lm_visual_sink": sink_any[b, vis].numpy(),
                 }))
@@ -86,18 +120,11 @@ def _projector(adapter):
 def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = True, log=print, calibration=None,
                   figures: bool = True) -> RunFolder:
     s = setup(out, "vit_sinks", cfg, adapter, resume, log, calibration=calibration)
-    projector = _projector(s.adapter)
-    for chunk in progress(s.todo, cfg.batch_size, "vit_sinks"):
-        feats: list = []
-        handle = projector.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach())) if projector else None
-        try:
-            red = VitReducer(s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, cfg, feats)
-            s.tracer.run(prepare_batch(s.adapter, chunk), [red], attention=False, sample_ids=[x.sample_id for x in chunk])
-        finally:
-            if handle is not None:
-                handle.remove()
-        s.folder.append_rows("vit_tokens", red.frame())
-        s.folder.mark_done([x.sample_id for x in chunk])
+    projector = _projector(s.adapter)  # its input: the vision features, one per image token in LLaVA-style families
+    for _, red in traced_chunks(s, cfg.batch_size, "vit_sinks", lambda: VitReducer(
+            s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, cfg), attention=False,
+            remote=cfg.remote, sites={"vit": projector} if projector is not None else None):
+        s.folder.append_rows("vit_tokens", red.rows)
     return summarize_vit(s.folder, cfg, figures)
 
 
