@@ -17,6 +17,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sinkscope.errors import SinkscopeError
@@ -49,7 +50,7 @@ def arrow_csv(frame: pd.DataFrame, header: bool) -> bytes | None:
     import pyarrow.csv as pa_csv
 
     try:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = _arrow_table(frame)
     except pa.ArrowException:
         return None
     plain = (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
@@ -62,6 +63,28 @@ def arrow_csv(frame: pd.DataFrame, header: bool) -> bytes | None:
     except pa.ArrowException:  # a type the writer cannot format (e.g. float16 in some versions)
         return None
     return out.getvalue()
+
+
+def _arrow_table(frame: pd.DataFrame):
+    """`frame` as an Arrow table, column by column as `pa.Table.from_pandas` converts them (arrow-backed columns as
+    they are, numpy ones and objects through `pa.array(..., from_pandas=True)`: NaN and None become nulls), without
+    its per-table overhead (~0.2 ms a table; a scan batch appends 7 small ones); from_pandas itself for other
+    extension types and for duplicate or non-text column names."""
+    import pyarrow as pa
+
+    names = list(frame.columns)
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    arrays = []
+    for _, column in frame.items():
+        values = column.array
+        if hasattr(values, "__arrow_array__"):
+            arrays.append(pa.array(values))
+        elif isinstance(column.dtype, np.dtype):
+            arrays.append(pa.array(column.to_numpy(), from_pandas=True))
+        else:  # another pandas extension type (categorical, ...): from_pandas decides
+            return pa.Table.from_pandas(frame, preserve_index=False)
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def package_versions() -> dict[str, str]:
