@@ -15,9 +15,11 @@ they need, so a scan over N samples never holds N samples of attention maps:
     cache = tracer.run_with_cache(batch)              # keep everything (notebooks, tests)
     tracer.run(batch, [MyReducer()], layers=[2, 3])   # stream (scans)
     tracer.run(batch, [MyReducer()], remote="local")  # the trace serialised as for NDIF (see RemoteReducer)
+    Tracer(models.load_hosted(hub_id)).run(batch, [MyReducer()], remote="ndif")  # run by NDIF
 
 Remote runs (`remote="local"`, nnsight's serverless dry run of NDIF: the trace is serialised,
-deserialised with sinkscope's modules hidden, and run) take reducers that split in two: a small
+deserialised with sinkscope's modules hidden, and run here; `remote="ndif"` or a server's URL: the same
+trace sent to NDIF, which runs the model) take reducers that split in two: a small
 torch-only part that runs inside the trace and returns reductions ([batch, token], [batch, head],
 [batch, k]: never [layer, head, query, key]), and the reducer itself, which builds its tables from
 those reductions after the trace. A local run goes through the same split, so both give the same tables.
@@ -285,8 +287,9 @@ class Tracer:
         when `return_logits`, else None. values: also hand reducers that have a `values` method
         the value states [batch, kv_head, key, head_dim] given to the attention function (before
         any repeat for grouped-query attention), read from that call's inputs.
-        remote: None (run here) or "local" (nnsight's serialised dry run of NDIF): every reducer must be a
-        `RemoteReducer`; only its in-trace part's payloads come back.
+        remote: None (run here), "local" (nnsight's serialised dry run of NDIF), "ndif" or a server URL (the adapter
+        then a hosted model, `models.load_hosted`): every reducer must be a `RemoteReducer`; only its in-trace
+        part's payloads come back.
         via_source: read the probabilities through nnsight's `.source` also in a local run (as remote runs and
         runs with `values` do; a local run otherwise takes them from `sinkscope.eager.capturing`).
         sites: {name: module} that runs before the decoder layers (e.g. an LMM's projector): its first input is
