@@ -273,43 +273,14 @@ def test_a_decode_step_of_knockout_adds_seven_operations_per_layer(llava, monkey
     entries zeroed, the kept mass, its floor, the division and the select; views left out (and the key mask, grown
     once per step for every layer). A regression guard: it was 8 (the mass on blocked keys was summed and
     compared), 12 before that."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from decode_ops import decode_step_ops
 
     from sinkscope.interventions.knockout import KnockoutEdit
 
-    views = {"view", "_unsafe_view", "expand", "transpose", "t", "unsqueeze", "squeeze", "slice", "select", "permute",
-             "as_strided", "alias", "detach", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape", "_to_copy"}
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.inside, self.ops, self.calls = False, collections.Counter(), 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name.split("::")[1]
-            if self.inside and name not in views:
-                self.ops[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    count = Count()
-    plain_edit = KnockoutEdit.edit
-
-    def counted_edit(self, probs, *, layer, query_positions, state):
-        count.inside = state.only_generated
-        count.calls += state.only_generated
-        try:
-            return plain_edit(self, probs, layer=layer, query_positions=query_positions, state=state)
-        finally:
-            count.inside = False
-
-    monkeypatch.setattr(KnockoutEdit, "edit", counted_edit)
     tiny, adapter = llava
     inputs, kinds = _batch(tiny, adapter)
-    with torch.no_grad(), knockout(adapter, kinds.visual_mask):
-        with count:
-            tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), knockout(adapter, kinds.visual_mask), decode_step_ops(monkeypatch, KnockoutEdit) as count:
+        tiny.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert count.calls == 2 * adapter.num_layers  # two decode steps
     assert count.ops.pop("constant_pad_nd") == 2  # the key mask grown by the step's key: once per step, for all layers
     per_layer = {name: n / count.calls for name, n in count.ops.items()}

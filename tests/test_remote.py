@@ -23,10 +23,12 @@ def _scan(adapter, out, data, remote):
     return quiet(run_scan, str(out), cfg, adapter=adapter, resume=False, log=lambda m: None, figures=False)
 
 
-def _same_tables(a, b):
+def _same_tables(a, b, tables=TABLES):
+    """The run folders hold the same sink dims (every analysis calibrates) and the same tables."""
     assert (a.path / "sink_dims.json").read_text() == (b.path / "sink_dims.json").read_text()
-    for table in TABLES:
-        pd.testing.assert_frame_equal(pd.read_csv(a.path / f"{table}.csv"), pd.read_csv(b.path / f"{table}.csv"))
+    for table in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(a.path / f"{table}.csv"), pd.read_csv(b.path / f"{table}.csv"),
+                                      obj=table)
 
 
 def test_remote_local_scan_of_an_lmm_equals_the_local_scan(organism_adapter, tmp_path):
@@ -103,19 +105,23 @@ def _adapter_and_data(lm: str, organism_adapter, tmp_path):
     return adapter_for_model(model, tok, "tiny-qwen2"), str(write_prompts(tmp_path / "p.jsonl", 4, jsonl=True))
 
 
+def _here_and_there(run, cfg_cls, adapter, data, tmp_path):
+    """(run folder here, run folder of the remote-local run): `run` (an analysis' run function) with the same
+    config on 4 samples, batches of 2."""
+    folders = []
+    for name, remote in (("here", None), ("there", "local")):
+        cfg = cfg_cls(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50, remote=remote)
+        folders.append(quiet(run, str(tmp_path / name), cfg, adapter=adapter, log=lambda m: None, figures=False))
+    return folders
+
+
 @pytest.mark.parametrize("lm", ["organism", "text"])
 def test_remote_local_heads_equal_the_local_heads(lm, organism_adapter, tmp_path):
     from sinkscope.analyses.heads import HeadsConfig, run_heads
 
-    adapter, data = _adapter_and_data(lm, organism_adapter, tmp_path)
-    folders = []
-    for name, remote in (("here", None), ("there", "local")):
-        cfg = HeadsConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50, remote=remote)
-        folders.append(quiet(run_heads, str(tmp_path / name), cfg, adapter=adapter, log=lambda m: None, figures=False))
-    here, there = folders
-    for table in ("head_scores", "head_scores_per_sample", "token_attention", "attention_maps"):
-        if (here.path / f"{table}.csv").exists() or (there.path / f"{table}.csv").exists():
-            pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"))
+    here, there = _here_and_there(run_heads, HeadsConfig, *_adapter_and_data(lm, organism_adapter, tmp_path), tmp_path)
+    _same_tables(here, there, [t for t in ("head_scores", "head_scores_per_sample", "token_attention", "attention_maps")
+                               if (here.path / f"{t}.csv").exists() or (there.path / f"{t}.csv").exists()])
     assert (here.path / "head_scores.csv").exists()
 
 
@@ -125,17 +131,9 @@ def test_remote_local_contributions_equal_the_local_contributions(lm, organism_a
     tables remotely as here, for an LMM and a text-only causal LM."""
     from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
 
-    adapter, data = _adapter_and_data(lm, organism_adapter, tmp_path)
-    folders = []
-    for name, remote in (("here", None), ("there", "local")):
-        cfg = ContributionsConfig(model=adapter.name, data=data, limit=4, batch_size=2, calibration=2, n_boot=50,
-                                  remote=remote)
-        folders.append(quiet(run_contributions, str(tmp_path / name), cfg, adapter=adapter, log=lambda m: None,
-                             figures=False))
-    here, there = folders
-    for table in ("contributions_per_sample", "contributions", "contribution_heads"):
-        pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"),
-                                      obj=table)
+    here, there = _here_and_there(run_contributions, ContributionsConfig,
+                                  *_adapter_and_data(lm, organism_adapter, tmp_path), tmp_path)
+    _same_tables(here, there, ("contributions_per_sample", "contributions", "contribution_heads"))
     per = pd.read_csv(here.path / "contributions_per_sample.csv")
     assert len(per) and (lm == "text" or {"visual_sink", "visual_nonsink"} <= set(per["token_class"]))
 
@@ -145,17 +143,10 @@ def test_remote_local_location_equals_the_local_location(organism_adapter, tmp_p
     masks) and every summary are the same remotely as here."""
     from sinkscope.analyses.location import LocationConfig, run_location
 
-    folders = []
-    for name, remote in (("here", None), ("there", "local")):
-        cfg = LocationConfig(model="organism", data="demo", limit=4, batch_size=2, calibration=2, n_boot=50,
-                             remote=remote)
-        folders.append(quiet(run_location, str(tmp_path / name), cfg, adapter=organism_adapter, log=lambda m: None,
-                             figures=False))
-    here, there = folders
-    tables = sorted(p.name for p in here.path.glob("*.csv"))
-    assert "location_per_sample.csv" in tables and tables == sorted(p.name for p in there.path.glob("*.csv"))
-    for table in tables:
-        pd.testing.assert_frame_equal(pd.read_csv(here.path / table), pd.read_csv(there.path / table), obj=table)
+    here, there = _here_and_there(run_location, LocationConfig, organism_adapter, "demo", tmp_path)
+    tables = sorted(p.stem for p in here.path.glob("*.csv"))
+    assert "location_per_sample" in tables and tables == sorted(p.stem for p in there.path.glob("*.csv"))
+    _same_tables(here, there, tables)
     per = pd.read_csv(here.path / "location_per_sample.csv")
     assert per["n_sinks"].sum() > 0 and per["n_background"].sum() > 0
 
@@ -165,16 +156,8 @@ def test_remote_local_vit_sinks_equal_the_local_vit_sinks(organism_adapter, tmp_
     sends back each token's norm and top dim only: the same tables as here, at both sites."""
     from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
 
-    folders = []
-    for name, remote in (("here", None), ("there", "local")):
-        cfg = VitSinksConfig(model="organism", data="demo", limit=4, batch_size=2, calibration=2, n_boot=50,
-                             remote=remote)
-        folders.append(quiet(run_vit_sinks, str(tmp_path / name), cfg, adapter=organism_adapter, log=lambda m: None,
-                             figures=False))
-    here, there = folders
-    for table in ("vit_tokens", "vit_sinks", "vit_dims"):
-        pd.testing.assert_frame_equal(pd.read_csv(here.path / f"{table}.csv"), pd.read_csv(there.path / f"{table}.csv"),
-                                      obj=table)
+    here, there = _here_and_there(run_vit_sinks, VitSinksConfig, organism_adapter, "demo", tmp_path)
+    _same_tables(here, there, ("vit_tokens", "vit_sinks", "vit_dims"))
     tokens = pd.read_csv(there.path / "vit_tokens.csv")
     assert set(tokens["site"]) == {"vit", "lm_input"} and tokens["lm_visual_sink"].any()
 

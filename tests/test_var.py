@@ -522,42 +522,13 @@ def test_a_decode_step_of_var_adds_seven_operations_per_layer(organism, monkeypa
     benchmarks/dispatch_count.py, where a GPU at batch 1 waits on kernel launches): two small products, a comparison
     and its reduction, one fused division and addition, a select and the in-place product with the row; views,
     which launch nothing, left out. A regression guard: it was 19."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from decode_ops import decode_step_ops
 
     from sinkscope.interventions.var import VAREdit
 
-    views = {"view", "_unsafe_view", "expand", "transpose", "t", "unsqueeze", "squeeze", "slice", "select", "permute",
-             "as_strided", "alias", "detach", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape"}
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.inside, self.ops, self.calls = False, collections.Counter(), 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name.split("::")[1]
-            if self.inside and name not in views:
-                self.ops[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    count = Count()
-    plain_edit = VAREdit.edit
-
-    def counted_edit(self, probs, *, layer, query_positions, state):
-        count.inside = state.only_generated
-        count.calls += state.only_generated
-        try:
-            return plain_edit(self, probs, layer=layer, query_positions=query_positions, state=state)
-        finally:
-            count.inside = False
-
-    monkeypatch.setattr(VAREdit, "edit", counted_edit)
     adapter, inputs, config, _ = organism
-    with torch.no_grad(), var(adapter, config) as run:
-        with count:
-            adapter.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), var(adapter, config) as run, decode_step_ops(monkeypatch, VAREdit) as count:
+        adapter.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     n_layers = len(run.resolved.layers)
     assert count.calls == 2 * n_layers  # two decode steps
     per_layer = {name: n / count.calls for name, n in count.ops.items()}
