@@ -138,54 +138,63 @@ def test_what_cannot_be_sent_to_ndif_is_refused_before_anything_loads(checkpoint
     ScanConfig(model=REPO, remote="https://ndif.example.org").validate()  # a server of one's own
 
 
-def test_a_scan_of_an_lmm_over_ndif_finds_the_planted_visual_sinks_as_here(organism_adapter, tmp_path):
-    """An LMM goes under nnsight's image-text-to-text task, its images travel as pixel values with the request, and
-    every part of it runs eager attention there (one implementation per request, for the whole model). The organism
-    (planted visual sinks) served by the stand-in gives the tables of the same checkpoint run here with eager
-    attention throughout."""
-    from sinkscope.analyses.scan import ScanConfig, run_scan
+def _organism_both(run, cfg_cls, tmp_path):
+    """(run folder here, run folder over the NDIF stand-in, requests served): the analysis of the organism (planted
+    visual sinks) loaded here with eager attention throughout, as a request asks of the server, and served."""
     from sinkscope.models import load, load_hosted
     from sinkscope.models.registry import embedded_path
 
     path = str(embedded_path("organism"))
     common = dict(data="demo", limit=4, batch_size=2, calibration=2, n_boot=50)
     here = quiet(load, "organism")
-    here.model.set_attn_implementation("eager")  # the vision tower too, as the request asks of the server
-    local = quiet(run_scan, str(tmp_path / "here"), ScanConfig(model="org/organism", **common), adapter=here,
+    here.model.set_attn_implementation("eager")  # the vision tower too
+    local = quiet(run, str(tmp_path / "here"), cfg_cls(model="org/organism", **common), adapter=here,
                   log=lambda m: None, figures=False)
     with fake_ndif({"org/organism": path}) as served:
         hosted = quiet(load_hosted, path)
         assert {p.device.type for p in hosted.model.parameters()} == {"meta"}
-        there = quiet(run_scan, str(tmp_path / "there"), ScanConfig(model="org/organism", remote="ndif", **common),
+        there = quiet(run, str(tmp_path / "there"), cfg_cls(model="org/organism", remote="ndif", **common),
                       adapter=hosted, log=lambda m: None, figures=False)
     for request in served:
         key = json.loads(request.model_key.split(":", 1)[1])
         assert key["task"] == "image-text-to-text" and request.env["attn_implementation"] == "eager"
     assert (local.path / "sink_dims.json").read_text() == (there.path / "sink_dims.json").read_text()
+    return local, there, served
+
+
+def test_a_scan_of_an_lmm_over_ndif_finds_the_planted_visual_sinks_as_here(organism_adapter, tmp_path):
+    """An LMM goes under nnsight's image-text-to-text task, its images travel as pixel values with the request, and
+    every part of it runs eager attention there (one implementation per request, for the whole model)."""
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    local, there, _ = _organism_both(run_scan, ScanConfig, tmp_path)
     _same(local, there, ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes",
                          "sink_summary", "dim_profile"))
     assert pd.read_csv(there.path / "sink_tokens.csv")["token_kind"].eq("visual").any()  # the planted visual sinks
 
 
-def test_vit_sinks_of_an_lmm_over_ndif_read_the_projector_input_on_the_server(tmp_path):
+def test_vit_sinks_of_an_lmm_over_ndif_read_the_projector_input_on_the_server(organism_adapter, tmp_path):
     """The vision features entering the projector are read where the model runs: the norms and top dims at both
-    sites equal those of the same checkpoint run here (eager attention throughout, as the request asks)."""
+    sites equal those of the same checkpoint run here."""
     from sinkscope.analyses.vit_sinks import VitSinksConfig, run_vit_sinks
-    from sinkscope.models import load, load_hosted
-    from sinkscope.models.registry import embedded_path
 
-    path = str(embedded_path("organism"))
-    common = dict(data="demo", limit=4, batch_size=2, calibration=2, n_boot=50)
-    here = quiet(load, "organism")
-    here.model.set_attn_implementation("eager")
-    local = quiet(run_vit_sinks, str(tmp_path / "here"), VitSinksConfig(model="org/organism", **common), adapter=here,
-                  log=lambda m: None, figures=False)
-    with fake_ndif({"org/organism": path}):
-        there = quiet(run_vit_sinks, str(tmp_path / "there"), VitSinksConfig(model="org/organism", remote="ndif",
-                                                                              **common),
-                      adapter=quiet(load_hosted, path), log=lambda m: None, figures=False)
+    local, there, _ = _organism_both(run_vit_sinks, VitSinksConfig, tmp_path)
     _same(local, there, ("vit_tokens", "vit_sinks", "vit_dims"))
     assert set(pd.read_csv(there.path / "vit_tokens.csv")["site"]) == {"vit", "lm_input"}
+
+
+def test_heads_and_contributions_of_an_lmm_over_ndif_equal_those_here(organism_adapter, tmp_path):
+    """The image-centric heads and the visual sinks' small value contributions of the organism, computed on the
+    server (W_O's grams made there), equal those computed here."""
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+    from sinkscope.analyses.heads import HeadsConfig, run_heads
+
+    local, there, _ = _organism_both(run_heads, HeadsConfig, tmp_path / "heads")
+    _same(local, there, ("head_scores", "head_scores_per_sample", "token_attention"))
+    local, there, _ = _organism_both(run_contributions, ContributionsConfig, tmp_path / "contributions")
+    _same(local, there, ("contributions_per_sample", "contributions", "contribution_heads"))
+    per = pd.read_csv(there.path / "contributions_per_sample.csv")
+    assert {"visual_sink", "visual_nonsink"} <= set(per["token_class"])
 
 
 def test_an_editing_analysis_refuses_ndif_as_it_refuses_the_dry_run(checkpoint, prompts, tmp_path):
