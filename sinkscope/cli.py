@@ -60,7 +60,7 @@ RUN_OPTIONS_HELP = {
 }
 _REMOTE = typer.Option(None, help="run every trace remotely, reductions inside the trace (only they come back): "
                        "local (nnsight's serialised dry run of NDIF, here), ndif (the NDIF service: --model is "
-                       "the hub id of a text-only LM it serves; key from NDIF_API_KEY) or an NDIF server's URL")
+                       "the hub id of a model it runs; key from NDIF_API_KEY) or an NDIF server's URL")
 
 
 def _flag(name: str) -> str:

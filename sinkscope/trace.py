@@ -238,9 +238,8 @@ class Tracer:
         """The model wrapped by nnsight, made on first use: wrapping patches every module's forward for good (~50
         Python calls per layer on each later forward), so a tracer that only runs locally never wraps it."""
         if self._envoy is None:
-            hosted = getattr(self.adapter, "hosted", None)  # a model NDIF serves: its nnsight wrapper, keyed by hub id
-            if hosted is not None:
-                self._envoy = hosted
+            if self.adapter.hosted is not None:  # a model NDIF serves: its nnsight wrapper, keyed by hub id
+                self._envoy = self.adapter.hosted
             else:
                 from nnsight import NNsight
 
@@ -300,7 +299,7 @@ class Tracer:
                 f"attention probabilities need eager attention, but the language model uses "
                 f"{self.adapter.text_attention!r}; call adapter.set_text_attention('eager')"
             )
-        if getattr(self.adapter, "hosted", None) is not None and not is_server(remote):
+        if self.adapter.hosted is not None and not is_server(remote):
             raise SinkscopeError(f"{self.adapter.name} is served by NDIF and its weights are not in this process: "
                                  "trace it with remote='ndif' (or the server's URL), or load it here (models.load)")
         n = self.adapter.num_layers
@@ -395,28 +394,22 @@ class Tracer:
                     if hasattr(r, "values"):
                         r.values(layer, v)
 
-        def residual_hook(layer):
-            def hook(module, args, kwargs):
-                states = args[0] if args else next(iter(kwargs.values()))  # the layer's first input, as nnsight's
-                for r in reducers:
-                    r.residual(layer, states)
-            return hook
-
-        def site_hook(name):
+        def handing(method: str, key):
+            """A forward pre-hook handing the module's first input (as nnsight's `.input`) to every reducer's
+            `method(key, x)`, for those that have it."""
             def hook(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
                 for r in reducers:
-                    if hasattr(r, "site"):
-                        r.site(name, x)
+                    if hasattr(r, method):
+                        getattr(r, method)(key, x)
             return hook
 
+        hooked = [("site", name, module) for name, module in (sites or {}).items()]  # they run before the layers
+        hooked += [("residual", i, self.adapter.layers[i]) for i in layers] if residual else []
         handles = []
         try:
-            handles = [module.register_forward_pre_hook(site_hook(name), with_kwargs=True)
-                       for name, module in (sites or {}).items()]
-            if residual:
-                handles += [self.adapter.layers[i].register_forward_pre_hook(residual_hook(i), with_kwargs=True)
-                            for i in layers]
+            handles = [module.register_forward_pre_hook(handing(method, key), with_kwargs=True)
+                       for method, key, module in hooked]
             capture = (capturing(self.adapter, hand if attention else None, hand_values if values else None)
                        if attention or values else contextlib.nullcontext())
             with capture, torch.no_grad():
@@ -455,10 +448,10 @@ class Tracer:
         attn_at = {i: attn_envoys[i] for i in layers}
         labels, find = self._labels, find_probability_op
         site_at = self._site_envoys(sites or {})
-        weighing = [j for j, part in enumerate(parts) if getattr(part, "needs_output_weight", False)]
-        out_proj_at = ({i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
-                                    f"the attention output projection of layer {i}") for i in layers}
-                       if values and weighing else {})
+        # parts that make W_O's grams where the model runs (a hosted model's weights are only there), before values
+        weighing = [j for j, part in enumerate(parts) if values and getattr(part, "needs_output_weight", False)]
+        out_proj_at = {i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
+                                   f"the attention output projection of layer {i}") for i in layers} if weighing else {}
         with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
             collected, found = nnsight.save([]), nnsight.save([])
             for name, site in site_at.items():
@@ -476,7 +469,7 @@ class Tracer:
                     found.extend(labels)
                 if attention or values:
                     call, op = labels
-                for j in weighing if values else ():  # W_O where the model runs (a hosted model's is only there)
+                for j in weighing:
                     parts[j].output_weight(i, out_proj_at[i].weight)
                 if values:
                     v = getattr(attn_at[i].source, call).inputs[0][3]

@@ -192,7 +192,7 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
     s = setup(out, "contributions", cfg, adapter, resume, log, calibration=calibration)
     adapter = s.adapter
     # a remote-local request uploads the grams; a model NDIF serves has its weights there, where they are made
-    grams = None if getattr(adapter, "hosted", None) is not None else output_grams(adapter, host=bool(cfg.remote))
+    grams = None if adapter.hosted is not None else output_grams(adapter, host=bool(cfg.remote))
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
             s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, grams, adapter.num_heads), values=True,
             remote=cfg.remote):

@@ -568,15 +568,15 @@ def _pick(table, **where):
     return None if t.empty else t.iloc[0]
 
 
-def _accuracy_change(r: dict) -> tuple[str, str]:
-    """(status, clause) of a condition's accuracy change against `none` (inject_var.csv row): stated only where its
-    CI excludes 0 and McNemar's exact test on the parsed pairs agrees."""
+def _accuracy_change(r: dict) -> tuple[Estimate, str, str]:
+    """(estimate, status, clause) of a condition's accuracy change against `none` (inject_var.csv row): stated only
+    where its CI excludes 0 and McNemar's exact test on the parsed pairs agrees."""
     from sinkscope.findings import exact_test_clause
 
     est = Estimate(float(r["accuracy_change"]), float(r["accuracy_change_ci_low"]), float(r["accuracy_change_ci_high"]),
                    int(r["n"]))
     tested = f"the {int(r['n_pairs'])} parsed pairs" if pd.notna(r.get("n_pairs")) else "the parsed pairs"
-    return exact_test_clause(est, r["p_value"], tested, "accuracy rises", "accuracy falls")
+    return (est, *exact_test_clause(est, r["p_value"], tested, "accuracy rises", "accuracy falls"))
 
 
 def _var_line(r: dict) -> str:
@@ -588,7 +588,7 @@ def _var_line(r: dict) -> str:
     n = int(r["n"])
     text = f"`{r['condition']}`: accuracy {fmt_ci(r['accuracy'], r['ci_low'], r['ci_high'])}"
     if r["condition"] != "none" and pd.notna(r.get("accuracy_change")):
-        _, clause = _accuracy_change(r)
+        _, _, clause = _accuracy_change(r)
         _, logit = effect_clause(Estimate(r["logit_diff_change"], r["logit_diff_change_ci_low"],
                                           r["logit_diff_change_ci_high"], n), "the logit difference rises",
                                  "the logit difference falls")
@@ -738,9 +738,7 @@ def findings(folder) -> list[Finding]:
         for r in var[var["condition"] != "none"].to_dict("records"):
             n_var = int(r["n"])
             if "accuracy_change" in r and pd.notna(r["accuracy_change"]):
-                est = Estimate(float(r["accuracy_change"]), float(r["accuracy_change_ci_low"]),
-                               float(r["accuracy_change_ci_high"]), n_var)
-                status, _ = _accuracy_change(r)
+                est, status, _ = _accuracy_change(r)
             else:
                 est, status = Estimate(math.nan, n=n_var), MEASURED
             out.append(Finding("inject", f"accuracy change, {r['condition']} against none", est.value, est.ci_low,

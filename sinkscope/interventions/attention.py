@@ -443,7 +443,7 @@ def edit_attention(model_or_adapter, *edits: AttentionEdit, fallback: str = "sdp
     implementation is restored.
     """
     adapter = as_adapter(model_or_adapter)
-    if getattr(adapter, "hosted", None) is not None:
+    if adapter.hosted is not None:
         raise SinkscopeError(f"{adapter.name} is served by NDIF (its weights are not in this process): attention edits "
                              "run in the process that runs the model; load the checkpoint here (models.load) to edit it")
     modules = _attention_modules(adapter)

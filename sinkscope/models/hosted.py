@@ -57,7 +57,7 @@ def hosted_model(repo_id: str, family: type[ModelAdapter], revision: str | None 
 def check_hostable(spec: str, embedded: tuple[str, ...]) -> None:
     """A clear error when `spec` cannot name a model on NDIF: an embedded model or a local directory (the server
     loads checkpoints by hub id only)."""
-    if spec in embedded or spec == "demo":
+    if spec in embedded:
         raise SinkscopeError(f"--model {spec} is built on this machine, so NDIF cannot serve it: run it here (drop "
                              "--remote) or use --remote local, the serialised dry run of NDIF")
     if Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")):
