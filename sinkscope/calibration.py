@@ -38,12 +38,14 @@ class Calibration:
 
 def calibrate(adapter, batches, *, sink_score: str = "auto", tau: float | None = None,
               sink_dims: list[int] | None = None, start_layer: int = 2, eps: float | None = None,
-              tracer: Tracer | None = None, remote: str | None = None, log=print) -> Calibration:
+              tracer: Tracer | None = None, remote: str | None = None, per_request: int = 1,
+              log=print) -> Calibration:
     """Sink dims (discovered unless pinned) and tau (the one rule, unless given) from `batches`.
 
     batches: a list of processor batches (the calibration samples, already prepared).
     sink_score: auto (`runconfig.resolve_sink_score`), rms or layer. eps: RMS epsilon of phi (default: the
-    model's). Layers before `start_layer` take part in neither the discovery nor the tau rule.
+    model's). Layers before `start_layer` take part in neither the discovery nor the tau rule. per_request: batches
+    traced as one request of a remote run (`Tracer.run_many`).
     """
     tracer = tracer or Tracer(adapter)
     score = resolve_sink_score(sink_score, adapter.hidden_size)
@@ -53,24 +55,31 @@ def calibrate(adapter, batches, *, sink_score: str = "auto", tau: float | None =
     if sink_dims:
         dims = massive.pinned_sink_dims(sink_dims, hidden_size=adapter.hidden_size)
     else:
-        bos = _BosReducer()
-        for batch in batches:
-            tracer.run(batch, [bos], attention=False, remote=remote)
-        dims = massive.discover_sink_dims(bos.states(), start_layer=start_layer, eps=eps)
+        bos = _traced(tracer, batches, _BosReducer, per_request, remote)
+        dims = massive.discover_sink_dims(torch.cat([r.states() for r in bos]), start_layer=start_layer, eps=eps)
     log(f"sink dims: {dims.dims} ({dims.method}): {dims.reason}")
     phis = kinds = None
     if dims.dims and sinks.needs_phi_for_tau(score, adapter.hidden_size, tau):
-        phi_red = _PhiReducer(dims.dims, eps, score)
-        for batch in batches:
-            tracer.run(batch, [phi_red], attention=False, remote=remote)
-        width = max(v.shape[-1] for v in phi_red.values)
-        phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in phi_red.values])
-        kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1) for k in phi_red.kinds])
+        phi_reds = _traced(tracer, batches, lambda: _PhiReducer(dims.dims, eps, score), per_request, remote)
+        values = [v for r in phi_reds for v in r.values]
+        width = max(v.shape[-1] for v in values)
+        phis = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=0.0) for v in values])
+        kinds = torch.cat([torch.nn.functional.pad(k, (0, width - k.shape[-1]), value=-1)
+                           for r in phi_reds for k in r.kinds])
         phis = phis[:, start_layer:] if phis.shape[1] > start_layer else phis
     threshold = sinks.sink_threshold(score, adapter.hidden_size, phis, tau, token_kinds=kinds,
                                      has_dims=bool(dims.dims))
     log(f"tau = {threshold.value:.3g} ({threshold.method}): {threshold.reason}")
     return Calibration(dims, threshold, score, n_samples)
+
+
+def _traced(tracer: Tracer, batches: list, make_reducer, per_request: int, remote) -> list:
+    """One `make_reducer()` per batch, traced over the residual stream (`per_request` batches per remote request)."""
+    reducers = [make_reducer() for _ in batches]
+    for k in range(0, len(batches), per_request):
+        tracer.run_many([(batch, [r], None) for batch, r in zip(batches[k:k + per_request], reducers[k:k + per_request])],
+                        attention=False, remote=remote)
+    return reducers
 
 
 class _BosInTrace:

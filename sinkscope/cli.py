@@ -61,6 +61,8 @@ RUN_OPTIONS_HELP = {
 _REMOTE = typer.Option(None, help="run every trace remotely, reductions inside the trace (only they come back): "
                        "local (nnsight's serialised dry run of NDIF, here), ndif (the NDIF service: --model is "
                        "the hub id of a model it runs; key from NDIF_API_KEY) or an NDIF server's URL")
+_PER_REQUEST = typer.Option(1, help="with --remote: batches sent as one request (an nnsight session: one job in "
+                            "NDIF's queue; the batches' results are written when it returns)")
 
 
 def _flag(name: str) -> str:
@@ -311,6 +313,7 @@ def scan(
     token_stats: str = typer.Option("auto", help="per-token table: all, sinks (BOS, sinks, top image tokens), "
                                     "or auto (all while under ~2M rows)"),
     remote: Optional[str] = _REMOTE,
+    batches_per_request: int = _PER_REQUEST,
 ):
     """Massive activations, sink dimensions, sink tokens and head ratios -> a run folder."""
     run.image_root = image_root
@@ -319,7 +322,7 @@ def scan(
         from sinkscope.analyses.scan import ScanConfig
 
         return _config(ScanConfig, run, opts, score, rho=rho, summ=summ, question=question, token_stats=token_stats,
-                       remote=remote)
+                       remote=remote, batches_per_request=batches_per_request)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.scan:run_scan", question)
 
@@ -382,26 +385,28 @@ def heads(ctx: typer.Context, run: RunConfig, opts: RunOptions,
           rho: float = typer.Option(0.5, help="image-centric head threshold on the visual non-sink ratio"),
           summ: float = typer.Option(0.2, help="minimum image attention for a head to be considered"),
           n_maps: int = typer.Option(2, help="samples whose attention maps are drawn"),
-          remote: Optional[str] = _REMOTE):
+          remote: Optional[str] = _REMOTE, batches_per_request: int = _PER_REQUEST):
     """Heads ranked by attention to visual sinks, attention maps, attention received vs phi (Spearman + CI)."""
 
     def build(score: str):
         from sinkscope.analyses.heads import HeadsConfig
 
-        return _config(HeadsConfig, run, opts, score, rho=rho, summ=summ, n_maps=n_maps, remote=remote)
+        return _config(HeadsConfig, run, opts, score, rho=rho, summ=summ, n_maps=n_maps, remote=remote,
+                       batches_per_request=batches_per_request)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.heads:run_heads")
 
 
 @app.command()
 @run_options("contributions", out="runs/contributions")
-def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions, remote: Optional[str] = _REMOTE):
+def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions, remote: Optional[str] = _REMOTE,
+                  batches_per_request: int = _PER_REQUEST):
     """OV contribution a_ij ||W_O v_j|| of visual sinks against non-sinks, with the ratio's CI."""
 
     def build(score: str):
         from sinkscope.analyses.contributions import ContributionsConfig
 
-        return _config(ContributionsConfig, run, opts, score, remote=remote)
+        return _config(ContributionsConfig, run, opts, score, remote=remote, batches_per_request=batches_per_request)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.contributions:run_contributions")
 
@@ -411,7 +416,7 @@ def contributions(ctx: typer.Context, run: RunConfig, opts: RunOptions, remote: 
 def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
              masks: Optional[str] = typer.Option(None, help="folder with one PNG mask per image (same stem, image "
                                                  "size, 0 = background); default: the demo world's ground truth"),
-             remote: Optional[str] = _REMOTE):
+             remote: Optional[str] = _REMOTE, batches_per_request: int = _PER_REQUEST):
     """Share of visual sinks on background against the base rate: the enrichment and its CI."""
 
     def build(score: str):
@@ -419,7 +424,8 @@ def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
 
         if masks is not None and not Path(masks).is_dir():
             raise SinkscopeError(f"--masks {masks} is not a folder; give a folder with one PNG mask per image")
-        return _config(LocationConfig, run, opts, score, masks=masks, remote=remote)
+        return _config(LocationConfig, run, opts, score, masks=masks, remote=remote,
+                       batches_per_request=batches_per_request)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.location:run_location")
 
@@ -428,13 +434,14 @@ def location(ctx: typer.Context, run: RunConfig, opts: RunOptions,
 @run_options("vit_sinks", out="runs/vit_sinks")
 def vit_sinks(ctx: typer.Context, run: RunConfig, opts: RunOptions,
               norm_ratio: float = typer.Option(3.0, help="high-norm: norm >= this x the image's median token norm"),
-              remote: Optional[str] = _REMOTE):
+              remote: Optional[str] = _REMOTE, batches_per_request: int = _PER_REQUEST):
     """High-norm image tokens from the vision tower, and whether D_sink-based detection finds them."""
 
     def build(score: str):
         from sinkscope.analyses.vit_sinks import VitSinksConfig
 
-        return _config(VitSinksConfig, run, opts, score, norm_ratio=norm_ratio, remote=remote)
+        return _config(VitSinksConfig, run, opts, score, norm_ratio=norm_ratio, remote=remote,
+                       batches_per_request=batches_per_request)
 
     _run_analysis(ctx, run, opts, build, "sinkscope.analyses.vit_sinks:run_vit_sinks")
 

@@ -118,8 +118,9 @@ def now() -> str:
 
 # where and how the model runs, not what is computed: run.json records it, but a run may resume (and its shards
 # merge) under another placement: torchrun gives each rank its own --device cuda:$LOCAL_RANK; a map spreads the layers
-# otherwise; var-eval's --compile fuses the same edit (equal within float rounding, tests/test_var.py)
-PLACEMENT = ("device", "device_map", "max_memory", "compile")
+# otherwise; var-eval's --compile fuses the same edit (equal within float rounding, tests/test_var.py); a remote run's
+# --batches-per-request bundles the same traces into fewer requests (equal tables, tests/test_remote.py)
+PLACEMENT = ("device", "device_map", "max_memory", "compile", "batches_per_request")
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,

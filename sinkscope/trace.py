@@ -16,6 +16,7 @@ they need, so a scan over N samples never holds N samples of attention maps:
     tracer.run(batch, [MyReducer()], layers=[2, 3])   # stream (scans)
     tracer.run(batch, [MyReducer()], remote="local")  # the trace serialised as for NDIF (see RemoteReducer)
     Tracer(models.load_hosted(hub_id)).run(batch, [MyReducer()], remote="ndif")  # run by NDIF
+    tracer.run_many([(batch, [MyReducer()], None) for batch in batches], remote="ndif")  # one request (a session)
 
 Remote runs (`remote="local"`, nnsight's serverless dry run of NDIF: the trace is serialised,
 deserialised with sinkscope's modules hidden, and run here; `remote="ndif"` or a server's URL: the same
@@ -223,6 +224,56 @@ def find_probability_op(attn_envoy) -> tuple[str, str]:
     raise AttentionOpNotFound(f"no softmax in the attention function (ops: {names[:20]}...)")
 
 
+@dataclass
+class _RemotePlan:
+    """What a remote trace reads: the envoys of the requested layers (and their attention modules, sites and output
+    projections) and which tensors; it travels with the request."""
+
+    layers: list
+    residual: bool
+    attention: bool
+    values: bool
+    layer_at: dict
+    attn_at: dict
+    site_at: dict
+    out_proj_at: dict
+
+
+def _read_in_trace(plan: _RemotePlan, parts: list, labels, collected: list, found: list) -> None:
+    """The body of a remote trace (it runs where the model runs): hands each site's input, and each requested layer's
+    residual, value states and probabilities, to the in-trace parts, and appends (part, kind, layer, payload) to
+    `collected`. labels: (attention call, probabilities op), or None to find them at the first layer read (appended
+    to `found`, which travels back with `collected`)."""
+    for name, site in plan.site_at.items():
+        x = site.input
+        for j, part in enumerate(parts):
+            if hasattr(part, "site"):
+                collected.append((j, "site", name, part.site(name, x)))
+    for i in plan.layers:
+        if plan.residual:
+            states = plan.layer_at[i].input
+            for j, part in enumerate(parts):
+                collected.append((j, "residual", i, part.residual(i, states)))
+        if (plan.attention or plan.values) and labels is None:  # first use: after the layer's input, as a local run
+            labels = find_probability_op(plan.attn_at[i])
+            found.extend(labels)
+        if plan.attention or plan.values:
+            call, op = labels
+        if plan.out_proj_at:
+            for part in parts:
+                if getattr(part, "needs_output_weight", False):
+                    part.output_weight(i, plan.out_proj_at[i].weight)
+        if plan.values:
+            v = getattr(plan.attn_at[i].source, call).inputs[0][3]
+            for j, part in enumerate(parts):
+                if hasattr(part, "values"):
+                    collected.append((j, "values", i, part.values(i, v)))
+        if plan.attention:
+            probs = getattr(getattr(plan.attn_at[i].source, call).source, op).output
+            for j, part in enumerate(parts):
+                collected.append((j, "attention", i, part.attention(i, probs)))
+
+
 class Tracer:
     """Streams per-layer tensors of an adapter's model to reducers: in a local run through torch hooks and the
     capture function, in a remote run (or one reading `.source`) through nnsight."""
@@ -294,33 +345,14 @@ class Tracer:
         sites: {name: module} that runs before the decoder layers (e.g. an LMM's projector): its first input is
         handed to the reducers that have a `site(name, tensor)` method, before layer 0's residual, here and remotely.
         """
-        if attention and self.adapter.text_attention != "eager":
-            raise SinkscopeError(
-                f"attention probabilities need eager attention, but the language model uses "
-                f"{self.adapter.text_attention!r}; call adapter.set_text_attention('eager')"
-            )
-        if self.adapter.hosted is not None and not is_server(remote):
-            raise SinkscopeError(f"{self.adapter.name} is served by NDIF and its weights are not in this process: "
-                                 "trace it with remote='ndif' (or the server's URL), or load it here (models.load)")
-        n = self.adapter.num_layers
-        layers = sorted(set(range(n) if layers is None else layers))
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise SinkscopeError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+        layers = self._checked(layers, attention, remote)
+        if remote and return_logits:
+            raise SinkscopeError("a remote trace brings back reductions only, not the logits")
         info = self.batch_info(batch, sample_ids)
         for r in reducers:
             r.begin(info)
         if remote:
-            if return_logits:
-                raise SinkscopeError("a remote trace brings back reductions only, not the logits")
-            # a server places the inputs on its own devices; the dry run runs the model here
-            inputs = (self.adapter.forward_inputs(batch) if is_server(remote) else self.adapter.device_inputs(batch))
-            with _server_errors(remote, self.adapter.name):
-                if values and self._labels is None and layers:
-                    self._locate_remotely(inputs, layers[0], remote)  # the call's inputs come before its inner ops
-                self._run_remote(inputs, reducers, layers, residual, attention, values, remote, sites or {})
-            for r in reducers:
-                r.end()
+            self._remote([(batch, reducers)], layers, residual, attention, values, remote, sites or {})
             return None
         inputs = self.adapter.device_inputs(batch)
         holder: dict = {}
@@ -366,6 +398,60 @@ class Tracer:
         for r in reducers:
             r.end()
         return holder.get("logits")
+
+    def run_many(self, jobs, layers=None, residual: bool = True, attention: bool = True, values: bool = False,
+                 remote: str | None = None, sites: dict | None = None) -> None:
+        """`run` over several batches: jobs = [(batch, reducers, sample_ids or None)], each batch with its own
+        reducers, the options shared. Remotely (`remote` set) the batches travel as one request, an nnsight session
+        of one trace per batch (one job in NDIF's queue instead of one per batch); the reducers receive the same
+        payloads as from one `run` per batch, after the whole request has come back. Here, one `run` per batch."""
+        jobs = list(jobs)
+        every = [id(r) for _, reducers, _ in jobs for r in reducers]
+        if len(set(every)) < len(every):  # begun per batch, its payloads come back after every batch has run
+            raise SinkscopeError("run_many: a reducer appears in more than one batch; give each batch reducers of its "
+                                 "own (or call run once per batch)")
+        if not remote or len(jobs) == 1:
+            for batch, reducers, sample_ids in jobs:
+                self.run(batch, reducers, layers, residual=residual, attention=attention, sample_ids=sample_ids,
+                         values=values, remote=remote, sites=sites)
+            return
+        layers = self._checked(layers, attention, remote)
+        for batch, reducers, sample_ids in jobs:
+            info = self.batch_info(batch, sample_ids)
+            for r in reducers:
+                r.begin(info)
+        self._remote([(batch, reducers) for batch, reducers, _ in jobs], layers, residual, attention, values, remote,
+                     sites or {})
+
+    def _checked(self, layers, attention: bool, remote) -> list[int]:
+        """The requested layers, sorted; errors naming the fix for a model that cannot be traced so."""
+        if attention and self.adapter.text_attention != "eager":
+            raise SinkscopeError(
+                f"attention probabilities need eager attention, but the language model uses "
+                f"{self.adapter.text_attention!r}; call adapter.set_text_attention('eager')"
+            )
+        if self.adapter.hosted is not None and not is_server(remote):
+            raise SinkscopeError(f"{self.adapter.name} is served by NDIF and its weights are not in this process: "
+                                 "trace it with remote='ndif' (or the server's URL), or load it here (models.load)")
+        n = self.adapter.num_layers
+        layers = sorted(set(range(n) if layers is None else layers))
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise SinkscopeError(f"layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+        return layers
+
+    def _remote(self, jobs, layers, residual, attention, values, remote, sites) -> None:
+        """Remote runs of [(batch, reducers)] whose reducers have begun: one request, then each reducer's `end`."""
+        # a server places the inputs on its own devices; the dry run runs the model here
+        prepare = self.adapter.forward_inputs if is_server(remote) else self.adapter.device_inputs
+        jobs = [(prepare(batch), reducers) for batch, reducers in jobs]
+        with _server_errors(remote, self.adapter.name):
+            if values and self._labels is None and layers:
+                self._locate_remotely(jobs[0][0], layers[0], remote)  # the call's inputs come before its inner ops
+            self._run_remote(jobs, layers, residual, attention, values, remote, sites)
+        for _, reducers in jobs:
+            for r in reducers:
+                r.end()
 
     def _site_envoys(self, sites: dict) -> dict:
         """{name: envoy} of the `sites` modules, in the order given (the order they run in)."""
@@ -431,60 +517,50 @@ class Tracer:
             labels = nnsight.save(list(find(attn_envoy)))
         self._labels = (labels[0], labels[1])
 
-    def _run_remote(self, inputs, reducers, layers, residual, attention, values, remote, sites=None) -> None:
-        """The trace body for a remote run: only envoys, op labels, in-trace parts and payloads cross the wire. The
-        first run that reads attention (and not the value states) finds the op labels inside its own trace, where the
-        model runs (a hosted model runs only on the server), and sends them back with the payloads."""
+    def _run_remote(self, jobs, layers, residual, attention, values, remote, sites=None) -> None:
+        """The trace of a remote run of [(inputs, reducers)], one trace per batch (several in one nnsight session, one
+        request): only envoys, op labels, in-trace parts, inputs and payloads cross the wire. The first trace that
+        reads attention (and not the value states) finds the op labels where the model runs (a hosted model runs only
+        on the server) and sends them back with the payloads; a session's later traces use them."""
         import nnsight
 
-        missing = [type(r).__name__ for r in reducers if not (hasattr(r, "in_trace") and hasattr(r, "take"))]
+        missing = sorted({type(r).__name__ for _, reducers in jobs for r in reducers
+                          if not (hasattr(r, "in_trace") and hasattr(r, "take"))})
         if missing:
             raise SinkscopeError(f"{', '.join(missing)} cannot run remotely: a remote trace returns reductions only, "
                                  "and this reducer needs the full tensors (give it in_trace() and take(); see "
                                  "sinkscope.trace.RemoteReducer), or run without --remote")
-        parts = [r.in_trace() for r in reducers]
+        parts_of = [[r.in_trace() for r in reducers] for _, reducers in jobs]
         layer_envoys, attn_envoys = self._envoys_of_layers()
-        layer_at = {i: layer_envoys[i] for i in layers}
-        attn_at = {i: attn_envoys[i] for i in layers}
-        labels, find = self._labels, find_probability_op
-        site_at = self._site_envoys(sites or {})
         # parts that make W_O's grams where the model runs (a hosted model's weights are only there), before values
-        weighing = [j for j, part in enumerate(parts) if values and getattr(part, "needs_output_weight", False)]
-        out_proj_at = {i: envoy_at(attn_at[i], self.adapter.attention(i), self.adapter.output_projection(i),
-                                   f"the attention output projection of layer {i}") for i in layers} if weighing else {}
-        with torch.no_grad(), self.envoy.trace(**inputs, **remote_trace_kwargs(self.envoy, remote)):
-            collected, found = nnsight.save([]), nnsight.save([])
-            for name, site in site_at.items():
-                x = site.input
-                for j, part in enumerate(parts):
-                    if hasattr(part, "site"):
-                        collected.append((j, "site", name, part.site(name, x)))
-            for i in layers:
-                if residual:
-                    states = layer_at[i].input
-                    for j, part in enumerate(parts):
-                        collected.append((j, "residual", i, part.residual(i, states)))
-                if (attention or values) and labels is None:  # first use: after the layer's input, as a local run
-                    labels = find(attn_at[i])
-                    found.extend(labels)
-                if attention or values:
-                    call, op = labels
-                for j in weighing:
-                    parts[j].output_weight(i, out_proj_at[i].weight)
-                if values:
-                    v = getattr(attn_at[i].source, call).inputs[0][3]
-                    for j, part in enumerate(parts):
-                        if hasattr(part, "values"):
-                            collected.append((j, "values", i, part.values(i, v)))
-                if attention:
-                    probs = getattr(getattr(attn_at[i].source, call).source, op).output
-                    for j, part in enumerate(parts):
-                        collected.append((j, "attention", i, part.attention(i, probs)))
+        weighing = values and any(getattr(part, "needs_output_weight", False) for parts in parts_of for part in parts)
+        plan = _RemotePlan(
+            layers=list(layers), residual=residual, attention=attention, values=values,
+            layer_at={i: layer_envoys[i] for i in layers}, attn_at={i: attn_envoys[i] for i in layers},
+            site_at=self._site_envoys(sites or {}),
+            out_proj_at={i: envoy_at(attn_envoys[i], self.adapter.attention(i), self.adapter.output_projection(i),
+                                     f"the attention output projection of layer {i}") for i in layers} if weighing else {})
+        envoy, labels, read = self.envoy, self._labels, _read_in_trace
+        if len(jobs) == 1:
+            with torch.no_grad(), envoy.trace(**jobs[0][0], **remote_trace_kwargs(envoy, remote)):
+                collected, found = nnsight.save([]), nnsight.save([])
+                read(plan, parts_of[0], labels, collected, found)
+            results = [collected]
+        else:
+            with torch.no_grad(), envoy.session(**remote_trace_kwargs(envoy, remote)):
+                results, found = nnsight.save([]), nnsight.save([])
+                for (inputs, _), parts in zip(jobs, parts_of):
+                    known = (found[0], found[1]) if found else labels  # found by the session's first trace
+                    with envoy.trace(**inputs):
+                        collected = []
+                        read(plan, parts, known, collected, found)
+                        results.append(collected)
         if found:
             self._labels = (found[0], found[1])
-        for j, kind, layer, payload in collected:
-            if payload is not None:
-                reducers[j].take(kind, layer, payload)
+        for (_, reducers), collected in zip(jobs, results):
+            for j, kind, layer, payload in collected:
+                if payload is not None:
+                    reducers[j].take(kind, layer, payload)
 
     def run_with_cache(self, batch, layers=None, sample_ids=None) -> ActivationCache:
         """Run once and keep every requested layer's residual and attention."""

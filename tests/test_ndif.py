@@ -47,9 +47,10 @@ def prompts(tmp_path_factory):
     return str(write_prompts(tmp_path_factory.mktemp("data") / "p.jsonl", 4, jsonl=True))
 
 
-def _both(run, cfg_cls, checkpoint, prompts, tmp_path, while_served=None, **own):
+def _both(run, cfg_cls, checkpoint, prompts, tmp_path, while_served=None, there=None, **own):
     """(local run folder, NDIF run folder, requests served): the same analysis of the checkpoint loaded here and
-    of the one the fake service serves (inside `while_served`, a context manager, when given)."""
+    of the one the fake service serves (inside `while_served`, a context manager, when given; `there`: options of
+    the served run only)."""
     from sinkscope.models import load
     from sinkscope.models import load_hosted
 
@@ -61,7 +62,7 @@ def _both(run, cfg_cls, checkpoint, prompts, tmp_path, while_served=None, **own)
     with fake_ndif({REPO: str(checkpoint)}) as served, while_served or contextlib.nullcontext():
         hosted = quiet(load_hosted, str(checkpoint))
         assert {p.device.type for p in hosted.model.parameters()} == {"meta"}  # no weight is held here
-        folders.append(quiet(run, str(tmp_path / "there"), cfg_cls(model=REPO, remote="ndif", **common),
+        folders.append(quiet(run, str(tmp_path / "there"), cfg_cls(model=REPO, remote="ndif", **common, **(there or {})),
                              adapter=hosted, log=lambda m: None, figures=False))
     return folders[0], folders[1], served
 
@@ -73,8 +74,9 @@ def _check_requests(served):
         assert request.model_key.startswith("nnsight.modeling.transformers.TransformersModel:")
         assert key["repo_id"] == REPO and key["task"] == "text-generation"  # the hub id, never the local path
         assert request.env.get("attn_implementation") == "eager"  # the server's model runs eager attention
-        # only the reductions come back, with the op labels once (a run reading value states finds them first)
-        assert set(request.saved) in ({"collected", "found"}, {"labels"})
+        # only the reductions come back, with the op labels once (a run reading value states finds them first);
+        # several batches in one request (a session) bring back one list of reductions per batch
+        assert set(request.saved) in ({"collected", "found"}, {"results", "found"}, {"labels"})
 
 
 def _same(here, there, tables):
@@ -97,6 +99,21 @@ def test_a_scan_over_ndif_equals_the_scan_of_the_same_checkpoint_here(checkpoint
     # first trace that reads attention: they come back with its payloads, not in a request of their own
     assert all("collected" in request.saved for request in served)
     assert sum("found" in request.saved for request in served) >= 1
+
+
+def test_batches_sent_to_ndif_as_one_request_give_the_scan_here(checkpoint, prompts, tmp_path):
+    """--batches-per-request 2: the two batches of each pass (calibration's, the scan's) travel as one nnsight
+    session, one job in the service's queue, and the tables equal those of the scan run here."""
+    from sinkscope.analyses.scan import ScanConfig, run_scan
+
+    here, there, served = _both(run_scan, ScanConfig, checkpoint, prompts, tmp_path, there={"batches_per_request": 2})
+    _check_requests(served)
+    _same(here, there, ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes",
+                        "sink_summary", "dim_profile"))
+    # 4 prompts in batches of 2: one request for each pass over them (the BOS states that find the sink dims, the
+    # scan) where one per batch would be four
+    assert len(served) == 2 and all("results" in request.saved for request in served)
+    assert json.loads((there.path / "run.json").read_text())["params"]["batches_per_request"] == 2
 
 
 def test_heads_over_ndif_equal_the_heads_here(checkpoint, prompts, tmp_path):
@@ -138,9 +155,10 @@ def test_what_cannot_be_sent_to_ndif_is_refused_before_anything_loads(checkpoint
     ScanConfig(model=REPO, remote="https://ndif.example.org").validate()  # a server of one's own
 
 
-def _organism_both(run, cfg_cls, tmp_path):
+def _organism_both(run, cfg_cls, tmp_path, **there):
     """(run folder here, run folder over the NDIF stand-in, requests served): the analysis of the organism (planted
-    visual sinks) loaded here with eager attention throughout, as a request asks of the server, and served."""
+    visual sinks) loaded here with eager attention throughout, as a request asks of the server, and served (`there`:
+    options of the served run only)."""
     from sinkscope.models import load, load_hosted
     from sinkscope.models.registry import embedded_path
 
@@ -153,7 +171,7 @@ def _organism_both(run, cfg_cls, tmp_path):
     with fake_ndif({"org/organism": path}) as served:
         hosted = quiet(load_hosted, path)
         assert {p.device.type for p in hosted.model.parameters()} == {"meta"}
-        there = quiet(run, str(tmp_path / "there"), cfg_cls(model="org/organism", remote="ndif", **common),
+        there = quiet(run, str(tmp_path / "there"), cfg_cls(model="org/organism", remote="ndif", **common, **there),
                       adapter=hosted, log=lambda m: None, figures=False)
     for request in served:
         key = json.loads(request.model_key.split(":", 1)[1])
@@ -171,6 +189,18 @@ def test_a_scan_of_an_lmm_over_ndif_finds_the_planted_visual_sinks_as_here(organ
     _same(local, there, ("sink_tokens", "token_stats", "head_scores", "massive_activations", "layer_magnitudes",
                          "sink_summary", "dim_profile"))
     assert pd.read_csv(there.path / "sink_tokens.csv")["token_kind"].eq("visual").any()  # the planted visual sinks
+
+
+def test_batches_of_an_lmm_sent_to_ndif_as_one_request_give_the_contributions_here(organism_adapter, tmp_path):
+    """The analysis' two batches of images in one session (up to three allowed): the op labels are found before it
+    (the run reads value states), W_O's grams are made in each of its traces, and the per-sample contributions equal
+    those computed here."""
+    from sinkscope.analyses.contributions import ContributionsConfig, run_contributions
+
+    local, there, served = _organism_both(run_contributions, ContributionsConfig, tmp_path, batches_per_request=3)
+    _same(local, there, ("contributions_per_sample", "contributions", "contribution_heads"))
+    # calibration's one batch, the labels' own trace, the two batches of the analysis in one session
+    assert [sorted(request.saved) for request in served] == [["collected", "found"], ["labels"], ["found", "results"]]
 
 
 def test_vit_sinks_of_an_lmm_over_ndif_read_the_projector_input_on_the_server(organism_adapter, tmp_path):

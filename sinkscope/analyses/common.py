@@ -38,6 +38,7 @@ class AnalysisConfig(RunConfig):
     question: str = "describe the image ."
     n_boot: int = 1000
     remote: str | None = None  # traces through "local" (nnsight's serialised dry run of NDIF), "ndif" or a server URL
+    batches_per_request: int = 1  # with remote: batches sent as one request (an nnsight session: one NDIF job)
     shard: str | None = None  # "i/n": only the samples whose index modulo n is i (merge with `sinkscope merge`)
 
     def validate(self) -> None:
@@ -47,6 +48,11 @@ class AnalysisConfig(RunConfig):
         if self.start_layer < 0:
             raise SinkscopeError(f"--start-layer must be >= 0; got {self.start_layer}")
         check_remote(self.remote)  # local, ndif or a server URL
+        if self.batches_per_request < 1:
+            raise SinkscopeError(f"--batches-per-request must be >= 1; got {self.batches_per_request}")
+        if self.batches_per_request > 1 and not self.remote:
+            raise SinkscopeError("--batches-per-request bundles remote traces into one request; it needs --remote "
+                                 "(ndif, a server's URL or local), or leave it at 1")
         parse_shard(self.shard, {})  # a bad --shard names the fix before the model loads
 
 
@@ -103,6 +109,7 @@ def calibrate_samples(adapter: ModelAdapter, samples: list[Sample], cfg: RunConf
             chunks.append(batch)
     return calibrate(adapter, chunks, sink_score=cfg.sink_score, tau=cfg.tau, sink_dims=cfg.sink_dims,
                      start_layer=getattr(cfg, "start_layer", 2), tracer=tracer, remote=getattr(cfg, "remote", None),
+                     per_request=getattr(cfg, "batches_per_request", 1),
                      log=log)
 
 
@@ -501,15 +508,19 @@ def fmt_ci(value: float, low: float, high: float, digits: int = 3) -> str:
 
 # ----------------------------------------------------------------------------- the per-chunk loop, yes/no answers
 
-def traced_chunks(s: Setup, batch_size: int, name: str, make_reducer: Callable[[], object], **trace_kw):
+def traced_chunks(s: Setup, batch_size: int, name: str, make_reducer: Callable[[], object], per_request: int = 1,
+                  **trace_kw):
     """The loop of an analysis that traces one reducer per chunk: for each chunk of `s.todo` (progress bar `name`), a
     fresh `make_reducer()` traced over the chunk's batch (`trace_kw`: Tracer.run's options), yielded as
-    (chunk, reducer) for the caller to store its rows; the chunk is marked done when the caller asks for the next."""
-    for chunk in progress(s.todo, batch_size, name):
-        red = make_reducer()
-        s.tracer.run(prepare_batch(s.adapter, chunk), [red], sample_ids=[x.sample_id for x in chunk], **trace_kw)
-        yield chunk, red
-        s.folder.mark_done([x.sample_id for x in chunk])
+    (chunk, reducer) for the caller to store its rows; the chunk is marked done when the caller asks for the next.
+    per_request: chunks traced together (`Tracer.run_many`: one request of a remote run), then yielded in order."""
+    for group in progress(s.todo, batch_size * per_request, name):
+        chunks = list(batches(group, batch_size))  # the same chunks as without grouping
+        jobs = [(prepare_batch(s.adapter, c), [make_reducer()], [x.sample_id for x in c]) for c in chunks]
+        s.tracer.run_many(jobs, **trace_kw)
+        for chunk, (_, (red,), _) in zip(chunks, jobs):
+            yield chunk, red
+            s.folder.mark_done([x.sample_id for x in chunk])
 
 
 def yes_no_labels(samples: list[Sample], what: str) -> dict[str, str]:

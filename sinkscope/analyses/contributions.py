@@ -195,7 +195,7 @@ def run_contributions(out: str, cfg: ContributionsConfig, adapter=None, resume: 
     grams = None if adapter.hosted is not None else output_grams(adapter, host=bool(cfg.remote))
     for _, red in traced_chunks(s, cfg.batch_size, "contributions", lambda: ContributionReducer(
             s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, grams, adapter.num_heads), values=True,
-            remote=cfg.remote):
+            remote=cfg.remote, per_request=cfg.batches_per_request):
         if red.rows:
             s.folder.append_rows("contributions_per_sample", pd.concat(red.rows, ignore_index=True))
     return summarize_contributions(s.folder, cfg, figures)

@@ -284,7 +284,7 @@ def run_heads(out: str, cfg: HeadsConfig, adapter=None, resume: bool = True, log
     map_ids = {x.sample_id for x in s.samples[: cfg.n_maps]}
     for _, red in traced_chunks(s, cfg.batch_size, "heads", lambda: HeadsReducer(
             s.dims.dims, s.tau.value, adapter.rms_norm_eps, cfg.sink_score, cfg, map_ids, adapter.token_strings),
-            remote=cfg.remote):
+            remote=cfg.remote, per_request=cfg.batches_per_request):
         for table, rows in (("head_scores_per_sample", red.head_rows), ("token_attention", red.token_rows),
                             ("attention_maps", red.map_rows)):
             if rows:

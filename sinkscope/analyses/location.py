@@ -159,7 +159,7 @@ def run_location(out: str, cfg: LocationConfig, adapter=None, resume: bool = Tru
     skipped = skip_records(s.folder.meta.get("skipped"))  # the data's own skips (setup), then the location's
     for _, red in traced_chunks(s, cfg.batch_size, "location", lambda: LocationReducer(
             s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, backgrounds, cfg.min_object_coverage),
-            attention=False, remote=cfg.remote):
+            attention=False, remote=cfg.remote, per_request=cfg.batches_per_request):
         s.folder.append_rows("location_per_sample", pd.DataFrame(
             red.rows, columns=["sample", "layer", "n_visual", "n_background", "n_sinks", "n_sinks_background"]))
         seen = {r["sample"] for r in skipped}

@@ -690,24 +690,32 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     # One batch in flight: its forward is queued on the device while the host writes the previous batch's tables
     # (on a CPU nothing is queued and this is the plain order). An error writes what was traced before it.
     pending: tuple[ScanReducer, list[Sample], int] | None = None
+    n = 0  # batches prepared
     try:
-        for n, chunk in enumerate(progress(todo, cfg.batch_size, "scan")):
-            n_skipped = len(skipped)
-            batch, chunk = prepare_readable(adapter, chunk, skipped)
-            if len(skipped) > n_skipped:
-                for s in skipped[n_skipped:]:
-                    log(f"skipped sample {s['sample']}: {s['reason']}")
-                folder.update_meta(skipped=skipped, n_samples=len(samples) - (len(skipped) - n_load_skipped))
-            if not chunk:
-                continue
-            reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
-                                  want_profile=(not done and n == 0), token_strings=adapter.token_strings,
-                                  score=cfg.sink_score, tables_later=True)
-            tracer.run(batch, [reducer], sample_ids=[s.sample_id for s in chunk], remote=cfg.remote)
-            if pending is not None:
-                traced, pending = pending, None  # taken first: a failing write is not retried below
-                write(*traced)
-            pending = (reducer, chunk, n)
+        # a remote run sends --batches-per-request batches as one request; their tables follow in order
+        for group in progress(todo, cfg.batch_size * cfg.batches_per_request, "scan"):
+            traced = []
+            for chunk in batches(group, cfg.batch_size):
+                n_skipped = len(skipped)
+                batch, chunk = prepare_readable(adapter, chunk, skipped)
+                if len(skipped) > n_skipped:
+                    for s in skipped[n_skipped:]:
+                        log(f"skipped sample {s['sample']}: {s['reason']}")
+                    folder.update_meta(skipped=skipped, n_samples=len(samples) - (len(skipped) - n_load_skipped))
+                n += 1
+                if not chunk:
+                    continue
+                reducer = ScanReducer(dims.dims, tau.value, cfg.top_k, cfg.rho, cfg.summ, adapter.rms_norm_eps, chunk,
+                                      want_profile=(not done and n == 1), token_strings=adapter.token_strings,
+                                      score=cfg.sink_score, tables_later=True)
+                traced.append((batch, reducer, chunk, n - 1))
+            tracer.run_many([(batch, [reducer], [s.sample_id for s in chunk]) for batch, reducer, chunk, _ in traced],
+                            remote=cfg.remote)
+            for _, reducer, chunk, k in traced:
+                if pending is not None:
+                    written, pending = pending, None  # taken first: a failing write is not retried below
+                    write(*written)
+                pending = (reducer, chunk, k)
     finally:
         if pending is not None:
             write(*pending)

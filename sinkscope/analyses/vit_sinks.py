@@ -123,7 +123,8 @@ def run_vit_sinks(out: str, cfg: VitSinksConfig, adapter=None, resume: bool = Tr
     projector = _projector(s.adapter)  # its input: the vision features, one per image token in LLaVA-style families
     for _, red in traced_chunks(s, cfg.batch_size, "vit_sinks", lambda: VitReducer(
             s.dims.dims, s.tau.value, s.adapter.rms_norm_eps, cfg.sink_score, cfg), attention=False,
-            remote=cfg.remote, sites={"vit": projector} if projector is not None else None):
+            remote=cfg.remote, per_request=cfg.batches_per_request,
+            sites={"vit": projector} if projector is not None else None):
         s.folder.append_rows("vit_tokens", red.rows)
     return summarize_vit(s.folder, cfg, figures)
 
