@@ -68,15 +68,16 @@ if not HAVE_GPU:
 # ## A model NDIF runs (`remote="ndif"`)
 #
 # Without a GPU at all: NDIF runs the model, sinkscope builds it here on the meta device (no weights) and sends each
-# batch's trace there; only the reductions come back. Needs an NDIF API key (`nnsight login` or `NDIF_API_KEY`) and a
-# model NDIF is running (`nnsight.status()` lists them). Analyses that edit attention (VAR, ablations) cannot run
-# there: their edits must sit in the process that runs the model.
+# batch's trace there (`batches_per_request=N` sends N batches as one job); only the reductions come back. Needs an
+# NDIF API key (`nnsight login` or `NDIF_API_KEY`) and a model NDIF is running (`nnsight.status()` lists them).
+# Analyses that edit attention (VAR, ablations) cannot run there: their edits must sit in the process that runs the
+# model.
 
 # %%
 if os.environ.get("NDIF_API_KEY"):
     try:
         ndif_run = sinkscope.scan(tempfile.mkdtemp(prefix="ndif_scan_"), model=HUB_ID, remote="ndif", limit=8,
-                                  batch_size=8, calibration=8)
+                                  batch_size=4, batches_per_request=2, calibration=8)
         print("scanned on NDIF:", ndif_run.path / "index.md")
     except SinkscopeError as err:
         print(f"could not scan {HUB_ID} on NDIF: {err}")
