@@ -136,10 +136,9 @@ def summarize_vit(folder: RunFolder, cfg: VitSinksConfig, figures: bool = True) 
     rows, dims = [], []
     for site, g in (tokens.groupby("site") if len(tokens) else []):
         high = g[g["high_norm"].astype(bool)]
-        per = g.groupby("sample").apply(lambda t: pd.Series({
-            "high": int(t["high_norm"].sum()), "found": int((t["high_norm"] & t["lm_visual_sink"]).sum()),
-            "sinks": int(t["lm_visual_sink"].sum())}), include_groups=False)
-        arr = per.to_numpy()
+        high_norm, sink = g["high_norm"].astype(bool), g["lm_visual_sink"].astype(bool)
+        per = pd.DataFrame({"sample": g["sample"], "high": high_norm, "found": high_norm & sink, "sinks": sink})
+        arr = per.groupby("sample")[["high", "found", "sinks"]].sum().to_numpy()  # [sample, 3] counts
         share = arr[:, 1].sum() / arr[:, 0].sum() if arr[:, 0].sum() else math.nan
         lo, hi = (cluster_bootstrap(len(arr), lambda i: arr[i, 1].sum() / arr[i, 0].sum() if arr[i, 0].sum() else np.nan,
                                     cfg.n_boot, cfg.seed) if arr[:, 0].sum() else (math.nan, math.nan))
