@@ -17,7 +17,8 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_TESTS ?= tests/test_adapters.py tests/test_trace.py tests/test_interventions_attention.py \
 	tests/test_transformers_compat.py tests/test_knockout.py tests/test_var.py tests/test_patching.py \
 	tests/test_inject.py tests/test_scan.py tests/test_embedded_models.py tests/test_smolvlm.py \
-	tests/test_runfolder.py tests/test_scan_tables.py tests/test_reducer_tables.py tests/test_by_class.py
+	tests/test_runfolder.py tests/test_scan_tables.py tests/test_reducer_tables.py tests/test_by_class.py \
+	tests/test_remote.py tests/test_ndif.py
 
 .PHONY: setup report demo test test-oldest clean-venv
 
