@@ -1,6 +1,7 @@
 """Host time of the scan's per-sample tables at LLaVA-1.5-7B shape: the work after a forward that no GPU does.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scan_tables.py [--layers 32] [--heads 32] [--repeats 15] [--head-tables]
+        [--image-size 336] [--text-tokens 64]
 
 A 7B forward takes ~30 ms on an H200 at batch 1 (benchmarks/results/h200-2026-12-04); the scan then turns its
 reductions into rows: one per (layer, sample, real token), 20,480 per LLaVA sample, and appends them to its
@@ -17,7 +18,8 @@ minimum over `--repeats`:
     `RunFolder.append_rows` uses) and, for the ratio, by pandas' `to_csv`.
 Token strings are made by a cheap stand-in, not a tokenizer's decode. `--head-tables` also times the head analysis'
 tables (`HeadsReducer.take` of every layer's kept payload, then `end`) for a sample without and with its
-attention maps (the first `--n-maps` samples of a run keep them: 33 x 4 x 576 rows per layer).
+attention maps (the first `--n-maps` samples of a run keep them: 33 x 4 x 576 rows per layer). A small prompt
+(`--image-size 56 --text-tokens 14`: 16 image tokens, 30 in all) leaves what a batch costs whatever its prompt.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(n_layers: int, n_heads: int, text_tokens: int):
+def build(n_layers: int, n_heads: int, text_tokens: int, image_size: int = 336):
     """(adapter, batch): a random LLaVA-1.5-shaped model (336 px, patch 14: 576 image tokens) at width 64."""
     from host_bound_scan import build as tiny_llava
 
-    return tiny_llava(n_layers, n_heads, image_size=336, text_tokens=text_tokens, name="scan-tables")
+    return tiny_llava(n_layers, n_heads, image_size=image_size, text_tokens=text_tokens, name="scan-tables")
 
 
 def token_strings(input_ids: torch.Tensor) -> list[list[str]]:
@@ -48,7 +50,9 @@ def token_strings(input_ids: torch.Tensor) -> list[list[str]]:
 
 class _Sample:
     sample_id = "s0"
-    meta = {"background_patches": [i % 3 == 0 for i in range(576)]}  # as the demo world marks them
+
+    def __init__(self, n_image: int = 576):
+        self.meta = {"background_patches": [i % 3 == 0 for i in range(n_image)]}  # as the demo world marks them
 
 
 def main(argv=None) -> None:
@@ -60,13 +64,15 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=336, help="pixels (patch 14): 336 = LLaVA-1.5's 576 tokens")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--head-tables", action="store_true", help="also time the head analysis' tables")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    adapter, batch = build(args.layers, args.heads, args.text_tokens)
-    samples = [_Sample()]
+    adapter, batch = build(args.layers, args.heads, args.text_tokens, args.image_size)
+    n_image = (args.image_size // 14) ** 2
+    samples = [_Sample(n_image)]
 
     class Keep(ScanReducer):
         def end(self):  # keep the reductions the trace left, make the tables later
@@ -128,7 +134,9 @@ def main(argv=None) -> None:
                 times[name].append(time.perf_counter() - start)
     best = {name: min(t) * 1e3 for name, t in times.items()}
     n_rows = len(written["all"]["token_stats"])
-    print(f"scan tables per sample: LLaVA-1.5 shape ({batch['input_ids'].shape[1]} tokens, 576 image; {args.layers} "
+    shape = "LLaVA-1.5 shape" if n_image == 576 else "small prompt"
+    print(f"scan tables per sample (a batch of 1): {shape} ({batch['input_ids'].shape[1]} tokens, {n_image} image; "
+          f"{args.layers} "
           f"layers of {args.heads} heads; {n_rows} token rows), 1 thread, torch {torch.__version__}; minimum of "
           f"{args.repeats} runs, steps taking turns")
     for name, ms in best.items():
