@@ -24,8 +24,9 @@ from typing import Callable, Iterator, NoReturn, Optional
 import typer
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.launcher import parse_shard, shard_folder
 from sinkscope.runconfig import (CLI_FIELDS, INDEX_EXAMPLES, RunConfig, analysis_default, check_data, check_out,
-                                 parse_floats, parse_ints, parse_shard, resolve_sink_score)
+                                 parse_floats, parse_ints, resolve_sink_score)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Visual attention sinks in large multimodal models: scan, ablate, redistribute.")
@@ -52,11 +53,11 @@ class RunOptions:
 
 # --help of RunOptions' options; RunConfig's come from runconfig.CLI_FIELDS
 RUN_OPTIONS_HELP = {
-    "out": "run folder to write (resumed if it exists)",
+    "out": "run folder to write (resumed if it exists); {shard} in it becomes the shard, i-of-n",
     "n_boot": "bootstrap resamples for CIs",
     "resume": "resume an interrupted run in --out",
-    "shard": "i/n: only the samples whose index modulo n is i (default: from SLURM_ARRAY_TASK_ID/COUNT or "
-             "RANK/WORLD_SIZE when set); merge with `sinkscope merge`",
+    "shard": "i/n: only the samples whose index modulo n is i (default: from SLURM_ARRAY_TASK_ID/COUNT, "
+             "torchrun's RANK/WORLD_SIZE, or both, when set); merge with `sinkscope merge`",
 }
 _REMOTE = typer.Option(None, help="run every trace remotely, reductions inside the trace (only they come back): "
                        "local (nnsight's serialised dry run of NDIF, here), ndif (the NDIF service: --model is "
@@ -239,7 +240,7 @@ def _config(cls, run: RunConfig, opts: RunOptions, sink_score: str, **own):
 def _run_analysis(ctx: typer.Context, run: RunConfig, opts: RunOptions, build: Callable[[str], object],
                   runner: str, question: str = "describe the image .") -> None:
     """Validate (options, --out, data), then load the model, resolve the sink score, run `runner`."""
-    out = opts.out
+    out = shard_folder(opts.out, _shard(opts.shard))  # --out runs/scan/{shard}: each worker its own folder
     with _one_line_errors(ctx, out):
         run.validate()
         check_out(out)
@@ -249,6 +250,9 @@ def _run_analysis(ctx: typer.Context, run: RunConfig, opts: RunOptions, build: C
                 setattr(cfg, name, getattr(run, name))
         cfg.validate()  # the analysis' own options
         _check_samples(run, question)
+        from sinkscope.runfolder import check_not_in_use
+
+        check_not_in_use(out)  # a folder another process is writing fails before the model loads
         adapter = _load(cfg)  # the analysis config: its placement, and --remote (a model NDIF serves loads as such)
         cfg.sink_score = resolve_sink_score(run.sink_score, adapter.hidden_size)
         module, function = runner.split(":")

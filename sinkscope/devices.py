@@ -1,6 +1,7 @@
 """--device and --dtype: parsed and checked in one place, with errors that name the fix.
 
     resolve_device("cuda")            -> "cuda", or SinkscopeError when this machine has no CUDA
+                                         ("cuda:LOCAL_RANK" in a worker torchrun started on a node of several GPUs)
     resolve_dtype("bf16", "cuda")     -> torch.bfloat16, or SinkscopeError when the device cannot run it
 
 `models.registry.load` calls both, so the CLI, the Python API and the notebooks fail the same way.
@@ -13,6 +14,7 @@ import re
 import torch
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.launcher import launched_worker
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -26,8 +28,12 @@ _CUDA_FIX = ("use --device cpu, or install a CUDA build of torch into .venv (`ma
              "machine with an NVIDIA GPU")
 
 
-def resolve_device(device) -> str | None:
-    """A checked device string ("cpu", "cuda:0", ...), or None (leave the model where it loads: the CPU)."""
+def resolve_device(device, environ: dict | None = None) -> str | None:
+    """A checked device string ("cpu", "cuda:0", ...), or None (leave the model where it loads: the CPU).
+
+    "cuda" without an index, in one of several workers torchrun or accelerate started (LOCAL_RANK; environ:
+    os.environ unless given) on a machine with several GPUs, is the worker's own GPU, cuda:LOCAL_RANK: one command
+    line then places each worker on its GPU instead of all of them on cuda:0."""
     if device is None or device == "" or device == "auto":
         return None
     if isinstance(device, torch.device):
@@ -50,11 +56,27 @@ def resolve_device(device) -> str | None:
         if index is not None and int(index) >= n:
             raise SinkscopeError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1}); "
                                  "pick one of those")
+        if index is None:
+            return worker_gpu(n, environ) or spec
         return spec
     mps = getattr(torch.backends, "mps", None)
     if mps is None or not mps.is_available():
         raise SinkscopeError(f"--device {device}: Apple's MPS backend is not available on this machine; use --device cpu")
     return spec
+
+
+def worker_gpu(n_gpus: int, environ: dict | None = None) -> str | None:
+    """cuda:LOCAL_RANK for one of several workers torchrun or accelerate started, where the machine shows it more
+    than one GPU (one GPU shown: the workers share it, or the launcher gave each its own), else None."""
+    worker = launched_worker(environ)
+    if worker is None or worker[2] is None or n_gpus <= 1:
+        return None
+    local = worker[2]
+    if local >= n_gpus:
+        raise SinkscopeError(f"--device cuda: this worker's LOCAL_RANK is {local}, but the machine has {n_gpus} CUDA "
+                             f"devices; start at most {n_gpus} workers per machine (torchrun --nproc-per-node "
+                             f"{n_gpus}), or give each its device (--device cuda:N)")
+    return f"cuda:{local}"
 
 
 def resolve_dtype(dtype, device: str | None = None) -> torch.dtype | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # (layer name, the modules and packages in it, relative to `sinkscope`)
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("kinds", "errors", "devices", "runconfig", "runfolder", "layers")),
+    ("base", ("kinds", "errors", "devices", "launcher", "runconfig", "runfolder", "layers")),
     ("measures", ("measures",)),
     ("world", ("world",)),
     ("models", ("models",)),

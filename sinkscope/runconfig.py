@@ -234,29 +234,6 @@ def _check_indices(option: str, values, what: str, example: str) -> None:
         raise SinkscopeError(f"{option} lists a value twice ({values}); give each of the {what} once")
 
 
-def parse_shard(text: str | None, environ: dict | None = None) -> tuple[int, int] | None:
-    """(i, n) of a sharded run: --shard i/n, else a SLURM array (SLURM_ARRAY_TASK_ID minus
-    SLURM_ARRAY_TASK_MIN, of SLURM_ARRAY_TASK_COUNT), else torchrun / accelerate (RANK of WORLD_SIZE > 1),
-    else None (the whole data). A shard keeps the samples whose index modulo n is i."""
-    env = os.environ if environ is None else environ
-    if text is None or not str(text).strip():
-        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            n = int(env["SLURM_ARRAY_TASK_COUNT"])
-            what = "SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT"
-        elif int(env.get("WORLD_SIZE", 1)) > 1 and "RANK" in env:
-            i, n, what = int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK / WORLD_SIZE"
-        else:
-            return None
-        if not 0 <= i < n:
-            raise SinkscopeError(f"{what} give shard {i} of {n}: the shard must be in 0..{n - 1}")
-        return i, n
-    i, sep, n = str(text).strip().partition("/")
-    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
-        raise SinkscopeError(f"--shard {text!r}: give i/n with 0 <= i < n (e.g. 0/4 for the first of four shards)")
-    return int(i), int(n)
-
-
 def sample_seed(seed: int, *keys) -> int:
     """A seed that depends on (seed, keys) only, e.g. (run seed, sample index): random draws made per sample
     with it are the same whichever shard or batch the sample runs in."""

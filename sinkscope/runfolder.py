@@ -4,7 +4,9 @@ Per-sample rows are appended to ``<table>.csv`` as each sample finishes, and the
 is appended to ``samples_done.txt`` only after all its rows are written. On resume, rows of
 samples that are not in the done list (an interrupted sample) are dropped, and finished
 samples are skipped. Shards of one evaluation written to separate folders merge with
-`sinkscope merge` (analyses/merge.py) since every row carries its sample id.
+`sinkscope merge` (analyses/merge.py) since every row carries its sample id. One process writes a
+folder at a time: a second one is refused with the first one's pid, host and command (`.sinkscope.lock`,
+a POSIX record lock the system releases when the holder ends, however it ends).
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import io
 import json
 import os
 import platform
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.launcher import shard_folder
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -117,10 +122,73 @@ def now() -> str:
 
 
 # where and how the model runs, not what is computed: run.json records it, but a run may resume (and its shards
-# merge) under another placement: torchrun gives each rank its own --device cuda:$LOCAL_RANK; a map spreads the layers
+# merge) under another placement: each torchrun worker runs on its own GPU (cuda:LOCAL_RANK); a map spreads the layers
 # otherwise; var-eval's --compile fuses the same edit (equal within float rounding, tests/test_var.py); a remote run's
 # --batches-per-request bundles the same traces into fewer requests (equal tables, tests/test_remote.py)
 PLACEMENT = ("device", "device_map", "max_memory", "compile", "batches_per_request")
+
+
+LOCK_NAME = ".sinkscope.lock"  # in a run folder: held by the process writing it
+
+
+def _holder(path: Path) -> str:
+    """Who holds `path`'s lock, in words, from what the holder wrote into the lock file."""
+    try:
+        who = json.loads((path / LOCK_NAME).read_text())
+        return f"pid {who['pid']} on {who['host']} since {who['started']}: {who['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid not yet written"
+
+
+def _in_use(path: Path) -> SinkscopeError:
+    return SinkscopeError(f"{path} is being written by another process ({_holder(path)}); two processes writing one "
+                          "run folder would mix their rows. Let it finish (the same command then resumes or finds the "
+                          "run done), or give this run its own --out; workers started by one command line (torchrun, "
+                          "accelerate launch, a SLURM array) each get their own with --out 'runs/NAME/{shard}', "
+                          "merged by `sinkscope merge runs/NAME/* --out runs/NAME-all`")
+
+
+def lock_folder(path: Path):
+    """Take `path`'s write lock for this process: the open lock file (keep it: closing it releases the lock), or
+    None where the file system has no locks (or the platform no fcntl). Raises SinkscopeError, naming the holder,
+    when another process holds it. A POSIX record lock: the system drops it when its process ends, crashed or
+    killed, so an interrupted run leaves nothing stale; within one process a second lock on the folder succeeds."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    f = open(path / LOCK_NAME, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+        f.close()
+        raise _in_use(path) from None
+    except OSError:  # ENOLCK, ENOSYS...: a file system without locks; run unguarded, as before locks existed
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now(),
+                        "command": " ".join(sys.argv)}))
+    f.flush()
+    return f
+
+
+def check_not_in_use(path: str | Path) -> None:
+    """Raise SinkscopeError when another process holds `path`'s write lock (cheap: commands call it before loading a
+    model; the lock `RunFolder` takes is what guards the folder)."""
+    path = Path(path)
+    if not (path / LOCK_NAME).is_file():
+        return
+    try:
+        import fcntl
+
+        with open(path / LOCK_NAME, "a") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_UN)
+    except (BlockingIOError, PermissionError):
+        raise _in_use(path) from None
+    except (ImportError, OSError):
+        return
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,
@@ -128,7 +196,9 @@ def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool 
     """Raise when `path` holds a run of another analysis or with other parameters (limit and the device map aside)
     and would be resumed; cheap, so commands call it before loading a model. unresolved: parameters not known yet
     (e.g. a sink score 'auto' resolved once the model is loaded), left out of the comparison."""
-    run_json = Path(path) / "run.json"
+    path = Path(shard_folder(path, params.get("shard")))  # "runs/scan/{shard}" -> this shard's folder
+    check_not_in_use(path)
+    run_json = path / "run.json"
     if not resume or not run_json.exists():
         return
     try:
@@ -153,12 +223,13 @@ class RunFolder:
 
     def __init__(self, path: str | Path, analysis: str, params: dict, resume: bool = True,
                  fingerprint: str | None = None):
-        self.path = Path(path)
+        self.path = Path(shard_folder(path, params.get("shard")))  # "{shard}" in --out: this shard's own folder
         self.analysis = analysis
         run_json = self.path / "run.json"
         if self.path.exists() and not self.path.is_dir():
             raise SinkscopeError(f"--out {self.path} is a file; give a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_folder(self.path)  # before anything is read or written: one writer at a time
         self.meta: dict = {}
         resuming = run_json.exists() and resume
         if resuming:
@@ -171,7 +242,7 @@ class RunFolder:
                                      "to start over")
         elif run_json.exists() and not resume:
             for f in self.path.iterdir():
-                if f.is_file():
+                if f.is_file() and f.name != LOCK_NAME:
                     f.unlink()
         self.meta.setdefault("analysis", analysis)
         self.meta["params"] = _jsonable(params)
@@ -195,9 +266,17 @@ class RunFolder:
         self.write_meta()
 
     def finish(self, **fields) -> None:
+        """Record the run as finished and let other processes write the folder again."""
         self.meta.update(fields)
         self.meta["finished"] = now()
         self.write_meta()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the folder's write lock (also done by `finish`, and by the system when this process ends)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- per-sample appends -------------------------------------------------------------
     def done_samples(self) -> set[str]:

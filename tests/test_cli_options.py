@@ -82,6 +82,24 @@ def test_resolve_device_and_dtype():
         devices.resolve_dtype("float16", "meta")
 
 
+def test_a_worker_of_torchrun_takes_its_own_gpu(monkeypatch):
+    """--device cuda in one of several workers torchrun started is cuda:LOCAL_RANK where the machine shows several
+    GPUs (CUDA's count is stood in for: these machines have none); an explicit index, one GPU shown, or a process not
+    launched as a worker keep what was asked; more workers than GPUs name the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    worker = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}  # two nodes of four
+    assert devices.resolve_device("cuda", worker) == "cuda:1"
+    assert devices.resolve_device("cuda:3", worker) == "cuda:3"
+    assert devices.resolve_device("cuda", {}) == "cuda"
+    assert devices.resolve_device("cuda", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}) == "cuda"
+    assert devices.resolve_device("cpu", worker) == "cpu"
+    with pytest.raises(SinkscopeError, match=r"LOCAL_RANK is 4, but the machine has 4 CUDA devices.*--nproc-per-node 4"):
+        devices.resolve_device("cuda", {**worker, "LOCAL_RANK": "4"})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher gave each worker one GPU
+    assert devices.resolve_device("cuda", worker) == "cuda"
+
+
 def test_load_rejects_bad_device_from_python():
     import sinkscope
 

@@ -1,4 +1,5 @@
-"""Per-sample rows written by Arrow's CSV writer read back as pandas' own writer's rows do."""
+"""Run folders: per-sample rows written by Arrow's CSV writer read back as pandas' own writer's rows do; one process
+writes a folder at a time."""
 
 from __future__ import annotations
 
@@ -102,3 +103,94 @@ def test_half_precision_columns_read_back_to_their_values(tmp_path):
     got = _read(tmp_path / "run" / "t.csv")
     assert got["h"].to_numpy().astype(np.float16).tobytes() == values.tobytes()
     assert got["sample"].tolist() == ["a", "b", "c", "d"]
+
+
+_HOLD = """
+import sys, time
+from sinkscope.runfolder import RunFolder
+folder = RunFolder(sys.argv[1], "scan", {"shard": None})
+folder.append_rows("token_stats", __import__("pandas").DataFrame({"sample": ["a"], "phi": [1.0]}))
+folder.mark_done(["a"])
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+if sys.argv[3] == "finish":
+    folder.finish()
+    print("finished", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(path, seconds: float, then: str):
+    """A process holding `path` open as a RunFolder (`then` = finish: it finishes after `seconds`, then lingers)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), str(seconds), then], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_process_cannot_write_a_folder_another_is_writing(tmp_path):
+    """Workers started by one command line with one --out would mix their rows in it: the second is refused, naming
+    the first (pid, command) and the fix, and the folder is left as the first wrote it. The lock is the system's: it
+    goes with its process, killed or not, and the run then resumes; a finished run lets go of it at once."""
+    import signal
+
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.runfolder import LOCK_NAME, check_not_in_use, check_resumable
+
+    path = tmp_path / "run"
+    proc = _holder(path, 120, "hold")
+    try:
+        before = (path / "token_stats.csv").read_bytes()
+        for attempt in (lambda: RunFolder(path, "scan", {"shard": None}),
+                        lambda: RunFolder(path, "scan", {"shard": None}, resume=False),  # nor would it start over
+                        lambda: check_not_in_use(path),
+                        lambda: check_resumable(path, "scan", {"shard": None})):  # what commands check before loading
+            with pytest.raises(SinkscopeError, match=rf"being written by another process \(pid {proc.pid} on "
+                                                     r".*--out 'runs/NAME/\{shard\}'"):
+                attempt()
+        assert (path / "token_stats.csv").read_bytes() == before and (path / "samples_done.txt").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no clean-up of its own: the system drops its lock
+        proc.wait()
+    folder = RunFolder(path, "scan", {"shard": None})  # resumes what the killed process finished
+    assert folder.done_samples() == {"a"} and (path / LOCK_NAME).is_file()
+    folder.finish()
+
+    proc = _holder(tmp_path / "other", 0, "finish")
+    try:
+        assert proc.stdout.readline().strip() == "finished"
+        RunFolder(tmp_path / "other", "scan", {"shard": None}).finish()  # its process lives on; the run let go
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_folder_named_with_its_shard_is_each_shards_own(tmp_path):
+    from sinkscope.launcher import shard_folder
+
+    assert shard_folder("runs/scan/{shard}", "2/4") == "runs/scan/2-of-4"
+    assert shard_folder("runs/{shard}-scan", (0, 3)) == "runs/0-of-3-scan"
+    assert shard_folder("runs/scan/{shard}", None) == "runs/scan/0-of-1"  # unsharded: one shard of one
+    assert shard_folder("runs/scan", "1/2") == "runs/scan"
+    folder = RunFolder(tmp_path / "{shard}", "scan", {"shard": "1/3"})
+    assert folder.path == tmp_path / "1-of-3" and (tmp_path / "1-of-3" / "run.json").is_file()
+    folder.finish()
+
+
+def test_a_command_on_a_folder_another_process_writes_fails_before_its_model_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    proc = _holder(tmp_path / "run", 120, "hold")
+    try:
+        result = CliRunner().invoke(app, ["scan", "--model", str(tmp_path / "no-such-model"), "--out",
+                                          str(tmp_path / "run")])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result.exit_code == 2 and "being written by another process" in result.output, result.output
+    assert "no-such-model" not in result.output  # refused before the model was looked for

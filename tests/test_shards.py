@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from conftest import ORGANISM_ASSET
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import parse_shard, sample_seed
+from sinkscope.launcher import parse_shard
+from sinkscope.runconfig import sample_seed
 
 TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_summary_per_sample", "token_stats",
           "sink_tokens", "role_phi_per_sample", "head_scores_per_sample", "dim_profile", "layer_magnitudes",
@@ -21,20 +22,22 @@ TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_summary_p
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_merged_shards_equal_the_unsharded_scan(n, tmp_path):
+    """Two shards: the workers of one torchrun command line, run at once, each taking its shard from RANK / WORLD_SIZE
+    and its folder from --out .../{shard}; three: --shard i/n, one after the other."""
     from sinkscope.cli import app
 
     if not (ORGANISM_ASSET / "config.json").exists():
         pytest.skip("the organism asset is not built")
     common = ["scan", "--model", "organism", "--limit", "5", "--calibration", "3", "--batch-size", "1"]
     runner = CliRunner()
-    _run_sharded(runner, app, common, tmp_path, n)
+    shards = _run_sharded(runner, app, common, tmp_path, n, torchrun=n == 2)
     for table in TABLES:
         a, b = tmp_path / "whole" / f"{table}.csv", tmp_path / "merged" / f"{table}.csv"
         assert a.exists() == b.exists(), table
         if a.exists():
             pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b), obj=table)
     assert (tmp_path / "merged" / "index.md").exists()
-    missing = runner.invoke(app, ["merge", str(tmp_path / "s0"), "--out", str(tmp_path / "m2")])
+    missing = runner.invoke(app, ["merge", str(shards[0]), "--out", str(tmp_path / "m2")])
     assert missing.exit_code == 2 and f"0/{n}" in missing.output
 
 
@@ -45,24 +48,57 @@ def test_the_shard_comes_from_the_flag_or_the_launcher():
     assert parse_shard(None, {"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
     assert parse_shard(None, {"RANK": "0", "WORLD_SIZE": "1"}) is None
     assert parse_shard("0/2", {"RANK": "1", "WORLD_SIZE": "2"}) == (0, 2)  # the flag wins
+    # an array of multi-GPU jobs: task 2 of 3, each running worker 1 of 2, does shard 2 * 2 + 1 of 6
+    array_of_workers = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "1", "WORLD_SIZE": "2"}
+    assert parse_shard(None, array_of_workers) == (5, 6)
+    shards = {parse_shard(None, {**array_of_workers, "SLURM_ARRAY_TASK_ID": str(t), "RANK": str(r)})
+              for t in range(3) for r in range(2)}
+    assert shards == {(i, 6) for i in range(6)}  # every sample done once
+    with pytest.raises(SinkscopeError, match="RANK / WORLD_SIZE give worker 2 of 2"):
+        parse_shard(None, {"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(SinkscopeError, match="not integers.*--shard i/n"):
+        parse_shard(None, {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"})
     for bad in ("2/2", "a/b", "1", "-1/3"):
         with pytest.raises(SinkscopeError, match="--shard"):
             parse_shard(bad, {})
 
 
-def _run_sharded(runner, app, common: list[str], tmp_path, n: int, whole=None) -> None:
+def _run_sharded(runner, app, common: list[str], tmp_path, n: int, whole=None, torchrun: bool = False) -> list:
     """The unsharded run in `whole` (tmp_path/whole; kept when it has finished), shards 0..n-1 in tmp_path/s<i>,
-    merged (given in reverse) into tmp_path/merged."""
+    merged (given in reverse) into tmp_path/merged; returns the shards' folders. torchrun: the shards are n workers of one torchrun command line
+    (`--out tmp_path/s{shard}`: folders s0-of-n ...), run at once in their own processes."""
     whole = whole or tmp_path / "whole"
     if not (whole / "run.json").exists() or not json.loads((whole / "run.json").read_text()).get("finished"):
         result = runner.invoke(app, common + ["--out", str(whole)])
         assert result.exit_code == 0, result.output
-    for i in range(n):
-        done = runner.invoke(app, common + ["--out", str(tmp_path / f"s{i}"), "--shard", f"{i}/{n}"])
-        assert done.exit_code == 0, done.output
-    merged = runner.invoke(app, ["merge", *[str(tmp_path / f"s{i}") for i in reversed(range(n))],
-                                 "--out", str(tmp_path / "merged"), "--no-figures"])
+    if torchrun:
+        shards = [tmp_path / f"s{i}-of-{n}" for i in range(n)]
+        _torchrun(n, common + ["--out", str(tmp_path / "s{shard}")], tmp_path)
+        for i, shard in enumerate(shards):
+            assert json.loads((shard / "run.json").read_text())["params"]["shard"] == f"{i}/{n}"
+    else:
+        shards = [tmp_path / f"s{i}" for i in range(n)]
+        for i, shard in enumerate(shards):
+            done = runner.invoke(app, common + ["--out", str(shard), "--shard", f"{i}/{n}"])
+            assert done.exit_code == 0, done.output
+    merged = runner.invoke(app, ["merge", *[str(s) for s in reversed(shards)], "--out", str(tmp_path / "merged"),
+                                 "--no-figures"])
     assert merged.exit_code == 0, merged.output
+    return shards
+
+
+def _torchrun(n: int, args: list[str], cwd) -> None:
+    """`torchrun --standalone --nproc-per-node n --no-python python -m sinkscope.cli ARGS`: n workers on this machine,
+    each with its RANK, WORLD_SIZE and LOCAL_RANK."""
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "--no-python",
+              sys.executable, "-m", "sinkscope.cli", *args]
+    done = subprocess.run(launch, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for i in range(n):
+        assert f"shard {i}/{n}" in done.stdout, done.stdout[-3000:]  # each worker said which samples it took
 
 
 def _assert_same_tables(tmp_path, tables, whole=None) -> None:

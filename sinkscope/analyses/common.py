@@ -19,7 +19,8 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.eval.tasks import Sample, batches, progress
 from sinkscope.measures import contributions, massive, sinks
 from sinkscope.models.base import ModelAdapter
-from sinkscope.runconfig import RunConfig, check_remote, parse_shard, resolve_sink_score
+from sinkscope.launcher import parse_shard
+from sinkscope.runconfig import RunConfig, check_remote, resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.runconfig import parse_shard
+from sinkscope.launcher import parse_shard
 from sinkscope.runfolder import PLACEMENT, RunFolder
 
 SCAN_TABLES = ("massive_activations", "layer_magnitudes_per_sample", "token_summary_per_sample", "token_stats",

@@ -36,7 +36,8 @@ from sinkscope.measures import by_class, massive, sinks
 from sinkscope.errors import SinkscopeError
 from sinkscope.findings import NOTHING_TO_TEST, Estimate, Finding, num
 from sinkscope.models.base import KIND_NAMES, ModelAdapter
-from sinkscope.runconfig import parse_shard, resolve_sink_score
+from sinkscope.launcher import parse_shard
+from sinkscope.runconfig import resolve_sink_score
 from sinkscope.runfolder import RunFolder, check_resumable
 from sinkscope.trace import BatchInfo, Tracer
 

@@ -50,7 +50,8 @@ from sinkscope.eval import stats
 from sinkscope.eval.pope import STRATEGIES, demo_pope, load_pope, parse_yes_no, pope_metrics
 from sinkscope.eval.tasks import Sample, progress
 from sinkscope.findings import Finding, num
-from sinkscope.runconfig import analysis_default, parse_shard, sample_seed
+from sinkscope.launcher import parse_shard
+from sinkscope.runconfig import analysis_default, sample_seed
 from sinkscope.runfolder import RunFolder, check_resumable
 
 CONDITIONS = ("baseline", "var", "var_random_heads", "var_all_heads", "var_text_budget")

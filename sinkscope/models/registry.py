@@ -159,13 +159,15 @@ def load(spec: str, device: str | None = None, dtype=None, trust_remote_code: bo
     safetensors only; remote code runs only with trust_remote_code=True. The language model
     gets eager attention (sinkscope needs the probabilities); the vision tower is untouched.
     """
+    import torch
     from transformers import AutoConfig
 
-    from sinkscope.devices import resolve_device, resolve_dtype
-
-    from sinkscope.devices import check_device_map
+    from sinkscope.devices import check_device_map, resolve_device, resolve_dtype
+    from sinkscope.launcher import launched_worker
 
     device = resolve_device(device)  # a clear error for --device cuda without CUDA, or an unknown device
+    if device and device.startswith("cuda:") and launched_worker() is not None:
+        torch.cuda.set_device(device)  # a worker's CUDA context and stray allocations on its own GPU, not on cuda:0
     dtype = resolve_dtype(dtype, device)  # ... and for a dtype the device cannot run
     if device_map is not None or max_memory is not None:
         check_device_map(device_map, max_memory, device)
