@@ -151,8 +151,9 @@ def _inside(filename, folder) -> bool:
 
 
 @contextmanager
-def _one_line_errors(ctx: typer.Context | None, out: str | Path | None) -> Iterator[None]:
-    """The user's mistakes, a failing disk and Ctrl-C end in one line (SINKSCOPE_DEBUG=1: the traceback)."""
+def _one_line_errors(ctx: typer.Context | None, out: str | Path | None, shard: str | None = None) -> Iterator[None]:
+    """The user's mistakes, a failing disk and Ctrl-C end in one line (SINKSCOPE_DEBUG=1: the traceback). shard: the
+    run's shard (i/n), spelled out in the resume command when it came from a launcher's environment."""
     try:
         yield
     except SinkscopeError as err:
@@ -166,7 +167,7 @@ def _one_line_errors(ctx: typer.Context | None, out: str | Path | None) -> Itera
         fix = f"; check that --out {out} is a folder you can write, with free space" if _inside(err.filename, out) else ""
         _fail(f"error: {err.strerror or err}{where}{fix} (SINKSCOPE_DEBUG=1 shows the traceback)")
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: {_saved(out)}; resume with: {_resume_command(ctx, out)}", fg=typer.colors.YELLOW,
+        typer.secho(f"interrupted: {_saved(out)}; resume with: {_resume_command(ctx, out, shard)}", fg=typer.colors.YELLOW,
                     err=True)
         raise typer.Exit(code=INTERRUPTED) from None
 
@@ -193,8 +194,9 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _resume_command(ctx: typer.Context | None, out: str | Path | None) -> str:
-    """The command line that was run, rebuilt from its parsed options, with --out spelled out."""
+def _resume_command(ctx: typer.Context | None, out: str | Path | None, shard: str | None = None) -> str:
+    """The command line that was run, rebuilt from its parsed options, with --out (and a shard the launcher gave:
+    --shard i/n) spelled out, so that one worker's line resumes it outside the launcher too."""
     if ctx is None:
         return "the same command"
     parts = ["sinkscope", ctx.info_name or ""]
@@ -204,6 +206,8 @@ def _resume_command(ctx: typer.Context | None, out: str | Path | None) -> str:
             parts.append(str(value))
         elif param.name == "out" and out is not None:
             parts += [param.opts[0], str(out)]
+        elif param.name == "shard" and shard is not None:
+            parts += [param.opts[0], shard]
         elif value is None or value == param.default:
             continue
         elif getattr(param, "is_flag", False):
@@ -240,8 +244,9 @@ def _config(cls, run: RunConfig, opts: RunOptions, sink_score: str, **own):
 def _run_analysis(ctx: typer.Context, run: RunConfig, opts: RunOptions, build: Callable[[str], object],
                   runner: str, question: str = "describe the image .") -> None:
     """Validate (options, --out, data), then load the model, resolve the sink score, run `runner`."""
-    out = shard_folder(opts.out, _shard(opts.shard))  # --out runs/scan/{shard}: each worker its own folder
-    with _one_line_errors(ctx, out):
+    shard = _shard(opts.shard)  # --shard, or the launcher's
+    out = shard_folder(opts.out, shard)  # --out runs/scan/{shard}: each worker its own folder
+    with _one_line_errors(ctx, out, shard):
         run.validate()
         check_out(out)
         cfg = build(run.sink_score)

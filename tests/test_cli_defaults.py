@@ -323,6 +323,36 @@ def test_ctrl_c_says_what_is_saved_and_the_command_that_resumes(tmp_path, monkey
     assert len(done) == len(set(done)) == 4 and calls[0] == done[:2]  # the first two kept, not recomputed
 
 
+def test_an_interrupted_worker_names_the_line_that_resumes_its_shard_without_the_launcher(tmp_path, monkeypatch):
+    """Worker 1 of 2 (RANK / WORLD_SIZE as torchrun sets them) writing --out .../{shard}: its resume line spells out
+    its folder and --shard 1/2, and that line, run with no launcher around it, resumes the shard."""
+    from sinkscope.runfolder import RunFolder
+
+    real_mark_done = RunFolder.mark_done
+
+    def interrupt_after_first_batch(self, sample_ids):
+        real_mark_done(self, sample_ids)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "mark_done", interrupt_after_first_batch)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["scan", "--model", "tiny", "--out", str(tmp_path / "{shard}"), "--limit", "6", "--batch-size", "1",
+            "--calibration", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output + repr(result.exception)
+    command = shlex.split(_last_line(result.stderr).split("resume with: ", 1)[1])
+    out = tmp_path / "1-of-2"
+    assert command[command.index("--out") + 1] == str(out) and command[command.index("--shard") + 1] == "1/2"
+    monkeypatch.setattr(RunFolder, "mark_done", real_mark_done)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    resumed = runner.invoke(app, command[1:])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert re.search(r"1 samples already done, 2 to go \(shard 1/2", resumed.output), resumed.output
+    assert len((out / "samples_done.txt").read_text().split()) == 3  # samples 1, 3, 5 of six
+
+
 def test_ctrl_c_during_a_report_names_the_finished_steps(tmp_path, monkeypatch):
     import sinkscope.analyses.heads as heads
 
