@@ -182,13 +182,17 @@ def check_not_in_use(path: str | Path) -> None:
     try:
         import fcntl
 
-        with open(path / LOCK_NAME, "a") as f:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.lockf(f, fcntl.LOCK_UN)
-    except (BlockingIOError, PermissionError):
-        raise _in_use(path) from None
-    except (ImportError, OSError):
+        f = open(path / LOCK_NAME, "a")
+    except (ImportError, OSError):  # no fcntl, or a folder this process cannot write (the run itself will say so)
         return
+    with f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+            raise _in_use(path) from None
+        except OSError:  # a file system without locks
+            return
+        fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,
