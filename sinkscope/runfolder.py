@@ -1,9 +1,11 @@
 """Run folders: run.json, tidy CSV tables, figures, index.md; atomic and resumable.
 
 Per-sample rows are appended to ``<table>.csv`` as each sample finishes, and the sample's id
-is appended to ``samples_done.txt`` only after all its rows are written. On resume, rows of
-samples that are not in the done list (an interrupted sample) are dropped, and finished
-samples are skipped. Shards of one evaluation written to separate folders merge with
+is appended to ``samples_done.txt`` only after all its rows are written and the size of every
+appended table recorded (``rows_committed.json``, atomically, before the ids). On resume each table
+is cut back to its recorded size (a process killed in the middle of an append, or a full disk,
+leaves a row cut short), rows of samples that are not in the done list (an interrupted sample) are
+dropped, and finished samples are skipped. Shards of one evaluation written to separate folders merge with
 `sinkscope merge` (analyses/merge.py) since every row carries its sample id. One process writes a
 folder at a time: a second one is refused with the first one's pid, host and command (`.sinkscope.lock`,
 a POSIX record lock the system releases when the holder ends, however it ends).
@@ -129,6 +131,7 @@ PLACEMENT = ("device", "device_map", "max_memory", "compile", "batches_per_reque
 
 
 LOCK_NAME = ".sinkscope.lock"  # in a run folder: held by the process writing it
+COMMITTED = "rows_committed.json"  # {"sizes": {table: bytes}, "n_done": lines of samples_done.txt}, per mark_done
 
 
 def _holder(path: Path) -> str:
@@ -257,6 +260,9 @@ class RunFolder:
         self.meta["versions"] = package_versions()
         self.meta["git_commit"] = git_commit()
         self.meta.pop("finished", None)
+        self._committed: dict[str, int] = {}  # table -> bytes of its CSV that belong to marked batches
+        self._appended: set[str] = set()  # tables appended since the last mark_done
+        self._n_done: int | None = None  # lines of samples_done.txt, counted at the first mark_done
         if resuming:  # a run stopped in its first batch has rows but no samples_done.txt yet
             self._drop_unfinished_rows()
         self.write_meta()
@@ -299,6 +305,7 @@ class RunFolder:
         header = not path.exists()
         if frame.empty and not header:
             return
+        self._appended.add(table)
         text = arrow_csv(frame, header)
         if text is None:  # a column Arrow does not type as pandas would write it
             with open(path, "a") as f:
@@ -308,25 +315,67 @@ class RunFolder:
                 f.write(text)
 
     def mark_done(self, sample_ids) -> None:
+        """Mark samples done whose rows are all appended: first the size of every appended table (the commit point
+        a resume cuts the tables back to), then the ids."""
+        sample_ids = list(sample_ids)
+        if self._n_done is None:
+            self._n_done = len(_lines(self.path / "samples_done.txt"))
+        n_done = self._n_done + len(sample_ids)
+        for table in self._appended:
+            self._committed[table] = (self.path / f"{table}.csv").stat().st_size
+        self._appended = set()
+        atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": n_done}))
         with open(self.path / "samples_done.txt", "a") as f:
             for s in sample_ids:
                 f.write(f"{s}\n")
             f.flush()
             os.fsync(f.fileno())
+        self._n_done = n_done
 
     def _drop_unfinished_rows(self) -> None:
-        done = self.done_samples()
+        """On resume: each appended table cut back to its size at the last commit (a row cut short by a killed
+        process or a full disk goes), then the rows of samples not marked done dropped. Where the commit counted
+        every line of samples_done.txt, the cut tables hold exactly the done samples' rows and are not read."""
+        done_lines = _lines(self.path / "samples_done.txt")
+        done = set(done_lines)
+        committed = None
+        if (self.path / COMMITTED).exists():
+            try:
+                committed = json.loads((self.path / COMMITTED).read_text())
+                self._committed = {str(k): int(v) for k, v in committed["sizes"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                committed = None  # unreadable: the tables are read and filtered, as before commits were recorded
         for csv in self.path.glob("*.csv"):
+            size = self._committed.get(csv.stem)
+            if committed is not None and size is not None:
+                if csv.stat().st_size > size:
+                    with open(csv, "r+b") as f:
+                        f.truncate(size)
+                if committed.get("n_done") == len(done_lines):
+                    continue
             try:
                 frame = pd.read_csv(csv, dtype={"sample": str})
             except pd.errors.EmptyDataError:
                 csv.unlink()
                 continue
+            except pd.errors.ParserError as err:  # a row cut short at the end
+                if size is None and (committed is not None or not done):  # no row of it was ever marked done
+                    csv.unlink()
+                    continue
+                why = ("this run predates the commit records that would say where its rows end" if committed is None
+                       else "its recorded rows cannot be read")
+                raise SinkscopeError(f"{csv} ends in a row cut short (its process was killed while appending, or the "
+                                     f"disk filled: {str(err).strip()}), and {why}; delete the cut row at the file's "
+                                     "end, or start over with --no-resume") from None
             if "sample" not in frame.columns:
                 continue
             kept = frame[frame["sample"].astype(str).isin(done)]
             if len(kept) != len(frame):
                 atomic_write_csv(csv, kept)
+                if csv.stem in self._committed:
+                    self._committed[csv.stem] = csv.stat().st_size
+        if committed is not None:  # the record now describes the folder as cut and filtered: done lines, their rows
+            atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": len(done_lines)}))
 
     def read(self, table: str) -> pd.DataFrame:
         path = self.path / f"{table}.csv"
@@ -336,8 +385,13 @@ class RunFolder:
 
     # -- whole files ---------------------------------------------------------------------
     def write_table(self, table: str, frame: pd.DataFrame) -> Path:
+        """`<table>.csv` written whole (atomically); a table appended before is no longer cut back on resume."""
         path = self.path / f"{table}.csv"
         atomic_write_csv(path, frame)
+        if self._committed.pop(table, None) is not None:
+            atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": len(
+                _lines(self.path / "samples_done.txt"))}))
+        self._appended.discard(table)
         return path
 
     def write_json(self, name: str, obj) -> Path:
@@ -349,6 +403,11 @@ class RunFolder:
         path = self.path / name
         atomic_write_text(path, text)
         return path
+
+
+def _lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file ([] when it does not exist)."""
+    return [line for line in path.read_text().split("\n") if line] if path.exists() else []
 
 
 def _jsonable(obj):

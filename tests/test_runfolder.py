@@ -194,3 +194,134 @@ def test_a_command_on_a_folder_another_process_writes_fails_before_its_model_loa
         proc.wait()
     assert result.exit_code == 2 and "being written by another process" in result.output, result.output
     assert "no-such-model" not in result.output  # refused before the model was looked for
+
+
+# -- a process killed in the middle of an append (SIGKILL, a full disk): the resume cuts each table back to its last
+# commit (rows_committed.json, written before the ids of each marked batch)
+
+
+def _committed_folder(path):
+    folder = RunFolder(path, "scan", {"shard": None})
+    folder.append_rows("token_stats", pd.DataFrame({"sample": ["s1", "s1"], "token": ["a", "line\nbreak"],
+                                                    "phi": [1.0, 2.0]}))
+    folder.mark_done(["s1"])
+    return folder
+
+
+def test_every_cut_of_an_unmarked_append_resumes_to_the_marked_rows(tmp_path):
+    """Rows of an unmarked batch cut at every byte (quoted strings and a newline inside one among them): the resume
+    keeps exactly the marked sample's rows, where pandas alone stopped at 'EOF inside string'."""
+    folder = _committed_folder(tmp_path / "run")
+    folder.append_rows("token_stats", pd.DataFrame({"sample": ["s10", "s10"], "token": ["x\ny", "z"],
+                                                    "phi": [3.0, 4.0]}))
+    folder.release()
+    csv = tmp_path / "run" / "token_stats.csv"
+    whole = csv.read_bytes()
+    committed = whole.index(b'"s10"')
+    for cut in range(committed, len(whole) + 1):
+        csv.write_bytes(whole[:cut])
+        RunFolder(tmp_path / "run", "scan", {"shard": None}).release()
+        assert csv.read_bytes() == whole[:committed], cut
+        rows = pd.read_csv(csv, dtype={"sample": str})
+        assert rows["sample"].tolist() == ["s1", "s1"] and rows["token"].tolist() == ["a", "line\nbreak"], cut
+
+
+def test_rows_committed_before_their_ids_were_marked_are_dropped(tmp_path):
+    """Killed between the commit record and the ids: the batch's rows are inside the recorded size but their samples
+    are not done, so they are read and dropped; a table first appended in the unmarked batch goes whole."""
+    folder = _committed_folder(tmp_path / "run")
+    folder.append_rows("token_stats", pd.DataFrame({"sample": ["s2"], "token": ["b"], "phi": [5.0]}))
+    folder.append_rows("sink_tokens", pd.DataFrame({"sample": ["s2"], "position": [3]}))
+    folder._appended.discard("sink_tokens")  # as if killed before this table's size was recorded
+    real_fsync = __import__("os").fsync
+    calls = []
+
+    def die_at_the_ids(fd):  # the commit record's fsync passes, the ids' write is the one that never lands
+        calls.append(fd)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_fsync(fd)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("os.fsync", die_at_the_ids)
+        with pytest.raises(KeyboardInterrupt):
+            folder.mark_done(["s2"])
+    (tmp_path / "run" / "samples_done.txt").write_text("s1\n")  # the ids' append never reached the disk
+    folder.release()
+    (tmp_path / "run" / "sink_tokens.csv").write_bytes(b'"sample","position"\n"s')  # and cut short
+    resumed = RunFolder(tmp_path / "run", "scan", {"shard": None})
+    assert pd.read_csv(tmp_path / "run" / "token_stats.csv")["sample"].tolist() == ["s1", "s1"]
+    assert not (tmp_path / "run" / "sink_tokens.csv").exists()
+    with open(tmp_path / "run" / "token_stats.csv", "ab") as f:  # killed again, in the middle of the next append
+        f.write(b'"s2","b",5\n"s3","cut')
+    resumed.release()
+    resumed = RunFolder(tmp_path / "run", "scan", {"shard": None})  # the record was rewritten for the filtered table
+    assert pd.read_csv(tmp_path / "run" / "token_stats.csv")["sample"].tolist() == ["s1", "s1"]
+    resumed.append_rows("token_stats", pd.DataFrame({"sample": ["s2"], "token": ["b"], "phi": [5.0]}))
+    resumed.mark_done(["s2"])
+    assert pd.read_csv(tmp_path / "run" / "token_stats.csv")["sample"].tolist() == ["s1", "s1", "s2"]
+
+
+def test_a_cut_table_of_a_run_without_commit_records_names_the_fix(tmp_path):
+    """A run folder written before commits were recorded, with a marked sample, cannot tell where its rows end."""
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.runfolder import COMMITTED
+
+    _committed_folder(tmp_path / "run").release()
+    (tmp_path / "run" / COMMITTED).unlink()
+    with open(tmp_path / "run" / "token_stats.csv", "ab") as f:
+        f.write(b'"s2","cut sh')
+    with pytest.raises(SinkscopeError, match=r"token_stats.csv ends in a row cut short .*--no-resume"):
+        RunFolder(tmp_path / "run", "scan", {"shard": None})
+
+
+_KILL_MID_APPEND = """
+import os, sys
+from sinkscope import runfolder
+real = runfolder.RunFolder.append_rows
+seen = []
+
+def append_then_die(self, table, frame):
+    if table == "token_stats":
+        seen.append(1)
+        if len(seen) == 3:  # the third batch: about half its rows reach the file, cut inside a quoted string
+            text = runfolder.arrow_csv(frame, False)
+            cut = next(q for q in range(len(text) // 2, len(text)) if text[q:q + 1] == b'"' and not text[:q].count(b'"') % 2)
+            with open(self.path / "token_stats.csv", "ab") as f:
+                f.write(text[: cut + 2])
+            os._exit(137)  # gone, as under SIGKILL: no finally block, no clean-up
+    real(self, table, frame)
+
+runfolder.RunFolder.append_rows = append_then_die
+from sinkscope.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_a_scan_killed_in_the_middle_of_an_append_resumes_to_the_uninterrupted_tables(tmp_path):
+    """The scan's own process dies (no clean-up, as under SIGKILL) halfway through writing a batch's token rows; the
+    same command resumes it, and every per-sample table equals an uninterrupted run's."""
+    import json
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+    from sinkscope.runfolder import COMMITTED
+
+    args = ["scan", "--model", "tiny", "--limit", "5", "--batch-size", "1", "--calibration", "2", "--token-stats", "all"]
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_APPEND, *args, "--out", str(tmp_path / "killed")],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert len((tmp_path / "killed" / "samples_done.txt").read_text().split()) == 2  # the batches before it
+    recorded = json.loads((tmp_path / "killed" / COMMITTED).read_text())["sizes"]["token_stats"]
+    assert (tmp_path / "killed" / "token_stats.csv").stat().st_size > recorded  # half a batch's rows past the commit
+    with pytest.raises(pd.errors.ParserError, match="EOF inside string"):  # what resuming read before commit records
+        pd.read_csv(tmp_path / "killed" / "token_stats.csv")
+    for out in ("killed", "whole"):
+        result = CliRunner().invoke(app, args + ["--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+    for table in ("token_stats", "massive_activations", "head_scores_per_sample", "sink_tokens"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / f"{table}.csv"),
+                                      pd.read_csv(tmp_path / "whole" / f"{table}.csv"), obj=table)
