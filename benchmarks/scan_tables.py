@@ -136,9 +136,8 @@ def main(argv=None) -> None:
     n_rows = len(written["all"]["token_stats"])
     shape = "LLaVA-1.5 shape" if n_image == 576 else "small prompt"
     print(f"scan tables per sample (a batch of 1): {shape} ({batch['input_ids'].shape[1]} tokens, {n_image} image; "
-          f"{args.layers} "
-          f"layers of {args.heads} heads; {n_rows} token rows), 1 thread, torch {torch.__version__}; minimum of "
-          f"{args.repeats} runs, steps taking turns")
+          f"{args.layers} layers of {args.heads} heads; {n_rows} token rows), 1 thread, torch {torch.__version__}; "
+          f"minimum of {args.repeats} runs, steps taking turns")
     for name, ms in best.items():
         print(f"  {name:<24} {ms:8.1f} ms")
     for detail in ("all", "sinks"):

@@ -151,6 +151,20 @@ def _in_use(path: Path) -> SinkscopeError:
                           "merged by `sinkscope merge runs/NAME/* --out runs/NAME-all`")
 
 
+def _try_lock(f, path: Path) -> bool:
+    """Lock the open lock file `f` of `path` for this process: True, or False where the file system has no locks
+    (ENOLCK, ENOSYS...); SinkscopeError naming the holder where another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+        raise _in_use(path) from None
+    except OSError:
+        return False
+    return True
+
+
 def lock_folder(path: Path):
     """Take `path`'s write lock for this process: the open lock file (keep it: closing it releases the lock), or
     None where the file system has no locks (or the platform no fcntl). Raises SinkscopeError, naming the holder,
@@ -162,11 +176,11 @@ def lock_folder(path: Path):
         return None
     f = open(path / LOCK_NAME, "a+")
     try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+        locked = _try_lock(f, path)
+    except SinkscopeError:
         f.close()
-        raise _in_use(path) from None
-    except OSError:  # ENOLCK, ENOSYS...: a file system without locks; run unguarded, as before locks existed
+        raise
+    if not locked:  # a file system without locks: run unguarded, as before locks existed
         f.close()
         return None
     f.truncate(0)
@@ -189,13 +203,8 @@ def check_not_in_use(path: str | Path) -> None:
     except (ImportError, OSError):  # no fcntl, or a folder this process cannot write (the run itself will say so)
         return
     with f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
-            raise _in_use(path) from None
-        except OSError:  # a file system without locks
-            return
-        fcntl.lockf(f, fcntl.LOCK_UN)
+        if _try_lock(f, path):
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def check_resumable(path: str | Path, analysis: str, params: dict, resume: bool = True,
@@ -262,9 +271,9 @@ class RunFolder:
         self.meta.pop("finished", None)
         self._committed: dict[str, int] = {}  # table -> bytes of its CSV that belong to marked batches
         self._appended: set[str] = set()  # tables appended since the last mark_done
-        self._n_done: int | None = None  # lines of samples_done.txt, counted at the first mark_done
         if resuming:  # a run stopped in its first batch has rows but no samples_done.txt yet
             self._drop_unfinished_rows()
+        self._n_done = len(_lines(self.path / "samples_done.txt"))
         self.write_meta()
 
     # -- metadata ------------------------------------------------------------------------
@@ -318,19 +327,20 @@ class RunFolder:
         """Mark samples done whose rows are all appended: first the size of every appended table (the commit point
         a resume cuts the tables back to), then the ids."""
         sample_ids = list(sample_ids)
-        if self._n_done is None:
-            self._n_done = len(_lines(self.path / "samples_done.txt"))
-        n_done = self._n_done + len(sample_ids)
         for table in self._appended:
             self._committed[table] = (self.path / f"{table}.csv").stat().st_size
         self._appended = set()
-        atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": n_done}))
+        self._write_commit(self._n_done + len(sample_ids))
         with open(self.path / "samples_done.txt", "a") as f:
             for s in sample_ids:
                 f.write(f"{s}\n")
             f.flush()
             os.fsync(f.fileno())
-        self._n_done = n_done
+        self._n_done += len(sample_ids)
+
+    def _write_commit(self, n_done: int) -> None:
+        """rows_committed.json, atomically: the committed size of every appended table, and the done lines it covers."""
+        atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": n_done}))
 
     def _drop_unfinished_rows(self) -> None:
         """On resume: each appended table cut back to its size at the last commit (a row cut short by a killed
@@ -375,7 +385,7 @@ class RunFolder:
                 if csv.stem in self._committed:
                     self._committed[csv.stem] = csv.stat().st_size
         if committed is not None:  # the record now describes the folder as cut and filtered: done lines, their rows
-            atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": len(done_lines)}))
+            self._write_commit(len(done_lines))
 
     def read(self, table: str) -> pd.DataFrame:
         path = self.path / f"{table}.csv"
@@ -389,8 +399,7 @@ class RunFolder:
         path = self.path / f"{table}.csv"
         atomic_write_csv(path, frame)
         if self._committed.pop(table, None) is not None:
-            atomic_write_text(self.path / COMMITTED, json.dumps({"sizes": self._committed, "n_done": len(
-                _lines(self.path / "samples_done.txt"))}))
+            self._write_commit(self._n_done)
         self._appended.discard(table)
         return path
 

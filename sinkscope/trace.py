@@ -254,10 +254,10 @@ def _read_in_trace(plan: _RemotePlan, parts: list, labels, collected: list, foun
             states = plan.layer_at[i].input
             for j, part in enumerate(parts):
                 collected.append((j, "residual", i, part.residual(i, states)))
-        if (plan.attention or plan.values) and labels is None:  # first use: after the layer's input, as a local run
-            labels = find_probability_op(plan.attn_at[i])
-            found.extend(labels)
         if plan.attention or plan.values:
+            if labels is None:  # first use: after the layer's input, as a local run
+                labels = find_probability_op(plan.attn_at[i])
+                found.extend(labels)
             call, op = labels
         if plan.out_proj_at:
             for part in parts:

@@ -16,7 +16,7 @@ import torch
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration, calibrate
 from sinkscope.errors import SinkscopeError
-from sinkscope.eval.tasks import Sample, batches, progress
+from sinkscope.eval.tasks import Sample, batches, request_groups
 from sinkscope.measures import contributions, massive, sinks
 from sinkscope.models.base import ModelAdapter
 from sinkscope.launcher import parse_shard
@@ -515,8 +515,7 @@ def traced_chunks(s: Setup, batch_size: int, name: str, make_reducer: Callable[[
     fresh `make_reducer()` traced over the chunk's batch (`trace_kw`: Tracer.run's options), yielded as
     (chunk, reducer) for the caller to store its rows; the chunk is marked done when the caller asks for the next.
     per_request: chunks traced together (`Tracer.run_many`: one request of a remote run), then yielded in order."""
-    for group in progress(s.todo, batch_size * per_request, name):
-        chunks = list(batches(group, batch_size))  # the same chunks as without grouping
+    for chunks in request_groups(s.todo, batch_size, per_request, name):
         jobs = [(prepare_batch(s.adapter, c), [make_reducer()], [x.sample_id for x in c]) for c in chunks]
         s.tracer.run_many(jobs, **trace_kw)
         for chunk, (_, (red,), _) in zip(chunks, jobs):

@@ -30,7 +30,7 @@ from sinkscope.analyses.common import (BLOCK_BYTES, KEEP_BYTES, AnalysisConfig, 
 from sinkscope.analyses.step_findings import bootstrap_mean_ci, run_meta
 from sinkscope.eval.data import load_data
 from sinkscope.calibration import Calibration
-from sinkscope.eval.tasks import Sample, batches, progress  # noqa: F401  (batches, progress re-exported)
+from sinkscope.eval.tasks import Sample, batches, progress, request_groups  # noqa: F401  (batches, progress re-exported)
 from sinkscope.measures import heads as head_measures
 from sinkscope.measures import by_class, massive, sinks
 from sinkscope.errors import SinkscopeError
@@ -694,9 +694,9 @@ def run_scan(out: str, cfg: ScanConfig, adapter: ModelAdapter | None = None, res
     n = 0  # batches prepared
     try:
         # a remote run sends --batches-per-request batches as one request; their tables follow in order
-        for group in progress(todo, cfg.batch_size * cfg.batches_per_request, "scan"):
+        for chunks in request_groups(todo, cfg.batch_size, cfg.batches_per_request, "scan"):
             traced = []
-            for chunk in batches(group, cfg.batch_size):
+            for chunk in chunks:
                 n_skipped = len(skipped)
                 batch, chunk = prepare_readable(adapter, chunk, skipped)
                 if len(skipped) > n_skipped:

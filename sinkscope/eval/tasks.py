@@ -216,3 +216,10 @@ def progress(samples: list[Sample], size: int, desc: str) -> Iterator[list[Sampl
         for chunk in batches(samples, size):
             yield chunk
             bar.update(len(chunk))
+
+
+def request_groups(samples: list[Sample], size: int, per_request: int, desc: str) -> Iterator[list[list[Sample]]]:
+    """`progress` over groups of `per_request` batches of `size` samples (the batches one remote request sends):
+    each group as its list of batches, the same batches `batches(samples, size)` gives."""
+    for group in progress(samples, size * per_request, desc):
+        yield list(batches(group, size))
