@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -171,8 +172,9 @@ def _check_placement(device, what: str) -> None:
     resolve_device(device)  # cuda:N / mps, checked against this machine (raises with the fix)
 
 
-def check_device_map(device_map, max_memory=None, device: str | None = None) -> None:
-    """Raise SinkscopeError naming the fix for a device map this machine cannot honour."""
+def check_device_map(device_map, max_memory=None, device: str | None = None, environ: dict | None = None) -> None:
+    """Raise SinkscopeError naming the fix for a device map this machine cannot honour, or that several workers of
+    one launcher on this machine would each apply to all of its GPUs."""
     if device_map is None:
         if max_memory:
             raise SinkscopeError("--max-memory caps what --device-map places on each device; give --device-map auto too")
@@ -183,6 +185,7 @@ def check_device_map(device_map, max_memory=None, device: str | None = None) -> 
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
             raise SinkscopeError(f"--device-map {device_map!r}: use {DEVICE_MAP_HELP}")
+        _check_one_spread_per_machine(device_map, environ)
     elif isinstance(device_map, dict):
         for name, dev in device_map.items():
             _check_placement(dev, f"--device-map entry {name!r}")
@@ -190,3 +193,26 @@ def check_device_map(device_map, max_memory=None, device: str | None = None) -> 
         raise SinkscopeError(f"--device-map must be a strategy name or {{module name: device}}; got {device_map!r}")
     for key in (max_memory or {}):
         _check_placement(key, f"--max-memory entry {key!r}")
+
+
+def _check_one_spread_per_machine(strategy: str, environ: dict | None = None) -> None:
+    """Refuse a device-map strategy in one of several workers that torchrun / accelerate started on one machine
+    showing them several GPUs: each worker would spread a whole copy of the model over the same GPUs (all starting
+    on GPU 0), and the copies would run out of memory together."""
+    worker = launched_worker(environ)
+    if worker is None or worker[2] is None:
+        return
+    env = os.environ if environ is None else environ
+    local_world = env.get("LOCAL_WORLD_SIZE", "")
+    if local_world.strip().isdigit() and int(local_world) <= 1:  # one worker per machine: it may spread
+        return
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus <= 1:
+        return
+    raise SinkscopeError(
+        f"--device-map {strategy} in worker {worker[2]} of those torchrun / accelerate started on this machine: "
+        f"each worker would spread a whole copy of the model over the same {n_gpus} GPUs. Run one process per "
+        "machine with --device-map (several machines: a SLURM array, or --shard i/n on each), or give each worker its "
+        "own GPUs without a launcher (CUDA_VISIBLE_DEVICES=0,1 sinkscope ... --device-map auto --shard 0/2 --out "
+        "runs/a & CUDA_VISIBLE_DEVICES=2,3 sinkscope ... --shard 1/2 --out runs/b), or, where one GPU holds the "
+        "model, --device cuda (each worker takes cuda:LOCAL_RANK)")

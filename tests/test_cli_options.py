@@ -100,6 +100,36 @@ def test_a_worker_of_torchrun_takes_its_own_gpu(monkeypatch):
     assert devices.resolve_device("cuda", worker) == "cuda"
 
 
+def test_a_device_map_strategy_is_refused_in_several_workers_of_one_machine(monkeypatch):
+    """--device-map auto in one of several workers torchrun started on one machine would spread a copy of the model
+    per worker over the same GPUs: refused, naming the ways that work (CUDA's count stood in for). One worker per
+    machine, a machine showing one GPU, a process not launched, or an explicit map are let through."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    worker = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    for strategy in ("auto", "balanced", "sequential"):
+        with pytest.raises(SinkscopeError, match=rf"--device-map {strategy} in worker 1 .* same 4 GPUs\. Run one "
+                                                 r"process per machine .*CUDA_VISIBLE_DEVICES=0,1 .*--device cuda"):
+            devices.check_device_map(strategy, environ=worker)
+    devices.check_device_map("auto", environ={**worker, "LOCAL_WORLD_SIZE": "1"})  # one worker on each machine
+    devices.check_device_map("auto", environ={})  # not launched
+    devices.check_device_map({"model.layers.0": 0, "lm_head": 1}, environ=worker)  # the user placed every part
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the launcher gave each worker one GPU
+    devices.check_device_map("auto", environ=worker)
+
+
+def test_the_cli_refuses_a_spread_in_a_worker_before_the_model_loads(monkeypatch, tmp_path):
+    """The refusal comes from the run's options, before a model is looked for (a model name that does not exist
+    would otherwise be the error) and before anything is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    worker = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    result = runner.invoke(app, ["scan", "--model", "no-such/model", "--device-map", "auto", "--out",
+                                 str(tmp_path / "{shard}")], env=worker)
+    _one_line_error(result, "--device-map auto in worker 0", "Run one process per machine")
+    assert not any(tmp_path.iterdir())
+
+
 def test_load_rejects_bad_device_from_python():
     import sinkscope
 
