@@ -91,7 +91,8 @@ def variants(adapter, batch, dims, tau) -> dict:
     tracer = Tracer(adapter)
     inputs = adapter.forward_inputs(batch)
     folder = RunFolder(tempfile.mkdtemp(prefix="host_bound_scan_"), "scan", {"benchmark": "host_bound"}, resume=False)
-    return {"plain forward": lambda: adapter.model(**inputs),
+    lean = adapter.without_logits()  # the forward a trace runs: the last position's logits only
+    return {"plain forward": lambda: adapter.model(**inputs, **lean),
             "trace, empty reducer": lambda: tracer.run(batch, [_Nothing()]),
             "scan reducer, no tables": lambda: tracer.run(batch, [reducer(WithoutTables)], sample_ids=[0]),
             "scan reducer": lambda: tracer.run(batch, [reducer(ScanReducer)], sample_ids=[0]),

@@ -10,7 +10,9 @@ number of image tokens: what is measured is the language model's attention and t
 
 Per sample (batch 1, prompt = BOS + 4 text + 576 image + 59 text tokens = 640), median of
 `--repeats` after one warm-up, the variants taking turns:
-  - plain forward, eager and SDPA (the language model's attention; the vision tower's is untouched);
+  - plain forward, eager and SDPA (the language model's attention; the vision tower's is untouched), as a trace
+    runs it: every layer, the logits of the last position only (`logits_to_keep=1`); and the eager forward
+    that unembeds every position, what `model(**inputs)` costs;
   - scan: `Tracer.run` with the scan's own `ScanReducer` on every layer (residual stream and
     attention probabilities, phi, sink tokens, per-head visual attention, its per-sample tables);
     sink dims and tau are pinned (calibration is a one-off residual-only pass over the first
@@ -356,7 +358,10 @@ def main() -> None:
     def with_knockout():
         return knockout(adapter, sink_mask.to(args.device), layers=layers)
 
-    forward = lambda: model(**inputs)  # noqa: E731
+    # the forward a trace runs: every layer, the last position's logits only (the scan reads no logits); the
+    # forward unembedding every position is timed beside it, for what a plain `model(**inputs)` costs
+    forward = lambda: model(**inputs, **adapter.without_logits())  # noqa: E731
+    forward_all_logits = lambda: model(**inputs)  # noqa: E731
     generate = lambda: model.generate(**inputs, **tok_kw)  # noqa: E731
     from sinkscope.analyses.contributions import output_grams
 
@@ -367,6 +372,7 @@ def main() -> None:
         r.update(interleaved({
             "forward eager": (lambda: attention("eager"), forward),
             "forward sdpa": (lambda: attention("sdpa"), forward),
+            "forward eager, all logits": (lambda: attention("eager"), forward_all_logits),
             "scan": (contextlib.nullcontext, lambda: scan_pass(tracer, adapter, batch, dims, tau, scan_folder)),
             "scan stream": (contextlib.nullcontext, lambda: scan_stream(tracer, adapter, batch, dims, tau, scan_folder,
                                                                         args.stream)),
@@ -396,6 +402,8 @@ def main() -> None:
     stream = r["scan stream, per sample"]
     print(f"scan stream / plain eager forward = {verdict(stream / e, 1.2)}   ({args.stream} samples in run_scan's "
           f"order: a sample's tables written while the next one's forward runs)")
+    print(f"(plain eager forward / the same unembedding every position = {e / r['forward eager, all logits']:.3f}; "
+          f"scan / that = {r['scan'] / r['forward eager, all logits']:.3f})")
     print(f"heads / plain eager forward      = {r['heads'] / e:.3f}   contributions / plain eager forward = "
           f"{r['contributions'] / e:.3f}   (no goals; a sample's forward traced and its tables built)")
     print(f"VAR generate / eager generate    = {verdict(r['generate var'] / r['generate eager'], 1.10)}")

@@ -354,7 +354,7 @@ class Tracer:
         if remote:
             self._remote([(batch, reducers)], layers, residual, attention, values, remote, sites or {})
             return None
-        inputs = self.adapter.device_inputs(batch)
+        inputs = {**self.adapter.device_inputs(batch), **({} if return_logits else self.adapter.without_logits())}
         holder: dict = {}
         if not via_source:
             # torch hooks, and the probabilities (and value states) from sinkscope's capture function rather than
@@ -444,7 +444,7 @@ class Tracer:
         """Remote runs of [(batch, reducers)] whose reducers have begun: one request, then each reducer's `end`."""
         # a server places the inputs on its own devices; the dry run runs the model here
         prepare = self.adapter.forward_inputs if is_server(remote) else self.adapter.device_inputs
-        jobs = [(prepare(batch), reducers) for batch, reducers in jobs]
+        jobs = [({**prepare(batch), **self.adapter.without_logits()}, reducers) for batch, reducers in jobs]
         with _server_errors(remote, self.adapter.name):
             if values and self._labels is None and layers:
                 self._locate_remotely(jobs[0][0], layers[0], remote)  # the call's inputs come before its inner ops

@@ -68,7 +68,13 @@ def test_a_remote_trace_sends_back_no_attention_map(organism_adapter):
             super().take(kind, layer, payload)
 
     reducer = Recording([1, 90], 20.0, 5, 0.5, 0.2, 1e-6, [], want_profile=False)
-    Tracer(organism_adapter).run(batch, [reducer], remote="local")
+    unembedded = []  # positions the unembedding saw: the last one only (the trace asks for no logits)
+    handle = organism_adapter.unembed.register_forward_pre_hook(lambda m, args: unembedded.append(args[0].shape[1]))
+    try:
+        Tracer(organism_adapter).run(batch, [reducer], remote="local")
+    finally:
+        handle.remove()
+    assert unembedded == [1]
     n_tokens = batch["input_ids"].shape[1]
     assert {k for k, _ in seen} == {"residual", "attention"} and len(seen) == 2 * organism_adapter.num_layers
     for _, shapes in seen:

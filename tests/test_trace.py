@@ -242,6 +242,51 @@ def test_local_probabilities_come_from_the_capture_function_bitwise_as_through_s
     assert order.calls == expected
 
 
+def _unembedded_positions(adapter) -> tuple[list, object]:
+    """(the number of positions each call of the unembedding saw, the hook's handle)."""
+    seen: list[int] = []
+    handle = adapter.unembed.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("via_source", [False, True])
+def test_a_trace_that_reads_activations_unembeds_only_the_last_position(tiny, via_source):
+    """Reducers never read the logits, so a run without `return_logits` asks the model for the last position's only
+    (`logits_to_keep=1`): the unembedding sees one position per row, and every layer's states and probabilities are
+    bit for bit those of a forward that unembeds every position. With `return_logits` the logits are the model's
+    own, every position."""
+    adapter, batch = _own_copy_and_batch(tiny)
+    assert adapter.without_logits() == {"logits_to_keep": 1}
+    seen, handle = _unembedded_positions(adapter)
+    lean, full = _Keep(), _Keep()
+    try:
+        Tracer(adapter).run(batch, [lean], via_source=via_source)
+        assert seen == [1]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(adapter), "without_logits", lambda self: {})
+            Tracer(adapter).run(batch, [full], via_source=via_source)
+        assert seen == [1, batch["input_ids"].shape[1]]
+        logits = Tracer(adapter).run(batch, [], return_logits=True, via_source=via_source)
+    finally:
+        handle.remove()
+    assert sorted(lean.probs) == sorted(full.probs) == list(range(LAYERS))
+    for layer in range(LAYERS):
+        assert torch.equal(lean.probs[layer], full.probs[layer]) and torch.equal(lean.states[layer], full.states[layer])
+    torch.testing.assert_close(logits, _reference(tiny, adapter, batch).logits, atol=1e-6, rtol=0)
+
+
+def test_a_model_whose_forward_takes_no_logits_to_keep_runs_as_it_is(tiny):
+    """A forward without the argument (an older or custom class) gets no extra keyword."""
+    adapter, _ = _own_copy_and_batch(tiny)
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None):
+            return input_ids
+
+    adapter.model = Plain()
+    assert adapter.without_logits() == {}
+
+
 def test_capturing_switches_only_inside_its_block_and_restores_after_an_error(tiny):
     """The capture switch sets the implementation on the configs the attention modules read: inside the block
     every text attention module sees the capture function and holds the hand; after the block (also one left by

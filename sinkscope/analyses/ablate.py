@@ -121,7 +121,7 @@ def random_visual_keys(visual_mask: torch.Tensor, n_per_row, generators: list[to
 def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
     """Per row: logit difference of the correct answer at the answer position, the parsed generated answer."""
     inputs = adapter.device_inputs(batch)
-    logits = adapter.model(**inputs).logits[:, -1].float().cpu()
+    logits = adapter.model(**inputs, **adapter.without_logits()).logits[:, -1].float().cpu()
     diff = logits[:, yes_id] - logits[:, no_id]
     sign = torch.tensor([1.0 if y == "yes" else -1.0 for y in labels])
     tok = getattr(adapter.processor, "tokenizer", adapter.processor)

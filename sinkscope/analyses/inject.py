@@ -148,7 +148,7 @@ def first_sink_layer(adapter, samples, sig: SinkSignature, n: int, batch_size: i
         chunk = samples[i: min(i + batch_size, n)]
         inputs = adapter.device_inputs(prepare_batch(adapter, chunk))
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
-        hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
+        hidden = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True).hidden_states
         rows, first = torch.arange(len(chunk)), first_positions(kinds)
         real = (kinds.kind != PAD)
         scores.append(torch.stack([sink_score(hidden[l], list(sig.dims), sig.score, token_mask=real, eps=sig.eps)
@@ -270,7 +270,7 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
 
 
 def _forward(adapter, inputs):
-    return adapter.model(**inputs, output_attentions=True, output_hidden_states=True)
+    return adapter.model(**inputs, **adapter.without_logits(), output_attentions=True, output_hidden_states=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign,
             config = (calibrate(adapter, batch, VARConfig(sink_score=sig.score), start_layer=cfg.start_layer)
                       if condition.endswith("var") else None)  # under the injection when there is one
             run = stack.enter_context(var(adapter, config, fallback="eager")) if config is not None else None
-            logits = adapter.model(**inputs).logits
+            logits = adapter.model(**inputs, **adapter.without_logits()).logits
             found = math.nan
             if run is not None:
                 later = [l for l in run.resolved.layers if l >= sig.layer]

@@ -103,7 +103,7 @@ def chosen_means(adapter, samples, sig, targets, layers: list[int], n: int, batc
         chunk = samples[i: min(i + batch_size, n)]
         inputs = adapter.device_inputs(prepare_batch(adapter, chunk))
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
-        hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states
+        hidden = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True).hidden_states
         for t in targets:
             for l in layers:
                 mask = resolve_mask(t, hidden[l], kinds, sig)

@@ -92,7 +92,7 @@ class SinkSignature:
         adapter = as_adapter(model_or_adapter)
         inputs = adapter.device_inputs(batch)
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask"))
-        hidden = adapter.model(**inputs, output_hidden_states=True).hidden_states  # L + 1 entries
+        hidden = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True).hidden_states  # L + 1
         rows = torch.arange(kinds.kind.shape[0])
         first = first_positions(kinds)
         bos = torch.stack([hidden[l][rows, first].float().cpu() for l in range(adapter.num_layers)], dim=1)
