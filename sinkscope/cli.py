@@ -555,6 +555,9 @@ def view(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: the run's, else the "
                                         "checkpoint's)"),
     seed: int = typer.Option(0, help="unused: the viewer draws no random numbers (kept for a uniform interface)"),
+    max_mb: float = typer.Option(64.0, help="megabytes of attention maps the page may hold (every sample's, per "
+                                 "text query); where they would not fit, maps of evenly spaced queries (the last "
+                                 "included) are kept, and the mean view is still over every query"),
 ):
     """A self-contained HTML page: pick a sample, layer, head and text token; see its attention over the image,
     the sinks outlined, phi per image token and the head's visual non-sink ratio."""
@@ -565,7 +568,7 @@ def view(
         from sinkscope import viewer
 
         path = viewer.write_viewer(run_dir, out, n_samples=limit, model=model, data=data, device=device, dtype=dtype,
-                                   log=lambda m: typer.echo(m))
+                                   log=lambda m: typer.echo(m), max_mb=max_mb)
     typer.echo(f"wrote {path}")
 
 

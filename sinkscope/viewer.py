@@ -11,7 +11,12 @@ image to the image tokens of the first image (uint8, scaled by the row's maximum
 kept as float32), and exactly (float32): the run's sink score (phi or the layer-relative score,
 as run.json records) of every image token per layer, the sink mask,
 and per (layer, head, query) the attention to the image and the visual non-sink ratio (the
-quantities the scan averages into head_scores_per_sample.csv).
+quantities the scan averages into head_scores_per_sample.csv), and their means over every text query.
+
+At real size the maps are what weighs: 32 layers x 32 heads x 576 image tokens is 0.8 MB per query in the page
+(LLaVA-1.5-7B; ~4 MB at LLaVA-NeXT's 2,880 image tokens), and a question has tens of queries. The page keeps
+the maps within `max_mb`: where a sample's would not fit its share, it stores the maps of as many queries as fit,
+evenly spaced from the first to the last (the answer position), and says so; the mean view is over every query.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from sinkscope.errors import SinkscopeError
 
 DEFAULT_SAMPLES = 4
+DEFAULT_MAX_MB = 64.0  # the per-query attention maps of all samples, as stored in the page
 MAX_IMAGE_SIDE = 448
 
 
@@ -38,6 +44,28 @@ MAX_IMAGE_SIDE = 448
 
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _b64_size(n_bytes: int) -> int:
+    return 4 * math.ceil(n_bytes / 3)
+
+
+def kept_queries(n_queries: int, bytes_per_query: int, budget_bytes: float) -> np.ndarray:
+    """Indices of the text queries whose attention maps a sample stores: every one where they fit `budget_bytes`,
+    else as many as fit (at least the last, the answer position), evenly spaced from the first to the last."""
+    if n_queries * bytes_per_query <= budget_bytes:
+        return np.arange(n_queries)
+    k = max(1, int(budget_bytes // max(bytes_per_query, 1)))
+    if k == 1:
+        return np.array([n_queries - 1])
+    return np.unique(np.rint(np.linspace(0, n_queries - 1, k)).astype(int))
+
+
+def _scaled_maps(attn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """attention [..., image token] -> (uint8 values relative to each row's maximum, the maxima as float32)."""
+    row_max = attn.max(axis=-1)
+    scaled = np.where(row_max[..., None] > 0, attn / np.maximum(row_max[..., None], 1e-30), 0.0)
+    return np.rint(scaled * 255).astype(np.uint8), row_max.astype(np.float32)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -127,8 +155,10 @@ def _run_tables(run: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
 
 
 def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES, model: str | None = None,
-            data: str | None = None, device: str | None = None, dtype: str | None = None, log=print) -> dict:
-    """The viewer's data for the first `n_samples` finished samples of a scan run folder."""
+            data: str | None = None, device: str | None = None, dtype: str | None = None, log=print,
+            max_mb: float = DEFAULT_MAX_MB) -> dict:
+    """The viewer's data for the first `n_samples` finished samples of a scan run folder; the per-query attention
+    maps of all samples within `max_mb` megabytes (MiB) of the page (`kept_queries`)."""
     from sinkscope.eval.data import load_data
     from sinkscope.plots import SCORE_FORMULAS, score_name
     from sinkscope.trace import Tracer
@@ -146,6 +176,8 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
                              "finish it (run the same `sinkscope scan` command again) before viewing")
     if n_samples < 1:
         raise SinkscopeError(f"--limit must be >= 1 sample to view; got {n_samples}")
+    if not (isinstance(max_mb, (int, float)) and math.isfinite(max_mb) and max_mb > 0):
+        raise SinkscopeError(f"--max-mb must be a number of megabytes > 0 (default {DEFAULT_MAX_MB:g}); got {max_mb}")
     tau = float(meta["tau"]["value"])
     dims = list(meta["sink_dims"])
     score = sink_score_of_run(meta)
@@ -166,8 +198,8 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
     head_scores, per_sample = _run_tables(run)
     tracer = Tracer(adapter)
     out = []
+    budget = max_mb * 2**20 / len(samples)  # bytes of maps per sample
     for s in samples:
-        image = s.image()
         image = s.image()
         batch = adapter.prepare([s.question], None if image is None else [image])
         red = _ViewerReducer(dims, tau, score, adapter.rms_norm_eps)
@@ -177,20 +209,31 @@ def collect(run_dir: str | Path, adapter=None, n_samples: int = DEFAULT_SAMPLES,
             continue
         layers = sorted(red.attn)
         attn = np.stack([red.attn[i] for i in layers])  # [layer, head, query, visual]
-        row_max = attn.max(axis=-1)  # [layer, head, query]
-        scaled = np.where(row_max[..., None] > 0, attn / np.maximum(row_max[..., None], 1e-30), 0.0)
+        image_attention = np.stack([red.image_att[i] for i in layers])  # [layer, head, query]
+        ratio = np.stack([red.ratio[i] for i in layers])
+        n_layers, n_heads, n_queries, n_visual = attn.shape
+        kept = kept_queries(n_queries, _b64_size(n_layers * n_heads * n_visual) + 3 * _b64_size(n_layers * n_heads * 4),
+                            budget)
+        if len(kept) < n_queries:
+            log(f"viewer: sample {s.sample_id}: attention maps of {len(kept)} of its {n_queries} text queries kept "
+                f"(--max-mb {max_mb:g} for {len(samples)} samples); the mean view is over all {n_queries}")
+        maps, maps_max = _scaled_maps(attn[:, :, kept])
+        mean_map, mean_max = _scaled_maps(attn.mean(axis=2, dtype=np.float64))  # [layer, head, visual]
         strings = adapter.token_strings(batch["input_ids"])[0]
         entry = {
             "id": s.sample_id, "question": s.question, "answer": s.answer, "image": _image_uri(image),
             "grid": list(_grid(len(red.visual_pos))), "n_visual": int(len(red.visual_pos)),
-            "visual_positions": red.visual_pos.tolist(),
-            "queries": [{"position": int(p), "token": strings[int(p)]} for p in red.query_pos],
+            "visual_positions": red.visual_pos.tolist(), "n_queries": int(n_queries),
+            "queries": [{"position": int(p), "token": strings[int(p)]} for p in red.query_pos[kept]],
             "phi": _b64(np.stack([red.phi[i] for i in layers]).astype(np.float32)),
             "sink": _b64(np.stack([red.sink[i] for i in layers]).astype(np.uint8)),
-            "attn": _b64(np.rint(scaled * 255).astype(np.uint8)),
-            "attn_max": _b64(row_max.astype(np.float32)),
-            "image_attention": _b64(np.stack([red.image_att[i] for i in layers]).astype(np.float32)),
-            "nonsink_ratio": _b64(np.stack([red.ratio[i] for i in layers]).astype(np.float32)),
+            "attn": _b64(maps), "attn_max": _b64(maps_max),
+            "image_attention": _b64(image_attention[:, :, kept].astype(np.float32)),
+            "nonsink_ratio": _b64(ratio[:, :, kept].astype(np.float32)),
+            # over every text query, whatever was kept: [layer, head, visual] and [layer, head]
+            "attn_mean": _b64(mean_map), "attn_mean_max": _b64(mean_max),
+            "image_attention_mean": _b64(image_attention.mean(axis=2, dtype=np.float64).astype(np.float32)),
+            "nonsink_ratio_mean": _b64(ratio.mean(axis=2, dtype=np.float64).astype(np.float32)),
         }
         if per_sample is not None and len(per_sample):
             rows = per_sample[per_sample["sample"] == s.sample_id]
@@ -234,12 +277,12 @@ def render(data: dict) -> str:
 
 def write_viewer(run_dir: str | Path, out: str | Path | None = None, adapter=None, n_samples: int = DEFAULT_SAMPLES,
                  model: str | None = None, data: str | None = None, device: str | None = None,
-                 dtype: str | None = None, log=print) -> Path:
+                 dtype: str | None = None, log=print, max_mb: float = DEFAULT_MAX_MB) -> Path:
     """Collect the viewer's data for a scan run folder and write the HTML page (default RUN_DIR/viewer.html)."""
     from sinkscope.runfolder import atomic_write_text
 
     payload = collect(run_dir, adapter=adapter, n_samples=n_samples, model=model, data=data, device=device,
-                      dtype=dtype, log=log)
+                      dtype=dtype, log=log, max_mb=max_mb)
     path = Path(out) if out is not None else Path(run_dir) / "viewer.html"
     atomic_write_text(path, render(payload))
     return path
@@ -288,6 +331,7 @@ __BANNER__
   <div class="key" id="score-key"></div></div>
 </div>
 <div id="hover"></div>
+<p class="legend" id="sample-note"></p>
 <div id="readout"></div>
 <p class="legend">Attention: the selected text query's post-softmax attention to the image tokens of the first
 image (or its mean over the text queries after the image), drawn relative to the largest cell; values are stored
@@ -311,6 +355,8 @@ for (const s of DATA.samples) {
   s.phiA = decode(s.phi, Float32Array); s.sinkA = decode(s.sink, Uint8Array);
   s.attnA = decode(s.attn, Uint8Array); s.attnMaxA = decode(s.attn_max, Float32Array);
   s.imgAttA = decode(s.image_attention, Float32Array); s.ratioA = decode(s.nonsink_ratio, Float32Array);
+  s.attnMeanA = decode(s.attn_mean, Uint8Array); s.attnMeanMaxA = decode(s.attn_mean_max, Float32Array);
+  s.imgAttMeanA = decode(s.image_attention_mean, Float32Array); s.ratioMeanA = decode(s.nonsink_ratio_mean, Float32Array);
   s.img = new Image(); s.img.src = s.image; s.img.onload = () => draw();
 }
 const $ = id => document.getElementById(id);
@@ -341,25 +387,32 @@ function colorbar(canvas, tauShare) {
 function fillTokens() {
   const s = DATA.samples[+$("sample").value];
   const sel = $("token"); const keep = sel.value; sel.innerHTML = "";
-  sel.add(new Option("mean over the text queries after the image", "mean"));
+  sel.add(new Option(`mean over the ${s.n_queries} text queries after the image`, "mean"));
   s.queries.forEach((q, i) => sel.add(new Option(`${q.position}: ${JSON.stringify(q.token)}`, i)));
   if ([...sel.options].some(o => o.value === keep)) sel.value = keep;
+  $("sample-note").textContent = s.queries.length < s.n_queries ?
+    `Attention maps of ${s.queries.length} of this sample's ${s.n_queries} text queries are stored (evenly spaced, ` +
+    `the last included), to keep the page within the viewer's size budget (sinkscope view --max-mb); the mean view ` +
+    `is over all ${s.n_queries}.` : "";
 }
 
 function state() {
   const s = DATA.samples[+$("sample").value];
   const layer = +$("layer").value, head = +$("head").value, tok = $("token").value;
   const V = s.n_visual, Q = s.queries.length, H = DATA.heads;
-  const qs = tok === "mean" ? [...Array(Q).keys()] : [+tok];
-  const attn = new Float64Array(V); let imgAtt = 0, ratio = 0;
-  for (const q of qs) {
-    const row = (layer * H + head) * Q + q; const mx = s.attnMaxA[row];
-    for (let v = 0; v < V; v++) attn[v] += s.attnA[row * V + v] / 255 * mx / qs.length;
-    imgAtt += s.imgAttA[row] / qs.length; ratio += s.ratioA[row] / qs.length;
+  const attn = new Float64Array(V); let imgAtt, ratio;
+  if (tok === "mean") {  // stored over every text query
+    const row = layer * H + head, mx = s.attnMeanMaxA[row];
+    for (let v = 0; v < V; v++) attn[v] = s.attnMeanA[row * V + v] / 255 * mx;
+    imgAtt = s.imgAttMeanA[row]; ratio = s.ratioMeanA[row];
+  } else {
+    const row = (layer * H + head) * Q + (+tok), mx = s.attnMaxA[row];
+    for (let v = 0; v < V; v++) attn[v] = s.attnA[row * V + v] / 255 * mx;
+    imgAtt = s.imgAttA[row]; ratio = s.ratioA[row];
   }
   const phi = Array.from(s.phiA.subarray(layer * V, (layer + 1) * V));
   const sinks = []; for (let v = 0; v < V; v++) if (s.sinkA[layer * V + v]) sinks.push(v);
-  return { s, layer, head, tok, qs, attn, phi, sinks, imgAtt, ratio };
+  return { s, layer, head, tok, attn, phi, sinks, imgAtt, ratio };
 }
 
 function cells(canvas, s) {

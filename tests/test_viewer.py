@@ -198,3 +198,113 @@ def test_browser_draws_the_run_tables(organism_run, page_path):
         browser.close()
     assert not errors, errors
     assert all(u.startswith("file://") for u in requests), requests  # no network
+
+
+def test_kept_queries_are_all_or_evenly_spaced_with_the_last():
+    assert viewer.kept_queries(10, 100, 1000).tolist() == list(range(10))  # they fit
+    assert viewer.kept_queries(10, 100, 399).tolist() == [0, 4, 9]  # 3 fit: the first, the middle, the last
+    assert viewer.kept_queries(10, 100, 10).tolist() == [9]  # not even one fits: the answer position's
+    assert viewer.kept_queries(1, 100, 10).tolist() == [0]
+    kept = viewer.kept_queries(57, 10, 200)
+    assert len(kept) == 20 and kept[0] == 0 and kept[-1] == 56 and (np.diff(kept) > 0).all()
+
+
+def _page_data(text: str) -> dict:
+    return json.loads(text.split('<script id="viewer-data" type="application/json">')[1].split("</script>")[0])
+
+
+def _decoded(entry: dict, key: str, dtype) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(entry[key]), dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def budget_pages(organism_run, page_path) -> dict:
+    """{queries kept per sample: page path}: the same two samples as page_path within a budget that keeps 3 of
+    each sample's queries, and one that keeps only the last."""
+    import sinkscope
+
+    full = _page_data(page_path.read_text())
+    first = full["samples"][0]
+    bytes_per_query = (viewer._b64_size(full["layers"] * full["heads"] * first["n_visual"])
+                       + 3 * viewer._b64_size(full["layers"] * full["heads"] * 4))
+    adapter = sinkscope.load_model("organism")
+    pages = {}
+    for kept, max_mb in ((3, 2 * 3.5 * bytes_per_query / 2**20), (1, 1e-6)):
+        path = organism_run / f"viewer_{kept}.html"
+        logged = []
+        viewer.write_viewer(organism_run, path, adapter=adapter, n_samples=2, max_mb=max_mb, log=logged.append)
+        assert any(f"attention maps of {kept} of its" in m for m in logged), logged
+        pages[kept] = path
+    return pages
+
+
+def test_a_page_over_its_budget_keeps_evenly_spaced_queries_and_exact_means(page_path, budget_pages):
+    """Within --max-mb: the kept queries' maps are those of the full page bit for bit, the means over every query
+    are the full page's, and the page shrinks."""
+    full = _page_data(page_path.read_text())
+    n_layers, n_heads = full["layers"], full["heads"]
+    for kept, path in budget_pages.items():
+        small = _page_data(path.read_text())
+        assert path.stat().st_size < page_path.stat().st_size
+        for whole, part in zip(full["samples"], small["samples"]):
+            n_queries, n_visual = whole["n_queries"], whole["n_visual"]
+            assert len(whole["queries"]) == part["n_queries"] == n_queries > 3
+            index = viewer.kept_queries(n_queries, 1, kept)  # the spacing collect used
+            assert len(index) == kept and index[-1] == n_queries - 1
+            assert part["queries"] == [whole["queries"][i] for i in index]
+            shape = (n_layers, n_heads, -1, n_visual)
+            np.testing.assert_array_equal(_decoded(part, "attn", np.uint8).reshape(shape),
+                                          _decoded(whole, "attn", np.uint8).reshape(shape)[:, :, index])
+            for key in ("attn_max", "image_attention", "nonsink_ratio"):
+                np.testing.assert_array_equal(_decoded(part, key, np.float32).reshape(n_layers, n_heads, -1),
+                                              _decoded(whole, key, np.float32).reshape(n_layers, n_heads, -1)[:, :, index])
+            for key, dtype in (("attn_mean", np.uint8), ("attn_mean_max", np.float32),
+                               ("image_attention_mean", np.float32), ("nonsink_ratio_mean", np.float32)):
+                np.testing.assert_array_equal(_decoded(part, key, dtype), _decoded(whole, key, dtype))
+            # the stored means are the means over every query of the per-query values
+            per_query = _decoded(whole, "image_attention", np.float32).reshape(n_layers, n_heads, n_queries)
+            np.testing.assert_allclose(_decoded(whole, "image_attention_mean", np.float32),
+                                       per_query.mean(axis=2).reshape(-1), rtol=1e-6)
+
+
+def test_view_refuses_a_budget_that_is_not_positive(organism_run):
+    result = CliRunner().invoke(app, ["view", str(organism_run), "--max-mb", "0"])
+    assert result.exit_code == 2 and "--max-mb must be a number of megabytes > 0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_cli_budget_default_is_the_viewers():
+    import inspect
+
+    from sinkscope import cli
+
+    assert inspect.signature(cli.view).parameters["max_mb"].default.default == viewer.DEFAULT_MAX_MB
+
+
+def test_browser_mean_view_over_every_query_when_one_map_is_kept(organism_run, budget_pages):
+    """A page that kept one query's maps: the token list offers the mean and that query, says why, and the mean
+    view's non-sink ratio and image attention are still the scan table's (a mean over every query)."""
+    heads = _table(organism_run, "head_scores_per_sample")
+    sample = (organism_run / "samples_done.txt").read_text().split()[0]
+    with _launch() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(budget_pages[1].resolve().as_uri())
+        page.select_option("#head", "1")
+        _set_layer(page, 1)
+        got = _readout(page)
+        assert (got["sample"], got["query"]) == (sample, "mean")
+        row = heads[(heads["sample"] == sample) & (heads["layer"] == 1) & (heads["head"] == 1)].iloc[0]
+        assert float(got["nonsink-ratio"]) == pytest.approx(row["visual_nonsink_ratio"], abs=1e-5)
+        assert float(got["image-attention"]) == pytest.approx(row["image_attention"], abs=1e-5)
+        options = page.locator("#token option").all_inner_texts()
+        assert len(options) == 2 and options[0].startswith(f"mean over the {int(row['n_queries'])} text queries")
+        assert "Attention maps of 1 of this sample's" in page.locator("#sample-note").inner_text()
+        page.select_option("#token", "0")
+        assert int(_readout(page)["query"]) >= 0
+        browser.close()
+    assert not errors, errors
