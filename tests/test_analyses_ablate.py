@@ -102,3 +102,39 @@ def test_knockout_without_renormalising_only_zeroes():
     keep[[0, 3]] = False
     assert torch.equal(out[0, :, 1:][..., keep], probs[0, :, 1:][..., keep])  # nothing rescaled
     assert torch.equal(out[0, :, 0], probs[0, :, 0]) and torch.equal(out[1], probs[1])
+
+
+@needs_knockout
+def test_the_logit_difference_is_the_one_the_answer_was_chosen_from(tmp_path):
+    """_measure reads the logit difference from generate's first step: equal (to float32 rounding) to a separate
+    forward's last-position logits, unedited and under a knockout, and the answer's first token is that step's
+    argmax. On the organism, a left-padded batch of three."""
+    import torch
+
+    from sinkscope.analyses.ablate import _measure
+    from sinkscope.analyses.common import answer_token_ids
+    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.interventions.knockout import knockout
+    from sinkscope.models import load
+
+    adapter = load("organism")
+    samples = load_samples("demo", 3)
+    batch = prepare_batch(adapter, samples)
+    assert (batch["attention_mask"] == 0).any()  # padded rows among them
+    yes_id, no_id = answer_token_ids(adapter)
+    labels = ["yes", "no", "yes"]
+    kinds = adapter.token_kinds(batch["input_ids"], batch["attention_mask"])
+    blocked = kinds.visual_mask & (torch.arange(kinds.kind.shape[1]) % 5 == 0)
+    for edit in (None, blocked):
+        with knockout(adapter, blocked, layers=None) if edit is not None else torch.no_grad():
+            diffs, answers = _measure(adapter, batch, yes_id, no_id, labels, 2)
+            with torch.no_grad():
+                logits = adapter.model(**adapter.device_inputs(batch)).logits[:, -1].float()
+        sign = torch.tensor([1.0, -1.0, 1.0])
+        torch.testing.assert_close(torch.tensor(diffs), (logits[:, yes_id] - logits[:, no_id]) * sign,
+                                   atol=1e-4, rtol=1e-4)
+        first = logits.argmax(dim=-1)
+        for a, t in zip(answers, first.tolist()):  # a yes/no answer is the token the step chose
+            if t in (yes_id, no_id):
+                assert a == ("yes" if t == yes_id else "no")
