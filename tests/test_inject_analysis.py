@@ -112,6 +112,13 @@ def test_inject_on_the_organism_recovers_the_planted_mechanism(organism_adapter,
     assert inj_c < 0.1 * none_c
     var = pd.read_csv(folder.path / "inject_var.csv").set_index("condition")
     assert var.loc["inject+var", "var_flags_injected"] == 1.0 and var.loc["var", "var_flags_injected"] == 0.0
+    # the VAR rows' logit difference comes from generate's first step, the answers table's from a forward: the same
+    var_rows = pd.read_csv(folder.path / "inject_var_per_sample.csv", dtype={"sample": str})
+    answers = pd.read_csv(folder.path / "inject_answers_per_sample.csv", dtype={"sample": str})
+    plain = var_rows[var_rows["condition"] == "none"].set_index("sample")["logit_diff"]
+    forward = answers[answers["treatment"] == "none"].groupby("sample")["logit_diff"].first()
+    assert len(plain) > 0
+    np.testing.assert_allclose(plain.to_numpy(), forward.loc[plain.index].to_numpy(), atol=1e-4, rtol=1e-4)
     assert (folder.path / "dose_response.png").exists()
 
 

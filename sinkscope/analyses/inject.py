@@ -411,15 +411,16 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign,
             config = (calibrate(adapter, batch, VARConfig(sink_score=sig.score), start_layer=cfg.start_layer)
                       if condition.endswith("var") else None)  # under the injection when there is one
             run = stack.enter_context(var(adapter, config, fallback="eager")) if config is not None else None
-            logits = adapter.model(**inputs, **adapter.without_logits()).logits
+            # one pass over the prompt: the logit difference from the logits generate's first step chose from
+            gen = adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                         pad_token_id=getattr(tok, "pad_token_id", None),
+                                         return_dict_in_generate=True, output_logits=True)
             found = math.nan
-            if run is not None:
+            if run is not None:  # VAR's sinks are those it found in the prompt at prefill
                 later = [l for l in run.resolved.layers if l >= sig.layer]
                 flagged = torch.stack([run.sinks(l).cpu() for l in later]).float().mean(0) if later else None
-            diff = logit_diff(logits, sign, yes_no)
-            gen = adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                         pad_token_id=getattr(tok, "pad_token_id", None))
-        new = gen[:, inputs["input_ids"].shape[1]:]
+            diff = logit_diff(gen.logits[0][:, None], sign, yes_no)
+        new = gen.sequences[:, inputs["input_ids"].shape[1]:]
         answers = [parse_yes_no(tok.decode(r, skip_special_tokens=True)) for r in new]
         for b, x in enumerate(chunk):
             if not ok[b]:
