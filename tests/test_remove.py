@@ -5,8 +5,10 @@ their attention away), the shipped public-domain text set, and bad options."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -126,3 +128,44 @@ def test_remove_table_paired_change_and_findings_follow_the_rule(tmp_path):
     assert nll_first.status == "effect" and "NLL per token rises" in nll_first.sentence
     visual = found["NLL per token change, visual to zero"]
     assert visual.status == "no detectable effect" and "no detectable effect (95% CI" in visual.sentence
+
+
+def test_remove_attention_shares_equal_those_of_the_models_own_attention_maps(organism_adapter, tmp_path):
+    """Independent oracle: the shares the run reduces layer by layer as the probabilities come (no layer's maps
+    kept) equal `measures.attention_share` over the maps the model returns with output_attentions=True, unedited and
+    with the visual sinks' signature removed (to zero), for every key class, mean over heads and layers >= onset."""
+    import torch
+
+    from sinkscope.analyses.remove import CLASSES, class_masks
+    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.interventions.sink_signature import SinkSignature, remove_sink
+    from sinkscope.measures.attention_share import attention_share
+
+    cfg = RemoveConfig(model="organism", data="demo:pope-adversarial", limit=3, batch_size=3, calibration=3,
+                       n_boot=20, targets=["visual_sinks"], to=["zero"])
+    folder = _quiet(run_remove, str(tmp_path / "remove"), cfg, adapter=organism_adapter, log=lambda m: None)
+    got = pd.read_csv(folder.path / "remove_attention_per_sample.csv", dtype={"sample": str})
+    meta = json.loads((folder.path / "run.json").read_text())
+    sig = SinkSignature(**{k: meta["signature"][k] for k in ("dims", "layer", "tau", "score")},
+                        eps=organism_adapter.rms_norm_eps)
+    samples = load_samples("demo:pope-adversarial", 3)
+    batch = prepare_batch(organism_adapter, samples)
+    inputs = organism_adapter.device_inputs(batch)
+    kinds = organism_adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
+    queries = kinds.queries_after_image()
+    with torch.no_grad():
+        plain = organism_adapter.model(**inputs, output_attentions=True).attentions
+        with remove_sink(organism_adapter, "visual_sinks", layer=meta["edited_layers"], to="zero",
+                         signature=sig) as session:
+            edited = organism_adapter.model(**inputs, output_attentions=True).attentions
+            removed = torch.stack(list(session.memory(session.edits[-1])["masks"].values())).any(dim=0).cpu()
+    for target, maps, removed_now in (("none", plain, torch.zeros_like(removed)), ("visual_sinks", edited, removed)):
+        masks = class_masks(kinds, kinds.bos_mask, removed_now)
+        for c in CLASSES:
+            want = torch.stack([attention_share(maps[l].float(), masks[c], queries).mean(dim=1)
+                                for l in range(sig.layer, organism_adapter.num_layers)]).mean(dim=0)
+            rows = got[(got["target"] == target) & (got["key_class"] == c)].set_index("sample")
+            values = rows.loc[[s.sample_id for s in samples], "attention"].to_numpy()
+            np.testing.assert_allclose(values, want.numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{target} {c}")
+    assert removed.any()  # the edited condition removed something

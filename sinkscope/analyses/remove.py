@@ -40,9 +40,9 @@ from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
 from sinkscope.findings import (MEASURED, NOTHING_TO_TEST, Estimate, Finding, effect_clause, exact_test_clause,
                                 findings_section, num)
+from sinkscope.interventions.attention import edit_attention
 from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
 from sinkscope.kinds import PAD
-from sinkscope.measures.attention_share import attention_share
 from sinkscope.measures.perplexity import token_nll
 from sinkscope.runconfig import analysis_default
 from sinkscope.runfolder import RunFolder
@@ -145,27 +145,41 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
         answered = all(x.answer for x in chunk)
         first = kinds.bos_mask
         rows, att_rows = [], []
-        baseline: dict = {}  # the unmodified forward's attentions (measured first)
+        baseline: dict = {}  # the unmodified forward's attention received per layer (measured first)
+        query_weight = queries.to(adapter.device).float()  # [batch, query]
+        n_queries = query_weight.sum(dim=1)
 
-        def class_share(attentions, key_mask) -> torch.Tensor:
-            """[batch]: share of the text queries' attention on key_mask, mean over heads and layers >= onset."""
-            return torch.stack([attention_share(attentions[l].float().cpu(), key_mask, queries).mean(dim=1)
-                                for l in range(sig.layer, adapter.num_layers)]).mean(dim=0)
+        def class_share(received: dict, key_mask) -> torch.Tensor:
+            """[batch]: share of the text queries' attention on key_mask (`measures.attention_share`, from each
+            layer's attention received per key), mean over heads and layers >= onset."""
+            mask = key_mask.to(n_queries.device).float()[:, None, :]
+            shares = torch.stack([(received[l] * mask).sum(dim=-1).mean(dim=1) for l in sorted(received)]).mean(dim=0)
+            return torch.where(n_queries > 0, shares, torch.nan).cpu()
 
         def measure(condition_target, to, context):
+            received = {}  # layer >= onset -> [batch, head, key]: attention from the text queries, their mean
+
+            def observe(layer, probs):  # each layer's probabilities reduced as they come (no layer's maps kept)
+                if layer >= sig.layer:
+                    mass = torch.einsum("bhqk,bq->bhk", probs.float(), query_weight)
+                    received[layer] = mass / n_queries.clamp_min(1)[:, None, None]
+
             with context as session, torch.no_grad():
-                output = adapter.model(**inputs, output_attentions=True)
-                edited = None
-                if session is not None:  # tokens edited in any layer
-                    per_layer = session.memory(session.edits[-1]).get("masks", {})
-                    edited = torch.stack([m.cpu() for m in per_layer.values()]).any(dim=0) if per_layer else None
+                session.observers.append(observe)
+                try:  # the logits of every position only where a text prompt's perplexity reads them
+                    output = adapter.model(**inputs, **({} if text_only else adapter.without_logits()))
+                finally:
+                    session.observers.remove(observe)
+                per_layer = session.memory(session.edits[-1]).get("masks", {}) if session.edits else {}
+                edited = torch.stack([m.cpu() for m in per_layer.values()]).any(dim=0) if per_layer else None
                 gen = (adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
                                               pad_token_id=getattr(tok, "pad_token_id", None))
                        if answered else None)
             removed = edited.cpu() if edited is not None else torch.zeros_like(first)
-            nll, n_pred = token_nll(output.logits, inputs["input_ids"], inputs.get("attention_mask"))
-            if not text_only:  # a prompt with image tokens has no text perplexity to speak of
-                nll, n_pred = torch.full_like(nll, float("nan")), torch.zeros_like(n_pred)
+            if text_only:
+                nll, n_pred = token_nll(output.logits, inputs["input_ids"], inputs.get("attention_mask"))
+            else:  # a prompt with image tokens has no text perplexity to speak of
+                nll, n_pred = torch.full((len(chunk),), math.nan, dtype=torch.float64), torch.zeros(len(chunk), dtype=torch.long)
             correct = [None] * len(chunk)
             answers = [None] * len(chunk)
             if gen is not None:
@@ -173,10 +187,10 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
                 answers = [tok.decode(r, skip_special_tokens=True) for r in new]
                 correct = score_samples(chunk, answers)["correct"].tolist()
             masks = class_masks(kinds, first, removed)
-            if "attentions" not in baseline:
-                baseline["attentions"] = output.attentions
-            shares, before = ({c: class_share(outs, m) for c, m in masks.items()}  # class -> [batch]
-                              for outs in (output.attentions, baseline["attentions"]))
+            if "received" not in baseline:
+                baseline["received"] = received
+            shares, before = ({c: class_share(got, m) for c, m in masks.items()}  # class -> [batch]
+                              for got in (received, baseline["received"]))
             for b, x in enumerate(chunk):
                 meta = {"sample": x.sample_id, "target": condition_target, "to": to}
                 rows.append({**meta, "task": x.task, "n_removed": int(removed[b].sum()),
@@ -185,9 +199,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
                 att_rows.extend({**meta, "key_class": c, "attention": float(shares[c][b]),
                                  "attention_before": float(before[c][b])} for c in CLASSES)
 
-        import contextlib
-
-        measure("none", "none", contextlib.nullcontext())
+        measure("none", "none", edit_attention(adapter, fallback="eager"))  # no edit: the model's own forward
         for target in cfg.targets:
             if target == "visual_sinks" and text_only:
                 continue

@@ -281,6 +281,10 @@ class EditSession:
         self.step: StepState | None = None
         self.prompt: PromptInfo | None = None
         self._memory: dict[int, dict] = {}
+        # callables (layer, probabilities [batch, head, query, key] float32, after the layer's edits) that see every
+        # layer's attention while set; every layer then computes eager probabilities (an analysis reduces them as
+        # they come instead of asking the model for output_attentions, which holds every layer's maps at once)
+        self.observers: list = []
 
     def memory(self, edit: AttentionEdit) -> dict:
         """Scratch space of `edit`: the enclosing block's for its edits (one memory per edit however blocks nest)."""
@@ -366,7 +370,8 @@ def sinkscope_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
     step = session.step if session is not None else None
     weights = bool(kwargs.get("output_attentions")) or (step is not None and step.output_attentions)
     softcap = kwargs.get("softcap")
-    eager = weights or softcap is not None or (session is not None and session.fallback == "eager")
+    observers = session.observers if session is not None else ()
+    eager = weights or softcap is not None or bool(observers) or (session is not None and session.fallback == "eager")
     if not edits and not eager:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     probs = eager_probabilities(module, query, key, attention_mask, scaling, softcap)
@@ -378,6 +383,8 @@ def sinkscope_attention(module, query: torch.Tensor, key: torch.Tensor, value: t
         positions = step.query_positions(probs.device)
         for e in edits:
             probs = e.edit(probs, layer=layer, query_positions=positions, state=step)
+    for observe in observers:
+        observe(layer, probs)
     return eager_output(module, probs, query, value, dropout)
 
 
