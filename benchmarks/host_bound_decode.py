@@ -18,6 +18,7 @@ SDPA. `dispatch_count.py` gives the exact operation counts behind these times.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -36,13 +37,15 @@ def step_times(adapter, inputs, context, steps: int) -> list[float]:
     mask = torch.ones(batch, n + 1, dtype=inputs["attention_mask"].dtype)
     position = torch.tensor([n])
     out = []
+    # the KV cache's name: `cache` since transformers 5.24, `past_key_values` before (a warning on 5.24+)
+    name = "cache" if "cache" in inspect.signature(type(adapter.model).forward).parameters else "past_key_values"
     with context():
         prefill = adapter.model(**inputs, use_cache=True)
-        cache, token = prefill.past_key_values, prefill.logits[:, -1:].argmax(-1)
+        cache, token = getattr(prefill, name), prefill.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             start = time.perf_counter()
-            adapter.model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True,
-                          cache_position=position)
+            adapter.model(input_ids=token, attention_mask=mask, use_cache=True, cache_position=position,
+                          **{name: cache})
             out.append(time.perf_counter() - start)
             cache.crop(-1)
     return out
