@@ -162,3 +162,41 @@ def test_var_table_counts_unparseable_and_tests_only_parsed_pairs():
     assert "5 of 20 answers unparseable" in line and "15 parsed pairs" in line
     same = _var_line(table.reset_index().set_index("condition", drop=False).loc["inject+var"].to_dict())
     assert "no detectable effect" in same
+
+
+def test_observed_forward_keeps_the_models_own_probabilities_of_the_asked_keys(organism_adapter):
+    """Independent oracle: what observed_forward keeps (a few key columns per layer from the onset on, as each layer
+    computes them) equals those columns of the maps the model returns with output_attentions=True, unedited and
+    under an injection; the layers before the onset are not kept; the hidden states are the model's."""
+    import torch
+
+    from sinkscope.analyses.inject import _columns, observed_forward
+    from sinkscope.analyses.scan import prepare_batch
+    from sinkscope.eval.tasks import load_samples
+    from sinkscope.interventions.attention import edit_attention
+    from sinkscope.interventions.sink_signature import SinkSignature, inject_sink
+
+    adapter = organism_adapter
+    batch = prepare_batch(adapter, load_samples("demo", 2))
+    inputs = adapter.device_inputs(batch)
+    kinds = adapter.token_kinds(inputs["input_ids"], inputs["attention_mask"])
+    mask = kinds.visual_mask & (torch.arange(kinds.kind.shape[1]) % 7 == 3)
+    other = kinds.visual_mask & (torch.arange(kinds.kind.shape[1]) % 11 == 5)
+    columns = _columns([mask, other])
+    assert torch.equal(columns, (mask | other).any(dim=0).nonzero().flatten())
+    onset = 2
+    sig = SinkSignature((1, 90), onset, 100.0, "layer")
+    for injected in (False, True):
+        def session():
+            return (inject_sink(adapter, mask, layer=onset, scale=1.0, signature=sig) if injected
+                    else edit_attention(adapter, fallback="eager"))
+        with session() as s, torch.no_grad():
+            out, kept = observed_forward(adapter, inputs, s, onset, columns)
+        with session(), torch.no_grad():
+            full = adapter.model(**inputs, output_attentions=True, output_hidden_states=True)
+        assert sorted(kept.probs) == list(range(onset, adapter.num_layers))
+        for layer in range(onset, adapter.num_layers):
+            cols = mask.any(dim=0).nonzero().flatten()
+            assert torch.equal(kept.of(layer, cols), full.attentions[layer][..., cols].float()), (injected, layer)
+        for a, b in zip(out.hidden_states, full.hidden_states):
+            assert torch.equal(a, b)

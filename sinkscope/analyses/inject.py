@@ -47,6 +47,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.eval import stats
 from sinkscope.eval.tasks import progress
 from sinkscope.findings import MEASURED, Estimate, Finding, effect_clause, num
+from sinkscope.interventions.attention import edit_attention
 from sinkscope.interventions.sink_signature import SinkSignature, first_positions, inject_sink, sink_mask_of
 from sinkscope.kinds import PAD, TokenKinds
 from sinkscope.measures import contributions as ov
@@ -227,15 +228,48 @@ def layer_bands(first: int, n_layers: int, n_bands: int = 3) -> dict[int, str]:
 # measuring one forward
 # ---------------------------------------------------------------------------------------
 
+@dataclass
+class KeptAttention:
+    """The probabilities of some keys per layer, kept as a forward computed them: {layer: [batch, head, query,
+    n_columns]} float32 on the CPU, of the key positions `columns` (sorted)."""
+
+    columns: torch.Tensor
+    probs: dict[int, torch.Tensor]
+
+    def of(self, layer: int, cols: torch.Tensor) -> torch.Tensor:
+        """[batch, head, query, len(cols)]: the probabilities of keys `cols` (a subset of `columns`)."""
+        return self.probs[layer][..., torch.searchsorted(self.columns, cols.to(self.columns.device))]
+
+
+def observed_forward(adapter, inputs: dict, session, from_layer: int, columns: torch.Tensor):
+    """(output with every layer's hidden states, KeptAttention of `columns` in layers >= from_layer): one forward
+    inside the edit `session`, whose observer keeps only those keys' probabilities as each layer computes them
+    (not every layer's [batch, head, query, key] maps, as output_attentions would). The logits: the last position's."""
+    kept: dict[int, torch.Tensor] = {}
+    on_device = columns.to(adapter.device)
+
+    def observe(layer, probs):
+        if layer >= from_layer:
+            kept[layer] = probs[..., on_device.to(probs.device)].float()
+
+    session.observers.append(observe)
+    try:
+        output = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True)
+    finally:
+        session.observers.remove(observe)
+    return output, KeptAttention(columns.cpu(), {layer: p.cpu() for layer, p in kept.items()})
+
+
 @torch.no_grad()
-def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.Tensor, queries: torch.Tensor,
-                   kinds: TokenKinds, sig: SinkSignature, keep_heads: bool,
+def measure_tokens(adapter, out, attention: KeptAttention, edited_state: torch.Tensor, token_mask: torch.Tensor,
+                   queries: torch.Tensor, kinds: TokenKinds, sig: SinkSignature, keep_heads: bool,
                    grams: dict[int, torch.Tensor]) -> tuple[list[dict], list[dict]]:
     """Per row and layer >= sig.layer: what the tokens of token_mask receive and write.
 
-    out: model output with attentions and hidden_states; edited_state: [batch, token, dim] entering
-    sig.layer as edited; grams: `output_grams(adapter, host=True)`, made once per run. Returns (layer rows, head
-    rows); rows with an empty mask are skipped.
+    out: model output with hidden_states; attention: the probabilities of (at least) token_mask's key columns in
+    layers >= sig.layer; edited_state: [batch, token, dim] entering sig.layer as edited; grams:
+    `output_grams(adapter, host=True)`, made once per run. Returns (layer rows, head rows); rows with an empty mask
+    are skipped.
     """
     n_tok = token_mask.sum(dim=1)
     keep = n_tok > 0
@@ -249,8 +283,7 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
         x = edited_state if layer == sig.layer else out.hidden_states[layer]
         score = sink_score(x, list(sig.dims), sig.score, token_mask=real.to(x.device), eps=sig.eps).float().cpu()
         is_sink = (score >= sig.tau) if sig.tau is not None else torch.zeros_like(score, dtype=torch.bool)
-        attentions = out.attentions[layer]  # [batch, head, query, key] where the layer ran: only n_cols keys move
-        probs = attentions[..., cols.to(attentions.device)].float().cpu()  # [batch, head, query, n_cols]
+        probs = attention.of(layer, cols)  # [batch, head, query, n_cols]
         v = value_states(adapter, layer, x[:, cols.to(x.device)]).float().cpu()  # [batch, kv_head, n_cols, head_dim]
         norms = ov.ov_norms_from_grams(v, grams[layer])  # [batch, head, n_cols]
         means = ov.class_contributions(probs, norms, sub[:, None, :], queries)  # the injected tokens as one class
@@ -267,10 +300,6 @@ def measure_tokens(adapter, out, edited_state: torch.Tensor, token_mask: torch.T
                 heads += [{"row": b, "layer": layer, "head": h, "attention": float(att[b, h])}
                           for h in range(att.shape[1])]
     return rows, heads
-
-
-def _forward(adapter, inputs):
-    return adapter.model(**inputs, **adapter.without_logits(), output_attentions=True, output_hidden_states=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,8 +337,8 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
         kinds = adapter.token_kinds(inputs["input_ids"], inputs.get("attention_mask")).to("cpu")
         queries = kinds.queries_after_image()
         sign = answer_sign(chunk)
-        with torch.no_grad():
-            base = _forward(adapter, inputs)
+        with torch.no_grad():  # the states first: the tokens to inject are drawn from them
+            base = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True)
         base_diff = logit_diff(base.logits, sign, yes_no)
         state = base.hidden_states[sig.layer]
         real = kinds.kind != PAD
@@ -325,8 +354,8 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
                                              "are both drawn from all ordinary image tokens")
         layer_rows, head_rows, answer_rows = [], [], []
 
-        def record(treatment, group, seed, scale, output, edited, mask, ok):
-            rows, heads = measure_tokens(adapter, output, edited, mask, queries, kinds, sig,
+        def record(treatment, group, seed, scale, output, attention, edited, mask, ok):
+            rows, heads = measure_tokens(adapter, output, attention, edited, mask, queries, kinds, sig,
                                          keep_heads=treatment in ("none", "inject"), grams=grams)
             meta = {"treatment": treatment, "group": group, "seed": seed, "scale": scale}
             for r in rows:
@@ -338,23 +367,29 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
                 answer_rows.append({"sample": chunk[b].sample_id, **meta, "n_tokens": int(mask[b].sum()),
                                     "logit_diff": float(diff[b]), "logit_diff_change": float(diff[b] - base_diff[b])})
 
+        draws = []  # (group, seed, tokens to inject, rows with enough of them)
         for group in cfg.groups:
             for seed in range(cfg.n_seeds):
-                gens = _sample_generators(cfg.seed, chunk, index, group, seed)
-                mask, ok = draw_tokens(pools[group], cfg.n_tokens, gens)
-                if not ok.any():
-                    continue
-                record("none", group, seed, math.nan, base, state.cpu(), mask, ok)
-                control_dim = control_dims[(group, seed)]
-                for treatment in cfg.treatments:
-                    for scale in cfg.scales:
-                        control = None if treatment == "inject" else treatment
-                        with inject_sink(adapter, mask.to(adapter.device), layer=sig.layer, scale=float(scale),
-                                         signature=sig, control=control, control_dim=control_dim,
-                                         keep_states=True) as session, torch.no_grad():
-                            output = _forward(adapter, inputs)
-                            edited = session.memory(session.edits[-1])["states"][sig.layer].cpu()
-                        record(treatment, group, seed, float(scale), output, edited, mask, ok)
+                mask, ok = draw_tokens(pools[group], cfg.n_tokens, _sample_generators(cfg.seed, chunk, index, group,
+                                                                                      seed))
+                if ok.any():
+                    draws.append((group, seed, mask, ok))
+        if draws:  # the unedited attention of every drawn token, kept as the layers compute it
+            with edit_attention(adapter, fallback="eager") as session, torch.no_grad():
+                _, base_attention = observed_forward(adapter, inputs, session, sig.layer,
+                                                     _columns(mask for _, _, mask, _ in draws))
+        for group, seed, mask, ok in draws:
+            record("none", group, seed, math.nan, base, base_attention, state.cpu(), mask, ok)
+            control_dim = control_dims[(group, seed)]
+            for treatment in cfg.treatments:
+                for scale in cfg.scales:
+                    control = None if treatment == "inject" else treatment
+                    with inject_sink(adapter, mask.to(adapter.device), layer=sig.layer, scale=float(scale),
+                                     signature=sig, control=control, control_dim=control_dim,
+                                     keep_states=True) as session, torch.no_grad():
+                        output, attention = observed_forward(adapter, inputs, session, sig.layer, _columns([mask]))
+                        edited = session.memory(session.edits[-1])["states"][sig.layer].cpu()
+                    record(treatment, group, seed, float(scale), output, attention, edited, mask, ok)
         var_rows = (_var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools,
                               _sample_generators(cfg.seed, chunk, index, "var"), sign, yes_no) if cfg.var else [])
         s.folder.append_rows("inject_per_sample", pd.DataFrame(layer_rows))
@@ -364,6 +399,11 @@ def run_inject(out: str, cfg: InjectConfig, adapter=None, resume: bool = True, l
             s.folder.append_rows("inject_var_per_sample", pd.DataFrame(var_rows))
         s.folder.mark_done([x.sample_id for x in chunk])
     return summarize_inject(s.folder, cfg, sig, adapter.num_layers, figures)
+
+
+def _columns(masks) -> torch.Tensor:
+    """Sorted key positions that any row of any of `masks` ([batch, token] bool) holds."""
+    return torch.stack([m.any(dim=0) for m in masks]).any(dim=0).nonzero().flatten()
 
 
 def draw_control_dims(cfg: InjectConfig, hidden_size: int, sig: SinkSignature) -> dict[tuple[str, int], int]:
