@@ -120,18 +120,13 @@ def random_visual_keys(visual_mask: torch.Tensor, n_per_row, generators: list[to
 @torch.no_grad()
 def _measure(adapter, batch, yes_id, no_id, labels, max_new_tokens):
     """Per row: logit difference of the correct answer at the answer position, the parsed generated answer. Both
-    from one `generate`: the logits are those its first step chose the answer's first token from (the prompt's
-    last position), so no second pass over the prompt."""
-    inputs = adapter.device_inputs(batch)
-    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
-    out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
-    logits = out.logits[0].float().cpu()  # [batch, vocab], before any logits processor
+    from one `generate` (`eval.accuracy.answer_batch`: the logits its first step chose the answer from)."""
+    from sinkscope.eval.accuracy import answer_batch
+
+    texts, logits = answer_batch(adapter, adapter.device_inputs(batch), max_new_tokens)
     diff = logits[:, yes_id] - logits[:, no_id]
     sign = torch.tensor([1.0 if y == "yes" else -1.0 for y in labels])
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    answers = [parse_yes_no(tok.decode(row, skip_special_tokens=True)) for row in new]
-    return (diff * sign).tolist(), answers
+    return (diff * sign).tolist(), [parse_yes_no(t) for t in texts]
 
 
 def run_ablate(out: str, cfg: AblateConfig, adapter=None, resume: bool = True, log=print, calibration=None,

@@ -252,11 +252,8 @@ def observed_forward(adapter, inputs: dict, session, from_layer: int, columns: t
         if layer >= from_layer:
             kept[layer] = probs[..., on_device.to(probs.device)].float()
 
-    session.observers.append(observe)
-    try:
+    with session.observing(observe):
         output = adapter.model(**inputs, **adapter.without_logits(), output_hidden_states=True)
-    finally:
-        session.observers.remove(observe)
     return output, KeptAttention(columns.cpu(), {layer: p.cpu() for layer, p in kept.items()})
 
 
@@ -431,6 +428,7 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign,
     prefill, which tokens are sinks."""
     import contextlib
 
+    from sinkscope.eval.accuracy import answer_batch
     from sinkscope.eval.pope import parse_yes_no
     from sinkscope.interventions.var import VARConfig, var
 
@@ -440,7 +438,6 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign,
     mask, ok = draw_tokens(pool, cfg.n_tokens, gens)
     from sinkscope.interventions.var import calibrate
 
-    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
     rows = []
     for condition in ("none", "var", "inject", "inject+var"):
         injected = condition.startswith("inject")
@@ -451,17 +448,13 @@ def _var_rows(adapter, cfg, sig, chunk, batch, inputs, kinds, pools, gens, sign,
             config = (calibrate(adapter, batch, VARConfig(sink_score=sig.score), start_layer=cfg.start_layer)
                       if condition.endswith("var") else None)  # under the injection when there is one
             run = stack.enter_context(var(adapter, config, fallback="eager")) if config is not None else None
-            # one pass over the prompt: the logit difference from the logits generate's first step chose from
-            gen = adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                         pad_token_id=getattr(tok, "pad_token_id", None),
-                                         return_dict_in_generate=True, output_logits=True)
+            texts, logits = answer_batch(adapter, inputs, cfg.max_new_tokens)  # one pass over the prompt
             found = math.nan
             if run is not None:  # VAR's sinks are those it found in the prompt at prefill
                 later = [l for l in run.resolved.layers if l >= sig.layer]
                 flagged = torch.stack([run.sinks(l).cpu() for l in later]).float().mean(0) if later else None
-            diff = logit_diff(gen.logits[0][:, None], sign, yes_no)
-        new = gen.sequences[:, inputs["input_ids"].shape[1]:]
-        answers = [parse_yes_no(tok.decode(r, skip_special_tokens=True)) for r in new]
+            diff = logit_diff(logits[:, None], sign, yes_no)
+        answers = [parse_yes_no(t) for t in texts]
         for b, x in enumerate(chunk):
             if not ok[b]:
                 continue

@@ -43,6 +43,7 @@ from sinkscope.findings import (MEASURED, NOTHING_TO_TEST, Estimate, Finding, ef
 from sinkscope.interventions.attention import edit_attention
 from sinkscope.interventions.sink_signature import REMOVE_TO, TARGETS, remove_sink, resolve_mask
 from sinkscope.kinds import PAD
+from sinkscope.measures.contributions import received_by_key
 from sinkscope.measures.perplexity import token_nll
 from sinkscope.runconfig import analysis_default
 from sinkscope.runfolder import RunFolder
@@ -146,8 +147,7 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
         first = kinds.bos_mask
         rows, att_rows = [], []
         baseline: dict = {}  # the unmodified forward's attention received per layer (measured first)
-        query_weight = queries.to(adapter.device).float()  # [batch, query]
-        n_queries = query_weight.sum(dim=1)
+        n_queries = queries.sum(dim=1).to(adapter.device).float()  # [batch]
 
         def class_share(received: dict, key_mask) -> torch.Tensor:
             """[batch]: share of the text queries' attention on key_mask (`measures.attention_share`, from each
@@ -161,15 +161,11 @@ def run_remove(out: str, cfg: RemoveConfig, adapter=None, resume: bool = True, l
 
             def observe(layer, probs):  # each layer's probabilities reduced as they come (no layer's maps kept)
                 if layer >= sig.layer:
-                    mass = torch.einsum("bhqk,bq->bhk", probs.float(), query_weight)
-                    received[layer] = mass / n_queries.clamp_min(1)[:, None, None]
+                    received[layer] = received_by_key(probs, queries) / n_queries.clamp_min(1)[:, None, None]
 
             with context as session, torch.no_grad():
-                session.observers.append(observe)
-                try:  # the logits of every position only where a text prompt's perplexity reads them
+                with session.observing(observe):  # every position's logits only for a text prompt's perplexity
                     output = adapter.model(**inputs, **({} if text_only else adapter.without_logits()))
-                finally:
-                    session.observers.remove(observe)
                 per_layer = session.memory(session.edits[-1]).get("masks", {}) if session.edits else {}
                 edited = torch.stack([m.cpu() for m in per_layer.values()]).any(dim=0) if per_layer else None
                 gen = (adapter.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,

@@ -36,6 +36,19 @@ def generate_answers(adapter: ModelAdapter, samples: list[Sample], max_new_token
     return out
 
 
+@torch.no_grad()
+def answer_batch(adapter: ModelAdapter, inputs: dict, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers of one prepared batch (`adapter.device_inputs`): the decoded text after each prompt, and the
+    logits of generate's first step, [batch, vocab] float32 on the CPU: those the answer's first token was chosen
+    from (the prompt's last position, before any logits processor), so no second pass over the prompt."""
+    tok = getattr(adapter.processor, "tokenizer", adapter.processor)
+    out = adapter.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=getattr(tok, "pad_token_id", None), return_dict_in_generate=True,
+                                 output_logits=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return [tok.decode(row, skip_special_tokens=True) for row in new], out.logits[0].float().cpu()
+
+
 def score_samples(samples: list[Sample], answers: list[str]) -> pd.DataFrame:
     """One row per sample: task, answer, reference, correct (exact match after normalising)."""
     rows = []

@@ -295,6 +295,15 @@ class EditSession:
     def edits_at(self, layer) -> tuple[AttentionEdit, ...]:
         return self.layer_edits.get(layer, ())
 
+    @contextlib.contextmanager
+    def observing(self, observe) -> Iterator[None]:
+        """`observe(layer, probabilities)` sees every layer's attention inside the block (see `observers`)."""
+        self.observers.append(observe)
+        try:
+            yield
+        finally:
+            self.observers.remove(observe)
+
     # -- the top-level hook: what this forward call is ---------------------------------
     def begin_forward(self, module, args, kwargs) -> None:
         if self.outer is not None:  # the enclosing block's hook ran first on this same call: take its reading

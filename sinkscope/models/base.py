@@ -8,6 +8,7 @@ are BOS / prompt text / image / generated.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -253,10 +254,7 @@ class ModelAdapter:
         the logits of the last position only (`logits_to_keep=1`), where the model's forward takes it. Every layer
         computes as before; what is left out is the unembedding of every other position, [batch, token, vocab]
         (1.5 GB at batch 8 of Qwen2-VL's 152k vocabulary in bfloat16, and ~8% of its 7B forward)."""
-        import inspect
-
-        forward = type(self.model).forward
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+        return {"logits_to_keep": 1} if _takes_logits_to_keep(type(self.model)) else {}
 
     def device_inputs(self, batch) -> dict:
         """`forward_inputs(batch)` with every tensor moved to `self.device` (what model(...) / generate take)."""
@@ -290,3 +288,11 @@ class ModelAdapter:
             "image_token_ids": list(self.image_token_ids), "text_attention": self.text_attention,
             **({"served_as": self.hosted.to_model_key()} if self.hosted is not None else {}),
         }
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Whether a model class's forward takes `logits_to_keep` (read once per class)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
